@@ -1,0 +1,43 @@
+# The targets a newcomer needs. `make run` and `make test` are the front door.
+PORT ?= 8000
+DATA_DIR ?= /var/lib/watasu
+PYTEST_ARGS ?=
+# Tests default to the PostgreSQL and Redis these machines run; override to
+# use others (DATABASE_URL= runs on SQLite, where the postgres-marked tests
+# must be deselected with PYTEST_ARGS='-m "not postgres"').
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/watasu
+REDIS_URL ?= redis://127.0.0.1:6379/15
+TEST_DATA_DIR ?= /tmp/watasu-test-data
+
+.PHONY: help setup run test lint fmt check schema clean
+
+help:
+	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
+	@echo "make test    run the test suite (against PostgreSQL + Redis by default)"
+	@echo "make lint    ruff + manage.py check + makemigrations --check"
+	@echo "make schema  regenerate docs/openapi.yaml"
+
+setup:
+	@scripts/bootstrap
+
+run: setup
+	PORT=$(PORT) WATASU_DATA_DIR=$(DATA_DIR) scripts/run-embedded
+
+test: setup
+	DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL) WATASU_DATA_DIR=$(TEST_DATA_DIR) \
+		.venv/bin/pytest $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check .
+	WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python manage.py check
+	WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python manage.py makemigrations --check --dry-run
+
+fmt: setup
+	.venv/bin/ruff check --fix .
+
+schema: setup
+	WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python manage.py spectacular --validate \
+		--fail-on-warn --file docs/openapi.yaml
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Runtime intervals, storage samples and prepaid balances (built in the billing issue)."""

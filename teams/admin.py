@@ -1,0 +1,74 @@
+"""Operator views of users, teams, memberships and API keys."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from teams.models import ApiKey, IdempotencyRecord, Membership, Team, User
+from teams.services import api_key_revoke
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+@admin.register(User)
+class UserAdmin(DjangoUserAdmin):
+    ordering = ["email"]
+    list_display = ["email", "is_active", "is_staff", "date_joined"]
+    search_fields = ["email"]
+    fieldsets = [
+        (None, {"fields": ["email", "password"]}),
+        ("Permissions", {"fields": ["is_active", "is_staff", "is_superuser"]}),
+        ("Dates", {"fields": ["last_login", "date_joined"]}),
+    ]
+    add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ["slug", "name", "personal_for", "max_running_instances", "max_vcpu_count",
+                    "max_memory_mb", "created_at"]
+    list_select_related = ["personal_for"]
+    search_fields = ["slug", "name"]
+    readonly_fields = ["created_at"]
+    inlines = [MembershipInline]
+    fieldsets = [
+        (None, {"fields": ["slug", "name", "personal_for", "created_at"]}),
+        ("Quota (empty = platform default)",
+         {"fields": ["max_running_instances", "max_vcpu_count", "max_memory_mb"]}),
+    ]
+
+
+@admin.action(description="Revoke selected API keys")
+def revoke_keys(modeladmin: admin.ModelAdmin, request: HttpRequest,
+                queryset: QuerySet[ApiKey]) -> None:
+    for key in queryset:
+        api_key_revoke(api_key=key)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["prefix", "user", "name", "scope", "created_at", "last_used_at",
+                    "expires_at", "revoked_at"]
+    list_select_related = ["user"]
+    list_filter = ["scope"]
+    search_fields = ["prefix", "user__email", "name"]
+    readonly_fields = ["prefix", "key_hash", "created_at", "last_used_at", "revoked_at"]
+    actions = [revoke_keys]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # keys are minted by `create_api_key` or the API, which show the key once
+
+
+@admin.register(IdempotencyRecord)
+class IdempotencyRecordAdmin(admin.ModelAdmin):
+    list_display = ["key", "api_key", "state", "response_status", "created_at", "expires_at"]
+    list_select_related = ["api_key"]
+    search_fields = ["key"]
+    readonly_fields = [f.name for f in IdempotencyRecord._meta.fields]

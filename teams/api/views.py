@@ -1,0 +1,73 @@
+"""Team and API key endpoints."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from teams import selectors, services
+from teams.api.serializers import (
+    ApiKeyCreateSerializer,
+    ApiKeySerializer,
+    TeamCreateSerializer,
+    TeamSerializer,
+)
+from watasu.api.schema import list_envelope, object_envelope
+from watasu.api.views import ApiView
+
+
+class TeamListView(ApiView):
+    envelope = "teams"
+
+    @extend_schema(operation_id="teams_list", responses=list_envelope("TeamList", "teams", TeamSerializer()))
+    def get(self, request: Request) -> Response:
+        return self.paginated(selectors.teams_of_user(user=self.user), TeamSerializer)
+
+    @extend_schema(request=TeamCreateSerializer,
+                   responses={201: object_envelope("TeamEnvelope", "team", TeamSerializer())})
+    def post(self, request: Request) -> Response:
+        body = TeamCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        team = services.team_create(owner=self.user, **body.validated_data)
+        return Response({"team": TeamSerializer(team).data}, status=201)
+
+
+class TeamDetailView(ApiView):
+    @extend_schema(responses=object_envelope("TeamDetail", "team", TeamSerializer()))
+    def get(self, request: Request, slug: str) -> Response:
+        team = selectors.team_for_read(user=self.user, slug=slug)
+        return Response({"team": TeamSerializer(team).data})
+
+
+class ApiKeyListView(ApiView):
+    envelope = "api_keys"
+
+    @extend_schema(operation_id="api_keys_list",
+                   responses=list_envelope("ApiKeyList", "api_keys", ApiKeySerializer()))
+    def get(self, request: Request) -> Response:
+        return self.paginated(selectors.api_keys_of_user(user=self.user), ApiKeySerializer)
+
+    @extend_schema(
+        request=ApiKeyCreateSerializer,
+        responses={201: inline_serializer("ApiKeyCreated", {
+            "api_key": ApiKeySerializer(), "key": serializers.CharField(help_text="shown once")})},
+    )
+    def post(self, request: Request) -> Response:
+        body = ApiKeyCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        key, raw = services.api_key_create(user=self.user, **body.validated_data)
+        return Response({"api_key": ApiKeySerializer(key).data, "key": raw}, status=201)
+
+
+class ApiKeyDetailView(ApiView):
+    @extend_schema(responses=object_envelope("ApiKeyDetail", "api_key", ApiKeySerializer()))
+    def get(self, request: Request, key_id: str) -> Response:
+        key = selectors.api_key_of_user(user=self.user, key_id=key_id)
+        return Response({"api_key": ApiKeySerializer(key).data})
+
+    @extend_schema(responses=object_envelope("ApiKeyRevoked", "api_key", ApiKeySerializer()))
+    def delete(self, request: Request, key_id: str) -> Response:
+        key = selectors.api_key_of_user(user=self.user, key_id=key_id)
+        return Response({"api_key": ApiKeySerializer(services.api_key_revoke(api_key=key)).data})

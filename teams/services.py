@@ -1,0 +1,122 @@
+"""Writes for users, teams, memberships and API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.text import slugify
+
+from teams.models import ApiKey, Membership, Role, Scope, Team, User
+from watasu import errors
+
+API_KEY_PREFIX = "wsk_"
+_VISIBLE_PREFIX_LENGTH = len(API_KEY_PREFIX) + 8
+
+
+def api_key_hash(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def _unique_slug(base: str) -> str:
+    slug = slugify(base)[:50].strip("-") or "team"
+    if not Team.objects.filter(slug=slug).exists():
+        return slug
+    return f"{slug}-{secrets.token_hex(3)}"
+
+
+def team_create(*, owner: User, slug: str, name: str = "") -> Team:
+    """Create a team with `owner` as its owner; a taken slug is a conflict."""
+    try:
+        with transaction.atomic():
+            team = Team.objects.create(slug=slug, name=name or slug)
+            Membership.objects.create(user=owner, team=team, role=Role.OWNER)
+    except IntegrityError:
+        raise errors.Conflict(f"A team with slug '{slug}' already exists.",
+                              code="already_exists") from None
+    return team
+
+
+def _personal_team_create(user: User) -> Team:
+    for _ in range(5):
+        try:
+            with transaction.atomic():
+                team = Team.objects.create(slug=_unique_slug(user.email.split("@")[0]),
+                                           name=f"{user.email} (personal)", personal_for=user)
+                Membership.objects.create(user=user, team=team, role=Role.OWNER)
+                return team
+        except IntegrityError:
+            if Team.objects.filter(personal_for=user).exists():
+                return Team.objects.get(personal_for=user)
+    raise errors.Conflict("Could not allocate a slug for the personal team.")
+
+
+def user_get_or_create(*, email: str) -> User:
+    """The user with this email, created with a personal team when missing."""
+    email = email.strip().lower()
+    user = User.objects.filter(email=email).first()
+    if user is None:
+        try:
+            with transaction.atomic():
+                user = User.objects.create_user(email=email)
+        except IntegrityError:
+            user = User.objects.get(email=email)
+    if not Team.objects.filter(personal_for=user).exists():
+        _personal_team_create(user)
+    return user
+
+
+def membership_ensure(*, user: User, team: Team, role: str = Role.MEMBER) -> Membership:
+    """Add `user` to `team` with `role` unless already a member (roles are kept)."""
+    membership, _ = Membership.objects.get_or_create(user=user, team=team,
+                                                     defaults={"role": role})
+    return membership
+
+
+def api_key_create(*, user: User, scope: str = Scope.WRITE, name: str = "",
+                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """Create a key; the raw key is returned once and never stored."""
+    if scope not in Scope.values:
+        raise errors.Invalid(f"scope must be one of {', '.join(Scope.values)}.")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise errors.Invalid("expires_at must be in the future.")
+    raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(user=user, scope=scope, name=name, expires_at=expires_at,
+                                prefix=raw[:_VISIBLE_PREFIX_LENGTH], key_hash=api_key_hash(raw))
+    return key, raw
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Revoke a key; revoking twice keeps the first revocation time."""
+    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    api_key.refresh_from_db(fields=["revoked_at"])
+    return api_key
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
+    """The live key matching `raw_key`, with its user; records the use.
+
+    `last_used_at` is written at most once per resolution window, with a
+    conditional update, so authenticating is not a write on every request.
+    """
+    now = timezone.now()
+    key = (
+        ApiKey.objects.select_related("user")
+        .filter(key_hash=api_key_hash(raw_key), revoked_at__isnull=True, user__is_active=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .first()
+    )
+    if key is None:
+        return None
+    stale = now - timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
+    if key.last_used_at is None or key.last_used_at < stale:
+        ApiKey.objects.filter(pk=key.pk).filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale)
+        ).update(last_used_at=now)
+        key.last_used_at = now
+    return key

@@ -1,0 +1,1 @@
+"""Sandbox templates and their immutable versions (built in the templates issue)."""

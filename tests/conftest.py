@@ -1,0 +1,79 @@
+"""Shared fixtures: the owner / member / outsider trio and API clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from django.db import connection
+from rest_framework.test import APIClient
+
+from teams.models import Role, Team, User
+from teams.services import api_key_create, membership_ensure, user_get_or_create
+
+
+@dataclass
+class Actor:
+    """A user with a write and a read API key, and clients for both."""
+
+    user: User
+    write_key: str
+    read_key: str
+
+    @property
+    def personal_team(self) -> Team:
+        return Team.objects.get(personal_for=self.user)
+
+    def client(self, scope: str = "write") -> APIClient:
+        client = APIClient()
+        key = self.write_key if scope == "write" else self.read_key
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+        return client
+
+
+def make_actor(email: str) -> Actor:
+    user = user_get_or_create(email=email)
+    _, write_key = api_key_create(user=user, scope="write")
+    _, read_key = api_key_create(user=user, scope="read")
+    return Actor(user=user, write_key=write_key, read_key=read_key)
+
+
+@pytest.fixture
+def acme(db: None) -> Team:
+    return Team.objects.create(slug="acme", name="Acme")
+
+
+@pytest.fixture
+def owner(acme: Team) -> Actor:
+    actor = make_actor("owner@acme.test")
+    membership_ensure(user=actor.user, team=acme, role=Role.OWNER)
+    return actor
+
+
+@pytest.fixture
+def member(acme: Team) -> Actor:
+    actor = make_actor("member@acme.test")
+    membership_ensure(user=actor.user, team=acme, role=Role.MEMBER)
+    return actor
+
+
+@pytest.fixture
+def viewer(acme: Team) -> Actor:
+    actor = make_actor("viewer@acme.test")
+    membership_ensure(user=actor.user, team=acme, role=Role.VIEWER)
+    return actor
+
+
+@pytest.fixture
+def outsider(db: None) -> Actor:
+    return make_actor("outsider@other.test")
+
+
+@pytest.fixture
+def require_postgres() -> None:
+    """Concurrency tests need real row locks and unique-constraint races."""
+    if connection.vendor != "postgresql":
+        raise RuntimeError(
+            "This test needs PostgreSQL: set DATABASE_URL=postgres://... "
+            "(it is deselected with -m 'not postgres' on SQLite runs)."
+        )

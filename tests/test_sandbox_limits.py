@@ -1,0 +1,74 @@
+"""`GET /v1/sandbox_limits`: shapes, prices and the quota from the database."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandboxes.models import SandboxState
+from tests.conftest import Actor
+from tests.factories import SandboxFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_shape_with_defaults(owner: Actor) -> None:
+    body = owner.client("read").get("/v1/sandbox_limits").json()
+
+    assert body == {
+        "team": "owner",
+        "fallback": {"cpu": 2, "memory_mb": 1024},
+        "allowed_cpu": [1, 2, 4, 8],
+        "memory_mb": {"min": 512, "max": 16384, "increment": 512},
+        "max_timeout_seconds": 86400,
+        "default_network_class": "standard",
+        "prices": {
+            "currency": "EUR",
+            "vcpu_second": "0.000010",
+            "memory_gib_second": "0.000002",
+            "stopped_disk_gib_month": None,
+            "checkpoint_gib_month": None,
+            "template_gib_month": None,
+            "volume_gib_month": None,
+        },
+        "quota": {
+            "limits": {"max_running_instances": 100, "max_vcpu_count": 256,
+                       "max_memory_mb": 524288},
+            "usage": {"running_instances": 0, "vcpu_count": 0, "memory_mb": 0},
+            "reservation": {"instances": 0, "vcpu_count": 0, "memory_mb": 0},
+        },
+    }
+
+
+def test_usage_counts_only_runtime_states_of_the_selected_team(owner: Actor, acme) -> None:
+    # given acme sandboxes in runtime and non-runtime states, and one elsewhere
+    SandboxFactory(team=acme, state=SandboxState.READY, cpu_count=2, memory_mb=1024)
+    SandboxFactory(team=acme, state=SandboxState.CREATING, cpu_count=4, memory_mb=2048)
+    SandboxFactory(team=acme, state=SandboxState.STOPPING, cpu_count=1, memory_mb=512)
+    for state in (SandboxState.STOPPED, SandboxState.DESTROYED, SandboxState.EXPIRED,
+                  SandboxState.FAILED, SandboxState.LOST):
+        SandboxFactory(team=acme, state=state, cpu_count=8, memory_mb=8192)
+    SandboxFactory(team=owner.personal_team, state=SandboxState.READY)
+
+    quota = owner.client().get("/v1/sandbox_limits?team=acme").json()["quota"]
+
+    assert quota["usage"] == {"running_instances": 3, "vcpu_count": 7, "memory_mb": 3584}
+
+
+def test_team_quota_overrides_the_defaults(owner: Actor, acme) -> None:
+    acme.max_running_instances = 5
+    acme.max_memory_mb = 4096
+    acme.save()
+
+    limits = owner.client().get("/v1/sandbox_limits?team=acme").json()["quota"]["limits"]
+
+    assert limits == {"max_running_instances": 5, "max_vcpu_count": 256, "max_memory_mb": 4096}
+
+
+def test_prices_and_shapes_come_from_settings(owner: Actor, settings) -> None:
+    settings.PRICE_VCPU_SECOND = __import__("decimal").Decimal("0.5")
+    settings.SANDBOX_ALLOWED_CPU = [1, 3]
+
+    body = owner.client().get("/v1/sandbox_limits").json()
+
+    assert body["prices"]["vcpu_second"] == "0.5"
+    assert body["allowed_cpu"] == [1, 3]

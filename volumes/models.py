@@ -1,0 +1,1 @@
+"""Named team volumes (built in the volumes issue)."""

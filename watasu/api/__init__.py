@@ -1,0 +1,1 @@
+"""Shared control-plane API conventions: auth scopes, errors, pagination, idempotency."""

@@ -1,0 +1,107 @@
+"""One error shape for the whole API: `{"error": code, "message": text, ...}`.
+
+`exception_handler` is DRF's hook; `json_404`/`json_500` cover what Django
+answers before or after DRF (unknown URLs, crashes).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions as drf
+from rest_framework.response import Response
+
+from watasu import errors as domain
+
+logger = logging.getLogger(__name__)
+
+_DOMAIN_STATUS: list[tuple[type[domain.DomainError], int]] = [
+    (domain.NotFound, 404),
+    (domain.Invalid, 422),
+    (domain.Conflict, 409),
+    (domain.Forbidden, 403),
+    (domain.PaymentRequired, 402),
+    (domain.Unavailable, 503),
+]
+
+_DRF_CODES: list[tuple[type[drf.APIException], int, str]] = [
+    (drf.NotAuthenticated, 401, "unauthorized"),
+    (drf.AuthenticationFailed, 401, "unauthorized"),
+    (drf.PermissionDenied, 403, "forbidden"),
+    (drf.NotFound, 404, "not_found"),
+    (drf.MethodNotAllowed, 405, "method_not_allowed"),
+    (drf.NotAcceptable, 406, "not_acceptable"),
+    (drf.UnsupportedMediaType, 415, "unsupported_media_type"),
+    (drf.Throttled, 429, "rate_limited"),
+    (drf.ParseError, 400, "bad_request"),
+]
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": code, "message": message, **extra}
+
+
+def flatten_validation_errors(detail: Any, prefix: str = "") -> list[str]:
+    """Turn DRF's nested error dict/list into 'field: message' lines."""
+    if isinstance(detail, dict):
+        lines: list[str] = []
+        for field, value in detail.items():
+            name = f"{prefix}.{field}" if prefix else str(field)
+            if field == "non_field_errors":
+                name = prefix
+            lines.extend(flatten_validation_errors(value, name))
+        return lines
+    if isinstance(detail, list):
+        return [line for item in detail for line in flatten_validation_errors(item, prefix)]
+    return [f"{prefix}: {detail}" if prefix else str(detail)]
+
+
+def _validation_response(exc: drf.ValidationError) -> Response:
+    errors = flatten_validation_errors(exc.detail)
+    message = "; ".join(errors) or "Invalid request."
+    return Response(error_body("validation_failed", message, errors=errors), status=422)
+
+
+def _domain_response(exc: domain.DomainError) -> Response:
+    status = next(code for cls, code in _DOMAIN_STATUS if isinstance(exc, cls))
+    return Response(error_body(exc.code, exc.message, **exc.extra), status=status)
+
+
+def _drf_response(exc: drf.APIException) -> Response:
+    status, code = next(
+        ((s, c) for cls, s, c in _DRF_CODES if isinstance(exc, cls)),
+        (exc.status_code, "error"),
+    )
+    headers = {}
+    if isinstance(exc, drf.Throttled) and exc.wait is not None:
+        headers["Retry-After"] = str(int(exc.wait) + 1)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return Response(error_body(code, str(detail)), status=status, headers=headers)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF exception handler producing the shared error shape."""
+    if isinstance(exc, domain.DomainError):
+        return _domain_response(exc)
+    if isinstance(exc, Http404):
+        return Response(error_body("not_found", "Not found."), status=404)
+    if isinstance(exc, DjangoPermissionDenied):
+        return Response(error_body("forbidden", "Permission denied."), status=403)
+    if isinstance(exc, drf.ValidationError):
+        return _validation_response(exc)
+    if isinstance(exc, drf.APIException):
+        return _drf_response(exc)
+    return None  # a crash: Django's handler500 (json_500) answers
+
+
+def json_404(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return JsonResponse(error_body("not_found", f"No route for {request.path}."), status=404)
+
+
+def json_500(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(error_body("internal_error", "Internal server error."), status=500)

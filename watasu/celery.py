@@ -1,0 +1,32 @@
+"""The Celery application shared by the web process, the worker and beat."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "watasu.settings")
+
+app = Celery("watasu")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@app.on_configure.connect
+def _create_embedded_broker_folders(sender: Celery, **_: object) -> None:
+    """The file-system broker expects its folders to exist before the first message."""
+    options = sender.conf.broker_transport_options or {}
+    for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+        if options.get(key):
+            Path(options[key]).mkdir(parents=True, exist_ok=True)
+    backend = str(sender.conf.result_backend or "")
+    if backend.startswith("file://"):
+        Path(backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+@app.task(name="watasu.ping")
+def ping() -> str:
+    """Round trip through the broker and a worker; used by health checks and tests."""
+    return "pong"

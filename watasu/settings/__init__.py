@@ -1,0 +1,3 @@
+"""Settings package: `base` holds everything, read from the environment."""
+
+from watasu.settings.base import *  # noqa: F403

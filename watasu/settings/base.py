@@ -1,0 +1,200 @@
+"""Django settings for the Watasu-compatible sandbox platform.
+
+Every value an operator may change comes from the environment through
+`watasu.settings.env.Env`. The defaults are the embedded ones: a SQLite file
+and a file-system Celery broker under the data directory, so `make run` needs
+no extra server. `DATABASE_URL` and `REDIS_URL` switch to PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from watasu.settings.env import Env
+
+env = Env()
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+DATA_DIR = env.path("WATASU_DATA_DIR", "/var/lib/watasu")
+CACHE_DIR = env.path("WATASU_CACHE_DIR", "/var/cache/watasu")
+
+
+def _secret_key() -> str:
+    """The configured key, else one generated once and kept in the data directory."""
+    configured = env.str("WATASU_SECRET_KEY", "")
+    if configured:
+        return configured
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_urlsafe(50))
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env.bool("WATASU_DEBUG", False)
+ALLOWED_HOSTS = env.list("WATASU_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+PUBLIC_URL = env.str("WATASU_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "teams",
+    "templates_app",
+    "sandboxes",
+    "volumes",
+    "billing",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "watasu.api.idempotency.IdempotencyMiddleware",
+]
+
+ROOT_URLCONF = "watasu.urls"
+WSGI_APPLICATION = "watasu.wsgi.application"
+ASGI_APPLICATION = "watasu.asgi.application"
+# The SDK never follows redirects on POST/PUT: paths have no trailing slash.
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.database("DATABASE_URL", DATA_DIR / "watasu.sqlite3")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_USER_MODEL = "teams.User"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.choice(
+        "WATASU_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
+}
+
+# --- REST API -----------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["teams.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["watasu.api.permissions.ApiKeyScope"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "watasu.api.pagination.NextTokenPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "watasu.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Watasu Sandboxes API",
+    "DESCRIPTION": "Control plane of a self-hostable, Watasu-compatible sandbox platform.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+API_PAGE_SIZE_DEFAULT = env.int("WATASU_PAGE_SIZE_DEFAULT", 50, min=1, max=1000)
+API_PAGE_SIZE_MAX = env.int("WATASU_PAGE_SIZE_MAX", 100, min=1, max=1000)
+IDEMPOTENCY_TTL_SECONDS = env.int("WATASU_IDEMPOTENCY_TTL_SECONDS", 24 * 3600, min=60)
+# An in-flight idempotency record older than this belongs to a crashed request
+# and may be taken over by a retry.
+IDEMPOTENCY_LEASE_SECONDS = env.int("WATASU_IDEMPOTENCY_LEASE_SECONDS", 600, min=10)
+API_KEY_LAST_USED_RESOLUTION_SECONDS = 60
+
+# --- Sandbox limits, quotas and prices (GET /v1/sandbox_limits) -----------------
+
+SANDBOX_FALLBACK_CPU = env.int("WATASU_FALLBACK_CPU", 2, min=1)
+SANDBOX_FALLBACK_MEMORY_MB = env.int("WATASU_FALLBACK_MEMORY_MB", 1024, min=128)
+SANDBOX_ALLOWED_CPU = env.int_list("WATASU_ALLOWED_CPU", [1, 2, 4, 8])
+SANDBOX_MEMORY_MIN_MB = env.int("WATASU_MEMORY_MIN_MB", 512, min=128)
+SANDBOX_MEMORY_MAX_MB = env.int("WATASU_MEMORY_MAX_MB", 16384, min=128)
+SANDBOX_MEMORY_INCREMENT_MB = env.int("WATASU_MEMORY_INCREMENT_MB", 512, min=1)
+SANDBOX_MAX_TIMEOUT_SECONDS = env.int("WATASU_MAX_TIMEOUT_SECONDS", 86400, min=1)
+SANDBOX_DEFAULT_NETWORK_CLASS = env.str("WATASU_DEFAULT_NETWORK_CLASS", "standard")
+
+QUOTA_DEFAULT_MAX_RUNNING_INSTANCES = env.int("WATASU_QUOTA_MAX_RUNNING_INSTANCES", 100, min=0)
+QUOTA_DEFAULT_MAX_VCPU_COUNT = env.int("WATASU_QUOTA_MAX_VCPU_COUNT", 256, min=0)
+QUOTA_DEFAULT_MAX_MEMORY_MB = env.int("WATASU_QUOTA_MAX_MEMORY_MB", 524288, min=0)
+
+PRICE_CURRENCY = env.str("WATASU_PRICE_CURRENCY", "EUR")
+PRICE_VCPU_SECOND = env.decimal("WATASU_PRICE_VCPU_SECOND", "0.000010")
+PRICE_MEMORY_GIB_SECOND = env.decimal("WATASU_PRICE_MEMORY_GIB_SECOND", "0.000002")
+PRICE_STOPPED_DISK_GIB_MONTH = env.decimal("WATASU_PRICE_STOPPED_DISK_GIB_MONTH", None)
+PRICE_CHECKPOINT_GIB_MONTH = env.decimal("WATASU_PRICE_CHECKPOINT_GIB_MONTH", None)
+PRICE_TEMPLATE_GIB_MONTH = env.decimal("WATASU_PRICE_TEMPLATE_GIB_MONTH", None)
+PRICE_VOLUME_GIB_MONTH = env.decimal("WATASU_PRICE_VOLUME_GIB_MONTH", None)
+
+# --- Celery ----------------------------------------------------------------------
+
+REDIS_URL = env.redis_url("REDIS_URL")
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_RESULT_BACKEND = REDIS_URL
+else:
+    # Embedded: a broker made of files in the data directory, shared by the web
+    # process, the worker and beat on one machine; no server to run.
+    _broker_dir = DATA_DIR / "celery-broker"
+    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+        "polling_interval": 0.2,
+    }
+    CELERY_RESULT_BACKEND = f"file://{DATA_DIR / 'celery-results'}"
+
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
