@@ -8,7 +8,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from teams.models import ApiKey, IdempotencyRecord, Membership, Team, User
-from teams.services import api_key_revoke
+from teams.services import api_key_revoke, personal_team_ensure
 
 
 class MembershipInline(admin.TabularInline):
@@ -28,6 +28,10 @@ class UserAdmin(DjangoUserAdmin):
         ("Dates", {"fields": ["last_login", "date_joined"]}),
     ]
     add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
+
+    def save_model(self, request: HttpRequest, obj: User, form: object, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        personal_team_ensure(user=obj)
 
 
 @admin.register(Team)

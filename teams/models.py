@@ -15,9 +15,12 @@ class UserManager(BaseUserManager["User"]):
     use_in_migrations = True
 
     def create_user(self, email: str, password: str | None = None, **fields: Any) -> User:
+        from teams.services import personal_team_ensure  # services import this module
+
         user = self.model(email=self.normalize_email(email).lower(), **fields)
         user.set_password(password)
         user.save(using=self._db)
+        personal_team_ensure(user=user)
         return user
 
     def create_superuser(self, email: str, password: str | None = None, **fields: Any) -> User:

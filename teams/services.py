@@ -42,6 +42,12 @@ def team_create(*, owner: User, slug: str, name: str = "") -> Team:
     return team
 
 
+def personal_team_ensure(*, user: User) -> Team:
+    """The user's personal team, created (with the user as owner) when missing."""
+    existing = Team.objects.filter(personal_for=user).first()
+    return existing or _personal_team_create(user)
+
+
 def _personal_team_create(user: User) -> Team:
     for _ in range(5):
         try:
@@ -66,8 +72,7 @@ def user_get_or_create(*, email: str) -> User:
                 user = User.objects.create_user(email=email)
         except IntegrityError:
             user = User.objects.get(email=email)
-    if not Team.objects.filter(personal_for=user).exists():
-        _personal_team_create(user)
+    personal_team_ensure(user=user)
     return user
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from django.core.management import call_command
 
-from teams.models import Membership, Role, Team
+from teams.models import Membership, Role, Team, User
 from teams.selectors import team_for_write
 from tests.conftest import Actor
 from watasu.errors import Forbidden
@@ -64,3 +65,11 @@ def test_viewer_reads_the_team_but_is_not_a_writer(viewer: Actor) -> None:
     assert viewer.client().get("/v1/sandbox_limits?team=acme").status_code == 200
     with pytest.raises(Forbidden):
         team_for_write(user=viewer.user, slug="acme")
+
+
+def test_users_made_by_createsuperuser_get_a_personal_team(db: None) -> None:
+    call_command("createsuperuser", "--noinput", "--email", "root@example.com", verbosity=0)
+
+    user = User.objects.get(email="root@example.com")
+    assert Team.objects.get(personal_for=user).slug == "root"
+    assert Membership.objects.get(user=user).role == Role.OWNER
