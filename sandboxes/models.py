@@ -31,6 +31,31 @@ RUNTIME_STATES = frozenset({
 })
 
 
+class HostState(models.TextChoices):
+    UP = "up"
+    DOWN = "down"  # libvirt stopped answering: no placements
+    DRAINING = "draining"  # operator: keep running sandboxes, place no new ones
+
+
+class Host(models.Model):
+    """A libvirt host that runs sandbox VMs, with the capacity placement may use."""
+
+    name = models.CharField(max_length=100, unique=True)
+    libvirt_uri = models.CharField(max_length=255)
+    data_dir = models.CharField(max_length=255, help_text="Sandbox disks and memory images.")
+    cpu_capacity = models.PositiveIntegerField(help_text="vCPUs placement may hand out.")
+    memory_capacity_mb = models.PositiveIntegerField(help_text="Guest memory placement may hand out.")
+    state = models.CharField(max_length=16, choices=HostState.choices, default=HostState.UP)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+
 def new_route_token() -> str:
     """A lowercase DNS-label-safe random token naming the sandbox's data plane."""
     return secrets.token_hex(8)
@@ -44,6 +69,8 @@ class Sandbox(models.Model):
                                    on_delete=models.SET_NULL, related_name="+")
     state = models.CharField(max_length=16, choices=SandboxState.choices,
                              default=SandboxState.CREATING, db_index=True)
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT,
+                             related_name="sandboxes")
     name = models.CharField(max_length=200, null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     cpu_count = models.PositiveSmallIntegerField()

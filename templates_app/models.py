@@ -1,1 +1,81 @@
-"""Sandbox templates and their immutable versions (built in the templates issue)."""
+"""Sandbox templates and their immutable versions."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from sandboxes.models import Host
+from teams.models import Team
+
+
+class Visibility(models.TextChoices):
+    PROVIDER = "provider"  # platform-owned, visible to every team, immutable to customers
+    TEAM = "team"
+
+
+class Template(models.Model):
+    """A named environment teams start sandboxes from (`base`, `python-ci`...)."""
+
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="templates", help_text="Empty for provider templates.")
+    slug = models.SlugField(max_length=63)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "slug"], name="template_team_slug_unique"),
+            models.UniqueConstraint(fields=["slug"], condition=Q(team__isnull=True),
+                                    name="template_provider_slug_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    @property
+    def visibility(self) -> str:
+        return Visibility.PROVIDER if self.team_id is None else Visibility.TEAM
+
+
+class VersionStatus(models.TextChoices):
+    DRAFT = "draft"
+    BUILDING = "building"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class TemplateVersion(models.Model):
+    """One immutable build of a template.
+
+    A ready version's artifact is an immutable qcow2 disk plus a memory
+    snapshot taken after the guest agent answered; sandboxes start by
+    restoring that snapshot over their own overlay of the disk. The snapshot
+    belongs to the host that took it (`host`).
+    """
+
+    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="versions")
+    version = models.CharField(max_length=100)
+    status = models.CharField(max_length=16, choices=VersionStatus.choices,
+                              default=VersionStatus.DRAFT, db_index=True)
+    cpu = models.PositiveSmallIntegerField(help_text="runtime_baseline vCPUs")
+    memory_mb = models.PositiveIntegerField(help_text="runtime_baseline memory")
+    build_spec = models.JSONField(default=dict, blank=True)
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT,
+                             related_name="template_versions")
+    artifact_dir = models.CharField(max_length=500, blank=True)
+    artifact_digest = models.CharField(max_length=64, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    last_error_message = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    built_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["template", "version"], name="template_version_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.template.slug}:{self.version} ({self.status})"

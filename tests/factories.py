@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import factory
 
-from sandboxes.models import Sandbox, SandboxState
+from sandboxes.models import Host, Sandbox, SandboxState
 from teams.models import Membership, Role, Team, User
 
 
@@ -41,3 +41,14 @@ class SandboxFactory(factory.django.DjangoModelFactory):
     cpu_count = 2
     memory_mb = 1024
     timeout = 300
+
+
+class HostFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Host
+
+    name = factory.Sequence(lambda n: f"host-{n}")
+    libvirt_uri = "qemu:///system"
+    data_dir = "/tmp/watasu-hosts"
+    cpu_capacity = 8
+    memory_capacity_mb = 8192

@@ -8,7 +8,9 @@ no extra server. `DATABASE_URL` and `REDIS_URL` switch to PostgreSQL and Redis.
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 from pathlib import Path
 
 from watasu.settings.env import Env
@@ -168,6 +170,30 @@ PRICE_STOPPED_DISK_GIB_MONTH = env.decimal("WATASU_PRICE_STOPPED_DISK_GIB_MONTH"
 PRICE_CHECKPOINT_GIB_MONTH = env.decimal("WATASU_PRICE_CHECKPOINT_GIB_MONTH", None)
 PRICE_TEMPLATE_GIB_MONTH = env.decimal("WATASU_PRICE_TEMPLATE_GIB_MONTH", None)
 PRICE_VOLUME_GIB_MONTH = env.decimal("WATASU_PRICE_VOLUME_GIB_MONTH", None)
+
+# --- Runtime (libvirt + QEMU) -------------------------------------------------------
+
+
+def _host_memory_mb() -> int:
+    with open("/proc/meminfo") as meminfo:
+        total_kb = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
+    return total_kb // 1024
+
+
+RUNTIME_LIBVIRT_URI = env.str("WATASU_LIBVIRT_URI", "qemu:///system")
+# kvm when the CPU has vmx/svm, else tcg (software emulation); "kvm"/"tcg" force it.
+RUNTIME_ACCEL = env.choice("WATASU_ACCEL", "auto", ("auto", "kvm", "tcg"))
+RUNTIME_HOST_NAME = env.str("WATASU_HOST_NAME", socket.gethostname())
+RUNTIME_HOST_DATA_DIR = env.path("WATASU_HOST_DATA_DIR", str(DATA_DIR / "runtime"))
+# Guests rarely use all their vCPUs; a 4x overcommit is the embedded default.
+RUNTIME_HOST_CPU_CAPACITY = env.int("WATASU_HOST_CPU_CAPACITY", 4 * (os.cpu_count() or 1),
+                                    min=1)
+RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int("WATASU_HOST_MEMORY_CAPACITY_MB",
+                                          _host_memory_mb() * 3 // 4, min=256)
+RUNTIME_IMAGE_CACHE_DIR = env.path("WATASU_IMAGE_CACHE_DIR", str(CACHE_DIR / "images"))
+RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's configured mirror
+RUNTIME_BASE_CPU = env.int("WATASU_BASE_CPU", 1, min=1)
+RUNTIME_BASE_MEMORY_MB = env.int("WATASU_BASE_MEMORY_MB", 512, min=256)
 
 # --- Celery ----------------------------------------------------------------------
 

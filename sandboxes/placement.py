@@ -1,0 +1,50 @@
+"""Choosing the host a new VM runs on.
+
+Capacity in use is derived from the sandboxes in runtime states on each host,
+so there is no counter to drift. Callers place inside their transaction; the
+host rows are locked in id order so concurrent placements queue instead of
+both taking the last slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Q, Sum
+from django.db.models.functions import Coalesce
+
+from sandboxes.models import RUNTIME_STATES, Host, HostState
+from watasu import errors
+
+
+@dataclass(frozen=True)
+class HostRoom:
+    host: Host
+    free_cpu: int
+    free_memory_mb: int
+
+
+def hosts_with_room() -> list[HostRoom]:
+    """Every up host with its free vCPU and memory (one query)."""
+    in_runtime = Q(sandboxes__state__in=RUNTIME_STATES)
+    hosts = Host.objects.filter(state=HostState.UP).annotate(
+        used_cpu=Coalesce(Sum("sandboxes__cpu_count", filter=in_runtime), 0),
+        used_memory=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime), 0),
+    )
+    return [HostRoom(h, h.cpu_capacity - h.used_cpu, h.memory_capacity_mb - h.used_memory)
+            for h in hosts]
+
+
+def host_place(*, cpu: int, memory_mb: int) -> Host:
+    """The up host with the most free memory that fits the shape; locks the hosts.
+
+    Must run inside a transaction; raises `Unavailable('sandbox_overloaded')`
+    (HTTP 503, which the SDK raises as SandboxOverloadedException) when no
+    host has room.
+    """
+    list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
+    fitting = [r for r in hosts_with_room() if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb]
+    if not fitting:
+        message = f"No host has room for {cpu} vCPU and {memory_mb} MB right now; retry later."
+        raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
+    return max(fitting, key=lambda r: (r.free_memory_mb, r.free_cpu, -r.host.pk)).host

@@ -1,0 +1,34 @@
+"""Operator views of templates and their versions."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+
+from templates_app.models import Template, TemplateVersion
+
+
+class VersionInline(admin.TabularInline):
+    model = TemplateVersion
+    extra = 0
+    fields = ["version", "status", "cpu", "memory_mb", "host", "size_bytes", "built_at"]
+    readonly_fields = fields
+    show_change_link = True
+
+
+@admin.register(Template)
+class TemplateAdmin(admin.ModelAdmin):
+    list_display = ["slug", "team", "name", "created_at"]
+    list_select_related = ["team"]
+    search_fields = ["slug", "name", "team__slug"]
+    inlines = [VersionInline]
+
+
+@admin.register(TemplateVersion)
+class TemplateVersionAdmin(admin.ModelAdmin):
+    list_display = ["template", "version", "status", "cpu", "memory_mb", "host", "size_bytes",
+                    "built_at"]
+    list_filter = ["status"]
+    list_select_related = ["template", "host"]
+    search_fields = ["template__slug", "version"]
+    readonly_fields = ["artifact_dir", "artifact_digest", "size_bytes", "built_at", "created_at",
+                       "last_error_message"]
