@@ -9,7 +9,7 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/watasu
 REDIS_URL ?= redis://127.0.0.1:6379/15
 TEST_DATA_DIR ?= /tmp/watasu-test-data
 
-.PHONY: help setup run test lint fmt check schema clean
+.PHONY: help setup run test lint fmt check schema image bench clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -18,6 +18,7 @@ help:
 	@echo "make schema  regenerate docs/openapi.yaml"
 
 setup:
+	@scripts/setup-host
 	@scripts/bootstrap
 
 run: setup
@@ -38,6 +39,13 @@ fmt: setup
 schema: setup
 	WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python manage.py spectacular --validate \
 		--fail-on-warn --file docs/openapi.yaml
+
+image: setup
+	WATASU_DATA_DIR=$(DATA_DIR) .venv/bin/python manage.py migrate --noinput -v0
+	WATASU_DATA_DIR=$(DATA_DIR) .venv/bin/python manage.py build_base_image
+
+bench: setup
+	DATABASE_URL=$(DATABASE_URL) WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python bench/runtime.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

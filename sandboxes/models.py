@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import uuid
 
 from django.conf import settings
 from django.db import models
@@ -56,13 +57,23 @@ class Host(models.Model):
         return f"{self.name} ({self.state})"
 
 
+class OnTimeout(models.TextChoices):
+    KILL = "kill"
+    PAUSE = "pause"
+
+
 def new_route_token() -> str:
     """A lowercase DNS-label-safe random token naming the sandbox's data plane."""
     return secrets.token_hex(8)
 
 
 class Sandbox(models.Model):
-    """A sandbox and the resources it was granted."""
+    """A sandbox: one VM on one host, the resources it was granted, and its policy.
+
+    Env vars and the guest agent's secret are stored encrypted. The VM's
+    libvirt name is derived from the id (`vm_name`) so a domain can always be
+    traced back to its row.
+    """
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="sandboxes")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
@@ -71,15 +82,33 @@ class Sandbox(models.Model):
                              default=SandboxState.CREATING, db_index=True)
     host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT,
                              related_name="sandboxes")
+    template = models.ForeignKey("templates_app.Template", null=True, blank=True,
+                                 on_delete=models.PROTECT, related_name="sandboxes")
+    template_version = models.ForeignKey("templates_app.TemplateVersion", null=True, blank=True,
+                                         on_delete=models.PROTECT, related_name="sandboxes")
     name = models.CharField(max_length=200, null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     cpu_count = models.PositiveSmallIntegerField()
     memory_mb = models.PositiveIntegerField()
-    timeout = models.PositiveIntegerField()
+    timeout = models.PositiveIntegerField(help_text="Lifetime in seconds from each (re)start.")
+    on_timeout = models.CharField(max_length=8, choices=OnTimeout.choices, default=OnTimeout.KILL)
+    auto_resume = models.BooleanField(default=False)
+    env_vars_encrypted = models.TextField(blank=True)
+    volume_mounts = models.JSONField(default=list, blank=True)
+    network_class = models.CharField(max_length=32, default="standard")
+    network_policy = models.JSONField(default=dict, blank=True)
     route_token = models.CharField(max_length=32, unique=True, default=new_route_token)
+    vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
+    agent_port = models.PositiveIntegerField(null=True, blank=True)
+    agent_secret_encrypted = models.TextField(blank=True)
+    # Bumped to revoke every session token of the sandbox at once.
+    session_epoch = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -87,3 +116,23 @@ class Sandbox(models.Model):
 
     def __str__(self) -> str:
         return f"sandbox {self.pk} ({self.state})"
+
+    @property
+    def vm_name(self) -> str:
+        return f"{settings.RUNTIME_VM_PREFIX}{self.pk}"
+
+
+class SandboxEvent(models.Model):
+    """One state transition of a sandbox, with its time: what billing meters."""
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="events")
+    from_state = models.CharField(max_length=16, choices=SandboxState.choices, blank=True)
+    to_state = models.CharField(max_length=16, choices=SandboxState.choices)
+    at = models.DateTimeField(db_index=True)
+    reason = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.sandbox_id}: {self.from_state or '-'} -> {self.to_state}"

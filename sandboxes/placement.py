@@ -35,16 +35,25 @@ def hosts_with_room() -> list[HostRoom]:
             for h in hosts]
 
 
-def host_place(*, cpu: int, memory_mb: int) -> Host:
+def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> Host:
     """The up host with the most free memory that fits the shape; locks the hosts.
 
     Must run inside a transaction; raises `Unavailable('sandbox_overloaded')`
     (HTTP 503, which the SDK raises as SandboxOverloadedException) when no
-    host has room.
+    host has room. `among` limits the choice to those host ids (where a
+    template's memory snapshot lives).
     """
     list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
-    fitting = [r for r in hosts_with_room() if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb]
+    fitting = [r for r in hosts_with_room() if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb
+               and (among is None or r.host.pk in among)]
     if not fitting:
         message = f"No host has room for {cpu} vCPU and {memory_mb} MB right now; retry later."
         raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
     return max(fitting, key=lambda r: (r.free_memory_mb, r.free_cpu, -r.host.pk)).host
+
+
+def host_has_room(*, host: Host, cpu: int, memory_mb: int) -> bool:
+    """Whether `host` (locked here) can take the shape; used to resume on the same host."""
+    Host.objects.select_for_update().filter(pk=host.pk).first()
+    room = next((r for r in hosts_with_room() if r.host.pk == host.pk), None)
+    return room is not None and room.free_cpu >= cpu and room.free_memory_mb >= memory_mb

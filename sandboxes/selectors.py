@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db.models import Count, Sum
+from django.db.models import Count, QuerySet, Sum
+from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Coalesce
 
-from sandboxes.models import RUNTIME_STATES, Sandbox
-from teams.models import Team
+from sandboxes.models import RUNTIME_STATES, Sandbox, SandboxState
+from teams.models import Team, User
+from teams.selectors import team_for_write
+from watasu import errors
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,76 @@ def sandbox_limits(*, team: Team) -> dict[str, object]:
         },
         "quota": team_quota(team=team).as_dict(),
     }
+
+
+# --- sandboxes -------------------------------------------------------------------------
+
+STATE_ALIASES: dict[str, frozenset[str]] = {
+    "running": RUNTIME_STATES,
+    "paused": frozenset({SandboxState.STOPPED}),
+}
+
+
+def parse_state_filter(values: list[str]) -> set[str] | None:
+    """`query[state][]` values (states or the running/paused aliases) -> states; None = default."""
+    if not values:
+        return None
+    states: set[str] = set()
+    for value in values:
+        if value in STATE_ALIASES:
+            states |= STATE_ALIASES[value]
+        elif value in SandboxState.values:
+            states.add(value)
+        else:
+            allowed = ", ".join([*SandboxState.values, *STATE_ALIASES])
+            message = f"Unknown state '{value}' in query[state][]; use one of {allowed}."
+            raise errors.Invalid(message, code="validation_failed", errors=[message])
+    return states
+
+
+def sandboxes_list(*, teams: QuerySet[Team], states: set[str] | None,
+                   metadata: dict[str, str]) -> QuerySet[Sandbox]:
+    """Sandboxes of `teams`; without a state filter, everything but destroyed ones."""
+    queryset = Sandbox.objects.filter(team__in=teams).select_related("team", "template",
+                                                                     "template_version")
+    if states is None:
+        queryset = queryset.exclude(state=SandboxState.DESTROYED)
+    else:
+        queryset = queryset.filter(state__in=states)
+    for index, (key, value) in enumerate(metadata.items()):
+        # KeyTextTransform takes the key verbatim (a key may contain "__").
+        alias = f"metadata_filter_{index}"
+        queryset = queryset.alias(**{alias: KeyTextTransform(key, "metadata")}).filter(**{alias: value})
+    return queryset
+
+
+def sandbox_get(*, user: User, sandbox_id: str, write: bool = False) -> Sandbox:
+    """A sandbox of one of the user's teams; anything else is 404, ids that are not numbers too.
+
+    With `write`, the user's role in the sandbox's team must allow changes (403 otherwise).
+    """
+    sandbox = None
+    if sandbox_id.isdigit():
+        sandbox = (Sandbox.objects.select_related("team", "host", "template", "template_version")
+                   .filter(pk=int(sandbox_id), team__memberships__user=user).first())
+    if sandbox is None:
+        raise errors.NotFound(f"Sandbox {sandbox_id} not found.", code="sandbox_not_found")
+    if write:
+        team_for_write(user=user, slug=sandbox.team.slug)
+    return sandbox
+
+
+def preview_host(sandbox: Sandbox, port: int) -> str:
+    domain = settings.DATA_PLANE_DOMAIN or f"localhost:{urlsplit(settings.PUBLIC_URL).port or 80}"
+    return f"p{port}-{sandbox.route_token}.sandbox.{domain}"
+
+
+def sandbox_port(*, sandbox: Sandbox, port: int) -> dict[str, object]:
+    """Where a server listening on `port` inside the sandbox is reachable (any port works)."""
+    host = preview_host(sandbox, port)
+    if settings.DATA_PLANE_DOMAIN:
+        url = f"{settings.DATA_PLANE_SCHEME}://{host}"
+    else:
+        url = f"{settings.PUBLIC_URL}/sandboxes-preview/{sandbox.route_token}/{port}"
+    return {"port": port, "host": host, "url": url, "protocol": "http",
+            "public": bool(sandbox.network_policy.get("allow_public_traffic", True))}

@@ -1,11 +1,47 @@
-"""Writes for hosts and sandboxes."""
+"""Writes for hosts and sandboxes: the lifecycle state machine.
+
+Every state change is a conditional update (`WHERE state IN (...)`) plus a
+`SandboxEvent` in the same transaction, so two requests or workers can never
+both act on one sandbox, and billing can meter the recorded transitions.
+Slow runtime work (starting, pausing a VM) happens outside transactions,
+bracketed by transitional states (`creating`, `stopping`, `restoring`).
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
 from django.conf import settings
+from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
-from sandboxes.models import Host, HostState
+from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
+from sandboxes.placement import host_has_room, host_place
+from sandboxes.runtime import vm
+from sandboxes.selectors import QuotaReservation, team_quota
+from sandboxes.sessions import Session, session_mint
+from sandboxes.specs import CreateSpec
+from teams.models import Team, User
+from teams.selectors import team_for_write
+from templates_app.models import TemplateVersion
+from templates_app.selectors import template_version_by_id, template_version_resolve
+from watasu import crypto, errors
+
+logger = logging.getLogger(__name__)
+
+S = SandboxState
+BUSY_STATES = frozenset({S.CREATING, S.RESTORING, S.STOPPING, S.CHECKPOINTING})
+TERMINAL_STATES = frozenset({S.EXPIRED, S.FAILED, S.LOST, S.DESTROYED})
+# How long resume waits for an unfinished create/pause/restore before answering 409.
+BUSY_WAIT_SECONDS = 120.0
+
+
+# --- hosts ------------------------------------------------------------------------
 
 
 def host_register_local() -> Host:
@@ -29,3 +65,241 @@ def host_register_local() -> Host:
             state=HostState.UP, last_seen_at=timezone.now())
         host.refresh_from_db()
     return host
+
+
+# --- state machine ------------------------------------------------------------------
+
+
+def sandbox_transition(*, sandbox: Sandbox, from_states: Iterable[str], to_state: str,
+                       reason: str = "", **fields: Any) -> bool:
+    """Move the sandbox to `to_state` if it is in one of `from_states`.
+
+    Returns False (and changes nothing) when another request got there first.
+    On success `sandbox` is refreshed and the transition is recorded as an event.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        current = (Sandbox.objects.select_for_update().filter(pk=sandbox.pk, state__in=list(from_states))
+                   .values_list("state", flat=True).first())
+        if current is None:
+            return False
+        Sandbox.objects.filter(pk=sandbox.pk).update(state=to_state, updated_at=now, **fields)
+        SandboxEvent.objects.create(sandbox_id=sandbox.pk, from_state=current, to_state=to_state,
+                                    at=now, reason=reason[:200])
+    sandbox.refresh_from_db()
+    return True
+
+
+def _state_conflict(sandbox: Sandbox, action: str) -> errors.DomainError:
+    sandbox.refresh_from_db(fields=["state"])
+    state = sandbox.state
+    if state == S.DESTROYED:
+        return errors.NotFound(f"Sandbox {sandbox.pk} not found.", code="sandbox_not_found")
+    if state in (S.STOPPED, S.STOPPING) and action == "pause":
+        return errors.Conflict(f"Sandbox {sandbox.pk} is already paused.",
+                               code="sandbox_already_paused")
+    if state in BUSY_STATES:
+        return errors.Conflict(f"Sandbox {sandbox.pk} is {state}; try again shortly.",
+                               code="sandbox_busy")
+    if state in TERMINAL_STATES:
+        return errors.Conflict(f"Sandbox {sandbox.pk} is {state} and cannot {action}.",
+                               code="sandbox_not_resumable" if action == "resume"
+                               else "sandbox_not_running")
+    return errors.Conflict(f"Sandbox {sandbox.pk} is {state}; cannot {action} it.",
+                           code="sandbox_not_running")
+
+
+# --- quota ----------------------------------------------------------------------------
+
+
+def _quota_check(team: Team, cpu: int, memory_mb: int, *, exclude: Sandbox | None = None) -> None:
+    """Raise 422 `sandbox_quota_exceeded` if the reservation does not fit.
+
+    Callers hold the team row lock, so concurrent reservations are counted.
+    """
+    reservation = QuotaReservation(instances=1, vcpu_count=cpu, memory_mb=memory_mb)
+    quota = team_quota(team=team, reservation=reservation)
+    checks = [
+        ("max_running_instances", quota.limits.max_running_instances, quota.usage.running_instances, 1),
+        ("max_vcpu_count", quota.limits.max_vcpu_count, quota.usage.vcpu_count, cpu),
+        ("max_memory_mb", quota.limits.max_memory_mb, quota.usage.memory_mb, memory_mb),
+    ]
+    for name, limit, used, asked in checks:
+        if used + asked > limit:
+            raise errors.Invalid(
+                f"Sandbox quota exceeded for team {team.slug}: {name} {limit} "
+                f"(in use {used}, requested {asked}).",
+                code="sandbox_quota_exceeded", quota=quota.as_dict())
+
+
+def _lock_team(team: Team) -> None:
+    Team.objects.select_for_update().filter(pk=team.pk).first()
+
+
+# --- create ---------------------------------------------------------------------------
+
+
+def _resolve_version(team: Team, spec: CreateSpec) -> TemplateVersion:
+    if spec.snapshot_id is not None:
+        raise errors.Invalid(f"Snapshot '{spec.snapshot_id}' not found.", code="template_not_found")
+    if spec.template_version_id is not None:
+        return template_version_by_id(team=team, version_id=spec.template_version_id)
+    return template_version_resolve(team=team, selector=spec.template or "base")
+
+
+def _reserve(*, team: Team, user: User, version: TemplateVersion, spec: CreateSpec) -> Sandbox:
+    """Quota check, placement and the `creating` row, under the team and host locks."""
+    cpu = spec.cpu_count or version.cpu
+    memory_mb = spec.memory_mb or version.memory_mb
+    with transaction.atomic():
+        _lock_team(team)
+        _quota_check(team, cpu, memory_mb)
+        host = host_place(cpu=cpu, memory_mb=memory_mb, among=[version.host_id])
+        sandbox = Sandbox.objects.create(
+            team=team, created_by=user, host=host, state=S.CREATING,
+            template=version.template, template_version=version, name=spec.name,
+            metadata=spec.metadata, cpu_count=cpu, memory_mb=memory_mb, timeout=spec.timeout,
+            on_timeout=spec.lifecycle.on_timeout, auto_resume=spec.lifecycle.auto_resume,
+            env_vars_encrypted=crypto.encrypt_json(spec.env_vars) if spec.env_vars else "",
+            network_policy=spec.network_policy, network_class=settings.SANDBOX_DEFAULT_NETWORK_CLASS,
+        )
+        SandboxEvent.objects.create(sandbox=sandbox, from_state="", to_state=S.CREATING,
+                                    at=sandbox.created_at, reason="create")
+    return sandbox
+
+
+def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
+    logger.exception("sandbox %s failed to start", sandbox.pk)
+    vm.destroy(sandbox)
+    sandbox_transition(sandbox=sandbox, from_states=[S.CREATING], to_state=S.FAILED,
+                       reason="start failed", last_error=str(exc)[:2000], ended_at=timezone.now())
+    return errors.Unavailable(f"Sandbox {sandbox.pk} failed to start: {exc}",
+                              code="sandbox_start_failed")
+
+
+def sandbox_env_vars(sandbox: Sandbox) -> dict[str, str]:
+    return crypto.decrypt_json(sandbox.env_vars_encrypted) or {}
+
+
+def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
+    """Create a sandbox and block until its data plane is usable."""
+    team = team_for_write(user=user, slug=spec.team)
+    version = _resolve_version(team, spec)
+    sandbox = _reserve(team=team, user=user, version=version, spec=spec)
+    try:
+        started = vm.start(sandbox, version, env_vars=spec.env_vars)
+    except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
+        raise _fail_start(sandbox, exc) from exc
+    now = timezone.now()
+    if not sandbox_transition(
+        sandbox=sandbox, from_states=[S.CREATING], to_state=S.READY, reason="started",
+        started_at=now, ready_at=now, deadline_at=now + timedelta(seconds=sandbox.timeout),
+        agent_port=started.agent_port, agent_secret_encrypted=crypto.encrypt_text(started.agent_secret),
+    ):
+        vm.destroy(sandbox)  # destroyed while we were starting it
+        raise _state_conflict(sandbox, "start")
+    return sandbox, session_mint(sandbox=sandbox)
+
+
+# --- pause / resume -------------------------------------------------------------------
+
+
+def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause") -> Sandbox:
+    """Release the runtime, keeping memory and disk (libvirt managed save)."""
+    if not sandbox_transition(sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING,
+                              reason=reason):
+        raise _state_conflict(sandbox, "pause")
+    try:
+        vm.pause(sandbox)
+    except Exception as exc:
+        logger.exception("sandbox %s failed to pause", sandbox.pk)
+        sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.READY,
+                           reason="pause failed", last_error=str(exc)[:2000])
+        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not be paused: {exc}") from exc
+    if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED,
+                              reason=reason):
+        vm.destroy(sandbox)  # destroyed while pausing
+    return sandbox
+
+
+def _wait_while_busy(sandbox: Sandbox, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while sandbox.state in BUSY_STATES and time.monotonic() < deadline:
+        time.sleep(0.1)
+        sandbox.refresh_from_db()
+
+
+def _claim_resume(sandbox: Sandbox) -> bool:
+    """STOPPED -> RESTORING after the quota and host-capacity checks, under locks."""
+    with transaction.atomic():
+        _lock_team(sandbox.team)
+        _quota_check(sandbox.team, sandbox.cpu_count, sandbox.memory_mb)
+        if not host_has_room(host=sandbox.host, cpu=sandbox.cpu_count, memory_mb=sandbox.memory_mb):
+            message = f"Host {sandbox.host.name} has no room to resume sandbox {sandbox.pk} now."
+            raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
+        return sandbox_transition(sandbox=sandbox, from_states=[S.STOPPED], to_state=S.RESTORING,
+                                  reason="resume")
+
+
+def _restart(sandbox: Sandbox, timeout: int) -> None:
+    try:
+        vm.resume(sandbox)
+    except Exception as exc:
+        logger.exception("sandbox %s failed to resume", sandbox.pk)
+        sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.STOPPED,
+                           reason="resume failed", last_error=str(exc)[:2000])
+        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not be resumed: {exc}") from exc
+    now = timezone.now()
+    if not sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.READY,
+                              reason="resumed", ready_at=now,
+                              deadline_at=now + timedelta(seconds=timeout)):
+        vm.destroy(sandbox)
+        raise _state_conflict(sandbox, "resume")
+
+
+def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
+                   wait: float = BUSY_WAIT_SECONDS) -> tuple[Sandbox, Session]:
+    """Make the sandbox ready (restarting a paused one) and mint a fresh session.
+
+    Waits for an unfinished create/pause/restore first. The deadline becomes
+    now + `timeout`, or now + the sandbox's own timeout.
+    """
+    _wait_while_busy(sandbox, wait)
+    lifetime = timeout or sandbox.timeout
+    if sandbox.state == S.STOPPED:
+        if not _claim_resume(sandbox):
+            return sandbox_resume(sandbox=sandbox, timeout=timeout, wait=wait)
+        _restart(sandbox, lifetime)
+    elif sandbox.state == S.READY:
+        Sandbox.objects.filter(pk=sandbox.pk, state=S.READY).update(
+            deadline_at=timezone.now() + timedelta(seconds=lifetime))
+        sandbox.refresh_from_db()
+    if sandbox.state != S.READY:
+        raise _state_conflict(sandbox, "resume")
+    return sandbox, session_mint(sandbox=sandbox)
+
+
+# --- timeout / destroy ----------------------------------------------------------------
+
+
+def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
+    """Running: deadline = now + timeout. Paused: used as the lifetime at the next resume."""
+    if sandbox.state in RUNTIME_STATES:
+        Sandbox.objects.filter(pk=sandbox.pk, state__in=RUNTIME_STATES).update(
+            deadline_at=timezone.now() + timedelta(seconds=timeout))
+    elif sandbox.state == S.STOPPED:
+        Sandbox.objects.filter(pk=sandbox.pk, state=S.STOPPED).update(timeout=timeout)
+    else:
+        raise _state_conflict(sandbox, "change its timeout")
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+def sandbox_destroy(*, sandbox: Sandbox, reason: str = "destroy") -> Sandbox:
+    """Destroy from any state; idempotent. Revokes every session token."""
+    live = [state for state in S.values if state != S.DESTROYED]
+    if sandbox_transition(sandbox=sandbox, from_states=live, to_state=S.DESTROYED, reason=reason,
+                          ended_at=timezone.now(), session_epoch=F("session_epoch") + 1,
+                          agent_port=None, agent_secret_encrypted=""):
+        vm.destroy(sandbox)
+    return sandbox

@@ -70,6 +70,7 @@ class TemplateVersion(models.Model):
     size_bytes = models.BigIntegerField(default=0)
     last_error_message = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    build_started_at = models.DateTimeField(null=True, blank=True)
     built_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -77,3 +77,41 @@ def require_postgres() -> None:
             "This test needs PostgreSQL: set DATABASE_URL=postgres://... "
             "(it is deselected with -m 'not postgres' on SQLite runs)."
         )
+
+
+# --- real VMs -----------------------------------------------------------------------
+# Tests marked `vm` start libvirt/QEMU domains (TCG here). Their domain names carry a
+# test-only prefix so a `make run` on the same machine is never touched, and every
+# domain with that prefix is destroyed after each test.
+
+VM_TEST_PREFIX = "wtest-sbx-"
+
+
+@pytest.fixture(autouse=True)
+def _vm_prefix(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.RUNTIME_VM_PREFIX = VM_TEST_PREFIX
+
+
+@pytest.fixture
+def local_host(db: None):  # type: ignore[no-untyped-def]
+    from sandboxes.services import host_register_local
+
+    return host_register_local()
+
+
+@pytest.fixture
+def base_version(local_host):  # type: ignore[no-untyped-def]
+    """The ready `base` template version (snapshot adopted from disk after the first build)."""
+    from templates_app.services import base_template_ensure
+
+    return base_template_ensure(host=local_host)
+
+
+@pytest.fixture
+def vm_cleanup(local_host):  # type: ignore[no-untyped-def]
+    from sandboxes.runtime import driver_for
+
+    yield driver_for(local_host)
+    driver = driver_for(local_host)
+    for name in driver.list_domains(VM_TEST_PREFIX):
+        driver.destroy(name)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 from rest_framework import serializers
+
+from sandboxes.models import Sandbox, SandboxState
+from sandboxes.sessions import Session, data_plane_url
 
 
 class _QuotaLimits(serializers.Serializer):
@@ -59,3 +65,88 @@ class SandboxLimitsSerializer(serializers.Serializer):
     default_network_class = serializers.CharField()
     prices = _Prices()
     quota = QuotaSerializer()
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO-8601 UTC with a Z suffix and millisecond precision (what the SDK parses)."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sandbox_representation(sandbox: Sandbox) -> dict[str, Any]:
+    """The spec's Sandbox object. Never carries env vars or the agent secret.
+
+    Optional timestamps are omitted until known: the SDK takes the first
+    alias present, even when it is null.
+    """
+    template = sandbox.template
+    version = sandbox.template_version
+    body: dict[str, Any] = {
+        "id": sandbox.pk,
+        "team": sandbox.team.slug,
+        "state": sandbox.state,
+        "template_id": template.slug if template else None,
+        "template": {"id": template.pk, "slug": template.slug, "name": template.name} if template else None,
+        "template_version_id": version.pk if version else None,
+        "template_version": version.version if version else None,
+        "snapshot_id": None,
+        "name": sandbox.name,
+        "metadata": sandbox.metadata,
+        "timeout": sandbox.timeout,
+        "created_at": iso(sandbox.created_at),
+        "lifecycle": {"on_timeout": sandbox.on_timeout, "auto_resume": sandbox.auto_resume},
+        "volume_mounts": sandbox.volume_mounts,
+        "cpu_count": sandbox.cpu_count,
+        "memory_mb": sandbox.memory_mb,
+        "network_class": sandbox.network_class,
+        "network_policy": sandbox.network_policy,
+        "exposed_ports": [],
+        "route_token": sandbox.route_token,
+        "data_plane_url": data_plane_url(sandbox),
+    }
+    for key, value in (("started_at", sandbox.started_at), ("ready_at", sandbox.ready_at),
+                       ("deadline_at", sandbox.deadline_at), ("end_at", sandbox.deadline_at),
+                       ("ended_at", sandbox.ended_at)):
+        if value is not None:
+            body[key] = iso(value)
+    return body
+
+
+def session_representation(session: Session) -> dict[str, Any]:
+    return {
+        "data_plane_url": session.data_plane_url,
+        "access_token": session.token,
+        "token": session.token,
+        "expires_at": iso(session.expires_at),
+        "route_token": session.route_token,
+    }
+
+
+class SandboxSerializer(serializers.Serializer):
+    """Schema of the Sandbox object (rendering is `sandbox_representation`)."""
+
+    id = serializers.IntegerField()
+    team = serializers.CharField()
+    state = serializers.ChoiceField(choices=SandboxState.choices)
+    template_id = serializers.CharField(allow_null=True)
+    template_version_id = serializers.IntegerField(allow_null=True)
+    name = serializers.CharField(allow_null=True)
+    metadata = serializers.DictField(child=serializers.CharField())
+    timeout = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(required=False)
+    deadline_at = serializers.DateTimeField(required=False)
+    end_at = serializers.DateTimeField(required=False)
+    cpu_count = serializers.IntegerField()
+    memory_mb = serializers.IntegerField()
+    route_token = serializers.CharField()
+    data_plane_url = serializers.CharField()
+
+
+class SessionSerializer(serializers.Serializer):
+    data_plane_url = serializers.CharField()
+    access_token = serializers.CharField()
+    token = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+    route_token = serializers.CharField()

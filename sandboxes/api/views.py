@@ -1,24 +1,142 @@
-"""Sandbox control-plane endpoints."""
+"""Sandbox control-plane endpoints: parse, call one service or selector, render."""
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+import re
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from sandboxes.api.serializers import SandboxLimitsSerializer
-from sandboxes.selectors import sandbox_limits
-from teams.selectors import team_for_read
+from sandboxes import selectors, services
+from sandboxes.api.parsing import parse_create, parse_timeout_body
+from sandboxes.api.serializers import (
+    SandboxLimitsSerializer,
+    SandboxSerializer,
+    SessionSerializer,
+    sandbox_representation,
+    session_representation,
+)
+from sandboxes.models import Sandbox
+from sandboxes.runtime import vm
+from sandboxes.sessions import Session
+from teams.selectors import team_for_read, teams_for_list
+from watasu import errors
+from watasu.api.pagination import NextTokenPagination
+from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView, team_param
+
+METADATA_PARAM = re.compile(r"^query\[metadata\]\[(.+)\]$")
+TEAM = OpenApiParameter("team", str, description="Team slug; default: personal team")
+SANDBOX_ENVELOPE = object_envelope("SandboxEnvelope", "sandbox", SandboxSerializer())
+SESSION_ENVELOPE = inline_serializer("SandboxWithSession", {
+    "sandbox": SandboxSerializer(), "session": SessionSerializer()})
+
+
+def _with_session(sandbox: Sandbox, session: Session, status: int = 200) -> Response:
+    return Response({"sandbox": sandbox_representation(sandbox),
+                     "session": session_representation(session)}, status=status)
+
+
+def _one(sandbox: Sandbox) -> Response:
+    return Response({"sandbox": sandbox_representation(sandbox)})
 
 
 class SandboxLimitsView(ApiView):
     """`GET /v1/sandbox_limits`: allowed shapes, prices and the team's quota."""
 
-    @extend_schema(
-        parameters=[OpenApiParameter("team", str, description="Team slug; default: personal team")],
-        responses=SandboxLimitsSerializer,
-    )
+    @extend_schema(parameters=[TEAM], responses=SandboxLimitsSerializer)
     def get(self, request: Request) -> Response:
         team = team_for_read(user=self.user, slug=team_param(request))
-        return Response(sandbox_limits(team=team))
+        return Response(selectors.sandbox_limits(team=team))
+
+
+class SandboxListView(ApiView):
+    envelope = "sandboxes"
+
+    @extend_schema(
+        operation_id="sandboxes_list",
+        parameters=[TEAM, OpenApiParameter("query[state][]", str, many=True),
+                    OpenApiParameter("query[metadata][key]", str,
+                                     description="Exact match on a metadata key (repeatable)")],
+        responses=list_envelope("SandboxList", "sandboxes", SandboxSerializer()),
+    )
+    def get(self, request: Request) -> Response:
+        teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
+        metadata = {match[1]: value for key, value in request.query_params.items()
+                    if (match := METADATA_PARAM.match(key))}
+        states = selectors.parse_state_filter(request.query_params.getlist("query[state][]"))
+        queryset = selectors.sandboxes_list(teams=teams, states=states, metadata=metadata)
+        paginator = NextTokenPagination()
+        page = paginator.paginate_queryset(queryset, request, view=self)
+        return paginator.get_paginated_response([sandbox_representation(s) for s in page])
+
+    @extend_schema(request=inline_serializer("SandboxCreate", {
+        "template": serializers.CharField(required=False),
+        "timeout": serializers.IntegerField(required=False),
+        "metadata": serializers.DictField(required=False),
+        "envs": serializers.DictField(required=False),
+        "lifecycle": serializers.DictField(required=False),
+        "team": serializers.CharField(required=False)}), responses={201: SESSION_ENVELOPE})
+    def post(self, request: Request) -> Response:
+        sandbox, session = services.sandbox_create(user=self.user, spec=parse_create(request.data))
+        return _with_session(sandbox, session, status=201)
+
+
+class SandboxDetailView(ApiView):
+    def sandbox(self, sandbox_id: str, *, write: bool = False) -> Sandbox:
+        return selectors.sandbox_get(user=self.user, sandbox_id=sandbox_id, write=write)
+
+    @extend_schema(responses=SANDBOX_ENVELOPE)
+    def get(self, request: Request, sandbox_id: str) -> Response:
+        return _one(self.sandbox(sandbox_id))
+
+    @extend_schema(responses=SANDBOX_ENVELOPE)
+    def delete(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id, write=True)
+        return _one(services.sandbox_destroy(sandbox=sandbox))
+
+
+class SandboxPauseView(SandboxDetailView):
+    @extend_schema(request=None, responses=SANDBOX_ENVELOPE)
+    def post(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id, write=True)
+        return _one(services.sandbox_pause(sandbox=sandbox))
+
+
+class SandboxResumeView(SandboxDetailView):
+    @extend_schema(request=inline_serializer("ResumeBody", {
+        "timeout": serializers.IntegerField(required=False)}), responses=SESSION_ENVELOPE)
+    def post(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id, write=True)
+        timeout = parse_timeout_body(request.data, required=False)
+        return _with_session(*services.sandbox_resume(sandbox=sandbox, timeout=timeout))
+
+
+class SandboxTimeoutView(SandboxDetailView):
+    @extend_schema(request=inline_serializer("TimeoutBody", {
+        "timeout": serializers.IntegerField()}), responses=SANDBOX_ENVELOPE)
+    def post(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id, write=True)
+        timeout = parse_timeout_body(request.data, required=True)
+        return _one(services.sandbox_set_timeout(sandbox=sandbox, timeout=timeout))
+
+
+class SandboxMetricsView(SandboxDetailView):
+    @extend_schema(parameters=[OpenApiParameter("start", int), OpenApiParameter("end", int)],
+                   responses=inline_serializer("Metrics", {"metrics": serializers.ListField()}))
+    def get(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id)
+        sample = vm.metrics(sandbox)
+        return Response({"metrics": [sample] if sample else []})
+
+
+class SandboxPortView(SandboxDetailView):
+    @extend_schema(responses=inline_serializer("SandboxPortEnvelope", {
+        "sandbox_port": serializers.DictField()}))
+    def get(self, request: Request, sandbox_id: str, port: str) -> Response:
+        sandbox = self.sandbox(sandbox_id)
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise errors.Invalid("port must be between 1 and 65535.", code="validation_failed")
+        return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=int(port))})

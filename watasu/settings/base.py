@@ -36,9 +36,15 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+# Encrypts env vars and agent secrets at rest; defaults to a key derived from SECRET_KEY.
+ENCRYPTION_KEY = env.str("WATASU_ENCRYPTION_KEY", "")
 DEBUG = env.bool("WATASU_DEBUG", False)
 ALLOWED_HOSTS = env.list("WATASU_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 PUBLIC_URL = env.str("WATASU_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+# With a domain, data planes live at {route_token}.sandbox.{domain} (wildcard DNS);
+# without one, at {PUBLIC_URL}/sandboxes-dp/{route_token}.
+DATA_PLANE_DOMAIN = env.str("WATASU_DATA_PLANE_DOMAIN", "")
+DATA_PLANE_SCHEME = env.choice("WATASU_DATA_PLANE_SCHEME", "https", ("http", "https"))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -192,6 +198,8 @@ RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int("WATASU_HOST_MEMORY_CAPACITY_MB",
                                           _host_memory_mb() * 3 // 4, min=256)
 RUNTIME_IMAGE_CACHE_DIR = env.path("WATASU_IMAGE_CACHE_DIR", str(CACHE_DIR / "images"))
 RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's configured mirror
+# libvirt domain names are {prefix}{sandbox id}; reconciliation only touches this prefix.
+RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-")
 RUNTIME_BASE_CPU = env.int("WATASU_BASE_CPU", 1, min=1)
 RUNTIME_BASE_MEMORY_MB = env.int("WATASU_BASE_MEMORY_MB", 512, min=256)
 

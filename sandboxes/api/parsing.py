@@ -1,0 +1,199 @@
+"""Parsing of sandbox request bodies into typed specs.
+
+Accepts both spellings the clients use: the SDK's (`template`, `envs`,
+list-form `volume_mounts`) and the docs' (`template_id`, `env_vars`, map-form
+mounts). Unknown keys are ignored; every rejected value gets its own error code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from django.conf import settings
+
+from sandboxes.models import OnTimeout
+from sandboxes.specs import DEFAULT_TIMEOUT, CreateSpec, Lifecycle
+from watasu import errors
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ALL_TRAFFIC = "0.0.0.0/0"
+MAX_METADATA_KEYS = 64
+
+
+def _invalid(code: str, message: str) -> errors.Invalid:
+    return errors.Invalid(message, code=code, errors=[message])
+
+
+def _present(body: dict[str, Any], key: str) -> bool:
+    return body.get(key) is not None  # JSON null means absent
+
+
+def parse_timeout(value: Any) -> int:
+    limit = settings.SANDBOX_MAX_TIMEOUT_SECONDS
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise _invalid("invalid_timeout", "timeout must be a whole number of seconds.")
+    if not 1 <= value <= limit:
+        raise _invalid("invalid_timeout", f"timeout must be between 1 and {limit} seconds.")
+    return int(value)
+
+
+def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _invalid("validation_failed", f"{key} must be true or false.")
+    return value
+
+
+def parse_lifecycle(body: dict[str, Any]) -> Lifecycle:
+    raw = body.get("lifecycle")
+    if raw is None:
+        return Lifecycle(on_timeout=OnTimeout.PAUSE if _bool(body, "auto_pause", False)
+                         else OnTimeout.KILL)
+    if not isinstance(raw, dict):
+        raise _invalid("invalid_lifecycle", "lifecycle must be an object.")
+    on_timeout = raw.get("on_timeout", raw.get("onTimeout")) or OnTimeout.KILL
+    if on_timeout not in OnTimeout.values:
+        raise _invalid("invalid_lifecycle", "lifecycle.on_timeout must be 'kill' or 'pause'.")
+    auto_resume = raw.get("auto_resume", raw.get("autoResume", False))
+    if not isinstance(auto_resume, bool):
+        raise _invalid("invalid_lifecycle", "lifecycle.auto_resume must be true or false.")
+    if auto_resume and on_timeout != OnTimeout.PAUSE:
+        raise _invalid("invalid_lifecycle",
+                       "lifecycle.auto_resume can only be true when lifecycle.on_timeout is 'pause'.")
+    return Lifecycle(on_timeout=on_timeout, auto_resume=auto_resume)
+
+
+def _env_map(value: Any, key: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid("validation_failed", f"{key} must be an object of strings.")
+    for name, item in value.items():
+        if not ENV_NAME.match(name):
+            raise _invalid("validation_failed", f"{key}: '{name}' is not a valid variable name.")
+        if not isinstance(item, str):
+            raise _invalid("validation_failed", f"{key}: the value of '{name}' must be a string.")
+    return dict(value)
+
+
+def parse_env_vars(body: dict[str, Any]) -> dict[str, str]:
+    """`envs` (SDK) merged with `env_vars` (docs); `env_vars` wins."""
+    return {**_env_map(body.get("envs"), "envs"), **_env_map(body.get("env_vars"), "env_vars")}
+
+
+def metadata_value(value: Any) -> str:
+    """Stringify as the spec recommends: JSON text for non-strings, '' for null."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def parse_metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid("validation_failed", "metadata must be an object.")
+    if len(value) > MAX_METADATA_KEYS:
+        raise _invalid("validation_failed", f"metadata may have at most {MAX_METADATA_KEYS} keys.")
+    return {str(k): metadata_value(v) for k, v in value.items()}
+
+
+def parse_shape(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    cpu, memory = body.get("cpu_count"), body.get("memory_mb")
+    allowed = settings.SANDBOX_ALLOWED_CPU
+    if cpu is not None and (isinstance(cpu, bool) or cpu not in allowed):
+        raise _invalid("invalid_resources",
+                       f"cpu_count must be one of {', '.join(map(str, allowed))}.")
+    if memory is not None:
+        low, high = settings.SANDBOX_MEMORY_MIN_MB, settings.SANDBOX_MEMORY_MAX_MB
+        step = settings.SANDBOX_MEMORY_INCREMENT_MB
+        if isinstance(memory, bool) or not isinstance(memory, int) or not low <= memory <= high \
+                or memory % step:
+            raise _invalid("invalid_resources",
+                           f"memory_mb must be between {low} and {high} in steps of {step}.")
+    return cpu, memory
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Options this platform cannot honour yet fail loudly instead of being dropped."""
+    if body.get("volume_mounts"):
+        raise _invalid("volumes_unavailable", "Volume mounts are not available on this platform yet.")
+    if body.get("mcp"):
+        raise _invalid("mcp_unavailable", "The MCP gateway is not available on this platform yet.")
+    allow_out = body.get("allow_out") or []
+    if [rule for rule in allow_out if rule != ALL_TRAFFIC] or body.get("deny_out") \
+            or body.get("rules") or body.get("mask_request_host"):
+        raise _invalid("network_rules_unavailable",
+                       "Per-host egress rules are not available yet; use allow_internet_access.")
+    network_class = body.get("network_class")
+    if network_class is not None and network_class != settings.SANDBOX_DEFAULT_NETWORK_CLASS:
+        raise _invalid("validation_failed",
+                       f"network_class must be '{settings.SANDBOX_DEFAULT_NETWORK_CLASS}'.")
+
+
+def _network_policy(body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    internet = _bool(body, "allow_internet_access", True)
+    policy = {
+        "allow_internet_access": internet,
+        "allow_package_registry_access": _bool(body, "allow_package_registry_access", internet),
+        "allow_public_traffic": _bool(body, "allow_public_traffic", True),
+        "allow_out": [], "deny_out": [],
+    }
+    return internet, policy
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str | int) or isinstance(value, bool) or str(value) == "":
+        raise _invalid("validation_failed", f"{key} must be a non-empty string.")
+    return str(value)
+
+
+def _optional_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, int) or str(value).isdigit()):
+        raise _invalid("validation_failed", f"{key} must be an integer id.")
+    return int(value)
+
+
+def parse_create(body: Any) -> CreateSpec:
+    if not isinstance(body, dict):
+        raise _invalid("bad_request", "The request body must be a JSON object.")
+    _refuse_unsupported(body)
+    cpu, memory = parse_shape(body)
+    internet, policy = _network_policy(body)
+    return CreateSpec(
+        team=_optional_str(body, "team"),
+        template=_optional_str(body, "template") or _optional_str(body, "template_id"),
+        template_version_id=_optional_int(body, "template_version_id"),
+        snapshot_id=_optional_str(body, "snapshot_id"),
+        timeout=parse_timeout(body["timeout"]) if _present(body, "timeout") else DEFAULT_TIMEOUT,
+        cpu_count=cpu, memory_mb=memory,
+        lifecycle=parse_lifecycle(body),
+        env_vars=parse_env_vars(body),
+        metadata=parse_metadata(body.get("metadata")),
+        name=_optional_str(body, "name"),
+        allow_internet_access=internet,
+        network_policy=policy,
+    )
+
+
+def parse_timeout_body(body: Any, *, required: bool) -> int | None:
+    """`{"timeout": seconds}` for /timeout (required) and /resume (optional)."""
+    if not isinstance(body, dict):
+        body = {}
+    if not _present(body, "timeout"):
+        if required:
+            raise _invalid("invalid_timeout", "timeout is required.")
+        return None
+    return parse_timeout(body["timeout"])

@@ -1,0 +1,124 @@
+"""The runtime driver interface: everything the platform asks of a VM host.
+
+Only ``libvirt_driver`` implements it (and is the only module importing libvirt); tests
+of the rest of the platform can use a fake that satisfies the same Protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One VM's identity, limits and boot inputs.
+
+    ``disk_path`` is the sandbox's own qcow2 overlay; if it does not exist yet the driver
+    creates it on top of ``backing_path``. ``cmdline`` carries the agent boot token.
+    """
+
+    name: str
+    uuid: str
+    vcpus: int
+    memory_mb: int
+    disk_path: Path
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    agent_host_port: int
+    backing_path: Path | None = None
+    internet: bool = True  # False: no egress at all (slirp restrict=on); the agent port still works
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    """Resource usage of one running (or stopped) domain."""
+
+    cpu_time_ns: int
+    memory_rss_kb: int
+    state: str
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """A template's memory snapshot plus the immutable disk it was taken on.
+
+    ``agent_secret`` is the secret the snapshot's agent holds; the host needs it for
+    the first init of every clone (see NOTES.md) and must keep it private.
+    """
+
+    save_path: Path
+    disk_path: Path
+    agent_secret: str
+    vcpus: int
+    memory_mb: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def write(self, path: Path) -> None:
+        """Persist as JSON (mode 0600: it holds the template secret)."""
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        path.write_text(json.dumps(data, indent=2))
+        path.chmod(0o600)
+
+    @classmethod
+    def read(cls, path: Path) -> MemorySnapshot:
+        d = json.loads(path.read_text())
+        for k in ("save_path", "disk_path", "kernel", "initrd"):
+            d[k] = Path(d[k])
+        return cls(**d)
+
+
+class RuntimeError_(Exception):
+    """Base of runtime failures the platform can act on (mark the sandbox failed, retry)."""
+
+
+class DomainNotFound(RuntimeError_):
+    """No domain with that name on this host."""
+
+
+class RuntimeDriver(Protocol):
+    """What the sandboxes app needs from a VM host."""
+
+    def boot(self, spec: VmSpec) -> None:
+        """Define and cold-boot a domain."""
+
+    def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
+        """Start a domain from a template memory snapshot under ``spec``'s identity."""
+
+    def save_snapshot(self, name: str, dest: Path) -> None:
+        """Write the running domain's memory to ``dest`` and stop it."""
+
+    def pause(self, name: str) -> None:
+        """Stop the domain keeping its memory on disk (survives host restarts)."""
+
+    def resume(self, name: str) -> None:
+        """Start a paused domain from its saved memory."""
+
+    def destroy(self, name: str) -> None:
+        """Stop and forget the domain and delete its disk and files. Idempotent."""
+
+    def forget(self, name: str) -> None:
+        """Stop and undefine the domain but keep its disk (template builds). Idempotent."""
+
+    def checkpoint_disk(self, name: str, dest: Path) -> None:
+        """Copy the domain's (guest-quiesced) disk overlay to ``dest``."""
+
+    def stats(self, name: str) -> DomainStats:
+        """CPU time, resident memory and state."""
+
+    def list_domains(self, prefix: str) -> list[str]:
+        """Names of all domains (running or not) starting with ``prefix``."""
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel considers free right now (racy by nature; QEMU fails loudly)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,318 @@
+"""libvirt/QEMU implementation of ``RuntimeDriver`` — the only module that imports libvirt.
+
+Per sandbox: one persistent domain named after the sandbox, a qcow2 overlay, and a
+directory ``state_dir/<name>/`` for its console log and transient restore image. Pause is
+libvirt's managed save (memory kept on disk), resume starts from it. Snapshot starts
+write a per-clone copy of the template's save image with the clone's identity in its XML
+(see ``saveimage``) and restore that.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import libvirt
+
+from .driver import DomainNotFound, DomainStats, MemorySnapshot, RuntimeError_, VmSpec
+from .saveimage import CloneIdentity, CloneStream, write_clone
+
+AGENT_GUEST_PORT = 49983
+DEFAULT_URI = "qemu:///system"
+DEFAULT_STATE_DIR = Path("/var/lib/watasu/sandboxes")
+QEMU_IMG_TIMEOUT = 60.0
+KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 3  # a hung libvirtd fails calls after ~20 s
+
+STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt keepalives (our timeout on a hung daemon) need a running event loop."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def host_has_hw_virt(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """vmx/svm flags are the reliable signal: this host's /dev/kvm exists but is unusable."""
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags") and ({"vmx", "svm"} & set(line.split())):
+            return True
+    return False
+
+
+def resolve_accel(accel: str) -> str:
+    """"auto" -> "kvm" with hardware virtualisation, else "tcg"."""
+    if accel == "auto":
+        return "kvm" if host_has_hw_virt() else "tcg"
+    if accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
+    return accel
+
+
+def _unblock_fifo(fifo: Path) -> None:
+    """If libvirt failed before opening the FIFO, open it once so the writer stops."""
+    try:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    os.close(fd)
+
+
+def qemu_ids(user: str) -> tuple[int, int] | None:
+    """uid/gid QEMU runs as (scripts/setup-host makes the user), None if it does not exist."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def give_to_qemu(path: Path, user: str) -> None:
+    """QEMU runs unprivileged and libvirt does not relabel files (dynamic_ownership = 0)."""
+    ids = qemu_ids(user)
+    if ids is not None:
+        os.chown(path, *ids)
+
+
+def create_overlay(backing: Path, dest: Path, user: str) -> None:
+    """Instant copy-on-write disk for one sandbox on an immutable backing image."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2",
+                    str(dest)], check=True, capture_output=True, timeout=QEMU_IMG_TIMEOUT)
+    give_to_qemu(dest, user)
+
+
+@dataclass
+class LibvirtDriver:
+    """RuntimeDriver over one libvirt connection."""
+
+    uri: str = DEFAULT_URI
+    state_dir: Path = DEFAULT_STATE_DIR
+    accel: str = "auto"
+    tb_cache_mb: int = 128  # TCG translation cache; QEMU's 1 GiB default inflates RSS
+    qemu_user: str = "watasu-qemu"
+    restore_via_fifo: bool = True  # stream clones through a pipe instead of writing a copy
+
+    def __post_init__(self) -> None:
+        self.accel = resolve_accel(self.accel)
+        self.state_dir = Path(self.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o755)  # QEMU (unprivileged) must traverse it
+        _ensure_event_loop()
+        self.conn = libvirt.open(self.uri)
+        self.conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+
+    # ------------------------------------------------------------------ paths / XML
+
+    def sandbox_dir(self, name: str) -> Path:
+        return self.state_dir / name
+
+    def console_path(self, name: str) -> Path:
+        return self.sandbox_dir(name) / "console.log"
+
+    def domain_xml(self, spec: VmSpec) -> str:
+        """Domain definition: q35, direct kernel boot, virtio disk, user-mode net with the
+        agent port forwarded to host loopback (explicit PCI address: see RUNTIME-NOTES)."""
+        kvm = self.accel == "kvm"
+        cpu = "<cpu mode='host-passthrough'/>" if kvm else ""
+        tcg = "" if kvm else f"<tcg><tb-cache unit='MiB'>{self.tb_cache_mb}</tb-cache></tcg>"
+        netdev = f"user,id=wnet0,hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_GUEST_PORT}"
+        if not spec.internet:
+            netdev += ",restrict=on"
+        nic = "virtio-net-pci,netdev=wnet0,bus=pcie.0,addr=0x10,romfile="
+        return f"""<domain type='{'kvm' if kvm else 'qemu'}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{escape(spec.name)}</name>
+  <uuid>{spec.uuid}</uuid>
+  <memory unit='MiB'>{spec.memory_mb}</memory>
+  <currentMemory unit='MiB'>{spec.memory_mb}</currentMemory>
+  <vcpu placement='static'>{spec.vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{escape(str(spec.kernel))}</kernel>
+    <initrd>{escape(str(spec.initrd))}</initrd>
+    <cmdline>{escape(spec.cmdline)}</cmdline>
+  </os>
+  <features><acpi/>{tcg}</features>
+  {cpu}
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file={quoteattr(str(spec.disk_path))}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path={quoteattr(str(self.console_path(spec.name)))}/>
+      <target port='0'/>
+    </serial>
+    <controller type='usb' model='none'/>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/><qemu:arg value='{netdev}'/>
+    <qemu:arg value='-device'/><qemu:arg value='{nic}'/>
+  </qemu:commandline>
+</domain>"""
+
+    def _prepare(self, spec: VmSpec, backing: Path | None) -> None:
+        """Sandbox directory and disk overlay (created only if missing)."""
+        self.sandbox_dir(spec.name).mkdir(parents=True, exist_ok=True)
+        if not spec.disk_path.exists():
+            if backing is None:
+                raise RuntimeError_(f"{spec.disk_path} missing and no backing image given")
+            create_overlay(backing, spec.disk_path, self.qemu_user)
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(name) from e
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def boot(self, spec: VmSpec) -> None:
+        """Cold boot: define a persistent domain (managed save needs one) and start it."""
+        self._prepare(spec, spec.backing_path)
+        dom = self.conn.defineXML(self.domain_xml(spec))
+        dom.create()
+
+    def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
+        """Start ``spec`` from the template's memory under the clone's own identity.
+
+        The overlay is created on the snapshot's disk (the memory image's page cache and
+        filesystem state match that disk, not the base image).
+        """
+        self._prepare(spec, snapshot.disk_path)
+        clone = self.sandbox_dir(spec.name) / "restore.save"
+        ident = CloneIdentity(spec.name, spec.uuid, spec.disk_path, spec.agent_host_port,
+                              self.console_path(spec.name), internet=spec.internet)
+        if not self.restore_via_fifo:
+            try:
+                self.conn.defineXML(write_clone(snapshot.save_path, clone, ident))
+                self.conn.restoreFlags(str(clone), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            finally:
+                clone.unlink(missing_ok=True)
+            return
+        stream = CloneStream(snapshot.save_path, clone, ident)
+        self.conn.defineXML(stream.xml)
+        stream.start()
+        try:
+            self.conn.restoreFlags(str(clone), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        except BaseException:
+            _unblock_fifo(clone)  # libvirt may have failed before opening it
+            stream.finish(raise_errors=False)
+            raise
+        stream.finish()
+
+    def save_snapshot(self, name: str, dest: Path) -> None:
+        """Save memory to ``dest`` (the domain stops; its definition stays)."""
+        self._domain(name).save(str(dest))
+
+    def pause(self, name: str) -> None:
+        self._domain(name).managedSave(0)
+
+    def resume(self, name: str) -> None:
+        dom = self._domain(name)
+        if not dom.hasManagedSaveImage(0):
+            raise RuntimeError_(f"{name} has no managed save image to resume from")
+        dom.create()
+
+    def forget(self, name: str) -> None:
+        """Stop and undefine the domain and drop its sandbox dir, keeping its disk."""
+        self._undefine(name)
+        shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)
+
+    def _undefine(self, name: str) -> None:
+        try:
+            dom = self._domain(name)
+        except DomainNotFound:
+            return
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+    def destroy(self, name: str) -> None:
+        """Stop, undefine (incl. managed save) and delete disk + sandbox files. Idempotent."""
+        disk = self._disk_path(name)
+        self._undefine(name)
+        if disk is not None and disk.parent != self.sandbox_dir(name):
+            disk.unlink(missing_ok=True)
+        shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)
+
+    def _disk_path(self, name: str) -> Path | None:
+        try:
+            root = ET.fromstring(self._domain(name).XMLDesc(0))
+        except DomainNotFound:
+            return None
+        src = root.find("./devices/disk/source")
+        return Path(src.get("file", "")) if src is not None and src.get("file") else None
+
+    def checkpoint_disk(self, name: str, dest: Path) -> None:
+        """Copy the overlay while the vCPUs are stopped.
+
+        The caller must have quiesced the guest first (agent ``fsfreeze``): the freeze
+        flushes the guest page cache and makes QEMU write its qcow2 metadata, so the
+        file is consistent. The copy keeps the overlay's backing reference (template
+        disk), so restoring = a new overlay on ``dest`` + cold boot.
+        """
+        disk = self._disk_path(name)
+        if disk is None:
+            raise DomainNotFound(name)
+        dom = self._domain(name)
+        running = dom.isActive() and dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+        if running:
+            dom.suspend()
+        try:
+            tmp = dest.with_suffix(".tmp")
+            shutil.copyfile(disk, tmp)  # copy_file_range/sendfile under the hood
+            os.replace(tmp, dest)
+        finally:
+            if running:
+                dom.resume()
+
+    def stats(self, name: str) -> DomainStats:
+        dom = self._domain(name)
+        state, _, _, _, cpu_time = dom.info()
+        rss = 0
+        if dom.isActive():
+            rss = int(dom.memoryStats().get("rss", 0))
+        return DomainStats(cpu_time_ns=int(cpu_time), memory_rss_kb=rss, state=STATES.get(state, str(state)))
+
+    def list_domains(self, prefix: str) -> list[str]:
+        return sorted(d.name() for d in self.conn.listAllDomains(0) if d.name().startswith(prefix))
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,114 @@
+"""Sandbox rows onto VMs: the only runtime calls the lifecycle services make.
+
+A sandbox starts by restoring its template version's memory snapshot under
+its own identity when its shape is the snapshot's shape, and cold-boots on
+the version's disk otherwise (a memory image cannot change vCPUs or RAM).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sandboxes.models import Sandbox, SandboxState
+from sandboxes.runtime import driver_for, lifecycle
+from sandboxes.runtime.agent_client import AgentClient
+from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot
+from sandboxes.runtime.images import BaseImage
+from templates_app.models import TemplateVersion
+from watasu import crypto
+
+logger = logging.getLogger(__name__)
+
+CPU_SAMPLE_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Started:
+    agent_port: int
+    agent_secret: str
+
+
+def _image_of(snapshot: MemorySnapshot) -> BaseImage:
+    """Boot inputs for a cold boot on the snapshot's (immutable) disk."""
+    return BaseImage(key="", directory=snapshot.disk_path.parent, kernel=snapshot.kernel,
+                     initrd=snapshot.initrd, disk=snapshot.disk_path, kernel_version="")
+
+
+def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str]) -> Started:
+    """Start the sandbox's VM and hand its agent a fresh identity; blocks until ready."""
+    driver = driver_for(sandbox.host)
+    snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+    internet = bool(sandbox.network_policy.get("allow_internet_access", True))
+    if (snapshot.vcpus, snapshot.memory_mb) == (sandbox.cpu_count, sandbox.memory_mb):
+        started = lifecycle.start_from_snapshot(driver, snapshot, sandbox.vm_name, driver.state_dir,
+                                                env_vars=env_vars, internet=internet)
+    else:
+        started = lifecycle.cold_boot(driver, _image_of(snapshot), sandbox.vm_name, driver.state_dir,
+                                      vcpus=sandbox.cpu_count, memory_mb=sandbox.memory_mb,
+                                      env_vars=env_vars, internet=internet)
+    return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
+
+
+def agent_client(sandbox: Sandbox) -> AgentClient:
+    return AgentClient(sandbox.agent_port or 0, secret=crypto.decrypt_text(sandbox.agent_secret_encrypted))
+
+
+def pause(sandbox: Sandbox) -> None:
+    """Managed save: memory and disk kept, processes survive the pause."""
+    driver_for(sandbox.host).pause(sandbox.vm_name)
+
+
+def resume(sandbox: Sandbox) -> None:
+    lifecycle.resume(driver_for(sandbox.host), sandbox.vm_name, agent_client(sandbox))
+
+
+def destroy(sandbox: Sandbox) -> None:
+    """Remove the domain, its memory image and disk. Idempotent; never raises.
+
+    A failure here leaves a VM the database calls destroyed; reconciliation
+    against libvirt removes such domains.
+    """
+    if sandbox.host is None:
+        return
+    try:
+        driver_for(sandbox.host).destroy(sandbox.vm_name)
+    except Exception:
+        logger.exception("could not destroy the VM of sandbox %s; reconciliation will", sandbox.pk)
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def metrics(sandbox: Sandbox) -> dict[str, Any] | None:
+    """One sample: CPU use over a short window, resident memory, disk use. None when not running."""
+    if sandbox.state != SandboxState.READY or sandbox.host is None:
+        return None
+    driver = driver_for(sandbox.host)
+    try:
+        first = driver.stats(sandbox.vm_name)
+        time.sleep(CPU_SAMPLE_SECONDS)
+        second = driver.stats(sandbox.vm_name)
+    except DomainNotFound:
+        return None
+    busy_ns = second.cpu_time_ns - first.cpu_time_ns
+    cpu_pct = 100.0 * busy_ns / (CPU_SAMPLE_SECONDS * 1e9 * sandbox.cpu_count)
+    disk = Path(driver.state_dir) / f"{sandbox.vm_name}.qcow2"
+    return {
+        "sandbox_id": str(sandbox.pk),
+        "state": sandbox.state,
+        "node": sandbox.host.name,
+        "backend": "libvirt",
+        "timestamp": _iso_now(),
+        "cpu_count": sandbox.cpu_count,
+        "cpu_used_pct": round(min(cpu_pct, 100.0), 2),
+        "memory_mb": sandbox.memory_mb,
+        "mem_total": sandbox.memory_mb * 2**20,
+        "mem_used": second.memory_rss_kb * 1024,
+        "disk_used": disk.stat().st_blocks * 512 if disk.exists() else 0,
+    }

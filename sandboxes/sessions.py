@@ -1,0 +1,68 @@
+"""Data-plane session tokens.
+
+A token is signed (Django signing, salted) and names one sandbox, the
+sandbox's session epoch and an expiry. It stays valid across a pause so an
+auto-resume can serve it; destroying the sandbox bumps the epoch, which
+revokes every token minted before.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core import signing
+from django.utils import timezone
+
+from sandboxes.models import Sandbox, SandboxState
+
+TOKEN_PREFIX = "wsess_"
+_SALT = "watasu.sandbox-session.v1"
+MIN_LIFETIME = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Session:
+    sandbox_id: int
+    token: str
+    expires_at: datetime
+    data_plane_url: str
+    route_token: str
+
+
+def data_plane_url(sandbox: Sandbox) -> str:
+    """Host form when a sandbox domain is configured, else a path under the public URL."""
+    if settings.DATA_PLANE_DOMAIN:
+        return f"{settings.DATA_PLANE_SCHEME}://{sandbox.route_token}.sandbox.{settings.DATA_PLANE_DOMAIN}"
+    return f"{settings.PUBLIC_URL}/sandboxes-dp/{sandbox.route_token}"
+
+
+def session_mint(*, sandbox: Sandbox) -> Session:
+    """A token valid until the later of the deadline and one hour from now."""
+    now = timezone.now()
+    expires_at = max(sandbox.deadline_at or now, now + MIN_LIFETIME).replace(microsecond=0)
+    payload = {"s": sandbox.pk, "e": sandbox.session_epoch, "x": int(expires_at.timestamp()),
+               "n": secrets.token_hex(4)}
+    token = TOKEN_PREFIX + signing.dumps(payload, salt=_SALT)
+    return Session(sandbox_id=sandbox.pk, token=token, expires_at=expires_at,
+                   data_plane_url=data_plane_url(sandbox), route_token=sandbox.route_token)
+
+
+def session_verify(*, token: str, sandbox: Sandbox) -> bool:
+    """True if `token` was minted for this sandbox, is unexpired and not revoked."""
+    if not token.startswith(TOKEN_PREFIX):
+        return False
+    try:
+        payload = signing.loads(token.removeprefix(TOKEN_PREFIX), salt=_SALT)
+    except signing.BadSignature:
+        return False
+    return (
+        isinstance(payload, dict)
+        and payload.get("s") == sandbox.pk
+        and payload.get("e") == sandbox.session_epoch
+        and isinstance(payload.get("x"), int)
+        and payload["x"] > timezone.now().timestamp()
+        and sandbox.state != SandboxState.DESTROYED
+    )

@@ -1,0 +1,108 @@
+"""Writes for templates: the provider template `base` and its versions."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from sandboxes.models import Host
+from sandboxes.runtime import driver_for, images, lifecycle
+from sandboxes.services import host_register_local
+from templates_app.models import Template, TemplateVersion, VersionStatus
+from watasu import errors
+
+logger = logging.getLogger(__name__)
+
+BASE_SLUG = "base"
+# A build that has not finished after this long belongs to a dead worker.
+BUILD_LEASE = timedelta(minutes=30)
+
+
+def artifact_ok(artifact_dir: str | Path) -> bool:
+    """A complete artifact on disk: snapshot metadata, memory image, disk, boot files."""
+    try:
+        snapshot = lifecycle.load_template_snapshot(artifact_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.is_file() for p in (snapshot.save_path, snapshot.disk_path, snapshot.kernel,
+                                     snapshot.initrd)) and images.qcow2_ok(snapshot.disk_path)
+
+
+def _artifact_root(host: Host, version: TemplateVersion) -> Path:
+    return Path(host.data_dir) / "templates" / version.template.slug
+
+
+def _existing_artifact(host: Host, version: TemplateVersion) -> Path | None:
+    """A valid artifact already on the host for this version (e.g. after a database reset)."""
+    root = _artifact_root(host, version)
+    candidates = sorted(root.glob(f"{version.version}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((c for c in candidates if c.is_dir() and artifact_ok(c)), None)
+
+
+def _claim_build(version: TemplateVersion) -> bool:
+    """Move the version to `building` unless another worker holds a live claim."""
+    stale = timezone.now() - BUILD_LEASE
+    claimable = TemplateVersion.objects.filter(pk=version.pk).exclude(
+        status=VersionStatus.BUILDING, build_started_at__gt=stale)
+    return claimable.update(status=VersionStatus.BUILDING, build_started_at=timezone.now()) == 1
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def _snapshot_into(version: TemplateVersion, image: images.BaseImage, host: Host) -> None:
+    artifact = _existing_artifact(host, version)
+    if artifact is None:
+        # A fresh directory per build, never an overwrite: sandboxes started from
+        # an older artifact keep their backing disk until retention removes it.
+        artifact = _artifact_root(host, version) / f"{version.version}-{uuid.uuid4().hex[:8]}"
+        lifecycle.make_template_snapshot(image, artifact, driver_for(host),
+                                         vcpus=version.cpu, memory_mb=version.memory_mb)
+    TemplateVersion.objects.filter(pk=version.pk).update(
+        status=VersionStatus.READY, host=host, artifact_dir=str(artifact),
+        artifact_digest=image.key, size_bytes=_dir_size(artifact), built_at=timezone.now(),
+        last_error_message="")
+
+
+def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
+    """The ready version of `base` for the current image inputs, built when missing.
+
+    The guest image comes from the image cache (rebuilt when missing or
+    corrupt); the memory snapshot is taken on `host`, or adopted when a valid
+    one for this version is already there. A ready version whose artifact
+    went missing or is damaged is snapshotted again, into a new directory.
+    """
+    host = host or host_register_local()
+    image = images.build_base_image(settings.RUNTIME_IMAGE_CACHE_DIR,
+                                    settings.RUNTIME_APT_MIRROR or None)
+    template, _ = Template.objects.get_or_create(
+        team=None, slug=BASE_SLUG,
+        defaults={"name": "Base", "description": "Debian 12 with python3 and the guest agent."})
+    with transaction.atomic():
+        version, _ = TemplateVersion.objects.get_or_create(
+            template=template, version=f"debian12-{image.key}",
+            defaults={"cpu": settings.RUNTIME_BASE_CPU, "memory_mb": settings.RUNTIME_BASE_MEMORY_MB,
+                      "build_spec": {"image": "debian:bookworm", "kernel": image.kernel_version}})
+    if version.status == VersionStatus.READY and version.host_id == host.pk \
+            and artifact_ok(version.artifact_dir):
+        return version
+    if not _claim_build(version):
+        raise errors.Conflict(f"Template {template.slug}:{version.version} is being built.",
+                              code="template_building")
+    try:
+        _snapshot_into(version, image, host)
+    except Exception as exc:
+        TemplateVersion.objects.filter(pk=version.pk).update(
+            status=VersionStatus.FAILED, last_error_message=str(exc)[:2000])
+        raise
+    version.refresh_from_db()
+    logger.info("template %s ready in %s", version, version.artifact_dir)
+    return version
+
