@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db.models import Count, QuerySet, Sum
-from django.db.models.fields.json import KeyTextTransform
+from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Coalesce
 
 from sandboxes.models import RUNTIME_STATES, Sandbox, SandboxState
@@ -141,9 +141,9 @@ def sandboxes_list(*, teams: QuerySet[Team], states: set[str] | None,
     else:
         queryset = queryset.filter(state__in=states)
     for index, (key, value) in enumerate(metadata.items()):
-        # KeyTextTransform takes the key verbatim (a key may contain "__").
+        # KeyTransform takes the key verbatim (a key may contain "__").
         alias = f"metadata_filter_{index}"
-        queryset = queryset.alias(**{alias: KeyTextTransform(key, "metadata")}).filter(**{alias: value})
+        queryset = queryset.alias(**{alias: KeyTransform(key, "metadata")}).filter(**{alias: value})
     return queryset
 
 

@@ -115,3 +115,14 @@ def vm_cleanup(local_host):  # type: ignore[no-untyped-def]
     driver = driver_for(local_host)
     for name in driver.list_domains(VM_TEST_PREFIX):
         driver.destroy(name)
+
+
+@pytest.fixture
+def base_version_row(local_host):  # type: ignore[no-untyped-def]
+    """A ready `base` version row whose artifact is never started (for tests without VMs)."""
+    from templates_app.models import Template, TemplateVersion, VersionStatus
+
+    template = Template.objects.create(slug="base", name="Base")
+    return TemplateVersion.objects.create(template=template, version="test", status=VersionStatus.READY,
+                                          cpu=1, memory_mb=512, host=local_host,
+                                          artifact_dir="/nonexistent")

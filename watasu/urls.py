@@ -4,13 +4,27 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
-from sandboxes.api.views import SandboxLimitsView
+from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
 
 api_v1 = [
     path("schema", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]),
          name="schema"),
-    path("sandbox_limits", SandboxLimitsView.as_view(), name="sandbox-limits"),
+    path("sandbox_limits", sandbox_views.SandboxLimitsView.as_view(), name="sandbox-limits"),
+    path("sandboxes", sandbox_views.SandboxListView.as_view(), name="sandbox-list"),
+    path("sandboxes/<str:sandbox_id>", sandbox_views.SandboxDetailView.as_view(), name="sandbox-detail"),
+    path("sandboxes/<str:sandbox_id>/pause", sandbox_views.SandboxPauseView.as_view(), name="sandbox-pause"),
+    path("sandboxes/<str:sandbox_id>/stop", sandbox_views.SandboxPauseView.as_view(), name="sandbox-stop"),
+    path("sandboxes/<str:sandbox_id>/resume", sandbox_views.SandboxResumeView.as_view(),
+         name="sandbox-resume"),
+    path("sandboxes/<str:sandbox_id>/connect", sandbox_views.SandboxResumeView.as_view(),
+         name="sandbox-connect"),
+    path("sandboxes/<str:sandbox_id>/timeout", sandbox_views.SandboxTimeoutView.as_view(),
+         name="sandbox-timeout"),
+    path("sandboxes/<str:sandbox_id>/metrics", sandbox_views.SandboxMetricsView.as_view(),
+         name="sandbox-metrics"),
+    path("sandboxes/<str:sandbox_id>/ports/<str:port>", sandbox_views.SandboxPortView.as_view(),
+         name="sandbox-port"),
     path("teams", team_views.TeamListView.as_view(), name="team-list"),
     path("teams/<str:slug>", team_views.TeamDetailView.as_view(), name="team-detail"),
     path("api_keys", team_views.ApiKeyListView.as_view(), name="api-key-list"),
