@@ -45,7 +45,8 @@ image: setup
 	WATASU_DATA_DIR=$(DATA_DIR) .venv/bin/python manage.py build_base_image
 
 bench: setup
-	DATABASE_URL=$(DATABASE_URL) WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python bench/runtime.py
+	.venv/bin/python bench/runtime.py
+	.venv/bin/python bench/api.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

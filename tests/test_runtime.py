@@ -161,3 +161,9 @@ def test_corrupt_image_cache_is_detected(tmp_path: Path, base_version: TemplateV
     (copy / cached.disk.name).write_bytes(b"not a qcow2 image")
 
     assert images.load_cached(copy, copy.name) is None
+
+
+def test_the_celery_task_builds_or_verifies_the_base_template(base_version: TemplateVersion) -> None:
+    from templates_app.tasks import base_template_ensure_task
+
+    assert base_template_ensure_task.apply().get(timeout=600) == base_version.pk
