@@ -112,7 +112,11 @@ class Sandbox(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        indexes = [models.Index(fields=["team", "state"], name="sandbox_team_state")]
+        indexes = [
+            models.Index(fields=["team", "state"], name="sandbox_team_state"),
+            # Newest-first pages of one team walk this index backwards and stop at `limit`.
+            models.Index(fields=["team", "-id"], name="sandbox_team_newest"),
+        ]
 
     def __str__(self) -> str:
         return f"sandbox {self.pk} ({self.state})"
