@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -204,18 +204,28 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
 # --- pause / resume -------------------------------------------------------------------
 
 
+def _runtime_step(sandbox: Sandbox, step: Callable[[Sandbox], None], *, what: str, during: str,
+                  back_to: str) -> None:
+    """Run a VM operation; on failure put the sandbox back where it was and answer 503.
+
+    The VM operations used here leave the VM as it was when they fail (a failed
+    managed save keeps it running, a failed start keeps the saved memory).
+    """
+    try:
+        step(sandbox)
+    except Exception as exc:
+        logger.exception("sandbox %s failed to %s", sandbox.pk, what)
+        sandbox_transition(sandbox=sandbox, from_states=[during], to_state=back_to,
+                           reason=f"{what} failed", last_error=str(exc)[:2000])
+        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not {what}: {exc}") from exc
+
+
 def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause") -> Sandbox:
     """Release the runtime, keeping memory and disk (libvirt managed save)."""
     if not sandbox_transition(sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING,
                               reason=reason):
         raise _state_conflict(sandbox, "pause")
-    try:
-        vm.pause(sandbox)
-    except Exception as exc:
-        logger.exception("sandbox %s failed to pause", sandbox.pk)
-        sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.READY,
-                           reason="pause failed", last_error=str(exc)[:2000])
-        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not be paused: {exc}") from exc
+    _runtime_step(sandbox, vm.pause, what="pause", during=S.STOPPING, back_to=S.READY)
     if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED,
                               reason=reason):
         vm.destroy(sandbox)  # destroyed while pausing
@@ -242,13 +252,7 @@ def _claim_resume(sandbox: Sandbox) -> bool:
 
 
 def _restart(sandbox: Sandbox, timeout: int) -> None:
-    try:
-        vm.resume(sandbox)
-    except Exception as exc:
-        logger.exception("sandbox %s failed to resume", sandbox.pk)
-        sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.STOPPED,
-                           reason="resume failed", last_error=str(exc)[:2000])
-        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not be resumed: {exc}") from exc
+    _runtime_step(sandbox, vm.resume, what="resume", during=S.RESTORING, back_to=S.STOPPED)
     now = timezone.now()
     if not sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.READY,
                               reason="resumed", ready_at=now,
@@ -267,7 +271,8 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
     _wait_while_busy(sandbox, wait)
     lifetime = timeout or sandbox.timeout
     if sandbox.state == S.STOPPED:
-        if not _claim_resume(sandbox):
+        if not _claim_resume(sandbox):  # another request is resuming it: wait for that one
+            sandbox.refresh_from_db()
             return sandbox_resume(sandbox=sandbox, timeout=timeout, wait=wait)
         _restart(sandbox, lifetime)
     elif sandbox.state == S.READY:
