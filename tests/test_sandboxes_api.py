@@ -255,3 +255,23 @@ def test_metrics_of_a_sandbox_without_a_vm_are_empty(owner: Actor) -> None:
     sandbox = SandboxFactory(team=owner.personal_team, state=S.STOPPED)
 
     assert owner.client().get(f"/v1/sandboxes/{sandbox.pk}/metrics").json() == {"metrics": []}
+
+
+def test_admin_force_destroy_records_who(admin_client) -> None:  # type: ignore[no-untyped-def]
+    sandbox = SandboxFactory(state=S.STOPPED)
+
+    response = admin_client.post("/admin/sandboxes/sandbox/", {
+        "action": "force_destroy", "_selected_action": [sandbox.pk]})
+
+    assert response.status_code == 302
+    sandbox.refresh_from_db()
+    assert sandbox.state == S.DESTROYED
+    assert sandbox.events.get().reason.startswith("admin: ")
+
+
+def test_admin_sandbox_page_hides_secrets(admin_client) -> None:  # type: ignore[no-untyped-def]
+    sandbox = SandboxFactory(env_vars_encrypted="CIPHERTEXT-ENV", agent_secret_encrypted="CIPHER-AGENT")
+
+    page = admin_client.get(f"/admin/sandboxes/sandbox/{sandbox.pk}/change/").content.decode()
+
+    assert "CIPHERTEXT-ENV" not in page and "CIPHER-AGENT" not in page
