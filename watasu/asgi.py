@@ -1,8 +1,17 @@
-"""ASGI entry point: the control-plane API, admin and (later) the data-plane edge."""
+"""ASGI entry point: the data-plane edge (sandboxes.edge) in front of Django.
+
+The edge serves `/sandboxes-dp/...`, `/sandboxes-preview/...` and the
+`*.sandbox.<domain>` hosts, streaming to the guest agents; every other request
+reaches Django's control-plane API and admin.
+"""
 
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "watasu.settings")
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+from sandboxes.edge.app import EdgeApp  # noqa: E402  (needs the apps loaded by get_asgi_application)
+
+application = EdgeApp(django_application)

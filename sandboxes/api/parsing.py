@@ -197,3 +197,22 @@ def parse_timeout_body(body: Any, *, required: bool) -> int | None:
             raise _invalid("invalid_timeout", "timeout is required.")
         return None
     return parse_timeout(body["timeout"])
+
+
+def _ttl(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        raise _invalid("validation_failed", f"{key} must be a positive whole number of seconds.")
+    return int(value)
+
+
+def parse_file_url(body: Any) -> tuple[str, int | None, int | None]:
+    """(path, use_signature_expiration, expires_in_seconds) of a signed-URL request."""
+    if not isinstance(body, dict):
+        raise _invalid("validation_failed", "The body must be a JSON object.")
+    path = body.get("path")
+    if not isinstance(path, str) or not path.startswith("/") or "\x00" in path:
+        raise _invalid("validation_failed", "path must be an absolute path.")
+    return path, _ttl(body, "use_signature_expiration"), _ttl(body, "expires_in_seconds")

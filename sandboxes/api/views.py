@@ -10,7 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sandboxes import selectors, services
-from sandboxes.api.parsing import parse_create, parse_timeout_body
+from sandboxes.api.parsing import parse_create, parse_file_url, parse_timeout_body
 from sandboxes.api.serializers import (
     SandboxLimitsSerializer,
     SandboxSerializer,
@@ -18,12 +18,14 @@ from sandboxes.api.serializers import (
     sandbox_representation,
     session_representation,
 )
-from sandboxes.models import Sandbox
+from sandboxes.edge.signing import file_url_make, ttl_pick
+from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.sessions import Session
 from teams.selectors import team_for_read, teams_for_list
 from watasu import errors
 from watasu.api.pagination import NextTokenPagination
+from watasu.api.permissions import AnyApiKey
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView, team_param
 
@@ -140,3 +142,43 @@ class SandboxPortView(SandboxDetailView):
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise errors.Invalid("port must be between 1 and 65535.", code="validation_failed")
         return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=int(port))})
+
+
+FILE_URL_REQUEST = inline_serializer("FileUrlRequest", {
+    "path": serializers.CharField(),
+    "user": serializers.CharField(required=False),
+    "use_signature_expiration": serializers.IntegerField(required=False),
+    "expires_in_seconds": serializers.IntegerField(required=False)})
+FILE_URL_ENVELOPE = inline_serializer("FileUrlEnvelope", {"file_url": inline_serializer("FileUrl", {
+    "method": serializers.CharField(), "path": serializers.CharField(), "url": serializers.URLField(),
+    "expires_at": serializers.DateTimeField()})})
+
+
+class _FileUrlView(SandboxDetailView):
+    """A URL on the sandbox's data plane that reads or writes one file without a header (spec 3.11).
+
+    TTL: the smaller of `use_signature_expiration` and `expires_in_seconds`,
+    300 s by default, at most 24 h.
+    """
+
+    operation = "read"
+
+    @extend_schema(request=FILE_URL_REQUEST, responses=FILE_URL_ENVELOPE)
+    def post(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id, write=self.operation == "write")
+        if sandbox.state == SandboxState.DESTROYED:
+            raise errors.NotFound(f"Sandbox {sandbox_id} not found.", code="sandbox_not_found")
+        path, signature_ttl, expires_in = parse_file_url(request.data)
+        url = file_url_make(sandbox, path=path, op=self.operation, ttl=ttl_pick(signature_ttl, expires_in))
+        return Response({"file_url": url.as_dict()})
+
+
+class SandboxUploadUrlView(_FileUrlView):
+    operation = "write"
+
+
+class SandboxDownloadUrlView(_FileUrlView):
+    """Reading a file is a read: read-only keys may ask for a download URL."""
+
+    operation = "read"
+    permission_classes = [AnyApiKey]

@@ -23,7 +23,7 @@ from pathlib import Path
 IMAGE_SCRIPT_VERSION = "3"
 DEFAULT_CACHE_DIR = Path("/var/cache/watasu/images")
 SUITE = "bookworm"
-ROOTFS_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "iproute2")
+ROOTFS_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "iproute2", "git", "procps", "ca-certificates")
 ROOTFS_SIZE = "4G"
 AGENT_SOURCE = Path(__file__).parent / "guest" / "agent.py"
 GUEST_AGENT_PATH = "/opt/watasu/agent.py"

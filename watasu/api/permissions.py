@@ -19,3 +19,10 @@ class ApiKeyScope(BasePermission):
         if not isinstance(request.auth, ApiKey):
             return False  # DRF turns this into 401 via authenticate_header
         return request.method in SAFE_METHODS or request.auth.can_write
+
+
+class AnyApiKey(BasePermission):
+    """Any valid key, read or write: for POSTs that only read (e.g. a signed download URL)."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return isinstance(request.auth, ApiKey)

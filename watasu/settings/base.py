@@ -45,6 +45,9 @@ PUBLIC_URL = env.str("WATASU_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 # without one, at {PUBLIC_URL}/sandboxes-dp/{route_token}.
 DATA_PLANE_DOMAIN = env.str("WATASU_DATA_PLANE_DOMAIN", "")
 DATA_PLANE_SCHEME = env.choice("WATASU_DATA_PLANE_SCHEME", "https", ("http", "https"))
+# How long the edge waits on a silent guest agent (between bytes) before giving up; long
+# enough for a slow git clone, short enough to free a stuck connection eventually.
+EDGE_AGENT_TIMEOUT_SECONDS = env.int("WATASU_EDGE_AGENT_TIMEOUT_SECONDS", 600, min=1)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -119,6 +122,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # httpx logs every proxied data-plane request at INFO; the edge logs what matters itself.
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
     "root": {"handlers": ["console"], "level": env.choice(
         "WATASU_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
 }

@@ -1,0 +1,189 @@
+"""Data-plane benchmark: the edge (uvicorn + sandboxes.edge) against the guest agent directly.
+
+    .venv/bin/python bench/dataplane.py [--runs 50] [--mib 64] [--stream-gib 1]
+
+In one run, on one machine, against one real sandbox:
+  1. `commands.run("true")` round trips through the real SDK (a WebSocket each), via the
+     edge and straight at the agent's forwarded port: p50/p95 and the edge's overhead;
+  2. a <mib> MiB `files.write` and `files.read` both ways: throughput and the share the
+     edge keeps;
+  3. <stream-gib> GiB uploaded (to /dev/null) and downloaded (from /dev/zero) through the
+     edge while the web process's resident memory is sampled from /proc: baseline and peak.
+Targets: the edge adds <= 25 % to the round trip, keeps >= 70 % of direct throughput,
+and its memory stays flat. Uses PostgreSQL database `watasu_bench` and its own data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
+PORT = 18000 + secrets.randbelow(1000)
+os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench",
+                  WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings",
+                  WATASU_PUBLIC_URL=f"http://127.0.0.1:{PORT}")
+os.environ.pop("REDIS_URL", None)
+sys.path.insert(0, str(ROOT))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {percentile(values, 0.5) * 1000:7.1f} ms   p95 {percentile(values, 0.95) * 1000:7.1f} ms"
+
+
+def prepare_database() -> None:
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", "watasu_bench"],
+                   capture_output=True, check=False)
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, check=True)
+
+
+def start_server() -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([str(ROOT / ".venv/bin/uvicorn"), "watasu.asgi:application",
+                               "--port", str(PORT), "--no-access-log", "--log-level", "warning",
+                               "--ws", "websockets-sansio", "--ws-ping-interval", "60",
+                               "--ws-ping-timeout", "120"],
+                              cwd=ROOT, env=os.environ.copy())
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/schema", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("uvicorn did not start")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's resident memory every 20 ms; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_kib(self.pid))
+            time.sleep(0.02)
+
+
+class ZeroReader:
+    """`size` bytes of zeros as a file-like body (never held in memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.left, self.block = size, bytes(2**20)
+
+    def __len__(self) -> int:
+        return self.left
+
+    def read(self, size: int = -1) -> bytes:
+        part = self.block[: min(len(self.block), self.left)]
+        self.left -= len(part)
+        return part
+
+
+def stream_through_edge(dp: str, token: str, size: int) -> tuple[float, float]:
+    """Upload `size` bytes to /dev/null and download `size` bytes of /dev/zero; seconds each."""
+    auth = {"Authorization": f"Bearer {token}"}
+    started = time.perf_counter()
+    up = requests.put(f"{dp}/runtime/v1/files?path=/dev/null", data=ZeroReader(size), headers=auth,
+                      timeout=3600)
+    assert up.status_code == 200, up.text
+    upload = time.perf_counter() - started
+    started = time.perf_counter()
+    received = 0
+    with requests.get(f"{dp}/runtime/v1/files?path=/dev/zero", headers=auth, stream=True,
+                      timeout=3600) as down:
+        for part in down.iter_content(2**16):
+            received += len(part)
+            if received >= size:
+                break
+    return upload, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--stream-gib", type=float, default=1.0)
+    args = parser.parse_args()
+    prepare_database()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from sandboxes.models import Sandbox
+    from sandboxes.runtime import vm
+    from sandboxes.services import host_register_local, sandbox_destroy
+    from templates_app.services import base_template_ensure
+
+    base_template_ensure(host=host_register_local())
+    team = f"bench-{secrets.token_hex(3)}"
+    out = io.StringIO()
+    call_command("create_api_key", email=f"{team}@example.com", team=team, scope="write", stdout=out)
+    key = out.getvalue().strip()
+    server = start_server()
+    sandbox = None
+    try:
+        created = requests.post(f"http://127.0.0.1:{PORT}/v1/sandboxes", json={"timeout": 3600},
+                                headers={"Authorization": f"Bearer {key}"}, timeout=150).json()
+        sandbox = Sandbox.objects.get(pk=created["sandbox"]["id"])
+        agent = vm.agent_client(sandbox)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_"))}
+        env.update(WATASU_API_URL=f"http://127.0.0.1:{PORT}/v1", WATASU_API_KEY=key)
+        result = json.loads(subprocess.run(
+            [sys.executable, "-P", str(ROOT / "bench" / "sdk_dataplane.py"), str(sandbox.pk),
+             f"http://127.0.0.1:{agent.port}", agent.secret or "", str(args.runs), str(args.mib)],
+            cwd="/", env=env, capture_output=True, text=True, check=True, timeout=3600).stdout)
+        edge, direct = result["edge"], result["direct"]
+        print(f"commands.run('true') via edge:    {ms(edge['round_trips'])}")
+        print(f"commands.run('true') direct:      {ms(direct['round_trips'])}")
+        overhead = percentile(edge["round_trips"], 0.5) / percentile(direct["round_trips"], 0.5) - 1
+        print(f"edge overhead at p50:             {overhead * 100:5.1f} % (target <= 25 %)")
+        for op in ("write", "read"):
+            via, raw = args.mib / edge[f"{op}_s"], args.mib / direct[f"{op}_s"]
+            print(f"{args.mib} MiB {op:5}: edge {via:6.1f} MiB/s, direct {raw:6.1f} MiB/s, "
+                  f"kept {via / raw * 100:5.1f} % (target >= 70 %)")
+
+        session = created["session"]
+        sampler = RssSampler(server.pid)
+        baseline = rss_kib(server.pid)
+        sampler.start()
+        size = int(args.stream_gib * 2**30)
+        upload, download = stream_through_edge(session["data_plane_url"], session["token"], size)
+        sampler.running = False
+        sampler.join()
+        print(f"{args.stream_gib:g} GiB through the edge: up {size / upload / 2**20:6.1f} MiB/s, "
+              f"down {size / download / 2**20:6.1f} MiB/s")
+        print(f"web process RSS: before {baseline / 1024:6.1f} MiB, peak while streaming "
+              f"{sampler.peak / 1024:6.1f} MiB (+{(sampler.peak - baseline) / 1024:.1f} MiB)")
+    finally:
+        if sandbox is not None:
+            sandbox_destroy(sandbox=sandbox)
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Who may reach which agent: database reads, token checks and auto-resume.
+
+Everything here is synchronous (the ORM, libvirt); the ASGI side calls it
+through `sync_to_async(thread_sensitive=False)` so one slow auto-resume never
+blocks other requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import close_old_connections
+
+from sandboxes import services
+from sandboxes.edge.signing import file_url_check
+from sandboxes.models import Sandbox, SandboxState
+from sandboxes.runtime import vm
+from sandboxes.sessions import session_verify
+from watasu import errors
+
+S = SandboxState
+# A paused sandbox with auto_resume comes back for these (spec 6.3: file, directory and
+# process requests); git and watch work on files and processes too.
+AUTO_RESUME_STATES = frozenset({S.STOPPED, S.STOPPING, S.RESTORING})
+_DOMAIN_STATUS: list[tuple[type[errors.DomainError], int]] = [
+    (errors.NotFound, 404), (errors.Invalid, 422), (errors.Conflict, 409), (errors.Forbidden, 403),
+    (errors.PaymentRequired, 402), (errors.Unavailable, 503),
+]
+
+
+class EdgeError(Exception):
+    """An answer the edge gives itself, in the shared error shape."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": code, "message": message, **extra}
+        self.headers: list[tuple[bytes, bytes]] = []
+        if status == 401:
+            self.headers.append((b"www-authenticate", b'Bearer realm="sandbox"'))
+
+
+def overloaded(message: str) -> EdgeError:
+    return EdgeError(503, "sandbox_overloaded", message, reason={"message": message})
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The agent of one sandbox as the host reaches it."""
+
+    sandbox_id: int
+    port: int
+    secret: str = field(repr=False)
+
+
+def _sandbox(route_token: str) -> Sandbox:
+    close_old_connections()  # this runs outside Django's request cycle
+    sandbox = Sandbox.objects.select_related("team", "host").filter(route_token=route_token).first()
+    if sandbox is None or sandbox.state == S.DESTROYED:
+        raise EdgeError(404, "sandbox_not_found", "No sandbox is served at this address.")
+    return sandbox
+
+
+def _from_domain(exc: errors.DomainError) -> EdgeError:
+    status = next(code for cls, code in _DOMAIN_STATUS if isinstance(exc, cls))
+    return EdgeError(status, exc.code, exc.message, **exc.extra)
+
+
+def _running(sandbox: Sandbox, *, resume: bool) -> Upstream:
+    """The sandbox's agent, resuming a paused sandbox first when its policy says so."""
+    if sandbox.state != S.READY and resume and sandbox.auto_resume and sandbox.state in AUTO_RESUME_STATES:
+        try:
+            sandbox, _ = services.sandbox_resume(sandbox=sandbox)
+        except errors.DomainError as exc:
+            raise _from_domain(exc) from exc
+    if sandbox.state != S.READY or not sandbox.agent_port:
+        raise EdgeError(409, "sandbox_not_running",
+                        f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first.")
+    secret = vm.agent_client(sandbox).secret or ""
+    return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=secret)
+
+
+def dataplane_upstream(route_token: str, token: str | None) -> Upstream:
+    """The agent for a data-plane request carrying `Bearer <session token>`."""
+    sandbox = _sandbox(route_token)
+    if not token:
+        raise EdgeError(401, "unauthorized", "A session token is required: Authorization: Bearer <token>.")
+    if not session_verify(token=token, sandbox=sandbox):
+        raise EdgeError(401, "unauthorized", "The session token is invalid, expired or for another sandbox.")
+    return _running(sandbox, resume=True)
+
+
+def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: str) -> Upstream:
+    """The agent for a signed file URL (403 when the signature does not hold)."""
+    sandbox = _sandbox(route_token)
+    problem = file_url_check(sandbox, path=path, op=op, expires=expires, sig=sig)
+    if problem:
+        raise EdgeError(403, "forbidden", problem)
+    return _running(sandbox, resume=True)
+
+
+def preview_upstream(route_token: str) -> Upstream:
+    """The agent for preview traffic: the route token is the capability (spec 6.13).
+
+    Previews never auto-resume: anonymous traffic must not restart (and bill) a
+    paused sandbox.
+    """
+    sandbox = _sandbox(route_token)
+    if not sandbox.network_policy.get("allow_public_traffic", True):
+        raise EdgeError(403, "forbidden", f"Sandbox {sandbox.pk} does not allow public traffic.")
+    return _running(sandbox, resume=False)

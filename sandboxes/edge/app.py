@@ -1,0 +1,147 @@
+"""The ASGI entry point: the data-plane edge in front of Django."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from asgiref.sync import sync_to_async
+
+from sandboxes.edge import access
+from sandboxes.edge.access import EdgeError, Upstream
+from sandboxes.edge.http_proxy import Headers, close_agent_client, forwarded_headers, proxy_http, send_error
+from sandboxes.edge.routing import Route, route_of
+from sandboxes.edge.signing import SIGNED_PATH
+from sandboxes.edge.ws_proxy import deny, proxy_websocket
+
+FILES_PATH = "/runtime/v1/files"
+# Signed URL method -> (operation it needs, method on the agent's /runtime/v1/files).
+SIGNED_METHODS = {"GET": ("read", "GET"), "HEAD": ("read", "HEAD"), "POST": ("write", "PUT"),
+                  "PUT": ("write", "PUT")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """An authorised request: which agent, and the method, path and query to use on it."""
+
+    upstream: Upstream
+    method: str
+    path: str
+    query: bytes
+
+
+def _bearer(headers: Headers) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return (token.strip() or None) if scheme.lower() == "bearer" else None
+    return None
+
+
+def _header(headers: Headers, wanted: bytes) -> str:
+    return next((value.decode("latin-1") for name, value in headers if name == wanted), "")
+
+
+def _forwarded_for(scope: dict[str, Any]) -> Headers:
+    """What a preview app behind the edge needs to know about the original request.
+
+    The agent takes `Authorization` for its own secret, so the client's own credential
+    (a preview app's basic auth, say) travels in a header the agent turns back into it.
+    """
+    client = scope.get("client") or ("", 0)
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    headers = [(b"x-forwarded-for", str(client[0]).encode()), (b"x-forwarded-proto", scheme.encode()),
+               (b"x-forwarded-host", _header(scope["headers"], b"host").encode())]
+    if authorization := _header(scope["headers"], b"authorization"):
+        headers.append((b"x-watasu-forwarded-authorization", authorization.encode("latin-1")))
+    return headers
+
+
+async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target:
+    """Check the caller's credential for this route and make sure the sandbox runs."""
+    if route.kind == "invalid":
+        raise EdgeError(404, "not_found", "No data-plane route at this address.")
+    query: bytes = scope.get("query_string", b"")
+    if route.kind == "preview":
+        upstream = await sync_to_async(access.preview_upstream, thread_sensitive=False)(route.route_token)
+        return Target(upstream, method, route.upstream, query)
+    if route.upstream == SIGNED_PATH:
+        return await _authorise_signed(route, query, method)
+    token = _bearer(scope["headers"])
+    lookup = sync_to_async(access.dataplane_upstream, thread_sensitive=False)
+    upstream = await lookup(route.route_token, token)
+    return Target(upstream, method, route.upstream, query)
+
+
+async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
+    """A signed file URL: no header, the query is the credential; the agent's /files serves it."""
+    params = {key: values[0] for key, values in parse_qs(query.decode("latin-1")).items()}
+    op, agent_method = SIGNED_METHODS.get(method, ("", ""))
+    if not op:
+        raise EdgeError(405, "method_not_allowed", f"Signed URLs do not accept {method}.")
+    if params.get("op") != op:
+        raise EdgeError(403, "forbidden", f"This signed URL does not allow {method}.")
+    upstream = await sync_to_async(access.signed_upstream, thread_sensitive=False)(
+        route.route_token, path=params.get("path", ""), op=op, expires=params.get("expires", ""),
+        sig=params.get("sig", ""))
+    return Target(upstream, agent_method, FILES_PATH, urlencode({"path": params["path"]}).encode())
+
+
+class EdgeApp:
+    """Serves data-plane, preview and signed-URL traffic; hands the rest to `django_app`."""
+
+    def __init__(self, django_app: Any) -> None:
+        self.django_app = django_app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        route = route_of(scope) if scope["type"] in ("http", "websocket") else None
+        if route is None:
+            await self.django_app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(route, scope, receive, send)
+        else:
+            await self._http(route, scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        """Django does not speak lifespan; the edge uses shutdown to close its agent connections."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await close_agent_client()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            target = await _authorise(route, scope, scope["method"])
+            headers = scope["headers"]
+            if route.upstream == SIGNED_PATH:  # the upload body is opaque bytes whatever its type
+                headers = [(name, value) for name, value in headers if name == b"content-length"]
+            extra = _forwarded_for(scope) if route.kind == "preview" else None
+            await proxy_http(scope, receive, send, upstream=target.upstream, method=target.method,
+                             path=target.path, query=target.query,
+                             headers=forwarded_headers(headers, target.upstream.secret, extra),
+                             prefix=route.prefix)
+        except EdgeError as error:
+            await send_error(send, error)
+
+    async def _websocket(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        try:
+            if route.upstream == SIGNED_PATH:
+                raise EdgeError(404, "not_found", "Signed URLs are plain HTTP.")
+            target = await _authorise(route, scope, "GET")
+        except EdgeError as error:
+            await deny(scope, send, error)
+            return
+        extra = _forwarded_for(scope) if route.kind == "preview" else []
+        await proxy_websocket(scope, receive, send, upstream=target.upstream, path=target.path,
+                              query=target.query,
+                              extra_headers=[(name.decode(), value.decode()) for name, value in extra])

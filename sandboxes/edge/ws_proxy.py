@@ -1,0 +1,123 @@
+"""WebSocket proxy to a guest agent.
+
+The agent's socket is opened before the client's is accepted, so an agent
+refusal (404 for an unknown process on `/connect`) reaches the client as the
+same HTTP status at the handshake. Frames are pumped both ways in order until
+either side closes; close codes are passed on. No idle timeout is imposed here
+(the SDK's own 50 s pings are answered by uvicorn) and none towards the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from sandboxes.edge.access import EdgeError, Upstream, overloaded
+
+logger = logging.getLogger(__name__)
+
+DENIAL_EXTENSION = "websocket.http.response"
+MAX_FRAME = 64 * 2**20
+CLIENT_CLOSE_GRACE = 5.0
+# Codes that describe a close but may not be sent in a close frame.
+_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+
+
+def _sendable(code: int | None) -> int:
+    code = 1000 if code is None else code
+    return _UNSENDABLE.get(code, code)
+
+
+async def deny(scope: dict[str, Any], send: Any, error: EdgeError) -> None:
+    """Refuse the handshake with a real HTTP status and JSON body (uvicorn supports the extension)."""
+    if DENIAL_EXTENSION not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": error.body["message"][:120]})
+        return
+    body = json.dumps(error.body).encode()
+    await send({"type": "websocket.http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), *error.headers]})
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
+async def _open_agent(scope: dict[str, Any], upstream: Upstream, path: str, query: bytes,
+                      extra_headers: list[tuple[str, str]]) -> ClientConnection:
+    url = f"ws://127.0.0.1:{upstream.port}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+    headers = [("Authorization", f"Bearer {upstream.secret}"), *extra_headers]
+    try:
+        return await connect(url, additional_headers=headers, subprotocols=scope.get("subprotocols") or None,
+                             compression=None, proxy=None, open_timeout=15, ping_interval=None,
+                             ping_timeout=None, close_timeout=5, max_size=MAX_FRAME, user_agent_header=None)
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 401:
+            message = "sandbox is alive but guestd refused the edge's credential; retry shortly."
+            raise overloaded(message) from exc
+        try:
+            body = json.loads(exc.response.body or b"{}")
+        except ValueError:
+            body = {}
+        raise EdgeError(status, str(body.get("error") or "agent_refused"),
+                        str(body.get("message") or f"The sandbox answered {status}.")) from exc
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        raise overloaded(f"sandbox is alive but guestd is not responding ({type(exc).__name__}); "
+                         "retry shortly.") from exc
+
+
+async def _client_to_agent(receive: Any, agent: ClientConnection) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            await agent.close(code=_sendable(message.get("code")))
+            return
+        if message["type"] == "websocket.receive":
+            text = message.get("text")
+            await agent.send(text if text is not None else message.get("bytes") or b"")
+
+
+async def _agent_to_client(send: Any, agent: ClientConnection) -> bool:
+    """Relay until the agent closes (True) or the client is gone (False)."""
+    try:
+        async for data in agent:
+            key = "text" if isinstance(data, str) else "bytes"
+            await send({"type": "websocket.send", key: data})
+    except ConnectionClosed:
+        pass
+    except OSError:  # uvicorn's ClientDisconnected: the client's own close is on its way
+        return False
+    try:
+        await send({"type": "websocket.close", "code": _sendable(agent.close_code),
+                    "reason": agent.close_reason or ""})
+    except OSError:
+        return False
+    return True
+
+
+async def proxy_websocket(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, path: str,
+                          query: bytes, extra_headers: list[tuple[str, str]] | None = None) -> None:
+    """Connect to the agent, accept the client, pump frames until one side closes."""
+    try:
+        agent = await _open_agent(scope, upstream, path, query, extra_headers or [])
+    except EdgeError as error:
+        await deny(scope, send, error)
+        return
+    try:
+        await send({"type": "websocket.accept", "subprotocol": agent.subprotocol})
+        inbound = asyncio.ensure_future(_client_to_agent(receive, agent))
+        outbound = asyncio.ensure_future(_agent_to_client(send, agent))
+        await asyncio.wait([inbound, outbound], return_when=asyncio.FIRST_COMPLETED)
+        if outbound.done() and not outbound.exception() and not outbound.result():
+            # The client left while output was flowing: let its close (code, and any frames
+            # it sent before) reach the agent before tearing down.
+            await asyncio.wait([inbound], timeout=CLIENT_CLOSE_GRACE)
+        for task in (inbound, outbound):
+            if not task.done():
+                task.cancel()
+            elif (exc := task.exception()) and not isinstance(exc, (ConnectionClosed, OSError)):
+                logger.warning("websocket relay ended with %r", exc)
+    finally:
+        await agent.close()
