@@ -47,6 +47,7 @@ image: setup
 bench: setup
 	.venv/bin/python bench/runtime.py
 	.venv/bin/python bench/api.py
+	.venv/bin/python bench/dataplane.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

@@ -76,26 +76,6 @@ def _expired_token(sandbox: Sandbox) -> str:
 
 
 edge_db = pytest.mark.django_db(transaction=True)
-# Own VM name prefix: these tests run next to other VM suites on shared machines, and each
-# suite's cleanup destroys every domain carrying its prefix.
-EDGE_VM_PREFIX = "wedge-sbx-"
-
-
-@pytest.fixture(autouse=True)
-def _vm_prefix(settings) -> None:  # type: ignore[no-untyped-def]
-    settings.RUNTIME_VM_PREFIX = EDGE_VM_PREFIX
-
-
-@pytest.fixture
-def vm_cleanup(local_host):  # type: ignore[no-untyped-def]
-    from sandboxes.runtime import driver_for
-
-    yield driver_for(local_host)
-    driver = driver_for(local_host)
-    for name in driver.list_domains(EDGE_VM_PREFIX):
-        driver.destroy(name)
-
-
 # --- HTTP proxying --------------------------------------------------------------------------------
 
 
