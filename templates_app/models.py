@@ -80,3 +80,19 @@ class TemplateVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.template.slug}:{self.version} ({self.status})"
+
+
+class TemplateTag(models.Model):
+    """A movable name for one version of a template (`python-ci:stable`)."""
+
+    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="tags")
+    version = models.ForeignKey(TemplateVersion, on_delete=models.CASCADE, related_name="tags")
+    tag = models.SlugField(max_length=63)
+    created_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["template", "tag"], name="template_tag_unique")]
+        ordering = ["tag"]
+
+    def __str__(self) -> str:
+        return f"{self.template.slug}:{self.tag}"

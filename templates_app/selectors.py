@@ -26,8 +26,12 @@ def _not_found(selector: str) -> errors.Invalid:
 
 
 def _pinned(template: Template, pin: str, selector: str) -> TemplateVersion:
+    """`pin` is a version string, a tag, or a version id, in that order."""
     versions = template.versions.all()
     match = versions.filter(version=pin).first()
+    if match is None:
+        tag = template.tags.select_related("version").filter(tag=pin).first()
+        match = tag.version if tag else None
     if match is None and pin.isdigit():
         match = versions.filter(pk=int(pin)).first()
     if match is None:
@@ -62,9 +66,50 @@ def template_version_resolve(*, team: Team, selector: str) -> TemplateVersion:
     return _latest_ready(template, selector)
 
 
+def templates_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Template]:
+    """Templates of these teams plus the provider's, for listings."""
+    return Template.objects.filter(Q(team__in=teams) | Q(team__isnull=True)).select_related("team")
+
+
+def template_get(*, teams: QuerySet[Team], template_id: str) -> Template:
+    """A visible template by id; anything else (other teams', malformed ids) is 404."""
+    template = None
+    if template_id.isdigit():
+        template = templates_of_teams(teams=teams).filter(pk=int(template_id)).first()
+    if template is None:
+        raise errors.NotFound(f"Template {template_id} not found.", code="template_not_found")
+    return template
+
+
+def template_by_id_or_alias(*, teams: QuerySet[Team], value: str) -> Template:
+    """`/templates/{id_or_alias}`: a visible template by id or slug (own before provider)."""
+    visible = templates_of_teams(teams=teams)
+    match = visible.filter(pk=int(value)).first() if value.isdigit() else None
+    if match is None:
+        match = min(visible.filter(slug=value), key=lambda t: t.team_id is None, default=None)
+    if match is None:
+        raise errors.NotFound(f"Template '{value}' not found.", code="template_not_found")
+    return match
+
+
+def template_version_get(*, template: Template, version_id: str) -> TemplateVersion:
+    version = template.versions.filter(pk=int(version_id)).first() if version_id.isdigit() else None
+    if version is None:
+        raise errors.NotFound(f"Template version {version_id} not found.",
+                              code="template_version_not_found")
+    return version
+
+
 def template_version_by_id(*, team: Team, version_id: int) -> TemplateVersion:
     version = (TemplateVersion.objects.select_related("template")
                .filter(pk=version_id, template__in=templates_visible(team=team)).first())
     if version is None:
         raise _not_found(str(version_id))
     return _ready(version, str(version_id))
+
+
+def template_version_for_target(*, teams: QuerySet[Team], target: str) -> TemplateVersion:
+    """`alias` → latest ready version; `alias:tag`, `alias:version`, `alias:<id>` → that one."""
+    slug, _, pin = target.partition(":")
+    template = template_by_id_or_alias(teams=teams, value=slug)
+    return _pinned(template, pin, target) if pin else _latest_ready(template, target)

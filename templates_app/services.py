@@ -8,13 +8,16 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, images, lifecycle
 from sandboxes.services import host_register_local
-from templates_app.models import Template, TemplateVersion, VersionStatus
+from teams.models import User
+from teams.selectors import team_for_write, teams_of_user
+from templates_app.models import Template, TemplateTag, TemplateVersion, VersionStatus
+from templates_app.selectors import template_by_id_or_alias, template_version_for_target
 from watasu import errors
 
 logger = logging.getLogger(__name__)
@@ -106,3 +109,47 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
     logger.info("template %s ready in %s", version, version.artifact_dir)
     return version
 
+
+
+# --- team templates and tags ---------------------------------------------------------------
+
+
+def _writable(user: User, template: Template) -> Template:
+    """Provider templates are read-only to customers; viewers may not change a team's."""
+    if template.team_id is None:
+        raise errors.Forbidden(f"Template '{template.slug}' belongs to the platform and is read-only.")
+    team_for_write(user=user, slug=template.team.slug)
+    return template
+
+
+def template_create(*, user: User, team_slug: str | None, slug: str, name: str = "",
+                    description: str = "", metadata: dict[str, str] | None = None) -> Template:
+    """A team template without versions yet; the slug is unique within the team."""
+    team = team_for_write(user=user, slug=team_slug)
+    try:
+        with transaction.atomic():
+            return Template.objects.create(team=team, slug=slug, name=name or slug,
+                                           description=description, metadata=metadata or {})
+    except IntegrityError:
+        raise errors.Conflict(f"Team {team.slug} already has a template '{slug}'.",
+                              code="already_exists") from None
+
+
+def template_tags_assign(*, user: User, target: str, tags: list[str]) -> TemplateVersion:
+    """Point `tags` at the version `target` names (moving them off any other version)."""
+    version = template_version_for_target(teams=teams_of_user(user=user), target=target)
+    _writable(user, version.template)
+    if version.status != VersionStatus.READY:
+        raise errors.Invalid(f"Template version '{target}' is {version.status}; only ready "
+                             "versions can be tagged.", code="template_not_ready")
+    with transaction.atomic():
+        for tag in tags:
+            TemplateTag.objects.update_or_create(template=version.template, tag=tag,
+                                                 defaults={"version": version})
+    return version
+
+
+def template_tags_remove(*, user: User, name: str, tags: list[str]) -> None:
+    template = _writable(user, template_by_id_or_alias(teams=teams_of_user(user=user),
+                                                       value=name.partition(":")[0]))
+    TemplateTag.objects.filter(template=template, tag__in=tags).delete()

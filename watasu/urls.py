@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView
 
 from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
+from templates_app.api import views as template_views
 
 api_v1 = [
     path("schema", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]),
@@ -29,6 +30,19 @@ api_v1 = [
          name="sandbox-upload-url"),
     path("sandboxes/<str:sandbox_id>/files/download_url", sandbox_views.SandboxDownloadUrlView.as_view(),
          name="sandbox-download-url"),
+    path("sandbox_templates", template_views.SandboxTemplateListView.as_view(),
+         name="sandbox-template-list"),
+    path("sandbox_templates/<str:template_id>", template_views.SandboxTemplateDetailView.as_view(),
+         name="sandbox-template-detail"),
+    path("sandbox_templates/<str:template_id>/versions",
+         template_views.SandboxTemplateVersionListView.as_view(), name="sandbox-template-versions"),
+    path("sandbox_templates/<str:template_id>/versions/<str:version_id>",
+         template_views.SandboxTemplateVersionDetailView.as_view(), name="sandbox-template-version"),
+    path("templates/tags", template_views.TemplateTagAssignView.as_view(), name="template-tags"),
+    path("templates/aliases/<str:alias>", template_views.TemplateAliasView.as_view(),
+         name="template-alias"),
+    path("templates/<str:template>/tags", template_views.TemplateTagsView.as_view(),
+         name="template-tag-list"),
     path("teams", team_views.TeamListView.as_view(), name="team-list"),
     path("teams/<str:slug>", team_views.TeamDetailView.as_view(), name="team-detail"),
     path("api_keys", team_views.ApiKeyListView.as_view(), name="api-key-list"),

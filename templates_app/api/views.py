@@ -1,0 +1,143 @@
+"""Template endpoints: `/v1/sandbox_templates` (docs API) and the read/tag parts of the
+SDK's `/v1/templates` API. Builds (`POST /templates`, versions) come with the build workers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from sandboxes.api.serializers import iso
+from teams.selectors import teams_for_list, teams_of_user
+from templates_app import selectors, services
+from templates_app.models import Template, TemplateVersion
+from watasu import errors
+from watasu.api.views import ApiView, team_param
+
+TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ANY = inline_serializer("TemplateAny", {"any": serializers.JSONField()})
+# The SDK's build-status vocabulary for our version states.
+SDK_STATUS = {"draft": "waiting", "building": "building", "ready": "ready", "failed": "error"}
+
+
+def template_representation(template: Template) -> dict[str, Any]:
+    return {"id": template.pk, "slug": template.slug, "name": template.name,
+            "team": template.team.slug if template.team else None,
+            "visibility": template.visibility, "status": "active",
+            "description": template.description, "metadata": template.metadata,
+            "created_at": iso(template.created_at)}
+
+
+def version_representation(version: TemplateVersion) -> dict[str, Any]:
+    return {"id": version.pk, "template_id": version.template_id,
+            "template_slug": version.template.slug, "version": version.version,
+            "status": version.status, "architecture": "x86_64", "source_kind": "package_spec",
+            "runtime_baseline": {"cpu": version.cpu, "memory_mb": version.memory_mb},
+            "build_spec": version.build_spec, "size_bytes": version.size_bytes,
+            "tags": sorted(t.tag for t in version.tags.all()),
+            "build_failure": version.last_error_message or None,
+            "last_error_message": version.last_error_message or None,
+            "built_at": iso(version.built_at), "created_at": iso(version.created_at)}
+
+
+def _tags(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and TAG.match(t)
+                                                           for t in value):
+        raise errors.Invalid("tags must be a non-empty list of lowercase tag names.",
+                             errors=["tags: invalid"])
+    return value
+
+
+def _text(body: Any, key: str) -> str:
+    value = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise errors.Invalid(f"{key} is required.", errors=[f"{key}: required"])
+    return value
+
+
+class SandboxTemplateListView(ApiView):
+    @extend_schema(operation_id="sandbox_templates_list", responses=ANY)
+    def get(self, request: Request) -> Response:
+        teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
+        templates = selectors.templates_of_teams(teams=teams).order_by("slug", "pk")
+        return Response({"sandbox_templates": [template_representation(t) for t in templates]})
+
+    @extend_schema(request=ANY, responses={201: ANY})
+    def post(self, request: Request) -> Response:
+        body = request.data.get("sandbox_template") if isinstance(request.data, dict) else None
+        if not isinstance(body, dict):
+            raise errors.Invalid("Expected {\"sandbox_template\": {...}}.", errors=["sandbox_template"])
+        slug = _text(body, "slug")
+        if not re.match(r"^[a-z0-9][a-z0-9-]{0,62}$", slug):
+            raise errors.Invalid("slug must be lowercase letters, digits and dashes.",
+                                 errors=["slug: invalid"])
+        template = services.template_create(
+            user=self.user, team_slug=body.get("team") or team_param(request), slug=slug,
+            name=str(body.get("name") or ""), description=str(body.get("description") or ""),
+            metadata={str(k): str(v) for k, v in (body.get("metadata") or {}).items()})
+        return Response({"sandbox_template": template_representation(template)}, status=201)
+
+
+class SandboxTemplateDetailView(ApiView):
+    def template(self, template_id: str) -> Template:
+        return selectors.template_get(teams=teams_of_user(user=self.user), template_id=template_id)
+
+    @extend_schema(responses=ANY)
+    def get(self, request: Request, template_id: str) -> Response:
+        return Response({"sandbox_template": template_representation(self.template(template_id))})
+
+
+class SandboxTemplateVersionListView(SandboxTemplateDetailView):
+    @extend_schema(operation_id="sandbox_template_versions_list", responses=ANY)
+    def get(self, request: Request, template_id: str) -> Response:
+        versions = self.template(template_id).versions.select_related("template").prefetch_related(
+            "tags").order_by("-pk")
+        return Response({"sandbox_template_versions": [version_representation(v) for v in versions]})
+
+
+class SandboxTemplateVersionDetailView(SandboxTemplateDetailView):
+    @extend_schema(responses=ANY)
+    def get(self, request: Request, template_id: str, version_id: str) -> Response:
+        version = selectors.template_version_get(template=self.template(template_id),
+                                                 version_id=version_id)
+        return Response({"sandbox_template_version": version_representation(version)})
+
+
+class TemplateAliasView(ApiView):
+    """`GET /v1/templates/aliases/{alias}`: 200 when visible (the SDK's `alias_exists`)."""
+
+    @extend_schema(responses=ANY)
+    def get(self, request: Request, alias: str) -> Response:
+        template = selectors.template_by_id_or_alias(teams=teams_of_user(user=self.user), value=alias)
+        return Response({"template": template_representation(template)})
+
+
+class TemplateTagsView(ApiView):
+    """`GET /v1/templates/{id_or_alias}/tags`: a bare JSON array, as the SDK requires."""
+
+    @extend_schema(responses=ANY)
+    def get(self, request: Request, template: str) -> Response:
+        found = selectors.template_by_id_or_alias(teams=teams_of_user(user=self.user), value=template)
+        return Response([{"tag": t.tag, "build_id": str(t.version_id), "created_at": iso(t.created_at)}
+                         for t in found.tags.all()])
+
+
+class TemplateTagAssignView(ApiView):
+    """`POST /v1/templates/tags` assigns; `DELETE` (JSON body) removes."""
+
+    @extend_schema(request=ANY, responses=ANY)
+    def post(self, request: Request) -> Response:
+        version = services.template_tags_assign(user=self.user, target=_text(request.data, "target"),
+                                                tags=_tags(request.data.get("tags")))
+        return Response({"build_id": str(version.pk),
+                         "tags": sorted(t.tag for t in version.tags.all())})
+
+    @extend_schema(request=ANY, responses={204: None})
+    def delete(self, request: Request) -> Response:
+        services.template_tags_remove(user=self.user, name=_text(request.data, "name"),
+                                      tags=_tags(request.data.get("tags")))
+        return Response(status=204)
