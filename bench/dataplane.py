@@ -38,20 +38,7 @@ os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench"
 os.environ.pop("REDIS_URL", None)
 sys.path.insert(0, str(ROOT))
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def ms(values: list[float]) -> str:
-    return f"p50 {percentile(values, 0.5) * 1000:7.1f} ms   p95 {percentile(values, 0.95) * 1000:7.1f} ms"
-
-
-def prepare_database() -> None:
-    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", "watasu_bench"],
-                   capture_output=True, check=False)
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, check=True)
+from common import ms, percentile, prepare_database  # noqa: E402  (bench/ is on sys.path)
 
 
 def start_server() -> subprocess.Popen[bytes]:
@@ -127,7 +114,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--stream-gib", type=float, default=1.0)
     args = parser.parse_args()
-    prepare_database()
+    prepare_database(ROOT)
     import django
 
     django.setup()

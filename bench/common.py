@@ -1,0 +1,23 @@
+"""Helpers shared by the benchmarks: percentiles and the benchmark database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {percentile(values, 0.5) * 1000:7.1f} ms   p95 {percentile(values, 0.95) * 1000:7.1f} ms"
+
+
+def prepare_database(root: Path) -> None:
+    """The PostgreSQL database `watasu_bench`, created when missing, migrated."""
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", "watasu_bench"],
+                   capture_output=True, check=False)
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=root, check=True)
