@@ -9,6 +9,7 @@ bracketed by transitional states (`creating`, `stopping`, `restoring`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -185,6 +186,9 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
     """Create a sandbox and block until its data plane is usable."""
     team = team_for_write(user=user, slug=spec.team)
     version = _resolve_version(team, spec)
+    # The template's own env (build_spec.env) is the default; the request's wins.
+    env_vars = {**(version.build_spec.get("env") or {}), **spec.env_vars}
+    spec = dataclasses.replace(spec, env_vars=env_vars)
     sandbox = _reserve(team=team, user=user, version=version, spec=spec)
     try:
         started = vm.start(sandbox, version, env_vars=spec.env_vars)

@@ -96,3 +96,20 @@ class TemplateTag(models.Model):
 
     def __str__(self) -> str:
         return f"{self.template.slug}:{self.tag}"
+
+
+class BuildLogEntry(models.Model):
+    """One line of a version's build log, written while the build runs."""
+
+    version = models.ForeignKey(TemplateVersion, on_delete=models.CASCADE, related_name="log_entries")
+    index = models.PositiveIntegerField()
+    at = models.DateTimeField()
+    level = models.CharField(max_length=8, default="info")
+    message = models.TextField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["version", "index"], name="build_log_index")]
+        ordering = ["version", "index"]
+
+    def __str__(self) -> str:
+        return f"{self.version_id}#{self.index} {self.message[:40]}"

@@ -11,3 +11,11 @@ from templates_app.services import base_template_ensure
 def base_template_ensure_task() -> int:
     """Build or repair the `base` template on this worker's host; returns the version id."""
     return base_template_ensure().pk
+
+
+@shared_task(name="templates.build", acks_late=True, time_limit=3600)
+def template_build_task(version_id: int) -> None:
+    """Build one template version (idempotent: only a draft version is claimed)."""
+    from templates_app.builds import template_build_run
+
+    template_build_run(version_id=version_id)

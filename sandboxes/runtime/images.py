@@ -31,6 +31,7 @@ GUEST_INIT_PATH = "/sbin/watasu-init"
 # Loaded in dependency order (computed from each module's own ``depends=`` list).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
 STEP_TIMEOUT = 600.0
+HOST_EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 # PID 1 inside the guest. No init system: mount the API filesystems, configure the
 # QEMU user-mode network statically (no DHCP round trip) and keep the agent running.
@@ -138,7 +139,33 @@ def cache_key(mirror: str) -> str:
                  GUEST_INIT, INITRAMFS_INIT, ",".join(INITRAMFS_MODULES)):
         h.update(part.encode() + b"\0")
     h.update(AGENT_SOURCE.read_bytes())
+    for cert in host_extra_cas():
+        h.update(cert.read_bytes())
     return h.hexdigest()[:16]
+
+
+def host_extra_cas() -> list[Path]:
+    """CA certificates the operator added to this host (`update-ca-certificates` input).
+
+    Guests trust them too: where egress goes through a TLS-inspecting proxy (as on these
+    machines), package installs in a guest fail certificate checks without its CA.
+    """
+    return sorted(HOST_EXTRA_CA_DIR.glob("**/*.crt"))
+
+
+def install_extra_cas(rootdir: Path) -> None:
+    """Copy the host's extra CAs into the guest and append them to its CA bundle."""
+    certs = host_extra_cas()
+    if not certs:
+        return
+    target = rootdir / "usr/local/share/ca-certificates"
+    target.mkdir(parents=True, exist_ok=True)
+    bundle = rootdir / "etc/ssl/certs/ca-certificates.crt"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    with bundle.open("a") as out:
+        for cert in certs:
+            shutil.copy(cert, target / cert.name)
+            out.write("\n" + cert.read_text().strip() + "\n")
 
 
 def load_cached(directory: Path, key: str) -> BaseImage | None:
@@ -189,6 +216,7 @@ def build_into(work: Path, mirror: str, key: str) -> None:
     rootdir = work / "rootfs"
     debootstrap_rootfs(rootdir, mirror)
     install_guest_files(rootdir)
+    install_extra_cas(rootdir)
     make_qcow2(rootdir, work / "rootfs.raw", out / "rootfs.qcow2")
     shutil.rmtree(rootdir)
     manifest = {"key": key, "kernel_version": kver,

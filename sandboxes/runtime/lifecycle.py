@@ -11,6 +11,7 @@ import secrets
 import shutil
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +40,13 @@ def new_secret() -> str:
 
 
 def make_template_snapshot(base_image: BaseImage, dest_dir: Path | str, driver: RuntimeDriver,
-                           *, vcpus: int = 1, memory_mb: int = 512,
-                           name: str | None = None) -> MemorySnapshot:
+                           *, vcpus: int = 1, memory_mb: int = 512, name: str | None = None,
+                           before_save: Callable[[AgentClient], None] | None = None) -> MemorySnapshot:
     """Cold boot the base image, wait for the agent, seal it with a template secret, save.
 
-    Built in ``dest_dir.tmp`` and renamed, so ``dest_dir`` either holds a complete
+    ``before_save`` runs against the agent just before it is sealed and the memory is
+    saved (a template's start command and ready check), so what it starts is running in
+    every clone. Built in ``dest_dir.tmp`` and renamed, so ``dest_dir`` either holds a complete
     snapshot or nothing. The saved disk is immutable afterwards: clones overlay it.
     """
     dest_dir = Path(dest_dir)
@@ -60,6 +63,13 @@ def make_template_snapshot(base_image: BaseImage, dest_dir: Path | str, driver: 
         driver.boot(spec)
         client = AgentClient(spec.agent_host_port)
         client.wait_ready(READY_TIMEOUT)
+        if before_save is not None:
+            # A sealed agent answers nothing but /init, so the template's own start
+            # command runs first under a working secret, then the agent is sealed.
+            work_secret = new_secret()
+            client.init(auth=token, secret=work_secret, hostname="template")
+            before_save(client)
+            token = work_secret
         client.init(auth=token, secret=template_secret, seal=True, hostname="template")
         driver.save_snapshot(spec.name, tmp / SAVE_FILE)
     finally:

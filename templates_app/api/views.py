@@ -141,3 +141,61 @@ class TemplateTagAssignView(ApiView):
         services.template_tags_remove(user=self.user, name=_text(request.data, "name"),
                                       tags=_tags(request.data.get("tags")))
         return Response(status=204)
+
+
+def _build_info(version: TemplateVersion) -> dict[str, Any]:
+    template = version.template
+    return {"template_id": str(template.pk), "build_id": str(version.pk),
+            "name": template.slug, "alias": template.slug, "tags": version.build_spec.get("tags", [])}
+
+
+def _positive(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise errors.Invalid(f"{key} must be a positive integer.", errors=[f"{key}: invalid"])
+    return value
+
+
+class TemplateBuildView(ApiView):
+    """`POST /v1/templates`: start a build (the SDK's `Template.build`)."""
+
+    @extend_schema(request=ANY, responses={201: ANY})
+    def post(self, request: Request) -> Response:
+        from django.conf import settings
+
+        from sandboxes.api.parsing import parse_shape
+        from templates_app.builds import template_build_start
+
+        body = request.data if isinstance(request.data, dict) else {}
+        name = _text(body, "name")
+        if not re.match(r"^[a-z0-9][a-z0-9-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$", name):
+            raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",
+                                 errors=["name: invalid"])
+        cpu = _positive(body, "cpu_count", settings.SANDBOX_FALLBACK_CPU)
+        memory = _positive(body, "memory_mb", settings.SANDBOX_FALLBACK_MEMORY_MB)
+        parse_shape({"cpu_count": cpu, "memory_mb": memory})
+        tags = _tags(body["tags"]) if body.get("tags") else []
+        version = template_build_start(user=self.user, name=name, build_spec=body.get("build_spec") or {},
+                                       cpu=cpu, memory_mb=memory, tags=tags,
+                                       team_slug=body.get("team") or team_param(request))
+        return Response({"template_build": _build_info(version)}, status=201)
+
+
+class TemplateBuildStatusView(ApiView):
+    """`GET /v1/templates/{tid}/builds/{bid}/status?logs_offset=N` (no envelope)."""
+
+    @extend_schema(responses=ANY)
+    def get(self, request: Request, template_id: str, build_id: str) -> Response:
+        from templates_app.builds import build_log_entries, template_build_get
+
+        version = template_build_get(user=self.user, template_id=template_id, build_id=build_id)
+        raw_offset = request.query_params.get("logs_offset", "0")
+        offset = int(raw_offset) if raw_offset.isdigit() else 0
+        entries = [{"timestamp": iso(e.at), "level": e.level, "message": e.message}
+                   for e in build_log_entries(version=version, offset=offset)]
+        status = SDK_STATUS[version.status]
+        reason = ({"message": version.last_error_message or "build failed", "log_entries": entries[-20:]}
+                  if status == "error" else None)
+        return Response({"template_id": str(version.template_id), "build_id": str(version.pk),
+                         "status": status, "log_entries": entries,
+                         "logs": [e["message"] for e in entries], "reason": reason})
