@@ -352,7 +352,7 @@ def test_lagged_reader_can_reconnect(agent: Agent) -> None:
         if f["type"] == "lagged":
             lagged = f
         elif f["type"] == "exit":
-            pytest.skip("reader never lagged (output too slow under TCG)")
+            raise AssertionError("the reader never lagged: the backlog bound is not enforced")
         else:
             frames.append(f)
     assert "cursor" not in lagged and lagged["dropped"] > 0
