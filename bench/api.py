@@ -31,7 +31,7 @@ os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench"
 os.environ.pop("REDIS_URL", None)
 sys.path.insert(0, str(ROOT))
 
-from common import ms, percentile, prepare_database  # noqa: E402  (bench/ is on sys.path)
+from common import ms, percentile, prepare_database, start_uvicorn  # noqa: E402  (bench/ is on sys.path)
 
 
 def driver_starts(runs: int) -> list[float]:
@@ -50,19 +50,6 @@ def driver_starts(runs: int) -> list[float]:
         times.append(time.perf_counter() - started)
         driver.destroy(name)
     return times
-
-
-def start_server(port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([str(ROOT / ".venv/bin/uvicorn"), "watasu.asgi:application",
-                               "--port", str(port), "--no-access-log", "--log-level", "warning"],
-                              cwd=ROOT, env=os.environ.copy())
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/schema", timeout=2)
-            return server
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("uvicorn did not start")
 
 
 def sdk_creates(port: int, key: str, runs: int) -> list[float]:
@@ -134,7 +121,7 @@ def main() -> None:
     drivers = driver_starts(args.runs)
     print(f"driver start (restore + agent ready + init): {ms(drivers)}")
     port = 18000 + secrets.randbelow(1000)
-    server = start_server(port)
+    server = start_uvicorn(ROOT, port)
     try:
         creates = sdk_creates(port, key, args.runs)
         print(f"SDK Sandbox.create to usable:                {ms(creates)}")

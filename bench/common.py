@@ -21,3 +21,22 @@ def prepare_database(root: Path) -> None:
     subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", "watasu_bench"],
                    capture_output=True, check=False)
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=root, check=True)
+
+
+def start_uvicorn(root: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """uvicorn serving the platform on `port`, once it answers."""
+    import os
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([str(root / ".venv/bin/uvicorn"), "watasu.asgi:application",
+                               "--port", str(port), "--no-access-log", "--log-level", "warning", *extra],
+                              cwd=root, env=os.environ.copy())
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/schema", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("uvicorn did not start")

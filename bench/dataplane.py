@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import requests
@@ -38,22 +37,7 @@ os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench"
 os.environ.pop("REDIS_URL", None)
 sys.path.insert(0, str(ROOT))
 
-from common import ms, percentile, prepare_database  # noqa: E402  (bench/ is on sys.path)
-
-
-def start_server() -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([str(ROOT / ".venv/bin/uvicorn"), "watasu.asgi:application",
-                               "--port", str(PORT), "--no-access-log", "--log-level", "warning",
-                               "--ws", "websockets-sansio", "--ws-ping-interval", "60",
-                               "--ws-ping-timeout", "120"],
-                              cwd=ROOT, env=os.environ.copy())
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/schema", timeout=2)
-            return server
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("uvicorn did not start")
+from common import ms, percentile, prepare_database, start_uvicorn  # noqa: E402  (bench/ on sys.path)
 
 
 def rss_kib(pid: int) -> int:
@@ -130,7 +114,8 @@ def main() -> None:
     out = io.StringIO()
     call_command("create_api_key", email=f"{team}@example.com", team=team, scope="write", stdout=out)
     key = out.getvalue().strip()
-    server = start_server()
+    server = start_uvicorn(ROOT, PORT, "--ws", "websockets-sansio", "--ws-ping-interval", "60",
+                           "--ws-ping-timeout", "120")
     sandbox = None
     try:
         created = requests.post(f"http://127.0.0.1:{PORT}/v1/sandboxes", json={"timeout": 3600},
