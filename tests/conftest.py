@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -126,3 +132,21 @@ def base_version_row(local_host):  # type: ignore[no-untyped-def]
     return TemplateVersion.objects.create(template=template, version="test", status=VersionStatus.READY,
                                           cpu=1, memory_mb=512, host=local_host,
                                           artifact_dir="/nonexistent")
+
+
+@contextlib.contextmanager
+def celery_worker(env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process (solo pool) on the configured broker, stopped afterwards."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "watasu", "worker", "--pool", "solo",
+         "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
+        cwd=Path(__file__).resolve().parent.parent, env=env or os.environ.copy(),
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()

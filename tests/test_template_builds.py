@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection
 
 from templates_app.builds import build_steps
-from tests.conftest import VM_TEST_PREFIX, Actor
+from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker
 from tests.edge_support import ServerThread
 from tests.sdk import run_scenario
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_build_spec_becomes_ordered_steps() -> None:
@@ -39,15 +35,8 @@ def build_worker(require_postgres) -> Iterator[subprocess.Popen[bytes]]:  # type
            "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/"
                            f"{database['NAME']}"}
     assert django_settings.REDIS_URL, "builds need the Redis broker in tests"
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "watasu", "worker", "--pool", "solo",
-                               "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-                              cwd=ROOT, env=env)
-    yield worker
-    worker.terminate()
-    try:
-        worker.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        worker.kill()
+    with celery_worker(env) as worker:
+        yield worker
 
 
 @pytest.mark.vm
