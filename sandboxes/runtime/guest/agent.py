@@ -1372,8 +1372,12 @@ def watch_event(path: str, mask: int, include_entry: bool) -> dict[str, Any] | N
     return ev
 
 
-def run_watch(ws: WebSocket, root: str, recursive: bool, include_entry: bool) -> None:
-    """Stream batched events until the client closes (it never sends anything after the handshake)."""
+def run_watch(ws: WebSocket, ino: Inotify, include_entry: bool) -> None:
+    """Stream batched events until the client closes (it never sends anything after the handshake).
+
+    The watch is installed before the handshake completes (see ``watch``): the SDK's
+    ``watch_dir`` returns on the 101, and a write made right after it must be seen.
+    """
     stop = threading.Event()
 
     def drain_client() -> None:
@@ -1382,12 +1386,6 @@ def run_watch(ws: WebSocket, root: str, recursive: bool, include_entry: bool) ->
         stop.set()
 
     threading.Thread(target=drain_client, daemon=True).start()
-    try:
-        ino = Inotify(root, recursive)
-    except OSError as e:
-        ws.send_json({"type": "error", "code": "watch_failed", "message": f"cannot watch {root}: {e}"})
-        ws.close(1011)
-        return
     try:
         ws.send_json({"type": "ready"})
         last_ping = time.monotonic()
@@ -2017,7 +2015,16 @@ def watch(agent: Agent, req: Request) -> Result:
     if not req.flag("allow_network_mounts") and fs_type(path) in NETWORK_FS:
         raise HttpError(422, "validation_failed", f"{path} is on a network mount; pass allow_network_mounts")
     assert req.http is not None
-    run_watch(req.http.upgrade(), path, req.flag("recursive"), req.flag("include_entry"))
+    try:
+        ino = Inotify(path, req.flag("recursive"))
+    except OSError as e:
+        raise HttpError(422, "watch_failed", f"cannot watch {path}: {e}") from e
+    try:
+        ws = req.http.upgrade()
+    except BaseException:
+        ino.close()
+        raise
+    run_watch(ws, ino, req.flag("include_entry"))
     return None
 
 
