@@ -48,6 +48,7 @@ bench: setup
 	.venv/bin/python bench/runtime.py
 	.venv/bin/python bench/api.py
 	.venv/bin/python bench/dataplane.py
+	.venv/bin/python bench/templates.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

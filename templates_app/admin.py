@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from templates_app.models import Template, TemplateVersion
+from templates_app.models import BuildLayer, Template, TemplateVersion
 
 
 class VersionInline(admin.TabularInline):
@@ -31,4 +31,19 @@ class TemplateVersionAdmin(admin.ModelAdmin):
     list_select_related = ["template", "host"]
     search_fields = ["template__slug", "version"]
     readonly_fields = ["artifact_dir", "artifact_digest", "size_bytes", "built_at", "created_at",
-                       "last_error_message"]
+                       "last_error_message", "cache_key", "lease_expires_at", "deleted_at"]
+
+
+@admin.register(BuildLayer)
+class BuildLayerAdmin(admin.ModelAdmin):
+    """The build cache: read-only (the retention sweep evicts unused leaves)."""
+
+    list_display = ["step", "key", "host", "base_version", "parent", "size_bytes", "last_used_at"]
+    list_select_related = ["host", "base_version__template", "parent"]
+    search_fields = ["key", "step"]
+
+    def has_add_permission(self, request) -> bool:  # type: ignore[no-untyped-def]
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:  # type: ignore[no-untyped-def]
+        return False

@@ -10,15 +10,22 @@ ready check, and takes the memory snapshot that sandboxes start from.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
+import re
 import shlex
+import shutil
 import subprocess
+import threading
+import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -26,10 +33,19 @@ from django.utils import timezone
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.agent_client import AgentClient
+from sandboxes.runtime.driver import MemorySnapshot
 from sandboxes.runtime.images import BaseImage
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
-from templates_app.models import BuildLogEntry, Template, TemplateTag, TemplateVersion, VersionStatus
+from templates_app import layers
+from templates_app.models import (
+    BuildLayer,
+    BuildLogEntry,
+    Template,
+    TemplateTag,
+    TemplateVersion,
+    VersionStatus,
+)
 from templates_app.selectors import template_by_id_or_alias, template_version_resolve
 from watasu import errors
 
@@ -38,15 +54,26 @@ logger = logging.getLogger(__name__)
 STEP_TIMEOUT = 1800.0
 READY_TIMEOUT = timedelta(seconds=180)
 # Public images the SDK can ask for, built on our Debian base: extra apt packages.
-IMAGE_PACKAGES = {"debian": [], "python": ["python3-pip", "python3-venv"], "node": ["nodejs", "npm"]}
+IMAGE_PACKAGES = {"debian": [], "python": ["python3-pip", "python3-venv"], "node": ["nodejs", "npm"],
+                  "base": []}
+USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?$")
 APT = "DEBIAN_FRONTEND=noninteractive apt-get update -q && " \
       "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
 
 
 @dataclass(frozen=True)
 class Step:
-    name: str  # e.g. "packages.apt", "setup[2]"
-    command: str
+    name: str  # e.g. "packages.apt", "files", "setup[2]"
+    command: str  # what runs; with ``files``, runs after they are written
+    files: tuple[tuple[str, str], ...] = ()  # (path, base64 content) written through the agent
+
+    @property
+    def cache_text(self) -> str:
+        """What identifies the step for the build cache (file contents by digest)."""
+        if not self.files:
+            return self.command
+        digest = hashlib.sha256(json.dumps(self.files).encode()).hexdigest()
+        return f"files sha256:{digest}; {self.command}"
 
 
 # --- request -> version ---------------------------------------------------------------------
@@ -79,57 +106,169 @@ def build_steps(spec: dict[str, Any], image_packages: list[str]) -> list[Step]:
                           + " ".join(map(shlex.quote, pip))))
     if npm:
         steps.append(Step("packages.npm", "npm install -g " + " ".join(map(shlex.quote, npm))))
-    for index, item in enumerate(spec.get("files") or []):
-        path, data = str(item["path"]), str(item.get("content_b64", ""))
-        mode = f" && chmod {int(item['mode']):o} {shlex.quote(path)}" if item.get("mode") else ""
-        steps.append(Step(f"files[{index}]", f"mkdir -p \"$(dirname {shlex.quote(path)})\" && "
-                          f"echo {shlex.quote(data)} | base64 -d > {shlex.quote(path)}{mode}"))
+    if spec.get("files"):
+        steps.append(_files_step(spec["files"]))
     for index, command in enumerate(spec.get("setup") or []):
         steps.append(Step(f"setup[{index}]", str(command)))
     return steps
 
 
+def _files_step(files: list[dict[str, Any]]) -> Step:
+    """Every file of the build context in one step (one layer), then modes and owners."""
+    fixups = []
+    for item in files:
+        path = shlex.quote(item["path"])
+        if item.get("mode") is not None:
+            fixups.append(f"chmod {int(item['mode']):o} {path}")
+        if item.get("user"):
+            fixups.append(f"chown {shlex.quote(str(item['user']))} {path}")
+    return Step("files", " && ".join(fixups) or "true",
+                tuple((str(item["path"]), str(item.get("content_b64", ""))) for item in files))
+
+
+def _invalid(field: str, message: str) -> errors.Invalid:
+    return errors.Invalid(message, errors=[f"build_spec.{field}: invalid"])
+
+
 def _validate_spec(spec: Any) -> dict[str, Any]:
+    """Shape checks that would otherwise fail deep inside a build; normalises start_cmd."""
     if not isinstance(spec, dict):
         raise errors.Invalid("build_spec must be an object.", errors=["build_spec: invalid"])
-    for item in spec.get("files") or []:
-        if not isinstance(item, dict) or not str(item.get("path", "")).startswith("/"):
-            raise errors.Invalid("build_spec.files need absolute paths.", errors=["files: invalid"])
-        base64.b64decode(str(item.get("content_b64", "")), validate=True)
-    return spec
+    files = spec.get("files") or []
+    if not isinstance(files, list):
+        raise _invalid("files", "build_spec.files must be a list.")
+    for index, item in enumerate(files):
+        field = f"files[{index}]"
+        path = item.get("path") if isinstance(item, dict) else None
+        if not isinstance(path, str) or not path.startswith("/") or "\x00" in path:
+            raise _invalid(field, f"{field}.path must be an absolute path inside the template "
+                           "(copy to a destination such as /app/, not a relative one).")
+        try:
+            base64.b64decode(str(item.get("content_b64", "")), validate=True)
+        except ValueError as exc:
+            raise _invalid(field, f"{field}.content_b64 is not base64.") from exc
+        mode = item.get("mode")
+        if mode is not None and (type(mode) is not int or not 0 <= mode <= 0o7777):
+            raise _invalid(field, f"{field}.mode must be permission bits as an integer (e.g. 493 for 0755).")
+        if item.get("user") is not None and not USER.match(str(item["user"])):
+            raise _invalid(field, f"{field}.user must be 'user' or 'user:group'.")
+    setup = spec.get("setup") or []
+    if not isinstance(setup, list) or not all(isinstance(c, str) for c in setup):
+        raise _invalid("setup", "build_spec.setup must be a list of commands.")
+    for key in ("start_cmd", "ready_cmd"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise _invalid(key, f"build_spec.{key} must be a string.")
+    if not isinstance(spec.get("env") or {}, dict):
+        raise _invalid("env", "build_spec.env must be an object.")
+    return {**spec, "start_cmd": _exec_form(spec["start_cmd"])} if spec.get("start_cmd") else spec
+
+
+def _exec_form(command: str) -> str:
+    """A Dockerfile's exec-form CMD (`["python3", "app.py"]`) as a shell command."""
+    if command.lstrip().startswith("["):
+        try:
+            argv = json.loads(command)
+        except ValueError:
+            return command
+        if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv):
+            return shlex.join(argv)
+    return command
 
 
 def template_build_start(*, user: User, name: str, build_spec: Any, cpu: int, memory_mb: int,
-                         tags: list[str], team_slug: str | None) -> TemplateVersion:
-    """Create the template (alias) if new and a draft version; the worker builds it."""
+                         tags: list[str], team_slug: str | None,
+                         skip_cache: bool = False) -> TemplateVersion:
+    """`POST /templates`: the template (alias) is created if new; a draft version is queued."""
     spec = _validate_spec(build_spec)
     alias, _, tag = name.partition(":")
     team = team_for_write(user=user, slug=team_slug)
+    _check_parent(team, spec)
+    template, _ = Template.objects.get_or_create(team=team, slug=alias, defaults={"name": alias})
+    return _queue(template, f"build-{uuid.uuid4().hex[:10]}", spec, cpu, memory_mb,
+                  sorted({*tags, *([tag] if tag else [])}), skip_cache)
+
+
+def template_version_create(*, user: User, template: Template, version: str, build_spec: Any,
+                            cpu: int, memory_mb: int, skip_cache: bool = False) -> TemplateVersion:
+    """`POST /sandbox_templates/{id}/versions`: a named draft version of an existing template."""
+    from templates_app.services import writable_template
+
+    writable_template(user, template)
+    spec = _validate_spec(build_spec)
+    _check_parent(template.team, spec)
+    if template.versions.filter(version=version).exists():
+        raise errors.Conflict(f"Version '{version}' already exists.", code="template_version_exists")
+    try:
+        with transaction.atomic():
+            return _queue(template, version, spec, cpu, memory_mb, [], skip_cache)
+    except IntegrityError as exc:  # a concurrent request took the name
+        raise errors.Conflict(f"Version '{version}' already exists.",
+                              code="template_version_exists") from exc
+
+
+def _check_parent(team: Any, spec: dict[str, Any]) -> None:
     parent_slug, _ = _parent_and_image_packages(spec)
     template_version_resolve(team=team, selector=parent_slug)  # 422 now, not after queueing
-    template, _ = Template.objects.get_or_create(team=team, slug=alias, defaults={"name": alias})
-    version = TemplateVersion.objects.create(
-        template=template, version=f"build-{uuid.uuid4().hex[:10]}", status=VersionStatus.DRAFT,
-        cpu=cpu, memory_mb=memory_mb,
-        build_spec={**spec, "tags": sorted({*tags, *([tag] if tag else [])})})
+
+
+def _queue(template: Template, version: str, spec: dict[str, Any], cpu: int, memory_mb: int,
+           tags: list[str], skip_cache: bool) -> TemplateVersion:
+    row = TemplateVersion.objects.create(
+        template=template, version=version, status=VersionStatus.DRAFT, cpu=cpu, memory_mb=memory_mb,
+        skip_cache=skip_cache, build_spec={**spec, "tags": tags})
     from templates_app.tasks import template_build_task
 
-    transaction.on_commit(lambda: template_build_task.delay(version.pk))
-    return version
+    transaction.on_commit(lambda: template_build_task.delay(row.pk))
+    return row
 
 
 # --- logs ---------------------------------------------------------------------------------------
 
 
-def _log(version: TemplateVersion, message: str, level: str = "info") -> None:
-    for _ in range(3):  # indexes are unique per version; a race simply retries
+class BuildLog:
+    """A version's build log, written to the database as lines arrive.
+
+    One build writes one version's log, so indexes are counted here; lines are
+    flushed in small batches (at most every ``FLUSH_SECONDS``) so a chatty step
+    costs a few inserts a second, and readers see output while the step runs.
+    """
+
+    FLUSH_SECONDS, FLUSH_LINES = 0.5, 200
+
+    def __init__(self, version: TemplateVersion) -> None:
+        self.version = version
         last = version.log_entries.aggregate(m=Max("index"))["m"]
-        try:
-            BuildLogEntry.objects.create(version=version, index=0 if last is None else last + 1,
-                                         at=timezone.now(), level=level, message=message[:20000])
-            return
-        except IntegrityError:
-            continue
+        self.next_index = 0 if last is None else last + 1
+        self.pending: list[BuildLogEntry] = []
+        self.flushed_at = time.monotonic()
+        self.partial: dict[str, bytes] = {}
+
+    def add(self, message: str, level: str = "info") -> None:
+        self.pending.append(BuildLogEntry(version=self.version, index=self.next_index, at=timezone.now(),
+                                          level=level, message=message[:20000]))
+        self.next_index += 1
+        if (len(self.pending) >= self.FLUSH_LINES
+                or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS):
+            self.flush()
+
+    def output(self, stream: str, data: bytes) -> None:
+        """Raw process output: complete lines are logged, a partial line waits for its end."""
+        lines = (self.partial.pop(stream, b"") + data).split(b"\n")
+        self.partial[stream] = lines.pop()
+        for line in lines:
+            self.add(line.decode(errors="replace").rstrip("\r"), "debug")
+
+    def end_output(self) -> None:
+        for stream in list(self.partial):
+            rest = self.partial.pop(stream)
+            if rest:
+                self.add(rest.decode(errors="replace"), "debug")
+
+    def flush(self) -> None:
+        if self.pending:
+            BuildLogEntry.objects.bulk_create(self.pending)
+            self.pending = []
+        self.flushed_at = time.monotonic()
 
 
 def build_log_entries(*, version: TemplateVersion, offset: int) -> list[BuildLogEntry]:
@@ -139,26 +278,34 @@ def build_log_entries(*, version: TemplateVersion, offset: int) -> list[BuildLog
 # --- the worker's part ------------------------------------------------------------------------
 
 
-def _run_steps(version: TemplateVersion, client: AgentClient, steps: list[Step],
-               env: dict[str, str]) -> None:
-    for step in steps:
-        _log(version, f"{step.name}: {step.command[:500]}")
-        result = client.exec(["/bin/sh", "-c", step.command], timeout=STEP_TIMEOUT, env=env)
-        output = (result.get("stdout", "") + result.get("stderr", "")).strip()
-        for line in output.splitlines()[-200:]:
-            _log(version, line, "debug")
-        if result.get("exit_code") != 0:
-            raise BuildStepFailed(step, int(result.get("exit_code") or -1), output)
-
-
 class BuildStepFailed(Exception):
-    def __init__(self, step: Step, code: int, output: str) -> None:
-        super().__init__(f"step {step.name} failed with exit code {code}: {output[-2000:]}")
+    def __init__(self, step: Step, code: int, tail: str) -> None:
+        super().__init__(f"step {step.name} failed with exit code {code}: {tail[-2000:]}")
         self.step = step
 
 
-def _flatten(overlay: Path, dest: Path) -> None:
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(overlay), str(dest)], check=True,
+def _run_step(log: BuildLog, client: AgentClient, step: Step, env: dict[str, str]) -> None:
+    """One step through the agent, its output streamed into the log as it comes."""
+    tail = bytearray()
+
+    def on_output(stream: str, data: bytes) -> None:
+        tail.extend(data)
+        del tail[:-4000]
+        log.output(stream, data)
+
+    if step.files:
+        log.add(f"{step.name}: writing {len(step.files)} file(s)")
+        client.request("POST", "/runtime/v1/files/write_files", timeout=STEP_TIMEOUT,
+                       body={"files": [{"path": path, "data_base64": data} for path, data in step.files]})
+    log.add(f"{step.name}: {step.command[:500]}")
+    code = client.run_streaming(step.command, on_output, env=env, timeout=STEP_TIMEOUT)
+    log.end_output()
+    if code != 0:
+        raise BuildStepFailed(step, code, tail.decode(errors="replace").strip())
+
+
+def _flatten(top: Path, dest: Path) -> None:
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(top), str(dest)], check=True,
                    capture_output=True, timeout=1800)
     dest.chmod(0o444)
 
@@ -175,48 +322,195 @@ def _start_and_wait_ready(spec: dict[str, Any], env: dict[str, str]):  # type: i
     return prepare
 
 
-def _build(version: TemplateVersion, host: Host) -> Path:
+@dataclass
+class _Plan:
+    """What a build needs to know before it starts a VM."""
+
+    parent: TemplateVersion
+    snapshot: MemorySnapshot
+    steps: list[Step]
+    keys: list[str]
+    env: dict[str, str]
+    internet: bool
+
+
+def _plan(version: TemplateVersion) -> _Plan:
     spec = version.build_spec
     parent_slug, image_packages = _parent_and_image_packages(spec)
     parent = template_version_resolve(team=version.template.team, selector=parent_slug)
-    snapshot = lifecycle.load_template_snapshot(parent.artifact_dir)
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    steps = build_steps(spec, image_packages)
+    internet = spec.get("allow_internet_access", True) is not False
+    return _Plan(parent, lifecycle.load_template_snapshot(parent.artifact_dir), steps,
+                 layers.step_keys(parent, [s.cache_text for s in steps], env, internet), env, internet)
+
+
+def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cached: list[BuildLayer],
+                        log: BuildLog) -> list[Path]:
+    """Boot on the last cached layer (or restore the parent), run the remaining steps,
+    turning each into a layer. Returns the layer files made, the last step's last."""
     driver = driver_for(host)
-    root = Path(host.data_dir) / "templates" / version.template.slug
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"{driver_name_prefix()}build-{version.pk}"
-    vm = lifecycle.start_from_snapshot(driver, snapshot, name, root, env_vars=env)
+    directory = layers.layers_dir(host)
+    name = f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}"
+    start = len(cached)
+    top = directory / f"{plan.keys[start]}-{uuid.uuid4().hex[:8]}.qcow2"
+    if cached:
+        image = BaseImage(key="", directory=directory, kernel=plan.snapshot.kernel,
+                          initrd=plan.snapshot.initrd, disk=Path(cached[-1].path), kernel_version="")
+        vm = lifecycle.cold_boot(driver, image, name, directory, vcpus=plan.snapshot.vcpus,
+                                 memory_mb=plan.snapshot.memory_mb, env_vars=plan.env,
+                                 internet=plan.internet, disk_path=top)
+    else:
+        vm = lifecycle.start_from_snapshot(driver, plan.snapshot, name, directory, env_vars=plan.env,
+                                           internet=plan.internet, disk_path=top)
+    parent_layer = cached[-1] if cached else None
+    registrable, produced = True, [top]
     try:
-        _run_steps(version, vm.client, build_steps(spec, image_packages), env)
-        vm.client.exec("sync", timeout=60)
-        driver.forget(name)  # stop the VM, keep its disk
-        disk = root / f"{version.version}.qcow2"
-        _log(version, "flattening the image")
-        _flatten(vm.spec.disk_path, disk)
-    finally:
+        for index in range(start, len(plan.steps)):
+            step = plan.steps[index]
+            _run_step(log, vm.client, step, plan.env)
+            # Quiesce, then freeze what the step wrote: the running disk becomes a layer.
+            vm.client.exec(["fsfreeze", "-f", "/"], timeout=60)
+            finished = top
+            if index + 1 < len(plan.steps):
+                top = directory / f"{plan.keys[index + 1]}-{uuid.uuid4().hex[:8]}.qcow2"
+                driver.snapshot_disk(name, top)
+                produced.append(top)
+                vm.client.exec(["fsfreeze", "-u", "/"], timeout=60)
+            else:
+                driver.forget(name)  # stopped frozen: the last layer is consistent
+            if registrable:
+                parent_layer = layers.register(host=host, key=plan.keys[index], parent=parent_layer,
+                                               base_version=plan.parent, step=step.name, path=finished)
+                registrable = parent_layer is not None
+    except BaseException:
         driver.destroy(name)
-        vm.spec.disk_path.unlink(missing_ok=True)  # the build overlay, flattened or failed
-    artifact = root / f"{version.version}-{uuid.uuid4().hex[:8]}"
-    _log(version, "starting the template and taking its memory snapshot")
-    image = BaseImage(key="", directory=root, kernel=snapshot.kernel, initrd=snapshot.initrd,
+        _drop_unregistered(produced)
+        raise
+    driver.forget(name)
+    return produced
+
+
+def _drop_unregistered(paths: list[Path]) -> None:
+    for path in paths:
+        if not layers.is_registered(path):
+            path.unlink(missing_ok=True)
+
+
+def _build(version: TemplateVersion, host: Host, log: BuildLog) -> Path:
+    """Build into a fresh version directory and return its snapshot directory.
+
+    The directory holds ``base.qcow2`` (the flattened disk) and ``snapshot/`` (the
+    memory image and its overlay on ``base.qcow2``): everything the version needs and
+    nothing another version needs.
+    """
+    spec = version.build_spec
+    plan = _plan(version)
+    root = Path(host.data_dir) / "templates" / version.template.slug
+    home = root / f"{version.version}-{uuid.uuid4().hex[:8]}"
+    home.mkdir(parents=True)
+    last_key = plan.keys[-1] if plan.keys else layers.base_key(plan.parent)
+    key = layers.artifact_key(last_key, spec, plan.env, version.cpu, version.memory_mb)
+    TemplateVersion.objects.filter(pk=version.pk).update(cache_key=key)
+
+    hit = None if version.skip_cache else layers.cached_artifact(host, key)
+    if hit is not None:
+        log.add(f"cache hit: every step and the start/ready commands are unchanged since version "
+                f"{hit.version} (build {hit.pk}); reusing its artifact")
+        return layers.link_artifact(Path(hit.artifact_dir), home)
+
+    cached = [] if version.skip_cache else layers.cached_prefix(host, plan.keys)
+    for step in plan.steps[:len(cached)]:
+        log.add(f"{step.name}: cached")
+    if version.skip_cache:
+        log.add("skip_cache: every step runs")
+    produced: list[Path] = []
+    if len(cached) < len(plan.steps):
+        produced = _run_uncached_steps(version, host, plan, cached, log)
+        last = produced[-1]
+    else:
+        last = Path(cached[-1].path) if cached else plan.snapshot.disk_path
+    disk = home / layers.BASE_DISK
+    try:
+        log.add("flattening the image")
+        log.flush()
+        _flatten(last, disk)
+    finally:
+        _drop_unregistered(produced)
+    log.add("starting the template and taking its memory snapshot")
+    log.flush()
+    image = BaseImage(key="", directory=home, kernel=plan.snapshot.kernel, initrd=plan.snapshot.initrd,
                       disk=disk, kernel_version="")
-    lifecycle.make_template_snapshot(image, artifact, driver, vcpus=version.cpu,
-                                     memory_mb=version.memory_mb,
-                                     before_save=_start_and_wait_ready(spec, env))
-    return artifact
-
-
-def driver_name_prefix() -> str:
-    from django.conf import settings
-
-    return settings.RUNTIME_VM_PREFIX
+    lifecycle.make_template_snapshot(image, home / layers.SNAPSHOT_DIR, driver_for(host),
+                                     vcpus=version.cpu, memory_mb=version.memory_mb,
+                                     name=f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}-final",
+                                     before_save=_start_and_wait_ready(spec, plan.env))
+    return home / layers.SNAPSHOT_DIR
 
 
 def _claim(version_id: int) -> TemplateVersion | None:
-    """DRAFT -> BUILDING once; a second delivery of the task finds nothing to do."""
-    claimed = TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.DRAFT).update(
-        status=VersionStatus.BUILDING, build_started_at=timezone.now())
-    return TemplateVersion.objects.select_related("template__team").get(pk=version_id) if claimed else None
+    """DRAFT -> BUILDING once, and only while no other build of the template runs.
+
+    The template row lock serialises claims; a draft that finds its template busy stays
+    a draft and is queued again when the running build ends (or by the builds sweep).
+    """
+    with transaction.atomic():
+        version = (TemplateVersion.objects.select_related("template__team")
+                   .filter(pk=version_id, status=VersionStatus.DRAFT, deleted_at__isnull=True).first())
+        if version is None:
+            return None
+        Template.objects.select_for_update().filter(pk=version.template_id).first()
+        if version.template.versions.filter(status=VersionStatus.BUILDING).exists():
+            return None
+        now = timezone.now()
+        TemplateVersion.objects.filter(pk=version_id).update(
+            status=VersionStatus.BUILDING, build_started_at=now,
+            lease_expires_at=now + timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS))
+    version.refresh_from_db()
+    return version
+
+
+class _Lease:
+    """Renews a building version's lease from a thread while the build runs; a worker
+    that dies stops renewing, and the builds sweep fails the version."""
+
+    def __init__(self, version_id: int) -> None:
+        self.version_id, self.stop = version_id, threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"lease-{version_id}", daemon=True)
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        lease = timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS)
+        try:
+            while not self.stop.wait(lease.total_seconds() / 4):
+                TemplateVersion.objects.filter(pk=self.version_id, status=VersionStatus.BUILDING).update(
+                    lease_expires_at=timezone.now() + lease)
+        finally:
+            connection.close()
+
+    def __enter__(self) -> _Lease:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _fail(version_id: int, message: str) -> int:
+    """BUILDING -> FAILED with a reason; returns 1 if this call did it."""
+    return TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.BUILDING).update(
+        status=VersionStatus.FAILED, last_error_message=message[:4000], lease_expires_at=None)
+
+
+def _queue_next_draft(template_id: int) -> None:
+    from templates_app.tasks import template_build_task
+
+    draft = (TemplateVersion.objects.filter(template_id=template_id, status=VersionStatus.DRAFT,
+                                            deleted_at__isnull=True).order_by("pk").first())
+    if draft is not None:
+        template_build_task.delay(draft.pk)
 
 
 def template_build_run(*, version_id: int) -> None:
@@ -226,24 +520,66 @@ def template_build_run(*, version_id: int) -> None:
     version = _claim(version_id)
     if version is None:
         return
-    _log(version, f"building {version.template.slug}:{version.version}")
+    host = host_register_local()
+    log = BuildLog(version)
+    log.add(f"building {version.template.slug}:{version.version}")
     try:
-        artifact = _build(version, host_register_local())
+        with _Lease(version.pk):
+            artifact = _build(version, host, log)
     except Exception as exc:
         logger.exception("build of version %s failed", version_id)
-        _log(version, str(exc), "error")
-        TemplateVersion.objects.filter(pk=version.pk).update(
-            status=VersionStatus.FAILED, last_error_message=str(exc)[:4000])
+        log.add(str(exc), "error")
+        log.flush()
+        _fail(version.pk, str(exc))
+        _queue_next_draft(version.template_id)
         return
     with transaction.atomic():
-        TemplateVersion.objects.filter(pk=version.pk).update(
-            status=VersionStatus.READY, host=host_register_local(), artifact_dir=str(artifact),
+        done = TemplateVersion.objects.filter(pk=version.pk, status=VersionStatus.BUILDING).update(
+            status=VersionStatus.READY, host=host, artifact_dir=str(artifact), lease_expires_at=None,
             size_bytes=sum(f.stat().st_blocks * 512 for f in artifact.rglob("*") if f.is_file()),
             built_at=timezone.now())
-        for tag in version.build_spec.get("tags", []):
-            TemplateTag.objects.update_or_create(template=version.template, tag=tag,
-                                                 defaults={"version": version})
-    _log(version, "ready")
+        if done:
+            for tag in version.build_spec.get("tags", []):
+                TemplateTag.objects.update_or_create(template=version.template, tag=tag,
+                                                     defaults={"version": version})
+    log.add("ready" if done else "the build was failed while it ran (lease lost); result discarded",
+            "info" if done else "error")
+    log.flush()
+    if not done:
+        shutil.rmtree(artifact, ignore_errors=True)
+    _queue_next_draft(version.template_id)
+
+
+def builds_sweep(*, now: datetime | None = None) -> dict[str, int]:
+    """Fail builds whose worker stopped renewing the lease, and queue drafts nobody picked up."""
+    now = now or timezone.now()
+    failed = 0
+    for version in TemplateVersion.objects.filter(status=VersionStatus.BUILDING,
+                                                  lease_expires_at__lt=now).select_related("host"):
+        if _fail(version.pk, "the build worker stopped (lease expired); start the build again"):
+            failed += 1
+            log = BuildLog(version)
+            log.add("build worker lost: the build is failed", "error")
+            log.flush()
+            _destroy_build_vms(version)
+    stale = now - timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS)
+    queued = 0
+    for template_id in (TemplateVersion.objects.filter(status=VersionStatus.DRAFT, created_at__lt=stale,
+                                                       deleted_at__isnull=True)
+                        .values_list("template_id", flat=True).distinct()):
+        _queue_next_draft(template_id)
+        queued += 1
+    return {"failed": failed, "queued": queued}
+
+
+def _destroy_build_vms(version: TemplateVersion) -> None:
+    from sandboxes.services import host_register_local
+
+    driver = driver_for(version.host or host_register_local())
+    for name in driver.list_domains(f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}"):
+        if name in (f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}",
+                    f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}-final"):
+            driver.destroy(name)
 
 
 def template_build_get(*, user: User, template_id: str, build_id: str) -> TemplateVersion:

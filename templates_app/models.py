@@ -72,6 +72,14 @@ class TemplateVersion(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     build_started_at = models.DateTimeField(null=True, blank=True)
     built_at = models.DateTimeField(null=True, blank=True)
+    # The build's inputs (parent, steps, start/ready, shape) hashed: an equal key on the
+    # same host means an equal artifact, so a rebuild can reuse it.
+    cache_key = models.CharField(max_length=64, blank=True, db_index=True)
+    skip_cache = models.BooleanField(default=False, help_text="Build every step, reuse nothing.")
+    # A building version whose worker stops renewing this is failed by the builds sweep.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Deleted versions no longer resolve; their files go once nothing references them.
+    deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -113,3 +121,30 @@ class BuildLogEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version_id}#{self.index} {self.message[:40]}"
+
+
+class BuildLayer(models.Model):
+    """One cached build step on one host: a qcow2 file holding what the step wrote.
+
+    Its backing file is its parent layer's file, or for the first step the disk of the
+    version it was built from (``base_version``). Both references are PROTECT foreign keys,
+    so a layer's chain cannot be deleted from under it; only leaves are ever evicted.
+    """
+
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="build_layers")
+    key = models.CharField(max_length=64)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT,
+                               related_name="children")
+    base_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT,
+                                     related_name="child_layers")
+    step = models.CharField(max_length=100)
+    path = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["host", "key"], name="build_layer_host_key")]
+
+    def __str__(self) -> str:
+        return f"{self.step} {self.key[:12]}"

@@ -27,7 +27,7 @@ def _not_found(selector: str) -> errors.Invalid:
 
 def _pinned(template: Template, pin: str, selector: str) -> TemplateVersion:
     """`pin` is a version string, a tag, or a version id, in that order."""
-    versions = template.versions.all()
+    versions = template.versions.filter(deleted_at__isnull=True)
     match = versions.filter(version=pin).first()
     if match is None:
         tag = template.tags.select_related("version").filter(tag=pin).first()
@@ -40,7 +40,8 @@ def _pinned(template: Template, pin: str, selector: str) -> TemplateVersion:
 
 
 def _latest_ready(template: Template, selector: str) -> TemplateVersion:
-    version = template.versions.filter(status=VersionStatus.READY).order_by("-built_at", "-pk").first()
+    version = (template.versions.filter(status=VersionStatus.READY, deleted_at__isnull=True)
+               .order_by("-built_at", "-pk").first())
     if version is None:
         raise errors.Invalid(f"Template '{selector}' has no ready version yet.",
                              code="template_not_ready")
@@ -93,7 +94,8 @@ def template_by_id_or_alias(*, teams: QuerySet[Team], value: str) -> Template:
 
 
 def template_version_get(*, template: Template, version_id: str) -> TemplateVersion:
-    version = template.versions.filter(pk=int(version_id)).first() if version_id.isdigit() else None
+    versions = template.versions.filter(deleted_at__isnull=True)
+    version = versions.filter(pk=int(version_id)).first() if version_id.isdigit() else None
     if version is None:
         raise errors.NotFound(f"Template version {version_id} not found.",
                               code="template_version_not_found")
@@ -102,7 +104,8 @@ def template_version_get(*, template: Template, version_id: str) -> TemplateVers
 
 def template_version_by_id(*, team: Team, version_id: int) -> TemplateVersion:
     version = (TemplateVersion.objects.select_related("template")
-               .filter(pk=version_id, template__in=templates_visible(team=team)).first())
+               .filter(pk=version_id, template__in=templates_visible(team=team),
+                       deleted_at__isnull=True).first())
     if version is None:
         raise _not_found(str(version_id))
     return _ready(version, str(version_id))

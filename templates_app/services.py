@@ -114,7 +114,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
 # --- team templates and tags ---------------------------------------------------------------
 
 
-def _writable(user: User, template: Template) -> Template:
+def writable_template(user: User, template: Template) -> Template:
     """Provider templates are read-only to customers; viewers may not change a team's."""
     if template.team_id is None:
         raise errors.Forbidden(f"Template '{template.slug}' belongs to the platform and is read-only.")
@@ -138,7 +138,7 @@ def template_create(*, user: User, team_slug: str | None, slug: str, name: str =
 def template_tags_assign(*, user: User, target: str, tags: list[str]) -> TemplateVersion:
     """Point `tags` at the version `target` names (moving them off any other version)."""
     version = template_version_for_target(teams=teams_of_user(user=user), target=target)
-    _writable(user, version.template)
+    writable_template(user, version.template)
     if version.status != VersionStatus.READY:
         raise errors.Invalid(f"Template version '{target}' is {version.status}; only ready "
                              "versions can be tagged.", code="template_not_ready")
@@ -150,6 +150,20 @@ def template_tags_assign(*, user: User, target: str, tags: list[str]) -> Templat
 
 
 def template_tags_remove(*, user: User, name: str, tags: list[str]) -> None:
-    template = _writable(user, template_by_id_or_alias(teams=teams_of_user(user=user),
+    template = writable_template(user, template_by_id_or_alias(teams=teams_of_user(user=user),
                                                        value=name.partition(":")[0]))
     TemplateTag.objects.filter(template=template, tag__in=tags).delete()
+
+
+def template_version_delete(*, user: User, version: TemplateVersion) -> None:
+    """Retire a version: it stops resolving at once and loses its tags; its files are
+    removed by the retention sweep once no sandbox and no build layer references them
+    (stopped sandboxes still run on its disk)."""
+    writable_template(user, version.template)
+    with transaction.atomic():
+        retired = TemplateVersion.objects.filter(pk=version.pk, deleted_at__isnull=True).exclude(
+            status=VersionStatus.BUILDING).update(deleted_at=timezone.now())
+        if not retired and TemplateVersion.objects.filter(pk=version.pk, deleted_at__isnull=True).exists():
+            raise errors.Conflict("This version is being built; delete it once the build ends.",
+                                  code="template_version_building")
+        TemplateTag.objects.filter(version=version).delete()

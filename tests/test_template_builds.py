@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from django.conf import settings as django_settings
@@ -22,9 +24,9 @@ def test_build_spec_becomes_ordered_steps() -> None:
 
     steps = build_steps(spec, ["python3-venv"])
 
-    assert [s.name for s in steps] == ["packages.apt", "packages.pip", "files[0]", "setup[0]", "setup[1]"]
+    assert [s.name for s in steps] == ["packages.apt", "packages.pip", "files", "setup[0]", "setup[1]"]
     assert steps[0].command.endswith("python3-venv git python3-pip")
-    assert "'/a b/c'" in steps[2].command
+    assert steps[2].files == (("/a b/c", "aGk="),)
 
 
 @pytest.fixture
@@ -52,4 +54,37 @@ def test_sdk_builds_a_template_and_starts_sandboxes_from_it(owner: Actor, base_v
         output = run_scenario("template_build", api_url=f"{server.url}/v1", api_key=owner.write_key,
                               timeout=1200)
 
-    assert output == "ok\n"
+    assert output.startswith("ok "), output
+    print(output)
+
+
+@pytest.mark.vm
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(owner: Actor, base_version, vm_cleanup,
+                                                              build_worker) -> None:  # type: ignore[no-untyped-def]
+    """The worker is SIGKILLed mid-step: the lease runs out, the sweep fails the build and
+    removes its VM; the template is free for the next build."""
+    from templates_app.builds import builds_sweep, template_build_start
+    from templates_app.models import TemplateVersion, VersionStatus
+
+    version = template_build_start(user=owner.user, name="slow", build_spec={"setup": ["sleep 600"]},
+                                   cpu=1, memory_mb=512, tags=[], team_slug=None)
+    vm_name = f"{VM_TEST_PREFIX}build-{version.pk}"
+    deadline = time.monotonic() + 180
+    while not version.log_entries.filter(message__startswith="setup[0]").exists():
+        assert time.monotonic() < deadline, list(version.log_entries.values_list("message", flat=True))
+        time.sleep(0.5)
+    assert vm_name in vm_cleanup.list_domains(vm_name)
+
+    build_worker.kill()
+    build_worker.wait(timeout=30)
+    version.refresh_from_db()
+    assert version.status == VersionStatus.BUILDING  # nobody noticed yet
+    result = builds_sweep(now=version.lease_expires_at + timedelta(seconds=1))  # the lease ran out
+
+    version.refresh_from_db()
+    assert result["failed"] == 1
+    assert version.status == VersionStatus.FAILED and "lease expired" in version.last_error_message
+    assert vm_cleanup.list_domains(vm_name) == []
+    assert not TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()

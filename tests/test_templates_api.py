@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from templates_app.models import Template, TemplateVersion, VersionStatus
@@ -102,3 +104,128 @@ def test_provider_templates_cannot_be_tagged(owner: Actor, base_version_row) -> 
                                   {"target": "python-ci", "tags": ["Bad Tag"]}, {"tags": ["x"]}])
 def test_bad_tag_requests_are_422(owner: Actor, acme_template, body: dict) -> None:
     assert owner.client().post("/v1/templates/tags", body, format="json").status_code == 422
+
+
+def _version_body(version: str = "v3", **extra) -> dict:  # type: ignore[no-untyped-def]
+    return {"sandbox_template_version": {"version": version, "source_kind": "package_spec",
+                                         "build_spec": {"setup": ["echo hi"]},
+                                         "runtime_baseline": {"cpu": 1, "memory_mb": 512}, **extra}}
+
+
+def test_creating_a_version_queues_a_build(owner: Actor, viewer: Actor, outsider: Actor, acme_template,
+                                           base_version_row, django_capture_on_commit_callbacks) -> None:
+    url = f"/v1/sandbox_templates/{acme_template.pk}/versions"
+    with django_capture_on_commit_callbacks() as callbacks:
+        created = owner.client().post(url, _version_body(), format="json")
+
+    assert created.status_code == 201, created.json()
+    version = created.json()["sandbox_template_version"]
+    assert (version["version"], version["status"], version["runtime_baseline"]) == (
+        "v3", "draft", {"cpu": 1, "memory_mb": 512})
+    assert len(callbacks) == 1  # the build is queued once the row is committed
+    assert owner.client().post(url, _version_body(), format="json").status_code == 409
+    assert viewer.client().post(url, _version_body("v4"), format="json").status_code == 403
+    assert outsider.client().post(url, _version_body("v4"), format="json").status_code == 404
+    assert owner.client("read").post(url, _version_body("v4"), format="json").status_code == 403
+
+
+@pytest.mark.parametrize("override", [
+    {"version": "no spaces"}, {"source_kind": "oci_image"}, {"runtime_baseline": {"cpu": 0}},
+    {"build_spec": {"files": [{"path": "relative.txt", "content_b64": "aGk="}]}},
+    {"build_spec": {"files": [{"path": "/x", "content_b64": "not base64!"}]}},
+    {"build_spec": {"files": [{"path": "/x", "content_b64": "aGk=", "mode": "0755"}]}},
+    {"build_spec": {"files": [{"path": "/x", "content_b64": "aGk=", "user": "root; rm -rf /"}]}},
+    {"build_spec": {"setup": "echo not-a-list"}},
+    {"build_spec": {"from_image": "ubuntu:24.04"}},
+    {"build_spec": {"from_template": "nope"}},
+])
+def test_bad_version_requests_are_422(owner: Actor, acme_template, base_version_row, override) -> None:  # type: ignore[no-untyped-def]
+    body = _version_body()
+    body["sandbox_template_version"].update(override)
+
+    response = owner.client().post(f"/v1/sandbox_templates/{acme_template.pk}/versions", body, format="json")
+
+    assert response.status_code == 422, response.json()
+    assert response.json()["error"]
+
+
+def test_provider_templates_get_no_versions(owner: Actor, base_version_row) -> None:
+    url = f"/v1/sandbox_templates/{base_version_row.template_id}/versions"
+    assert owner.client().post(url, _version_body(), format="json").status_code == 403
+
+
+def test_build_logs_page_from_an_offset(owner: Actor, acme_template) -> None:
+    from django.utils import timezone
+
+    from templates_app.models import BuildLogEntry
+
+    version = acme_template.versions.get(version="v1")
+    BuildLogEntry.objects.bulk_create(BuildLogEntry(version=version, index=i, at=timezone.now(),
+                                                    message=f"line {i}") for i in range(5))
+    url = f"/v1/sandbox_templates/{acme_template.pk}/versions/{version.pk}/build_logs"
+
+    page = owner.client("read").get(url, {"offset": 3}).json()["sandbox_template_version_build_logs"]
+
+    assert [e["message"] for e in page["entries"]] == ["line 3", "line 4"]
+    assert (page["template_version_id"], page["status"], page["next_offset"]) == (version.pk, "ready", 5)
+    assert owner.client().get(url, {"offset": "x"}).status_code == 422
+
+
+def test_deleting_a_version_stops_it_resolving(owner: Actor, acme, acme_template) -> None:
+    from templates_app.models import TemplateTag
+
+    v1, v2 = acme_template.versions.get(version="v1"), acme_template.versions.get(version="v2")
+    TemplateTag.objects.create(template=acme_template, version=v2, tag="stable")
+    url = f"/v1/sandbox_templates/{acme_template.pk}/versions/{v2.pk}"
+
+    assert owner.client().delete(url).status_code == 204
+
+    assert owner.client().get(url).status_code == 404
+    assert template_version_resolve(team=acme, selector="python-ci") == v1
+    assert not TemplateTag.objects.filter(tag="stable").exists()
+    TemplateVersion.objects.filter(pk=v1.pk).update(status=VersionStatus.BUILDING)
+    building = f"/v1/sandbox_templates/{acme_template.pk}/versions/{v1.pk}"
+    assert owner.client().delete(building).json()["error"] == "template_version_building"
+
+
+def test_one_build_of_a_template_at_a_time(acme_template) -> None:
+    from templates_app.builds import _claim
+
+    first = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512)
+    second = TemplateVersion.objects.create(template=acme_template, version="b2", cpu=1, memory_mb=512)
+
+    assert _claim(first.pk) is not None
+    assert _claim(second.pk) is None  # waits: the template is busy
+    assert _claim(first.pk) is None  # a second delivery of the same task does nothing
+    TemplateVersion.objects.filter(pk=first.pk).update(status=VersionStatus.READY)
+    assert _claim(second.pk) is not None
+
+
+def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_template, monkeypatch) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from templates_app import builds, tasks
+
+    now = timezone.now()
+    lost = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512,
+                                          status=VersionStatus.BUILDING, lease_expires_at=now)
+    alive = TemplateVersion.objects.create(template=acme_template, version="b2", cpu=1, memory_mb=512,
+                                           status=VersionStatus.BUILDING,
+                                           lease_expires_at=now + timedelta(minutes=2))
+    waiting = TemplateVersion.objects.create(template=acme_template, version="b3", cpu=1, memory_mb=512)
+    TemplateVersion.objects.filter(pk=waiting.pk).update(created_at=now - timedelta(hours=1))
+    destroyed, queued = [], []
+    monkeypatch.setattr(builds, "_destroy_build_vms", lambda version: destroyed.append(version.pk))
+    monkeypatch.setattr(tasks, "template_build_task", SimpleNamespace(delay=queued.append))
+
+    result = builds.builds_sweep(now=now + timedelta(seconds=1))
+
+    assert result == {"failed": 1, "queued": 1}
+    lost.refresh_from_db()
+    alive.refresh_from_db()
+    assert lost.status == VersionStatus.FAILED and "lease expired" in lost.last_error_message
+    assert alive.status == VersionStatus.BUILDING
+    assert destroyed == [lost.pk] and queued == [waiting.pk]
+    assert lost.log_entries.filter(level="error").exists()

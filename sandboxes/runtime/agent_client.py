@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,30 @@ class AgentClient:
         if cwd:
             body["cwd"] = cwd
         return dict(self.request("POST", "/exec", body, timeout=timeout + 5))
+
+    def run_streaming(self, command: str, on_output: Callable[[str, bytes], None], *,
+                      env: dict[str, str] | None = None, timeout: float = 1800.0) -> int:
+        """Run ``sh -c command`` as a managed process, handing output to ``on_output`` as it
+        arrives (``("stdout"|"stderr", bytes)``); returns the exit code (-1 if killed by the
+        agent's timeout). Transport failures raise ``OSError``/``websockets`` errors."""
+        from websockets.sync.client import connect
+
+        start = {"type": "start", "cmd": "/bin/sh", "args": ["-c", command],
+                 "environment": env or {}, "timeout_ms": int(timeout * 1000)}
+        headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
+        with connect(f"ws://{self.host}:{self.port}/runtime/v1/process", additional_headers=headers,
+                     open_timeout=self.timeout, max_size=None, ping_interval=None) as ws:
+            ws.send(json.dumps(start))
+            while True:
+                frame = json.loads(ws.recv(timeout=timeout + 30))
+                kind = frame.get("type")
+                if kind in ("stdout", "stderr", "pty"):
+                    on_output(kind, base64.b64decode(frame.get("data", "")))
+                elif kind == "exit":
+                    code = frame.get("exit_code")
+                    return int(code) if isinstance(code, int) else -1
+                elif kind in ("error", "lagged"):
+                    raise AgentError(500, frame)
 
     def processes(self) -> list[dict[str, Any]]:
         """Background processes the agent started."""

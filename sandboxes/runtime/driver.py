@@ -110,6 +110,9 @@ class RuntimeDriver(Protocol):
     def checkpoint_disk(self, name: str, dest: Path) -> None:
         """Copy the domain's (guest-quiesced) disk overlay to ``dest``."""
 
+    def snapshot_disk(self, name: str, new_top: Path) -> Path:
+        """Freeze the running disk as a layer; the domain writes to ``new_top`` from now on."""
+
     def stats(self, name: str) -> DomainStats:
         """CPU time, resident memory and state."""
 

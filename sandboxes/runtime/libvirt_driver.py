@@ -214,6 +214,9 @@ class LibvirtDriver:
         The overlay is created on the snapshot's disk (the memory image's page cache and
         filesystem state match that disk, not the base image).
         """
+        # The memory image only matches a fresh overlay of the snapshot's disk: a leftover
+        # file under this name would hand the guest a filesystem its page cache contradicts.
+        spec.disk_path.unlink(missing_ok=True)
         self._prepare(spec, snapshot.disk_path)
         clone = self.sandbox_dir(spec.name) / "restore.save"
         ident = CloneIdentity(spec.name, spec.uuid, spec.disk_path, spec.agent_host_port,
@@ -302,6 +305,30 @@ class LibvirtDriver:
         finally:
             if running:
                 dom.resume()
+
+    def snapshot_disk(self, name: str, new_top: Path) -> Path:
+        """Switch a running domain's disk to a fresh overlay ``new_top``; returns the old top.
+
+        The old top stops changing the moment this returns, so it is a layer: everything
+        the guest wrote since the previous switch. The caller quiesces the guest first
+        (agent ``fsfreeze``), as for ``checkpoint_disk``. We create the overlay ourselves
+        (``REUSE_EXT``) so it belongs to the unprivileged QEMU user.
+        """
+        old_top = self._disk_path(name)
+        if old_top is None:
+            raise DomainNotFound(name)
+        create_overlay(old_top, new_top, self.qemu_user)
+        xml = ("<domainsnapshot><disks><disk name='vda' snapshot='external' type='file'>"
+               f"<driver type='qcow2'/><source file={quoteattr(str(new_top))}/></disk></disks>"
+               "</domainsnapshot>")
+        flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+        try:
+            self._domain(name).snapshotCreateXML(xml, flags)
+        except BaseException:
+            new_top.unlink(missing_ok=True)
+            raise
+        return old_top
 
     def stats(self, name: str) -> DomainStats:
         dom = self._domain(name)

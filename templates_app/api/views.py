@@ -1,5 +1,5 @@
 """Template endpoints: `/v1/sandbox_templates` (docs API) and the read/tag parts of the
-SDK's `/v1/templates` API. Builds (`POST /templates`, versions) come with the build workers."""
+SDK's `/v1/templates` API (builds, status, aliases, tags)."""
 
 from __future__ import annotations
 
@@ -99,12 +99,87 @@ class SandboxTemplateVersionListView(SandboxTemplateDetailView):
         return Response({"sandbox_template_versions": [version_representation(v) for v in versions]})
 
 
+    @extend_schema(operation_id="sandbox_template_versions_create", request=ANY, responses={201: ANY})
+    def post(self, request: Request, template_id: str) -> Response:
+        from templates_app.builds import template_version_create
+
+        body = request.data.get("sandbox_template_version") if isinstance(request.data, dict) else None
+        if not isinstance(body, dict):
+            raise errors.Invalid("Expected {\"sandbox_template_version\": {...}}.",
+                                 errors=["sandbox_template_version"])
+        version = _text(body, "version")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", version):
+            raise errors.Invalid("version must be letters, digits, dots, dashes and underscores.",
+                                 errors=["version: invalid"])
+        if body.get("source_kind", "package_spec") != "package_spec":
+            raise errors.Invalid("Only source_kind 'package_spec' is supported.",
+                                 errors=["source_kind: invalid"])
+        if body.get("architecture", "x86_64") not in ("x86_64", "amd64"):
+            raise errors.Invalid("Only the x86_64 architecture is supported.",
+                                 errors=["architecture: invalid"])
+        baseline = body.get("runtime_baseline") or {}
+        if not isinstance(baseline, dict):
+            raise errors.Invalid("runtime_baseline must be an object.", errors=["runtime_baseline: invalid"])
+        cpu, memory = _shape(baseline, "cpu", "memory_mb")
+        created = template_version_create(
+            user=self.user, template=self.template(template_id), version=version,
+            build_spec=body.get("build_spec") or {}, cpu=cpu, memory_mb=memory,
+            skip_cache=body.get("skip_cache") is True)
+        return Response({"sandbox_template_version": version_representation(created)}, status=201)
+
+
 class SandboxTemplateVersionDetailView(SandboxTemplateDetailView):
+    def version(self, template_id: str, version_id: str) -> TemplateVersion:
+        return selectors.template_version_get(template=self.template(template_id), version_id=version_id)
+
     @extend_schema(responses=ANY)
     def get(self, request: Request, template_id: str, version_id: str) -> Response:
-        version = selectors.template_version_get(template=self.template(template_id),
-                                                 version_id=version_id)
-        return Response({"sandbox_template_version": version_representation(version)})
+        return Response({"sandbox_template_version": version_representation(
+            self.version(template_id, version_id))})
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, template_id: str, version_id: str) -> Response:
+        services.template_version_delete(user=self.user, version=self.version(template_id, version_id))
+        return Response(status=204)
+
+
+class SandboxTemplateVersionBuildLogsView(SandboxTemplateVersionDetailView):
+    """`GET .../versions/{vid}/build_logs?offset=N&limit=M`: the log from line `offset` on."""
+
+    @extend_schema(operation_id="sandbox_template_version_build_logs", responses=ANY)
+    def get(self, request: Request, template_id: str, version_id: str) -> Response:
+        from templates_app.builds import build_log_entries
+
+        version = self.version(template_id, version_id)
+        offset = _query_int(request, "offset", 0)
+        limit = min(_query_int(request, "limit", 1000), 5000)
+        entries = build_log_entries(version=version, offset=offset)[:limit]
+        return Response({"sandbox_template_version_build_logs": {
+            "template_version_id": version.pk, "status": version.status,
+            "next_offset": entries[-1].index + 1 if entries else offset,
+            "entries": [{"index": e.index, "timestamp": iso(e.at), "level": e.level, "message": e.message}
+                        for e in entries]}})
+
+
+def _query_int(request: Request, key: str, default: int) -> int:
+    raw = request.query_params.get(key)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise errors.Invalid(f"{key} must be a non-negative integer.", errors=[f"{key}: invalid"])
+    return int(raw)
+
+
+def _shape(body: dict[str, Any], cpu_key: str, memory_key: str) -> tuple[int, int]:
+    """vCPUs and memory for a version, defaulted and checked against the sandbox limits."""
+    from django.conf import settings
+
+    from sandboxes.api.parsing import parse_shape
+
+    cpu = _positive(body, cpu_key, settings.SANDBOX_FALLBACK_CPU)
+    memory = _positive(body, memory_key, settings.SANDBOX_FALLBACK_MEMORY_MB)
+    parse_shape({"cpu_count": cpu, "memory_mb": memory})
+    return cpu, memory
 
 
 class TemplateAliasView(ApiView):
@@ -161,9 +236,6 @@ class TemplateBuildView(ApiView):
 
     @extend_schema(request=ANY, responses={201: ANY})
     def post(self, request: Request) -> Response:
-        from django.conf import settings
-
-        from sandboxes.api.parsing import parse_shape
         from templates_app.builds import template_build_start
 
         body = request.data if isinstance(request.data, dict) else {}
@@ -171,13 +243,12 @@ class TemplateBuildView(ApiView):
         if not re.match(r"^[a-z0-9][a-z0-9-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$", name):
             raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",
                                  errors=["name: invalid"])
-        cpu = _positive(body, "cpu_count", settings.SANDBOX_FALLBACK_CPU)
-        memory = _positive(body, "memory_mb", settings.SANDBOX_FALLBACK_MEMORY_MB)
-        parse_shape({"cpu_count": cpu, "memory_mb": memory})
+        cpu, memory = _shape(body, "cpu_count", "memory_mb")
         tags = _tags(body["tags"]) if body.get("tags") else []
         version = template_build_start(user=self.user, name=name, build_spec=body.get("build_spec") or {},
                                        cpu=cpu, memory_mb=memory, tags=tags,
-                                       team_slug=body.get("team") or team_param(request))
+                                       team_slug=body.get("team") or team_param(request),
+                                       skip_cache=body.get("skip_cache") is True)
         return Response({"template_build": _build_info(version)}, status=201)
 
 

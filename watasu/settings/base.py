@@ -48,6 +48,9 @@ DATA_PLANE_SCHEME = env.choice("WATASU_DATA_PLANE_SCHEME", "https", ("http", "ht
 # How long the edge waits on a silent guest agent (between bytes) before giving up; long
 # enough for a slow git clone, short enough to free a stuck connection eventually.
 EDGE_AGENT_TIMEOUT_SECONDS = env.int("WATASU_EDGE_AGENT_TIMEOUT_SECONDS", 600, min=1)
+# A build worker renews its build's lease every quarter of this; a build whose lease ran
+# out (the worker died) is failed by the builds sweep.
+TEMPLATE_BUILD_LEASE_SECONDS = env.int("WATASU_TEMPLATE_BUILD_LEASE_SECONDS", 120, min=4)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -231,6 +234,7 @@ else:
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
         "polling_interval": 0.2,
     }
