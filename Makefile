@@ -49,6 +49,7 @@ bench: setup
 	.venv/bin/python bench/api.py
 	.venv/bin/python bench/dataplane.py
 	.venv/bin/python bench/templates.py
+	.venv/bin/python bench/sweeps.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

@@ -22,16 +22,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
-os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench",
-                  WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings")
-os.environ.pop("REDIS_URL", None)
-sys.path.insert(0, str(ROOT))
+from common import (  # bench/ is on sys.path
+    ms,
+    percentile,
+    prepare_database,
+    start_uvicorn,
+    use_bench_environment,
+)
 
-from common import ms, percentile, prepare_database, start_uvicorn  # noqa: E402  (bench/ is on sys.path)
+ROOT = use_bench_environment()
 
 
 def driver_starts(runs: int) -> list[float]:

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def use_bench_environment(**extra: str) -> Path:
+    """Point Django at the benchmark database and data dir (call before importing Django
+    code); VMs get their own prefix, the broker is the embedded one. Returns the repo root."""
+    database = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
+    os.environ.update(DATABASE_URL=database, WATASU_DATA_DIR="/tmp/watasu-bench",
+                      WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings", **extra)
+    os.environ.pop("REDIS_URL", None)
+    sys.path.insert(0, str(ROOT))
+    return ROOT
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -25,7 +39,6 @@ def prepare_database(root: Path) -> None:
 
 def start_uvicorn(root: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     """uvicorn serving the platform on `port`, once it answers."""
-    import os
     import time
     import urllib.request
 

@@ -24,20 +24,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import requests
+from common import (  # bench/ on sys.path
+    ms,
+    percentile,
+    prepare_database,
+    start_uvicorn,
+    use_bench_environment,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
 PORT = 18000 + secrets.randbelow(1000)
-os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench",
-                  WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings",
-                  WATASU_PUBLIC_URL=f"http://127.0.0.1:{PORT}")
-os.environ.pop("REDIS_URL", None)
-sys.path.insert(0, str(ROOT))
-
-from common import ms, percentile, prepare_database, start_uvicorn  # noqa: E402  (bench/ on sys.path)
+ROOT = use_bench_environment(WATASU_PUBLIC_URL=f"http://127.0.0.1:{PORT}")
 
 
 def rss_kib(pid: int) -> int:

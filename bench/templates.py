@@ -13,20 +13,12 @@ Uses PostgreSQL database `watasu_bench` (created when missing) and its own data 
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
-os.environ.update(DATABASE_URL=DATABASE_URL, WATASU_DATA_DIR="/tmp/watasu-bench",
-                  WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings")
-os.environ.pop("REDIS_URL", None)
-sys.path.insert(0, str(ROOT))
+from common import percentile, prepare_database, use_bench_environment  # bench/ is on sys.path
 
-from common import percentile, prepare_database  # noqa: E402  (bench/ is on sys.path)
+ROOT = use_bench_environment()
 
 WAIT_FOR_PORT = ("python3 - <<'PY'\nimport socket\ns=socket.create_connection(('127.0.0.1', 8000), 5)\n"
                  "s.close()\nPY")
@@ -84,7 +76,7 @@ def main() -> None:
     p50 = {name: percentile(values, 0.5) for name, values in
            (("first", first), ("cached", cached), ("changed", changed))}
     print(f"first build p50 {p50['first']:.1f} s; cached rebuild p50 {p50['cached']:.2f} s = "
-          f"{p50['cached'] / p50['first'] * 100:.1f} % of the first (target <= 10 %); "
+          f"{p50['cached'] / p50['first'] * 100:.2f} % of the first (target <= 10 %); "
           f"last step changed p50 {p50['changed']:.1f} s = {p50['changed'] / p50['first'] * 100:.0f} %")
 
 

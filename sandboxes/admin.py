@@ -6,17 +6,28 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from sandboxes.models import Host, Sandbox, SandboxEvent
+from sandboxes.models import Host, Sandbox, SandboxEvent, SandboxState, SweepRun
 from sandboxes.services import sandbox_destroy
+from sandboxes.sweeps import SWEEPS, sweep_run
 
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
+    """A down host gets no placements; its sandboxes stay listed (`ready`/`stopped` counts)."""
+
     list_display = ["name", "state", "libvirt_uri", "cpu_capacity", "memory_capacity_mb",
-                    "last_seen_at"]
+                    "last_seen_at", "running_sandboxes", "stopped_sandboxes"]
     list_filter = ["state"]
     search_fields = ["name", "libvirt_uri"]
     readonly_fields = ["created_at", "last_seen_at"]
+
+    @admin.display(description="ready")
+    def running_sandboxes(self, host: Host) -> int:
+        return host.sandboxes.filter(state=SandboxState.READY).count()
+
+    @admin.display(description="stopped")
+    def stopped_sandboxes(self, host: Host) -> int:
+        return host.sandboxes.filter(state=SandboxState.STOPPED).count()
 
 
 class EventInline(admin.TabularInline):
@@ -46,7 +57,38 @@ class SandboxAdmin(admin.ModelAdmin):
     list_select_related = ["team", "host"]
     search_fields = ["id", "team__slug", "route_token", "name"]
     readonly_fields = ["state", "route_token", "vm_uuid", "agent_port", "session_epoch", "created_at",
-                       "started_at", "ready_at", "ended_at", "updated_at", "last_error"]
+                       "started_at", "ready_at", "ended_at", "purged_at", "updated_at", "last_error"]
     exclude = ["env_vars_encrypted", "agent_secret_encrypted"]
     inlines = [EventInline]
     actions = [force_destroy]
+
+
+@admin.action(description="Run the selected sweeps now")
+def run_sweeps(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[SweepRun]) -> None:
+    for run in queryset:
+        try:
+            result = sweep_run(run.name)
+        except Exception as exc:
+            modeladmin.message_user(request, f"{run.name}: {exc}", messages.ERROR)
+            continue
+        modeladmin.message_user(request, f"{run.name}: {result}", messages.SUCCESS)
+
+
+@admin.register(SweepRun)
+class SweepRunAdmin(admin.ModelAdmin):
+    """Every sweep with its last run; select some and run them now."""
+
+    list_display = ["name", "runs", "last_started_at", "last_finished_at", "last_result", "last_error"]
+    readonly_fields = list_display
+    actions = [run_sweeps]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):  # type: ignore[no-untyped-def,type-arg]
+        for name in SWEEPS:  # every sweep is listed, run or not
+            SweepRun.objects.get_or_create(name=name)
+        return super().changelist_view(request, extra_context)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

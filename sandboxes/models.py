@@ -109,6 +109,10 @@ class Sandbox(models.Model):
     ready_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # When the VM, its saved memory and its disk were removed. Failed and lost sandboxes
+    # keep their disk for the retention period (for inspection), then the retention
+    # sweep purges them; destroy and expiry purge at once.
+    purged_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -116,6 +120,8 @@ class Sandbox(models.Model):
             models.Index(fields=["team", "state"], name="sandbox_team_state"),
             # Newest-first pages of one team walk this index backwards and stop at `limit`.
             models.Index(fields=["team", "-id"], name="sandbox_team_newest"),
+            # The deadline sweep's scan: running sandboxes by deadline.
+            models.Index(fields=["state", "deadline_at"], name="sandbox_state_deadline"),
         ]
 
     def __str__(self) -> str:
@@ -140,3 +146,20 @@ class SandboxEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.sandbox_id}: {self.from_state or '-'} -> {self.to_state}"
+
+
+class SweepRun(models.Model):
+    """The last run of one sweep (`sandboxes.sweeps.SWEEPS`), for operators."""
+
+    name = models.CharField(max_length=50, unique=True)
+    runs = models.PositiveIntegerField(default=0)
+    last_started_at = models.DateTimeField(null=True, blank=True)
+    last_finished_at = models.DateTimeField(null=True, blank=True)
+    last_result = models.JSONField(default=dict, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

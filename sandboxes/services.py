@@ -13,12 +13,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
@@ -171,7 +172,7 @@ def _reserve(*, team: Team, user: User, version: TemplateVersion, spec: CreateSp
 
 def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
     logger.exception("sandbox %s failed to start", sandbox.pk)
-    vm.destroy(sandbox)
+    sandbox_purge(sandbox)
     sandbox_transition(sandbox=sandbox, from_states=[S.CREATING], to_state=S.FAILED,
                        reason="start failed", last_error=str(exc)[:2000], ended_at=timezone.now())
     return errors.Unavailable(f"Sandbox {sandbox.pk} failed to start: {exc}",
@@ -308,7 +309,54 @@ def sandbox_destroy(*, sandbox: Sandbox, reason: str = "destroy") -> Sandbox:
     """Destroy from any state; idempotent. Revokes every session token."""
     live = [state for state in S.values if state != S.DESTROYED]
     if sandbox_transition(sandbox=sandbox, from_states=live, to_state=S.DESTROYED, reason=reason,
-                          ended_at=timezone.now(), session_epoch=F("session_epoch") + 1,
-                          agent_port=None, agent_secret_encrypted=""):
-        vm.destroy(sandbox)
+                          ended_at=Coalesce(F("ended_at"), timezone.now()),
+                          session_epoch=F("session_epoch") + 1, agent_port=None, agent_secret_encrypted=""):
+        sandbox_purge(sandbox)
     return sandbox
+
+
+def sandbox_purge(sandbox: Sandbox) -> bool:
+    """Remove the VM, saved memory and disk; record it (purged_at) if the runtime agreed."""
+    return sandboxes_purge([sandbox]) == 1
+
+
+def sandboxes_purge(sandboxes: Iterable[Sandbox]) -> int:
+    """`sandbox_purge` for many: one VM removal each, one update for all that went."""
+    purged = [sandbox.pk for sandbox in sandboxes if vm.destroy(sandbox)]
+    Sandbox.objects.filter(pk__in=purged).update(purged_at=timezone.now())
+    return len(purged)
+
+
+# --- many at once (the sweeps) -------------------------------------------------------------
+
+
+def sandboxes_transition(*, ids: Iterable[int], from_states: Iterable[str], to_state: str, reason: str,
+                         unchanged_since: datetime | None = None, **fields: Any) -> list[Sandbox]:
+    """`sandbox_transition` for a batch in one transaction: rows still in ``from_states``
+    (and, with ``unchanged_since``, not updated since then) move; the others are left.
+
+    Rows another transaction holds are skipped, not waited for. Returns the moved rows.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        rows = Sandbox.objects.select_for_update(skip_locked=True).filter(
+            pk__in=list(ids), state__in=list(from_states))
+        if unchanged_since is not None:
+            rows = rows.filter(updated_at__lt=unchanged_since)
+        moved = list(rows.values_list("pk", "state"))
+        if not moved:
+            return []
+        Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).update(state=to_state, updated_at=now,
+                                                                     **fields)
+        SandboxEvent.objects.bulk_create(SandboxEvent(sandbox_id=pk, from_state=state, to_state=to_state,
+                                                      at=now, reason=reason[:200]) for pk, state in moved)
+    return list(Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).select_related("host"))
+
+
+def sandboxes_expire(*, ids: Iterable[int], now: datetime) -> list[Sandbox]:
+    """Deadline passed with on_timeout kill: `expired`, sessions revoked, VM and disk removed."""
+    expired = sandboxes_transition(
+        ids=ids, from_states=[S.READY], to_state=S.EXPIRED, reason="timeout", ended_at=now,
+        session_epoch=F("session_epoch") + 1, agent_port=None, agent_secret_encrypted="")
+    sandboxes_purge(expired)
+    return expired

@@ -404,11 +404,19 @@ def _build(version: TemplateVersion, host: Host, log: BuildLog) -> Path:
     memory image and its overlay on ``base.qcow2``): everything the version needs and
     nothing another version needs.
     """
-    spec = version.build_spec
     plan = _plan(version)
     root = Path(host.data_dir) / "templates" / version.template.slug
     home = root / f"{version.version}-{uuid.uuid4().hex[:8]}"
     home.mkdir(parents=True)
+    try:
+        return _build_into(version, host, log, plan, home)
+    except BaseException:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
+
+
+def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan, home: Path) -> Path:
+    spec = version.build_spec
     last_key = plan.keys[-1] if plan.keys else layers.base_key(plan.parent)
     key = layers.artifact_key(last_key, spec, plan.env, version.cpu, version.memory_mb)
     TemplateVersion.objects.filter(pk=version.pk).update(cache_key=key)
@@ -536,7 +544,7 @@ def template_build_run(*, version_id: int) -> None:
     with transaction.atomic():
         done = TemplateVersion.objects.filter(pk=version.pk, status=VersionStatus.BUILDING).update(
             status=VersionStatus.READY, host=host, artifact_dir=str(artifact), lease_expires_at=None,
-            size_bytes=sum(f.stat().st_blocks * 512 for f in artifact.rglob("*") if f.is_file()),
+            size_bytes=sum(f.stat().st_blocks * 512 for f in artifact.parent.rglob("*") if f.is_file()),
             built_at=timezone.now())
         if done:
             for tag in version.build_spec.get("tags", []):

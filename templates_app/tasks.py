@@ -20,10 +20,3 @@ def template_build_task(version_id: int) -> None:
 
     template_build_run(version_id=version_id)
 
-
-@shared_task(name="templates.builds_sweep", expires=60)
-def builds_sweep_task() -> dict[str, int]:
-    """Fail builds whose worker died (lease expired) and queue drafts nobody picked up."""
-    from templates_app.builds import builds_sweep
-
-    return builds_sweep()

@@ -134,14 +134,22 @@ def base_version_row(local_host):  # type: ignore[no-untyped-def]
                                           artifact_dir="/nonexistent")
 
 
+def helper_process_env(**extra: str) -> dict[str, str]:
+    """Environment for a helper process (worker, beat, web) on the test database,
+    naming VMs like the tests. The test must use `django_db(transaction=True)`."""
+    database = connection.settings_dict
+    if connection.vendor == "postgresql":
+        url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    else:
+        url = f"sqlite:///{database['NAME']}"
+    return {**os.environ, "WATASU_VM_PREFIX": VM_TEST_PREFIX, "DATABASE_URL": url, **extra}
+
+
 @contextlib.contextmanager
-def celery_worker(env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """A real Celery worker process (solo pool) on the configured broker, stopped afterwards."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "watasu", "worker", "--pool", "solo",
-         "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-        cwd=Path(__file__).resolve().parent.parent, env=env or os.environ.copy(),
-    )
+def _helper_process(argv: list[str], env: dict[str, str] | None) -> Iterator[subprocess.Popen[bytes]]:
+    """A Celery process of the project, terminated (then killed) when the block ends."""
+    process = subprocess.Popen([sys.executable, "-m", "celery", "-A", "watasu", *argv],
+                               cwd=Path(__file__).resolve().parent.parent, env=env or os.environ.copy())
     try:
         yield process
     finally:
@@ -150,3 +158,16 @@ def celery_worker(env: dict[str, str] | None = None) -> Iterator[subprocess.Pope
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def celery_beat(env: dict[str, str], schedule: Path) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
+    """A real Celery beat process sending the settings' schedule."""
+    return _helper_process(["beat", "--loglevel", "WARNING", "--schedule", str(schedule)], env)
+
+
+def celery_worker(env: dict[str, str] | None = None) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
+    """A real Celery worker process (solo pool) on the configured broker."""
+    return _helper_process(["worker", "--pool", "solo", "--loglevel", "WARNING", "--without-mingle",
+                            "--without-gossip"], env)

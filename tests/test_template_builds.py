@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -10,10 +9,9 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection
 
 from templates_app.builds import build_steps
-from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker
+from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker, helper_process_env
 from tests.edge_support import ServerThread
 from tests.sdk import run_scenario
 
@@ -32,12 +30,8 @@ def test_build_spec_becomes_ordered_steps() -> None:
 @pytest.fixture
 def build_worker(require_postgres) -> Iterator[subprocess.Popen[bytes]]:  # type: ignore[no-untyped-def]
     """A real Celery worker on the test database and broker, naming VMs like the tests."""
-    database = connection.settings_dict
-    env = {**os.environ, "WATASU_VM_PREFIX": VM_TEST_PREFIX,
-           "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/"
-                           f"{database['NAME']}"}
     assert django_settings.REDIS_URL, "builds need the Redis broker in tests"
-    with celery_worker(env) as worker:
+    with celery_worker(helper_process_env()) as worker:
         yield worker
 
 

@@ -30,6 +30,8 @@ def driver_for(host: Host) -> LibvirtDriver:
 
     key = (os.getpid(), host.libvirt_uri, host.data_dir)
     with _lock:
+        if key in _drivers and not _drivers[key].conn.isAlive():  # libvirtd restarted: reconnect
+            _drivers.pop(key).close_quietly()
         if key not in _drivers:
             _drivers[key] = LibvirtDriver(uri=host.libvirt_uri, accel=settings.RUNTIME_ACCEL,
                                           state_dir=Path(host.data_dir) / "sandboxes")

@@ -119,6 +119,15 @@ class RuntimeDriver(Protocol):
     def list_domains(self, prefix: str) -> list[str]:
         """Names of all domains (running or not) starting with ``prefix``."""
 
+    def domain_status(self, name: str) -> str:
+        """running | saved (stopped with saved memory) | shutoff | absent."""
+
+    def domain_statuses(self, prefix: str) -> dict[str, str]:
+        """``domain_status`` of every domain whose name starts with ``prefix``."""
+
+    def alive(self) -> bool:
+        """Whether the hypervisor answers."""
+
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A port the kernel considers free right now (racy by nature; QEMU fails loudly)."""

@@ -9,6 +9,7 @@ write a per-clone copy of the template's save image with the clone's identity in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -269,9 +270,11 @@ class LibvirtDriver:
 
     def destroy(self, name: str) -> None:
         """Stop, undefine (incl. managed save) and delete disk + sandbox files. Idempotent."""
-        disk = self._disk_path(name)
+        # A domain already undefined (stopped and kept for inspection) has its disk at the
+        # conventional place.
+        disk = self._disk_path(name) or self.state_dir / f"{name}.qcow2"
         self._undefine(name)
-        if disk is not None and disk.parent != self.sandbox_dir(name):
+        if disk.parent != self.sandbox_dir(name):
             disk.unlink(missing_ok=True)
         shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)
 
@@ -341,5 +344,42 @@ class LibvirtDriver:
     def list_domains(self, prefix: str) -> list[str]:
         return sorted(d.name() for d in self.conn.listAllDomains(0) if d.name().startswith(prefix))
 
+    @staticmethod
+    def _status(dom: libvirt.virDomain) -> str:
+        if dom.isActive():
+            state = dom.info()[0]
+            live = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED)
+            return "running" if state in live else "shutoff"
+        return "saved" if dom.hasManagedSaveImage(0) else "shutoff"
+
+    def domain_status(self, name: str) -> str:
+        """running | saved (stopped with a managed save) | shutoff | absent."""
+        try:
+            return self._status(self._domain(name))
+        except DomainNotFound:
+            return "absent"
+
+    def domain_statuses(self, prefix: str) -> dict[str, str]:
+        """``domain_status`` of every domain starting with ``prefix``, in one listing."""
+        statuses = {}
+        for dom in self.conn.listAllDomains(0):
+            if dom.name().startswith(prefix):
+                try:
+                    statuses[dom.name()] = self._status(dom)
+                except libvirt.libvirtError:  # undefined while we looked
+                    continue
+        return statuses
+
+    def alive(self) -> bool:
+        """Whether libvirt answers on this connection (a cheap round trip)."""
+        try:
+            return bool(self.conn.isAlive()) and self.conn.getLibVersion() > 0
+        except libvirt.libvirtError:
+            return False
+
     def close(self) -> None:
         self.conn.close()
+
+    def close_quietly(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()

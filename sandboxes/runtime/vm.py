@@ -76,18 +76,33 @@ def resume(sandbox: Sandbox) -> None:
     lifecycle.resume(driver_for(sandbox.host), sandbox.vm_name, agent_client(sandbox))
 
 
-def destroy(sandbox: Sandbox) -> None:
+def destroy(sandbox: Sandbox) -> bool:
     """Remove the domain, its memory image and disk. Idempotent; never raises.
 
-    A failure here leaves a VM the database calls destroyed; reconciliation
-    against libvirt removes such domains.
+    Returns False when the runtime refused (the row stays unpurged, so the retention
+    sweep tries again; reconciliation removes domains the database calls gone).
     """
     if sandbox.host is None:
-        return
+        return True
     try:
         driver_for(sandbox.host).destroy(sandbox.vm_name)
     except Exception:
-        logger.exception("could not destroy the VM of sandbox %s; reconciliation will", sandbox.pk)
+        logger.exception("could not destroy the VM of sandbox %s; the sweeps will", sandbox.pk)
+        return False
+    return True
+
+
+def forget(sandbox: Sandbox) -> None:
+    """Stop and undefine the domain, keeping its disk (failed/lost sandboxes, for inspection)."""
+    if sandbox.host is not None:
+        driver_for(sandbox.host).forget(sandbox.vm_name)
+
+
+def status(sandbox: Sandbox) -> str:
+    """The domain as libvirt sees it: running | saved | shutoff | absent."""
+    if sandbox.host is None:
+        return "absent"
+    return driver_for(sandbox.host).domain_status(sandbox.vm_name)
 
 
 def _iso_now() -> str:

@@ -240,4 +240,33 @@ else:
     }
     CELERY_RESULT_BACKEND = f"file://{DATA_DIR / 'celery-results'}"
 
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+# --- sweeps: what keeps the platform's promises while nobody calls it ----------------------
+# Every periodic job is here, run by Celery beat through the one task `sweeps.run`
+# (sandboxes/sweeps.py). Each works in batches of SWEEP_BATCH_SIZE and queues itself
+# again while a batch came back full; each message expires after its own interval, so
+# a stalled worker never collects a backlog of the same sweep.
+SWEEP_BATCH_SIZE = env.int("WATASU_SWEEP_BATCH_SIZE", 500, min=1)
+SWEEP_DEADLINE_INTERVAL_SECONDS = env.int("WATASU_SWEEP_DEADLINE_INTERVAL_SECONDS", 2, min=1)
+SWEEP_INTERVAL_SECONDS = {
+    "deadlines": SWEEP_DEADLINE_INTERVAL_SECONDS,  # timeouts: expired / stopped within seconds
+    "stuck": env.int("WATASU_SWEEP_STUCK_INTERVAL_SECONDS", 30, min=1),
+    "reconcile": env.int("WATASU_SWEEP_RECONCILE_INTERVAL_SECONDS", 60, min=1),
+    "hosts": env.int("WATASU_SWEEP_HOSTS_INTERVAL_SECONDS", 30, min=1),
+    "builds": env.int("WATASU_SWEEP_BUILDS_INTERVAL_SECONDS", 30, min=1),
+    "retention": env.int("WATASU_SWEEP_RETENTION_INTERVAL_SECONDS", 600, min=1),
+}
+# A sandbox still creating/restoring/stopping/checkpointing after this is reconciled
+# against libvirt (the process doing it died).
+SWEEP_STUCK_AFTER_SECONDS = env.int("WATASU_SWEEP_STUCK_AFTER_SECONDS", 300, min=1)
+# Failed and lost sandboxes keep their disk this long for inspection.
+SANDBOX_DISK_RETENTION_SECONDS = env.int("WATASU_SANDBOX_DISK_RETENTION_SECONDS", 86400, min=0)
+# Build cache layers nobody used for this long are evicted (leaves first).
+BUILD_LAYER_RETENTION_SECONDS = env.int("WATASU_BUILD_LAYER_RETENTION_SECONDS", 7 * 86400, min=0)
+# Files no row or domain claims are deleted once older than this (never a file in use).
+ORPHAN_FILE_GRACE_SECONDS = env.int("WATASU_ORPHAN_FILE_GRACE_SECONDS", 600, min=0)
+
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    f"sweep-{name}": {"task": "sweeps.run", "schedule": float(seconds), "args": [name],
+                      "options": {"expires": float(seconds)}}
+    for name, seconds in SWEEP_INTERVAL_SECONDS.items()
+}

@@ -1,0 +1,387 @@
+"""Sweeps: the jobs that keep the platform's promises when nobody is calling it.
+
+Each sweep is a function returning counts, safe to run twice at once and to rerun
+after a crash: every state change is a conditional transition, every file deletion
+is decided from the database at the moment of deletion. Each handles at most
+``SWEEP_BATCH_SIZE`` items per call and says ``more`` when it stopped at that bound;
+the `sweeps.run` task then queues itself again. Celery beat starts each on the
+interval in `settings.SWEEP_INTERVAL_SECONDS`; operators run them from the admin
+(`Sweep runs`) or with `manage.py sweep`.
+
+- deadlines: ready sandboxes past their deadline -> `expired` (kill: VM and disk
+  removed) or `stopped` (pause: memory and disk kept).
+- stuck: sandboxes left creating/restoring/stopping/checkpointing by a process that
+  died -> their true state as libvirt shows it, or `failed`.
+- reconcile: each up host's domains against the rows, both ways: a domain no live
+  row owns is removed; a ready/stopped sandbox whose VM vanished becomes `lost`.
+- hosts: a host whose libvirt does not answer is `down` (placement skips it), and its
+  sandboxes are reported; it is `up` again when libvirt answers.
+- retention: purge disks of failed/lost sandboxes after the retention period, files
+  no row owns, unused build layers, files of deleted template versions, expired
+  idempotency records.
+- builds: template builds whose worker died (lease expired) -> failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, F, ProtectedError, Q
+from django.utils import timezone
+
+from sandboxes import services
+from sandboxes.models import Host, HostState, OnTimeout, Sandbox, SandboxState, SweepRun
+from sandboxes.runtime import driver_for, vm
+from watasu import errors
+
+logger = logging.getLogger(__name__)
+
+S = SandboxState
+Result = dict[str, Any]
+
+
+def _batch() -> int:
+    return settings.SWEEP_BATCH_SIZE
+
+
+# --- deadlines ----------------------------------------------------------------------------
+
+
+def deadline_sweep(*, now: datetime | None = None) -> Result:
+    """Ready sandboxes past their deadline, oldest deadline first."""
+    now = now or timezone.now()
+    due = list(Sandbox.objects.filter(state=S.READY, deadline_at__lte=now).order_by("deadline_at")
+               .values_list("pk", "on_timeout")[:_batch()])
+    kill = [pk for pk, on_timeout in due if on_timeout != OnTimeout.PAUSE]
+    expired = services.sandboxes_expire(ids=kill, now=now)
+    paused = failed = 0
+    for sandbox in Sandbox.objects.filter(pk__in=[pk for pk, on in due if on == OnTimeout.PAUSE]):
+        try:
+            services.sandbox_pause(sandbox=sandbox, reason="timeout")
+            paused += 1
+        except errors.DomainError as exc:  # busy, or the pause failed (retried next sweep)
+            logger.warning("timeout pause of sandbox %s: %s", sandbox.pk, exc)
+            failed += 1
+    return {"expired": len(expired), "stopped": paused, "errors": failed, "more": len(due) == _batch()}
+
+
+# --- stuck transitional states ---------------------------------------------------------------
+
+
+def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
+    """Move one stuck sandbox to what libvirt says is true; returns the state chosen."""
+    state = sandbox.state
+
+    def move(to: str, reason: str, **fields: Any) -> str:
+        moved = services.sandboxes_transition(ids=[sandbox.pk], from_states=[state], to_state=to,
+                                              reason=reason, unchanged_since=since, **fields)
+        return to if moved else "unchanged"
+
+    now = timezone.now()
+    if state == S.CREATING:
+        # The process that was creating it died holding the new agent secret: the VM,
+        # if any, cannot be handed out. Remove it; the create failed.
+        services.sandbox_purge(sandbox)
+        return move(S.FAILED, "create interrupted", ended_at=now,
+                    last_error="The process creating this sandbox stopped before it was ready.")
+    if state in (S.STOPPING, S.RESTORING) and status == "saved":
+        return move(S.STOPPED, f"{state} interrupted; memory is saved")
+    if status == "running":
+        if state == S.RESTORING:
+            try:  # the guest runs: finish what resume does after starting it (clock resync)
+                client = vm.agent_client(sandbox)
+                client.wait_ready(10)
+                client.init(auth=client.secret or "", secret=client.secret or "", hostname=sandbox.vm_name)
+            except Exception:  # the guest does not answer: nothing to hand out
+                vm.forget(sandbox)
+                return move(S.FAILED, "resume interrupted; the guest did not answer", ended_at=now)
+            return move(S.READY, "resume interrupted; the VM runs", ready_at=now,
+                        deadline_at=now + timedelta(seconds=sandbox.timeout))
+        return move(S.READY, f"{state} interrupted; the VM runs")
+    vm.forget(sandbox)
+    return move(S.LOST, f"{state} interrupted; the VM is gone", ended_at=now)
+
+
+def stuck_sweep(*, now: datetime | None = None) -> Result:
+    """Sandboxes in a transitional state for longer than ``SWEEP_STUCK_AFTER_SECONDS``."""
+    now = now or timezone.now()
+    since = now - timedelta(seconds=settings.SWEEP_STUCK_AFTER_SECONDS)
+    stuck = list(Sandbox.objects.filter(state__in=services.BUSY_STATES, updated_at__lt=since,
+                                        host__state=HostState.UP)
+                 .select_related("host").order_by("updated_at")[:_batch()])
+    outcomes: dict[str, int] = {}
+    for sandbox in stuck:
+        try:
+            outcome = _recover(sandbox, vm.status(sandbox), since)
+        except Exception:  # libvirt trouble: the hosts sweep deals with it; try again later
+            logger.exception("could not recover stuck sandbox %s", sandbox.pk)
+            outcome = "error"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"recovered": outcomes, "more": len(stuck) == _batch()}
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+
+def _sandbox_pk(name: str) -> int | None:
+    suffix = name.removeprefix(settings.RUNTIME_VM_PREFIX)
+    return int(suffix) if suffix.isdigit() else None
+
+
+def _build_pk(name: str) -> int | None:
+    match = re.fullmatch(r"build-(\d+)(-final)?", name.removeprefix(settings.RUNTIME_VM_PREFIX))
+    return int(match.group(1)) if match else None
+
+
+def _reconcile_host(host: Host) -> Result:
+    from templates_app.models import TemplateVersion, VersionStatus
+
+    driver = driver_for(host)
+    listed_at = timezone.now()
+    domains = driver.domain_statuses(settings.RUNTIME_VM_PREFIX)
+    # libvirt -> database: domains no live row owns.
+    pks = {name: _sandbox_pk(name) for name in domains}
+    rows = {row.pk: row for row in Sandbox.objects.filter(pk__in=[pk for pk in pks.values() if pk])}
+    building = set(TemplateVersion.objects.filter(
+        pk__in=[pk for pk in map(_build_pk, domains) if pk], status=VersionStatus.BUILDING)
+        .values_list("pk", flat=True))
+    removed = kept_disks = 0
+    for name in domains:
+        pk = pks[name]
+        row = rows.get(pk) if pk is not None else None
+        if pk is None:
+            if _build_pk(name) in building:
+                continue
+            driver.destroy(name)  # a build VM of no running build, or a name we never give
+            removed += 1
+        elif row is None or row.host_id != host.pk or row.state in (S.DESTROYED, S.EXPIRED):
+            driver.destroy(name)
+            removed += 1
+        elif row.state in (S.FAILED, S.LOST):
+            driver.forget(name)  # stop it, keep the disk until the retention sweep
+            kept_disks += 1
+    # database -> libvirt: ready/stopped rows whose VM is not what they claim. Only rows
+    # unchanged since the listing count: a row that moved meanwhile is judged next time.
+    lost = saved = 0
+    ready = (Sandbox.objects.filter(host=host, state=S.READY, updated_at__lt=listed_at)
+             .values_list("pk", flat=True))
+    was_saved = [pk for pk in ready.iterator(chunk_size=2000)
+                 if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "saved"]
+    for start in range(0, len(was_saved), _batch()):  # paused outside the platform: memory is kept
+        saved += len(services.sandboxes_transition(
+            ids=was_saved[start:start + _batch()], from_states=[S.READY], to_state=S.STOPPED,
+            reason="the VM was saved outside the platform", unchanged_since=listed_at))
+    for state, good in ((S.READY, {"running", "saved"}), (S.STOPPED, {"saved", "running"})):
+        candidates = Sandbox.objects.filter(host=host, state=state, updated_at__lt=listed_at).only("pk")
+        vanished = [s.pk for s in candidates.iterator(chunk_size=2000)
+                    if domains.get(f"{settings.RUNTIME_VM_PREFIX}{s.pk}", "absent") not in good]
+        for start in range(0, len(vanished), _batch()):
+            moved = services.sandboxes_transition(
+                ids=vanished[start:start + _batch()], from_states=[state], to_state=S.LOST,
+                reason="the VM vanished", unchanged_since=listed_at, ended_at=timezone.now(),
+                agent_port=None, last_error="The VM stopped existing outside the platform's control.")
+            for sandbox in moved:
+                driver.forget(sandbox.vm_name)
+            lost += len(moved)
+    return {"domains": len(domains), "removed": removed, "stopped_for_retention": kept_disks,
+            "lost": lost, "stopped": saved}
+
+
+def reconcile_sweep(*, now: datetime | None = None) -> Result:
+    """Every up host's libvirt domains against the database, both ways."""
+    results = {}
+    for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
+        try:
+            results[host.name] = _reconcile_host(host)
+        except Exception as exc:  # the hosts sweep marks it down; never guess from a failed listing
+            logger.exception("reconciliation of host %s failed", host.name)
+            results[host.name] = {"error": str(exc)[:500]}
+    return {"hosts": results, "more": False}
+
+
+# --- host health --------------------------------------------------------------------------
+
+
+def host_health_sweep(*, now: datetime | None = None) -> Result:
+    """Mark hosts whose libvirt does not answer down (no placements), and back up."""
+    now = now or timezone.now()
+    report = {}
+    for host in Host.objects.all():
+        try:
+            alive = driver_for(host).alive()
+        except Exception:  # cannot even connect
+            alive = False
+        if alive:
+            Host.objects.filter(pk=host.pk).update(last_seen_at=now)
+            Host.objects.filter(pk=host.pk, state=HostState.DOWN).update(state=HostState.UP)
+            report[host.name] = "up" if host.state != HostState.DRAINING else "draining"
+            continue
+        Host.objects.filter(pk=host.pk).exclude(state=HostState.DOWN).update(state=HostState.DOWN)
+        stranded = {row["state"]: row["n"] for row in Sandbox.objects.filter(
+            host=host, state__in=[S.READY, S.STOPPED, *services.BUSY_STATES])
+            .values("state").annotate(n=Count("pk")).order_by("state")}
+        report[host.name] = {"state": "down", "sandboxes": stranded}
+        logger.error("host %s: libvirt does not answer; marked down; sandboxes on it: %s",
+                     host.name, stranded)
+    return {"hosts": report, "more": False}
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+def _old(path: Path, now: float) -> bool:
+    try:
+        return now - path.lstat().st_mtime > settings.ORPHAN_FILE_GRACE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _purge_retained(now: datetime) -> int:
+    """Failed/lost sandboxes past the retention period (and any terminal row whose
+    purge did not happen): VM definition, saved memory and disk removed."""
+    cutoff = now - timedelta(seconds=settings.SANDBOX_DISK_RETENTION_SECONDS)
+    due = (Sandbox.objects.filter(purged_at__isnull=True)
+           .filter(Q(state__in=[S.FAILED, S.LOST], ended_at__lt=cutoff)
+                   | Q(state__in=[S.EXPIRED, S.DESTROYED]))
+           .select_related("host").order_by("pk")[:_batch()])
+    return services.sandboxes_purge(due)
+
+
+def _orphan_sandbox_files(host: Host, now: float) -> int:
+    """Disks and directories in the host's sandbox dir that no unpurged row owns."""
+    state_dir = Path(host.data_dir) / "sandboxes"
+    if not state_dir.is_dir():
+        return 0
+    owners: dict[Path, int | None] = {}
+    for path in state_dir.iterdir():
+        stem = path.name.removesuffix(".qcow2")
+        owners[path] = _sandbox_pk(stem) if stem.startswith(settings.RUNTIME_VM_PREFIX) else None
+    live = set(Sandbox.objects.filter(pk__in=[pk for pk in owners.values() if pk], purged_at__isnull=True)
+               .values_list("pk", flat=True))
+    in_use = set(driver_for(host).domain_statuses(settings.RUNTIME_VM_PREFIX))
+    removed = 0
+    for path, pk in owners.items():
+        if pk is None or pk in live or path.name.removesuffix(".qcow2") in in_use or not _old(path, now):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
+    """Unregistered layer files (a build that died) and unused leaf layers."""
+    from templates_app.layers import layers_dir
+    from templates_app.models import BuildLayer, TemplateVersion, VersionStatus
+
+    directory = layers_dir(host)
+    registered = set(BuildLayer.objects.filter(host=host).values_list("path", flat=True))
+    building = TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
+    orphans = 0
+    if not building:  # a running build's newest layer is not registered yet
+        for path in directory.iterdir():
+            if str(path) not in registered and _old(path, now.timestamp()):
+                path.unlink(missing_ok=True)
+                orphans += 1
+    cutoff = now - timedelta(seconds=settings.BUILD_LAYER_RETENTION_SECONDS)
+    evicted = 0
+    leaves = BuildLayer.objects.filter(host=host, last_used_at__lt=cutoff, children__isnull=True)
+    for layer in leaves[:_batch()]:
+        try:
+            layer.delete()  # PROTECT: a layer something still builds on cannot go
+        except ProtectedError:
+            continue
+        Path(layer.path).unlink(missing_ok=True)
+        evicted += 1
+    return orphans, evicted
+
+
+def _deleted_versions(host: Host) -> int:
+    """Files of deleted template versions nothing references any more."""
+    from templates_app.models import TemplateVersion
+
+    templates_root = (Path(host.data_dir) / "templates").resolve()
+    removed = 0
+    deleted = TemplateVersion.objects.filter(host=host, deleted_at__isnull=False).exclude(artifact_dir="")
+    for version in deleted:
+        if (Sandbox.objects.filter(template_version=version, purged_at__isnull=True).exists()
+                or version.child_layers.exists()):
+            continue  # stopped sandboxes run on its disk; cached layers build on it
+        home = Path(version.artifact_dir).resolve().parent
+        if home.parent.parent == templates_root and home.name.startswith(version.version):
+            shutil.rmtree(home, ignore_errors=True)
+        TemplateVersion.objects.filter(pk=version.pk).update(artifact_dir="", size_bytes=0)
+        removed += 1
+    return removed
+
+
+def retention_sweep(*, now: datetime | None = None) -> Result:
+    """Purge retained disks, orphaned files, unused build layers, expired idempotency keys."""
+    from teams.models import IdempotencyRecord
+
+    now = now or timezone.now()
+    purged = _purge_retained(now)
+    expired_keys = IdempotencyRecord.objects.filter(
+        pk__in=list(IdempotencyRecord.objects.filter(expires_at__lt=now)
+                    .values_list("pk", flat=True)[:_batch()])).delete()[0]
+    files = layers = evicted = versions = 0
+    for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
+        files += _orphan_sandbox_files(host, now.timestamp())
+        orphan_layers, evicted_layers = _build_cache(host, now)
+        layers += orphan_layers
+        evicted += evicted_layers
+        versions += _deleted_versions(host)
+    return {"sandboxes_purged": purged, "idempotency_records": expired_keys, "orphan_files": files,
+            "orphan_layers": layers, "evicted_layers": evicted, "template_versions": versions,
+            "more": purged == _batch() or expired_keys == _batch()}
+
+
+# --- builds, and the registry ---------------------------------------------------------------
+
+
+def builds_sweep(*, now: datetime | None = None) -> Result:
+    """Fail template builds whose worker died (lease expired); queue forgotten drafts."""
+    from templates_app.builds import builds_sweep as sweep
+
+    return {**sweep(now=now), "more": False}
+
+
+SWEEPS: dict[str, Callable[..., Result]] = {
+    "deadlines": deadline_sweep,
+    "stuck": stuck_sweep,
+    "reconcile": reconcile_sweep,
+    "hosts": host_health_sweep,
+    "retention": retention_sweep,
+    "builds": builds_sweep,
+}
+
+
+def sweep_run(name: str, *, now: datetime | None = None) -> Result:
+    """Run one sweep once, recording when and what it did (`SweepRun`)."""
+    if name not in SWEEPS:
+        raise errors.NotFound(f"No sweep named {name!r}; sweeps: {', '.join(SWEEPS)}.")
+    started = timezone.now()
+    SweepRun.objects.get_or_create(name=name)
+    SweepRun.objects.filter(name=name).update(last_started_at=started)
+    clock = time.monotonic()
+    try:
+        result = SWEEPS[name](now=now)
+    except Exception as exc:
+        SweepRun.objects.filter(name=name).update(last_error=f"{type(exc).__name__}: {exc}"[:2000],
+                                                  last_finished_at=timezone.now())
+        raise
+    result["seconds"] = round(time.monotonic() - clock, 3)
+    SweepRun.objects.filter(name=name).update(runs=F("runs") + 1, last_finished_at=timezone.now(),
+                                              last_result=result, last_error="")
+    return result
+

@@ -1,0 +1,19 @@
+"""Celery tasks of the sandboxes app: the sweeps beat starts (see settings.CELERY_BEAT_SCHEDULE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+from django.conf import settings
+
+
+@shared_task(name="sweeps.run", bind=True, acks_late=False, time_limit=900)
+def sweep_task(self: Any, name: str) -> dict[str, Any]:
+    """Run one sweep; while it stops at its batch bound, queue it again right away."""
+    from sandboxes.sweeps import sweep_run
+
+    result = sweep_run(name)
+    if result.get("more"):
+        self.apply_async(args=[name], expires=float(settings.SWEEP_INTERVAL_SECONDS[name]))
+    return result
