@@ -55,22 +55,28 @@ def _batch() -> int:
 # --- deadlines ----------------------------------------------------------------------------
 
 
+# A pause writes the guest's memory to disk (seconds each), so one call pauses fewer
+# sandboxes than it expires; the rest wait for the call it queues next.
+PAUSES_PER_CALL = 8
+
+
 def deadline_sweep(*, now: datetime | None = None) -> Result:
     """Ready sandboxes past their deadline, oldest deadline first."""
     now = now or timezone.now()
-    due = list(Sandbox.objects.filter(state=S.READY, deadline_at__lte=now).order_by("deadline_at")
-               .values_list("pk", "on_timeout")[:_batch()])
-    kill = [pk for pk, on_timeout in due if on_timeout != OnTimeout.PAUSE]
+    due = Sandbox.objects.filter(state=S.READY, deadline_at__lte=now).order_by("deadline_at")
+    kill = list(due.exclude(on_timeout=OnTimeout.PAUSE).values_list("pk", flat=True)[:_batch()])
+    pause = list(due.filter(on_timeout=OnTimeout.PAUSE).select_related("host")[:PAUSES_PER_CALL])
     expired = services.sandboxes_expire(ids=kill, now=now)
     paused = failed = 0
-    for sandbox in Sandbox.objects.filter(pk__in=[pk for pk, on in due if on == OnTimeout.PAUSE]):
+    for sandbox in pause:
         try:
             services.sandbox_pause(sandbox=sandbox, reason="timeout")
             paused += 1
         except errors.DomainError as exc:  # busy, or the pause failed (retried next sweep)
             logger.warning("timeout pause of sandbox %s: %s", sandbox.pk, exc)
             failed += 1
-    return {"expired": len(expired), "stopped": paused, "errors": failed, "more": len(due) == _batch()}
+    return {"expired": len(expired), "stopped": paused, "errors": failed,
+            "more": len(kill) == _batch() or (len(pause) == PAUSES_PER_CALL and paused > 0)}
 
 
 # --- stuck transitional states ---------------------------------------------------------------

@@ -75,6 +75,18 @@ def outsider(db: None) -> Actor:
     return make_actor("outsider@other.test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _end_other_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Before the test database is dropped, end the sessions other threads keep open
+    (the edge's worker threads hold persistent connections, CONN_MAX_AGE)."""
+    yield
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
 @pytest.fixture
 def require_postgres() -> None:
     """Concurrency tests need real row locks and unique-constraint races."""

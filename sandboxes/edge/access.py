@@ -7,8 +7,10 @@ blocks other requests.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from django.db import close_old_connections
 
@@ -20,6 +22,8 @@ from sandboxes.sessions import session_verify
 from watasu import errors
 
 S = SandboxState
+P = ParamSpec("P")
+T = TypeVar("T")
 # A paused sandbox with auto_resume comes back for these (spec 6.3: file, directory and
 # process requests); git and watch work on files and processes too.
 AUTO_RESUME_STATES = frozenset({S.STOPPED, S.STOPPING, S.RESTORING})
@@ -54,8 +58,22 @@ class Upstream:
     secret: str = field(repr=False)
 
 
+def _outside_requests(function: Callable[P, T]) -> Callable[P, T]:
+    """Database use outside Django's request cycle (edge threads): drop stale connections
+    before, and connections past CONN_MAX_AGE after, as a request would."""
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        close_old_connections()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return wrapper
+
+
 def _sandbox(route_token: str) -> Sandbox:
-    close_old_connections()  # this runs outside Django's request cycle
     sandbox = Sandbox.objects.select_related("team", "host").filter(route_token=route_token).first()
     if sandbox is None or sandbox.state == S.DESTROYED:
         raise EdgeError(404, "sandbox_not_found", "No sandbox is served at this address.")
@@ -81,6 +99,7 @@ def _running(sandbox: Sandbox, *, resume: bool) -> Upstream:
     return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=secret)
 
 
+@_outside_requests
 def dataplane_upstream(route_token: str, token: str | None) -> Upstream:
     """The agent for a data-plane request carrying `Bearer <session token>`."""
     sandbox = _sandbox(route_token)
@@ -91,6 +110,7 @@ def dataplane_upstream(route_token: str, token: str | None) -> Upstream:
     return _running(sandbox, resume=True)
 
 
+@_outside_requests
 def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: str) -> Upstream:
     """The agent for a signed file URL (403 when the signature does not hold)."""
     sandbox = _sandbox(route_token)
@@ -100,6 +120,7 @@ def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: 
     return _running(sandbox, resume=True)
 
 
+@_outside_requests
 def preview_upstream(route_token: str) -> Upstream:
     """The agent for preview traffic: the route token is the capability (spec 6.13).
 
