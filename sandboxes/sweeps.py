@@ -286,11 +286,12 @@ def _orphan_sandbox_files(host: Host, now: float) -> int:
 
 
 def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
-    """Unregistered layer files (a build that died) and unused leaf layers."""
-    from templates_app.layers import layers_dir
+    """Layers whose file is gone, unregistered layer files (a build that died), unused leaves."""
+    from templates_app.layers import drop_missing, layers_dir
     from templates_app.models import BuildLayer, TemplateVersion, VersionStatus
 
     directory = layers_dir(host)
+    broken = drop_missing(host)
     registered = set(BuildLayer.objects.filter(host=host).values_list("path", flat=True))
     building = TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
     orphans = 0
@@ -309,7 +310,7 @@ def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
             continue
         Path(layer.path).unlink(missing_ok=True)
         evicted += 1
-    return orphans, evicted
+    return orphans, evicted + broken
 
 
 def _deleted_versions(host: Host) -> int:

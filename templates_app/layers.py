@@ -130,3 +130,25 @@ def link_artifact(snapshot_dir: Path, home: Path) -> Path:
             disk_path=dest / source.disk_path.name).write(tmp / lifecycle.SNAPSHOT_FILE)
     os.replace(tmp, dest)
     return dest
+
+
+def drop_missing(host: Host) -> int:
+    """Forget layers whose file is gone (deleted by hand, lost disk) and every layer built on
+    them, leaves first, deleting those descendants' files: a key must never point at a
+    chain that cannot be opened, or it could not be rebuilt either."""
+    doomed = {layer.pk for layer in BuildLayer.objects.filter(host=host) if not Path(layer.path).is_file()}
+    frontier = set(doomed)
+    while frontier:
+        frontier = set(BuildLayer.objects.filter(parent__in=frontier).values_list("pk", flat=True)) - doomed
+        doomed |= frontier
+    dropped = 0
+    while doomed:
+        leaves = list(BuildLayer.objects.filter(pk__in=doomed).exclude(children__in=doomed))
+        if not leaves:
+            break
+        for layer in leaves:
+            Path(layer.path).unlink(missing_ok=True)
+        BuildLayer.objects.filter(pk__in=[layer.pk for layer in leaves]).delete()
+        doomed -= {layer.pk for layer in leaves}
+        dropped += len(leaves)
+    return dropped

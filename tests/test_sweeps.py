@@ -210,3 +210,40 @@ def test_a_full_batch_queues_the_sweep_again_until_done(require_postgres, owner:
     run = SweepRun.objects.get(name="deadlines")
     assert run.runs == 7  # six full batches, then one that found nothing left
     assert Sandbox.objects.filter(pk__in=ids, state=S.EXPIRED, purged_at__isnull=False).count() == 1200
+
+
+def test_build_cache_retention_keeps_chains_whole(local_host, base_version_row, settings) -> None:
+    from templates_app.layers import layers_dir
+    from templates_app.models import BuildLayer
+
+    settings.BUILD_LAYER_RETENTION_SECONDS = 3600
+    settings.ORPHAN_FILE_GRACE_SECONDS = 60
+    directory = layers_dir(local_host)
+
+    def layer(key: str, parent: BuildLayer | None, *, age_hours: float, file: bool = True) -> BuildLayer:
+        path = directory / f"{key}.qcow2"
+        if file:
+            _touch(path, 7200)
+        row = BuildLayer.objects.create(host=local_host, key=key, parent=parent, base_version=base_version_row,
+                                        step="setup[0]", path=str(path))
+        BuildLayer.objects.filter(pk=row.pk).update(last_used_at=timezone.now() - timedelta(hours=age_hours))
+        return row
+
+    old_root = layer("old-root", None, age_hours=5)
+    old_leaf = layer("old-leaf", old_root, age_hours=5)
+    used_root = layer("used-root", None, age_hours=5)
+    used_leaf = layer("used-leaf", used_root, age_hours=0)  # used recently: its parent stays too
+    gone = layer("gone", None, age_hours=0, file=False)
+    on_gone = layer("on-gone", gone, age_hours=0)  # its backing file vanished: unusable
+    unregistered = _touch(directory / "crashed-build.qcow2", 7200)
+
+    sweeps.retention_sweep()
+    left = set(BuildLayer.objects.values_list("key", flat=True))
+    assert left == {"old-root", "used-root", "used-leaf"}  # one level per run: leaves first
+    assert not Path(old_leaf.path).exists() and not Path(on_gone.path).exists()
+    assert not unregistered.exists()
+
+    sweeps.retention_sweep()
+    assert set(BuildLayer.objects.values_list("key", flat=True)) == {"used-root", "used-leaf"}
+    assert not Path(old_root.path).exists()
+    assert Path(used_root.path).exists() and Path(used_leaf.path).exists()
