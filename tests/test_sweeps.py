@@ -224,8 +224,8 @@ def test_build_cache_retention_keeps_chains_whole(local_host, base_version_row, 
         path = directory / f"{key}.qcow2"
         if file:
             _touch(path, 7200)
-        row = BuildLayer.objects.create(host=local_host, key=key, parent=parent, base_version=base_version_row,
-                                        step="setup[0]", path=str(path))
+        row = BuildLayer.objects.create(host=local_host, key=key, parent=parent, step="setup[0]",
+                                        base_version=base_version_row, path=str(path))
         BuildLayer.objects.filter(pk=row.pk).update(last_used_at=timezone.now() - timedelta(hours=age_hours))
         return row
 
