@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from sandboxes import services
 from sandboxes.models import Host, HostState, OnTimeout, Sandbox, SandboxState, SweepRun
-from sandboxes.runtime import driver_for, vm
+from sandboxes.runtime import driver_for, lifecycle, vm
 from watasu import errors
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,8 @@ def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
         return move(S.STOPPED, f"{state} interrupted; memory is saved")
     if status == "running":
         if state == S.RESTORING:
-            try:  # the guest runs: finish what resume does after starting it (clock resync)
-                client = vm.agent_client(sandbox)
-                client.wait_ready(10)
-                client.init(auth=client.secret or "", secret=client.secret or "", hostname=sandbox.vm_name)
+            try:  # the guest runs: finish what resume does after starting it
+                lifecycle.resync(vm.agent_client(sandbox), sandbox.vm_name, timeout=10)
             except Exception:  # the guest does not answer: nothing to hand out
                 vm.forget(sandbox)
                 return move(S.FAILED, "resume interrupted; the guest did not answer", ended_at=now)
@@ -143,6 +141,7 @@ def _sandbox_pk(name: str) -> int | None:
 
 
 def _build_pk(name: str) -> int | None:
+    """The version id in a name of `templates_app.builds.build_vm_names`."""
     match = re.fullmatch(r"build-(\d+)(-final)?", name.removeprefix(settings.RUNTIME_VM_PREFIX))
     return int(match.group(1)) if match else None
 

@@ -351,7 +351,7 @@ def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cache
     turning each into a layer. Returns the layer files made, the last step's last."""
     driver = driver_for(host)
     directory = layers.layers_dir(host)
-    name = f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}"
+    name = build_vm_names(version.pk)[0]
     start = len(cached)
     top = directory / f"{plan.keys[start]}-{uuid.uuid4().hex[:8]}.qcow2"
     if cached:
@@ -451,7 +451,7 @@ def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan
                       disk=disk, kernel_version="")
     lifecycle.make_template_snapshot(image, home / layers.SNAPSHOT_DIR, driver_for(host),
                                      vcpus=version.cpu, memory_mb=version.memory_mb,
-                                     name=f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}-final",
+                                     name=build_vm_names(version.pk)[1],
                                      before_save=_start_and_wait_ready(spec, plan.env))
     return home / layers.SNAPSHOT_DIR
 
@@ -580,14 +580,18 @@ def builds_sweep(*, now: datetime | None = None) -> dict[str, int]:
     return {"failed": failed, "queued": queued}
 
 
+def build_vm_names(version_id: int) -> tuple[str, str]:
+    """The build VM running the steps, and the one taking the memory snapshot."""
+    name = f"{settings.RUNTIME_VM_PREFIX}build-{version_id}"
+    return name, f"{name}-final"
+
+
 def _destroy_build_vms(version: TemplateVersion) -> None:
     from sandboxes.services import host_register_local
 
     driver = driver_for(version.host or host_register_local())
-    for name in driver.list_domains(f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}"):
-        if name in (f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}",
-                    f"{settings.RUNTIME_VM_PREFIX}build-{version.pk}-final"):
-            driver.destroy(name)
+    for name in build_vm_names(version.pk):
+        driver.destroy(name)  # idempotent: a VM that is not there is nothing to do
 
 
 def template_build_get(*, user: User, template_id: str, build_id: str) -> TemplateVersion:

@@ -21,7 +21,7 @@ from django.utils import timezone
 from sandboxes import sweeps
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import lifecycle, vm
-from tests.conftest import VM_TEST_PREFIX, Actor, celery_beat, celery_worker, helper_process_env
+from tests.conftest import VM_TEST_PREFIX, Actor, celery_beat, celery_worker, helper_process_env, wait_until
 
 S = SandboxState
 pytestmark = [pytest.mark.vm, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -32,13 +32,6 @@ def _create(owner: Actor, **body) -> int:  # type: ignore[no-untyped-def]
     response = owner.client().post("/v1/sandboxes", {"template": "base", **body}, format="json")
     assert response.status_code == 201, response.content
     return int(response.json()["sandbox"]["id"])
-
-
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _qemu_pid(name: str) -> int:
@@ -56,8 +49,8 @@ def test_timeouts_are_enforced_by_beat(owner: Actor, base_version, vm_cleanup, t
     env = helper_process_env(WATASU_SWEEP_DEADLINE_INTERVAL_SECONDS="1")
 
     with celery_worker(env), celery_beat(env, tmp_path / "beat-schedule"):
-        _wait(lambda: set(Sandbox.objects.filter(pk__in=[killed, paused]).values_list("state", flat=True))
-              == {S.EXPIRED, S.STOPPED}, 90, "both timeouts")
+        states = Sandbox.objects.filter(pk__in=[killed, paused]).values_list("state", flat=True)
+        wait_until(lambda: set(states.all()) == {S.EXPIRED, S.STOPPED}, 90, "both timeouts")
 
     expired, stopped = Sandbox.objects.get(pk=killed), Sandbox.objects.get(pk=paused)
     lag = (expired.ended_at - expired.deadline_at).total_seconds()
@@ -83,7 +76,7 @@ def test_a_vm_killed_from_outside_becomes_lost_and_is_purged_later(owner: Actor,
     sandbox_id = _create(owner, timeout=600)
     sandbox = Sandbox.objects.get(pk=sandbox_id)
     os.kill(_qemu_pid(sandbox.vm_name), signal.SIGKILL)
-    _wait(lambda: vm_cleanup.domain_status(sandbox.vm_name) != "running", 30, "libvirt to notice")
+    wait_until(lambda: vm_cleanup.domain_status(sandbox.vm_name) != "running", 30, "libvirt to notice")
     time.sleep(0.01)  # the row must predate the listing
 
     result = sweeps.reconcile_sweep()
@@ -129,13 +122,13 @@ def test_a_web_process_killed_mid_create_leaves_no_vm_and_no_stuck_row(owner: Ac
     web = subprocess.Popen([sys.executable, "-m", "uvicorn", "watasu.asgi:application", "--port", str(port),
                             "--log-level", "warning"], cwd=ROOT, env=helper_process_env())
     try:
-        _wait(lambda: _answers(port), 30, "the web process")
+        wait_until(lambda: _answers(port), 30, "the web process")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/sandboxes", data=b'{"template": "base"}', method="POST",
             headers={"Authorization": f"Bearer {owner.write_key}", "Content-Type": "application/json"})
         threading.Thread(target=_ignore_errors, args=(request,), daemon=True).start()
         # Kill it once the VM exists and the create has not finished.
-        _wait(lambda: any(vm_cleanup.domain_status(s.vm_name) == "running"
+        wait_until(lambda: any(vm_cleanup.domain_status(s.vm_name) == "running"
                           for s in Sandbox.objects.filter(state=S.CREATING)), 60, "a VM mid-create")
         web.send_signal(signal.SIGKILL)
         web.wait(timeout=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -11,7 +10,7 @@ import pytest
 from django.conf import settings as django_settings
 
 from templates_app.builds import build_steps
-from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker, helper_process_env
+from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker, helper_process_env, wait_until
 from tests.edge_support import ServerThread
 from tests.sdk import run_scenario
 
@@ -65,10 +64,8 @@ def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(owner: Actor, base
     version = template_build_start(user=owner.user, name="slow", build_spec={"setup": ["sleep 600"]},
                                    cpu=1, memory_mb=512, tags=[], team_slug=None)
     vm_name = f"{VM_TEST_PREFIX}build-{version.pk}"
-    deadline = time.monotonic() + 180
-    while not version.log_entries.filter(message__startswith="setup[0]").exists():
-        assert time.monotonic() < deadline, list(version.log_entries.values_list("message", flat=True))
-        time.sleep(0.5)
+    wait_until(lambda: version.log_entries.filter(message__startswith="setup[0]").exists(), 180,
+               "the build to reach its step")
     assert vm_name in vm_cleanup.list_domains(vm_name)
 
     build_worker.kill()

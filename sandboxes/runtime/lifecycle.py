@@ -148,10 +148,15 @@ def resume(driver: RuntimeDriver, name: str, client: AgentClient) -> float:
     """
     t = time.monotonic()
     driver.resume(name)
-    client.wait_ready(READY_TIMEOUT)
+    resync(client, name)
+    return time.monotonic() - t
+
+
+def resync(client: AgentClient, name: str, timeout: float = READY_TIMEOUT) -> None:
+    """After a restart from saved memory: wait for the agent, give it the clock (same secret)."""
+    client.wait_ready(timeout)
     secret = client.secret or ""
     client.init(auth=secret, secret=secret, hostname=name)
-    return time.monotonic() - t
 
 
 def checkpoint(driver: RuntimeDriver, sandbox: Sandbox, dest: Path) -> None:
