@@ -168,17 +168,31 @@ def sandbox_get(*, user: User, sandbox_id: str, write: bool = False) -> Sandbox:
     return sandbox
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def preview_host(sandbox: Sandbox, port: int) -> str:
     domain = settings.DATA_PLANE_DOMAIN or f"localhost:{urlsplit(settings.PUBLIC_URL).port or 80}"
     return f"p{port}-{sandbox.route_token}.sandbox.{domain}"
 
 
 def sandbox_port(*, sandbox: Sandbox, port: int) -> dict[str, object]:
-    """Where a server listening on `port` inside the sandbox is reachable (any port works)."""
+    """Where a server listening on `port` inside the sandbox is reachable (any port works).
+
+    Previews get an origin of their own: `p{port}-{route}.sandbox.{domain}`, or locally
+    `p{port}-{route}.sandbox.localhost:{port}` (browsers and curl resolve `*.localhost`
+    to loopback). The path form under the public URL, which shares the platform's
+    origin (no cookies, sandboxed by CSP), is the fallback when the public URL is not
+    on loopback and no domain is set; `path_url` always gives it.
+    """
     host = preview_host(sandbox, port)
+    path_url = f"{settings.PUBLIC_URL}/sandboxes-preview/{sandbox.route_token}/{port}"
+    public = urlsplit(settings.PUBLIC_URL)
     if settings.DATA_PLANE_DOMAIN:
         url = f"{settings.DATA_PLANE_SCHEME}://{host}"
+    elif (public.hostname or "") in LOOPBACK_HOSTS:
+        url = f"{public.scheme}://{host}"
     else:
-        url = f"{settings.PUBLIC_URL}/sandboxes-preview/{sandbox.route_token}/{port}"
-    return {"port": port, "host": host, "url": url, "protocol": "http",
+        url = path_url
+    return {"port": port, "host": host, "url": url, "path_url": path_url, "protocol": "http",
             "public": bool(sandbox.network_policy.get("allow_public_traffic", True))}

@@ -34,7 +34,8 @@ class ServerThread:
         self.port = port or free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on", ws="websockets-sansio", ws_ping_interval=60,
-                                ws_ping_timeout=120, access_log=False)  # as scripts/run-embedded
+                                ws_ping_timeout=120, access_log=False,
+                                server_header=False)  # as scripts/run-embedded
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 
@@ -80,8 +81,13 @@ class FakeAgent:
         self.requests: list[dict[str, Any]] = []
 
     def _authorised(self, scope: dict[str, Any]) -> bool:
+        """The edge's credential for the route, as the real agent checks it: the preview
+        one on /proxy/*, the data-plane one elsewhere (never the agent secret itself)."""
+        from sandboxes.runtime.agent_client import role_secret
+
         headers = dict(scope["headers"])
-        return headers.get(b"authorization") == f"Bearer {self.secret}".encode()
+        role = "preview" if scope["path"].startswith("/proxy/") else "dataplane"
+        return headers.get(b"authorization") == f"Bearer {role_secret(self.secret, role)}".encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -180,3 +186,100 @@ class FakeAgent:
                 return
             with contextlib.suppress(OSError):  # the peer is closing; its disconnect message follows
                 await send({"type": "websocket.send", "text": json.dumps({"type": "echo", "frame": frame})})
+
+
+# --- the real guest agent, run on the host ------------------------------------------------------
+
+
+class RealAgent:
+    """The guest agent itself (sandboxes/runtime/guest/agent.py) as a host process.
+
+    It holds the boot token until `__enter__` initialises it with `secret`, as the host
+    does after a restore (secret only: no clock, hostname or entropy for the host's kernel).
+    Edge tests run in front of it so that what reaches the agent is judged by the agent.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.port = free_port()
+        self.process: Any = None
+
+    def __enter__(self) -> RealAgent:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from sandboxes.runtime.agent_client import AgentClient
+
+        source = Path(__file__).resolve().parent.parent / "sandboxes/runtime/guest/agent.py"
+        boot = "boot-token-" + "b" * 24
+        env = {**os.environ, "WATASU_AGENT_PORT": str(self.port), "WATASU_AGENT_TOKEN": boot}
+        self.process = subprocess.Popen([sys.executable, "-S", str(source)], env=env)
+        client = AgentClient(self.port)
+        client.wait_ready(30)
+        client.request("POST", "/init", {"secret": self.secret}, token=boot)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=15)
+
+
+class EchoApp:
+    """A tiny HTTP app on the host standing in for a preview server in the guest: it
+    answers with the headers it received, and sets the cookies `?set=` names."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []  # type: list[dict[str, str]]
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                seen.append(headers)
+                body = json.dumps({"path": self.path, "headers": headers}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for cookie in parse_qs(self.path.partition("?")[2]).get("set", []):
+                    self.send_header("Set-Cookie", cookie)
+                self.send_header("Content-Security-Policy", "default-src *")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> EchoApp:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def raw_request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+                body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request with `path` sent byte for byte (requests/urllib3 would remove dot segments)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body or b"")))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()

@@ -21,6 +21,7 @@ import requests
 import websocket
 
 from sandboxes.runtime import lifecycle
+from sandboxes.runtime.agent_client import role_secret
 from sandboxes.runtime.driver import MemorySnapshot
 from sandboxes.runtime.libvirt_driver import LibvirtDriver
 from templates_app.models import TemplateVersion
@@ -454,17 +455,20 @@ def test_git_routes_on_a_local_repo(agent: Agent) -> None:
 
 
 def test_preview_proxy_forwards_to_a_guest_port(agent: Agent) -> None:
-    assert agent.http("GET", "/proxy/8123/").status_code == 502
+    preview = {"Authorization": f"Bearer {role_secret(agent.secret, 'preview')}"}
+    assert agent.http("GET", "/proxy/8123/", headers=preview).status_code == 502
     agent.ok("PUT", f"{RT}/files", params={"path": "/work/site/index.html"}, data=b"<h1>hi</h1>")
     sock, started = agent.start("cd /work/site && exec python3 -m http.server 8123", timeout_ms=0)
     sock.close()
     deadline = time.monotonic() + 30
     while True:
-        r = agent.http("GET", "/proxy/8123/index.html", params={"q": "1"})
+        r = agent.http("GET", "/proxy/8123/index.html", params={"q": "1"}, headers=preview)
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert r.status_code == 200 and r.content == b"<h1>hi</h1>"
-    assert agent.http("GET", "/proxy/8123/missing").status_code == 404
+    assert agent.http("GET", "/proxy/8123/missing", headers=preview).status_code == 404
     assert agent.http("GET", "/proxy/8123/", headers={"Authorization": "Bearer nope"}).status_code == 401
+    # the agent secret itself is not a preview credential
+    assert agent.http("GET", "/proxy/8123/").status_code == 401
     agent.ok("DELETE", f"{RT}/process/{started['pid']}", params={"signal": "KILL"})

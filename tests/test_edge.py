@@ -22,6 +22,7 @@ from websockets.sync.client import connect as ws_connect
 from sandboxes import sessions
 from sandboxes.edge.signing import file_url_make
 from sandboxes.models import Sandbox, SandboxState
+from sandboxes.runtime.agent_client import role_secret
 from sandboxes.sessions import session_mint
 from tests.conftest import Actor
 from tests.edge_support import FakeAgent, ServerThread, free_port
@@ -90,7 +91,7 @@ def test_request_reaches_the_agent_with_same_path_and_query_and_its_secret(edge,
     seen = agent.requests[-1]
     assert seen["raw_path"] == b"/runtime/v1/process/proc%2F1"
     assert seen["query"] == "since=3&x=a%20b"
-    assert seen["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert seen["headers"]["authorization"] == f"Bearer {role_secret(SECRET, 'dataplane')}"
     assert seen["headers"]["x-custom"] == "1"
     assert seen["headers"].get("connection") != "close"
 
@@ -233,7 +234,7 @@ def test_websocket_frames_and_close_codes_pass_both_ways(edge, agent, owner) -> 
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
     assert closed.value.rcvd.code == 4001
-    assert agent.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert agent.requests[0]["headers"]["authorization"] == f"Bearer {role_secret(SECRET, 'dataplane')}"
     assert agent.requests[0]["query"] == "x=1"
 
     # a client close reaches the agent with its code, after the frames sent before it
@@ -285,7 +286,7 @@ def test_preview_path_form_reaches_the_agent_proxy_route_without_auth(edge, agen
     redirect = requests.get(f"{base}/redirect", allow_redirects=False, timeout=10)
 
     assert page.json() == {"path": "/proxy/8000/a/b", "query": {"q": "1"}, "raw_path": "/proxy/8000/a/b"}
-    assert agent.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert agent.requests[0]["headers"]["authorization"] == f"Bearer {role_secret(SECRET, 'preview')}"
     assert agent.requests[0]["headers"]["x-forwarded-host"] == f"127.0.0.1:{edge.port}"
     assert agent.requests[0]["headers"]["x-watasu-forwarded-authorization"] == "Basic dXNlcg=="
     assert root.json()["path"] == "/proxy/8000/"
@@ -322,15 +323,19 @@ def test_host_forms_with_a_data_plane_domain(edge, agent, owner, settings) -> No
 
 
 @edge_db
-def test_port_url_points_at_the_preview_path_form(edge, agent, owner) -> None:
+def test_port_url_is_the_local_host_form_with_the_path_form_as_fallback(edge, agent, owner) -> None:
     sandbox = _sandbox(owner, agent)
 
     response = requests.get(f"{edge.url}/v1/sandboxes/{sandbox.pk}/ports/8000",
                             headers={"Authorization": f"Bearer {owner.read_key}"}, timeout=10)
 
-    url = response.json()["sandbox_port"]["url"]
-    assert url == f"{edge.url}/sandboxes-preview/{sandbox.route_token}/8000"
-    assert requests.get(url, timeout=10).json()["path"] == "/proxy/8000/"
+    port = response.json()["sandbox_port"]
+    host = f"p8000-{sandbox.route_token}.sandbox.localhost:{edge.port}"
+    assert (port["host"], port["url"]) == (host, f"http://{host}")
+    assert port["path_url"] == f"{edge.url}/sandboxes-preview/{sandbox.route_token}/8000"
+    # *.localhost is loopback for browsers and curl; requests needs the Host header set.
+    assert requests.get(f"{edge.url}/", headers={"Host": host}, timeout=10).json()["path"] == "/proxy/8000/"
+    assert requests.get(port["path_url"], timeout=10).json()["path"] == "/proxy/8000/"
 
 
 # --- signed file URLs -----------------------------------------------------------------------------
@@ -500,17 +505,20 @@ def test_preview_url_reaches_an_http_server_in_the_guest(edge, owner, base_versi
     agent = vm.agent_client(Sandbox.objects.get(pk=sandbox_id))
     agent.exec("mkdir -p /tmp/site && echo preview-ok > /tmp/site/index.html")
     agent.exec("python3 -m http.server 8000 --bind 0.0.0.0 --directory /tmp/site", background=True)
-    url = _api(edge, owner, "GET", f"/sandboxes/{sandbox_id}/ports/8000").json()["sandbox_port"]["url"]
+    port = _api(edge, owner, "GET", f"/sandboxes/{sandbox_id}/ports/8000").json()["sandbox_port"]
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
-        response = requests.get(f"{url}/index.html", timeout=30)
+        response = requests.get(f"{port['path_url']}/index.html", timeout=30)
         if response.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    by_host = requests.get(f"{edge.url}/index.html", headers={"Host": port["host"]}, timeout=30)
 
     assert response.status_code == 200, response.text
-    assert response.text == "preview-ok\n"
+    assert response.text == by_host.text == "preview-ok\n"
+    assert response.headers["content-security-policy"].startswith("sandbox ")
+    assert "content-security-policy" not in by_host.headers
 
 
 @pytest.mark.vm

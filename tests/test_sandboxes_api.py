@@ -248,6 +248,8 @@ def test_ports_answer_for_any_port_and_refuse_nonsense(owner: Actor) -> None:
 
     assert port["port"] == 8080
     assert port["host"] == f"p8080-{sandbox.route_token}.sandbox.localhost:8000"
+    assert port["url"] == f"http://p8080-{sandbox.route_token}.sandbox.localhost:8000"
+    assert port["path_url"] == f"http://127.0.0.1:8000/sandboxes-preview/{sandbox.route_token}/8080"
     assert client.get(f"/v1/sandboxes/{sandbox.pk}/ports/70000").status_code == 422
 
 

@@ -13,5 +13,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "watasu.settings")
 django_application = get_asgi_application()
 
 from sandboxes.edge.app import EdgeApp  # noqa: E402  (needs the apps loaded by get_asgi_application)
+from watasu.logredact import install_on_uvicorn  # noqa: E402
+
+install_on_uvicorn()
 
 application = EdgeApp(django_application)

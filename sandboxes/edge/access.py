@@ -18,6 +18,7 @@ from sandboxes import services
 from sandboxes.edge.signing import file_url_check
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
+from sandboxes.runtime.agent_client import DATAPLANE, PREVIEW, role_secret
 from sandboxes.sessions import session_verify
 from watasu import errors
 
@@ -85,8 +86,13 @@ def _from_domain(exc: errors.DomainError) -> EdgeError:
     return EdgeError(status, exc.code, exc.message, **exc.extra)
 
 
-def _running(sandbox: Sandbox, *, resume: bool) -> Upstream:
-    """The sandbox's agent, resuming a paused sandbox first when its policy says so."""
+def _running(sandbox: Sandbox, *, resume: bool, role: str) -> Upstream:
+    """The sandbox's agent, resuming a paused sandbox first when its policy says so.
+
+    The upstream carries the agent credential of `role` only (data plane or preview),
+    never the agent secret: the agent refuses it on its control routes (`/init`,
+    `/exec`), and the preview credential anywhere but `/proxy/*`.
+    """
     if sandbox.state != S.READY and resume and sandbox.auto_resume and sandbox.state in AUTO_RESUME_STATES:
         try:
             sandbox, _ = services.sandbox_resume(sandbox=sandbox)
@@ -96,7 +102,7 @@ def _running(sandbox: Sandbox, *, resume: bool) -> Upstream:
         raise EdgeError(409, "sandbox_not_running",
                         f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first.")
     secret = vm.agent_client(sandbox).secret or ""
-    return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=secret)
+    return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=role_secret(secret, role))
 
 
 @_outside_requests
@@ -107,7 +113,7 @@ def dataplane_upstream(route_token: str, token: str | None) -> Upstream:
         raise EdgeError(401, "unauthorized", "A session token is required: Authorization: Bearer <token>.")
     if not session_verify(token=token, sandbox=sandbox):
         raise EdgeError(401, "unauthorized", "The session token is invalid, expired or for another sandbox.")
-    return _running(sandbox, resume=True)
+    return _running(sandbox, resume=True, role=DATAPLANE)
 
 
 @_outside_requests
@@ -117,7 +123,7 @@ def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: 
     problem = file_url_check(sandbox, path=path, op=op, expires=expires, sig=sig)
     if problem:
         raise EdgeError(403, "forbidden", problem)
-    return _running(sandbox, resume=True)
+    return _running(sandbox, resume=True, role=DATAPLANE)
 
 
 @_outside_requests
@@ -130,4 +136,4 @@ def preview_upstream(route_token: str) -> Upstream:
     sandbox = _sandbox(route_token)
     if not sandbox.network_policy.get("allow_public_traffic", True):
         raise EdgeError(403, "forbidden", f"Sandbox {sandbox.pk} does not allow public traffic.")
-    return _running(sandbox, resume=False)
+    return _running(sandbox, resume=False, role=PREVIEW)

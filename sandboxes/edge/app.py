@@ -62,6 +62,9 @@ async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target
     """Check the caller's credential for this route and make sure the sandbox runs."""
     if route.kind == "invalid":
         raise EdgeError(404, "not_found", "No data-plane route at this address.")
+    if route.kind == "bad_path":
+        raise EdgeError(400, "invalid_path", "Paths may not contain '.', '..' or empty segments, "
+                        "encoded or not, backslashes or control characters.")
     query: bytes = scope.get("query_string", b"")
     if route.kind == "preview":
         upstream = await sync_to_async(access.preview_upstream, thread_sensitive=False)(route.route_token)
@@ -86,6 +89,20 @@ async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
         route.route_token, path=params.get("path", ""), op=op, expires=params.get("expires", ""),
         sig=params.get("sig", ""))
     return Target(upstream, agent_method, FILES_PATH, urlencode({"path": params["path"]}).encode())
+
+
+def _inbound_headers(route: Route, headers: Headers) -> Headers:
+    """The client's headers the agent may see.
+
+    A signed upload's body is opaque bytes whatever its type. A preview in the path form
+    shares the platform's origin, so the browser sends it the platform's cookies (the
+    admin's and dashboard's session): no cookie reaches the sandbox there.
+    """
+    if route.upstream == SIGNED_PATH:
+        return [(name, value) for name, value in headers if name == b"content-length"]
+    if route.kind == "preview" and route.prefix:
+        return [(name, value) for name, value in headers if name != b"cookie"]
+    return headers
 
 
 class EdgeApp:
@@ -120,14 +137,12 @@ class EdgeApp:
     async def _http(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:
             target = await _authorise(route, scope, scope["method"])
-            headers = scope["headers"]
-            if route.upstream == SIGNED_PATH:  # the upload body is opaque bytes whatever its type
-                headers = [(name, value) for name, value in headers if name == b"content-length"]
+            headers = _inbound_headers(route, scope["headers"])
             extra = _forwarded_for(scope) if route.kind == "preview" else None
             await proxy_http(scope, receive, send, upstream=target.upstream, method=target.method,
                              path=target.path, query=target.query,
                              headers=forwarded_headers(headers, target.upstream.secret, extra),
-                             prefix=route.prefix)
+                             prefix=route.prefix, preview=route.kind == "preview")
         except EdgeError as error:
             await send_error(send, error)
 
@@ -142,6 +157,9 @@ class EdgeApp:
             await deny(scope, send, error)
             return
         extra = _forwarded_for(scope) if route.kind == "preview" else []
+        if route.kind == "preview" and not route.prefix:  # own origin: its cookies are its own
+            extra += [(name, value) for name, value in scope["headers"] if name == b"cookie"]
         await proxy_websocket(scope, receive, send, upstream=target.upstream, path=target.path,
                               query=target.query,
-                              extra_headers=[(name.decode(), value.decode()) for name, value in extra])
+                              extra_headers=[(name.decode("latin-1"), value.decode("latin-1"))
+                                             for name, value in extra])

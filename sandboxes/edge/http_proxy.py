@@ -27,7 +27,12 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"host", b"authorization", b"proxy-connection",
 })
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+# Preview responses in the path form share the platform's origin: they may not set
+# cookies there, and the browser gives them an opaque origin of their own.
+PATH_FORM_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
+# The web server sends its own Date; no upstream names its software.
+_SERVER_OWN = frozenset({b"date", b"server"})
+_transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
     weakref.WeakKeyDictionary())
 
 
@@ -35,28 +40,53 @@ class ClientGone(Exception):
     """The client disconnected while its request body was being forwarded."""
 
 
-def agent_client() -> httpx.AsyncClient:
-    """One pooled client per event loop (keep-alive to agents saves a TCP setup per call).
+class UnsafeUpstreamPath(Exception):
+    """The URL the HTTP library would send differs from the path the edge checked."""
 
-    Connections to a paused guest die with its QEMU process; the pool notices
-    the closed socket before reusing it, and a failed connect is retried once.
+
+def agent_transport() -> httpx.AsyncHTTPTransport:
+    """One connection pool per event loop (keep-alive to agents saves a TCP setup per call).
+
+    The edge talks to the transport, not to an `httpx.AsyncClient`: a client keeps a
+    cookie jar (one sandbox's `Set-Cookie` would be replayed to every other sandbox and
+    team), adds headers the caller never sent (`Accept-Encoding`, `User-Agent`) and may
+    follow redirects. Connections to a paused guest die with its QEMU process; the pool
+    notices the closed socket before reusing it, and a failed connect is retried once.
     """
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        timeout = httpx.Timeout(connect=5.0, read=settings.EDGE_AGENT_TIMEOUT_SECONDS,
-                                write=settings.EDGE_AGENT_TIMEOUT_SECONDS, pool=10.0)
+    transport = _transports.get(loop)
+    if transport is None:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=5.0)
-        transport = httpx.AsyncHTTPTransport(retries=1, limits=limits)
-        client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
-        _clients[loop] = client
-    return client
+        transport = httpx.AsyncHTTPTransport(retries=1, limits=limits, trust_env=False)
+        _transports[loop] = transport
+    return transport
 
 
 async def close_agent_client() -> None:
-    client = _clients.pop(asyncio.get_running_loop(), None)
-    if client is not None:
-        await client.aclose()
+    transport = _transports.pop(asyncio.get_running_loop(), None)
+    if transport is not None:
+        await transport.aclose()
+
+
+def _timeouts() -> dict[str, float]:
+    return httpx.Timeout(connect=5.0, read=settings.EDGE_AGENT_TIMEOUT_SECONDS,
+                         write=settings.EDGE_AGENT_TIMEOUT_SECONDS, pool=10.0).as_dict()
+
+
+def agent_request(method: str, port: int, path: str, query: bytes, headers: Headers,
+                  content: AsyncIterator[bytes] | None) -> httpx.Request:
+    """The request to the agent, carrying exactly `path` and `query` as checked.
+
+    httpx normalises `.`/`..` segments and re-quotes paths; the routing already refused
+    anything it could change, and this refuses (instead of sending) any URL whose bytes
+    still differ from what was checked.
+    """
+    raw = path.encode("latin-1") + (b"?" + query if query else b"")
+    url = httpx.URL(scheme="http", host="127.0.0.1", port=port, raw_path=raw)
+    if url.raw_path != raw:
+        raise UnsafeUpstreamPath(raw)
+    return httpx.Request(method, url, headers=headers, content=content,
+                         extensions={"timeout": _timeouts()})
 
 
 def forwarded_headers(headers: Headers, secret: str, extra: Headers | None = None) -> Headers:
@@ -90,52 +120,68 @@ async def _wait_disconnect(receive: Any) -> None:
         pass
 
 
-def _response_headers(response: httpx.Response, prefix: str) -> Headers:
+def _domain_cookie(value: bytes) -> bool:
+    """A `Set-Cookie` with a Domain attribute would reach sibling previews' origins."""
+    return any(part.strip().lower().startswith(b"domain=") for part in value.split(b";")[1:])
+
+
+def _response_headers(response: httpx.Response, prefix: str, preview: bool) -> Headers:
+    """The agent's headers for the client. Previews in the path form (`prefix`) share the
+    platform's origin: no cookies, and a sandboxing CSP. Previews in the host form keep
+    cookies scoped to their own host only."""
     headers = []
     for name, value in response.headers.raw:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP:
+        if lowered in HOP_BY_HOP or lowered in _SERVER_OWN:
+            continue
+        if lowered == b"set-cookie" and preview and (prefix or _domain_cookie(value)):
             continue
         if lowered == b"location" and prefix and value.startswith(b"/") and not value.startswith(b"//"):
             value = prefix.encode() + value  # a guest redirect to /x stays under the preview prefix
+        if lowered == b"content-security-policy" and preview and prefix:
+            continue  # replaced below: the guest may not loosen the sandbox
         headers.append((lowered, value))
+    if preview and prefix:
+        headers.append((b"content-security-policy", PATH_FORM_CSP))
     return headers
 
 
 async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, method: str,
-                     path: str, query: bytes, headers: Headers, prefix: str = "") -> None:
+                     path: str, query: bytes, headers: Headers, prefix: str = "",
+                     preview: bool = False) -> None:
     """Send one request to the agent and stream its answer back.
 
     Raises EdgeError (503 sandbox_overloaded) when the agent does not answer;
     once the response has started, a broken upstream aborts the client connection
     instead of ending a truncated body cleanly.
     """
-    client = agent_client()
-    url = f"http://127.0.0.1:{upstream.port}{path}" + (f"?{query.decode('latin-1')}" if query else "")
     body = _request_body(receive) if _has_body(headers) else None
     if body is None:
         headers = [(name, value) for name, value in headers if name != b"content-length"]
-    request = client.build_request(method, url, headers=headers, content=body)
     try:
-        response = await client.send(request, stream=True)
+        request = agent_request(method, upstream.port, path, query, headers, body)
+    except UnsafeUpstreamPath as exc:
+        raise EdgeError(400, "invalid_path", "The request path cannot be forwarded as it is.") from exc
+    try:
+        response = await agent_transport().handle_async_request(request)
     except ClientGone:
         return
     except httpx.TransportError as exc:
         raise overloaded(f"sandbox is alive but guestd is not responding ({type(exc).__name__}); "
                          "retry shortly.") from exc
     try:
-        if response.status_code == 401:
+        if response.status_code == 401 and not preview:
             raise overloaded("sandbox is alive but guestd refused the edge's credential; retry shortly.")
-        await _relay(response, receive, send, prefix)
+        await _relay(response, receive, send, prefix, preview)
     finally:
         await response.aclose()
 
 
-async def _relay(response: httpx.Response, receive: Any, send: Any, prefix: str) -> None:
+async def _relay(response: httpx.Response, receive: Any, send: Any, prefix: str, preview: bool) -> None:
     gone = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": _response_headers(response, prefix)})
+                    "headers": _response_headers(response, prefix, preview)})
         async for chunk in response.aiter_raw():
             if gone.done():
                 return  # the client left: stop reading the agent

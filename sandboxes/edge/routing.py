@@ -1,7 +1,11 @@
 """Which requests the edge serves, and where on the agent they go.
 
 Paths are taken from `raw_path` (still percent-encoded) so process ids that
-the SDK quotes (`proc%2F1`) reach the agent unchanged.
+the SDK quotes (`proc%2F1`) reach the agent unchanged. The edge forwards the
+exact bytes it checked, so it refuses what another hop could read differently:
+`.` and `..` segments, raw or percent-encoded (`%2e%2E`, `..%2f..`), empty
+segments (`//`), backslashes, and control characters. A refused path is a 400
+in the shared error shape, before any credential is attached.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from django.conf import settings
 
@@ -18,7 +23,13 @@ RUNTIME_PREFIX = "/runtime/v1"
 _TOKEN = re.compile(r"^[a-z0-9]{1,32}$")
 _PREVIEW_LABEL = re.compile(r"^p(\d{1,5})-([a-z0-9]{1,32})$")
 
-Kind = Literal["dataplane", "preview", "invalid"]
+# Host form of previews when no data-plane domain is set: browsers and curl resolve
+# every `*.localhost` name to loopback, so local previews get an origin of their own.
+LOCAL_PREVIEW_DOMAIN = "localhost"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SEPARATORS = re.compile(r"[/\\]")
+
+Kind = Literal["dataplane", "preview", "invalid", "bad_path"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,41 @@ def _port(text: str) -> int | None:
     return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
 
 
+def path_is_safe(path: str) -> bool:
+    """True if no hop after the edge can read `path` (raw, percent-encoded) as another path.
+
+    Every segment, decoded once (and twice, for servers that decode again), must hold
+    no `.` or `..` part between slashes or backslashes (an encoded slash alone is fine:
+    the SDK quotes process ids as `proc%2F1`) and no control character. Only the last
+    segment may be empty (a trailing slash).
+    """
+    if not path.startswith("/"):
+        return False
+    segments = path[1:].split("/")
+    for index, segment in enumerate(segments):
+        if segment == "":
+            if index == len(segments) - 1:
+                continue
+            return False
+        once = unquote(segment, errors="strict") if "%" in segment else segment
+        for decoded in (once, unquote(once) if "%" in once else once):
+            if _CONTROL.search(decoded) or {".", ".."} & set(_SEPARATORS.split(decoded)):
+                return False
+    return True
+
+
+def _safe(path: str) -> bool:
+    try:
+        return path_is_safe(path)
+    except UnicodeDecodeError:  # percent-encoded bytes that are not UTF-8
+        return False
+
+
 def _dataplane(route_token: str, path: str) -> Route:
     if not _TOKEN.match(route_token) or not (path == RUNTIME_PREFIX or path.startswith(RUNTIME_PREFIX + "/")):
         return Route("invalid", route_token, path)
+    if not _safe(path):
+        return Route("bad_path", route_token, path)
     return Route("dataplane", route_token, path)
 
 
@@ -63,15 +106,20 @@ def _preview(route_token: str, port_text: str, rest: str, prefix: str) -> Route:
     port = _port(port_text)
     if port is None or not _TOKEN.match(route_token):
         return Route("invalid", route_token, rest)
+    if rest and not _safe(rest):
+        return Route("bad_path", route_token, rest)
     return Route("preview", route_token, f"/proxy/{port}{rest or '/'}", port=port, prefix=prefix)
+
+
+def preview_domain() -> str:
+    """The domain under which `p{port}-{route}.sandbox.{domain}` previews are served."""
+    return settings.DATA_PLANE_DOMAIN.lower() or LOCAL_PREVIEW_DOMAIN
 
 
 def _by_host(scope: dict[str, Any], path: str) -> Route | None:
     domain = settings.DATA_PLANE_DOMAIN.lower()
-    if not domain:
-        return None
     host = _host(scope)
-    suffix = f".sandbox.{domain}"
+    suffix = f".sandbox.{domain or LOCAL_PREVIEW_DOMAIN}"
     if not host.endswith(suffix):
         host = host.rsplit(":", 1)[0]
         if not host.endswith(suffix):
@@ -79,6 +127,8 @@ def _by_host(scope: dict[str, Any], path: str) -> Route | None:
     label = host[: -len(suffix)]
     if match := _PREVIEW_LABEL.match(label):
         return _preview(match[2], match[1], path, prefix="")
+    if not domain:  # locally the data plane lives under the path form only
+        return Route("invalid", label, path)
     return _dataplane(label, path)
 
 

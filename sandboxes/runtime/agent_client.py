@@ -7,6 +7,8 @@ guest has lost every old socket, so pooling would only hand out dead connections
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -18,6 +20,14 @@ from typing import Any
 from .driver import RuntimeError_
 
 DEFAULT_TIMEOUT = 10.0
+DATAPLANE, PREVIEW = "dataplane", "preview"
+
+
+def role_secret(secret: str, role: str) -> str:
+    """The agent credential of one edge role, derived from the agent secret as the guest
+    agent derives it (``role_secret`` in guest/agent.py). The edge sends only these: the
+    agent refuses them on its control routes, and the preview one outside ``/proxy/*``."""
+    return hmac.new(secret.encode(), f"watasu-agent-role:{role}".encode(), hashlib.sha256).hexdigest()
 
 
 class AgentError(RuntimeError_):

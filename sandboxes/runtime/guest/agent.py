@@ -16,7 +16,13 @@ Authentication (see NOTES.md, "agent secret scheme"):
   served. A clone restored from a template snapshot therefore accepts exactly one thing:
   an init authenticated by the template secret, which rotates it away. If anyone else
   won that race, the host's init gets 401 and the host destroys the sandbox.
-- Every other route needs ``Authorization: Bearer <secret>``.
+- Every other route needs a bearer credential, and which one depends on the route
+  (defence in depth behind the edge's own path checks): the host's control routes
+  (``/init``, ``/exec``, ``/processes``) take only the secret itself, which the edge never
+  sends; ``/runtime/v1/*`` also takes the *data-plane* credential and ``/proxy/*`` takes
+  only the *preview* credential, both derived from the secret (``role_secret``). A request
+  that reaches the agent with a path other than the one the edge checked therefore finds
+  its credential refused.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 AGENT_PORT = 49983
+CONTROL, DATAPLANE, PREVIEW = "control", "dataplane", "preview"
 MAX_BODY = 64 * 1024 * 1024  # JSON bodies (write_files carries base64 data)
 CHUNK = 256 * 1024  # file streaming unit
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
@@ -132,12 +139,18 @@ class AgentState:
     env: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, token: str | None, *, allow_fresh: bool = False) -> None:
-        """Raise 401 unless ``token`` is the current secret (and the agent is initialised)."""
-        if token is None or not hmac.compare_digest(token.encode(), self.secret.encode()):
+    def check(self, token: str | None, *, roles: tuple[str, ...] = (CONTROL,),
+              allow_fresh: bool = False) -> None:
+        """Raise 401 unless ``token`` is the credential of one of ``roles`` (``control`` is
+        the secret itself) and the agent is initialised."""
+        if token is None or not any(hmac.compare_digest(token.encode(), self.credential(role).encode())
+                                    for role in roles):
             raise HttpError(401, "unauthorized", "missing or wrong bearer token")
         if self.fresh and not allow_fresh:
             raise HttpError(401, "unauthorized", "agent not initialised")
+
+    def credential(self, role: str) -> str:
+        return self.secret if role == CONTROL else role_secret(self.secret, role)
 
     def rotate(self, token: str | None, new_secret: str, seal: bool) -> None:
         """Atomically check the current credential and install ``new_secret``."""
@@ -148,6 +161,12 @@ class AgentState:
             if self.fresh and hmac.compare_digest(new_secret.encode(), self.secret.encode()):
                 raise HttpError(400, "bad_request", "a fresh agent must get a new secret")
             self.secret, self.fresh = new_secret, seal
+
+
+def role_secret(secret: str, role: str) -> str:
+    """The credential of one edge role (``dataplane``, ``preview``), derived from the secret.
+    The host derives it the same way (``sandboxes.runtime.agent_client.role_secret``)."""
+    return hmac.new(secret.encode(), f"watasu-agent-role:{role}".encode(), hashlib.sha256).hexdigest()
 
 
 def boot_token(cmdline_path: str = "/proc/cmdline") -> str:
@@ -427,6 +446,7 @@ class WebSocket:
     def recv(self) -> str | None:
         """Next complete data message as text; ``None`` once the peer has closed."""
         parts: list[bytes] = []
+        size = 0
         try:
             while True:
                 fin, op, payload = self._frame()
@@ -440,14 +460,15 @@ class WebSocket:
                     self.close(struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1000)
                     return None
                 if op in (0x1, 0x2):
-                    parts = [payload]
+                    parts, size = [payload], len(payload)
                 elif op == 0x0:
                     parts.append(payload)
+                    size += len(payload)
+                if size > WS_MAX_MESSAGE:  # fragments count together, checked as they arrive
+                    self.close(1009)
+                    raise WsClosed("message too large")
                 if fin:
-                    total = b"".join(parts)
-                    if len(total) > WS_MAX_MESSAGE:
-                        raise WsClosed("message too large")
-                    return total.decode("utf-8", "replace")
+                    return b"".join(parts).decode("utf-8", "replace")
         except (OSError, ValueError, WsClosed):
             self.closed = True
             return None
@@ -1819,11 +1840,12 @@ class Agent:
     def dispatch(self, req: Request, websocket: bool = False) -> Result:
         """Find the route, enforce its auth, call it."""
         if req.path.startswith("/proxy/"):
-            self.state.check(req.token)
+            self.state.check(req.token, roles=(PREVIEW,))
             return proxy(self, req)
         route, req.params = router.match(req.method, req.path, websocket)
         if route.auth == "secret":
-            self.state.check(req.token)
+            data_plane = req.path.startswith(RT + "/")
+            self.state.check(req.token, roles=(CONTROL, DATAPLANE) if data_plane else (CONTROL,))
         return route.fn(self, req)
 
     def process_env(self) -> dict[str, str]:
@@ -2487,6 +2509,12 @@ class AgentHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """Status line and Date, without the ``Server`` header naming the agent and its Python."""
+        self.log_request(code)
+        self.send_response_only(code, message)
+        self.send_header("Date", self.date_time_string())
 
 
 class AgentServer(ThreadingHTTPServer):

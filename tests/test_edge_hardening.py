@@ -1,0 +1,258 @@
+"""The edge against the real guest agent: traversal, credentials per route, cookies, headers.
+
+The agent runs on the host (tests/edge_support.RealAgent), so what reaches it is judged
+by the code that runs in every VM, not by a stand-in. Each traversal form is sent byte
+for byte (http.client; requests would remove dot segments before sending), and the
+proof that nothing got through is the agent's own effect: a command that would touch a
+marker file on this host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from sandboxes.models import Sandbox, SandboxState
+from sandboxes.runtime.agent_client import AgentClient, role_secret
+from sandboxes.sessions import session_mint
+from teams.models import Team
+from tests.edge_support import EchoApp, RealAgent, ServerThread, raw_request
+from tests.factories import SandboxFactory
+from watasu import crypto
+from watasu.logredact import RedactRouteTokens, redact
+
+SECRET = "real-agent-secret-" + "s" * 20
+edge_db = pytest.mark.django_db(transaction=True)
+
+# Every way found to make a path mean something else one hop later.
+TRAVERSALS = [
+    "/../../exec", "/%2e%2e/%2e%2e/exec", "/%2E%2E/%2e./exec", "/.%2e/.%2E/exec",
+    "/..%2f..%2fexec",
+    "/a/..%2F..%2F..%2Fexec", "/x%2F..%2F..%2Fexec", "/./exec", "/%2e/exec", "//exec", "/a//b", "/..%5c..%5cexec",
+    "/%252e%252e/%252e%252e/exec", "/a%00/exec", "/a%0d%0aX-Injected:%201", "/%ff%fe/x", "/..",
+]
+
+
+@pytest.fixture(scope="module")
+def real_agent() -> Iterator[RealAgent]:
+    with RealAgent(SECRET) as agent:
+        yield agent
+
+
+@pytest.fixture
+def edge(settings) -> Iterator[ServerThread]:  # type: ignore[no-untyped-def]
+    from watasu.asgi import application
+
+    server = ServerThread(application)
+    settings.PUBLIC_URL = server.url
+    settings.DATA_PLANE_DOMAIN = ""
+    with server:
+        yield server
+
+
+def _sandbox(team: Team, agent: RealAgent) -> Sandbox:
+    return SandboxFactory(team=team, state=SandboxState.READY, agent_port=agent.port,
+                          agent_secret_encrypted=crypto.encrypt_text(SECRET))
+
+
+def _exec_body(marker: Path) -> bytes:
+    return json.dumps({"cmd": ["touch", str(marker)]}).encode()
+
+
+# --- traversal ------------------------------------------------------------------------------------
+
+
+@edge_db
+@pytest.mark.parametrize("tail", TRAVERSALS)
+def test_preview_traversal_never_reaches_the_agents_other_routes(edge, real_agent, owner, tail,
+                                                                 tmp_path) -> None:
+    # given a sandbox whose preview route token is public, and no credentials at all
+    sandbox = _sandbox(owner.personal_team, real_agent)
+    marker = tmp_path / "ran"
+
+    # when the path form and the host form are sent paths that climb out of /proxy/<port>
+    path_form = raw_request(edge.port, "POST", f"/sandboxes-preview/{sandbox.route_token}/1{tail}",
+                            body=_exec_body(marker))
+    host_form = raw_request(edge.port, "POST", tail, body=_exec_body(marker),
+                            headers={"Host": f"p1-{sandbox.route_token}.sandbox.localhost"})
+
+    # then the edge refuses both before the agent, in the error shape, and nothing ran
+    for status, headers, body in (path_form, host_form):
+        assert status == 400, body
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["error"] == "invalid_path"
+    assert not marker.exists()
+
+
+@edge_db
+@pytest.mark.parametrize("tail", [t.replace("exec", "init") for t in TRAVERSALS])
+def test_data_plane_traversal_is_refused_even_with_a_valid_session(edge, real_agent, owner, tail) -> None:
+    # given a valid session token for the sandbox
+    sandbox = _sandbox(owner.personal_team, real_agent)
+    token = session_mint(sandbox=sandbox).token
+
+    # when the data-plane path climbs from /runtime/v1 to /init
+    status, _, body = raw_request(
+        edge.port, "POST", f"/sandboxes-dp/{sandbox.route_token}/runtime/v1{tail}",
+        headers={"Authorization": f"Bearer {token}"}, body=json.dumps({"secret": "x" * 40}).encode())
+
+    # then it is refused, and the agent still holds its secret
+    assert (status, json.loads(body)["error"]) == (400, "invalid_path")
+    assert AgentClient(real_agent.port, secret=SECRET).processes() == []
+
+
+@edge_db
+def test_websocket_traversal_is_refused_at_the_handshake(edge, real_agent, owner) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    sandbox = _sandbox(owner.personal_team, real_agent)
+    token = session_mint(sandbox=sandbox).token
+    url = edge.url.replace("http://", "ws://") + f"/sandboxes-dp/{sandbox.route_token}/runtime/v1/%2e%2e/x"
+
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10)
+
+    assert refused.value.response.status_code == 400
+
+
+@edge_db
+def test_ordinary_paths_still_reach_the_agent(edge, real_agent, owner, tmp_path) -> None:
+    # given a file on the host the real agent serves, and names with dots that are not segments
+    sandbox = _sandbox(owner.personal_team, real_agent)
+    (tmp_path / "a..b.txt").write_text("dots are fine")
+    auth = {"Authorization": f"Bearer {session_mint(sandbox=sandbox).token}"}
+
+    # when it is read through the data plane
+    response = requests.get(f"{edge.url}/sandboxes-dp/{sandbox.route_token}/runtime/v1/files",
+                            params={"path": str(tmp_path / "a..b.txt")}, headers=auth, timeout=30)
+
+    # then it arrives, and the agent names no server software
+    assert (response.status_code, response.text) == (200, "dots are fine")
+    assert "server" not in response.headers
+
+
+# --- credentials per route, on the agent itself --------------------------------------------------
+
+
+def test_the_agent_takes_each_credential_only_on_its_own_routes(real_agent, tmp_path) -> None:
+    # given the three credentials the agent knows
+    control, dataplane, preview = SECRET, role_secret(SECRET, "dataplane"), role_secret(SECRET, "preview")
+    marker = tmp_path / "ran"
+
+    def status(method: str, path: str, token: str, body: bytes = b"{}") -> int:
+        return raw_request(real_agent.port, method, path, {"Authorization": f"Bearer {token}"}, body)[0]
+
+    # then the preview credential opens /proxy/* only (502: nothing listens on that port)
+    assert status("GET", "/proxy/1/", preview) == 502
+    assert status("GET", "/runtime/v1/files?path=/etc/hostname", preview) == 401
+    assert status("POST", "/exec", preview, _exec_body(marker)) == 401
+    assert status("POST", "/init", preview, json.dumps({"secret": "y" * 40}).encode()) == 401
+    # the data-plane credential opens /runtime/v1/* only
+    assert status("GET", "/runtime/v1/files?path=/etc/hostname", dataplane) == 200
+    assert status("GET", "/proxy/1/", dataplane) == 401
+    assert status("POST", "/exec", dataplane, _exec_body(marker)) == 401
+    assert status("POST", "/init", dataplane, json.dumps({"secret": "y" * 40}).encode()) == 401
+    assert status("GET", "/processes", dataplane) == 401
+    # and the agent's routes match literally: no traversal inside the agent either
+    assert status("POST", "/runtime/v1/../exec", dataplane, _exec_body(marker)) == 404
+    assert status("POST", "/proxy/1/../../exec", preview, _exec_body(marker)) == 502
+    assert not marker.exists()
+    assert status("GET", "/processes", control) == 200
+
+
+def test_fragmented_websocket_messages_are_bounded_as_they_arrive(real_agent) -> None:
+    # given a process socket on the agent
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{real_agent.port}/runtime/v1/process", max_size=None,
+                 additional_headers={"Authorization": f"Bearer {SECRET}"}, open_timeout=10) as ws:
+        # when a message arrives in 1 MiB fragments past the 64 MiB bound
+        piece = "x" * 2**20
+        with pytest.raises(ConnectionClosed):
+            ws.send(iter([piece] * 100))
+            ws.recv(timeout=60)
+
+    # then the agent hung up on it (1009, or a reset while we were still sending) and serves on
+    assert AgentClient(real_agent.port, secret=SECRET).processes() == []
+
+
+# --- cookies and headers through previews --------------------------------------------------------
+
+
+@edge_db
+def test_no_cookie_or_header_crosses_from_one_team_to_another(edge, real_agent, owner, outsider) -> None:
+    # given two teams' sandboxes behind the real agent, and an app that sets cookies
+    with EchoApp() as app:
+        ours, theirs = _sandbox(owner.personal_team, real_agent), _sandbox(outsider.personal_team, real_agent)
+        ours_host = f"p{app.port}-{ours.route_token}.sandbox.localhost:{edge.port}"
+        theirs_host = f"p{app.port}-{theirs.route_token}.sandbox.localhost:{edge.port}"
+
+        # when our app sets a cookie, then their sandbox is asked without any cookie
+        set_cookie = requests.get(f"{edge.url}/?set=session%3Dours", headers={"Host": ours_host},
+                                  timeout=30)
+        status, _, body = raw_request(edge.port, "GET", "/", {"Host": theirs_host})
+
+    # then our own origin got its host-only cookie, their app saw none, and no header
+    # reached it that the client did not send (no Accept-Encoding, User-Agent, credential)
+    assert set_cookie.headers["set-cookie"] == "session=ours"
+    assert status == 200
+    received = json.loads(body)["headers"]
+    assert "cookie" not in received
+    assert set(received) == {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+
+
+@edge_db
+def test_path_form_previews_get_no_cookies_and_a_sandboxed_origin(edge, real_agent, owner) -> None:
+    # given a preview served under the platform's own origin (the path form)
+    with EchoApp() as app:
+        sandbox = _sandbox(owner.personal_team, real_agent)
+        url = f"{edge.url}/sandboxes-preview/{sandbox.route_token}/{app.port}/"
+
+        # when the browser sends the platform's cookies and the app tries to set one
+        response = requests.get(url, params={"set": "stolen=1; Path=/"},
+                                headers={"Cookie": "sessionid=admin-session; csrftoken=t"}, timeout=30)
+
+    # then the app never saw the cookies, its Set-Cookie was dropped, and the page is sandboxed
+    assert response.status_code == 200
+    assert "cookie" not in response.json()["headers"]
+    assert "set-cookie" not in response.headers
+    assert response.headers["content-security-policy"].startswith("sandbox ")
+    assert "allow-same-origin" not in response.headers["content-security-policy"]
+
+
+@edge_db
+def test_host_form_previews_keep_their_cookies_to_their_own_host(edge, real_agent, owner) -> None:
+    with EchoApp() as app:
+        sandbox = _sandbox(owner.personal_team, real_agent)
+        host = f"p{app.port}-{sandbox.route_token}.sandbox.localhost:{edge.port}"
+
+        # when the app sets a host-only and a domain-wide cookie, and the client sends one
+        response = requests.get(f"{edge.url}/", headers={"Host": host, "Cookie": "mine=1"}, timeout=30,
+                                params=[("set", "host_only=1"), ("set", "wide=1; Domain=sandbox.localhost")])
+
+    # then the app's own cookie round-trips, the one that would reach sibling sandboxes is dropped
+    assert response.json()["headers"]["cookie"] == "mine=1"
+    assert response.raw.headers.getlist("set-cookie") == ["host_only=1"]
+    assert response.headers["content-security-policy"] == "default-src *"
+
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+def test_route_tokens_are_redacted_from_log_lines(caplog) -> None:
+    record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1,
+                               "GET %s from %s", ("/sandboxes-preview/abc123def/8080/x",
+                                                  "p8080-abc123def.sandbox.example.com"), None)
+
+    RedactRouteTokens().filter(record)
+
+    assert record.getMessage() == ("GET /sandboxes-preview/<route>/8080/x "
+                                   "from p8080-<route>.sandbox.example.com")
+    assert redact("/sandboxes-dp/zz9/runtime/v1/files") == "/sandboxes-dp/<route>/runtime/v1/files"
