@@ -32,8 +32,8 @@ edge_db = pytest.mark.django_db(transaction=True)
 # Every way found to make a path mean something else one hop later.
 TRAVERSALS = [
     "/../../exec", "/%2e%2e/%2e%2e/exec", "/%2E%2E/%2e./exec", "/.%2e/.%2E/exec",
-    "/..%2f..%2fexec",
-    "/a/..%2F..%2F..%2Fexec", "/x%2F..%2F..%2Fexec", "/./exec", "/%2e/exec", "//exec", "/a//b", "/..%5c..%5cexec",
+    "/..%2f..%2fexec", "/a/..%2F..%2F..%2Fexec", "/x%2F..%2F..%2Fexec", "/./exec", "/%2e/exec",
+    "//exec", "/a//b", "/..%5c..%5cexec",
     "/%252e%252e/%252e%252e/exec", "/a%00/exec", "/a%0d%0aX-Injected:%201", "/%ff%fe/x", "/..",
 ]
 
