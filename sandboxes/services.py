@@ -18,11 +18,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
+from sandboxes.models import RUNTIME_STATES, Host, Sandbox, SandboxEvent, SandboxState
 from sandboxes.placement import host_has_room, host_place
 from sandboxes.runtime import vm
 from sandboxes.selectors import QuotaReservation, team_quota
@@ -50,7 +50,8 @@ def host_register_local() -> Host:
     """Register (or refresh) this machine as a host, from the runtime settings.
 
     Embedded mode calls this on every start. Capacity is taken from the
-    settings at first registration only, so operators' edits in the admin last.
+    settings at first registration only, so operators' edits in the admin last,
+    and an existing host's state is never changed here.
     """
     host, created = Host.objects.get_or_create(
         name=settings.RUNTIME_HOST_NAME,
@@ -62,9 +63,10 @@ def host_register_local() -> Host:
         },
     )
     if not created:
+        # The state stays the operator's (draining) or the hosts sweep's (down, up again
+        # once libvirt answers): builds and restarts call this and must not undo either.
         Host.objects.filter(pk=host.pk).update(
-            libvirt_uri=settings.RUNTIME_LIBVIRT_URI, data_dir=str(settings.RUNTIME_HOST_DATA_DIR),
-            state=HostState.UP, last_seen_at=timezone.now())
+            libvirt_uri=settings.RUNTIME_LIBVIRT_URI, data_dir=str(settings.RUNTIME_HOST_DATA_DIR))
         host.refresh_from_db()
     return host
 
@@ -73,16 +75,16 @@ def host_register_local() -> Host:
 
 
 def sandbox_transition(*, sandbox: Sandbox, from_states: Iterable[str], to_state: str,
-                       reason: str = "", **fields: Any) -> bool:
-    """Move the sandbox to `to_state` if it is in one of `from_states`.
+                       reason: str = "", where: Q | None = None, **fields: Any) -> bool:
+    """Move the sandbox to `to_state` if it is in one of `from_states` (and matches `where`).
 
     Returns False (and changes nothing) when another request got there first.
     On success `sandbox` is refreshed and the transition is recorded as an event.
     """
     now = timezone.now()
     with transaction.atomic():
-        current = (Sandbox.objects.select_for_update().filter(pk=sandbox.pk, state__in=list(from_states))
-                   .values_list("state", flat=True).first())
+        rows = Sandbox.objects.select_for_update().filter(pk=sandbox.pk, state__in=list(from_states))
+        current = rows.filter(where or Q()).values_list("state", flat=True).first()
         if current is None:
             return False
         Sandbox.objects.filter(pk=sandbox.pk).update(state=to_state, updated_at=now, **fields)
@@ -225,10 +227,15 @@ def _runtime_step(sandbox: Sandbox, step: Callable[[Sandbox], None], *, what: st
         raise errors.Unavailable(f"Sandbox {sandbox.pk} could not {what}: {exc}") from exc
 
 
-def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause") -> Sandbox:
-    """Release the runtime, keeping memory and disk (libvirt managed save)."""
+def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause", due_by: datetime | None = None) -> Sandbox:
+    """Release the runtime, keeping memory and disk (libvirt managed save).
+
+    With `due_by` (the deadline sweep) the pause happens only if the deadline is still
+    at or before it when the row is claimed: a timeout extended meanwhile wins.
+    """
+    where = Q(deadline_at__lte=due_by) if due_by is not None else None
     if not sandbox_transition(sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING,
-                              reason=reason):
+                              reason=reason, where=where):
         raise _state_conflict(sandbox, "pause")
     _runtime_step(sandbox, vm.pause, what="pause", during=S.STOPPING, back_to=S.READY)
     if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED,
@@ -256,8 +263,35 @@ def _claim_resume(sandbox: Sandbox) -> bool:
                                   reason="resume")
 
 
+def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
+    """After a failed resume the row must say what the VM is: its memory saved again
+    (`stopped`, resumable), or nothing usable left (`lost`, VM removed, disk kept)."""
+    logger.exception("sandbox %s failed to resume", sandbox.pk)
+    status = "unknown"
+    try:
+        status = vm.status(sandbox)
+        if status == "running":  # started, but the agent never answered: save it again
+            vm.pause(sandbox)
+            status = vm.status(sandbox)
+    except Exception:
+        logger.exception("sandbox %s: could not save the VM again after a failed resume", sandbox.pk)
+    message = f"Sandbox {sandbox.pk} could not resume: {exc}"
+    if status == "saved":
+        sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.STOPPED,
+                           reason="resume failed; memory saved again", last_error=str(exc)[:2000])
+        return errors.Unavailable(message)
+    if sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.LOST,
+                          reason="resume failed; the VM is not usable", ended_at=timezone.now(),
+                          agent_port=None, last_error=str(exc)[:2000]):
+        vm.forget(sandbox)
+    return errors.Unavailable(message, code="sandbox_lost")
+
+
 def _restart(sandbox: Sandbox, timeout: int) -> None:
-    _runtime_step(sandbox, vm.resume, what="resume", during=S.RESTORING, back_to=S.STOPPED)
+    try:
+        vm.resume(sandbox)
+    except Exception as exc:
+        raise _resume_failed(sandbox, exc) from exc
     now = timezone.now()
     if not sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.READY,
                               reason="resumed", ready_at=now,
@@ -281,8 +315,9 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
             return sandbox_resume(sandbox=sandbox, timeout=timeout, wait=wait)
         _restart(sandbox, lifetime)
     elif sandbox.state == S.READY:
-        Sandbox.objects.filter(pk=sandbox.pk, state=S.READY).update(
-            deadline_at=timezone.now() + timedelta(seconds=lifetime))
+        if not Sandbox.objects.filter(pk=sandbox.pk, state=S.READY).update(
+                deadline_at=timezone.now() + timedelta(seconds=lifetime), updated_at=timezone.now()):
+            raise _state_conflict(sandbox, "resume")  # paused or expired since we looked
         sandbox.refresh_from_db()
     if sandbox.state != S.READY:
         raise _state_conflict(sandbox, "resume")
@@ -293,13 +328,20 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
 
 
 def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
-    """Running: deadline = now + timeout. Paused: used as the lifetime at the next resume."""
+    """Running: deadline = now + timeout. Paused: used as the lifetime at the next resume.
+
+    One conditional update on the state read; if the state moved meanwhile (the
+    deadline sweep expired or paused it), nothing changes and the caller hears why.
+    """
+    rows = Sandbox.objects.filter(pk=sandbox.pk)
     if sandbox.state in RUNTIME_STATES:
-        Sandbox.objects.filter(pk=sandbox.pk, state__in=RUNTIME_STATES).update(
-            deadline_at=timezone.now() + timedelta(seconds=timeout))
+        changed = rows.filter(state__in=RUNTIME_STATES).update(
+            deadline_at=timezone.now() + timedelta(seconds=timeout), updated_at=timezone.now())
     elif sandbox.state == S.STOPPED:
-        Sandbox.objects.filter(pk=sandbox.pk, state=S.STOPPED).update(timeout=timeout)
+        changed = rows.filter(state=S.STOPPED).update(timeout=timeout, updated_at=timezone.now())
     else:
+        changed = 0
+    if not changed:
         raise _state_conflict(sandbox, "change its timeout")
     sandbox.refresh_from_db()
     return sandbox
@@ -331,9 +373,11 @@ def sandboxes_purge(sandboxes: Iterable[Sandbox]) -> int:
 
 
 def sandboxes_transition(*, ids: Iterable[int], from_states: Iterable[str], to_state: str, reason: str,
-                         unchanged_since: datetime | None = None, **fields: Any) -> list[Sandbox]:
+                         unchanged_since: datetime | None = None, where: Q | None = None,
+                         **fields: Any) -> list[Sandbox]:
     """`sandbox_transition` for a batch in one transaction: rows still in ``from_states``
-    (and, with ``unchanged_since``, not updated since then) move; the others are left.
+    (and, with ``unchanged_since``, not updated since then; and matching ``where``) move;
+    the others are left.
 
     Rows another transaction holds are skipped, not waited for. Returns the moved rows.
     """
@@ -343,7 +387,7 @@ def sandboxes_transition(*, ids: Iterable[int], from_states: Iterable[str], to_s
             pk__in=list(ids), state__in=list(from_states))
         if unchanged_since is not None:
             rows = rows.filter(updated_at__lt=unchanged_since)
-        moved = list(rows.values_list("pk", "state"))
+        moved = list(rows.filter(where or Q()).values_list("pk", "state"))
         if not moved:
             return []
         Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).update(state=to_state, updated_at=now,
@@ -354,9 +398,14 @@ def sandboxes_transition(*, ids: Iterable[int], from_states: Iterable[str], to_s
 
 
 def sandboxes_expire(*, ids: Iterable[int], now: datetime) -> list[Sandbox]:
-    """Deadline passed with on_timeout kill: `expired`, sessions revoked, VM and disk removed."""
+    """Deadline passed with on_timeout kill: `expired`, sessions revoked, VM and disk removed.
+
+    The deadline is checked again inside the transition: a `set_timeout` that landed
+    after the sweep selected the row keeps the sandbox alive.
+    """
     expired = sandboxes_transition(
         ids=ids, from_states=[S.READY], to_state=S.EXPIRED, reason="timeout", ended_at=now,
+        where=Q(deadline_at__lte=now),
         session_epoch=F("session_epoch") + 1, agent_port=None, agent_secret_encrypted="")
     sandboxes_purge(expired)
     return expired

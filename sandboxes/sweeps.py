@@ -70,7 +70,7 @@ def deadline_sweep(*, now: datetime | None = None) -> Result:
     paused = failed = 0
     for sandbox in pause:
         try:
-            services.sandbox_pause(sandbox=sandbox, reason="timeout")
+            services.sandbox_pause(sandbox=sandbox, reason="timeout", due_by=now)
             paused += 1
         except errors.DomainError as exc:  # busy, or the pause failed (retried next sweep)
             logger.warning("timeout pause of sandbox %s: %s", sandbox.pk, exc)
@@ -82,36 +82,61 @@ def deadline_sweep(*, now: datetime | None = None) -> Result:
 # --- stuck transitional states ---------------------------------------------------------------
 
 
+def _claim(sandbox: Sandbox, since: datetime) -> bool:
+    """Take a stuck row for this sweep run: touch it if it is still as we listed it.
+    Other runs then see it as recently changed and leave it for the claim's holder."""
+    return bool(Sandbox.objects.filter(pk=sandbox.pk, state=sandbox.state, updated_at__lt=since)
+                .update(updated_at=timezone.now()))
+
+
 def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
-    """Move one stuck sandbox to what libvirt says is true; returns the state chosen."""
+    """Move one stuck sandbox to what libvirt says is true; returns the state chosen.
+
+    Claim first, act second: the row moves (or is claimed) by a conditional update
+    before any VM is touched, so a row that changed since the listing (its process
+    was slow, not dead) keeps its VM.
+    """
     state = sandbox.state
 
-    def move(to: str, reason: str, **fields: Any) -> str:
-        moved = services.sandboxes_transition(ids=[sandbox.pk], from_states=[state], to_state=to,
-                                              reason=reason, unchanged_since=since, **fields)
-        return to if moved else "unchanged"
+    def move(to: str, reason: str, *, claimed: bool = False, **fields: Any) -> bool:
+        return bool(services.sandboxes_transition(
+            ids=[sandbox.pk], from_states=[state], to_state=to, reason=reason,
+            unchanged_since=None if claimed else since, **fields))
 
     now = timezone.now()
     if state == S.CREATING:
         # The process that was creating it died holding the new agent secret: the VM,
-        # if any, cannot be handed out. Remove it; the create failed.
+        # if any, cannot be handed out. The create failed; then its VM is removed.
+        if not move(S.FAILED, "create interrupted", ended_at=now,
+                    last_error="The process creating this sandbox stopped before it was ready."):
+            return "unchanged"
         services.sandbox_purge(sandbox)
-        return move(S.FAILED, "create interrupted", ended_at=now,
-                    last_error="The process creating this sandbox stopped before it was ready.")
+        return S.FAILED
     if state in (S.STOPPING, S.RESTORING) and status == "saved":
-        return move(S.STOPPED, f"{state} interrupted; memory is saved")
+        return S.STOPPED if move(S.STOPPED, f"{state} interrupted; memory is saved") else "unchanged"
+    if status == "running" and state == S.RESTORING:
+        return _recover_restoring(sandbox, since, move, now)
     if status == "running":
-        if state == S.RESTORING:
-            try:  # the guest runs: finish what resume does after starting it
-                lifecycle.resync(vm.agent_client(sandbox), sandbox.vm_name, timeout=10)
-            except Exception:  # the guest does not answer: nothing to hand out
-                vm.forget(sandbox)
-                return move(S.FAILED, "resume interrupted; the guest did not answer", ended_at=now)
-            return move(S.READY, "resume interrupted; the VM runs", ready_at=now,
-                        deadline_at=now + timedelta(seconds=sandbox.timeout))
-        return move(S.READY, f"{state} interrupted; the VM runs")
+        return S.READY if move(S.READY, f"{state} interrupted; the VM runs") else "unchanged"
+    if not move(S.LOST, f"{state} interrupted; the VM is gone", ended_at=now):
+        return "unchanged"
     vm.forget(sandbox)
-    return move(S.LOST, f"{state} interrupted; the VM is gone", ended_at=now)
+    return S.LOST
+
+
+def _recover_restoring(sandbox: Sandbox, since: datetime, move: Callable[..., bool], now: datetime) -> str:
+    """The guest runs but its resume never finished: finish it (resync), or give up on it."""
+    if not _claim(sandbox, since):
+        return "unchanged"
+    try:
+        lifecycle.resync(vm.agent_client(sandbox), sandbox.vm_name, timeout=10)
+    except Exception:  # the guest does not answer: nothing to hand out
+        if not move(S.FAILED, "resume interrupted; the guest did not answer", claimed=True, ended_at=now):
+            return "unchanged"
+        vm.forget(sandbox)
+        return S.FAILED
+    return S.READY if move(S.READY, "resume interrupted; the VM runs", claimed=True, ready_at=now,
+                           deadline_at=now + timedelta(seconds=sandbox.timeout)) else "unchanged"
 
 
 def stuck_sweep(*, now: datetime | None = None) -> Result:
@@ -184,6 +209,10 @@ def _reconcile_host(host: Host) -> Result:
         saved += len(services.sandboxes_transition(
             ids=was_saved[start:start + _batch()], from_states=[S.READY], to_state=S.STOPPED,
             reason="the VM was saved outside the platform", unchanged_since=listed_at))
+    stopped = Sandbox.objects.filter(host=host, state=S.STOPPED, updated_at__lt=listed_at)
+    stopped_running = [pk for pk in stopped.values_list("pk", flat=True).iterator(chunk_size=2000)
+                       if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "running"]
+    resaved = sum(_save_again(driver, pk, listed_at) for pk in stopped_running[:_batch()])
     for state, good in ((S.READY, {"running", "saved"}), (S.STOPPED, {"saved", "running"})):
         candidates = Sandbox.objects.filter(host=host, state=state, updated_at__lt=listed_at).only("pk")
         vanished = [s.pk for s in candidates.iterator(chunk_size=2000)
@@ -197,7 +226,29 @@ def _reconcile_host(host: Host) -> Result:
                 driver.forget(sandbox.vm_name)
             lost += len(moved)
     return {"domains": len(domains), "removed": removed, "stopped_for_retention": kept_disks,
-            "lost": lost, "stopped": saved}
+            "lost": lost, "stopped": saved, "saved_again": resaved}
+
+
+def _save_again(driver: Any, pk: int, listed_at: datetime) -> bool:
+    """A `stopped` sandbox whose VM runs (started outside the platform, or a resume that
+    died after starting it) is unmetered and outside quota: save its memory again.
+    Claimed first (STOPPED -> STOPPING), so a resume racing this sweep wins or waits."""
+    claimed = services.sandboxes_transition(ids=[pk], from_states=[S.STOPPED], to_state=S.STOPPING,
+                                            reason="running while stopped", unchanged_since=listed_at)
+    if not claimed:
+        return False
+    try:
+        driver.pause(claimed[0].vm_name)
+    except Exception:
+        logger.exception("sandbox %s runs while stopped and could not be saved again", pk)
+        services.sandboxes_transition(ids=[pk], from_states=[S.STOPPING], to_state=S.LOST,
+                                      reason="running while stopped; could not save it",
+                                      ended_at=timezone.now(), agent_port=None)
+        driver.forget(claimed[0].vm_name)
+        return False
+    services.sandboxes_transition(ids=[pk], from_states=[S.STOPPING], to_state=S.STOPPED,
+                                  reason="running while stopped; memory saved again")
+    return True
 
 
 def reconcile_sweep(*, now: datetime | None = None) -> Result:

@@ -141,14 +141,14 @@ def cold_boot(driver: RuntimeDriver, base_image: BaseImage, name: str, disk_dir:
     return Sandbox(spec, client)
 
 
-def resume(driver: RuntimeDriver, name: str, client: AgentClient) -> float:
+def resume(driver: RuntimeDriver, name: str, client: AgentClient, timeout: float = READY_TIMEOUT) -> float:
     """Start from managed save, wait for the agent and resync its clock (it slept).
 
     Same secret, so the edge's stored credential stays valid. Returns seconds taken.
     """
     t = time.monotonic()
     driver.resume(name)
-    resync(client, name)
+    resync(client, name, timeout=timeout)
     return time.monotonic() - t
 
 

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
+
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.agent_client import AgentClient
@@ -73,7 +75,8 @@ def pause(sandbox: Sandbox) -> None:
 
 
 def resume(sandbox: Sandbox) -> None:
-    lifecycle.resume(driver_for(sandbox.host), sandbox.vm_name, agent_client(sandbox))
+    lifecycle.resume(driver_for(sandbox.host), sandbox.vm_name, agent_client(sandbox),
+                     timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS)
 
 
 def destroy(sandbox: Sandbox) -> bool:

@@ -210,6 +210,8 @@ RUNTIME_IMAGE_CACHE_DIR = env.path("WATASU_IMAGE_CACHE_DIR", str(CACHE_DIR / "im
 RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's configured mirror
 # libvirt domain names are {prefix}{sandbox id}; reconciliation only touches this prefix.
 RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-")
+# How long a resume waits for the restarted guest's agent before saving the VM again.
+RUNTIME_RESUME_TIMEOUT_SECONDS = env.int("WATASU_RESUME_TIMEOUT_SECONDS", 60, min=1)
 RUNTIME_BASE_CPU = env.int("WATASU_BASE_CPU", 1, min=1)
 RUNTIME_BASE_MEMORY_MB = env.int("WATASU_BASE_MEMORY_MB", 512, min=256)
 
