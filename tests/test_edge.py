@@ -24,7 +24,7 @@ from sandboxes.edge.signing import file_url_make
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime.agent_client import role_secret
 from sandboxes.sessions import session_mint
-from tests.conftest import Actor
+from tests.conftest import Actor, wait_until
 from tests.edge_support import FakeAgent, ServerThread, free_port
 from tests.factories import SandboxFactory
 from watasu import crypto
@@ -529,3 +529,44 @@ def test_sdk_drives_the_data_plane_through_the_edge(edge, owner, base_version, v
     output = run_scenario("dataplane", api_url=f"{edge.url}/v1", api_key=owner.write_key)
 
     assert output == "ok\n"
+
+
+# --- auto-resume never stalls the edge ------------------------------------------------------------
+
+
+@edge_db
+def test_requests_for_a_resuming_sandbox_share_one_bounded_wait(edge, agent, owner, settings) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from sandboxes.edge import resumes
+
+    # given a paused sandbox whose resume never finishes (another process holds it in
+    # `restoring`), and a ready sandbox of the same team
+    settings.EDGE_RESUME_WAIT_SECONDS = 5
+    stuck = _sandbox(owner, agent, state=S.RESTORING, auto_resume=True)
+    ready = _sandbox(owner, agent)
+    started = resumes.stats["resumes_started"]
+    answers: list[requests.Response] = []
+
+    def read() -> None:
+        url = f"{_dp(stuck)}/runtime/v1/files?path=/x"
+        answers.append(requests.get(url, headers=_auth(stuck), timeout=60))
+
+    # when 12 requests for it arrive at once, more than the edge has lookup or resume threads
+    callers = [threading.Thread(target=read) for _ in range(12)]
+    for caller in callers:
+        caller.start()
+    wait_until(lambda: resumes.in_flight() == 1, 30, "the resume to start")
+    other = requests.get(f"{_dp(ready)}/runtime/v1/files?path=/nope", headers=_auth(ready), timeout=30)
+    still_waiting = sum(caller.is_alive() for caller in callers)
+    for caller in callers:
+        caller.join(timeout=60)
+
+    # then the other sandbox was served while they all waited, one resume was started for
+    # all twelve, and each got a 503 with Retry-After once the bound passed
+    assert (other.status_code, other.json()["error"]) == (404, "file_not_found")
+    assert still_waiting == 12
+    assert resumes.stats["resumes_started"] - started == 1
+    assert [(a.status_code, a.json()["error"], a.headers["retry-after"]) for a in answers] == (
+        [(503, "sandbox_overloaded", "5")] * 12)
+    wait_until(lambda: resumes.in_flight() == 0, 30, "the abandoned resume to end")

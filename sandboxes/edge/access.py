@@ -1,8 +1,8 @@
 """Who may reach which agent: database reads, token checks and auto-resume.
 
-Everything here is synchronous (the ORM, libvirt); the ASGI side calls it
-through `sync_to_async(thread_sensitive=False)` so one slow auto-resume never
-blocks other requests.
+Everything here is synchronous (the ORM, libvirt); the ASGI side runs the fast
+lookups on one thread pool and the slow auto-resumes on another
+(`sandboxes.edge.resumes`), so a resume never delays another request's lookup.
 """
 
 from __future__ import annotations
@@ -86,23 +86,48 @@ def _from_domain(exc: errors.DomainError) -> EdgeError:
     return EdgeError(status, exc.code, exc.message, **exc.extra)
 
 
+class ResumeNeeded(Exception):
+    """The caller may use the sandbox, which is paused with `auto_resume`: resume it
+    (`resume_upstream`, on the edge's resume threads) and use the upstream it returns."""
+
+    def __init__(self, sandbox_id: int, role: str) -> None:
+        super().__init__(sandbox_id)
+        self.sandbox_id, self.role = sandbox_id, role
+
+
 def _running(sandbox: Sandbox, *, resume: bool, role: str) -> Upstream:
-    """The sandbox's agent, resuming a paused sandbox first when its policy says so.
+    """The sandbox's agent; `ResumeNeeded` for a paused sandbox whose policy resumes it.
 
     The upstream carries the agent credential of `role` only (data plane or preview),
     never the agent secret: the agent refuses it on its control routes (`/init`,
     `/exec`), and the preview credential anywhere but `/proxy/*`.
     """
     if sandbox.state != S.READY and resume and sandbox.auto_resume and sandbox.state in AUTO_RESUME_STATES:
-        try:
-            sandbox, _ = services.sandbox_resume(sandbox=sandbox)
-        except errors.DomainError as exc:
-            raise _from_domain(exc) from exc
+        raise ResumeNeeded(sandbox.pk, role)
+    return _upstream(sandbox, role)
+
+
+def _upstream(sandbox: Sandbox, role: str) -> Upstream:
     if sandbox.state != S.READY or not sandbox.agent_port:
         raise EdgeError(409, "sandbox_not_running",
                         f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first.")
     secret = vm.agent_client(sandbox).secret or ""
     return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=role_secret(secret, role))
+
+
+@_outside_requests
+def resume_upstream(sandbox_id: int, role: str, wait: float) -> Upstream:
+    """Resume the sandbox (waiting at most `wait` for another process's unfinished
+    pause or resume) and return its agent. Runs on the edge's resume threads only."""
+    sandbox = Sandbox.objects.select_related("team", "host").filter(pk=sandbox_id).first()
+    if sandbox is None or sandbox.state == S.DESTROYED:
+        raise EdgeError(404, "sandbox_not_found", "No sandbox is served at this address.")
+    if sandbox.state != S.READY:
+        try:
+            sandbox, _ = services.sandbox_resume(sandbox=sandbox, wait=wait)
+        except errors.DomainError as exc:
+            raise _from_domain(exc) from exc
+    return _upstream(sandbox, role)
 
 
 @_outside_requests

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from asgiref.sync import sync_to_async
-
-from sandboxes.edge import access
+from sandboxes.edge import access, resumes
 from sandboxes.edge.access import EdgeError, Upstream
 from sandboxes.edge.http_proxy import Headers, close_agent_client, forwarded_headers, proxy_http, send_error
 from sandboxes.edge.routing import Route, route_of
@@ -67,13 +66,11 @@ async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target
                         "encoded or not, backslashes or control characters.")
     query: bytes = scope.get("query_string", b"")
     if route.kind == "preview":
-        upstream = await sync_to_async(access.preview_upstream, thread_sensitive=False)(route.route_token)
+        upstream = await resumes.upstream(access.preview_upstream, route.route_token)
         return Target(upstream, method, route.upstream, query)
     if route.upstream == SIGNED_PATH:
         return await _authorise_signed(route, query, method)
-    token = _bearer(scope["headers"])
-    lookup = sync_to_async(access.dataplane_upstream, thread_sensitive=False)
-    upstream = await lookup(route.route_token, token)
+    upstream = await resumes.upstream(access.dataplane_upstream, route.route_token, _bearer(scope["headers"]))
     return Target(upstream, method, route.upstream, query)
 
 
@@ -85,9 +82,9 @@ async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
         raise EdgeError(405, "method_not_allowed", f"Signed URLs do not accept {method}.")
     if params.get("op") != op:
         raise EdgeError(403, "forbidden", f"This signed URL does not allow {method}.")
-    upstream = await sync_to_async(access.signed_upstream, thread_sensitive=False)(
-        route.route_token, path=params.get("path", ""), op=op, expires=params.get("expires", ""),
-        sig=params.get("sig", ""))
+    check = functools.partial(access.signed_upstream, path=params.get("path", ""), op=op,
+                              expires=params.get("expires", ""), sig=params.get("sig", ""))
+    upstream = await resumes.upstream(check, route.route_token)
     return Target(upstream, agent_method, FILES_PATH, urlencode({"path": params["path"]}).encode())
 
 

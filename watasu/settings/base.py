@@ -48,6 +48,11 @@ DATA_PLANE_SCHEME = env.choice("WATASU_DATA_PLANE_SCHEME", "https", ("http", "ht
 # How long the edge waits on a silent guest agent (between bytes) before giving up; long
 # enough for a slow git clone, short enough to free a stuck connection eventually.
 EDGE_AGENT_TIMEOUT_SECONDS = env.int("WATASU_EDGE_AGENT_TIMEOUT_SECONDS", 600, min=1)
+# Auto-resume at the edge: a request waits at most this long for its sandbox's resume
+# (shared by every request for that sandbox), then gets 503 + Retry-After.
+EDGE_RESUME_WAIT_SECONDS = env.int("WATASU_EDGE_RESUME_WAIT_SECONDS", 60, min=1)
+EDGE_RESUME_THREADS = env.int("WATASU_EDGE_RESUME_THREADS", 4, min=1)
+EDGE_LOOKUP_THREADS = env.int("WATASU_EDGE_LOOKUP_THREADS", 16, min=1)
 # A build worker renews its build's lease every quarter of this; a build whose lease ran
 # out (the worker died) is failed by the builds sweep.
 TEMPLATE_BUILD_LEASE_SECONDS = env.int("WATASU_TEMPLATE_BUILD_LEASE_SECONDS", 120, min=4)
@@ -70,6 +75,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: oversized bodies and NULs in /v1/ paths and queries are refused before anything reads them.
+    "watasu.api.middleware.ApiInputMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -138,7 +145,7 @@ LOGGING = {
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["teams.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["watasu.api.permissions.ApiKeyScope"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["watasu.api.parsers.StrictJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "watasu.api.pagination.NextTokenPagination",
@@ -156,6 +163,8 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
 }
 
+# The largest request body (JSON with a template build's files included); larger is a 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("WATASU_MAX_REQUEST_BODY_BYTES", 10 * 1024 * 1024, min=1024)
 API_PAGE_SIZE_DEFAULT = env.int("WATASU_PAGE_SIZE_DEFAULT", 50, min=1, max=1000)
 API_PAGE_SIZE_MAX = env.int("WATASU_PAGE_SIZE_MAX", 100, min=1, max=1000)
 IDEMPOTENCY_TTL_SECONDS = env.int("WATASU_IDEMPOTENCY_TTL_SECONDS", 24 * 3600, min=60)
