@@ -187,8 +187,11 @@ def celery_beat(env: dict[str, str], schedule: Path) -> contextlib.AbstractConte
     return _helper_process(["beat", "--loglevel", "WARNING", "--schedule", str(schedule)], env)
 
 
-def celery_worker(env: dict[str, str] | None = None) -> contextlib.AbstractContextManager[
-        subprocess.Popen[bytes]]:
-    """A real Celery worker process (solo pool) on the configured broker."""
+ALL_QUEUES = "celery,sweeps,builds"
+
+
+def celery_worker(env: dict[str, str] | None = None, queues: str = ALL_QUEUES) -> (
+        contextlib.AbstractContextManager[subprocess.Popen[bytes]]):
+    """A real Celery worker process (solo pool) on the configured broker, serving `queues`."""
     return _helper_process(["worker", "--pool", "solo", "--loglevel", "WARNING", "--without-mingle",
-                            "--without-gossip"], env)
+                            "--without-gossip", "--queues", queues], env)

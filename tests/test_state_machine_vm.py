@@ -84,7 +84,8 @@ def test_a_timeout_extended_after_the_sweep_selected_it_wins(owner: Actor, base_
     # given two sandboxes past their deadlines (kill and pause), as the deadline sweep selects them
     killed, paused = _create(owner), _create(owner, lifecycle={"on_timeout": "pause"})
     selected_at = timezone.now()
-    Sandbox.objects.filter(pk__in=[killed.pk, paused.pk]).update(deadline_at=selected_at - timedelta(seconds=1))
+    both = Sandbox.objects.filter(pk__in=[killed.pk, paused.pk])
+    both.update(deadline_at=selected_at - timedelta(seconds=1))
     paused.refresh_from_db()
 
     # when both timeouts are extended before the sweep's transitions run
@@ -97,7 +98,7 @@ def test_a_timeout_extended_after_the_sweep_selected_it_wins(owner: Actor, base_
 
     # then neither was touched: both ready, both VMs running
     assert expired == []
-    assert set(Sandbox.objects.filter(pk__in=[killed.pk, paused.pk]).values_list("state", flat=True)) == {S.READY}
+    assert set(both.values_list("state", flat=True)) == {S.READY}
     assert vm_cleanup.domain_status(killed.vm_name) == vm_cleanup.domain_status(paused.vm_name) == "running"
 
 
