@@ -235,6 +235,13 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+# Sweeps and template builds run on separate queues, served by separate worker
+# processes (`make run` starts one of each), so an hour-long build never delays a
+# timeout. Everything else (ping) stays on the default queue, with the sweeps.
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_QUEUE_SWEEPS, CELERY_QUEUE_BUILDS = "sweeps", "builds"
+CELERY_TASK_ROUTES = {"sweeps.*": {"queue": CELERY_QUEUE_SWEEPS},
+                      "templates.*": {"queue": CELERY_QUEUE_BUILDS}}
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
     CELERY_RESULT_BACKEND = REDIS_URL
