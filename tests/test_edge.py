@@ -249,6 +249,36 @@ def test_websocket_frames_and_close_codes_pass_both_ways(edge, agent, owner) -> 
 
 
 @edge_db
+def test_open_streams_per_sandbox_are_capped(edge, agent, owner, settings) -> None:  # type: ignore[no-untyped-def]
+    import contextlib
+
+    from sandboxes.edge import ws_proxy
+
+    # given a cap of two streams per sandbox, and two open
+    settings.EDGE_MAX_SOCKETS_PER_SANDBOX = 2
+    sandbox, other = _sandbox(owner, agent), _sandbox(owner, agent)
+    url = _ws_url(sandbox, "/runtime/v1/process")
+    with contextlib.ExitStack() as streams:
+        first, _ = (streams.enter_context(ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10))
+                    for _ in range(2))
+
+        # when a third is opened, then it is refused at the handshake; another sandbox is not affected
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10)
+        with ws_connect(_ws_url(other, "/runtime/v1/process"), additional_headers=_auth(other),
+                        open_timeout=10) as elsewhere:
+            assert json.loads(elsewhere.recv(timeout=10)) == {"type": "ready"}
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["error"] == "too_many_connections"
+
+        # and once one closes, a new one opens
+        first.close()
+        wait_until(lambda: ws_proxy._open.get(sandbox.pk) == 1, 30, "the edge to count the close")
+        with ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10) as again:
+            assert json.loads(again.recv(timeout=10)) == {"type": "ready"}
+
+
+@edge_db
 def test_agent_refusal_of_a_websocket_reaches_the_client_at_the_handshake(edge, agent, owner) -> None:
     sandbox = _sandbox(owner, agent)
 

@@ -3,8 +3,15 @@
 The agent's socket is opened before the client's is accepted, so an agent
 refusal (404 for an unknown process on `/connect`) reaches the client as the
 same HTTP status at the handshake. Frames are pumped both ways in order until
-either side closes; close codes are passed on. No idle timeout is imposed here
-(the SDK's own 50 s pings are answered by uvicorn) and none towards the agent.
+either side closes; close codes are passed on.
+
+Limits: a frame (message) is at most `MAX_FRAME` bytes either way, at most
+`MAX_QUEUE` incoming messages wait on each side (then reading stops and TCP
+pushes back), and a sandbox has at most `EDGE_MAX_SOCKETS_PER_SANDBOX` open
+sockets (429 at the handshake past it). A quiet stream is never closed for being
+quiet: towards the client uvicorn pings every 60 s and drops it after 120 s more
+without a pong; towards the agent the edge does the same, so a dead socket ends
+within 3 minutes and a live one (ping answered) lives as long as it wants.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 from typing import Any
 
+from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
@@ -23,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 DENIAL_EXTENSION = "websocket.http.response"
 MAX_FRAME = 64 * 2**20
+MAX_QUEUE = 16
+PING_INTERVAL, PING_TIMEOUT = 60.0, 120.0
+_open: dict[int, int] = {}  # sandbox id -> open sockets through this web process
 CLIENT_CLOSE_GRACE = 5.0
 # Codes that describe a close but may not be sent in a close frame.
 _UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
@@ -50,8 +61,9 @@ async def _open_agent(scope: dict[str, Any], upstream: Upstream, path: str, quer
     headers = [("Authorization", f"Bearer {upstream.secret}"), *extra_headers]
     try:
         return await connect(url, additional_headers=headers, subprotocols=scope.get("subprotocols") or None,
-                             compression=None, proxy=None, open_timeout=15, ping_interval=None,
-                             ping_timeout=None, close_timeout=5, max_size=MAX_FRAME, user_agent_header=None)
+                             compression=None, proxy=None, open_timeout=15, ping_interval=PING_INTERVAL,
+                             ping_timeout=PING_TIMEOUT, close_timeout=5, max_size=MAX_FRAME,
+                             max_queue=MAX_QUEUE, user_agent_header=None)
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status == 401:
@@ -100,8 +112,25 @@ async def _agent_to_client(send: Any, agent: ClientConnection) -> bool:
 async def proxy_websocket(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, path: str,
                           query: bytes, extra_headers: list[tuple[str, str]] | None = None) -> None:
     """Connect to the agent, accept the client, pump frames until one side closes."""
+    limit = settings.EDGE_MAX_SOCKETS_PER_SANDBOX
+    if _open.get(upstream.sandbox_id, 0) >= limit:
+        await deny(scope, send, EdgeError(429, "too_many_connections",
+                                          f"Sandbox {upstream.sandbox_id} has {limit} open streams; "
+                                          "close one first."))
+        return
+    _open[upstream.sandbox_id] = _open.get(upstream.sandbox_id, 0) + 1
     try:
-        agent = await _open_agent(scope, upstream, path, query, extra_headers or [])
+        await _proxy(scope, receive, send, upstream, path, query, extra_headers or [])
+    finally:
+        _open[upstream.sandbox_id] -= 1
+        if not _open[upstream.sandbox_id]:
+            del _open[upstream.sandbox_id]
+
+
+async def _proxy(scope: dict[str, Any], receive: Any, send: Any, upstream: Upstream, path: str,
+                 query: bytes, extra_headers: list[tuple[str, str]]) -> None:
+    try:
+        agent = await _open_agent(scope, upstream, path, query, extra_headers)
     except EdgeError as error:
         await deny(scope, send, error)
         return
