@@ -13,6 +13,8 @@ import secrets
 import socket
 from pathlib import Path
 
+from django.core.exceptions import ImproperlyConfigured
+
 from watasu.settings.env import Env
 
 env = Env()
@@ -35,9 +37,18 @@ def _secret_key() -> str:
     return key_file.read_text().strip()
 
 
+# `embedded` (the default: one machine, generated secrets) or `production`, which
+# refuses to start without an explicit secret key and encryption key.
+DEPLOYMENT = env.choice("WATASU_DEPLOYMENT", "embedded", ("embedded", "production"))
 SECRET_KEY = _secret_key()
-# Encrypts env vars and agent secrets at rest; defaults to a key derived from SECRET_KEY.
-ENCRYPTION_KEY = env.str("WATASU_ENCRYPTION_KEY", "")
+# Encrypt secrets at rest (watasu/crypto.py): the first key encrypts, all decrypt.
+# WATASU_ENCRYPTION_KEY (one key) is still read; without either, embedded mode
+# derives a key from SECRET_KEY.
+ENCRYPTION_KEYS = (env.list("WATASU_ENCRYPTION_KEYS", [])
+                   or [key for key in [env.str("WATASU_ENCRYPTION_KEY", "")] if key])
+if DEPLOYMENT == "production" and not (env.str("WATASU_SECRET_KEY", "") and ENCRYPTION_KEYS):
+    raise ImproperlyConfigured("WATASU_DEPLOYMENT=production needs WATASU_SECRET_KEY and "
+                               "WATASU_ENCRYPTION_KEYS set (no generated or derived keys in production).")
 DEBUG = env.bool("WATASU_DEBUG", False)
 ALLOWED_HOSTS = env.list("WATASU_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 PUBLIC_URL = env.str("WATASU_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
