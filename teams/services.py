@@ -31,9 +31,19 @@ def _unique_slug(base: str) -> str:
 
 
 def team_create(*, owner: User, slug: str, name: str = "") -> Team:
-    """Create a team with `owner` as its owner; a taken slug is a conflict."""
+    """Create a team with `owner` as its owner; a taken slug is a conflict.
+
+    A user owns at most `MAX_TEAMS_PER_USER` teams besides the personal one (each team
+    brings a full sandbox quota, so the cap bounds what one user can hold on the
+    hosts); counted under the user's row lock, so concurrent creates cannot pass it.
+    """
     try:
         with transaction.atomic():
+            User.objects.select_for_update().filter(pk=owner.pk).first()
+            owned = Membership.objects.filter(user=owner, role=Role.OWNER, team__personal_for=None).count()
+            if owned >= settings.MAX_TEAMS_PER_USER:
+                raise errors.Invalid(f"You already own {owned} teams, the most one user may own "
+                                     f"({settings.MAX_TEAMS_PER_USER}).", code="team_quota_exceeded")
             team = Team.objects.create(slug=slug, name=name or slug)
             Membership.objects.create(user=owner, team=team, role=Role.OWNER)
     except IntegrityError:

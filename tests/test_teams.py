@@ -73,3 +73,19 @@ def test_users_made_by_createsuperuser_get_a_personal_team(db: None) -> None:
     user = User.objects.get(email="root@example.com")
     assert Team.objects.get(personal_for=user).slug == "root"
     assert Membership.objects.get(user=user).role == Role.OWNER
+
+
+def test_a_user_owns_a_bounded_number_of_teams(member: Actor, settings) -> None:  # type: ignore[no-untyped-def]
+    # given a cap of two owned teams (the personal team and teams one only belongs to do not count)
+    settings.MAX_TEAMS_PER_USER = 2
+    client = member.client()
+    made = [client.post("/v1/teams", {"slug": f"lab-{n}"}, format="json").status_code for n in range(2)]
+
+    # when a third is created
+    response = client.post("/v1/teams", {"slug": "lab-2"}, format="json")
+
+    # then it is refused by name, and nothing was made
+    assert made == [201, 201]
+    assert response.status_code == 422
+    assert response.json()["error"] == "team_quota_exceeded"
+    assert not Team.objects.filter(slug="lab-2").exists()
