@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from sandboxes.models import Host, Sandbox, SandboxEvent, SandboxState, SweepRun
+from sandboxes.runtime import driver_for
 from sandboxes.services import sandbox_destroy
 from sandboxes.sweeps import SWEEPS, sweep_run
+
+
+class HostForm(forms.ModelForm):
+    """Memory is never overcommitted: capacity above the host's RAM is refused."""
+
+    class Meta:
+        model = Host
+        fields = ["name", "libvirt_uri", "data_dir", "state", "cpu_capacity", "memory_capacity_mb"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        wanted = data.get("memory_capacity_mb")
+        if wanted and self.instance.pk:
+            try:
+                physical = driver_for(self.instance).memory_mb()
+            except Exception as exc:  # libvirt does not answer: cannot check, so refuse
+                raise forms.ValidationError(f"Cannot read the host's memory from libvirt: {exc}") from exc
+            if wanted > physical:
+                self.add_error("memory_capacity_mb", f"The host holds {physical} MB; guests' memory "
+                                                     "is real memory and is never overcommitted.")
+        return data
 
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
     """A down host gets no placements; its sandboxes stay listed (`ready`/`stopped` counts)."""
+
+    form = HostForm
 
     list_display = ["name", "state", "libvirt_uri", "cpu_capacity", "memory_capacity_mb",
                     "last_seen_at", "running_sandboxes", "stopped_sandboxes"]

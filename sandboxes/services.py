@@ -22,7 +22,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sandboxes.models import RUNTIME_STATES, Host, Sandbox, SandboxEvent, SandboxState
+from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
 from sandboxes.placement import host_has_room, host_place
 from sandboxes.runtime import vm
 from sandboxes.selectors import QuotaReservation, team_quota
@@ -51,7 +51,7 @@ def host_register_local() -> Host:
 
     Embedded mode calls this on every start. Capacity is taken from the
     settings at first registration only, so operators' edits in the admin last,
-    and an existing host's state is never changed here.
+    and a draining host stays draining.
     """
     host, created = Host.objects.get_or_create(
         name=settings.RUNTIME_HOST_NAME,
@@ -63,10 +63,12 @@ def host_register_local() -> Host:
         },
     )
     if not created:
-        # The state stays the operator's (draining) or the hosts sweep's (down, up again
-        # once libvirt answers): builds and restarts call this and must not undo either.
         Host.objects.filter(pk=host.pk).update(
             libvirt_uri=settings.RUNTIME_LIBVIRT_URI, data_dir=str(settings.RUNTIME_HOST_DATA_DIR))
+        # A host found down comes back up (this process just reached its libvirt); an
+        # operator's `draining` stays: builds and restarts call this and must not undo it.
+        Host.objects.filter(pk=host.pk, state=HostState.DOWN).update(state=HostState.UP,
+                                                                    last_seen_at=timezone.now())
         host.refresh_from_db()
     return host
 

@@ -55,3 +55,36 @@ def test_no_room_is_a_clear_overloaded_error() -> None:
     assert raised.value.message == (
         "No host has room for 1 vCPU and 512 MB right now; retry later.")
     assert raised.value.extra == {"reason": {"message": raised.value.message}}
+
+
+def test_the_admin_refuses_host_memory_beyond_what_the_host_holds(admin_client, local_host) -> None:  # type: ignore[no-untyped-def]
+    from django.forms.models import model_to_dict
+
+    from sandboxes.runtime import driver_for
+
+    # given the local host, as libvirt reports its memory
+    physical = driver_for(local_host).memory_mb()
+    form = {k: v for k, v in model_to_dict(local_host).items() if v is not None}
+
+    # when an operator asks for more guest memory than that, then for exactly that
+    too_much = admin_client.post(f"/admin/sandboxes/host/{local_host.pk}/change/",
+                                 {**form, "memory_capacity_mb": physical + 1})
+    exact = admin_client.post(f"/admin/sandboxes/host/{local_host.pk}/change/",
+                              {**form, "memory_capacity_mb": physical})
+
+    # then the first is refused with the reason, the second saved
+    assert too_much.status_code == 200
+    assert "never overcommitted" in too_much.content.decode()
+    assert exact.status_code == 302
+    local_host.refresh_from_db()
+    assert local_host.memory_capacity_mb == physical
+
+
+def test_registering_again_never_ends_an_operators_drain(settings) -> None:  # type: ignore[no-untyped-def]
+    # given a host the operator drains (as builds and restarts register the local host again)
+    settings.RUNTIME_HOST_NAME = "node-b"
+    host = host_register_local()
+    Host.objects.filter(pk=host.pk).update(state=HostState.DRAINING)
+
+    # when it is registered again, then it is still draining
+    assert host_register_local().state == HostState.DRAINING

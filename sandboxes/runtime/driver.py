@@ -128,6 +128,9 @@ class RuntimeDriver(Protocol):
     def alive(self) -> bool:
         """Whether the hypervisor answers."""
 
+    def memory_mb(self) -> int:
+        """The host's physical memory."""
+
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A port the kernel considers free right now (racy by nature; QEMU fails loudly)."""

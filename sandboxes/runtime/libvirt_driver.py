@@ -370,6 +370,10 @@ class LibvirtDriver:
                     continue
         return statuses
 
+    def memory_mb(self) -> int:
+        """The host's physical memory, as libvirt reports it (``virNodeGetInfo``)."""
+        return int(self.conn.getInfo()[1])
+
     def alive(self) -> bool:
         """Whether libvirt answers on this connection (a cheap round trip)."""
         try:

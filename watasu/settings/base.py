@@ -224,11 +224,14 @@ RUNTIME_LIBVIRT_URI = env.str("WATASU_LIBVIRT_URI", "qemu:///system")
 RUNTIME_ACCEL = env.choice("WATASU_ACCEL", "auto", ("auto", "kvm", "tcg"))
 RUNTIME_HOST_NAME = env.str("WATASU_HOST_NAME", socket.gethostname())
 RUNTIME_HOST_DATA_DIR = env.path("WATASU_HOST_DATA_DIR", str(DATA_DIR / "runtime"))
-# Guests rarely use all their vCPUs; a 4x overcommit is the embedded default.
-RUNTIME_HOST_CPU_CAPACITY = env.int("WATASU_HOST_CPU_CAPACITY", 4 * (os.cpu_count() or 1),
-                                    min=1)
-RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int("WATASU_HOST_MEMORY_CAPACITY_MB",
-                                          _host_memory_mb() * 3 // 4, min=256)
+# Guests rarely use all their vCPUs: placement hands out cores x this many vCPUs.
+RUNTIME_CPU_OVERCOMMIT = env.int("WATASU_CPU_OVERCOMMIT", 4, min=1, max=64)
+RUNTIME_HOST_CPU_CAPACITY = env.int("WATASU_HOST_CPU_CAPACITY",
+                                    RUNTIME_CPU_OVERCOMMIT * (os.cpu_count() or 1), min=1)
+# Memory is never overcommitted: a guest's RAM is real host RAM (an overcommitted host
+# swaps or kills QEMU processes), so the capacity may not exceed what this host holds.
+RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int("WATASU_HOST_MEMORY_CAPACITY_MB", _host_memory_mb() * 3 // 4,
+                                          min=256, max=_host_memory_mb())
 RUNTIME_IMAGE_CACHE_DIR = env.path("WATASU_IMAGE_CACHE_DIR", str(CACHE_DIR / "images"))
 RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's configured mirror
 # libvirt domain names are {prefix}{sandbox id}; reconciliation only touches this prefix.
