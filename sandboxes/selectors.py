@@ -13,7 +13,7 @@ from django.db.models.functions import Coalesce
 from sandboxes.models import RUNTIME_STATES, Sandbox, SandboxState
 from teams.models import Team, User
 from teams.selectors import team_for_write
-from watasu import errors
+from watasu import errors, ids
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,9 @@ def sandbox_get(*, user: User, sandbox_id: str, write: bool = False) -> Sandbox:
     With `write`, the user's role in the sandbox's team must allow changes (403 otherwise).
     """
     sandbox = None
-    if sandbox_id.isdigit():
+    if (pk := ids.db_id(sandbox_id)) is not None:
         sandbox = (Sandbox.objects.select_related("team", "host", "template", "template_version")
-                   .filter(pk=int(sandbox_id), team__memberships__user=user).first())
+                   .filter(pk=pk, team__memberships__user=user).first())
     if sandbox is None:
         raise errors.NotFound(f"Sandbox {sandbox_id} not found.", code="sandbox_not_found")
     if write:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from teams.models import WRITER_ROLES, ApiKey, Membership, Team, User
-from watasu import errors
+from watasu import errors, ids
 
 
 def teams_of_user(*, user: User) -> QuerySet[Team]:
@@ -54,9 +54,8 @@ def api_keys_of_user(*, user: User) -> QuerySet[ApiKey]:
 
 
 def api_key_of_user(*, user: User, key_id: str) -> ApiKey:
-    if not key_id.isdigit():
-        raise errors.NotFound("API key not found.", code="api_key_not_found")
-    key = ApiKey.objects.filter(user=user, pk=int(key_id)).first()
+    pk = ids.db_id(key_id)
+    key = ApiKey.objects.filter(user=user, pk=pk).first() if pk is not None else None
     if key is None:
         raise errors.NotFound("API key not found.", code="api_key_not_found")
     return key

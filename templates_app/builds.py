@@ -47,7 +47,7 @@ from templates_app.models import (
     VersionStatus,
 )
 from templates_app.selectors import template_by_id_or_alias, template_version_resolve
-from watasu import errors
+from watasu import errors, ids
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,11 @@ def _validate_spec(spec: Any) -> dict[str, Any]:
             raise _invalid(field, f"{field}.mode must be permission bits as an integer (e.g. 493 for 0755).")
         if item.get("user") is not None and not USER.match(str(item["user"])):
             raise _invalid(field, f"{field}.user must be 'user' or 'user:group'.")
+    packages = spec.get("packages") or {}
+    if not isinstance(packages, dict) or not all(
+            isinstance(names, list) and all(isinstance(name, str) for name in names)
+            for names in packages.values()):
+        raise _invalid("packages", "build_spec.packages must map apt/pip/npm to lists of package names.")
     setup = spec.get("setup") or []
     if not isinstance(setup, list) or not all(isinstance(c, str) for c in setup):
         raise _invalid("setup", "build_spec.setup must be a list of commands.")
@@ -596,7 +601,8 @@ def _destroy_build_vms(version: TemplateVersion) -> None:
 
 def template_build_get(*, user: User, template_id: str, build_id: str) -> TemplateVersion:
     template = template_by_id_or_alias(teams=teams_of_user(user=user), value=template_id)
-    version = template.versions.filter(pk=int(build_id)).first() if build_id.isdigit() else None
+    pk = ids.db_id(build_id)
+    version = template.versions.filter(pk=pk).first() if pk is not None else None
     if version is None:
         raise errors.NotFound(f"Build {build_id} not found.", code="template_build_not_found")
     return version

@@ -6,7 +6,7 @@ from django.db.models import Q, QuerySet
 
 from teams.models import Team
 from templates_app.models import Template, TemplateVersion, VersionStatus
-from watasu import errors
+from watasu import errors, ids
 
 
 def templates_visible(*, team: Team) -> QuerySet[Template]:
@@ -32,8 +32,8 @@ def _pinned(template: Template, pin: str, selector: str) -> TemplateVersion:
     if match is None:
         tag = template.tags.select_related("version").filter(tag=pin).first()
         match = tag.version if tag else None
-    if match is None and pin.isdigit():
-        match = versions.filter(pk=int(pin)).first()
+    if match is None and (pk := ids.db_id(pin)) is not None:
+        match = versions.filter(pk=pk).first()
     if match is None:
         raise _not_found(selector)
     return match
@@ -75,8 +75,8 @@ def templates_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Template]:
 def template_get(*, teams: QuerySet[Team], template_id: str) -> Template:
     """A visible template by id; anything else (other teams', malformed ids) is 404."""
     template = None
-    if template_id.isdigit():
-        template = templates_of_teams(teams=teams).filter(pk=int(template_id)).first()
+    if (pk := ids.db_id(template_id)) is not None:
+        template = templates_of_teams(teams=teams).filter(pk=pk).first()
     if template is None:
         raise errors.NotFound(f"Template {template_id} not found.", code="template_not_found")
     return template
@@ -85,7 +85,8 @@ def template_get(*, teams: QuerySet[Team], template_id: str) -> Template:
 def template_by_id_or_alias(*, teams: QuerySet[Team], value: str) -> Template:
     """`/templates/{id_or_alias}`: a visible template by id or slug (own before provider)."""
     visible = templates_of_teams(teams=teams)
-    match = visible.filter(pk=int(value)).first() if value.isdigit() else None
+    pk = ids.db_id(value)
+    match = visible.filter(pk=pk).first() if pk is not None else None
     if match is None:
         match = min(visible.filter(slug=value), key=lambda t: t.team_id is None, default=None)
     if match is None:
@@ -95,7 +96,8 @@ def template_by_id_or_alias(*, teams: QuerySet[Team], value: str) -> Template:
 
 def template_version_get(*, template: Template, version_id: str) -> TemplateVersion:
     versions = template.versions.filter(deleted_at__isnull=True)
-    version = versions.filter(pk=int(version_id)).first() if version_id.isdigit() else None
+    pk = ids.db_id(version_id)
+    version = versions.filter(pk=pk).first() if pk is not None else None
     if version is None:
         raise errors.NotFound(f"Template version {version_id} not found.",
                               code="template_version_not_found")

@@ -2,15 +2,14 @@
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
 
 from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
 from templates_app.api import views as template_views
+from watasu.api.schema import SchemaView
 
 api_v1 = [
-    path("schema", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]),
-         name="schema"),
+    path("schema", SchemaView.as_view(permission_classes=[], authentication_classes=[]), name="schema"),
     path("sandbox_limits", sandbox_views.SandboxLimitsView.as_view(), name="sandbox-limits"),
     path("sandboxes", sandbox_views.SandboxListView.as_view(), name="sandbox-list"),
     path("sandboxes/<str:sandbox_id>", sandbox_views.SandboxDetailView.as_view(), name="sandbox-detail"),
@@ -60,5 +59,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
 ]
 
+handler400 = "watasu.api.errors.json_400"
 handler404 = "watasu.api.errors.json_404"
 handler500 = "watasu.api.errors.json_500"

@@ -3,11 +3,13 @@
 Accepts both spellings the clients use: the SDK's (`template`, `envs`,
 list-form `volume_mounts`) and the docs' (`template_id`, `env_vars`, map-form
 mounts). Unknown keys are ignored; every rejected value gets its own error code.
+Lengths are checked here (422 naming the field), never left to the database.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -15,11 +17,17 @@ from django.conf import settings
 
 from sandboxes.models import OnTimeout
 from sandboxes.specs import DEFAULT_TIMEOUT, CreateSpec, Lifecycle
-from watasu import errors
+from watasu import errors, ids
+from watasu.api.fields import has_control_characters
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ALL_TRAFFIC = "0.0.0.0/0"
 MAX_METADATA_KEYS = 64
+MAX_METADATA_KEY_LENGTH = 256
+MAX_PATH_LENGTH = 4096  # Linux PATH_MAX
+MAX_METADATA_VALUE_LENGTH = 4096
+# Longest accepted value of each string option of a create request.
+MAX_LENGTHS = {"team": 63, "template": 200, "template_id": 200, "snapshot_id": 255, "name": 200}
 
 
 def _invalid(code: str, message: str) -> errors.Invalid:
@@ -30,9 +38,16 @@ def _present(body: dict[str, Any], key: str) -> bool:
     return body.get(key) is not None  # JSON null means absent
 
 
+def _whole(value: Any) -> bool:
+    """A JSON number without a fraction (1e400 would be an infinite float: not whole)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or (math.isfinite(value) and value == int(value))
+
+
 def parse_timeout(value: Any) -> int:
     limit = settings.SANDBOX_MAX_TIMEOUT_SECONDS
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if not _whole(value):
         raise _invalid("invalid_timeout", "timeout must be a whole number of seconds.")
     if not 1 <= value <= limit:
         raise _invalid("invalid_timeout", f"timeout must be between 1 and {limit} seconds.")
@@ -73,7 +88,7 @@ def _env_map(value: Any, key: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise _invalid("validation_failed", f"{key} must be an object of strings.")
     for name, item in value.items():
-        if not ENV_NAME.match(name):
+        if not ENV_NAME.fullmatch(name):
             raise _invalid("validation_failed", f"{key}: '{name}' is not a valid variable name.")
         if not isinstance(item, str):
             raise _invalid("validation_failed", f"{key}: the value of '{name}' must be a string.")
@@ -101,13 +116,23 @@ def parse_metadata(value: Any) -> dict[str, str]:
         raise _invalid("validation_failed", "metadata must be an object.")
     if len(value) > MAX_METADATA_KEYS:
         raise _invalid("validation_failed", f"metadata may have at most {MAX_METADATA_KEYS} keys.")
-    return {str(k): metadata_value(v) for k, v in value.items()}
+    metadata = {}
+    for key, item in value.items():
+        if not key or len(key) > MAX_METADATA_KEY_LENGTH or has_control_characters(key):
+            raise _invalid("validation_failed", f"metadata keys must be 1 to {MAX_METADATA_KEY_LENGTH} "
+                           "characters without control characters.")
+        text = metadata_value(item)
+        if len(text) > MAX_METADATA_VALUE_LENGTH:
+            raise _invalid("validation_failed", f"metadata.{key[:64]} must be at most "
+                           f"{MAX_METADATA_VALUE_LENGTH} characters.")
+        metadata[key] = text
+    return metadata
 
 
 def parse_shape(body: dict[str, Any]) -> tuple[int | None, int | None]:
     cpu, memory = body.get("cpu_count"), body.get("memory_mb")
     allowed = settings.SANDBOX_ALLOWED_CPU
-    if cpu is not None and (isinstance(cpu, bool) or cpu not in allowed):
+    if cpu is not None and (type(cpu) is not int or cpu not in allowed):
         raise _invalid("invalid_resources",
                        f"cpu_count must be one of {', '.join(map(str, allowed))}.")
     if memory is not None:
@@ -127,6 +152,8 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("mcp"):
         raise _invalid("mcp_unavailable", "The MCP gateway is not available on this platform yet.")
     allow_out = body.get("allow_out") or []
+    if not isinstance(allow_out, list):
+        raise _invalid("validation_failed", "allow_out must be a list.")
     if [rule for rule in allow_out if rule != ALL_TRAFFIC] or body.get("deny_out") \
             or body.get("rules") or body.get("mask_request_host"):
         raise _invalid("network_rules_unavailable",
@@ -154,16 +181,22 @@ def _optional_str(body: dict[str, Any], key: str) -> str | None:
         return None
     if not isinstance(value, str | int) or isinstance(value, bool) or str(value) == "":
         raise _invalid("validation_failed", f"{key} must be a non-empty string.")
-    return str(value)
+    text, limit = str(value), MAX_LENGTHS[key]
+    if len(text) > limit:
+        raise _invalid("validation_failed", f"{key} must be at most {limit} characters.")
+    if has_control_characters(text):
+        raise _invalid("validation_failed", f"{key} must not contain control characters.")
+    return text
 
 
 def _optional_int(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not (isinstance(value, int) or str(value).isdigit()):
+    pk = ids.db_id(value)
+    if pk is None:
         raise _invalid("validation_failed", f"{key} must be an integer id.")
-    return int(value)
+    return pk
 
 
 def parse_create(body: Any) -> CreateSpec:
@@ -203,7 +236,7 @@ def _ttl(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+    if not _whole(value) or value < 1:
         raise _invalid("validation_failed", f"{key} must be a positive whole number of seconds.")
     return int(value)
 
@@ -215,4 +248,6 @@ def parse_file_url(body: Any) -> tuple[str, int | None, int | None]:
     path = body.get("path")
     if not isinstance(path, str) or not path.startswith("/") or "\x00" in path:
         raise _invalid("validation_failed", "path must be an absolute path.")
+    if len(path) > MAX_PATH_LENGTH:
+        raise _invalid("validation_failed", f"path must be at most {MAX_PATH_LENGTH} characters.")
     return path, _ttl(body, "use_signature_expiration"), _ttl(body, "expires_in_seconds")

@@ -23,7 +23,7 @@ from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.sessions import Session
 from teams.selectors import team_for_read, teams_for_list
-from watasu import errors
+from watasu import errors, ids
 from watasu.api.pagination import NextTokenPagination
 from watasu.api.permissions import AnyApiKey
 from watasu.api.schema import list_envelope, object_envelope
@@ -86,10 +86,15 @@ class SandboxListView(ApiView):
         return _with_session(sandbox, session, status=201)
 
 
-class SandboxDetailView(ApiView):
+class _SandboxView(ApiView):
+    # Looks up the sandbox of the path. Not a route: each route view declares only its own
+    # methods (inheriting a route view's get/delete once made DELETE .../pause destroy).
+
     def sandbox(self, sandbox_id: str, *, write: bool = False) -> Sandbox:
         return selectors.sandbox_get(user=self.user, sandbox_id=sandbox_id, write=write)
 
+
+class SandboxDetailView(_SandboxView):
     @extend_schema(responses=SANDBOX_ENVELOPE)
     def get(self, request: Request, sandbox_id: str) -> Response:
         return _one(self.sandbox(sandbox_id))
@@ -100,14 +105,14 @@ class SandboxDetailView(ApiView):
         return _one(services.sandbox_destroy(sandbox=sandbox))
 
 
-class SandboxPauseView(SandboxDetailView):
+class SandboxPauseView(_SandboxView):
     @extend_schema(request=None, responses=SANDBOX_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         return _one(services.sandbox_pause(sandbox=sandbox))
 
 
-class SandboxResumeView(SandboxDetailView):
+class SandboxResumeView(_SandboxView):
     @extend_schema(request=inline_serializer("ResumeBody", {
         "timeout": serializers.IntegerField(required=False)}), responses=SESSION_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
@@ -116,7 +121,7 @@ class SandboxResumeView(SandboxDetailView):
         return _with_session(*services.sandbox_resume(sandbox=sandbox, timeout=timeout))
 
 
-class SandboxTimeoutView(SandboxDetailView):
+class SandboxTimeoutView(_SandboxView):
     @extend_schema(request=inline_serializer("TimeoutBody", {
         "timeout": serializers.IntegerField()}), responses=SANDBOX_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
@@ -125,7 +130,7 @@ class SandboxTimeoutView(SandboxDetailView):
         return _one(services.sandbox_set_timeout(sandbox=sandbox, timeout=timeout))
 
 
-class SandboxMetricsView(SandboxDetailView):
+class SandboxMetricsView(_SandboxView):
     @extend_schema(parameters=[OpenApiParameter("start", int), OpenApiParameter("end", int)],
                    responses=inline_serializer("Metrics", {"metrics": serializers.ListField()}))
     def get(self, request: Request, sandbox_id: str) -> Response:
@@ -134,14 +139,15 @@ class SandboxMetricsView(SandboxDetailView):
         return Response({"metrics": [sample] if sample else []})
 
 
-class SandboxPortView(SandboxDetailView):
+class SandboxPortView(_SandboxView):
     @extend_schema(responses=inline_serializer("SandboxPortEnvelope", {
         "sandbox_port": serializers.DictField()}))
     def get(self, request: Request, sandbox_id: str, port: str) -> Response:
         sandbox = self.sandbox(sandbox_id)
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+        number = ids.count(port, maximum=65535)
+        if not number:
             raise errors.Invalid("port must be between 1 and 65535.", code="validation_failed")
-        return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=int(port))})
+        return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=number)})
 
 
 FILE_URL_REQUEST = inline_serializer("FileUrlRequest", {
@@ -154,7 +160,7 @@ FILE_URL_ENVELOPE = inline_serializer("FileUrlEnvelope", {"file_url": inline_ser
     "expires_at": serializers.DateTimeField()})})
 
 
-class _FileUrlView(SandboxDetailView):
+class _FileUrlView(_SandboxView):
     """A URL on the sandbox's data plane that reads or writes one file without a header (spec 3.11).
 
     TTL: the smaller of `use_signature_expiration` and `expires_in_seconds`,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from teams.models import ApiKey, Scope, Team
+from watasu.api.fields import NameField
 
 
 class TeamSerializer(serializers.ModelSerializer[Team]):
@@ -20,7 +21,7 @@ class TeamSerializer(serializers.ModelSerializer[Team]):
 
 class TeamCreateSerializer(serializers.Serializer):
     slug = serializers.SlugField(max_length=63)
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    name = NameField(max_length=200, required=False, allow_blank=True)
 
 
 class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
@@ -36,6 +37,6 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
 
 
 class ApiKeyCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    name = NameField(max_length=100, required=False, allow_blank=True, default="")
     scope = serializers.ChoiceField(choices=Scope.choices, default=Scope.WRITE)
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)

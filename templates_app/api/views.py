@@ -11,15 +11,21 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from sandboxes.api.parsing import parse_metadata
 from sandboxes.api.serializers import iso
 from teams.selectors import teams_for_list, teams_of_user
 from templates_app import selectors, services
 from templates_app.models import Template, TemplateVersion
-from watasu import errors
+from watasu import errors, ids
+from watasu.api.fields import NameField
 from watasu.api.views import ApiView, team_param
 
-TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TAG = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+SLUG = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")  # DRF's RegexField searches
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+BUILD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?")
 ANY = inline_serializer("TemplateAny", {"any": serializers.JSONField()})
+MAX_LOG_INDEX = 2**31 - 1  # BuildLogEntry.index is a PositiveIntegerField
 # The SDK's build-status vocabulary for our version states.
 SDK_STATUS = {"draft": "waiting", "building": "building", "ready": "ready", "failed": "error"}
 
@@ -45,7 +51,7 @@ def version_representation(version: TemplateVersion) -> dict[str, Any]:
 
 
 def _tags(value: Any) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) and TAG.match(t)
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and TAG.fullmatch(t)
                                                            for t in value):
         raise errors.Invalid("tags must be a non-empty list of lowercase tag names.",
                              errors=["tags: invalid"])
@@ -59,6 +65,23 @@ def _text(body: Any, key: str) -> str:
     return value
 
 
+class _SandboxTemplateFields(serializers.Serializer):
+    team = serializers.CharField(max_length=63, required=False, allow_null=True, allow_blank=True)
+    slug = serializers.RegexField(SLUG, max_length=63, error_messages={
+        "invalid": "must be lowercase letters, digits and dashes."})
+    name = NameField(max_length=200, required=False, allow_null=True, allow_blank=True)
+    description = serializers.CharField(max_length=10000, required=False, allow_null=True,
+                                        allow_blank=True, trim_whitespace=False)
+    metadata = serializers.JSONField(required=False, allow_null=True)
+
+    def validate_metadata(self, value: Any) -> dict[str, str]:
+        return parse_metadata(value)
+
+
+class SandboxTemplateCreateSerializer(serializers.Serializer):
+    sandbox_template = _SandboxTemplateFields()
+
+
 class SandboxTemplateListView(ApiView):
     @extend_schema(operation_id="sandbox_templates_list", responses=ANY)
     def get(self, request: Request) -> Response:
@@ -68,30 +91,36 @@ class SandboxTemplateListView(ApiView):
 
     @extend_schema(request=ANY, responses={201: ANY})
     def post(self, request: Request) -> Response:
-        body = request.data.get("sandbox_template") if isinstance(request.data, dict) else None
-        if not isinstance(body, dict):
-            raise errors.Invalid("Expected {\"sandbox_template\": {...}}.", errors=["sandbox_template"])
-        slug = _text(body, "slug")
-        if not re.match(r"^[a-z0-9][a-z0-9-]{0,62}$", slug):
-            raise errors.Invalid("slug must be lowercase letters, digits and dashes.",
-                                 errors=["slug: invalid"])
+        serializer = SandboxTemplateCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        body = serializer.validated_data["sandbox_template"]
         template = services.template_create(
-            user=self.user, team_slug=body.get("team") or team_param(request), slug=slug,
-            name=str(body.get("name") or ""), description=str(body.get("description") or ""),
-            metadata={str(k): str(v) for k, v in (body.get("metadata") or {}).items()})
+            user=self.user, team_slug=team_param(request, body), slug=body["slug"],
+            name=body.get("name") or "", description=body.get("description") or "",
+            metadata=body.get("metadata") or {})
         return Response({"sandbox_template": template_representation(template)}, status=201)
 
 
-class SandboxTemplateDetailView(ApiView):
+class _TemplateView(ApiView):
+    # Looks up the template of the path. Not a route: each route view declares only its own
+    # methods (inheriting the version view's delete once made DELETE .../build_logs retire it).
+
     def template(self, template_id: str) -> Template:
         return selectors.template_get(teams=teams_of_user(user=self.user), template_id=template_id)
 
+
+class _VersionView(_TemplateView):
+    def version(self, template_id: str, version_id: str) -> TemplateVersion:
+        return selectors.template_version_get(template=self.template(template_id), version_id=version_id)
+
+
+class SandboxTemplateDetailView(_TemplateView):
     @extend_schema(responses=ANY)
     def get(self, request: Request, template_id: str) -> Response:
         return Response({"sandbox_template": template_representation(self.template(template_id))})
 
 
-class SandboxTemplateVersionListView(SandboxTemplateDetailView):
+class SandboxTemplateVersionListView(_TemplateView):
     @extend_schema(operation_id="sandbox_template_versions_list", responses=ANY)
     def get(self, request: Request, template_id: str) -> Response:
         versions = self.template(template_id).versions.select_related("template").prefetch_related(
@@ -108,7 +137,7 @@ class SandboxTemplateVersionListView(SandboxTemplateDetailView):
             raise errors.Invalid("Expected {\"sandbox_template_version\": {...}}.",
                                  errors=["sandbox_template_version"])
         version = _text(body, "version")
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", version):
+        if not VERSION.fullmatch(version):
             raise errors.Invalid("version must be letters, digits, dots, dashes and underscores.",
                                  errors=["version: invalid"])
         if body.get("source_kind", "package_spec") != "package_spec":
@@ -128,10 +157,7 @@ class SandboxTemplateVersionListView(SandboxTemplateDetailView):
         return Response({"sandbox_template_version": version_representation(created)}, status=201)
 
 
-class SandboxTemplateVersionDetailView(SandboxTemplateDetailView):
-    def version(self, template_id: str, version_id: str) -> TemplateVersion:
-        return selectors.template_version_get(template=self.template(template_id), version_id=version_id)
-
+class SandboxTemplateVersionDetailView(_VersionView):
     @extend_schema(responses=ANY)
     def get(self, request: Request, template_id: str, version_id: str) -> Response:
         return Response({"sandbox_template_version": version_representation(
@@ -143,7 +169,7 @@ class SandboxTemplateVersionDetailView(SandboxTemplateDetailView):
         return Response(status=204)
 
 
-class SandboxTemplateVersionBuildLogsView(SandboxTemplateVersionDetailView):
+class SandboxTemplateVersionBuildLogsView(_VersionView):
     """`GET .../versions/{vid}/build_logs?offset=N&limit=M`: the log from line `offset` on."""
 
     @extend_schema(operation_id="sandbox_template_version_build_logs", responses=ANY)
@@ -151,7 +177,7 @@ class SandboxTemplateVersionBuildLogsView(SandboxTemplateVersionDetailView):
         from templates_app.builds import build_log_entries
 
         version = self.version(template_id, version_id)
-        offset = _query_int(request, "offset", 0)
+        offset = _query_int(request, "offset", 0, maximum=MAX_LOG_INDEX)
         limit = min(_query_int(request, "limit", 1000), 5000)
         entries = build_log_entries(version=version, offset=offset)[:limit]
         return Response({"sandbox_template_version_build_logs": {
@@ -161,13 +187,15 @@ class SandboxTemplateVersionBuildLogsView(SandboxTemplateVersionDetailView):
                         for e in entries]}})
 
 
-def _query_int(request: Request, key: str, default: int) -> int:
+def _query_int(request: Request, key: str, default: int, maximum: int = ids.MAX_DB_ID) -> int:
     raw = request.query_params.get(key)
     if raw is None:
         return default
-    if not raw.isdigit():
-        raise errors.Invalid(f"{key} must be a non-negative integer.", errors=[f"{key}: invalid"])
-    return int(raw)
+    value = ids.count(raw, maximum=maximum)
+    if value is None:
+        raise errors.Invalid(f"{key} must be an integer between 0 and {maximum}.",
+                             errors=[f"{key}: invalid"])
+    return value
 
 
 def _shape(body: dict[str, Any], cpu_key: str, memory_key: str) -> tuple[int, int]:
@@ -240,14 +268,14 @@ class TemplateBuildView(ApiView):
 
         body = request.data if isinstance(request.data, dict) else {}
         name = _text(body, "name")
-        if not re.match(r"^[a-z0-9][a-z0-9-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$", name):
+        if not BUILD_NAME.fullmatch(name):
             raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",
                                  errors=["name: invalid"])
         cpu, memory = _shape(body, "cpu_count", "memory_mb")
         tags = _tags(body["tags"]) if body.get("tags") else []
         version = template_build_start(user=self.user, name=name, build_spec=body.get("build_spec") or {},
                                        cpu=cpu, memory_mb=memory, tags=tags,
-                                       team_slug=body.get("team") or team_param(request),
+                                       team_slug=team_param(request, body),
                                        skip_cache=body.get("skip_cache") is True)
         return Response({"template_build": _build_info(version)}, status=201)
 
@@ -260,8 +288,7 @@ class TemplateBuildStatusView(ApiView):
         from templates_app.builds import build_log_entries, template_build_get
 
         version = template_build_get(user=self.user, template_id=template_id, build_id=build_id)
-        raw_offset = request.query_params.get("logs_offset", "0")
-        offset = int(raw_offset) if raw_offset.isdigit() else 0
+        offset = ids.count(request.query_params.get("logs_offset", "0"), maximum=MAX_LOG_INDEX) or 0
         entries = [{"timestamp": iso(e.at), "level": e.level, "message": e.message}
                    for e in build_log_entries(version=version, offset=offset)]
         status = SDK_STATUS[version.status]

@@ -1,7 +1,8 @@
 """One error shape for the whole API: `{"error": code, "message": text, ...}`.
 
-`exception_handler` is DRF's hook; `json_404`/`json_500` cover what Django
-answers before or after DRF (unknown URLs, crashes).
+`exception_handler` is DRF's hook; `json_400`/`json_404`/`json_500` cover what Django
+answers before or after DRF (a bad Host header or an oversized body, unknown URLs,
+crashes), so that no answer is an HTML page.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import DisallowedHost, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf
@@ -27,6 +30,15 @@ _DOMAIN_STATUS: list[tuple[type[domain.DomainError], int]] = [
     (domain.Unavailable, 503),
 ]
 
+class PayloadTooLarge(drf.APIException):
+    status_code = 413
+    default_code = "payload_too_large"
+
+
+def payload_too_large() -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
+
+
 _DRF_CODES: list[tuple[type[drf.APIException], int, str]] = [
     (drf.NotAuthenticated, 401, "unauthorized"),
     (drf.AuthenticationFailed, 401, "unauthorized"),
@@ -37,6 +49,7 @@ _DRF_CODES: list[tuple[type[drf.APIException], int, str]] = [
     (drf.UnsupportedMediaType, 415, "unsupported_media_type"),
     (drf.Throttled, 429, "rate_limited"),
     (drf.ParseError, 400, "bad_request"),
+    (PayloadTooLarge, 413, "payload_too_large"),
 ]
 
 
@@ -96,7 +109,24 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return _validation_response(exc)
     if isinstance(exc, drf.APIException):
         return _drf_response(exc)
+    if isinstance(exc, SuspiciousOperation):  # e.g. RequestDataTooBig, TooManyFieldsSent
+        return _drf_response(_suspicious(exc))
     return None  # a crash: Django's handler500 (json_500) answers
+
+
+def _suspicious(exc: SuspiciousOperation) -> drf.APIException:
+    if isinstance(exc, RequestDataTooBig):
+        return payload_too_large()
+    if isinstance(exc, DisallowedHost):
+        return drf.ParseError("Invalid Host header.")
+    return drf.ParseError("Bad request.")
+
+
+def json_400(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """Django's own 400s (SuspiciousOperation): never call request.get_host() here."""
+    error = _suspicious(exception) if isinstance(exception, SuspiciousOperation) else drf.ParseError()
+    status, code = next((s, c) for cls, s, c in _DRF_CODES if isinstance(error, cls))
+    return JsonResponse(error_body(code, str(error.detail)), status=status)
 
 
 def json_404(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

@@ -26,6 +26,7 @@ from teams.authentication import bearer_token
 from teams.models import ApiKey, IdempotencyRecord, IdempotencyState
 from teams.services import api_key_authenticate
 from watasu.api.errors import error_body
+from watasu.api.fields import has_control_characters
 
 HEADER = "Idempotency-Key"
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -49,7 +50,7 @@ class Claim:
 def request_fingerprint(request: HttpRequest) -> str:
     """Hash of what makes two requests 'the same': method, path, query, JSON body."""
     body = request.body
-    with contextlib.suppress(ValueError):  # not JSON: compare the raw bytes
+    with contextlib.suppress(ValueError, RecursionError):  # not JSON: compare the raw bytes
         body = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
     digest = hashlib.sha256()
     for part in (request.method or "", request.path, request.META.get("QUERY_STRING", "")):
@@ -157,6 +158,9 @@ class IdempotencyMiddleware:
             return JsonResponse(error_body(
                 "validation_failed", f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters."),
                 status=422)
+        if has_control_characters(key):
+            return JsonResponse(error_body(
+                "validation_failed", "Idempotency-Key must not contain control characters."), status=422)
         claim = idempotency_claim(api_key=api_key, key=key, fingerprint=request_fingerprint(request))
         if claim.outcome is Outcome.REPLAY:
             return _replay(claim.record)

@@ -15,26 +15,28 @@ from rest_framework.pagination import BasePagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from watasu import errors
+from watasu import errors, ids
 
 
 def parse_limit(raw: str | None) -> int:
     """Default when absent, clamped to the maximum, positive integers only."""
     if raw is None or raw == "":
         return settings.API_PAGE_SIZE_DEFAULT
-    if not raw.isdigit() or int(raw) < 1:
+    value = ids.count(raw)
+    if value is None or value < 1:
         raise errors.Invalid("limit must be a positive integer.",
                              errors=["limit: must be a positive integer"])
-    return min(int(raw), settings.API_PAGE_SIZE_MAX)
+    return min(value, settings.API_PAGE_SIZE_MAX)
 
 
 def parse_next_token(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    token = ids.db_id(raw)
+    if token is None:
         raise errors.Invalid("next_token is not a token this API issued.",
                              errors=["next_token: invalid"])
-    return int(raw)
+    return token
 
 
 class NextTokenPagination(BasePagination):

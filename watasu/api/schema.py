@@ -1,12 +1,19 @@
-"""OpenAPI helpers: bearer auth and the list envelopes."""
+"""OpenAPI helpers: bearer auth, the list envelopes and the schema view."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from drf_spectacular.utils import inline_serializer
+from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.views import SpectacularAPIView
 from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from watasu import errors
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -28,3 +35,29 @@ def list_envelope(name: str, envelope: str, item: serializers.Serializer) -> ser
 def object_envelope(name: str, key: str, item: serializers.Serializer) -> serializers.Serializer:
     """`{<key>: item}`."""
     return inline_serializer(name, {key: item})
+
+
+class SchemaView(SpectacularAPIView):
+    """`GET /v1/schema`: the OpenAPI document (YAML, or JSON with `?format=json`).
+
+    Its errors (405, a bad `lang`) are JSON in the API's error shape, not YAML, and `lang`
+    must be one of the configured languages (it is otherwise used to look up files).
+    """
+
+    @extend_schema(exclude=True)  # like SpectacularAPIView's own get (SERVE_INCLUDE_SCHEMA off)
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        lang = request.query_params.get("lang")
+        if lang and lang not in dict(settings.LANGUAGES):
+            raise errors.Invalid("lang must be one of the configured language codes.",
+                                 errors=["lang: invalid"])
+        return super().get(request, *args, **kwargs)
+
+    def handle_exception(self, exc: Exception) -> Response:
+        self.request.accepted_renderer = JSONRenderer()
+        self.request.accepted_media_type = "application/json"
+        return super().handle_exception(exc)
+
+    def options(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        request.accepted_renderer = JSONRenderer()
+        request.accepted_media_type = "application/json"
+        return super().options(request, *args, **kwargs)

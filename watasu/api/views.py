@@ -5,21 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 from django.db.models import QuerySet
+from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 from rest_framework.views import APIView
 
 from teams.models import User
+from watasu import errors
 from watasu.api.pagination import NextTokenPagination
 
 
-def team_param(request: Request) -> str | None:
-    """The `team` slug from the query string, or from a JSON body on mutations."""
-    slug = request.query_params.get("team")
-    if not slug and isinstance(request.data, dict):
-        slug = request.data.get("team")
-    return str(slug) if slug else None
+def team_param(request: Request, body: Any = None) -> str | None:
+    """The `team` slug of `body` if it names one, else of the query string, else of the
+    JSON body on mutations. A team that is not a string is a 422."""
+    data = request.data if request.method not in SAFE_METHODS else None
+    for source in (body, request.query_params, data):
+        slug = source.get("team") if isinstance(source, dict) else None
+        if slug is not None and not isinstance(slug, str):
+            raise errors.Invalid("team must be a team slug.", errors=["team: must be a string"])
+        if slug:
+            return slug
+    return None
 
 
 class ApiView(APIView):
