@@ -75,4 +75,6 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):
     list_display = ["key", "api_key", "state", "response_status", "created_at", "expires_at"]
     list_select_related = ["api_key"]
     search_fields = ["key"]
-    readonly_fields = [f.name for f in IdempotencyRecord._meta.fields]
+    # The stored response is encrypted and may hold a session token or a new key.
+    exclude = ["response_body"]
+    readonly_fields = [f.name for f in IdempotencyRecord._meta.fields if f.name != "response_body"]

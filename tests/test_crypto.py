@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_keys_rotate_without_losing_a_secret(owner: Actor, settings) -> None:  # type: ignore[no-untyped-def]
     # given a sandbox's secrets encrypted under the old key
     settings.ENCRYPTION_KEYS = ["old-key"]
+    first = owner.client().post("/v1/teams", {"slug": "lab"}, format="json", HTTP_IDEMPOTENCY_KEY="k")
     sandbox = SandboxFactory(team=owner.personal_team, env_vars_encrypted=crypto.encrypt_json({"A": "1"}),
                              agent_secret_encrypted=crypto.encrypt_text("agent-secret"))
 
@@ -33,6 +34,8 @@ def test_keys_rotate_without_losing_a_secret(owner: Actor, settings) -> None:  #
     row = Sandbox.objects.get(pk=sandbox.pk)
     assert crypto.decrypt_json(row.env_vars_encrypted) == {"A": "1"}
     assert crypto.decrypt_text(row.agent_secret_encrypted) == "agent-secret"
+    replay = owner.client().post("/v1/teams", {"slug": "lab"}, format="json", HTTP_IDEMPOTENCY_KEY="k")
+    assert (replay.status_code, replay.content) == (201, first.content)
     settings.ENCRYPTION_KEYS = ["old-key"]
     with pytest.raises(ValueError, match="encryption key changed"):
         crypto.decrypt_text(row.agent_secret_encrypted)

@@ -182,3 +182,21 @@ def test_concurrent_requests_with_one_key_have_one_effect(require_postgres: None
     assert len(created) + len(refused) <= 12
     assert all(b"idempotency_key_in_progress" in body for body in refused)
     assert {status for status, _ in responses} <= {201, 409}
+
+
+def test_a_replayed_new_key_is_never_stored_in_clear(owner: Actor) -> None:
+    # given a new API key minted under an Idempotency-Key
+    first = owner.client().post("/v1/api_keys", {"name": "ci", "scope": "read"}, format="json",
+                                HTTP_IDEMPOTENCY_KEY="mint-1")
+    assert first.status_code == 201, first.content
+    secret = first.json()["key"]
+
+    # when the request is retried
+    replay = owner.client().post("/v1/api_keys", {"name": "ci", "scope": "read"}, format="json",
+                                 HTTP_IDEMPOTENCY_KEY="mint-1")
+
+    # then the caller gets the same key back, but the stored record never holds it in clear
+    assert replay.content == first.content
+    stored = bytes(IdempotencyRecord.objects.get(key="mint-1").response_body)
+    assert secret.encode() not in stored
+    assert b"wsk_" not in stored

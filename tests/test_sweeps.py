@@ -202,8 +202,10 @@ def test_a_full_batch_queues_the_sweep_again_until_done(require_postgres, owner:
 
     with celery_worker(helper_process_env(WATASU_SWEEP_BATCH_SIZE="200")):
         sweep_task.delay("deadlines")
-        wait_until(lambda: not Sandbox.objects.filter(pk__in=ids, state=S.READY).exists(), 120,
-                   "the sweep to finish")
+        # the last, empty run is recorded after the rows are gone: wait for what is asserted
+        wait_until(lambda: SweepRun.objects.filter(name="deadlines", runs__gte=7).exists()
+                   and not Sandbox.objects.filter(pk__in=ids, state=S.READY).exists(), 180,
+                   "the sweep's seventh run")
 
     run = SweepRun.objects.get(name="deadlines")
     assert run.runs == 7  # six full batches, then one that found nothing left

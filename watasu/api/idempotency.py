@@ -25,6 +25,7 @@ from django.utils import timezone
 from teams.authentication import bearer_token
 from teams.models import ApiKey, IdempotencyRecord, IdempotencyState
 from teams.services import api_key_authenticate
+from watasu import crypto
 from watasu.api.errors import error_body
 from watasu.api.fields import has_control_characters
 
@@ -106,10 +107,12 @@ def idempotency_claim(*, api_key: ApiKey, key: str, fingerprint: str) -> Claim:
 
 
 def idempotency_complete(*, record: IdempotencyRecord, response: HttpResponse) -> None:
+    """Keep the response for replays, encrypted: it may carry a session token or a new
+    API key, which the database must never hold in clear (`watasu.crypto`)."""
     IdempotencyRecord.objects.filter(pk=record.pk).update(
         state=IdempotencyState.COMPLETED,
         response_status=response.status_code,
-        response_body=response.content,
+        response_body=crypto.encrypt_bytes(response.content),
         response_content_type=response.get("Content-Type", ""),
     )
 
@@ -119,7 +122,10 @@ def idempotency_release(*, record: IdempotencyRecord) -> None:
 
 
 def _replay(record: IdempotencyRecord) -> HttpResponse:
-    response = HttpResponse(bytes(record.response_body or b""), status=record.response_status,
+    """The first response again: same body, so a replayed create hands back the same
+    session token, still valid (tokens are signed, not stored)."""
+    response = HttpResponse(crypto.decrypt_bytes(bytes(record.response_body or b"")),
+                            status=record.response_status,
                             content_type=record.response_content_type or None)
     response["Idempotent-Replayed"] = "true"
     return response

@@ -34,6 +34,6 @@ class Command(BaseCommand):
                 row = IdempotencyRecord.objects.select_for_update().get(pk=pk)
                 body = bytes(row.response_body or b"")
                 IdempotencyRecord.objects.filter(pk=pk).update(
-                    response_body=crypto.rotate_text(body.decode()).encode() if body else body)
+                    response_body=crypto.rotate_text(body.decode()).encode())
             records += 1
         self.stdout.write(f"re-encrypted {sandboxes} sandboxes and {records} idempotency records")
