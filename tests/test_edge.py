@@ -384,7 +384,7 @@ def test_signed_urls_upload_and_download_without_a_header(edge, agent, owner) ->
     upload = _file_url(edge, owner.write_key, sandbox, "upload").json()["file_url"]
     stored = requests.post(upload["url"], data=b"hello bytes",
                            headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
-    download = _file_url(edge, owner.read_key, sandbox, "download").json()["file_url"]
+    download = _file_url(edge, owner.write_key, sandbox, "download").json()["file_url"]
     fetched = requests.get(download["url"], timeout=10)
 
     assert upload["method"] == "POST" and download["method"] == "GET"
@@ -430,7 +430,9 @@ def test_signed_url_endpoints_check_keys_teams_and_ttl(edge, agent, owner, outsi
     assert 24 * 3600 - 5 <= ttl(capped) <= 24 * 3600 + 5
     assert 115 <= ttl(smaller) <= 125
     assert _file_url(edge, owner.read_key, sandbox, "upload").status_code == 403
-    assert _file_url(edge, owner.read_key, sandbox, "download").status_code == 200
+    # a download URL reads any file as root (/proc/*/environ too): read keys get none
+    refused = _file_url(edge, owner.read_key, sandbox, "download")
+    assert (refused.status_code, refused.json()["error"]) == (403, "forbidden")
     assert _file_url(edge, outsider.write_key, sandbox, "download").status_code == 404
     assert _file_url(edge, owner.write_key, sandbox, "download", path="relative").status_code == 422
 

@@ -25,7 +25,6 @@ from sandboxes.sessions import Session
 from teams.selectors import team_for_read, teams_for_list
 from watasu import errors, ids
 from watasu.api.pagination import NextTokenPagination
-from watasu.api.permissions import AnyApiKey
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView, team_param
 
@@ -171,7 +170,7 @@ class _FileUrlView(_SandboxView):
 
     @extend_schema(request=FILE_URL_REQUEST, responses=FILE_URL_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
-        sandbox = self.sandbox(sandbox_id, write=self.operation == "write")
+        sandbox = self.sandbox(sandbox_id, write=True)
         if sandbox.state == SandboxState.DESTROYED:
             raise errors.NotFound(f"Sandbox {sandbox_id} not found.", code="sandbox_not_found")
         path, signature_ttl, expires_in = parse_file_url(request.data)
@@ -184,7 +183,8 @@ class SandboxUploadUrlView(_FileUrlView):
 
 
 class SandboxDownloadUrlView(_FileUrlView):
-    """Reading a file is a read: read-only keys may ask for a download URL."""
+    """A download URL needs a write key too: it reads any file as root, `/proc/*/environ`
+    (the sandbox's secrets) included, and works for anyone holding the URL. Read keys
+    read the control plane, never the inside of a sandbox."""
 
     operation = "read"
-    permission_classes = [AnyApiKey]
