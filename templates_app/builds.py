@@ -346,8 +346,8 @@ def _plan(version: TemplateVersion) -> _Plan:
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
     steps = build_steps(spec, image_packages)
     internet = spec.get("allow_internet_access", True) is not False
-    return _Plan(parent, lifecycle.load_template_snapshot(parent.artifact_dir), steps,
-                 layers.step_keys(parent, [s.cache_text for s in steps], env, internet), env, internet)
+    keys = layers.step_keys(parent, [s.cache_text for s in steps], env, internet, version.template.team_id)
+    return _Plan(parent, lifecycle.load_template_snapshot(parent.artifact_dir), steps, keys, env, internet)
 
 
 def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cached: list[BuildLayer],
@@ -422,7 +422,7 @@ def _build(version: TemplateVersion, host: Host, log: BuildLog) -> Path:
 
 def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan, home: Path) -> Path:
     spec = version.build_spec
-    last_key = plan.keys[-1] if plan.keys else layers.base_key(plan.parent)
+    last_key = plan.keys[-1] if plan.keys else layers.base_key(plan.parent, version.template.team_id)
     key = layers.artifact_key(last_key, spec, plan.env, version.cpu, version.memory_mb)
     TemplateVersion.objects.filter(pk=version.pk).update(cache_key=key)
 

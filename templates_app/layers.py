@@ -39,14 +39,17 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def base_key(parent: TemplateVersion) -> str:
-    return _digest("version", parent.pk, parent.artifact_dir)
+def base_key(parent: TemplateVersion, team_id: int | None) -> str:
+    """Root of a build's keys: the version built on, and the team building. The cache is
+    per team: no layer, artifact, memory snapshot or build log is ever reused by another
+    team, however identical its steps (a layer holds what the steps wrote, secrets too)."""
+    return _digest("version", parent.pk, parent.artifact_dir, "team", team_id)
 
 
 def step_keys(parent: TemplateVersion, commands: list[str], env: dict[str, str],
-              internet: bool) -> list[str]:
+              internet: bool, team_id: int | None) -> list[str]:
     """Key of each step's layer: parent key + command (+ the env and network it ran with)."""
-    keys, key = [], base_key(parent)
+    keys, key = [], base_key(parent, team_id)
     for command in commands:
         key = _digest("step", key, command, env, internet)
         keys.append(key)

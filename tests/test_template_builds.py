@@ -79,3 +79,28 @@ def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(owner: Actor, base
     assert version.status == VersionStatus.FAILED and "lease expired" in version.last_error_message
     assert vm_cleanup.list_domains(vm_name) == []
     assert not TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
+
+
+def test_the_build_cache_is_never_shared_across_teams(local_host, base_version_row, owner, outsider,
+                                                      tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from templates_app import layers
+    from templates_app.models import BuildLayer
+
+    # given team A's cached layers for two steps on the base version
+    steps, env = ["apt-get install -y jq", "pip install requests"], {"TOKEN": "a-secret"}
+    ours = layers.step_keys(base_version_row, steps, env, True, owner.personal_team.pk)
+    parent = None
+    for index, key in enumerate(ours):
+        path = tmp_path / f"{key}.qcow2"
+        path.write_bytes(b"layer")
+        parent = BuildLayer.objects.create(host=local_host, key=key, parent=parent, step=f"setup[{index}]",
+                                           base_version=base_version_row, path=str(path))
+
+    # when team B plans the very same steps with the same env
+    theirs = layers.step_keys(base_version_row, steps, env, True, outsider.personal_team.pk)
+
+    # then none of A's layers is in B's reach, while A finds its whole chain
+    assert set(theirs).isdisjoint(ours)
+    assert layers.cached_prefix(local_host, theirs) == []
+    assert [layer.key for layer in layers.cached_prefix(local_host, ours)] == ours
+    assert layers.artifact_key(theirs[-1], {}, env, 1, 512) != layers.artifact_key(ours[-1], {}, env, 1, 512)
