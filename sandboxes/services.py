@@ -192,7 +192,7 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
     team = team_for_write(user=user, slug=spec.team)
     version = _resolve_version(team, spec)
     # The template's own env (build_spec.env) is the default; the request's wins.
-    env_vars = {**(version.build_spec.get("env") or {}), **spec.env_vars}
+    env_vars = {**version.build_env(), **spec.env_vars}
     spec = dataclasses.replace(spec, env_vars=env_vars)
     sandbox = _reserve(team=team, user=user, version=version, spec=spec)
     try:

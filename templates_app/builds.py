@@ -47,7 +47,7 @@ from templates_app.models import (
     VersionStatus,
 )
 from templates_app.selectors import template_by_id_or_alias, template_version_resolve
-from watasu import errors, ids
+from watasu import crypto, errors, ids
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +218,12 @@ def _check_parent(team: Any, spec: dict[str, Any]) -> None:
 
 def _queue(template: Template, version: str, spec: dict[str, Any], cpu: int, memory_mb: int,
            tags: list[str], skip_cache: bool) -> TemplateVersion:
+    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    public = {key: value for key, value in spec.items() if key != "env"}
     row = TemplateVersion.objects.create(
         template=template, version=version, status=VersionStatus.DRAFT, cpu=cpu, memory_mb=memory_mb,
-        skip_cache=skip_cache, build_spec={**spec, "tags": tags})
+        skip_cache=skip_cache, build_spec={**public, "env_keys": sorted(env), "tags": tags},
+        env_encrypted=crypto.encrypt_json(env) if env else "")
     from templates_app.tasks import template_build_task
 
     transaction.on_commit(lambda: template_build_task.delay(row.pk))
@@ -343,7 +346,7 @@ def _plan(version: TemplateVersion) -> _Plan:
     spec = version.build_spec
     parent_slug, image_packages = _parent_and_image_packages(spec)
     parent = template_version_resolve(team=version.template.team, selector=parent_slug)
-    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    env = version.build_env()
     steps = build_steps(spec, image_packages)
     internet = spec.get("allow_internet_access", True) is not False
     keys = layers.step_keys(parent, [s.cache_text for s in steps], env, internet, version.template.team_id)

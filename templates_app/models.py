@@ -7,6 +7,7 @@ from django.db.models import Q
 
 from sandboxes.models import Host
 from teams.models import Team
+from watasu import crypto
 
 
 class Visibility(models.TextChoices):
@@ -63,6 +64,9 @@ class TemplateVersion(models.Model):
     cpu = models.PositiveSmallIntegerField(help_text="runtime_baseline vCPUs")
     memory_mb = models.PositiveIntegerField(help_text="runtime_baseline memory")
     build_spec = models.JSONField(default=dict, blank=True)
+    # The build's env (`build_spec.env`), encrypted like sandbox env vars; build_spec keeps
+    # only the names (`env_keys`), so no API answer or admin page shows the values.
+    env_encrypted = models.TextField(blank=True)
     host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT,
                              related_name="template_versions")
     artifact_dir = models.CharField(max_length=500, blank=True)
@@ -88,6 +92,13 @@ class TemplateVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.template.slug}:{self.version} ({self.status})"
+
+    def build_env(self) -> dict[str, str]:
+        """The env this version was built with (and its sandboxes start with), decrypted.
+        Versions from before env was encrypted kept it in `build_spec.env`."""
+        if self.env_encrypted:
+            return dict(crypto.decrypt_json(self.env_encrypted))
+        return {str(k): str(v) for k, v in (self.build_spec.get("env") or {}).items()}
 
 
 class TemplateTag(models.Model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -229,3 +230,21 @@ def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_templat
     assert alive.status == VersionStatus.BUILDING
     assert destroyed == [lost.pk] and queued == [waiting.pk]
     assert lost.log_entries.filter(level="error").exists()
+
+
+def test_build_env_is_stored_encrypted_and_never_shown(owner: Actor, acme_template, base_version_row) -> None:
+    # given a version whose build env carries a secret
+    url = f"/v1/sandbox_templates/{acme_template.pk}/versions"
+    body = _version_body(build_spec={"setup": ["echo hi"], "env": {"PIP_TOKEN": "s3cret-value"}})
+
+    # when it is created and then read back through the API
+    created = owner.client().post(url, body, format="json")
+    listed = owner.client("read").get(url)
+
+    # then the API shows the names only, the row holds no value in clear, and the build gets it
+    assert created.status_code == 201, created.json()
+    version = TemplateVersion.objects.get(pk=created.json()["sandbox_template_version"]["id"])
+    assert "s3cret-value" not in created.content.decode() + listed.content.decode()
+    assert created.json()["sandbox_template_version"]["build_spec"]["env_keys"] == ["PIP_TOKEN"]
+    assert "s3cret-value" not in json.dumps(version.build_spec) and "s3cret" not in version.env_encrypted
+    assert version.build_env() == {"PIP_TOKEN": "s3cret-value"}

@@ -43,7 +43,8 @@ def version_representation(version: TemplateVersion) -> dict[str, Any]:
             "template_slug": version.template.slug, "version": version.version,
             "status": version.status, "architecture": "x86_64", "source_kind": "package_spec",
             "runtime_baseline": {"cpu": version.cpu, "memory_mb": version.memory_mb},
-            "build_spec": version.build_spec, "size_bytes": version.size_bytes,
+            "build_spec": {k: v for k, v in version.build_spec.items() if k != "env"},  # values stay secret
+            "size_bytes": version.size_bytes,
             "tags": sorted(t.tag for t in version.tags.all()),
             "build_failure": version.last_error_message or None,
             "last_error_message": version.last_error_message or None,

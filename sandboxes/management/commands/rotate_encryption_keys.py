@@ -9,14 +9,15 @@ from django.db import transaction
 
 from sandboxes.models import Sandbox
 from teams.models import IdempotencyRecord
+from templates_app.models import TemplateVersion
 from watasu import crypto
 
 BATCH = 500
 
 
 class Command(BaseCommand):
-    help = ("Re-encrypt sandbox env vars, agent secrets and stored idempotent responses with the "
-            "first key of WATASU_ENCRYPTION_KEYS; afterwards the other keys may be removed.")
+    help = ("Re-encrypt sandbox env vars, agent secrets, template build env and stored idempotent "
+            "responses with the first key of WATASU_ENCRYPTION_KEYS; then the other keys may go.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         sandboxes = records = 0
@@ -36,4 +37,12 @@ class Command(BaseCommand):
                 IdempotencyRecord.objects.filter(pk=pk).update(
                     response_body=crypto.rotate_text(body.decode()).encode())
             records += 1
-        self.stdout.write(f"re-encrypted {sandboxes} sandboxes and {records} idempotency records")
+        versions = 0
+        for pk in TemplateVersion.objects.exclude(env_encrypted="").values_list("pk", flat=True).iterator(
+                chunk_size=BATCH):
+            with transaction.atomic():
+                row = TemplateVersion.objects.select_for_update().get(pk=pk)
+                TemplateVersion.objects.filter(pk=pk).update(env_encrypted=crypto.rotate_text(row.env_encrypted))
+            versions += 1
+        self.stdout.write(f"re-encrypted {sandboxes} sandboxes, {versions} template versions and "
+                          f"{records} idempotency records")
