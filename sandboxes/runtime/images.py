@@ -20,7 +20,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-IMAGE_SCRIPT_VERSION = "3"
+# Bumped whenever the image or the domain definition its template snapshots carry
+# changes (4: guests without IPv6), so cached snapshots are rebuilt, never restored.
+IMAGE_SCRIPT_VERSION = "4"
 DEFAULT_CACHE_DIR = Path("/var/cache/watasu/images")
 SUITE = "bookworm"
 ROOTFS_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "iproute2", "git", "procps", "ca-certificates")

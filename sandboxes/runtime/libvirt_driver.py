@@ -102,9 +102,11 @@ def give_to_qemu(path: Path, user: str) -> None:
 
 
 def create_overlay(backing: Path, dest: Path, user: str) -> None:
-    """Instant copy-on-write disk for one sandbox on an immutable backing image."""
+    """Instant copy-on-write disk for one sandbox on an immutable backing image,
+    readable and writable by QEMU's user only (0600): it holds the tenant's data."""
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2",
                     str(dest)], check=True, capture_output=True, timeout=QEMU_IMG_TIMEOUT)
+    dest.chmod(0o600)
     give_to_qemu(dest, user)
 
 
@@ -142,7 +144,9 @@ class LibvirtDriver:
         kvm = self.accel == "kvm"
         cpu = "<cpu mode='host-passthrough'/>" if kvm else ""
         tcg = "" if kvm else f"<tcg><tb-cache unit='MiB'>{self.tb_cache_mb}</tb-cache></tcg>"
-        netdev = f"user,id=wnet0,hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_GUEST_PORT}"
+        # No IPv6 for guests: the host firewall and the network policy speak IPv4.
+        netdev = (f"user,id=wnet0,ipv6=off,"
+                  f"hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_GUEST_PORT}")
         if not spec.internet:
             netdev += ",restrict=on"
         nic = "virtio-net-pci,netdev=wnet0,bus=pcie.0,addr=0x10,romfile="
