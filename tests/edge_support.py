@@ -267,7 +267,7 @@ class EchoApp:
         self.server.server_close()
 
 
-def raw_request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+def raw_request(port: int, method: str, path: str, headers: dict[str, Any] | None = None,
                 body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
     """One request with `path` sent byte for byte (requests/urllib3 would remove dot segments)."""
     import http.client

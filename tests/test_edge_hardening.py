@@ -13,6 +13,8 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -256,3 +258,46 @@ def test_route_tokens_are_redacted_from_log_lines(caplog) -> None:
     assert record.getMessage() == ("GET /sandboxes-preview/<route>/8080/x "
                                    "from p8080-<route>.sandbox.example.com")
     assert redact("/sandboxes-dp/zz9/runtime/v1/files") == "/sandboxes-dp/<route>/runtime/v1/files"
+
+
+# --- hostile input on every edge route ----------------------------------------------------------
+
+HOSTILE_VALUES = ["²", "١٢", "1e400", "-1", "0", "99999", "%00", "%ff", "a" * 300, "AbC", "..", "%2e%2e",
+                  "x%0d%0ay", "😀"]
+
+
+@edge_db
+def test_hostile_values_on_edge_routes_get_json_errors_never_5xx(edge, real_agent, owner) -> None:
+    # given a real sandbox behind the edge, and every edge route with hostile values in each slot
+    sandbox = _sandbox(owner.personal_team, real_agent)
+    token, route = session_mint(sandbox=sandbox).token, sandbox.route_token
+    targets: list[tuple[str, dict[str, Any]]] = []
+    auth = {"Authorization": f"Bearer {token}"}
+    for raw in HOSTILE_VALUES:
+        value = quote(raw, safe="%.")  # non-ASCII travels percent-encoded in a request line
+        header = raw.encode()  # and as raw UTF-8 bytes in a header
+        dp, signed = f"/sandboxes-dp/{route}/runtime/v1", f"/sandboxes-dp/{route}/runtime/v1/files/signed"
+        targets += [
+            (f"/sandboxes-dp/{value}/runtime/v1/files?path=/etc/hostname", auth),
+            (f"{dp}/files?path={value}", auth),
+            (f"{dp}/process/{value}", {"Authorization": b"Bearer " + header}),
+            (f"/sandboxes-preview/{route}/{value}/", {}),
+            (f"/sandboxes-preview/{value}/8080/", {}),
+            (f"{signed}?path=/a&op=read&expires={value}&sig=00", {}),
+            (f"{signed}?path={value}&op={value}&expires=1&sig={value}", {}),
+            ("/", {"Host": b"p" + header + f"-{route}.sandbox.localhost".encode()}),
+            ("/", {"Host": header + b".sandbox.localhost"}),
+        ]
+
+    # when each is sent with each method
+    answers = [(method, path, headers, raw_request(edge.port, method, path, headers))
+               for path, headers in targets for method in ("GET", "POST", "PUT", "DELETE", "HEAD")]
+
+    # then none is a 5xx other than the agent's own 502 (nothing listens on that port), and
+    # every refusal the edge makes is the JSON error shape
+    for method, path, headers, (status, response_headers, body) in answers:
+        assert status < 500 or status == 502, (method, path, headers, status, body)
+        if status >= 400 and method != "HEAD":
+            assert response_headers.get("content-type") == "application/json", (method, path, status, body)
+            payload = json.loads(body)
+            assert isinstance(payload["error"], str) and isinstance(payload["message"], str), payload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -14,6 +15,7 @@ from sandboxes.edge.routing import Route, route_of
 from sandboxes.edge.signing import SIGNED_PATH
 from sandboxes.edge.ws_proxy import deny, proxy_websocket
 
+logger = logging.getLogger(__name__)
 FILES_PATH = "/runtime/v1/files"
 # Signed URL method -> (operation it needs, method on the agent's /runtime/v1/files).
 SIGNED_METHODS = {"GET": ("read", "GET"), "HEAD": ("read", "HEAD"), "POST": ("write", "PUT"),
@@ -118,7 +120,24 @@ class EdgeApp:
         elif scope["type"] == "websocket":
             await self._websocket(route, scope, receive, send)
         else:
-            await self._http(route, scope, receive, send)
+            await self._http_guarded(route, scope, receive, send)
+
+    async def _http_guarded(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A bug is still an answer in the error shape (if nothing was sent yet), never HTML."""
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._http(route, scope, receive, tracked)
+        except Exception:
+            logger.exception("edge request failed")
+            if started:
+                raise
+            await send_error(send, EdgeError(500, "internal_error", "The edge failed on this request."))
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         """Django does not speak lifespan; the edge uses shutdown to close its agent connections."""

@@ -9,6 +9,7 @@ expires or the sandbox is destroyed (destroy bumps the epoch).
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from sandboxes.sessions import data_plane_url
 
 _SALT = "watasu.signed-file-url.v1"
 SIGNED_PATH = "/runtime/v1/files/signed"
+_EXPIRES = re.compile(r"[0-9]{1,12}")
 DEFAULT_TTL = 300
 MAX_TTL = 24 * 3600
 OPERATIONS = {"read": "GET", "write": "POST"}
@@ -60,7 +62,7 @@ def file_url_make(sandbox: Sandbox, *, path: str, op: str, ttl: int, now: float 
 
 def file_url_check(sandbox: Sandbox, *, path: str, op: str, expires: str, sig: str) -> str | None:
     """None if the URL is valid now, else why not (for the 403 message)."""
-    if op not in OPERATIONS or not path or not expires.isdigit():
+    if op not in OPERATIONS or not path or not _EXPIRES.fullmatch(expires):  # ASCII digits only ("²")
         return "The signed URL is malformed."
     expected = _signature(sandbox, path=path, op=op, expires=int(expires))
     if not hmac.compare_digest(expected, sig):
