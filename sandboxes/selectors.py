@@ -63,13 +63,19 @@ def team_quota_limits(*, team: Team) -> QuotaLimits:
 
 
 def team_quota_usage(*, team: Team) -> QuotaUsage:
-    """Resources held by the team's sandboxes in runtime states (one query)."""
+    """Resources held by the team's sandboxes in runtime states and by its template
+    builds running now (each build runs a VM of the version's shape)."""
+    from templates_app.models import TemplateVersion, VersionStatus
+
     totals = Sandbox.objects.filter(team=team, state__in=RUNTIME_STATES).aggregate(
         running_instances=Count("id"),
         vcpu_count=Coalesce(Sum("cpu_count"), 0),
         memory_mb=Coalesce(Sum("memory_mb"), 0),
     )
-    return QuotaUsage(**totals)
+    builds = TemplateVersion.objects.filter(template__team=team, status=VersionStatus.BUILDING).aggregate(
+        running_instances=Count("id"), vcpu_count=Coalesce(Sum("cpu"), 0),
+        memory_mb=Coalesce(Sum("memory_mb"), 0))
+    return QuotaUsage(**{name: totals[name] + builds[name] for name in totals})
 
 
 def team_quota(*, team: Team, reservation: QuotaReservation | None = None) -> Quota:

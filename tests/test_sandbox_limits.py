@@ -72,3 +72,20 @@ def test_prices_and_shapes_come_from_settings(owner: Actor, settings) -> None:
 
     assert body["prices"]["vcpu_second"] == "0.5"
     assert body["allowed_cpu"] == [1, 3]
+
+
+def test_a_running_template_build_counts_against_the_team(owner: Actor, acme) -> None:
+    from templates_app.models import Template, TemplateVersion, VersionStatus
+
+    # given one acme template building (its build VM runs) and one waiting, and a ready sandbox
+    template = Template.objects.create(team=acme, slug="ci", name="ci")
+    TemplateVersion.objects.create(template=template, version="b1", status=VersionStatus.BUILDING,
+                                   cpu=2, memory_mb=2048)
+    TemplateVersion.objects.create(template=template, version="b2", status=VersionStatus.DRAFT,
+                                   cpu=8, memory_mb=8192)
+    SandboxFactory(team=acme, state=SandboxState.READY, cpu_count=1, memory_mb=512)
+
+    quota = owner.client().get("/v1/sandbox_limits?team=acme").json()["quota"]
+
+    # then the build's VM is part of the team's usage, the queued one is not yet
+    assert quota["usage"] == {"running_instances": 2, "vcpu_count": 3, "memory_mb": 2560}
