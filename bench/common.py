@@ -15,7 +15,8 @@ def use_bench_environment(**extra: str) -> Path:
     code); VMs get their own prefix, the broker is the embedded one. Returns the repo root."""
     database = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
     os.environ.update(DATABASE_URL=database, WATASU_DATA_DIR="/tmp/watasu-bench",
-                      WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings", **extra)
+                      WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings",
+                      WATASU_API_RATE_LIMIT="", **extra)  # benchmarks measure, not throttle
     os.environ.pop("REDIS_URL", None)
     sys.path.insert(0, str(ROOT))
     return ROOT

@@ -111,6 +111,12 @@ def _vm_prefix(settings) -> None:  # type: ignore[no-untyped-def]
     settings.RUNTIME_VM_PREFIX = VM_TEST_PREFIX
 
 
+@pytest.fixture(autouse=True)
+def _no_rate_limit(settings) -> None:  # type: ignore[no-untyped-def]
+    """Tests drive the API far faster than any client; tests/test_rate_limits.py turns it on."""
+    settings.API_RATE_LIMIT = ""
+
+
 @pytest.fixture
 def local_host(db: None):  # type: ignore[no-untyped-def]
     from sandboxes.services import host_register_local

@@ -9,6 +9,7 @@ no extra server. `DATABASE_URL` and `REDIS_URL` switch to PostgreSQL and Redis.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -154,6 +155,13 @@ LOGGING = {
 
 # --- REST API -----------------------------------------------------------------
 
+# Control-plane requests per API key (watasu/api/throttling.py); empty turns it off.
+API_RATE_LIMIT = env.str("WATASU_API_RATE_LIMIT", "1200/min")
+_RATE = r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)"
+if API_RATE_LIMIT and not re.fullmatch(_RATE, API_RATE_LIMIT):
+    raise ImproperlyConfigured(f"WATASU_API_RATE_LIMIT must look like 1200/min (or be empty), "
+                               f"not {API_RATE_LIMIT!r}.")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["teams.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["watasu.api.permissions.ApiKeyScope"],
@@ -163,6 +171,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "watasu.api.pagination.NextTokenPagination",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "watasu.api.errors.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["watasu.api.throttling.ApiKeyRateThrottle"],
     "UNAUTHENTICATED_USER": None,
 }
 
@@ -259,6 +268,9 @@ CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_QUEUE_SWEEPS, CELERY_QUEUE_BUILDS = "sweeps", "builds"
 CELERY_TASK_ROUTES = {"sweeps.*": {"queue": CELERY_QUEUE_SWEEPS},
                       "templates.*": {"queue": CELERY_QUEUE_BUILDS}}
+# The shared cache (rate-limit counters): Redis when configured, else per process.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+          if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
     CELERY_RESULT_BACKEND = REDIS_URL
