@@ -273,7 +273,7 @@ def test_open_streams_per_sandbox_are_capped(edge, agent, owner, settings) -> No
 
         # and once one closes, a new one opens
         first.close()
-        wait_until(lambda: ws_proxy._open.get(sandbox.pk) == 1, 30, "the edge to count the close")
+        wait_until(lambda: ws_proxy.open_sockets(sandbox.pk) == 1, 30, "the edge to count the close")
         with ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10) as again:
             assert json.loads(again.recv(timeout=10)) == {"type": "ready"}
 
@@ -314,11 +314,18 @@ def test_preview_path_form_reaches_the_agent_proxy_route_without_auth(edge, agen
     page = requests.get(f"{base}/a/b?q=1", headers={"Authorization": "Basic dXNlcg=="}, timeout=10)
     root = requests.get(base, timeout=10)
     redirect = requests.get(f"{base}/redirect", allow_redirects=False, timeout=10)
+    own_host = f"p8000-{sandbox.route_token}.sandbox.localhost:{edge.port}"
+    by_host = requests.get(f"{edge.url}/a", headers={"Host": own_host, "Authorization": "Basic dXNlcg=="},
+                           timeout=10)
 
     assert page.json() == {"path": "/proxy/8000/a/b", "query": {"q": "1"}, "raw_path": "/proxy/8000/a/b"}
     assert agent.requests[0]["headers"]["authorization"] == f"Bearer {role_secret(SECRET, 'preview')}"
     assert agent.requests[0]["headers"]["x-forwarded-host"] == f"127.0.0.1:{edge.port}"
-    assert agent.requests[0]["headers"]["x-watasu-forwarded-authorization"] == "Basic dXNlcg=="
+    # the platform's origin may carry the platform's credentials: they stay out of the sandbox;
+    # on the preview's own origin, the client's credential is the app's own
+    assert "x-watasu-forwarded-authorization" not in agent.requests[0]["headers"]
+    assert by_host.status_code == 200
+    assert agent.requests[-1]["headers"]["x-watasu-forwarded-authorization"] == "Basic dXNlcg=="
     assert root.json()["path"] == "/proxy/8000/"
     assert redirect.headers["location"] == f"/sandboxes-preview/{sandbox.route_token}/8000/target/"
 

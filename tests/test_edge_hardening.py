@@ -9,6 +9,7 @@ marker file on this host.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Iterator
@@ -301,3 +302,82 @@ def test_hostile_values_on_edge_routes_get_json_errors_never_5xx(edge, real_agen
             assert response_headers.get("content-type") == "application/json", (method, path, status, body)
             payload = json.loads(body)
             assert isinstance(payload["error"], str) and isinstance(payload["message"], str), payload
+
+
+# --- request framing, the agent's port, and preview sockets (found by review) ---------------------
+
+
+@edge_db
+def test_chunked_bodies_arrive_whole_and_ambiguous_framing_is_refused(edge, real_agent, owner,
+                                                                      tmp_path) -> None:
+    import http.client
+
+    # given a data-plane session
+    sandbox = _sandbox(owner.personal_team, real_agent)
+    token = session_mint(sandbox=sandbox).token
+    path = f"/sandboxes-dp/{sandbox.route_token}/runtime/v1/files?path={tmp_path}/chunked.txt"
+
+    # when a file is uploaded chunked (no Content-Length), then with both framings declared
+    conn = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
+    conn.request("PUT", path, body=iter([b"chunked ", b"body"]), encode_chunked=True,
+                 headers={"Authorization": f"Bearer {token}", "Transfer-Encoding": "chunked"})
+    chunked = conn.getresponse()
+    chunked_body = json.loads(chunked.read())
+    conn.close()
+    both = raw_request(edge.port, "PUT", path, {"Authorization": f"Bearer {token}",
+                                                "Transfer-Encoding": "chunked"}, b"0\r\n\r\n")
+
+    # then the chunked body arrived whole, and the ambiguous request is a 400 in the error shape
+    assert chunked.status == 200, chunked_body
+    assert (tmp_path / "chunked.txt").read_bytes() == b"chunked body"
+    assert (both[0], json.loads(both[2])["error"]) == (400, "invalid_request")
+
+
+@edge_db
+def test_the_agents_own_port_is_no_preview(edge, real_agent, owner) -> None:
+    sandbox = _sandbox(owner.personal_team, real_agent)
+
+    status, _, body = raw_request(edge.port, "GET", f"/sandboxes-preview/{sandbox.route_token}/49983/health")
+
+    assert (status, json.loads(body)["error"]) == (404, "not_found")
+
+
+@edge_db
+def test_preview_sockets_cannot_crowd_out_the_owners_streams(edge, real_agent, owner, settings) -> None:  # type: ignore[no-untyped-def]
+    import contextlib
+    import threading
+
+    from websockets.sync.client import connect
+
+    # given a WebSocket app in the "guest" and a cap of two sockets per sandbox and kind
+    from websockets.sync.server import serve
+
+    settings.EDGE_MAX_SOCKETS_PER_SANDBOX = 2
+    sandbox = _sandbox(owner.personal_team, real_agent)
+
+    def echo(websocket) -> None:  # type: ignore[no-untyped-def]
+        for message in websocket:
+            websocket.send(message)
+
+    with serve(echo, "127.0.0.1", 0) as server, contextlib.ExitStack() as sockets:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        preview = edge.url.replace("http://", "ws://") + f"/sandboxes-preview/{sandbox.route_token}/{port}/"
+
+        # when anonymous callers hold every preview socket there is
+        for _ in range(2):
+            sockets.enter_context(connect(preview, open_timeout=10))
+
+        # then the owner still opens a process stream on the data plane
+        data_plane = f"{edge.url.replace('http://', 'ws://')}/sandboxes-dp/{sandbox.route_token}/runtime/v1/process"
+        token = session_mint(sandbox=sandbox).token
+        with connect(data_plane, additional_headers={"Authorization": f"Bearer {token}"},
+                     open_timeout=10) as own:
+            own.send(json.dumps({"type": "start", "cmd": "/bin/echo", "args": ["owner-ok"]}))
+            output = b""
+            while (frame := json.loads(own.recv(timeout=30)))["type"] != "exit":
+                if frame["type"] == "stdout":
+                    output += base64.b64decode(frame["data"])
+        server.shutdown()
+
+    assert output == b"owner-ok\n"

@@ -277,3 +277,27 @@ def test_admin_sandbox_page_hides_secrets(admin_client) -> None:  # type: ignore
     page = admin_client.get(f"/admin/sandboxes/sandbox/{sandbox.pk}/change/").content.decode()
 
     assert "CIPHERTEXT-ENV" not in page and "CIPHER-AGENT" not in page
+
+
+@pytest.mark.parametrize(("policy", "error"), [
+    ({"deny_out": ["0.0.0.0/0"]}, "network_rules_unavailable"),
+    ({"allow_out": "x"}, "validation_failed"),
+    ({"allow_internet": False}, "validation_failed"),
+    ("closed", "validation_failed"),
+])
+def test_a_nested_network_policy_is_never_dropped_silently(owner: Actor, policy, error) -> None:  # type: ignore[no-untyped-def]
+    response = owner.client().post("/v1/sandboxes", {"timeout": 60, "network_policy": policy}, format="json")
+
+    assert (response.status_code, response.json()["error"]) == (422, error)
+    assert not Sandbox.objects.exists()
+
+
+def test_a_nested_network_policy_means_what_its_keys_mean_at_the_top_level() -> None:
+    from sandboxes.api.parsing import parse_create
+
+    spec = parse_create({"network_policy": {"allow_public_traffic": False, "allow_internet_access": False}})
+
+    assert spec.network_policy["allow_public_traffic"] is False
+    assert spec.allow_internet_access is False
+    with pytest.raises(Exception, match="given twice"):
+        parse_create({"allow_public_traffic": True, "network_policy": {"allow_public_traffic": False}})

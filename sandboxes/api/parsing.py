@@ -164,6 +164,29 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
                        f"network_class must be '{settings.SANDBOX_DEFAULT_NETWORK_CLASS}'.")
 
 
+NETWORK_KEYS = frozenset({"allow_internet_access", "allow_package_registry_access", "allow_public_traffic",
+                          "allow_out", "deny_out", "rules", "mask_request_host", "network_class"})
+
+
+def _with_network_policy(body: dict[str, Any]) -> dict[str, Any]:
+    """`network_policy: {...}` (the shape sandboxes are shown in) means the same as its keys
+    at the top level (the SDK's shape); never silently dropped, never contradicting them."""
+    nested = body.get("network_policy")
+    if nested is None:
+        return body
+    if not isinstance(nested, dict):
+        raise _invalid("validation_failed", "network_policy must be an object.")
+    unknown = sorted(set(nested) - NETWORK_KEYS)
+    if unknown:
+        raise _invalid("validation_failed", f"network_policy has unknown key '{unknown[0]}'; known: "
+                       f"{', '.join(sorted(NETWORK_KEYS))}.")
+    for key, value in nested.items():
+        if key in body and body[key] != value:
+            raise _invalid("validation_failed", f"{key} is given twice with different values "
+                           "(top level and network_policy).")
+    return {**body, **nested}
+
+
 def _network_policy(body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     internet = _bool(body, "allow_internet_access", True)
     policy = {
@@ -202,6 +225,7 @@ def _optional_int(body: dict[str, Any], key: str) -> int | None:
 def parse_create(body: Any) -> CreateSpec:
     if not isinstance(body, dict):
         raise _invalid("bad_request", "The request body must be a JSON object.")
+    body = _with_network_policy(body)
     _refuse_unsupported(body)
     cpu, memory = parse_shape(body)
     internet, policy = _network_policy(body)

@@ -18,8 +18,7 @@ from sandboxes.edge.ws_proxy import deny, proxy_websocket
 logger = logging.getLogger(__name__)
 FILES_PATH = "/runtime/v1/files"
 # Signed URL method -> (operation it needs, method on the agent's /runtime/v1/files).
-SIGNED_METHODS = {"GET": ("read", "GET"), "HEAD": ("read", "HEAD"), "POST": ("write", "PUT"),
-                  "PUT": ("write", "PUT")}
+SIGNED_METHODS = {"GET": ("read", "GET"), "POST": ("write", "PUT"), "PUT": ("write", "PUT")}
 
 
 @dataclass(frozen=True)
@@ -44,17 +43,20 @@ def _header(headers: Headers, wanted: bytes) -> str:
     return next((value.decode("latin-1") for name, value in headers if name == wanted), "")
 
 
-def _forwarded_for(scope: dict[str, Any]) -> Headers:
+def _forwarded_for(route: Route, scope: dict[str, Any]) -> Headers:
     """What a preview app behind the edge needs to know about the original request.
 
     The agent takes `Authorization` for its own secret, so the client's own credential
-    (a preview app's basic auth, say) travels in a header the agent turns back into it.
+    (a preview app's basic auth, say) travels in a header the agent turns back into it;
+    only on the preview's own origin (host form): in the path form a browser would send
+    the platform's own credentials, which no sandbox may see.
     """
     client = scope.get("client") or ("", 0)
     scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
     headers = [(b"x-forwarded-for", str(client[0]).encode()), (b"x-forwarded-proto", scheme.encode()),
                (b"x-forwarded-host", _header(scope["headers"], b"host").encode())]
-    if authorization := _header(scope["headers"], b"authorization"):
+    own_origin = not route.prefix  # the path form shares the platform's origin and its credentials
+    if own_origin and (authorization := _header(scope["headers"], b"authorization")):
         headers.append((b"x-watasu-forwarded-authorization", authorization.encode("latin-1")))
     return headers
 
@@ -154,7 +156,7 @@ class EdgeApp:
         try:
             target = await _authorise(route, scope, scope["method"])
             headers = _inbound_headers(route, scope["headers"])
-            extra = _forwarded_for(scope) if route.kind == "preview" else None
+            extra = _forwarded_for(route, scope) if route.kind == "preview" else None
             await proxy_http(scope, receive, send, upstream=target.upstream, method=target.method,
                              path=target.path, query=target.query,
                              headers=forwarded_headers(headers, target.upstream.secret, extra),
@@ -172,10 +174,11 @@ class EdgeApp:
         except EdgeError as error:
             await deny(scope, send, error)
             return
-        extra = _forwarded_for(scope) if route.kind == "preview" else []
+        extra = _forwarded_for(route, scope) if route.kind == "preview" else []
         if route.kind == "preview" and not route.prefix:  # own origin: its cookies are its own
             extra += [(name, value) for name, value in scope["headers"] if name == b"cookie"]
         await proxy_websocket(scope, receive, send, upstream=target.upstream, path=target.path,
                               query=target.query,
                               extra_headers=[(name.decode("latin-1"), value.decode("latin-1"))
-                                             for name, value in extra])
+                                             for name, value in extra],
+                              kind="preview" if route.kind == "preview" else "dataplane")

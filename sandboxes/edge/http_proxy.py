@@ -95,11 +95,21 @@ def forwarded_headers(headers: Headers, secret: str, extra: Headers | None = Non
     return [*kept, *(extra or []), (b"authorization", f"Bearer {secret}".encode())]
 
 
-def _has_body(headers: Headers) -> bool:
+def request_framing(headers: Headers) -> bool:
+    """Whether the client's request (its own headers, before any filtering) has a body.
+
+    A request that declares both `Content-Length` and `Transfer-Encoding` is refused: the
+    two hops could read its end differently (request smuggling), and the length would be
+    forwarded next to a de-chunked body.
+    """
+    names = {name.lower() for name, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise EdgeError(400, "invalid_request", "A request may not carry both Content-Length and "
+                        "Transfer-Encoding.")
     for name, value in headers:
-        if name == b"content-length":
+        if name.lower() == b"content-length":
             return value.strip() not in (b"", b"0")
-        if name == b"transfer-encoding":
+        if name.lower() == b"transfer-encoding":
             return True
     return False
 
@@ -155,7 +165,7 @@ async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream
     once the response has started, a broken upstream aborts the client connection
     instead of ending a truncated body cleanly.
     """
-    body = _request_body(receive) if _has_body(headers) else None
+    body = _request_body(receive) if request_framing(scope["headers"]) else None
     if body is None:
         headers = [(name, value) for name, value in headers if name != b"content-length"]
     try:

@@ -20,6 +20,7 @@ from django.conf import settings
 DP_PREFIX = "/sandboxes-dp/"
 PREVIEW_PREFIX = "/sandboxes-preview/"
 RUNTIME_PREFIX = "/runtime/v1"
+AGENT_PORT = 49983  # the guest agent's own port (sandboxes/runtime/guest/agent.py)
 _TOKEN = re.compile(r"^[a-z0-9]{1,32}$")
 _PREVIEW_LABEL = re.compile(r"^p(\d{1,5})-([a-z0-9]{1,32})$")
 
@@ -104,7 +105,7 @@ def _dataplane(route_token: str, path: str) -> Route:
 
 def _preview(route_token: str, port_text: str, rest: str, prefix: str) -> Route:
     port = _port(port_text)
-    if port is None or not _TOKEN.match(route_token):
+    if port is None or port == AGENT_PORT or not _TOKEN.match(route_token):  # the agent is no preview
         return Route("invalid", route_token, rest)
     if rest and not _safe(rest):
         return Route("bad_path", route_token, rest)

@@ -33,7 +33,9 @@ DENIAL_EXTENSION = "websocket.http.response"
 MAX_FRAME = 64 * 2**20
 MAX_QUEUE = 16
 PING_INTERVAL, PING_TIMEOUT = 60.0, 120.0
-_open: dict[int, int] = {}  # sandbox id -> open sockets through this web process
+# (sandbox id, kind) -> open sockets through this web process. Anonymous preview sockets
+# and the owner's data-plane sockets are counted apart: previews cannot crowd out the owner.
+_open: dict[tuple[int, str], int] = {}
 CLIENT_CLOSE_GRACE = 5.0
 # Codes that describe a close but may not be sent in a close frame.
 _UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
@@ -56,7 +58,7 @@ async def deny(scope: dict[str, Any], send: Any, error: EdgeError) -> None:
 
 
 async def _open_agent(scope: dict[str, Any], upstream: Upstream, path: str, query: bytes,
-                      extra_headers: list[tuple[str, str]]) -> ClientConnection:
+                      extra_headers: list[tuple[str, str]], preview: bool = False) -> ClientConnection:
     url = f"ws://127.0.0.1:{upstream.port}{path}" + (f"?{query.decode('latin-1')}" if query else "")
     headers = [("Authorization", f"Bearer {upstream.secret}"), *extra_headers]
     try:
@@ -66,7 +68,7 @@ async def _open_agent(scope: dict[str, Any], upstream: Upstream, path: str, quer
                              max_queue=MAX_QUEUE, user_agent_header=None)
     except InvalidStatus as exc:
         status = exc.response.status_code
-        if status == 401:
+        if status == 401 and not preview:  # a preview app's own 401 is the app's answer
             message = "sandbox is alive but guestd refused the edge's credential; retry shortly."
             raise overloaded(message) from exc
         try:
@@ -109,28 +111,34 @@ async def _agent_to_client(send: Any, agent: ClientConnection) -> bool:
     return True
 
 
+def open_sockets(sandbox_id: int, kind: str = "dataplane") -> int:
+    return _open.get((sandbox_id, kind), 0)
+
+
 async def proxy_websocket(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, path: str,
-                          query: bytes, extra_headers: list[tuple[str, str]] | None = None) -> None:
+                          query: bytes, extra_headers: list[tuple[str, str]] | None = None,
+                          kind: str = "dataplane") -> None:
     """Connect to the agent, accept the client, pump frames until one side closes."""
-    limit = settings.EDGE_MAX_SOCKETS_PER_SANDBOX
-    if _open.get(upstream.sandbox_id, 0) >= limit:
+    limit, key = settings.EDGE_MAX_SOCKETS_PER_SANDBOX, (upstream.sandbox_id, kind)
+    if _open.get(key, 0) >= limit:
         await deny(scope, send, EdgeError(429, "too_many_connections",
-                                          f"Sandbox {upstream.sandbox_id} has {limit} open streams; "
+                                          f"Sandbox {upstream.sandbox_id} has {limit} open {kind} streams; "
                                           "close one first."))
         return
-    _open[upstream.sandbox_id] = _open.get(upstream.sandbox_id, 0) + 1
+    _open[key] = _open.get(key, 0) + 1
     try:
-        await _proxy(scope, receive, send, upstream, path, query, extra_headers or [])
+        await _proxy(scope, receive, send, upstream, path, query, extra_headers or [],
+                     preview=kind == "preview")
     finally:
-        _open[upstream.sandbox_id] -= 1
-        if not _open[upstream.sandbox_id]:
-            del _open[upstream.sandbox_id]
+        _open[key] -= 1
+        if not _open[key]:
+            del _open[key]
 
 
 async def _proxy(scope: dict[str, Any], receive: Any, send: Any, upstream: Upstream, path: str,
-                 query: bytes, extra_headers: list[tuple[str, str]]) -> None:
+                 query: bytes, extra_headers: list[tuple[str, str]], preview: bool) -> None:
     try:
-        agent = await _open_agent(scope, upstream, path, query, extra_headers)
+        agent = await _open_agent(scope, upstream, path, query, extra_headers, preview)
     except EdgeError as error:
         await deny(scope, send, error)
         return
