@@ -209,6 +209,7 @@ def test_no_cookie_or_header_crosses_from_one_team_to_another(edge, real_agent, 
     received = json.loads(body)["headers"]
     assert "cookie" not in received
     assert set(received) == {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+    assert received["host"] == received["x-forwarded-host"] == theirs_host  # not the agent's port
 
 
 @edge_db

@@ -157,6 +157,8 @@ class EdgeApp:
             target = await _authorise(route, scope, scope["method"])
             headers = _inbound_headers(route, scope["headers"])
             extra = _forwarded_for(route, scope) if route.kind == "preview" else None
+            if extra is not None and (host := _header(scope["headers"], b"host")):
+                extra.append((b"host", host.encode("latin-1")))  # the app sees the host it is served on
             await proxy_http(scope, receive, send, upstream=target.upstream, method=target.method,
                              path=target.path, query=target.query,
                              headers=forwarded_headers(headers, target.upstream.secret, extra),
