@@ -28,3 +28,21 @@ def test_a_key_over_its_rate_gets_429_and_others_are_unaffected(owner: Actor, ou
     assert refused.json()["error"] == "rate_limited"
     assert 1 <= int(refused["Retry-After"]) <= 61
     assert other.status_code == 200
+
+
+def test_a_rate_limited_request_is_not_replayed_under_its_idempotency_key(owner: Actor, settings) -> None:  # type: ignore[no-untyped-def]
+    # given a key at its limit
+    settings.API_RATE_LIMIT = "1/min"
+    cache.clear()
+    client = owner.client()
+    assert client.get("/v1/sandbox_limits").status_code == 200
+
+    # when a create under an Idempotency-Key is refused for the rate, then retried after the window
+    refused = client.post("/v1/teams", {"slug": "lab"}, format="json", HTTP_IDEMPOTENCY_KEY="k-429")
+    cache.clear()  # the window passed
+    retried = client.post("/v1/teams", {"slug": "lab"}, format="json", HTTP_IDEMPOTENCY_KEY="k-429")
+
+    # then the retry did the work instead of replaying the 429
+    assert refused.status_code == 429
+    assert retried.status_code == 201
+    assert "Idempotent-Replayed" not in retried

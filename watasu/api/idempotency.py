@@ -4,7 +4,7 @@ Same key + same request from the same API key replays the first response;
 a different request under that key is 422; a retry while the first is still
 running is 409. The unique (api_key, key) constraint decides which of several
 concurrent requests does the work, so this holds across processes.
-A 5xx or a crash releases the key so that a retry can do the work.
+A 5xx, a 429 or a crash releases the key so that a retry can do the work.
 """
 
 from __future__ import annotations
@@ -180,7 +180,9 @@ class IdempotencyMiddleware:
         except BaseException:
             idempotency_release(record=record)
             raise
-        if response.status_code >= 500 or response.streaming:
+        # A 5xx, a crash or a 429 (try again later) is not the request's outcome: the key is
+        # released so that the retry the client was told to make does the work.
+        if response.status_code >= 500 or response.status_code == 429 or response.streaming:
             idempotency_release(record=record)
         else:
             idempotency_complete(record=record, response=response)
