@@ -54,3 +54,25 @@ def test_unsupported_database_urls_are_rejected(url: str) -> None:
 def test_redis_url_must_be_redis() -> None:
     with pytest.raises(ImproperlyConfigured, match="REDIS_URL='http://x' is invalid"):
         Env({"REDIS_URL": "http://x"}).redis_url("REDIS_URL")
+
+
+def test_vm_names_are_scoped_to_the_installation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def prefix(data_dir: str, **extra: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "WATASU_VM_PREFIX"}
+        env.update(WATASU_DATA_DIR=data_dir, DJANGO_SETTINGS_MODULE="watasu.settings", **extra)
+        code = ("import django; django.setup(); from django.conf import settings; "
+                "print(settings.RUNTIME_VM_PREFIX)")
+        return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                              env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+    # two installations on one host (two data dirs) get prefixes neither of which contains the other
+    first, second = prefix(str(tmp_path / "a")), prefix(str(tmp_path / "b"))
+
+    assert first != second and not first.startswith(second) and not second.startswith(first)
+    assert prefix(str(tmp_path / "a")) == first  # stable across restarts
+    assert prefix(str(tmp_path / "a"), WATASU_VM_PREFIX="mine-") == "mine-"

@@ -8,6 +8,7 @@ no extra server. `DATABASE_URL` and `REDIS_URL` switch to PostgreSQL and Redis.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -243,8 +244,14 @@ RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int("WATASU_HOST_MEMORY_CAPACITY_MB", _hos
                                           min=256, max=_host_memory_mb())
 RUNTIME_IMAGE_CACHE_DIR = env.path("WATASU_IMAGE_CACHE_DIR", str(CACHE_DIR / "images"))
 RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's configured mirror
-# libvirt domain names are {prefix}{sandbox id}; reconciliation only touches this prefix.
-RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-")
+# libvirt domain names are {prefix}{sandbox id}; reconciliation only touches this prefix,
+# so each installation sharing a libvirt needs its own. The default is scoped to the data
+# directory: `watasu-sbx-` for the standard one, `watasu-<hash of the path>-sbx-` for
+# any other, so two `make run` with different data dirs never destroy each other's VMs.
+DEFAULT_DATA_DIR = Path("/var/lib/watasu")
+_INSTALLATION = hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:8]
+RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-" if DATA_DIR == DEFAULT_DATA_DIR
+                            else f"watasu-{_INSTALLATION}-sbx-")
 # How long a resume waits for the restarted guest's agent before saving the VM again.
 RUNTIME_RESUME_TIMEOUT_SECONDS = env.int("WATASU_RESUME_TIMEOUT_SECONDS", 60, min=1)
 RUNTIME_BASE_CPU = env.int("WATASU_BASE_CPU", 1, min=1)
