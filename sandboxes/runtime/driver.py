@@ -32,6 +32,9 @@ class VmSpec:
     agent_host_port: int
     backing_path: Path | None = None
     internet: bool = True  # False: no egress at all (slirp restrict=on); the agent port still works
+    # A sandbox's own QEMU uid (libvirt DAC label `+uid:+gid` of the QEMU group): one escaped
+    # QEMU cannot open another sandbox's disk. None: the shared QEMU user (templates, builds).
+    qemu_uid: int | None = None
 
 
 @dataclass(frozen=True)

@@ -94,20 +94,27 @@ def qemu_ids(user: str) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def give_to_qemu(path: Path, user: str) -> None:
-    """QEMU runs unprivileged and libvirt does not relabel files (dynamic_ownership = 0)."""
+def give_to_qemu(path: Path, user: str, uid: int | None = None) -> None:
+    """QEMU runs unprivileged and libvirt does not relabel files (dynamic_ownership = 0):
+    the file goes to the sandbox's own uid (or the QEMU user) and the QEMU group."""
     ids = qemu_ids(user)
     if ids is not None:
-        os.chown(path, *ids)
+        os.chown(path, uid if uid is not None else ids[0], ids[1])
 
 
-def create_overlay(backing: Path, dest: Path, user: str) -> None:
+def create_overlay(backing: Path, dest: Path, user: str, uid: int | None = None) -> None:
     """Instant copy-on-write disk for one sandbox on an immutable backing image,
-    readable and writable by QEMU's user only (0600): it holds the tenant's data."""
+    readable and writable by its QEMU's uid only (0600): it holds the tenant's data."""
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2",
                     str(dest)], check=True, capture_output=True, timeout=QEMU_IMG_TIMEOUT)
     dest.chmod(0o600)
-    give_to_qemu(dest, user)
+    give_to_qemu(dest, user, uid)
+
+
+def dac_label(uid: int, user: str) -> str:
+    """libvirt DAC label running QEMU as `uid` in the QEMU user's group (the firewall's match)."""
+    ids = qemu_ids(user)
+    return f"+{uid}:+{ids[1] if ids else uid}"
 
 
 @dataclass
@@ -150,6 +157,9 @@ class LibvirtDriver:
         if not spec.internet:
             netdev += ",restrict=on"
         nic = "virtio-net-pci,netdev=wnet0,bus=pcie.0,addr=0x10,romfile="
+        seclabel = "" if spec.qemu_uid is None else (
+            "\n  <seclabel type='static' model='dac' relabel='no'>"
+            f"<label>{dac_label(spec.qemu_uid, self.qemu_user)}</label></seclabel>")
         return f"""<domain type='{'kvm' if kvm else 'qemu'}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(spec.name)}</name>
   <uuid>{spec.uuid}</uuid>
@@ -182,7 +192,7 @@ class LibvirtDriver:
     <controller type='usb' model='none'/>
     <video><model type='none'/></video>
     <memballoon model='none'/>
-  </devices>
+  </devices>{seclabel}
   <qemu:commandline>
     <qemu:arg value='-netdev'/><qemu:arg value='{netdev}'/>
     <qemu:arg value='-device'/><qemu:arg value='{nic}'/>
@@ -195,7 +205,7 @@ class LibvirtDriver:
         if not spec.disk_path.exists():
             if backing is None:
                 raise RuntimeError_(f"{spec.disk_path} missing and no backing image given")
-            create_overlay(backing, spec.disk_path, self.qemu_user)
+            create_overlay(backing, spec.disk_path, self.qemu_user, spec.qemu_uid)
 
     def _domain(self, name: str) -> libvirt.virDomain:
         try:
@@ -225,7 +235,9 @@ class LibvirtDriver:
         self._prepare(spec, snapshot.disk_path)
         clone = self.sandbox_dir(spec.name) / "restore.save"
         ident = CloneIdentity(spec.name, spec.uuid, spec.disk_path, spec.agent_host_port,
-                              self.console_path(spec.name), internet=spec.internet)
+                              self.console_path(spec.name), internet=spec.internet,
+                              dac_label=None if spec.qemu_uid is None
+                              else dac_label(spec.qemu_uid, self.qemu_user))
         if not self.restore_via_fifo:
             try:
                 self.conn.defineXML(write_clone(snapshot.save_path, clone, ident))

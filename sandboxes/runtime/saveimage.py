@@ -65,6 +65,7 @@ class CloneIdentity:
     agent_host_port: int
     console_path: Path | None = None
     internet: bool = True  # False: QEMU user-mode net with restrict=on (no egress)
+    dac_label: str | None = None  # "+uid:+gid" QEMU runs as (None: libvirt's configured user)
 
 
 def read_header(f) -> SaveHeader:  # type: ignore[no-untyped-def]
@@ -132,6 +133,12 @@ def rewrite_domain_xml(xml: str, ident: CloneIdentity) -> str:
         if value.startswith("user,"):
             value = value.replace(",restrict=on", "") + ("" if ident.internet else ",restrict=on")
         arg.set("value", value)
+    for label in root.findall("seclabel"):
+        if label.get("model") == "dac":
+            root.remove(label)
+    if ident.dac_label is not None:
+        seclabel = ET.SubElement(root, "seclabel", {"type": "static", "model": "dac", "relabel": "no"})
+        ET.SubElement(seclabel, "label").text = ident.dac_label
     if ident.console_path is not None:
         for tag in ("serial", "console"):
             for dev in root.iter(tag):

@@ -55,14 +55,22 @@ def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str
     driver = driver_for(sandbox.host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
     internet = bool(sandbox.network_policy.get("allow_internet_access", True))
+    uid = qemu_uid(sandbox)
     if (snapshot.vcpus, snapshot.memory_mb) == (sandbox.cpu_count, sandbox.memory_mb):
         started = lifecycle.start_from_snapshot(driver, snapshot, sandbox.vm_name, driver.state_dir,
-                                                env_vars=env_vars, internet=internet)
+                                                env_vars=env_vars, internet=internet, qemu_uid=uid)
     else:
         started = lifecycle.cold_boot(driver, _image_of(snapshot), sandbox.vm_name, driver.state_dir,
                                       vcpus=sandbox.cpu_count, memory_mb=sandbox.memory_mb,
-                                      env_vars=env_vars, internet=internet)
+                                      env_vars=env_vars, internet=internet, qemu_uid=uid)
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
+
+
+def qemu_uid(sandbox: Sandbox) -> int | None:
+    """The uid this sandbox's QEMU runs as: its own (base + id, no other sandbox shares it),
+    or None (the shared QEMU user) when `WATASU_QEMU_UID_BASE` is 0."""
+    base = settings.RUNTIME_QEMU_UID_BASE
+    return base + sandbox.pk if base else None
 
 
 def agent_client(sandbox: Sandbox) -> AgentClient:

@@ -252,6 +252,9 @@ DEFAULT_DATA_DIR = Path("/var/lib/watasu")
 _INSTALLATION = hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:8]
 RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-" if DATA_DIR == DEFAULT_DATA_DIR
                             else f"watasu-{_INSTALLATION}-sbx-")
+# Each sandbox's QEMU runs as uid BASE + sandbox id (in the QEMU user's group), so one
+# escaped QEMU cannot open another sandbox's disk; 0 runs every QEMU as the QEMU user.
+RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=4_000_000_000)
 # How long a resume waits for the restarted guest's agent before saving the VM again.
 RUNTIME_RESUME_TIMEOUT_SECONDS = env.int("WATASU_RESUME_TIMEOUT_SECONDS", 60, min=1)
 RUNTIME_BASE_CPU = env.int("WATASU_BASE_CPU", 1, min=1)
