@@ -89,6 +89,19 @@ def _end_other_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:  
 
 
 @pytest.fixture
+def edge(settings) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    """The whole web app (edge + Django) served by a real uvicorn in a thread, as the public URL."""
+    from tests.edge_support import ServerThread
+    from watasu.asgi import application
+
+    server = ServerThread(application)
+    settings.PUBLIC_URL = server.url
+    settings.DATA_PLANE_DOMAIN = ""
+    with server:
+        yield server
+
+
+@pytest.fixture
 def require_postgres() -> None:
     """Concurrency tests need real row locks and unique-constraint races."""
     if connection.vendor != "postgresql":

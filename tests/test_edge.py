@@ -41,17 +41,6 @@ def agent() -> Iterator[FakeAgent]:
         yield fake
 
 
-@pytest.fixture
-def edge(settings) -> Iterator[ServerThread]:  # type: ignore[no-untyped-def]
-    from watasu.asgi import application
-
-    server = ServerThread(application)
-    settings.PUBLIC_URL = server.url
-    settings.DATA_PLANE_DOMAIN = ""
-    with server:
-        yield server
-
-
 def _sandbox(owner: Actor, agent: FakeAgent, **fields) -> Sandbox:  # type: ignore[no-untyped-def]
     fields.setdefault("state", S.READY)
     fields.setdefault("agent_port", agent.port)  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime.agent_client import AgentClient, role_secret
 from sandboxes.sessions import session_mint
 from teams.models import Team
-from tests.edge_support import EchoApp, RealAgent, ServerThread, raw_request
+from tests.edge_support import EchoApp, RealAgent, raw_request
 from tests.factories import SandboxFactory
 from watasu import crypto
 from watasu.logredact import RedactRouteTokens, redact
@@ -45,17 +45,6 @@ TRAVERSALS = [
 def real_agent() -> Iterator[RealAgent]:
     with RealAgent(SECRET) as agent:
         yield agent
-
-
-@pytest.fixture
-def edge(settings) -> Iterator[ServerThread]:  # type: ignore[no-untyped-def]
-    from watasu.asgi import application
-
-    server = ServerThread(application)
-    settings.PUBLIC_URL = server.url
-    settings.DATA_PLANE_DOMAIN = ""
-    with server:
-        yield server
 
 
 def _sandbox(team: Team, agent: RealAgent) -> Sandbox:

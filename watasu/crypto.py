@@ -54,9 +54,13 @@ def decrypt_bytes(token: bytes) -> bytes:
         raise ValueError("cannot decrypt: the encryption key changed or the data is damaged") from None
 
 
-def rotate_text(token: str) -> str:
+def rotate_bytes(token: bytes) -> bytes:
     """`token` re-encrypted with the first key (empty stays empty)."""
-    return _current().rotate(token.encode()).decode() if token else token
+    return _current().rotate(token) if token else token
+
+
+def rotate_text(token: str) -> str:
+    return rotate_bytes(token.encode()).decode()
 
 
 def encrypt_json(value: Any) -> str:

@@ -62,7 +62,8 @@ def _host(scope: dict[str, Any]) -> str:
 
 
 def _port(text: str) -> int | None:
-    return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
+    # ASCII digits only: a raw 0xB2 byte reads as "²", which str.isdigit() accepts
+    return int(text) if re.fullmatch(r"[0-9]{1,5}", text) and 1 <= int(text) <= 65535 else None
 
 
 def path_is_safe(path: str) -> bool:
@@ -75,7 +76,13 @@ def path_is_safe(path: str) -> bool:
     """
     if not path.startswith("/"):
         return False
-    segments = path[1:].split("/")
+    try:
+        return _segments_are_safe(path[1:].split("/"))
+    except UnicodeDecodeError:  # percent-encoded bytes that are not UTF-8
+        return False
+
+
+def _segments_are_safe(segments: list[str]) -> bool:
     for index, segment in enumerate(segments):
         if segment == "":
             if index == len(segments) - 1:
@@ -88,17 +95,10 @@ def path_is_safe(path: str) -> bool:
     return True
 
 
-def _safe(path: str) -> bool:
-    try:
-        return path_is_safe(path)
-    except UnicodeDecodeError:  # percent-encoded bytes that are not UTF-8
-        return False
-
-
 def _dataplane(route_token: str, path: str) -> Route:
     if not _TOKEN.match(route_token) or not (path == RUNTIME_PREFIX or path.startswith(RUNTIME_PREFIX + "/")):
         return Route("invalid", route_token, path)
-    if not _safe(path):
+    if not path_is_safe(path):
         return Route("bad_path", route_token, path)
     return Route("dataplane", route_token, path)
 
@@ -107,14 +107,9 @@ def _preview(route_token: str, port_text: str, rest: str, prefix: str) -> Route:
     port = _port(port_text)
     if port is None or port == AGENT_PORT or not _TOKEN.match(route_token):  # the agent is no preview
         return Route("invalid", route_token, rest)
-    if rest and not _safe(rest):
+    if rest and not path_is_safe(rest):
         return Route("bad_path", route_token, rest)
     return Route("preview", route_token, f"/proxy/{port}{rest or '/'}", port=port, prefix=prefix)
-
-
-def preview_domain() -> str:
-    """The domain under which `p{port}-{route}.sandbox.{domain}` previews are served."""
-    return settings.DATA_PLANE_DOMAIN.lower() or LOCAL_PREVIEW_DOMAIN
 
 
 def _by_host(scope: dict[str, Any], path: str) -> Route | None:

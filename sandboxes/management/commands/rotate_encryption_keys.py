@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.db.models import QuerySet
 
 from sandboxes.models import Sandbox
 from teams.models import IdempotencyRecord
@@ -20,29 +21,28 @@ class Command(BaseCommand):
             "responses with the first key of WATASU_ENCRYPTION_KEYS; then the other keys may go.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        sandboxes = records = 0
-        for pk in Sandbox.objects.exclude(env_vars_encrypted="", agent_secret_encrypted="").values_list(
-                "pk", flat=True).iterator(chunk_size=BATCH):
-            with transaction.atomic():
-                row = Sandbox.objects.select_for_update().get(pk=pk)
-                Sandbox.objects.filter(pk=pk).update(
-                    env_vars_encrypted=crypto.rotate_text(row.env_vars_encrypted),
-                    agent_secret_encrypted=crypto.rotate_text(row.agent_secret_encrypted))
-            sandboxes += 1
-        for pk in IdempotencyRecord.objects.exclude(response_body=None).values_list(
-                "pk", flat=True).iterator(chunk_size=BATCH):
-            with transaction.atomic():
-                row = IdempotencyRecord.objects.select_for_update().get(pk=pk)
-                body = bytes(row.response_body or b"")
-                IdempotencyRecord.objects.filter(pk=pk).update(
-                    response_body=crypto.rotate_text(body.decode()).encode())
-            records += 1
-        versions = 0
-        for pk in TemplateVersion.objects.exclude(env_encrypted="").values_list("pk", flat=True).iterator(
-                chunk_size=BATCH):
-            with transaction.atomic():
-                row = TemplateVersion.objects.select_for_update().get(pk=pk)
-                TemplateVersion.objects.filter(pk=pk).update(env_encrypted=crypto.rotate_text(row.env_encrypted))
-            versions += 1
+        sandboxes = _rotate(Sandbox.objects.exclude(env_vars_encrypted="", agent_secret_encrypted=""),
+                            ["env_vars_encrypted", "agent_secret_encrypted"])
+        versions = _rotate(TemplateVersion.objects.exclude(env_encrypted=""), ["env_encrypted"])
+        records = _rotate(IdempotencyRecord.objects.exclude(response_body=None), ["response_body"])
         self.stdout.write(f"re-encrypted {sandboxes} sandboxes, {versions} template versions and "
                           f"{records} idempotency records")
+
+
+def _rotate(rows: QuerySet[Any], fields: list[str]) -> int:
+    """Re-encrypt `fields` of every row in `rows`, each row under its own lock."""
+    model, done = rows.model, 0
+    for pk in rows.values_list("pk", flat=True).iterator(chunk_size=BATCH):
+        with transaction.atomic():
+            row = model.objects.select_for_update().get(pk=pk)
+            model.objects.filter(pk=pk).update(**{name: _rotated(getattr(row, name)) for name in fields})
+        done += 1
+    return done
+
+
+def _rotated(value: Any) -> Any:
+    if not value:
+        return value
+    if isinstance(value, bytes | memoryview):
+        return crypto.rotate_bytes(bytes(value))
+    return crypto.rotate_text(value)
