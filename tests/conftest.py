@@ -116,7 +116,9 @@ def require_postgres() -> None:
 # test-only prefix so a `make run` on the same machine is never touched, and every
 # domain with that prefix is destroyed after each test.
 
-VM_TEST_PREFIX = "wtest-sbx-"
+# WATASU_TEST_VM_PREFIX lets two test runs share one libvirt without destroying each
+# other's domains (neither prefix may be a prefix of the other).
+VM_TEST_PREFIX = os.environ.get("WATASU_TEST_VM_PREFIX", "wtest-sbx-")
 
 
 @pytest.fixture(autouse=True)
