@@ -1,0 +1,57 @@
+"""Naming mistakes instead of absorbing them: unknown keys and their closest known spelling.
+
+Objects the platform defines (a lifecycle policy, a build spec, a volume body) refuse
+every unknown key. Where a client may legitimately pass keys through (the top level of a
+create, which the SDK fills with its own options), only near-misses of known keys are
+refused: a typo there would otherwise silently change what the platform does.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from watasu import errors
+
+# How close a key must be to a known one to count as a misspelling of it.
+NEAR_MISS = 0.75
+
+
+def closest(key: str, known: Iterable[str], *, cutoff: float = 0.6) -> str | None:
+    """The known key ``key`` most resembles, compared case-insensitively, or None."""
+    by_folded = {name.lower(): name for name in known}
+    match = difflib.get_close_matches(key.lower(), list(by_folded), n=1, cutoff=cutoff)
+    return by_folded[match[0]] if match else None
+
+
+def _message(where: str, key: str, hint: str | None, known: Iterable[str]) -> str:
+    field = f"{where}.{key}" if where else key
+    if hint:
+        return f"Unknown key '{field}': did you mean '{hint}'?"
+    return f"Unknown key '{field}'; known keys: {', '.join(sorted(known))}."
+
+
+def refuse_unknown_keys(body: Mapping[str, Any], known: Iterable[str], *, where: str,
+                        code: str = "unknown_field") -> None:
+    """422 naming the first key of ``body`` not in ``known``, with the closest known one."""
+    known = list(known)
+    for key in body:
+        if key not in known:
+            hint = closest(str(key), known)
+            message = _message(where, str(key), hint, known)
+            raise errors.Invalid(message, code=code, errors=[message], field=f"{where}.{key}" if where
+                                 else str(key), **({"did_you_mean": hint} if hint else {}))
+
+
+def refuse_near_misses(body: Mapping[str, Any], known: Iterable[str], *, where: str = "",
+                       code: str = "unknown_field") -> None:
+    """422 for a key that is not known but is a close misspelling of one; others pass."""
+    known = list(known)
+    for key in body:
+        if key in known:
+            continue
+        hint = closest(str(key), known, cutoff=NEAR_MISS)
+        if hint is not None:
+            message = _message(where, str(key), hint, known)
+            raise errors.Invalid(message, code=code, errors=[message], field=str(key), did_you_mean=hint)
