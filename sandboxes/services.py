@@ -18,8 +18,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
-from django.db.models.functions import Coalesce
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
@@ -306,8 +306,9 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
                    wait: float = BUSY_WAIT_SECONDS) -> tuple[Sandbox, Session]:
     """Make the sandbox ready (restarting a paused one) and mint a fresh session.
 
-    Waits for an unfinished create/pause/restore first. The deadline becomes
-    now + `timeout`, or now + the sandbox's own timeout.
+    Waits for an unfinished create/pause/restore first. A paused sandbox's deadline
+    becomes now + `timeout` (or its own timeout, the last `set_timeout`); a running
+    one's becomes max(current deadline, that): resume and connect only extend.
     """
     _wait_while_busy(sandbox, wait)
     lifetime = timeout or sandbox.timeout
@@ -317,8 +318,12 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
             return sandbox_resume(sandbox=sandbox, timeout=timeout, wait=wait)
         _restart(sandbox, lifetime)
     elif sandbox.state == S.READY:
+        # Connecting never shortens a running sandbox's life: an SDK `connect()` sends the
+        # create default (300 s) and would otherwise undo a longer `set_timeout`.
+        wanted = Value(timezone.now() + timedelta(seconds=lifetime))
         if not Sandbox.objects.filter(pk=sandbox.pk, state=S.READY).update(
-                deadline_at=timezone.now() + timedelta(seconds=lifetime), updated_at=timezone.now()):
+                deadline_at=Greatest(Coalesce("deadline_at", wanted), wanted),
+                updated_at=timezone.now()):
             raise _state_conflict(sandbox, "resume")  # paused or expired since we looked
         sandbox.refresh_from_db()
     if sandbox.state != S.READY:
@@ -330,7 +335,8 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
 
 
 def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
-    """Running: deadline = now + timeout. Paused: used as the lifetime at the next resume.
+    """Running: deadline = now + timeout (shorter or longer). Paused: the lifetime at the
+    next resume. Either way `timeout` shows the last value set.
 
     One conditional update on the state read; if the state moved meanwhile (the
     deadline sweep expired or paused it), nothing changes and the caller hears why.
@@ -338,7 +344,8 @@ def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
     rows = Sandbox.objects.filter(pk=sandbox.pk)
     if sandbox.state in RUNTIME_STATES:
         changed = rows.filter(state__in=RUNTIME_STATES).update(
-            deadline_at=timezone.now() + timedelta(seconds=timeout), updated_at=timezone.now())
+            deadline_at=timezone.now() + timedelta(seconds=timeout), timeout=timeout,
+            updated_at=timezone.now())
     elif sandbox.state == S.STOPPED:
         changed = rows.filter(state=S.STOPPED).update(timeout=timeout, updated_at=timezone.now())
     else:

@@ -91,7 +91,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
     with transaction.atomic():
         version, _ = TemplateVersion.objects.get_or_create(
             template=template, version=f"debian12-{image.key}",
-            defaults={"cpu": settings.RUNTIME_BASE_CPU, "memory_mb": settings.RUNTIME_BASE_MEMORY_MB,
+            defaults={"cpu": settings.SANDBOX_FALLBACK_CPU, "memory_mb": settings.SANDBOX_FALLBACK_MEMORY_MB,
                       "build_spec": {"image": "debian:bookworm", "kernel": image.kernel_version}})
     if version.status == VersionStatus.READY and version.host_id == host.pk \
             and artifact_ok(version.artifact_dir):

@@ -35,7 +35,10 @@ def test_whole_lifecycle_through_the_api(owner: Actor, base_version, vm_cleanup)
     sandbox_id = body["sandbox"]["id"]
     assert body["sandbox"]["state"] == "ready"
     assert body["sandbox"]["metadata"] == {"n": "1"}
-    assert (body["sandbox"]["cpu_count"], body["sandbox"]["memory_mb"]) == (1, 512)
+    # one default shape: a create without cpu_count/memory_mb gets what sandbox_limits calls fallback
+    fallback = client.get("/v1/sandbox_limits").json()["fallback"]
+    assert (body["sandbox"]["cpu_count"], body["sandbox"]["memory_mb"]) == (fallback["cpu"],
+                                                                            fallback["memory_mb"])
     assert body["session"]["access_token"] == body["session"]["token"]
     assert body["session"]["data_plane_url"].endswith(body["sandbox"]["route_token"])
     agent = _agent(sandbox_id)

@@ -16,7 +16,7 @@ def test_shape_with_defaults(owner: Actor) -> None:
 
     assert body == {
         "team": "owner",
-        "fallback": {"cpu": 2, "memory_mb": 1024},
+        "fallback": {"cpu": 1, "memory_mb": 512},
         "allowed_cpu": [1, 2, 4, 8],
         "memory_mb": {"min": 512, "max": 16384, "increment": 512},
         "max_timeout_seconds": 86400,

@@ -2,7 +2,10 @@
 
 Accepts both spellings the clients use: the SDK's (`template`, `envs`,
 list-form `volume_mounts`) and the docs' (`template_id`, `env_vars`, map-form
-mounts). Unknown keys are ignored; every rejected value gets its own error code.
+mounts). Objects we define (`lifecycle`, `network_policy`) refuse unknown keys; the
+top level of a create, which clients fill with options of their own, refuses only
+near-misses of known keys (`timeuot`): a typo must never silently change what
+happens to a sandbox. Every rejected value gets its own error code.
 Lengths are checked here (422 naming the field), never left to the database.
 """
 
@@ -17,7 +20,7 @@ from django.conf import settings
 
 from sandboxes.models import OnTimeout
 from sandboxes.specs import DEFAULT_TIMEOUT, CreateSpec, Lifecycle
-from watasu import errors, ids
+from watasu import errors, ids, suggest
 from watasu.api.fields import has_control_characters
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -63,6 +66,9 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+LIFECYCLE_KEYS = ("on_timeout", "auto_resume", "onTimeout", "autoResume")
+
+
 def parse_lifecycle(body: dict[str, Any]) -> Lifecycle:
     raw = body.get("lifecycle")
     if raw is None:
@@ -70,6 +76,8 @@ def parse_lifecycle(body: dict[str, Any]) -> Lifecycle:
                          else OnTimeout.KILL)
     if not isinstance(raw, dict):
         raise _invalid("invalid_lifecycle", "lifecycle must be an object.")
+    # {"on_timout": "pause"} absorbed would destroy the sandbox at its deadline.
+    suggest.refuse_unknown_keys(raw, LIFECYCLE_KEYS, where="lifecycle", code="invalid_lifecycle")
     on_timeout = raw.get("on_timeout", raw.get("onTimeout")) or OnTimeout.KILL
     if on_timeout not in OnTimeout.values:
         raise _invalid("invalid_lifecycle", "lifecycle.on_timeout must be 'kill' or 'pause'.")
@@ -158,6 +166,9 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             or body.get("rules") or body.get("mask_request_host"):
         raise _invalid("network_rules_unavailable",
                        "Per-host egress rules are not available yet; use allow_internet_access.")
+    if body.get("egress_profile") or body.get("egress_profiles"):
+        raise _invalid("network_rules_unavailable",
+                       "Egress profiles are not available yet; use allow_internet_access.")
     network_class = body.get("network_class")
     if network_class is not None and network_class != settings.SANDBOX_DEFAULT_NETWORK_CLASS:
         raise _invalid("validation_failed",
@@ -176,10 +187,8 @@ def _with_network_policy(body: dict[str, Any]) -> dict[str, Any]:
         return body
     if not isinstance(nested, dict):
         raise _invalid("validation_failed", "network_policy must be an object.")
-    unknown = sorted(set(nested) - NETWORK_KEYS)
-    if unknown:
-        raise _invalid("validation_failed", f"network_policy has unknown key '{unknown[0]}'; known: "
-                       f"{', '.join(sorted(NETWORK_KEYS))}.")
+    suggest.refuse_unknown_keys(nested, sorted(NETWORK_KEYS), where="network_policy",
+                                code="validation_failed")
     for key, value in nested.items():
         if key in body and body[key] != value:
             raise _invalid("validation_failed", f"{key} is given twice with different values "
@@ -222,9 +231,19 @@ def _optional_int(body: dict[str, Any], key: str) -> int | None:
     return pk
 
 
+# Every top-level key of a create the platform reads or knowingly ignores (`secure`,
+# `beta_create`, `exposed_ports`, `egress_profile(s)`), both spellings included.
+CREATE_KEYS = (
+    "template", "template_id", "template_version_id", "snapshot_id", "timeout", "metadata",
+    "envs", "env_vars", "secure", "mcp", "auto_pause", "volume_mounts", "lifecycle", "team", "name",
+    "cpu_count", "memory_mb", "network_policy", "exposed_ports", "beta_create", "egress_profile",
+    "egress_profiles", *sorted(NETWORK_KEYS))
+
+
 def parse_create(body: Any) -> CreateSpec:
     if not isinstance(body, dict):
         raise _invalid("bad_request", "The request body must be a JSON object.")
+    suggest.refuse_near_misses(body, CREATE_KEYS)
     body = _with_network_policy(body)
     _refuse_unsupported(body)
     cpu, memory = parse_shape(body)

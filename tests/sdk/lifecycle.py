@@ -19,7 +19,11 @@ assert sorted(i.sandbox_id for page in pages for i in page) == sorted(
 assert not listed.has_next
 
 first.set_timeout(900)
-assert first.get_info().end_at > info.end_at
+extended = first.get_info()
+assert extended.end_at > info.end_at
+# connecting to a running sandbox, even with a shorter timeout, never pulls its deadline back
+assert Sandbox.connect(first.sandbox_id, timeout=60).get_info().end_at >= extended.end_at
+assert Sandbox.connect(first.sandbox_id).get_info().end_at >= extended.end_at
 
 assert first.beta_pause() is True
 assert first.beta_pause() is False  # already paused: 409

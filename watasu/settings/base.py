@@ -197,8 +197,10 @@ API_KEY_LAST_USED_RESOLUTION_SECONDS = 60
 
 # --- Sandbox limits, quotas and prices (GET /v1/sandbox_limits) -----------------
 
-SANDBOX_FALLBACK_CPU = env.int("WATASU_FALLBACK_CPU", 2, min=1)
-SANDBOX_FALLBACK_MEMORY_MB = env.int("WATASU_FALLBACK_MEMORY_MB", 1024, min=128)
+# The one default shape: the `base` template's baseline and that of every template built
+# without cpu/memory, hence what a create without cpu_count/memory_mb gets on them.
+SANDBOX_FALLBACK_CPU = env.int("WATASU_FALLBACK_CPU", 1, min=1)
+SANDBOX_FALLBACK_MEMORY_MB = env.int("WATASU_FALLBACK_MEMORY_MB", 512, min=256)
 SANDBOX_ALLOWED_CPU = env.int_list("WATASU_ALLOWED_CPU", [1, 2, 4, 8])
 SANDBOX_MEMORY_MIN_MB = env.int("WATASU_MEMORY_MIN_MB", 512, min=128)
 SANDBOX_MEMORY_MAX_MB = env.int("WATASU_MEMORY_MAX_MB", 16384, min=128)
@@ -257,8 +259,6 @@ RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-" if DATA_DIR == DEF
 RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=4_000_000_000)
 # How long a resume waits for the restarted guest's agent before saving the VM again.
 RUNTIME_RESUME_TIMEOUT_SECONDS = env.int("WATASU_RESUME_TIMEOUT_SECONDS", 60, min=1)
-RUNTIME_BASE_CPU = env.int("WATASU_BASE_CPU", 1, min=1)
-RUNTIME_BASE_MEMORY_MB = env.int("WATASU_BASE_MEMORY_MB", 512, min=256)
 
 # --- Celery ----------------------------------------------------------------------
 
