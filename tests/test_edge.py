@@ -136,6 +136,12 @@ def test_unknown_and_destroyed_sandboxes_are_404(edge, agent, owner) -> None:
         assert refused.value.response.status_code == 404
     # a path outside /runtime/v1 is not served either
     assert requests.get(f"{_dp(destroyed)}/admin", timeout=10).status_code == 404
+    # the message names what is gone: the SDK shows it as a FileNotFoundException
+    gone = requests.get(f"{_dp(destroyed)}/runtime/v1/files?path=/a", headers=headers, timeout=10)
+    assert gone.json()["message"] == (f"Sandbox {destroyed.pk} was destroyed; its files and processes "
+                                      "are gone.")
+    never = requests.get(unknown, headers=headers, timeout=10).json()["message"]
+    assert never.startswith("No sandbox exists at this data-plane address")
 
 
 @edge_db

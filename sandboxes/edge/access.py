@@ -76,9 +76,19 @@ def _outside_requests(function: Callable[P, T]) -> Callable[P, T]:
 
 def _sandbox(route_token: str) -> Sandbox:
     sandbox = Sandbox.objects.select_related("team", "host").filter(route_token=route_token).first()
-    if sandbox is None or sandbox.state == S.DESTROYED:
-        raise EdgeError(404, "sandbox_not_found", "No sandbox is served at this address.")
+    if sandbox is None:
+        raise EdgeError(404, "sandbox_not_found", "No sandbox exists at this data-plane address: it never "
+                        "existed or its record was purged. Create a new sandbox.")
+    _refuse_destroyed(sandbox)
     return sandbox
+
+
+def _refuse_destroyed(sandbox: Sandbox) -> None:
+    """The SDK turns every 404 on a file call into FileNotFoundException: the message is
+    what the user reads, so it says that the sandbox, not the file, is gone."""
+    if sandbox.state == S.DESTROYED:
+        raise EdgeError(404, "sandbox_not_found", f"Sandbox {sandbox.pk} was destroyed; its files and "
+                        "processes are gone.")
 
 
 def _from_domain(exc: errors.DomainError) -> EdgeError:
@@ -120,8 +130,9 @@ def resume_upstream(sandbox_id: int, role: str, wait: float) -> Upstream:
     """Resume the sandbox (waiting at most `wait` for another process's unfinished
     pause or resume) and return its agent. Runs on the edge's resume threads only."""
     sandbox = Sandbox.objects.select_related("team", "host").filter(pk=sandbox_id).first()
-    if sandbox is None or sandbox.state == S.DESTROYED:
-        raise EdgeError(404, "sandbox_not_found", "No sandbox is served at this address.")
+    if sandbox is None:
+        raise EdgeError(404, "sandbox_not_found", f"Sandbox {sandbox_id} no longer exists.")
+    _refuse_destroyed(sandbox)
     if sandbox.state != S.READY:
         try:
             sandbox, _ = services.sandbox_resume(sandbox=sandbox, wait=wait)
