@@ -25,11 +25,14 @@ def closest(key: str, known: Iterable[str], *, cutoff: float = 0.6) -> str | Non
     return by_folded[match[0]] if match else None
 
 
-def _message(where: str, key: str, hint: str | None, known: Iterable[str]) -> str:
+def _refuse(where: str, key: str, hint: str | None, known: list[str], code: str) -> errors.Invalid:
     field = f"{where}.{key}" if where else key
     if hint:
-        return f"Unknown key '{field}': did you mean '{hint}'?"
-    return f"Unknown key '{field}'; known keys: {', '.join(sorted(known))}."
+        message = f"Unknown key '{field}': did you mean '{hint}'?"
+    else:
+        message = f"Unknown key '{field}'; known keys: {', '.join(sorted(known))}."
+    return errors.Invalid(message, code=code, errors=[message], field=field,
+                          **({"did_you_mean": hint} if hint else {}))
 
 
 def refuse_unknown_keys(body: Mapping[str, Any], known: Iterable[str], *, where: str,
@@ -38,10 +41,7 @@ def refuse_unknown_keys(body: Mapping[str, Any], known: Iterable[str], *, where:
     known = list(known)
     for key in body:
         if key not in known:
-            hint = closest(str(key), known)
-            message = _message(where, str(key), hint, known)
-            raise errors.Invalid(message, code=code, errors=[message], field=f"{where}.{key}" if where
-                                 else str(key), **({"did_you_mean": hint} if hint else {}))
+            raise _refuse(where, str(key), closest(str(key), known), known, code)
 
 
 def refuse_near_misses(body: Mapping[str, Any], known: Iterable[str], *, where: str = "",
@@ -49,9 +49,6 @@ def refuse_near_misses(body: Mapping[str, Any], known: Iterable[str], *, where: 
     """422 for a key that is not known but is a close misspelling of one; others pass."""
     known = list(known)
     for key in body:
-        if key in known:
-            continue
-        hint = closest(str(key), known, cutoff=NEAR_MISS)
+        hint = None if key in known else closest(str(key), known, cutoff=NEAR_MISS)
         if hint is not None:
-            message = _message(where, str(key), hint, known)
-            raise errors.Invalid(message, code=code, errors=[message], field=str(key), did_you_mean=hint)
+            raise _refuse(where, str(key), hint, known, code)
