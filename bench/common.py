@@ -44,7 +44,8 @@ def start_uvicorn(root: Path, port: int, *extra: str) -> subprocess.Popen[bytes]
     import urllib.request
 
     server = subprocess.Popen([str(root / ".venv/bin/uvicorn"), "watasu.asgi:application",
-                               "--port", str(port), "--no-access-log", "--log-level", "warning", *extra],
+                               "--port", str(port), "--no-access-log", "--no-server-header", "--log-level",
+                               "warning", *extra],
                               cwd=root, env=os.environ.copy())
     for _ in range(100):
         try:

@@ -8,9 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from sandboxes.edge import access, resumes
+from sandboxes.edge import access, multipart, resumes
 from sandboxes.edge.access import EdgeError, Upstream
-from sandboxes.edge.http_proxy import Headers, close_agent_client, forwarded_headers, proxy_http, send_error
+from sandboxes.edge.http_proxy import (
+    BodyFilter,
+    Headers,
+    close_agent_client,
+    forwarded_headers,
+    proxy_http,
+    send_error,
+)
 from sandboxes.edge.routing import Route, route_of
 from sandboxes.edge.signing import SIGNED_PATH
 from sandboxes.edge.ws_proxy import deny, proxy_websocket
@@ -83,7 +90,10 @@ async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
     params = {key: values[0] for key, values in parse_qs(query.decode("latin-1")).items()}
     op, agent_method = SIGNED_METHODS.get(method, ("", ""))
     if not op:
-        raise EdgeError(405, "method_not_allowed", f"Signed URLs do not accept {method}.")
+        error = EdgeError(405, "method_not_allowed", f"Signed URLs answer GET (download) and POST or PUT "
+                          f"(upload), not {method}.")
+        error.headers.append((b"allow", ", ".join(SIGNED_METHODS).encode()))
+        raise error
     if params.get("op") != op:
         raise EdgeError(403, "forbidden", f"This signed URL does not allow {method}.")
     check = functools.partial(access.signed_upstream, path=params.get("path", ""), op=op,
@@ -92,10 +102,21 @@ async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
     return Target(upstream, agent_method, FILES_PATH, urlencode({"path": params["path"]}).encode())
 
 
+def _upload_filter(route: Route, method: str, headers: Headers) -> BodyFilter | None:
+    """A signed upload stores its body as it is, whatever its type, except that of a
+    `multipart/form-data` body (a browser form, `curl -F`) it stores the first file part."""
+    if route.upstream != SIGNED_PATH or SIGNED_METHODS.get(method, ("",))[0] != "write":
+        return None
+    boundary = multipart.boundary_of(_header(headers, b"content-type"))
+    if boundary is None:
+        return None
+    return functools.partial(multipart.first_file_part, boundary=boundary)
+
+
 def _inbound_headers(route: Route, headers: Headers) -> Headers:
     """The client's headers the agent may see.
 
-    A signed upload's body is opaque bytes whatever its type. A preview in the path form
+    A signed upload's body is bytes to store (its type was used by the edge). A preview in the path form
     shares the platform's origin, so the browser sends it the platform's cookies (the
     admin's and dashboard's session): no cookie reaches the sandbox there.
     """
@@ -156,13 +177,14 @@ class EdgeApp:
         try:
             target = await _authorise(route, scope, scope["method"])
             headers = _inbound_headers(route, scope["headers"])
+            body_filter = _upload_filter(route, scope["method"], scope["headers"])
             extra = _forwarded_for(route, scope) if route.kind == "preview" else None
             if extra is not None and (host := _header(scope["headers"], b"host")):
                 extra.append((b"host", host.encode("latin-1")))  # the app sees the host it is served on
             await proxy_http(scope, receive, send, upstream=target.upstream, method=target.method,
                              path=target.path, query=target.query,
                              headers=forwarded_headers(headers, target.upstream.secret, extra),
-                             prefix=route.prefix, preview=route.kind == "preview")
+                             prefix=route.prefix, preview=route.kind == "preview", body_filter=body_filter)
         except EdgeError as error:
             await send_error(send, error)
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -23,6 +23,8 @@ from sandboxes.edge.access import EdgeError, Upstream, overloaded
 logger = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
+# What the agent is sent instead of the client's body (a signed upload's file part).
+BodyFilter = Callable[[AsyncIterator[bytes]], Awaitable[AsyncIterator[bytes]]]
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"host", b"authorization", b"proxy-connection",
@@ -30,8 +32,10 @@ HOP_BY_HOP = frozenset({
 # Preview responses in the path form share the platform's origin: they may not set
 # cookies there, and the browser gives them an opaque origin of their own.
 PATH_FORM_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
-# The web server sends its own Date; no upstream names its software.
+# The web server sends its own Date (uvicorn runs with --no-server-header); the agent
+# names no software, and a preview app's own `Server` is the app's answer, passed on.
 _SERVER_OWN = frozenset({b"date", b"server"})
+_PREVIEW_SERVER_OWN = frozenset({b"date"})
 _transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
     weakref.WeakKeyDictionary())
 
@@ -125,6 +129,11 @@ async def _request_body(receive: Any) -> AsyncIterator[bytes]:
             return
 
 
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield
+
+
 async def _wait_disconnect(receive: Any) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -140,9 +149,10 @@ def _response_headers(response: httpx.Response, prefix: str, preview: bool) -> H
     platform's origin: no cookies, and a sandboxing CSP. Previews in the host form keep
     cookies scoped to their own host only."""
     headers = []
+    own = _PREVIEW_SERVER_OWN if preview else _SERVER_OWN
     for name, value in response.headers.raw:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in _SERVER_OWN:
+        if lowered in HOP_BY_HOP or lowered in own:
             continue
         if lowered == b"set-cookie" and preview and (prefix or _domain_cookie(value)):
             continue
@@ -158,18 +168,24 @@ def _response_headers(response: httpx.Response, prefix: str, preview: bool) -> H
 
 async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, method: str,
                      path: str, query: bytes, headers: Headers, prefix: str = "",
-                     preview: bool = False) -> None:
+                     preview: bool = False, body_filter: BodyFilter | None = None) -> None:
     """Send one request to the agent and stream its answer back.
 
-    Raises EdgeError (503 sandbox_overloaded) when the agent does not answer;
-    once the response has started, a broken upstream aborts the client connection
-    instead of ending a truncated body cleanly.
+    `body_filter` replaces the client's body (of unknown length: sent chunked) with
+    what it returns; its EdgeErrors are the answer. Raises EdgeError (503
+    sandbox_overloaded) when the agent does not answer; once the response has started,
+    a broken upstream aborts the client connection instead of ending a truncated body
+    cleanly.
     """
     body = _request_body(receive) if request_framing(scope["headers"]) else None
-    if body is None:
+    if body is None or body_filter is not None:
         headers = [(name, value) for name, value in headers if name != b"content-length"]
     try:
+        if body_filter is not None:
+            body = await body_filter(body or _no_body())
         request = agent_request(method, upstream.port, path, query, headers, body)
+    except ClientGone:
+        return
     except UnsafeUpstreamPath as exc:
         raise EdgeError(400, "invalid_path", "The request path cannot be forwarded as it is.") from exc
     try:

@@ -16,11 +16,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_scenario(name: str, *, api_url: str, api_key: str, timeout: float = 600) -> str:
-    """Run tests/sdk/<name>.py with the SDK pointed at the server; returns its stdout."""
+def run_scenario(name: str, *, api_url: str, api_key: str, timeout: float = 600,
+                 args: tuple[str, ...] = ()) -> str:
+    """Run tests/sdk/<name>.py (with `args`) with the SDK pointed at the server; returns its stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_", "PYTHON"))}
     env.update(WATASU_API_URL=api_url, WATASU_API_KEY=api_key)
-    result = subprocess.run([sys.executable, "-P", str(HERE / f"{name}.py")], cwd=HERE.parent.parent.parent,
-                            env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run([sys.executable, "-P", str(HERE / f"{name}.py"), *args],
+                            cwd=HERE.parent.parent.parent, env=env, capture_output=True, text=True,
+                            timeout=timeout, check=False)
     assert result.returncode == 0, f"SDK scenario {name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout

@@ -61,7 +61,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 AGENT_PORT = 49983
 CONTROL, DATAPLANE, PREVIEW = "control", "dataplane", "preview"
@@ -75,6 +75,7 @@ RETAIN_BYTES = 16 * 1024 * 1024  # per-process output kept for replay
 RETAIN_EVENTS = 100_000
 SUBSCRIBER_BYTES = 4 * 1024 * 1024  # per-socket backlog before it is declared lagged
 FINISHED_KEEP = 1000  # finished process records kept (oldest purged first)
+DROPPED_KEEP = 100_000  # ids of purged records remembered, to say so in their 404
 FINISHED_RETAIN_BYTES = 64 * 1024 * 1024  # output kept across all finished processes
 EXIT_LINGER = 0.5  # seconds a socket stays open after `exit` for in-flight client frames
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -86,10 +87,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 class HttpError(Exception):
     """An error answered as ``{"error": code, "message": ...}`` (plus ``extra`` keys)."""
 
-    def __init__(self, status: int, code: str, message: str, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, extra: dict[str, Any] | None = None,
+                 headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.extra = extra or {}
+        self.headers = headers or []
 
     def payload(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.extra}
@@ -688,6 +691,7 @@ class ManagedProcess:
         self.error: str | None = None
         self.timed_out = False
         self.stdin_fd: int | None = None  # pipe write end, or the PTY master
+        self.stdin_enabled = False  # set by start: a pipe was asked for (``stdin: true``), or a PTY
         self.master_fd: int | None = None
         self.events: deque[Event] = deque()
         self.next_cursor = 0
@@ -930,15 +934,21 @@ class ProcessManager:
 
     def __init__(self) -> None:
         self.procs: dict[str, ManagedProcess] = {}
+        self.dropped: dict[str, float] = {}  # id -> finished_at of records purged to keep FINISHED_KEEP
         self.lock = threading.Lock()
         self.counter = 0
 
     def get(self, pid: str) -> ManagedProcess:
+        """The process, or a 404 that says which of the two things happened."""
         with self.lock:
-            proc = self.procs.get(pid)
-        if proc is None:
-            raise HttpError(404, "process_not_found", f"process {pid} not found")
-        return proc
+            proc, finished_at = self.procs.get(pid), self.dropped.get(pid)
+        if proc is not None:
+            return proc
+        if finished_at is not None:
+            raise HttpError(404, "process_not_found", f"process {pid} finished at {iso(finished_at)} and its "
+                            f"record was dropped: the sandbox keeps the {FINISHED_KEEP} most recently "
+                            "finished processes")
+        raise HttpError(404, "process_not_found", f"no process {pid} was started in this sandbox")
 
     def list(self) -> list[ManagedProcess]:
         with self.lock:
@@ -961,6 +971,9 @@ class ProcessManager:
             finished.sort(key=lambda p: p.finished_at or 0)
             for old in finished[:max(0, len(finished) - FINISHED_KEEP)]:
                 del self.procs[old.id]
+                self.dropped[old.id] = old.finished_at or 0.0
+            while len(self.dropped) > DROPPED_KEEP:  # a bounded memory of what was dropped
+                del self.dropped[next(iter(self.dropped))]
             self._trim_finished([p for p in finished if p.id in self.procs])
             return pid
 
@@ -999,7 +1012,8 @@ class ProcessManager:
         pty_size = msg.get("pty")
         pid = self._reserve(msg.get("id"))
         proc = ManagedProcess(pid, argv, envs, cwd, user, bool(pty_size), msg.get("tag"))
-        fds = self._spawn(proc, argv, env, cwd, kwargs, pty_size, bool(msg.get("stdin")))
+        proc.stdin_enabled = bool(pty_size) or bool(msg.get("stdin"))
+        fds = self._spawn(proc, argv, env, cwd, kwargs, pty_size, proc.stdin_enabled)
         with self.lock:
             self.procs[pid] = proc
         threading.Thread(target=proc.pump, args=(fds,), daemon=True, name=f"pump-{pid}").start()
@@ -1299,6 +1313,7 @@ IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_IGNORED = 0x400, 0x800, 0x4000, 
 IN_ISDIR, IN_NONBLOCK, IN_CLOEXEC = 0x40000000, 0o4000, 0o2000000
 WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
               | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
+SCAN_MEMORY = 10.0  # seconds a scanned entry's own create event is awaited, to drop it
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "sshfs", "ceph", "glusterfs", "virtiofs"}
 
 
@@ -1320,30 +1335,56 @@ def fs_type(path: str) -> str:
 
 
 class Inotify:
-    """Minimal inotify through ctypes; recursive watches add new subdirectories as they appear."""
+    """Minimal inotify through ctypes; recursive watches add new subdirectories as they appear.
+
+    A directory's watch starts after it was created, so whatever was made in it before
+    (``mkdir -p a/b/c; echo z > a/b/c/f``: the first event names ``a`` only) is found by
+    scanning it once watched, and reported as created; an inotify event for the same
+    entry arriving after the scan is not reported twice.
+    """
 
     def __init__(self, root: str, recursive: bool) -> None:
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.fd = self.libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.root = root
         self.recursive = recursive
         self.paths: dict[int, str] = {}
+        self.scanned: dict[str, float] = {}  # path -> when a scan reported it created
         if recursive:
             self.add_tree(root)
         else:
             self.add(root)
 
     def add(self, path: str) -> None:
-        wd = self.libc.inotify_add_watch(self.fd, path.encode(), WATCH_MASK)
+        wd = self.libc.inotify_add_watch(self.fd, path.encode(errors="surrogateescape"), WATCH_MASK)
         if wd >= 0:
             self.paths[wd] = path
 
-    def add_tree(self, root: str) -> None:
+    def add_tree(self, root: str) -> list[str]:
+        """Watch ``root`` and every directory under it; the entries found under it."""
         self.add(root)
-        for dirpath, dirnames, _ in os.walk(root):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
             for d in dirnames:
                 self.add(os.path.join(dirpath, d))
+            found += [os.path.join(dirpath, name) for name in sorted(dirnames) + sorted(filenames)]
+        return found
+
+    def _created_inside(self, directory: str) -> list[tuple[str, int]]:
+        """Watch a new directory's tree; what it already holds, as create events."""
+        now = time.monotonic()
+        self.scanned = {p: t for p, t in self.scanned.items() if now - t < SCAN_MEMORY}
+        out = []
+        for path in self.add_tree(directory):
+            self.scanned[path] = now
+            out.append((path, IN_CREATE | (IN_ISDIR if os.path.isdir(path) else 0)))
+        return out
+
+    def relative(self, path: str) -> str:
+        """``path`` as named from the watched directory (``a/b/c/f``)."""
+        return os.path.relpath(path, self.root)
 
     def read(self) -> list[tuple[str, int]]:
         """Pending (path, mask) pairs; empty when nothing is queued."""
@@ -1363,17 +1404,20 @@ class Inotify:
             if base is None:
                 continue
             path = os.path.join(base, name) if name else base
-            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                self.add_tree(path)
+            if mask & IN_CREATE and self.scanned.pop(path, None) is not None:
+                continue  # already reported by the scan of its new parent
             out.append((path, mask))
+            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                out += self._created_inside(path)
         return out
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def watch_event(path: str, mask: int, include_entry: bool) -> dict[str, Any] | None:
-    """inotify mask → spec §5.8 event (create / write / rename / remove / chmod)."""
+def watch_event(path: str, mask: int, include_entry: bool, name: str) -> dict[str, Any] | None:
+    """inotify mask → spec §5.8 event (create / write / rename / remove / chmod); ``path``
+    is absolute, ``name`` relative to the watched directory."""
     if mask & (IN_CREATE | IN_MOVED_TO):
         kind = "create"
     elif mask & (IN_DELETE | IN_DELETE_SELF):
@@ -1386,7 +1430,7 @@ def watch_event(path: str, mask: int, include_entry: bool) -> dict[str, Any] | N
         kind = "chmod"
     else:
         return None
-    ev: dict[str, Any] = {"type": kind, "path": path, "name": os.path.basename(path)}
+    ev: dict[str, Any] = {"type": kind, "path": path, "name": name}
     if include_entry and kind != "remove":
         with contextlib.suppress(HttpError):
             ev["file"] = file_entry(path)
@@ -1420,7 +1464,7 @@ def run_watch(ws: WebSocket, ino: Inotify, include_entry: bool) -> None:
             time.sleep(0.05)  # let a burst accumulate into one batch
             batch, last = [], None
             for path, mask in ino.read():
-                ev = watch_event(path, mask, include_entry)
+                ev = watch_event(path, mask, include_entry, ino.relative(path))
                 if ev is not None and (ev["type"], ev["path"]) != last:
                     batch.append(ev)
                     last = (ev["type"], ev["path"])
@@ -1812,16 +1856,26 @@ class Router:
         return deco
 
     def match(self, method: str, path: str, websocket: bool) -> tuple[Route, dict[str, str]]:
-        allowed = False
+        """The route for the request; 405 (with ``Allow``) when the path has routes but none
+        for this method, 426 when its only ``GET`` is a WebSocket one and this is no upgrade."""
+        allowed: set[str] = set()
+        upgrade_only = False
         for r in self.routes:
             m = r.pattern.match(path)
-            if m is None or r.websocket != websocket:
+            if m is None:
                 continue
-            if r.method == method or r.method == "*":
+            if r.websocket == websocket and r.method in (method, "*"):
                 return r, {k: unquote(v) for k, v in m.groupdict().items()}
-            allowed = True
+            if r.websocket and not websocket and r.method == method:
+                upgrade_only = True
+            allowed.add(r.method)
+        if upgrade_only:
+            raise HttpError(426, "upgrade_required", f"{method} {path} is a WebSocket: connect with an "
+                            "Upgrade: websocket request", headers=[("Upgrade", "websocket")])
         if allowed:
-            raise HttpError(405, "method_not_allowed", f"{method} not allowed on {path}")
+            methods = ", ".join(sorted(allowed))
+            raise HttpError(405, "method_not_allowed", f"{path} answers {methods}, not {method}",
+                            headers=[("Allow", methods)])
         raise HttpError(404, "not_found", f"no route {method} {path}")
 
 
@@ -1935,7 +1989,8 @@ def read_file(agent: Agent, req: Request) -> Result:
             raise HttpError(422, "is_a_directory", f"{path} is a directory")
         h = req.http
         assert h is not None
-        headers = [("Content-Type", "application/octet-stream")]
+        headers = [("Content-Type", "application/octet-stream"),
+                   ("Content-Disposition", content_disposition(os.path.basename(path)))]
         if req.flag("gzip"):
             deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
             h.start_response(200, headers, None)
@@ -1953,6 +2008,18 @@ def read_file(agent: Agent, req: Request) -> Result:
                 h.write_body(chunk)
         h.end_body()
     return None
+
+
+def content_disposition(name: str) -> str:
+    """``attachment`` naming the file (RFC 6266): a quoted ASCII fallback, and the exact
+    name in ``filename*`` (RFC 5987) when it is not plain ASCII. Control characters
+    never reach the header."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name) or "download"
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        raw = name.encode("utf-8", "surrogateescape")  # names that are not UTF-8 keep their bytes
+        value += "; filename*=UTF-8''" + quote(raw, safe="!#$&+-.^_`|~")
+    return value
 
 
 @router.add("PUT", f"{RT}/files")
@@ -2190,9 +2257,17 @@ def client_frames(ws: WebSocket, proc: ManagedProcess, sub: Subscriber, control:
 
 
 def client_frame(ws: WebSocket, proc: ManagedProcess, msg: dict[str, Any]) -> None:
-    """One client → server frame (spec §5.3); stdin for a finished process is acked and dropped."""
+    """One client → server frame (spec §5.3); stdin for a finished process is acked and dropped.
+
+    Stdin for a process started without it (``stdin: false``: its stdin is /dev/null) is
+    an ``error`` frame, not an ack: the bytes could never be read, and the SDK raises it.
+    """
     kind = msg.get("type")
-    if kind == "stdin":
+    if kind == "stdin" and not proc.stdin_enabled:
+        ws.send_json({"type": "error", "code": "stdin_not_enabled", "pid": proc.id,
+                      "message": f"process {proc.id} was started without stdin (its stdin is /dev/null), "
+                                 "so input cannot reach it: start it with stdin=True to send input"})
+    elif kind == "stdin":
         try:
             data = base64.b64decode(msg.get("data") or "")
         except ValueError:
@@ -2378,11 +2453,12 @@ class AgentHandler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         req = Request(method, url.path, self._token(), query=query, raw_query=url.query, http=self)
         result: Result
+        extra_headers: list[tuple[str, str]] = []
         try:
             upgrade = self.is_upgrade() and not url.path.startswith("/proxy/")
             result = self.agent.dispatch(req, websocket=upgrade)
         except HttpError as e:
-            result = e.status, e.payload()
+            result, extra_headers = (e.status, e.payload()), e.headers
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return
@@ -2393,7 +2469,7 @@ class AgentHandler(BaseHTTPRequestHandler):
             if self.response_started:  # failed mid-stream: the only honest signal left is to hang up
                 self.close_connection = True
             else:
-                self.send_json(*result)
+                self.send_json(*result, headers=extra_headers)
         if not self.body_done:
             self.close_connection = True  # unread request body would be parsed as the next request
 
@@ -2458,10 +2534,12 @@ class AgentHandler(BaseHTTPRequestHandler):
 
     # -- responses
 
-    def send_json(self, status: int, payload: Any) -> None:
+    def send_json(self, status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", "application/json")
+        for name, value in headers or []:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
