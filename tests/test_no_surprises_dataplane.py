@@ -126,6 +126,22 @@ def test_a_malformed_multipart_upload_is_a_400_and_leaves_the_file_alone(edge, o
 
 
 @edge_db
+def test_a_multipart_upload_cut_inside_the_file_is_a_400_naming_what_was_kept(edge, owner, sandbox,
+                                                                              tmp_path) -> None:
+    target = tmp_path / "cut.bin"
+    url = _file_url(edge, owner, sandbox, "upload", target)
+    body = b'--x\r\nContent-Disposition: form-data; name="f"; filename="cut.bin"\r\n\r\n' + b"a" * 100_000
+
+    response = requests.post(url, data=body, headers={"Content-Type": "multipart/form-data; boundary=x"},
+                             timeout=30)
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_multipart"
+    assert "ends inside the file part" in response.json()["message"]
+    assert "the file holds the part's bytes that arrived" in response.json()["message"]
+
+
+@edge_db
 def test_a_large_multipart_upload_streams_through(edge, owner, sandbox, tmp_path) -> None:
     # given 24 MiB sent in a multipart body of unknown length (chunked)
     target = tmp_path / "big.bin"

@@ -125,7 +125,8 @@ class FirstFilePart:
                 yield self.buffer[:-keep]
                 self.buffer = self.buffer[-keep:]
             if not await self._more():
-                raise invalid("it ends inside the file part, before the next boundary.")
+                raise invalid("it ends inside the file part, before the next boundary; the file holds "
+                              "the part's bytes that arrived before the end.")
         if at:
             yield self.buffer[:at]
         self.buffer = b""
