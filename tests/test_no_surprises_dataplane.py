@@ -235,6 +235,34 @@ def test_sdk_stdin_refusal_unknown_process_and_recursive_watch(edge, owner, sand
     assert output == "ok\n"
 
 
+@pytest.mark.vm
+@edge_db
+def test_on_a_real_vm_uploads_downloads_stdin_and_watches_tell_the_truth(edge, owner, base_version,
+                                                                          vm_cleanup) -> None:
+    from tests.sdk import run_scenario
+
+    # given a sandbox created through the API, booted from the base template
+    response = requests.post(f"{edge.url}/v1/sandboxes", json={"timeout": 600}, timeout=150,
+                             headers={"Authorization": f"Bearer {owner.write_key}"})
+    assert response.status_code == 201, response.text
+    sandbox = Sandbox.objects.get(pk=response.json()["sandbox"]["id"])
+
+    # when a form uploads a file to a signed URL and a signed URL downloads it
+    upload = requests.post(_file_url(edge, owner, sandbox, "upload", "/tmp/ns/été.txt"),
+                           files={"file": ("été.txt", b"summer")}, timeout=60)
+    download = requests.get(_file_url(edge, owner, sandbox, "download", "/tmp/ns/été.txt"), timeout=60)
+
+    # then the file's bytes went in and came out, named
+    assert upload.status_code == 200, upload.text
+    assert download.content == b"summer"
+    assert download.headers["content-disposition"] == ("attachment; filename=\"_t_.txt\"; "
+                                                       "filename*=UTF-8''%C3%A9t%C3%A9.txt")
+    # and the SDK's stdin, unknown-process and recursive-watch cases hold in the guest too
+    output = run_scenario("no_surprises", api_url=f"{edge.url}/v1", api_key=owner.write_key,
+                          args=(str(sandbox.pk), "/tmp/ns/watched"), timeout=300)
+    assert output == "ok\n"
+
+
 @edge_db
 def test_stdin_to_a_process_without_stdin_is_an_error_frame(edge, sandbox) -> None:
     from websockets.sync.client import connect

@@ -14,6 +14,7 @@ from watasu.exceptions import NotFoundException, SandboxException
 sandbox_id, root = sys.argv[1], sys.argv[2]
 sbx = Sandbox.connect(sandbox_id)
 commands, files = sbx.commands, sbx.files
+files.make_dir(root)
 
 # --- stdin to a process started without it ------------------------------------------------------
 # (not killed: on a host, as in the tests, killing a login shell mid-profile can leave a lock behind)
