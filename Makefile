@@ -8,12 +8,16 @@ PYTEST_ARGS ?=
 DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/watasu
 REDIS_URL ?= redis://127.0.0.1:6379/15
 TEST_DATA_DIR ?= /tmp/watasu-test-data
+# `make test-stress`: the VM tests STRESS_RUNS times beside a CPU hog.
+STRESS_RUNS ?= 3
+STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test lint fmt check schema image bench clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
 	@echo "make test    run the test suite (against PostgreSQL + Redis by default)"
+	@echo "make test-stress  the VM tests STRESS_RUNS=$(STRESS_RUNS) times beside a CPU hog"
 	@echo "make lint    ruff + manage.py check + makemigrations --check"
 	@echo "make schema  regenerate docs/openapi.yaml"
 
@@ -27,6 +31,10 @@ run: setup
 test: setup
 	DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL) WATASU_DATA_DIR=$(TEST_DATA_DIR) \
 		.venv/bin/pytest $(PYTEST_ARGS)
+
+test-stress: setup
+	DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL) WATASU_DATA_DIR=$(TEST_DATA_DIR) \
+		scripts/test-stress $(STRESS_RUNS) $(STRESS_ARGS)
 
 lint: setup
 	.venv/bin/ruff check .

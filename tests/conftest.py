@@ -6,8 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,14 +165,6 @@ def base_version_row(local_host):  # type: ignore[no-untyped-def]
     return TemplateVersion.objects.create(template=template, version="test", status=VersionStatus.READY,
                                           cpu=1, memory_mb=512, host=local_host,
                                           artifact_dir="/nonexistent")
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
 
 
 def helper_process_env(**extra: str) -> dict[str, str]:

@@ -13,12 +13,13 @@ import hashlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
 import uvicorn
+
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -45,11 +46,9 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), 30, "uvicorn to start")
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start: its thread ended")
         return self
 
     def __exit__(self, *exc: object) -> None:

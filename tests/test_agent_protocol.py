@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from sandboxes.runtime.driver import MemorySnapshot
 from sandboxes.runtime.libvirt_driver import LibvirtDriver
 from templates_app.models import TemplateVersion
 from tests.conftest import VM_TEST_PREFIX
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.django_db]
 
@@ -298,8 +298,10 @@ def test_reconnect_since_cursor_no_loss_no_duplicates(agent: Agent) -> None:
         seen.append(frame(sock))
     sock.close()  # drop mid-stream; the process keeps running
     assert agent.ok("GET", f"{RT}/process/{pid}")["status"] == "running"
-    time.sleep(0.5)
     nxt = max(f["cursor"] for f in seen) + 1
+    # reattach once the agent confirms output was produced while nobody was attached
+    wait_until(lambda: agent.ok("GET", f"{RT}/process/{pid}/output", params={"since": nxt})["events"], 30,
+               "output recorded after the drop")
     again = agent.ws(f"{RT}/process/{pid}/connect?since={nxt}")
     assert frame(again)["type"] == "started"
     rest = until_exit(again)
@@ -346,7 +348,9 @@ def test_kill_list_and_background_survival(agent: Agent) -> None:
 
 def test_lagged_reader_can_reconnect(agent: Agent) -> None:
     sock, started = agent.start("head -c 30000000 /dev/zero | base64 -w 1000")
-    time.sleep(8)  # do not read: the socket's backlog overflows
+    # do not read while it writes 40 MB: the socket's backlog overflows long before the end
+    wait_until(lambda: agent.ok("GET", f"{RT}/process/{started['pid']}")["status"], 120,
+               "the unread process to finish", until=lambda status: status != "running")
     frames, lagged = [], None
     while lagged is None:
         f = frame(sock)
@@ -378,8 +382,11 @@ def test_pty_input_and_resize(agent: Agent) -> None:
     pid = started["pid"]
     resize = agent.ws(f"{RT}/process/{pid}/connect?since=0")
     resize.send(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+    replayed = []  # the connect replays `started` and any output first
+    while (got := frame(resize))["type"] != "resize_ack":
+        replayed.append(got["type"])
+    assert got == {"type": "resize_ack", "pid": pid} and set(replayed) <= {"started", "pty"}  # resized
     resize.close()
-    time.sleep(0.5)
     sock.send(json.dumps({"type": "stdin", "data": base64.b64encode(b"stty size; printf pty-%s ok; exit\n")
                           .decode()}))
     frames = until_exit(sock)
@@ -399,11 +406,15 @@ def test_watch_reports_events(agent: Agent) -> None:
     agent.ok("POST", f"{RT}/files/move", json={"from_path": "/work/w/hello.txt", "to_path": "/work/w/b.txt"})
     agent.ok("DELETE", f"{RT}/files", params={"path": "/work/w/b.txt"})
     events: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(e["type"] == "remove" for e in events):
+
+    def removed() -> bool:
         f = json.loads(sock.recv())
         if f["type"] == "events":
-            events += f["events"]
+            events.extend(f["events"])
+        return any(e["type"] == "remove" for e in events)
+
+    sock.settimeout(60)
+    wait_until(removed, 60, "the watch to report the remove", seen=lambda: events)
     sock.close()
     kinds = {(e["type"], e["path"]) for e in events}
     assert ("create", "/work/w/hello.txt") in kinds and ("write", "/work/w/hello.txt") in kinds
@@ -460,13 +471,10 @@ def test_preview_proxy_forwards_to_a_guest_port(agent: Agent) -> None:
     agent.ok("PUT", f"{RT}/files", params={"path": "/work/site/index.html"}, data=b"<h1>hi</h1>")
     sock, started = agent.start("cd /work/site && exec python3 -m http.server 8123", timeout_ms=0)
     sock.close()
-    deadline = time.monotonic() + 30
-    while True:
-        r = agent.http("GET", "/proxy/8123/index.html", params={"q": "1"}, headers=preview)
-        if r.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert r.status_code == 200 and r.content == b"<h1>hi</h1>"
+    r = wait_until(lambda: agent.http("GET", "/proxy/8123/index.html", params={"q": "1"}, headers=preview),
+                   60, "the guest's web server to answer through the proxy",
+                   until=lambda r: r.status_code == 200)
+    assert r.content == b"<h1>hi</h1>"
     assert agent.http("GET", "/proxy/8123/missing", headers=preview).status_code == 404
     assert agent.http("GET", "/proxy/8123/", headers={"Authorization": "Bearer nope"}).status_code == 401
     # the agent secret itself is not a preview credential

@@ -36,7 +36,8 @@ def test_sweeps_run_while_the_build_queue_is_blocked(require_postgres: None) -> 
     from sandboxes.models import SweepRun
     from sandboxes.tasks import sweep_task
     from templates_app.tasks import template_build_task
-    from tests.conftest import helper_process_env, wait_until
+    from tests.conftest import helper_process_env
+    from tests.waiting import wait_until
 
     # given a worker that serves only the sweeps (as `make run` starts one), and a build
     # queued with no build worker to take it

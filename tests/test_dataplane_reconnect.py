@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
 from tests.conftest import Actor
 from tests.edge_support import ServerThread, free_port
-from tests.sdk import HERE
+from tests.sdk import HERE, scenario_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.django_db(transaction=True)]
 
@@ -34,15 +32,15 @@ def test_stream_resumes_at_the_right_cursor_after_a_dropped_socket(
     created = requests.post(f"{first.url}/v1/sandboxes", json={"timeout": 300}, timeout=150,
                             headers={"Authorization": f"Bearer {owner.write_key}"})
     assert created.status_code == 201, created.text
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_", "PYTHON"))}
-    env.update(WATASU_API_URL=f"{first.url}/v1", WATASU_API_KEY=owner.write_key,
-               SANDBOX_ID=str(created.json()["sandbox"]["id"]))
+    env = scenario_env(api_url=f"{first.url}/v1", api_key=owner.write_key,
+                       SANDBOX_ID=str(created.json()["sandbox"]["id"]))
     client = subprocess.Popen([sys.executable, "-P", str(HERE / "reconnect.py")], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
     try:
         # given the command is streaming to the client
         assert client.stdout is not None and client.stdout.readline() == "STARTED\n"
-        time.sleep(1.5)
+        # and has received its first lines (the drop lands mid-stream, past line 1)
+        assert client.stdout.readline() == "STREAMING\n"
         # when the edge goes away (every socket dropped) and comes back on the same port
         first.__exit__(None, None, None)
         dropped_at = len(sockets)

@@ -24,9 +24,10 @@ from sandboxes.edge.signing import file_url_make
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime.agent_client import role_secret
 from sandboxes.sessions import session_mint
-from tests.conftest import Actor, wait_until
+from tests.conftest import Actor
 from tests.edge_support import FakeAgent, ServerThread, free_port
 from tests.factories import SandboxFactory
+from tests.waiting import wait_until
 from watasu import crypto
 
 SECRET = "agent-secret-" + "x" * 20
@@ -237,9 +238,8 @@ def test_websocket_frames_and_close_codes_pass_both_ways(edge, agent, owner) -> 
         ws.recv(timeout=10)
         ws.send(json.dumps({"type": "stdin", "data": "last"}))
         ws.close(code=4002)
-    deadline = time.monotonic() + 10
-    while not any("ws_closed" in r for r in agent.requests) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: any("ws_closed" in r for r in agent.requests), 30, "the close to reach the agent",
+               seen=lambda: agent.requests)
     assert [r for r in agent.requests if "ws_closed" in r] == [{"ws_closed": 4002}], agent.requests
 
 
@@ -541,12 +541,9 @@ def test_preview_url_reaches_an_http_server_in_the_guest(edge, owner, base_versi
     agent.exec("python3 -m http.server 8000 --bind 0.0.0.0 --directory /tmp/site", background=True)
     port = _api(edge, owner, "GET", f"/sandboxes/{sandbox_id}/ports/8000").json()["sandbox_port"]
 
-    deadline = time.monotonic() + 60
-    while True:
-        response = requests.get(f"{port['path_url']}/index.html", timeout=30)
-        if response.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    response = wait_until(lambda: requests.get(f"{port['path_url']}/index.html", timeout=30), 60,
+                          "the guest's web server to answer on the preview URL",
+                          until=lambda r: r.status_code == 200)
     by_host = requests.get(f"{edge.url}/index.html", headers={"Host": port["host"]}, timeout=30)
 
     assert response.status_code == 200, response.text

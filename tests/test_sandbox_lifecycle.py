@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from django.db import connection
@@ -178,10 +177,8 @@ def test_concurrent_creates_never_exceed_the_quota(require_postgres, owner: Acto
             "/v1/sandboxes", {"team": "acme", "timeout": 120}, format="json")
         return response.status_code, response.json().get("error")
 
-    started = time.monotonic()
     results = _concurrently(30, send)
 
     assert sorted(results) == [(201, None)] * 5 + [(422, "sandbox_quota_exceeded")] * 25, results
     assert Sandbox.objects.filter(team=acme, state=S.READY).count() == 5
     assert len(vm_cleanup.list_domains(VM_TEST_PREFIX)) == 5
-    assert time.monotonic() - started < 300

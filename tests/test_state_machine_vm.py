@@ -20,7 +20,8 @@ from django.utils import timezone
 from sandboxes import services, sweeps
 from sandboxes.models import Sandbox, SandboxEvent, SandboxState
 from sandboxes.runtime import vm
-from tests.conftest import Actor, wait_until
+from tests.conftest import Actor
+from tests.waiting import wait_until
 from watasu import errors
 
 S = SandboxState

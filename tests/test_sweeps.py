@@ -193,7 +193,8 @@ def test_a_full_batch_queues_the_sweep_again_until_done(require_postgres, owner:
                                                         base_version_row) -> None:
     """One `sweeps.run` message, a real worker, batches of 200: it re-queues itself until done."""
     from sandboxes.tasks import sweep_task
-    from tests.conftest import celery_worker, helper_process_env, wait_until
+    from tests.conftest import celery_worker, helper_process_env
+    from tests.waiting import wait_until
 
     past = timezone.now() - timedelta(seconds=1)
     ids = [s.pk for s in Sandbox.objects.bulk_create(

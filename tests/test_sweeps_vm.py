@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +20,8 @@ from django.utils import timezone
 from sandboxes import sweeps
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import lifecycle, vm
-from tests.conftest import VM_TEST_PREFIX, Actor, celery_beat, celery_worker, helper_process_env, wait_until
+from tests.conftest import VM_TEST_PREFIX, Actor, celery_beat, celery_worker, helper_process_env
+from tests.waiting import wait_until
 
 S = SandboxState
 pytestmark = [pytest.mark.vm, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -67,8 +67,9 @@ def test_timeouts_are_enforced_by_beat(owner: Actor, base_version, vm_cleanup, t
     assert agent.exec("cat /root/kept.txt")["stdout"] == "kept\n"
     assert {p["pid"]: p["running"] for p in agent.processes()} == {pid: True}
     first = int(agent.exec("cat /tmp/count")["stdout"])
-    time.sleep(1)
-    assert int(agent.exec("cat /tmp/count")["stdout"]) > first  # the process kept running
+    # the process kept running: it counts on past what the resume found
+    wait_until(lambda: int(agent.exec("cat /tmp/count")["stdout"]) > first, 60, "the resumed counter to move",
+               seen=lambda: agent.exec("cat /tmp/count")["stdout"])
 
 
 def test_a_vm_killed_from_outside_becomes_lost_and_is_purged_later(owner: Actor, base_version, vm_cleanup,
@@ -77,7 +78,8 @@ def test_a_vm_killed_from_outside_becomes_lost_and_is_purged_later(owner: Actor,
     sandbox = Sandbox.objects.get(pk=sandbox_id)
     os.kill(_qemu_pid(sandbox.vm_name), signal.SIGKILL)
     wait_until(lambda: vm_cleanup.domain_status(sandbox.vm_name) != "running", 30, "libvirt to notice")
-    time.sleep(0.01)  # the row must predate the listing
+    # the row predates the sweep's listing of libvirt (the sweep leaves rows changed since alone)
+    Sandbox.objects.filter(pk=sandbox.pk).update(updated_at=timezone.now() - timedelta(seconds=5))
 
     result = sweeps.reconcile_sweep()
 

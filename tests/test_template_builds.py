@@ -10,9 +10,10 @@ import pytest
 from django.conf import settings as django_settings
 
 from templates_app.builds import build_steps
-from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker, helper_process_env, wait_until
+from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker, helper_process_env
 from tests.edge_support import ServerThread
 from tests.sdk import run_scenario
+from tests.waiting import wait_until
 
 
 def test_build_spec_becomes_ordered_steps() -> None:

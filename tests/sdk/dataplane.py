@@ -4,6 +4,8 @@ and auto-resume of a paused sandbox by a file read."""
 import contextlib
 import time
 
+from waiting import wait_until
+
 from watasu import CommandExitException, PtySize, Sandbox
 from watasu.exceptions import TimeoutException
 
@@ -66,12 +68,9 @@ assert b"40 100" in b"".join(output), output
 watcher = files.watch_dir("/tmp/dp")
 files.write("/tmp/dp/watched.txt", "w")
 events = []
-deadline = time.monotonic() + 10
-while time.monotonic() < deadline and not any(e.name == "watched.txt" for e in events):
-    events += watcher.get_new_events()
-    time.sleep(0.2)
+wait_until(lambda: events.extend(watcher.get_new_events()) or any(e.name == "watched.txt" for e in events),
+           30, "the watch to report watched.txt", seen=lambda: events)
 watcher.stop()
-assert any(e.name == "watched.txt" for e in events), events
 
 # --- git ----------------------------------------------------------------------------------------
 sbx.git.init("/tmp/repo", initial_branch="main")

@@ -56,7 +56,7 @@ assert run("py-ci:stable", probe).split() == [
 # The same template again: every layer and the artifact come from the cache.
 second, messages, second_seconds = build(py_template("built-by-watasu"), "py-ci")
 assert any("cache hit" in m for m in messages), messages
-assert second_seconds < first_seconds / 4, (first_seconds, second_seconds)
+assert not any(m.startswith("Setting up python3-pip") for m in messages), messages  # nothing ran again
 
 # One changed step: the layers before it are reused, it and what follows run again.
 third, messages, _ = build(py_template("second-edition"), "py-ci")

@@ -2282,6 +2282,9 @@ def client_frame(ws: WebSocket, proc: ManagedProcess, msg: dict[str, Any]) -> No
             proc.kill(parse_signal(msg.get("signal"), signal.SIGKILL), True, 0)
     elif kind == "resize":
         proc.resize(int(msg.get("cols") or 80), int(msg.get("rows") or 24))
+        # the SDK closes right after a resize and never reads this; a client that waits on it
+        # knows the window has its new size (a frame type clients ignore, like the other acks)
+        ws.send_json({"type": "resize_ack", "pid": proc.id})
     elif kind == "ping":
         ws.send_json({"type": "pong"})
 
