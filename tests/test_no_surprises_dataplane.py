@@ -28,6 +28,7 @@ from sandboxes.sessions import session_mint
 from tests.conftest import Actor
 from tests.edge_support import EchoApp, RealAgent, ServerThread, raw_request
 from tests.factories import SandboxFactory
+from tests.waiting import wait_until
 from watasu import crypto
 
 SECRET = "real-agent-secret-" + "n" * 20
@@ -126,9 +127,11 @@ def test_a_malformed_multipart_upload_is_a_400_and_leaves_the_file_alone(edge, o
 
 
 @edge_db
-def test_a_multipart_upload_cut_inside_the_file_is_a_400_naming_what_was_kept(edge, owner, sandbox,
-                                                                              tmp_path) -> None:
+def test_a_multipart_upload_cut_inside_the_file_is_a_400_and_stores_nothing(edge, owner, sandbox,
+                                                                             tmp_path) -> None:
     target = tmp_path / "cut.bin"
+    target.write_bytes(b"the old contents")
+    target.chmod(0o600)
     url = _file_url(edge, owner, sandbox, "upload", target)
     body = b'--x\r\nContent-Disposition: form-data; name="f"; filename="cut.bin"\r\n\r\n' + b"a" * 100_000
 
@@ -138,7 +141,47 @@ def test_a_multipart_upload_cut_inside_the_file_is_a_400_naming_what_was_kept(ed
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_multipart"
     assert "ends inside the file part" in response.json()["message"]
-    assert "the file holds the part's bytes that arrived" in response.json()["message"]
+    assert "the file is as it was" in response.json()["message"]
+    assert target.read_bytes() == b"the old contents" and target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.bin"]  # no upload left beside it
+
+
+@edge_db
+def test_a_raw_upload_cut_short_leaves_the_old_contents(edge, owner, sandbox, tmp_path) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    # given a file with contents, and an upload that promises 1 MB and sends 64 KiB, then hangs up
+    target = tmp_path / "kept.bin"
+    target.write_bytes(b"the old contents")
+    url = urlsplit(_file_url(edge, owner, sandbox, "upload", target))
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=30) as conn:
+        conn.sendall(f"POST {url.path}?{url.query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     "Content-Length: 1000000\r\n\r\n".encode() + b"n" * 65536)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(65536)  # whatever the edge answers, or its hang-up
+
+    # then the file is as it was, with nothing left beside it
+    wait_until(lambda: sorted(p.name for p in tmp_path.iterdir()), 30, "the agent to drop the partial upload",
+               until=lambda names: names == ["kept.bin"])
+    assert target.read_bytes() == b"the old contents"
+
+
+@edge_db
+def test_an_upload_replaces_a_file_keeping_its_mode_and_writes_through_a_symlink(edge, owner, sandbox,
+                                                                               tmp_path) -> None:
+    target = tmp_path / "script.sh"
+    target.write_bytes(b"echo old")
+    target.chmod(0o750)
+    link = tmp_path / "link.sh"
+    link.symlink_to(target)
+
+    for path, body in ((target, b"echo new"), (link, b"echo via link")):
+        response = requests.post(_file_url(edge, owner, sandbox, "upload", path), data=body, timeout=30)
+        assert response.status_code == 200, response.text
+
+    assert target.read_bytes() == b"echo via link" and target.stat().st_mode & 0o777 == 0o750
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link.sh", "script.sh"]
 
 
 @edge_db

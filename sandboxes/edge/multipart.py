@@ -125,8 +125,8 @@ class FirstFilePart:
                 yield self.buffer[:-keep]
                 self.buffer = self.buffer[-keep:]
             if not await self._more():
-                raise invalid("it ends inside the file part, before the next boundary; the file holds "
-                              "the part's bytes that arrived before the end.")
+                raise invalid("it ends inside the file part, before the next boundary; nothing was "
+                              "stored and the file is as it was.")
         if at:
             yield self.buffer[:at]
         self.buffer = b""

@@ -6,7 +6,8 @@ Run against a sandbox that already runs: `no_surprises.py <sandbox id> <director
 """
 
 import sys
-import time
+
+from waiting import wait_until
 
 from watasu import Sandbox
 from watasu.exceptions import NotFoundException, SandboxException
@@ -19,13 +20,11 @@ files.make_dir(root)
 # --- stdin to a process started without it ------------------------------------------------------
 # (not killed: on a host, as in the tests, killing a login shell mid-profile can leave a lock behind)
 sleeper = commands.run("sleep 20", background=True)  # the SDK's default: stdin=False
-started = time.monotonic()
 try:
     commands.send_stdin(sleeper.pid, "lost?\n", request_timeout=30)
     raise AssertionError("send_stdin to a process without stdin must raise")
-except SandboxException as exc:
+except SandboxException as exc:  # the agent's refusal, not the request timing out
     assert "started without stdin" in str(exc), str(exc)
-assert time.monotonic() - started < 10, "the refusal must not wait for a timeout"
 reader = commands.run("read line; echo got:$line", background=True, stdin=True)
 commands.send_stdin(reader.pid, "ping\n")  # with stdin, input still arrives
 assert reader.wait().stdout == "got:ping\n"
@@ -42,11 +41,14 @@ watcher = files.watch_dir(root, recursive=True)
 commands.run("mkdir -p a/b/c; echo z > a/b/c/f", cwd=root)
 wanted = {"a", "a/b", "a/b/c", "a/b/c/f"}
 seen: set[str] = set()
-deadline = time.monotonic() + 15
-while time.monotonic() < deadline and not wanted <= seen:
-    seen |= {e.path.removeprefix(root + "/") for e in watcher.get_new_events() if e.type.value == "create"}
-    time.sleep(0.2)
+
+
+def all_created() -> bool:
+    seen.update(e.path.removeprefix(root + "/") for e in watcher.get_new_events() if e.type.value == "create")
+    return wanted <= seen
+
+
+wait_until(all_created, 30, f"the watch to report {sorted(wanted)}", seen=lambda: seen)
 watcher.stop()
-assert wanted <= seen, seen
 
 print("ok")

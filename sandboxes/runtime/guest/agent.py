@@ -332,24 +332,64 @@ def ensure_parent(path: str) -> None:
 
 
 def write_stream(path: str, chunks: Iterator[bytes], gzipped: bool) -> dict[str, Any]:
-    """Create/truncate ``path`` from ``chunks`` without holding the file in memory."""
+    """Write ``path`` from ``chunks`` without holding the file in memory, all or nothing.
+
+    A regular file (or a new one) is written beside itself and renamed into place once the
+    body is whole, so an upload cut short leaves the old contents, never half of the new;
+    the replacement keeps the old file's mode and owner. A symlink is written through to
+    its target; anything else (a FIFO, a device) is written in place.
+    """
     ensure_parent(path)
     if os.path.isdir(path):
         raise HttpError(422, "is_a_directory", f"{path} is a directory")
-    inflate = zlib.decompressobj(wbits=47) if gzipped else None  # 47 = auto gzip/zlib header
+    target = os.path.realpath(path) if os.path.islink(path) else path
     try:
-        with open(path, "wb") as f:
-            for chunk in chunks:
-                if inflate is not None:
-                    chunk = inflate.decompress(chunk)
-                f.write(chunk)
-            if inflate is not None:
-                f.write(inflate.flush())
-    except zlib.error as e:
-        raise HttpError(400, "bad_request", f"body is not valid gzip: {e}") from e
+        existing: os.stat_result | None = os.stat(target)
+    except OSError:
+        existing = None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        return _write_in_place(path, target, chunks, gzipped)
+    directory, name = os.path.split(target)
+    temp = os.path.join(directory, f".{name}.upload-{os.urandom(6).hex()}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise os_error(e, path) from e
+    try:
+        with open(fd, "wb") as f:
+            _copy_body(f, chunks, gzipped)
+            if existing is not None:
+                os.fchmod(f.fileno(), stat.S_IMODE(existing.st_mode))
+                with contextlib.suppress(OSError):
+                    os.fchown(f.fileno(), existing.st_uid, existing.st_gid)
+        os.replace(temp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if isinstance(e, OSError):
+            raise os_error(e, path) from e
+        raise
+    return file_entry(path)
+
+
+def _write_in_place(path: str, target: str, chunks: Iterator[bytes], gzipped: bool) -> dict[str, Any]:
+    try:
+        with open(target, "wb") as f:
+            _copy_body(f, chunks, gzipped)
     except OSError as e:
         raise os_error(e, path) from e
     return file_entry(path)
+
+
+def _copy_body(f: Any, chunks: Iterator[bytes], gzipped: bool) -> None:
+    inflate = zlib.decompressobj(wbits=47) if gzipped else None  # 47 = auto gzip/zlib header
+    try:
+        for chunk in chunks:
+            f.write(inflate.decompress(chunk) if inflate is not None else chunk)
+        if inflate is not None:
+            f.write(inflate.flush())
+    except zlib.error as e:
+        raise HttpError(400, "bad_request", f"body is not valid gzip: {e}") from e
 
 
 def remove_path(path: str) -> None:
