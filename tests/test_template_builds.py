@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import shlex
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -9,7 +11,8 @@ from datetime import timedelta
 import pytest
 from django.conf import settings as django_settings
 
-from templates_app.builds import build_steps
+from templates_app import images
+from templates_app.builds import build_steps, template_build_start
 from tests.conftest import VM_TEST_PREFIX, Actor, celery_worker, helper_process_env, wait_until
 from tests.edge_support import ServerThread
 from tests.sdk import run_scenario
@@ -19,11 +22,72 @@ def test_build_spec_becomes_ordered_steps() -> None:
     spec = {"packages": {"apt": ["git"], "pip": ["six"]}, "setup": ["echo one", "echo two"],
             "files": [{"path": "/a b/c", "content_b64": "aGk="}]}
 
-    steps = build_steps(spec, ["python3-venv"])
+    steps = build_steps(spec)
 
     assert [s.name for s in steps] == ["packages.apt", "packages.pip", "files", "setup[0]", "setup[1]"]
-    assert steps[0].command.endswith("python3-venv git python3-pip")
+    assert steps[0].command.endswith("git python3-pip")
     assert steps[2].files == (("/a b/c", "aGk="),)
+
+
+def test_a_python_image_is_its_own_step_with_a_python_command_and_pip() -> None:
+    # given a spec on python:3.11 that also asks for pip packages
+    spec = {"packages": {"apt": ["git", "python3-pip"], "pip": ["six"]}}
+
+    # when it becomes steps
+    steps = build_steps(spec, images.image_family("python:3.11"))
+
+    # then the image comes first, runs without the env, gives `python` and lets pip install;
+    # the user's apt step holds only what the image did not already install
+    image = steps[0]
+    assert [s.name for s in steps] == ["from_image", "packages.apt", "packages.pip"]
+    assert image.env_free and not any(s.env_free for s in steps[1:])
+    assert image.command.endswith("python3 python3-pip python3-venv python-is-python3")
+    assert [(path, base64.b64decode(data).decode()) for path, data in image.files] == [
+        ("/etc/pip.conf", "[global]\nbreak-system-packages = true\n")]
+    assert steps[1].command.endswith(" git")
+
+
+def test_workdir_steps_create_their_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # given the steps the SDK makes after `WORKDIR <dir>` (a quoted path, then a bare one),
+    # as root and as another user, for directories that do not exist yet
+    spaced, bare = tmp_path / "srv" / "my app", tmp_path / "plain" / "dir"
+    as_root = f"cd {shlex.quote(str(spaced))} && pwd > where.txt"
+    as_user = (f"su -s /bin/bash -c {shlex.quote(f'cd {bare} && true')} nobody")
+
+    # when they become steps and the first runs in a shell
+    first, second = (s.command for s in build_steps({"setup": [as_root, as_user]}))
+    subprocess.run(["/bin/sh", "-c", first], check=True, cwd=tmp_path)
+
+    # then the directory was created and the command ran in it; the su form creates its own
+    assert (spaced / "where.txt").read_text().strip() == str(spaced)
+    assert second == f"mkdir -p {bare} && {as_user}"
+    assert build_steps({"setup": ["cd"]})[0].command == "cd"  # no WORKDIR prefix: unchanged
+
+
+def test_an_env_only_invalidates_the_layers_after_the_image(local_host, base_version_row, owner,
+                                                            tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from templates_app import layers
+    from templates_app.builds import planned_steps
+    from templates_app.models import BuildLayer
+
+    # given two builds on python:3.11 that differ only in a later ENV
+    spec = {"from_image": "python:3.11", "setup": ["echo $GREETING > /greeting"]}
+    first, second = (template_build_start(user=owner.user, name="py", cpu=1, memory_mb=512, tags=[],
+                                          team_slug=None, build_spec={**spec, "env": {"GREETING": g}})
+                     for g in ("hello", "bonjour"))
+    # when the first build's layers are in the cache and the second is planned
+    (_, _, ours), (_, steps, theirs) = planned_steps(first), planned_steps(second)
+    parent = None
+    for index, key in enumerate(ours):
+        path = tmp_path / f"{key}.qcow2"
+        path.write_bytes(b"layer")
+        parent = BuildLayer.objects.create(host=local_host, key=key, parent=parent, step=f"step{index}",
+                                           base_version=base_version_row, path=str(path))
+
+    # then the image layer is shared (a cache hit) and only the step run with the env differs
+    assert [s.name for s in steps] == ["from_image", "setup[0]"]
+    assert theirs[0] == ours[0] and theirs[1] != ours[1]
+    assert [layer.key for layer in layers.cached_prefix(local_host, theirs)] == ours[:1]
 
 
 @pytest.fixture
