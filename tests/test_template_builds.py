@@ -168,3 +168,69 @@ def test_the_build_cache_is_never_shared_across_teams(local_host, base_version_r
     assert layers.cached_prefix(local_host, theirs) == []
     assert [layer.key for layer in layers.cached_prefix(local_host, ours)] == ours
     assert layers.artifact_key(theirs[-1], {}, env, 1, 512) != layers.artifact_key(ours[-1], {}, env, 1, 512)
+
+
+@pytest.fixture
+def ready_agent(settings, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
+    """The real guest agent on the host, the start log in tmp_path, a 3 s ready limit and a
+    progress line every second (the product's 10 s, scaled down)."""
+    from sandboxes.runtime.agent_client import AgentClient
+    from templates_app import builds
+    from tests.edge_support import RealAgent
+
+    settings.TEMPLATE_READY_TIMEOUT_SECONDS = 3
+    monkeypatch.setattr(builds, "READY_REPORT_SECONDS", 1.0)
+    monkeypatch.setattr(builds, "START_LOG", str(tmp_path / "start.log"))
+    with RealAgent("ready-secret-" + "r" * 24) as agent:
+        yield AgentClient(agent.port, secret=agent.secret)
+
+
+def _draft_log(acme):  # type: ignore[no-untyped-def]
+    from templates_app.builds import BuildLog
+    from templates_app.models import Template, TemplateVersion
+
+    template = Template.objects.create(team=acme, slug="ready", name="Ready")
+    return BuildLog(TemplateVersion.objects.create(template=template, version="b1", cpu=1, memory_mb=512))
+
+
+@pytest.mark.django_db
+def test_a_waiting_ready_check_logs_its_progress_and_names_its_limit(acme, ready_agent) -> None:  # type: ignore[no-untyped-def]
+    from templates_app.builds import _start_and_wait_ready
+
+    # given a start command that prints and then never becomes ready
+    log = _draft_log(acme)
+    spec = {"start_cmd": "echo warming-up-$STAGE; sleep 5", "ready_cmd": "test -e /nonexistent-ready"}
+
+    # when the template is started and its ready check waits
+    with pytest.raises(RuntimeError) as failure:
+        _start_and_wait_ready(spec, {"STAGE": "one"}, log)(ready_agent)
+    log.flush()
+
+    # then every second of waiting logged a line with the elapsed time, the limit and the
+    # start command's output, and the failure names the limit
+    progress = [e.message for e in log.version.log_entries.order_by("index")]
+    assert len(progress) >= 2, progress
+    assert progress[0].startswith("ready check: not ready after 1 s (limit 3 s)"), progress
+    assert all("warming-up-one" in line for line in progress), progress
+    assert "within 3 s (WATASU_TEMPLATE_READY_TIMEOUT_SECONDS)" in str(failure.value)
+    assert "warming-up-one" in str(failure.value)
+
+
+@pytest.mark.django_db
+def test_a_ready_check_that_takes_longer_than_a_report_still_passes(acme, ready_agent, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from templates_app.builds import _start_and_wait_ready
+
+    # given a ready check that itself takes longer than the report interval
+    log = _draft_log(acme)
+    marker = tmp_path / "up"
+    spec = {"start_cmd": f"echo starting; touch {marker}", "ready_cmd": f"sleep 1.5; test -e {marker}"}
+
+    # when the template is started
+    _start_and_wait_ready(spec, {}, log)(ready_agent)
+    log.flush()
+
+    # then the attempt was not cut short: progress was logged while it ran, then it passed
+    messages = [e.message for e in log.version.log_entries.order_by("index")]
+    assert messages[0].startswith("ready check: not ready after 1 s (limit 3 s); start command output: "
+                                  "starting"), messages
+    assert messages[-1].startswith("ready check passed after"), messages
