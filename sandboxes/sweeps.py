@@ -364,16 +364,23 @@ def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
 
 
 def _deleted_versions(host: Host) -> int:
-    """Files of deleted template versions nothing references any more."""
-    from templates_app.models import TemplateVersion
+    """Files of deleted template versions (and of deleted templates' versions) nothing
+    references any more; the build layers on such a version go first, as no build can
+    start from it again (unless a build runs now: its newest layer may build on it)."""
+    from templates_app.layers import drop_built_on
+    from templates_app.models import TemplateVersion, VersionStatus
 
     templates_root = (Path(host.data_dir) / "templates").resolve()
     removed = 0
+    building = TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
     deleted = TemplateVersion.objects.filter(host=host, deleted_at__isnull=False).exclude(artifact_dir="")
     for version in deleted:
-        if (Sandbox.objects.filter(template_version=version, purged_at__isnull=True).exists()
-                or version.child_layers.exists()):
-            continue  # stopped sandboxes run on its disk; cached layers build on it
+        if Sandbox.objects.filter(template_version=version, purged_at__isnull=True).exists():
+            continue  # stopped sandboxes run on its disk
+        if not building:
+            drop_built_on(version)
+        if version.child_layers.exists():
+            continue  # cached layers build on it
         home = Path(version.artifact_dir).resolve().parent
         if home.parent.parent == templates_root and home.name.startswith(version.version):
             shutil.rmtree(home, ignore_errors=True)

@@ -20,6 +20,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,12 +35,12 @@ from django.utils import timezone
 
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, lifecycle
-from sandboxes.runtime.agent_client import AgentClient
+from sandboxes.runtime.agent_client import AgentClient, AgentError
 from sandboxes.runtime.driver import MemorySnapshot
 from sandboxes.runtime.images import BaseImage
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
-from templates_app import layers
+from templates_app import images, layers
 from templates_app.models import (
     BuildLayer,
     BuildLogEntry,
@@ -47,25 +50,40 @@ from templates_app.models import (
     VersionStatus,
 )
 from templates_app.selectors import template_by_id_or_alias, template_version_resolve
-from watasu import crypto, errors, ids
+from watasu import crypto, errors, ids, suggest
 
 logger = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 1800.0
-READY_TIMEOUT = timedelta(seconds=180)
-# Public images the SDK can ask for, built on our Debian base: extra apt packages.
-IMAGE_PACKAGES = {"debian": [], "python": ["python3-pip", "python3-venv"], "node": ["nodejs", "npm"],
-                  "base": []}
+# While a ready check waits, the build log gets a progress line at least this often.
+READY_REPORT_SECONDS = 10.0
+# Where the start command's output goes in the guest (read back while the ready check
+# waits; sandboxes started from the template keep appending to it).
+START_LOG = "/var/log/watasu-start.log"
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?$")
 APT = "DEBIAN_FRONTEND=noninteractive apt-get update -q && " \
       "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+# The SDK turns `set_workdir(X)` / a Dockerfile `WORKDIR X` into `cd X && ` before each
+# later command (inside `su ... -c` when a USER is set); the quoted or bare directory.
+CD_PREFIX = re.compile(r"cd ('(?:[^']|'\"'\"')*'|[^\s'\"&|;]+) && ")
+SU_PREFIX = ("su", "-s", "/bin/bash", "-c")
+# Keys of the build spec and of the objects in it; anything else is a 422 naming it.
+SPEC_KEYS = ("from_template", "base", "from_image", "requested_from_image", "from_image_registry",
+             "packages", "files", "setup", "env", "start_cmd", "ready_cmd", "allow_internet_access")
+PACKAGE_KEYS = ("apt", "pip", "npm")
+FILE_KEYS = ("path", "source_path", "content_b64", "mode", "user")
+# Other spellings SDKs send for a key: the TypeScript SDK's type names the parent `base`.
+SPEC_ALIASES = {"base": "from_template", "requested_from_image": "from_image"}
 
 
 @dataclass(frozen=True)
 class Step:
-    name: str  # e.g. "packages.apt", "files", "setup[2]"
+    name: str  # e.g. "from_image", "packages.apt", "files", "setup[2]"
     command: str  # what runs; with ``files``, runs after they are written
     files: tuple[tuple[str, str], ...] = ()  # (path, base64 content) written through the agent
+    # The image step makes the image the spec names: it runs, and is keyed, without the
+    # build env, so changing an ENV never rebuilds it.
+    env_free: bool = False
 
     @property
     def cache_text(self) -> str:
@@ -79,26 +97,33 @@ class Step:
 # --- request -> version ---------------------------------------------------------------------
 
 
-def _parent_and_image_packages(spec: dict[str, Any]) -> tuple[str, list[str]]:
+def _parent_and_image(spec: dict[str, Any]) -> tuple[str, images.ImageFamily | None]:
+    """The template a build starts from, and the image family it makes on top (if any)."""
     image = spec.get("from_image")
     if image:
-        family = str(image).split(":")[0].rsplit("/", 1)[-1]
-        if family not in IMAGE_PACKAGES or spec.get("from_image_registry"):
-            supported = ", ".join(f"{name}:*" for name in IMAGE_PACKAGES)
-            raise errors.Invalid(f"Image '{image}' cannot be imported; supported images: {supported}, "
-                                 "or from_template.", code="oci_image_import_disabled")
-        return "base", IMAGE_PACKAGES[family]
-    return str(spec.get("from_template") or "base"), []
+        if spec.get("from_image_registry"):
+            raise images.image_import_disabled(str(image))
+        return "base", images.image_family(str(image))
+    return str(spec.get("from_template") or "base"), None
 
 
-def build_steps(spec: dict[str, Any], image_packages: list[str]) -> list[Step]:
-    """The build spec as commands, in the documented order: packages, files, setup."""
+def _image_step(image: images.ImageFamily | None) -> list[Step]:
+    if image is None or not (image.packages or image.files):
+        return []
+    files = tuple((path, base64.b64encode(text.encode()).decode()) for path, text in image.files)
+    command = APT + " ".join(image.packages) if image.packages else "true"
+    return [Step("from_image", command, files, env_free=True)]
+
+
+def build_steps(spec: dict[str, Any], image: images.ImageFamily | None = None) -> list[Step]:
+    """The build spec as commands, in the documented order: the image, packages, files, setup."""
     packages = spec.get("packages") or {}
-    apt = [*image_packages, *packages.get("apt", [])]
+    provided = set(image.packages) if image else set()
+    apt = [name for name in packages.get("apt", []) if name not in provided]
     pip, npm = packages.get("pip", []), packages.get("npm", [])
-    if pip and "python3-pip" not in apt:
+    if pip and "python3-pip" not in {*apt, *provided}:
         apt.append("python3-pip")
-    steps = []
+    steps = _image_step(image)
     if apt:
         steps.append(Step("packages.apt", APT + " ".join(map(shlex.quote, apt))))
     if pip:
@@ -109,8 +134,24 @@ def build_steps(spec: dict[str, Any], image_packages: list[str]) -> list[Step]:
     if spec.get("files"):
         steps.append(_files_step(spec["files"]))
     for index, command in enumerate(spec.get("setup") or []):
-        steps.append(Step(f"setup[{index}]", str(command)))
+        steps.append(Step(f"setup[{index}]", with_workdir_created(str(command))))
     return steps
+
+
+def with_workdir_created(command: str) -> str:
+    """A step the SDK prefixed with `cd DIR && ` creates DIR first, as Docker's WORKDIR
+    does (as root, like Docker, also when the step then runs as another user)."""
+    inner = command
+    if command.startswith(" ".join(SU_PREFIX) + " "):
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            return command
+        if len(argv) != 6 or tuple(argv[:4]) != SU_PREFIX:
+            return command
+        inner = argv[4]
+    match = CD_PREFIX.match(inner)
+    return f"mkdir -p {match[1]} && {command}" if match else command
 
 
 def _files_step(files: list[dict[str, Any]]) -> Step:
@@ -131,14 +172,57 @@ def _invalid(field: str, message: str) -> errors.Invalid:
 
 
 def _validate_spec(spec: Any) -> dict[str, Any]:
-    """Shape checks that would otherwise fail deep inside a build; normalises start_cmd."""
+    """Shape checks that would otherwise fail deep inside a build (or silently do something
+    else: an unknown key is refused, never ignored); normalises aliases and start_cmd."""
     if not isinstance(spec, dict):
         raise errors.Invalid("build_spec must be an object.", errors=["build_spec: invalid"])
-    files = spec.get("files") or []
+    suggest.refuse_unknown_keys(spec, SPEC_KEYS, where="build_spec")
+    spec = _unaliased(spec)
+    _validate_files(spec.get("files") or [])
+    _validate_packages(spec.get("packages") or {})
+    setup = spec.get("setup") or []
+    if not isinstance(setup, list) or not all(isinstance(c, str) for c in setup):
+        raise _invalid("setup", "build_spec.setup must be a list of commands.")
+    for key in ("start_cmd", "ready_cmd", "from_template", "from_image"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise _invalid(key, f"build_spec.{key} must be a string.")
+    if not isinstance(spec.get("env") or {}, dict):
+        raise _invalid("env", "build_spec.env must be an object.")
+    if not isinstance(spec.get("allow_internet_access", True), bool):
+        raise _invalid("allow_internet_access", "build_spec.allow_internet_access must be true or false.")
+    return {**spec, "start_cmd": _exec_form(spec["start_cmd"])} if spec.get("start_cmd") else spec
+
+
+def _unaliased(spec: dict[str, Any]) -> dict[str, Any]:
+    """Another SDK's spelling of a key (`base`) as ours (`from_template`); both, differing, is a 422."""
+    spec = dict(spec)
+    for alias, key in SPEC_ALIASES.items():
+        if alias not in spec:
+            continue
+        value = spec.pop(alias)
+        if spec.get(key) not in (None, value):
+            raise _invalid(alias, f"build_spec.{alias} and build_spec.{key} name the same thing; "
+                           "send one of them.")
+        spec[key] = value
+    return spec
+
+
+def _validate_packages(packages: Any) -> None:
+    if isinstance(packages, dict):
+        suggest.refuse_unknown_keys(packages, PACKAGE_KEYS, where="build_spec.packages")
+    if not isinstance(packages, dict) or not all(
+            isinstance(names, list) and all(isinstance(name, str) for name in names)
+            for names in packages.values()):
+        raise _invalid("packages", "build_spec.packages must map apt/pip/npm to lists of package names.")
+
+
+def _validate_files(files: Any) -> None:
     if not isinstance(files, list):
         raise _invalid("files", "build_spec.files must be a list.")
     for index, item in enumerate(files):
         field = f"files[{index}]"
+        if isinstance(item, dict):
+            suggest.refuse_unknown_keys(item, FILE_KEYS, where=f"build_spec.{field}")
         path = item.get("path") if isinstance(item, dict) else None
         if not isinstance(path, str) or not path.startswith("/") or "\x00" in path:
             raise _invalid(field, f"{field}.path must be an absolute path inside the template "
@@ -152,20 +236,6 @@ def _validate_spec(spec: Any) -> dict[str, Any]:
             raise _invalid(field, f"{field}.mode must be permission bits as an integer (e.g. 493 for 0755).")
         if item.get("user") is not None and not USER.match(str(item["user"])):
             raise _invalid(field, f"{field}.user must be 'user' or 'user:group'.")
-    packages = spec.get("packages") or {}
-    if not isinstance(packages, dict) or not all(
-            isinstance(names, list) and all(isinstance(name, str) for name in names)
-            for names in packages.values()):
-        raise _invalid("packages", "build_spec.packages must map apt/pip/npm to lists of package names.")
-    setup = spec.get("setup") or []
-    if not isinstance(setup, list) or not all(isinstance(c, str) for c in setup):
-        raise _invalid("setup", "build_spec.setup must be a list of commands.")
-    for key in ("start_cmd", "ready_cmd"):
-        if spec.get(key) is not None and not isinstance(spec[key], str):
-            raise _invalid(key, f"build_spec.{key} must be a string.")
-    if not isinstance(spec.get("env") or {}, dict):
-        raise _invalid("env", "build_spec.env must be an object.")
-    return {**spec, "start_cmd": _exec_form(spec["start_cmd"])} if spec.get("start_cmd") else spec
 
 
 def _exec_form(command: str) -> str:
@@ -188,7 +258,8 @@ def template_build_start(*, user: User, name: str, build_spec: Any, cpu: int, me
     alias, _, tag = name.partition(":")
     team = team_for_write(user=user, slug=team_slug)
     _check_parent(team, spec)
-    template, _ = Template.objects.get_or_create(team=team, slug=alias, defaults={"name": alias})
+    template, _ = Template.objects.get_or_create(team=team, slug=alias, deleted_at__isnull=True,
+                                                 defaults={"name": alias})
     return _queue(template, f"build-{uuid.uuid4().hex[:10]}", spec, cpu, memory_mb,
                   sorted({*tags, *([tag] if tag else [])}), skip_cache)
 
@@ -212,7 +283,7 @@ def template_version_create(*, user: User, template: Template, version: str, bui
 
 
 def _check_parent(team: Any, spec: dict[str, Any]) -> None:
-    parent_slug, _ = _parent_and_image_packages(spec)
+    parent_slug, _ = _parent_and_image(spec)
     template_version_resolve(team=team, selector=parent_slug)  # 422 now, not after queueing
 
 
@@ -318,16 +389,59 @@ def _flatten(top: Path, dest: Path) -> None:
     dest.chmod(0o444)
 
 
-def _start_and_wait_ready(spec: dict[str, Any], env: dict[str, str]):  # type: ignore[no-untyped-def]
+def _start_and_wait_ready(spec: dict[str, Any], env: dict[str, str],
+                          log: BuildLog) -> Callable[[AgentClient], None]:
     def prepare(client: AgentClient) -> None:
         if spec.get("start_cmd"):
-            client.exec(["/bin/sh", "-c", spec["start_cmd"]], background=True, env=env)
+            # The agent discards a background command's output; the log keeps it for the
+            # ready check's progress lines (and for the sandboxes, which keep writing it).
+            client.exec(["/bin/sh", "-c", f"exec >>{START_LOG} 2>&1\n{spec['start_cmd']}"],
+                        background=True, env=env)
         if spec.get("ready_cmd"):
-            deadline = timezone.now() + READY_TIMEOUT
-            while client.exec(["/bin/sh", "-c", spec["ready_cmd"]], timeout=60, env=env)["exit_code"] != 0:
-                if timezone.now() > deadline:
-                    raise RuntimeError(f"ready command never succeeded: {spec['ready_cmd']}")
+            wait_ready(client, spec["ready_cmd"], env, log)
     return prepare
+
+
+def wait_ready(client: AgentClient, ready_cmd: str, env: dict[str, str], log: BuildLog) -> None:
+    """Run the ready check until it exits 0, within WATASU_TEMPLATE_READY_TIMEOUT_SECONDS.
+
+    A check may itself take long (`sleep 20`), so each attempt runs in a thread while this
+    one logs, at least every READY_REPORT_SECONDS, how long it has waited, the limit and the
+    start command's recent output: a build stuck here says why instead of going quiet.
+    """
+    limit = settings.TEMPLATE_READY_TIMEOUT_SECONDS
+    started = time.monotonic()
+    reported = started
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ready-check") as pool:
+        while (remaining := limit - (time.monotonic() - started)) > 0:
+            attempt = pool.submit(client.exec, ["/bin/sh", "-c", ready_cmd], timeout=remaining, env=env)
+            while True:
+                try:
+                    result = attempt.result(timeout=max(0.0, reported + READY_REPORT_SECONDS
+                                                        - time.monotonic()))
+                    break
+                except FutureTimeout:
+                    reported = time.monotonic()
+                    log.add(f"ready check: not ready after {reported - started:.0f} s "
+                            f"(limit {limit} s); start command output: {_start_output(client)}")
+                    log.flush()
+            if result.get("exit_code") == 0:
+                log.add(f"ready check passed after {time.monotonic() - started:.0f} s")
+                return
+            time.sleep(min(0.5, max(0.0, limit - (time.monotonic() - started))))
+    raise RuntimeError(f"ready command did not succeed within {limit} s "
+                       f"(WATASU_TEMPLATE_READY_TIMEOUT_SECONDS): {ready_cmd}; "
+                       f"start command output: {_start_output(client)}")
+
+
+def _start_output(client: AgentClient, lines: int = 5) -> str:
+    """The last lines the start command wrote, on one line, or why there are none."""
+    try:
+        result = client.exec(["tail", "-n", str(lines), START_LOG], timeout=10)
+    except (OSError, AgentError) as exc:
+        return f"(unreadable: {exc})"
+    text = " | ".join(line for line in str(result.get("stdout", "")).splitlines() if line.strip())
+    return text[-1000:] if text else "(none yet)"
 
 
 @dataclass
@@ -342,15 +456,25 @@ class _Plan:
     internet: bool
 
 
-def _plan(version: TemplateVersion) -> _Plan:
+def planned_steps(version: TemplateVersion) -> tuple[TemplateVersion, list[Step], list[str]]:
+    """The version built on, the steps, and each step's layer key."""
     spec = version.build_spec
-    parent_slug, image_packages = _parent_and_image_packages(spec)
+    parent_slug, image = _parent_and_image(spec)
     parent = template_version_resolve(team=version.template.team, selector=parent_slug)
-    env = version.build_env()
-    steps = build_steps(spec, image_packages)
-    internet = spec.get("allow_internet_access", True) is not False
-    keys = layers.step_keys(parent, [s.cache_text for s in steps], env, internet, version.template.team_id)
-    return _Plan(parent, lifecycle.load_template_snapshot(parent.artifact_dir), steps, keys, env, internet)
+    steps = build_steps(spec, image)
+    keys = layers.step_keys(parent, [s.cache_text for s in steps], version.build_env(), _internet(spec),
+                            version.template.team_id, env_free=sum(s.env_free for s in steps))
+    return parent, steps, keys
+
+
+def _internet(spec: dict[str, Any]) -> bool:
+    return spec.get("allow_internet_access", True) is not False
+
+
+def _plan(version: TemplateVersion) -> _Plan:
+    parent, steps, keys = planned_steps(version)
+    return _Plan(parent, lifecycle.load_template_snapshot(parent.artifact_dir), steps, keys,
+                 version.build_env(), _internet(version.build_spec))
 
 
 def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cached: list[BuildLayer],
@@ -366,17 +490,16 @@ def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cache
         image = BaseImage(key="", directory=directory, kernel=plan.snapshot.kernel,
                           initrd=plan.snapshot.initrd, disk=Path(cached[-1].path), kernel_version="")
         vm = lifecycle.cold_boot(driver, image, name, directory, vcpus=plan.snapshot.vcpus,
-                                 memory_mb=plan.snapshot.memory_mb, env_vars=plan.env,
-                                 internet=plan.internet, disk_path=top)
+                                 memory_mb=plan.snapshot.memory_mb, internet=plan.internet, disk_path=top)
     else:
-        vm = lifecycle.start_from_snapshot(driver, plan.snapshot, name, directory, env_vars=plan.env,
-                                           internet=plan.internet, disk_path=top)
+        vm = lifecycle.start_from_snapshot(driver, plan.snapshot, name, directory, internet=plan.internet,
+                                           disk_path=top)
     parent_layer = cached[-1] if cached else None
     registrable, produced = True, [top]
     try:
         for index in range(start, len(plan.steps)):
             step = plan.steps[index]
-            _run_step(log, vm.client, step, plan.env)
+            _run_step(log, vm.client, step, {} if step.env_free else plan.env)
             # Quiesce, then freeze what the step wrote: the running disk becomes a layer.
             vm.client.exec(["fsfreeze", "-f", "/"], timeout=60)
             finished = top
@@ -460,7 +583,7 @@ def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan
     lifecycle.make_template_snapshot(image, home / layers.SNAPSHOT_DIR, driver_for(host),
                                      vcpus=version.cpu, memory_mb=version.memory_mb,
                                      name=build_vm_names(version.pk)[1],
-                                     before_save=_start_and_wait_ready(spec, plan.env))
+                                     before_save=_start_and_wait_ready(spec, plan.env, log))
     return home / layers.SNAPSHOT_DIR
 
 
@@ -479,9 +602,12 @@ def _claim(version_id: int) -> TemplateVersion | None:
         if version.template.versions.filter(status=VersionStatus.BUILDING).exists():
             return None
         now = timezone.now()
-        TemplateVersion.objects.filter(pk=version_id).update(
-            status=VersionStatus.BUILDING, build_started_at=now,
-            lease_expires_at=now + timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS))
+        # Conditional: a template deletion that held the lock first retired this draft.
+        if not TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.DRAFT,
+                                              deleted_at__isnull=True).update(
+                status=VersionStatus.BUILDING, build_started_at=now,
+                lease_expires_at=now + timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS)):
+            return None
     version.refresh_from_db()
     return version
 

@@ -47,11 +47,13 @@ def base_key(parent: TemplateVersion, team_id: int | None) -> str:
 
 
 def step_keys(parent: TemplateVersion, commands: list[str], env: dict[str, str],
-              internet: bool, team_id: int | None) -> list[str]:
-    """Key of each step's layer: parent key + command (+ the env and network it ran with)."""
+              internet: bool, team_id: int | None, *, env_free: int = 0) -> list[str]:
+    """Key of each step's layer: parent key + command (+ the env and network it ran with).
+    The first ``env_free`` steps (the image's) run without the env, so it is not in their
+    keys: changing an ENV rebuilds only what runs with it."""
     keys, key = [], base_key(parent, team_id)
-    for command in commands:
-        key = _digest("step", key, command, env, internet)
+    for index, command in enumerate(commands):
+        key = _digest("step", key, command, {} if index < env_free else env, internet)
         keys.append(key)
     return keys
 
@@ -153,5 +155,17 @@ def drop_missing(host: Host) -> int:
             Path(layer.path).unlink(missing_ok=True)
         BuildLayer.objects.filter(pk__in=[layer.pk for layer in leaves]).delete()
         doomed -= {layer.pk for layer in leaves}
+        dropped += len(leaves)
+    return dropped
+
+
+def drop_built_on(version: TemplateVersion) -> int:
+    """Forget every layer built on a deleted version, leaves first, deleting their files:
+    no build can start from a deleted version, so nothing can reach them again."""
+    dropped = 0
+    while leaves := list(version.child_layers.filter(children__isnull=True)):
+        for layer in leaves:
+            Path(layer.path).unlink(missing_ok=True)
+        BuildLayer.objects.filter(pk__in=[layer.pk for layer in leaves]).delete()
         dropped += len(leaves)
     return dropped

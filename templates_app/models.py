@@ -25,10 +25,14 @@ class Template(models.Model):
     description = models.TextField(blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # A deleted template (and all its versions) no longer lists or resolves, and its slug is
+    # free for a new template; its files go once nothing references them (retention sweep).
+    deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["team", "slug"], name="template_team_slug_unique"),
+            models.UniqueConstraint(fields=["team", "slug"], condition=Q(deleted_at__isnull=True),
+                                    name="template_team_slug_unique"),
             models.UniqueConstraint(fields=["slug"], condition=Q(team__isnull=True),
                                     name="template_provider_slug_unique"),
         ]

@@ -10,8 +10,8 @@ from watasu import errors, ids
 
 
 def templates_visible(*, team: Team) -> QuerySet[Template]:
-    """The team's own templates and the provider's."""
-    return Template.objects.filter(Q(team=team) | Q(team__isnull=True))
+    """The team's own templates and the provider's (deleted ones are gone)."""
+    return Template.objects.filter(Q(team=team) | Q(team__isnull=True), deleted_at__isnull=True)
 
 
 def _template_by_slug(team: Team, slug: str) -> Template | None:
@@ -68,8 +68,9 @@ def template_version_resolve(*, team: Team, selector: str) -> TemplateVersion:
 
 
 def templates_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Template]:
-    """Templates of these teams plus the provider's, for listings."""
-    return Template.objects.filter(Q(team__in=teams) | Q(team__isnull=True)).select_related("team")
+    """Templates of these teams plus the provider's, for listings (deleted ones are gone)."""
+    return Template.objects.filter(Q(team__in=teams) | Q(team__isnull=True),
+                                   deleted_at__isnull=True).select_related("team")
 
 
 def template_get(*, teams: QuerySet[Team], template_id: str) -> Template:

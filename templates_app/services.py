@@ -9,9 +9,10 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from sandboxes.models import Host
+from sandboxes.models import RUNTIME_STATES, Host, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, images, lifecycle
 from sandboxes.services import host_register_local
 from teams.models import User
@@ -153,6 +154,42 @@ def template_tags_remove(*, user: User, name: str, tags: list[str]) -> None:
     template = writable_template(user, template_by_id_or_alias(teams=teams_of_user(user=user),
                                                        value=name.partition(":")[0]))
     TemplateTag.objects.filter(template=template, tag__in=tags).delete()
+
+
+def _holder(template: Template) -> Sandbox | None:
+    """A sandbox that runs, or can resume, on one of the template's versions."""
+    return (Sandbox.objects.filter(Q(template=template) | Q(template_version__template=template),
+                                   state__in=[*RUNTIME_STATES, SandboxState.STOPPED])
+            .select_related("template_version").order_by("pk").first())
+
+
+def _version_name(sandbox: Sandbox) -> str:
+    version = sandbox.template_version
+    return f"version '{version.version}'" if version else "it"
+
+
+def template_delete(*, user: User, template: Template) -> None:
+    """Retire a team template and every version of it: none lists or resolves any more, the
+    slug is free again, and the retention sweep removes the files once nothing references
+    them. Refused while a build runs or while a sandbox runs (or is paused) on a version:
+    deleting would pull its disk from under it."""
+    writable_template(user, template)
+    with transaction.atomic():
+        # The row lock orders this against build claims, which take it too.
+        Template.objects.select_for_update().filter(pk=template.pk).first()
+        versions = TemplateVersion.objects.filter(template=template, deleted_at__isnull=True)
+        if versions.filter(status=VersionStatus.BUILDING).exists():
+            raise errors.Conflict(f"Template '{template.slug}' is being built; delete it once the "
+                                  "build ends.", code="template_building")
+        if (holder := _holder(template)) is not None:
+            raise errors.Conflict(
+                f"Template '{template.slug}' is in use: sandbox {holder.pk} ({holder.state}) runs on "
+                f"{_version_name(holder)}; kill it first.",
+                code="template_in_use", sandbox_id=str(holder.pk))
+        now = timezone.now()
+        versions.update(deleted_at=now)
+        TemplateTag.objects.filter(template=template).delete()
+        Template.objects.filter(pk=template.pk).update(deleted_at=now)
 
 
 def template_version_delete(*, user: User, version: TemplateVersion) -> None:

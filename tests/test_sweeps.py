@@ -248,3 +248,34 @@ def test_build_cache_retention_keeps_chains_whole(local_host, base_version_row, 
     assert set(BuildLayer.objects.values_list("key", flat=True)) == {"used-root", "used-leaf"}
     assert not Path(old_root.path).exists()
     assert Path(used_root.path).exists() and Path(used_leaf.path).exists()
+
+
+def test_a_deleted_templates_files_and_the_layers_on_it_are_swept(owner: Actor, acme, local_host) -> None:
+    from templates_app import services
+    from templates_app.models import BuildLayer, Template, TemplateVersion, VersionStatus
+
+    # given a team template with a ready version, and cached build layers built on it
+    template = Template.objects.create(team=acme, slug="gone", name="Gone")
+    home = Path(local_host.data_dir) / "templates" / "gone" / "v1-abcd1234"
+    (home / "snapshot").mkdir(parents=True, exist_ok=True)
+    (home / "base.qcow2").write_bytes(b"disk")
+    version = TemplateVersion.objects.create(template=template, version="v1", status=VersionStatus.READY,
+                                             cpu=1, memory_mb=512, host=local_host,
+                                             artifact_dir=str(home / "snapshot"))
+    parent = None
+    files = []
+    for index in range(2):
+        files.append(Path(local_host.data_dir) / "layers" / f"gone-{index}.qcow2")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        files[-1].write_bytes(b"layer")
+        parent = BuildLayer.objects.create(host=local_host, key=f"gone-{index}", parent=parent,
+                                           step=f"setup[{index}]", base_version=version, path=str(files[-1]))
+
+    # when the template is deleted and the retention sweep runs
+    services.template_delete(user=owner.user, template=template)
+    result = sweeps.retention_sweep()
+
+    # then its files and the layers nobody can build from any more are gone
+    assert result["template_versions"] == 1
+    assert not home.exists() and not any(path.exists() for path in files)
+    assert not BuildLayer.objects.filter(base_version=version).exists()

@@ -248,3 +248,176 @@ def test_build_env_is_stored_encrypted_and_never_shown(owner: Actor, acme_templa
     assert created.json()["sandbox_template_version"]["build_spec"]["env_keys"] == ["PIP_TOKEN"]
     assert "s3cret-value" not in json.dumps(version.build_spec) and "s3cret" not in version.env_encrypted
     assert version.build_env() == {"PIP_TOKEN": "s3cret-value"}
+
+
+# --- templates behave like the images they name -----------------------------------------------
+
+
+def _build(client, build_spec: dict, name: str = "img"):  # type: ignore[no-untyped-def]
+    return client.post("/v1/templates", {"name": name, "build_spec": build_spec}, format="json")
+
+
+@pytest.mark.parametrize(("image", "available"), [
+    ("python:3.12", "python:3.11"), ("python:3.13-slim", "python:3.11-slim"), ("node:22", "node:18"),
+    ("node:20-bookworm-slim", "node:lts"), ("debian:trixie", "debian:bookworm")])
+def test_an_image_version_debian_12_lacks_is_refused_at_request_time(
+        owner: Actor, base_version_row, image: str, available: str) -> None:
+    # when a build asks for a version of an image that Debian 12 does not provide
+    response = _build(owner.client(), {"from_image": image})
+
+    # then it is a 422 now (no version queued) naming the tag and listing what is available
+    body = response.json()
+    assert (response.status_code, body["error"]) == (422, "image_version_unavailable")
+    assert f"'{image}'" in body["message"] and body["requested"] == image
+    assert available in body["available"] and available in body["message"]
+    assert not TemplateVersion.objects.filter(template__slug="img").exists()
+
+
+@pytest.mark.parametrize("image", [
+    "python:3", "python:3.11", "python:3.11-slim", "python:3.11-bookworm", "python:latest", "python",
+    "docker.io/library/python:3.11", "node:18", "node:18-bookworm-slim", "node:lts", "node:latest",
+    "debian:bookworm", "debian:12", "debian:latest", "debian:stable"])
+def test_image_tags_meaning_what_debian_12_provides_are_accepted(
+        owner: Actor, base_version_row, image: str, django_capture_on_commit_callbacks) -> None:
+    with django_capture_on_commit_callbacks():
+        response = _build(owner.client(), {"from_image": image})
+
+    assert response.status_code == 201, response.json()
+
+
+def test_images_we_do_not_build_stay_refused_as_imports(owner: Actor, base_version_row) -> None:
+    for image in ("ubuntu:24.04", "oven/bun:latest", "ghcr.io/acme/python:3.11", "python@sha256:abc"):
+        response = _build(owner.client(), {"from_image": image})
+        assert (response.status_code, response.json()["error"]) == (422, "oci_image_import_disabled"), image
+
+
+@pytest.mark.parametrize(("spec", "field", "hint"), [
+    ({"setpu": ["echo hi"]}, "build_spec.setpu", "setup"),
+    ({"start_command": "sleep 1"}, "build_spec.start_command", "start_cmd"),
+    ({"packages": {"pip3": ["six"]}}, "build_spec.packages.pip3", "pip"),
+    ({"files": [{"path": "/x", "contents_b64": "aGk="}]}, "build_spec.files[0].contents_b64", "content_b64"),
+    ({"fromimage": "python:3.11"}, "build_spec.fromimage", "from_image"),
+])
+def test_unknown_build_spec_keys_are_named_at_every_level(owner: Actor, acme_template, base_version_row,
+                                                          spec: dict, field: str, hint: str) -> None:
+    # when a build spec carries a key we do not know, through either build API
+    via_sdk_api = _build(owner.client(), spec)
+    via_versions = owner.client().post(f"/v1/sandbox_templates/{acme_template.pk}/versions",
+                                       _version_body(build_spec=spec), format="json")
+
+    # then both refuse it, naming it and its closest known spelling
+    for response in (via_sdk_api, via_versions):
+        body = response.json()
+        assert (response.status_code, body["field"], body["did_you_mean"]) == (422, field, hint), body
+        assert f"'{field}'" in body["message"] and f"'{hint}'" in body["message"]
+
+
+def test_every_key_the_sdks_send_is_accepted(owner: Actor, base_version_row,
+                                             django_capture_on_commit_callbacks) -> None:
+    from tests.sdk import run_scenario
+
+    # given the build specs the real Python SDK makes with every builder method, and the
+    # TypeScript SDK's spelling of the parent (`base`)
+    specs = [json.loads(line) for line in run_scenario(
+        "build_specs", api_url="http://127.0.0.1:9/v1", api_key="unused").splitlines()]
+    specs.append({"base": "base", "setup": ["echo hi"]})
+
+    # when each is sent as a build
+    with django_capture_on_commit_callbacks():
+        responses = [_build(owner.client(), spec, name=f"sdk-{index}") for index, spec in enumerate(specs)]
+
+    # then none is refused, and `base` is stored as `from_template`
+    assert [r.status_code for r in responses] == [201] * len(specs), [r.json() for r in responses]
+    ts = TemplateVersion.objects.get(template__slug=f"sdk-{len(specs) - 1}")
+    assert ts.build_spec["from_template"] == "base" and "base" not in ts.build_spec
+    assert _build(owner.client(), {"base": "base", "from_template": "other"}).status_code == 422
+
+
+# --- deleting a template ---------------------------------------------------------------------
+
+
+def test_a_team_deletes_a_template_and_its_versions(owner: Actor, acme, acme_template, base_version_row,
+                                                    django_capture_on_commit_callbacks) -> None:
+    from templates_app.models import TemplateTag
+
+    # given a template with two versions and a tag
+    v1 = acme_template.versions.get(version="v1")
+    TemplateTag.objects.create(template=acme_template, version=v1, tag="stable")
+    url = f"/v1/sandbox_templates/{acme_template.pk}"
+
+    # when its team deletes it
+    response = owner.client().delete(url)
+
+    # then it is gone from every read, its versions are retired, and the slug is free again
+    assert response.status_code == 204
+    assert owner.client().get(url).status_code == 404
+    assert owner.client().get(f"{url}/versions").status_code == 404
+    assert owner.client().get("/v1/templates/aliases/python-ci").status_code == 404
+    listed = owner.client().get("/v1/sandbox_templates").json()["sandbox_templates"]
+    assert "python-ci" not in [t["slug"] for t in listed]
+    assert not TemplateVersion.objects.filter(template=acme_template, deleted_at__isnull=True).exists()
+    assert not TemplateTag.objects.filter(template=acme_template).exists()
+    with pytest.raises(Exception, match="not found"):
+        template_version_resolve(team=acme, selector="python-ci:stable")
+    with django_capture_on_commit_callbacks():
+        rebuilt = _build(owner.client(), {"setup": ["echo again"]}, name="python-ci")
+    assert rebuilt.status_code == 201
+    assert rebuilt.json()["template_build"]["template_id"] != str(acme_template.pk)
+    assert owner.client().delete(url).status_code == 404  # deleting again: it is gone
+
+
+def test_who_may_delete_a_template(owner: Actor, viewer: Actor, outsider: Actor, acme_template,
+                                   base_version_row) -> None:
+    url = f"/v1/sandbox_templates/{acme_template.pk}"
+
+    assert outsider.client().delete(url).status_code == 404  # another team's: not even there
+    assert viewer.client().delete(url).status_code == 403
+    assert owner.client("read").delete(url).status_code == 403  # a read-only key
+    provider = owner.client().delete(f"/v1/sandbox_templates/{base_version_row.template_id}")
+    assert provider.status_code == 403  # the platform's
+    assert Template.objects.get(pk=acme_template.pk).deleted_at is None
+
+
+@pytest.mark.parametrize("state", ["ready", "stopped", "creating"])
+def test_a_template_something_runs_on_is_not_deleted(owner: Actor, acme, acme_template, state: str) -> None:
+    from tests.factories import SandboxFactory
+
+    # given a sandbox on one of its versions
+    sandbox = SandboxFactory(team=acme, state=state, template=acme_template,
+                             template_version=acme_template.versions.get(version="v1"))
+
+    # when the template is deleted
+    response = owner.client().delete(f"/v1/sandbox_templates/{acme_template.pk}")
+
+    # then it is a 409 naming the sandbox, and nothing changed
+    body = response.json()
+    assert (response.status_code, body["error"]) == (409, "template_in_use")
+    assert body["sandbox_id"] == str(sandbox.pk)
+    assert f"sandbox {sandbox.pk}" in body["message"] and "'v1'" in body["message"]
+    assert TemplateVersion.objects.filter(template=acme_template, deleted_at__isnull=True).count() == 2
+
+
+def test_a_destroyed_sandbox_does_not_hold_a_template(owner: Actor, acme, acme_template) -> None:
+    from tests.factories import SandboxFactory
+
+    SandboxFactory(team=acme, state="destroyed", template_version=acme_template.versions.get(version="v1"))
+
+    assert owner.client().delete(f"/v1/sandbox_templates/{acme_template.pk}").status_code == 204
+
+
+def test_a_template_being_built_is_not_deleted_and_its_drafts_never_start(owner: Actor,
+                                                                          acme_template) -> None:
+    from templates_app.builds import _claim
+
+    building = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512,
+                                              status=VersionStatus.BUILDING)
+    draft = TemplateVersion.objects.create(template=acme_template, version="b2", cpu=1, memory_mb=512)
+    url = f"/v1/sandbox_templates/{acme_template.pk}"
+
+    refused = owner.client().delete(url)
+    TemplateVersion.objects.filter(pk=building.pk).update(status=VersionStatus.FAILED)
+    deleted = owner.client().delete(url)
+
+    assert (refused.status_code, refused.json()["error"]) == (409, "template_building")
+    assert deleted.status_code == 204
+    assert _claim(draft.pk) is None  # a queued build of a deleted template never runs

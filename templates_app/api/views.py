@@ -120,6 +120,11 @@ class SandboxTemplateDetailView(_TemplateView):
     def get(self, request: Request, template_id: str) -> Response:
         return Response({"sandbox_template": template_representation(self.template(template_id))})
 
+    @extend_schema(operation_id="sandbox_templates_destroy", responses={204: None})
+    def delete(self, request: Request, template_id: str) -> Response:
+        services.template_delete(user=self.user, template=self.template(template_id))
+        return Response(status=204)
+
 
 class SandboxTemplateVersionListView(_TemplateView):
     @extend_schema(operation_id="sandbox_template_versions_list", responses=ANY)

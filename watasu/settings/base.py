@@ -70,6 +70,8 @@ EDGE_MAX_SOCKETS_PER_SANDBOX = env.int("WATASU_EDGE_MAX_SOCKETS_PER_SANDBOX", 64
 # A build worker renews its build's lease every quarter of this; a build whose lease ran
 # out (the worker died) is failed by the builds sweep.
 TEMPLATE_BUILD_LEASE_SECONDS = env.int("WATASU_TEMPLATE_BUILD_LEASE_SECONDS", 120, min=4)
+# How long a template's ready check may take to first succeed before the build fails.
+TEMPLATE_READY_TIMEOUT_SECONDS = env.int("WATASU_TEMPLATE_READY_TIMEOUT_SECONDS", 180, min=1)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
