@@ -312,6 +312,29 @@ def test_unknown_build_spec_keys_are_named_at_every_level(owner: Actor, acme_tem
         assert f"'{field}'" in body["message"] and f"'{hint}'" in body["message"]
 
 
+@pytest.mark.parametrize(("url", "body", "field", "hint"), [
+    ("/v1/templates", {"name": "img", "build_spec": {"setup": ["true"]}, "skip_cahce": True},
+     "skip_cahce", "skip_cache"),
+    ("/v1/templates", {"name": "img", "build_spec": {"setup": ["true"]}, "memroy_mb": 2048},
+     "memroy_mb", "memory_mb"),
+    ("versions", {"sandbox_template_version": {**_version_body()["sandbox_template_version"],
+                                               "build_spce": {}}},
+     "sandbox_template_version.build_spce", "build_spec"),
+    ("versions", _version_body(runtime_baseline={"cpu": 1, "memory": 1024}),
+     "sandbox_template_version.runtime_baseline.memory", "memory_mb"),
+])
+def test_misspelled_keys_around_a_build_spec_are_named(owner: Actor, acme_template, base_version_row,
+                                                       url: str, body: dict, field: str, hint: str) -> None:
+    # when a build request misspells one of its own keys (the shape or the cache flag)
+    if url == "versions":
+        url = f"/v1/sandbox_templates/{acme_template.pk}/versions"
+    response = owner.client().post(url, body, format="json")
+
+    # then it is refused, naming the key and what was meant, rather than building the default
+    assert response.status_code == 422, response.content
+    assert (response.json()["field"], response.json()["did_you_mean"]) == (field, hint)
+
+
 def test_every_key_the_sdks_send_is_accepted(owner: Actor, base_version_row,
                                              django_capture_on_commit_callbacks) -> None:
     from tests.sdk import run_scenario

@@ -16,7 +16,7 @@ from sandboxes.api.serializers import iso
 from teams.selectors import teams_for_list, teams_of_user
 from templates_app import selectors, services
 from templates_app.models import Template, TemplateVersion
-from watasu import errors, ids
+from watasu import errors, ids, suggest
 from watasu.api.fields import NameField
 from watasu.api.views import ApiView, team_param
 
@@ -25,6 +25,11 @@ SLUG = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")  # DRF's RegexField searches
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 BUILD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?")
 ANY = inline_serializer("TemplateAny", {"any": serializers.JSONField()})
+# What the SDKs send to start a build and to add a version: a near-miss of one of these
+# (`skip_cahce`, `memroy_mb`) is a 422, other keys are left to the clients that send them.
+BUILD_KEYS = ("name", "cpu_count", "memory_mb", "skip_cache", "build_spec", "tags", "team")
+VERSION_KEYS = ("version", "source_kind", "architecture", "runtime_baseline", "build_spec", "skip_cache",
+                "default_user", "workdir", "metadata")
 MAX_LOG_INDEX = 2**31 - 1  # BuildLogEntry.index is a PositiveIntegerField
 # The SDK's build-status vocabulary for our version states.
 SDK_STATUS = {"draft": "waiting", "building": "building", "ready": "ready", "failed": "error"}
@@ -142,6 +147,7 @@ class SandboxTemplateVersionListView(_TemplateView):
         if not isinstance(body, dict):
             raise errors.Invalid("Expected {\"sandbox_template_version\": {...}}.",
                                  errors=["sandbox_template_version"])
+        suggest.refuse_near_misses(body, VERSION_KEYS, where="sandbox_template_version")
         version = _text(body, "version")
         if not VERSION.fullmatch(version):
             raise errors.Invalid("version must be letters, digits, dots, dashes and underscores.",
@@ -155,6 +161,8 @@ class SandboxTemplateVersionListView(_TemplateView):
         baseline = body.get("runtime_baseline") or {}
         if not isinstance(baseline, dict):
             raise errors.Invalid("runtime_baseline must be an object.", errors=["runtime_baseline: invalid"])
+        suggest.refuse_unknown_keys(baseline, ("cpu", "memory_mb"),
+                                    where="sandbox_template_version.runtime_baseline")
         cpu, memory = _shape(baseline, "cpu", "memory_mb")
         created = template_version_create(
             user=self.user, template=self.template(template_id), version=version,
@@ -273,6 +281,7 @@ class TemplateBuildView(ApiView):
         from templates_app.builds import template_build_start
 
         body = request.data if isinstance(request.data, dict) else {}
+        suggest.refuse_near_misses(body, BUILD_KEYS)
         name = _text(body, "name")
         if not BUILD_NAME.fullmatch(name):
             raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",
