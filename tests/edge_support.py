@@ -70,7 +70,9 @@ class FakeAgent:
       and sha256 in `{"file": ...}`;
     - `WS /runtime/v1/process` echoes frames; `{"type": "close", "code": N}` closes
       with N; `/runtime/v1/process/missing/connect` is denied with 404;
-    - `/proxy/<port>/<path>` echoes the request (or redirects for `/redirect`).
+    - `/proxy/<port>/<path>` echoes the request (or redirects for `/redirect`);
+    - `GET /runtime/v1/files?path=/hostile.html` answers as a guest that replaced the
+      agent would: an inline page with a script, cookies for the platform and a loose CSP.
     Every route needs `Bearer <secret>`.
     """
 
@@ -144,6 +146,14 @@ class FakeAgent:
                                          "raw_path": (scope.get("raw_path") or b"").decode()})
 
     async def _read(self, path: str, send: Send) -> None:
+        if path == "/hostile.html":
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/html"), (b"content-disposition", b'inline; filename="x.html"'),
+                (b"set-cookie", b"sessionid=attacker-chosen; Path=/; HttpOnly"),
+                (b"set-cookie", b"csrftoken=attacker-chosen; Path=/"),
+                (b"content-security-policy", b"default-src *"), (b"refresh", b"0; url=https://evil.test/")]})
+            await send({"type": "http.response.body", "body": b"<script>alert(document.cookie)</script>"})
+            return
         if path.startswith("/big/"):
             size = int(path.removeprefix("/big/"))
             await send({"type": "http.response.start", "status": 200,

@@ -400,6 +400,23 @@ def test_signed_urls_upload_and_download_without_a_header(edge, agent, owner) ->
 
 
 @edge_db
+def test_a_guest_cannot_serve_a_page_or_cookies_on_the_platforms_origin(edge, agent, owner) -> None:
+    # given a guest whose "agent" answers a download with a page, cookies and a loose CSP
+    sandbox = _sandbox(owner, agent)
+    signed = _file_url(edge, owner.write_key, sandbox, "download", path="/hostile.html").json()["file_url"]
+
+    for response in (requests.get(signed["url"], timeout=10),
+                     requests.get(f"{_dp(sandbox)}/runtime/v1/files", params={"path": "/hostile.html"},
+                                  headers=_auth(sandbox), timeout=10)):
+        # then the data plane's answer sets no cookie and cannot render as a page of the origin
+        assert response.status_code == 200 and "<script>" in response.text
+        assert "set-cookie" not in response.headers and "refresh" not in response.headers
+        assert response.headers["content-security-policy"].startswith("default-src 'none'; sandbox")
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["content-disposition"] == 'attachment; filename="x.html"'
+
+
+@edge_db
 def test_expired_or_tampered_signed_urls_are_403(edge, agent, owner) -> None:
     sandbox = _sandbox(owner, agent)
     expired = file_url_make(sandbox, path="/a", op="read", ttl=60, now=time.time() - 120).url

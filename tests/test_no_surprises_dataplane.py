@@ -341,6 +341,35 @@ def test_watch_event_names_are_relative_to_the_watched_directory(edge, sandbox, 
     assert creates == [(name, f"{tmp_path}/{name}") for name in ("a", "a/b", "a/b/c", "a/b/c/f")]
 
 
+@edge_db
+def test_a_watch_sees_an_upload_as_the_write_of_its_file_never_its_temp_name(edge, sandbox, tmp_path) -> None:
+    from websockets.sync.client import connect
+
+    (tmp_path / "old.txt").write_text("old")
+    query = f"path={tmp_path}&recursive=true&include_entry=false&allow_network_mounts=false"
+    url = _dp(edge, sandbox).replace("http://", "ws://") + f"/files/watch?{query}"
+    events: list[dict] = []
+    with connect(url, additional_headers=_auth(sandbox)) as socket:
+        assert json.loads(socket.recv(timeout=10)) == {"type": "ready"}
+        # when a new file and an existing one are uploaded (each written beside itself, renamed in)
+        for name in ("new.txt", "old.txt"):
+            written = requests.put(f"{_dp(edge, sandbox)}/files", params={"path": str(tmp_path / name)},
+                                   data=b"fresh", headers=_auth(sandbox), timeout=30)
+            assert written.status_code == 200, written.text
+
+        def both_written() -> bool:
+            events.extend(json.loads(socket.recv(timeout=30))["events"])
+            return {("write", "new.txt"), ("write", "old.txt")} <= {(e["type"], e["name"]) for e in events}
+
+        wait_until(both_written, 60, "the watch to report both uploads", seen=lambda: events)
+
+    # then the new file is created and written, the old one written, and no temp name shows
+    seen = [(e["type"], e["name"]) for e in events]
+    assert seen[:3] == [("create", "new.txt"), ("write", "new.txt"), ("write", "old.txt")], seen
+    assert not [name for _, name in seen if "watasu-" in name], seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "old.txt"]
+
+
 def test_a_dropped_process_record_is_named_as_such(monkeypatch) -> None:
     # given an agent that keeps one finished record, and two finished processes
     monkeypatch.setattr(guest_agent, "FINISHED_KEEP", 1)

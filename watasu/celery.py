@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,12 +19,19 @@ app.autodiscover_tasks()
 def _create_embedded_broker_folders(sender: Celery, **_: object) -> None:
     """The file-system broker expects its folders to exist before the first message."""
     options = sender.conf.broker_transport_options or {}
-    for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
-        if options.get(key):
-            Path(options[key]).mkdir(parents=True, exist_ok=True)
+    broker = [Path(options[key]) for key in ("data_folder_in", "data_folder_out", "processed_folder",
+                                             "control_folder") if options.get(key)]
+    folders = [*{folder.parent for folder in broker}, *broker]
     backend = str(sender.conf.result_backend or "")
     if backend.startswith("file://"):
-        Path(backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        folders.append(Path(backend.removeprefix("file://")))
+    schedule = sender.conf.beat_schedule_filename
+    if schedule:
+        folders.append(Path(schedule).parent)
+    for folder in folders:  # messages and results are root's alone (they name sandboxes and teams)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):
+            folder.chmod(0o700)
 
 
 @app.task(name="watasu.ping")

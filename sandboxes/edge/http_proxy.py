@@ -36,6 +36,12 @@ PATH_FORM_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals al
 # names no software, and a preview app's own `Server` is the app's answer, passed on.
 _SERVER_OWN = frozenset({b"date", b"server"})
 _PREVIEW_SERVER_OWN = frozenset({b"date"})
+# A data-plane answer (files, processes, signed URLs) is never a page of the platform's
+# origin, even when a hostile guest replaces the agent: these come from the edge alone.
+_DATA_PLANE_OWN = frozenset({b"set-cookie", b"content-security-policy",
+                             b"content-security-policy-report-only", b"x-content-type-options",
+                             b"refresh", b"link"})
+DATA_PLANE_CSP = b"default-src 'none'; sandbox; frame-ancestors 'none'"
 _transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
     weakref.WeakKeyDictionary())
 
@@ -147,9 +153,13 @@ def _domain_cookie(value: bytes) -> bool:
 def _response_headers(response: httpx.Response, prefix: str, preview: bool) -> Headers:
     """The agent's headers for the client. Previews in the path form (`prefix`) share the
     platform's origin: no cookies, and a sandboxing CSP. Previews in the host form keep
-    cookies scoped to their own host only."""
+    cookies scoped to their own host only. Data-plane answers come from inside the guest
+    too, and are served on the platform's origin: whatever the agent says, they set no
+    cookie, never render as a page (a sandboxing CSP, nosniff) and a file is an attachment."""
+    if not preview:
+        return _data_plane_headers(response)
     headers = []
-    own = _PREVIEW_SERVER_OWN if preview else _SERVER_OWN
+    own = _PREVIEW_SERVER_OWN
     for name, value in response.headers.raw:
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in own:
@@ -164,6 +174,18 @@ def _response_headers(response: httpx.Response, prefix: str, preview: bool) -> H
     if preview and prefix:
         headers.append((b"content-security-policy", PATH_FORM_CSP))
     return headers
+
+
+def _data_plane_headers(response: httpx.Response) -> Headers:
+    headers = []
+    for name, value in response.headers.raw:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in _SERVER_OWN or lowered in _DATA_PLANE_OWN:
+            continue
+        if lowered == b"content-disposition" and not value.lower().startswith(b"attachment"):
+            value = b"attachment" + (value[value.index(b";"):] if b";" in value else b"")
+        headers.append((lowered, value))
+    return [*headers, (b"content-security-policy", DATA_PLANE_CSP), (b"x-content-type-options", b"nosniff")]
 
 
 async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, method: str,

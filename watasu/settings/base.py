@@ -272,7 +272,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celery-beat" / "schedule")
 # Sweeps and template builds run on separate queues, served by separate worker
 # processes (`make run` starts one of each), so an hour-long build never delays a
 # timeout. Everything else (ping) stays on the default queue, with the sweeps.
@@ -291,6 +291,7 @@ else:
     # process, the worker and beat on one machine; no server to run.
     _broker_dir = DATA_DIR / "celery-broker"
     CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT = "watasu.broker:Transport"  # messages renamed into place whole
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),

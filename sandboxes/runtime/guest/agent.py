@@ -350,7 +350,7 @@ def write_stream(path: str, chunks: Iterator[bytes], gzipped: bool) -> dict[str,
     if existing is not None and not stat.S_ISREG(existing.st_mode):
         return _write_in_place(path, target, chunks, gzipped)
     directory, name = os.path.split(target)
-    temp = os.path.join(directory, f".{name}.upload-{os.urandom(6).hex()}")
+    temp = os.path.join(directory, upload_temp_name(name, replacing=existing is not None))
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
@@ -370,6 +370,15 @@ def write_stream(path: str, chunks: Iterator[bytes], gzipped: bool) -> dict[str,
             raise os_error(e, path) from e
         raise
     return file_entry(path)
+
+
+# An upload in progress, beside its file: `.<name>.watasu-<new|put>-<12 hex>`. Watches never
+# report it; its rename into place is reported as the write (and create) of the file itself.
+UPLOAD_TEMP = re.compile(r"\..*\.watasu-(new|put)-[0-9a-f]{12}", re.DOTALL)
+
+
+def upload_temp_name(name: str, *, replacing: bool) -> str:
+    return f".{name}.watasu-{'put' if replacing else 'new'}-{os.urandom(6).hex()}"
 
 
 def _write_in_place(path: str, target: str, chunks: Iterator[bytes], gzipped: bool) -> dict[str, Any]:
@@ -1392,6 +1401,7 @@ class Inotify:
         self.recursive = recursive
         self.paths: dict[int, str] = {}
         self.scanned: dict[str, float] = {}  # path -> when a scan reported it created
+        self.uploads: dict[int, str] = {}  # rename cookie -> "new" / "put" of an upload's temp file
         if recursive:
             self.add_tree(root)
         else:
@@ -1409,7 +1419,8 @@ class Inotify:
         for dirpath, dirnames, filenames in os.walk(root):
             for d in dirnames:
                 self.add(os.path.join(dirpath, d))
-            found += [os.path.join(dirpath, name) for name in sorted(dirnames) + sorted(filenames)]
+            found += [os.path.join(dirpath, name) for name in sorted(dirnames) + sorted(filenames)
+                      if not UPLOAD_TEMP.fullmatch(name)]
         return found
 
     def _created_inside(self, directory: str) -> list[tuple[str, int]]:
@@ -1434,7 +1445,7 @@ class Inotify:
             return []
         out, i = [], 0
         while i + 16 <= len(buf):
-            wd, mask, _cookie, n = struct.unpack_from("iIII", buf, i)
+            wd, mask, cookie, n = struct.unpack_from("iIII", buf, i)
             name = buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode(errors="surrogateescape")
             i += 16 + n
             if mask & IN_IGNORED:
@@ -1444,6 +1455,16 @@ class Inotify:
             if base is None:
                 continue
             path = os.path.join(base, name) if name else base
+            if upload := UPLOAD_TEMP.fullmatch(name):
+                if mask & IN_MOVED_FROM:  # an upload renamed into place: its MOVED_TO follows
+                    self.uploads[cookie] = upload.group(1)
+                    while len(self.uploads) > 64:
+                        self.uploads.pop(next(iter(self.uploads)))
+                continue
+            if mask & IN_MOVED_TO and (kind := self.uploads.pop(cookie, None)) is not None:
+                out += [(path, IN_CREATE), (path, IN_CLOSE_WRITE)] if kind == "new" else [
+                    (path, IN_CLOSE_WRITE)]
+                continue
             if mask & IN_CREATE and self.scanned.pop(path, None) is not None:
                 continue  # already reported by the scan of its new parent
             out.append((path, mask))
