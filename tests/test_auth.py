@@ -122,3 +122,18 @@ def test_another_users_api_key_is_404(owner: Actor, outsider: Actor) -> None:
     assert outsider.client().get(f"/v1/api_keys/{key_id}").status_code == 404
     assert outsider.client().delete(f"/v1/api_keys/{key_id}").status_code == 404
     assert ApiKey.objects.get(pk=key_id).revoked_at is None
+
+
+@pytest.mark.parametrize(("body", "field", "hint"), [
+    ({"name": "ci", "scop": "read"}, "scop", "scope"),
+    ({"scope": "read", "expires_in": 1}, "expires_in", "expires_at"),
+])
+def test_a_misspelled_api_key_field_is_refused_never_a_write_key(owner: Actor, body: dict, field: str,
+                                                                 hint: str) -> None:
+    # when a key is asked for with a misspelled field (a read key meant, an expiry meant)
+    response = owner.client().post("/v1/api_keys", body, format="json")
+
+    # then nothing is minted: the key is named with what was meant
+    assert response.status_code == 422, response.content
+    assert (response.json()["field"], response.json()["did_you_mean"]) == (field, hint)
+    assert ApiKey.objects.filter(user=owner.user).count() == 2  # the fixture's write and read keys

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from teams.models import ApiKey, Scope, Team
-from watasu.api.fields import NameField
+from watasu.api.fields import ClosedSerializer, NameField
 
 
 class TeamSerializer(serializers.ModelSerializer[Team]):
@@ -19,7 +19,9 @@ class TeamSerializer(serializers.ModelSerializer[Team]):
         return team.personal_for_id is not None
 
 
-class TeamCreateSerializer(serializers.Serializer):
+class TeamCreateSerializer(ClosedSerializer):
+    """A new team, owned by the caller. Unknown fields are a 422."""
+
     slug = serializers.SlugField(max_length=63)
     name = NameField(max_length=200, required=False, allow_blank=True)
 
@@ -36,7 +38,9 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
         return key.revoked_at is not None
 
 
-class ApiKeyCreateSerializer(serializers.Serializer):
+class ApiKeyCreateSerializer(ClosedSerializer):
+    """A new API key (write scope unless `scope` says read). Unknown fields are a 422."""
+
     name = NameField(max_length=100, required=False, allow_blank=True, default="")
     scope = serializers.ChoiceField(choices=Scope.choices, default=Scope.WRITE)
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)

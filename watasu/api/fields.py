@@ -26,3 +26,15 @@ class NameField(serializers.CharField):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.validators.append(no_control_characters)
+
+
+class ClosedSerializer(serializers.Serializer):
+    """A body the platform defines: a key it does not know is a 422 naming the key and the
+    closest known one (`scop` once minted a write key where a read key was meant)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        from watasu import suggest
+
+        if isinstance(data, dict):
+            suggest.refuse_unknown_keys(data, self.fields, where=self.field_name or "")
+        return super().to_internal_value(data)

@@ -14,6 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from watasu import errors
+from watasu.api.views import OnlyItsMethods
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -37,7 +38,7 @@ def object_envelope(name: str, key: str, item: serializers.Serializer) -> serial
     return inline_serializer(name, {key: item})
 
 
-class SchemaView(SpectacularAPIView):
+class SchemaView(OnlyItsMethods, SpectacularAPIView):
     """`GET /v1/schema`: the OpenAPI document (YAML, or JSON with `?format=json`).
 
     Its errors (405, a bad `lang`) are JSON in the API's error shape, not YAML, and `lang`

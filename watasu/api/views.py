@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db.models import QuerySet
+from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -29,7 +30,24 @@ def team_param(request: Request, body: Any = None) -> str | None:
     return None
 
 
-class ApiView(APIView):
+class OnlyItsMethods:
+    """A route answers the methods it implements and a 405 for any other, whoever asks:
+    the method is checked before the key (a read key or no key does not turn a 405 into
+    a 403 or 401). OPTIONS is not answered: its metadata would describe views, not the API."""
+
+    metadata_class = None
+
+    @property
+    def allowed_methods(self) -> list[str]:
+        return [m for m in super().allowed_methods if m != "OPTIONS"]  # type: ignore[misc]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        if request.method not in self.allowed_methods:
+            raise MethodNotAllowed(request.method)
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+
+
+class ApiView(OnlyItsMethods, APIView):
     """An API view whose caller is always a user authenticated by an API key.
 
     List views set `envelope` (the key of the list in the response body) and
