@@ -99,6 +99,33 @@ def test_unknown_lifecycle_keys_are_named_with_the_closest_known_one(owner: Acto
     assert not Sandbox.objects.exists()
 
 
+@pytest.mark.parametrize(("body", "problem"), [
+    ({"auto_pause": True, "lifecycle": {"on_timeout": "kill"}}, "auto_pause is true but"),
+    ({"lifecycle": {"on_timeout": "pause", "onTimeout": "kill"}}, "name the same setting"),
+    ({"lifecycle": {"on_timeout": "pause", "auto_resume": True, "autoResume": False}},
+     "name the same setting"),
+    ({"lifecycle": {"on_timeout": ""}}, "must be 'kill' or 'pause'"),
+    ({"lifecycle": {"on_timeout": False}}, "must be 'kill' or 'pause'"),
+])
+def test_a_lifecycle_that_contradicts_itself_is_refused_never_guessed(owner: Actor, body: dict,
+                                                                      problem: str) -> None:
+    response = owner.client().post("/v1/sandboxes", body, format="json")
+
+    assert response.status_code == 422, response.content
+    assert response.json()["error"] == "invalid_lifecycle" and problem in response.json()["message"]
+
+
+@pytest.mark.parametrize(("body", "on_timeout"), [
+    ({"auto_pause": True, "lifecycle": {}}, "pause"),  # auto_pause fills what lifecycle leaves out
+    ({"auto_pause": False, "lifecycle": {"on_timeout": "pause"}}, "pause"),  # what beta_create sends
+    ({"lifecycle": {"on_timeout": None}}, "kill"),
+])
+def test_auto_pause_and_lifecycle_agree(body: dict, on_timeout: str) -> None:
+    from sandboxes.api.parsing import parse_lifecycle
+
+    assert parse_lifecycle(body).on_timeout == on_timeout
+
+
 def test_an_unknown_lifecycle_key_unlike_any_lists_the_known_ones(owner: Actor) -> None:
     response = owner.client().post("/v1/sandboxes", {"lifecycle": {"colour": "red"}}, format="json")
 

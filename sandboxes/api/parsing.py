@@ -69,19 +69,36 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
 LIFECYCLE_KEYS = ("on_timeout", "auto_resume", "onTimeout", "autoResume")
 
 
+def _spelled_once(raw: dict[str, Any], key: str, camel: str) -> Any:
+    """`raw[key]` or its camelCase spelling; both, with different values, is a 422."""
+    if key in raw and camel in raw and raw[key] != raw[camel]:
+        raise _invalid("invalid_lifecycle", f"lifecycle.{key} and lifecycle.{camel} name the same "
+                       "setting with different values; send one of them.")
+    return raw.get(key, raw.get(camel))
+
+
 def parse_lifecycle(body: dict[str, Any]) -> Lifecycle:
     raw = body.get("lifecycle")
+    auto_pause = _bool(body, "auto_pause", False)
     if raw is None:
-        return Lifecycle(on_timeout=OnTimeout.PAUSE if _bool(body, "auto_pause", False)
-                         else OnTimeout.KILL)
+        return Lifecycle(on_timeout=OnTimeout.PAUSE if auto_pause else OnTimeout.KILL)
     if not isinstance(raw, dict):
         raise _invalid("invalid_lifecycle", "lifecycle must be an object.")
     # {"on_timout": "pause"} absorbed would destroy the sandbox at its deadline.
     suggest.refuse_unknown_keys(raw, LIFECYCLE_KEYS, where="lifecycle", code="invalid_lifecycle")
-    on_timeout = raw.get("on_timeout", raw.get("onTimeout")) or OnTimeout.KILL
+    on_timeout = _spelled_once(raw, "on_timeout", "onTimeout")
+    if on_timeout is None:
+        on_timeout = OnTimeout.PAUSE if auto_pause else OnTimeout.KILL
     if on_timeout not in OnTimeout.values:
         raise _invalid("invalid_lifecycle", "lifecycle.on_timeout must be 'kill' or 'pause'.")
-    auto_resume = raw.get("auto_resume", raw.get("autoResume", False))
+    if auto_pause and on_timeout != OnTimeout.PAUSE:
+        # the SDK sends on_timeout 'kill' for a lifecycle without one: say which wins, never guess
+        raise _invalid("invalid_lifecycle", "auto_pause is true but lifecycle.on_timeout is "
+                       f"'{on_timeout}'; send lifecycle.on_timeout 'pause' (auto_pause may then be "
+                       "left out).")
+    auto_resume = _spelled_once(raw, "auto_resume", "autoResume")
+    if auto_resume is None:
+        auto_resume = False
     if not isinstance(auto_resume, bool):
         raise _invalid("invalid_lifecycle", "lifecycle.auto_resume must be true or false.")
     if auto_resume and on_timeout != OnTimeout.PAUSE:
