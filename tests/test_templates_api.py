@@ -335,6 +335,23 @@ def test_misspelled_keys_around_a_build_spec_are_named(owner: Actor, acme_templa
     assert (response.json()["field"], response.json()["did_you_mean"]) == (field, hint)
 
 
+@pytest.mark.parametrize(("spec", "problem"), [
+    ({"from_image": "python:3.11", "from_template": "my-ci"}, "both from_image and from_template"),
+    ({"from_image": "python:3.11", "base": "my-ci"}, "both from_image and from_template"),
+    ({"env": {"A": None}}, "the value of 'A' must be a string"),
+    ({"env": {"B": {"x": 1}}}, "the value of 'B' must be a string"),
+    ({"env": {"1bad key": "v"}}, "'1bad key' is not a valid variable name"),
+    ([], "build_spec must be an object"),
+    ("setup", "build_spec must be an object"),
+])
+def test_a_build_spec_that_cannot_mean_one_thing_is_refused(owner: Actor, base_version_row, spec,
+                                                            problem: str) -> None:
+    response = _build(owner.client(), spec)
+
+    assert response.status_code == 422, response.content
+    assert problem in response.json()["message"]
+
+
 def test_every_key_the_sdks_send_is_accepted(owner: Actor, base_version_row,
                                              django_capture_on_commit_callbacks) -> None:
     from tests.sdk import run_scenario

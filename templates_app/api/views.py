@@ -166,7 +166,7 @@ class SandboxTemplateVersionListView(_TemplateView):
         cpu, memory = _shape(baseline, "cpu", "memory_mb")
         created = template_version_create(
             user=self.user, template=self.template(template_id), version=version,
-            build_spec=body.get("build_spec") or {}, cpu=cpu, memory_mb=memory,
+            build_spec=_spec(body), cpu=cpu, memory_mb=memory,
             skip_cache=body.get("skip_cache") is True)
         return Response({"sandbox_template_version": version_representation(created)}, status=201)
 
@@ -266,6 +266,13 @@ def _build_info(version: TemplateVersion) -> dict[str, Any]:
             "name": template.slug, "alias": template.slug, "tags": version.build_spec.get("tags", [])}
 
 
+def _spec(body: dict[str, Any]) -> Any:
+    """The request's build spec as sent (absent or null: an empty one); its shape is
+    checked by the build, so `[]` is refused rather than read as `{}`."""
+    spec = body.get("build_spec")
+    return {} if spec is None else spec
+
+
 def _positive(body: dict[str, Any], key: str, default: int) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -288,7 +295,7 @@ class TemplateBuildView(ApiView):
                                  errors=["name: invalid"])
         cpu, memory = _shape(body, "cpu_count", "memory_mb")
         tags = _tags(body["tags"]) if body.get("tags") else []
-        version = template_build_start(user=self.user, name=name, build_spec=body.get("build_spec") or {},
+        version = template_build_start(user=self.user, name=name, build_spec=_spec(body),
                                        cpu=cpu, memory_mb=memory, tags=tags,
                                        team_slug=team_param(request, body),
                                        skip_cache=body.get("skip_cache") is True)
