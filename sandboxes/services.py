@@ -96,11 +96,21 @@ def sandbox_transition(*, sandbox: Sandbox, from_states: Iterable[str], to_state
     return True
 
 
+def destroyed_message(sandbox_id: object) -> str:
+    """What every route says of a destroyed sandbox (its record stays readable for a while)."""
+    return f"Sandbox {sandbox_id} was destroyed; its files and processes are gone."
+
+
+def sandbox_gone(sandbox_id: object) -> errors.NotFound:
+    """The 404 of an action on a destroyed sandbox: it names the sandbox and that it is gone."""
+    return errors.NotFound(destroyed_message(sandbox_id), code="sandbox_not_found")
+
+
 def _state_conflict(sandbox: Sandbox, action: str) -> errors.DomainError:
     sandbox.refresh_from_db(fields=["state"])
     state = sandbox.state
     if state == S.DESTROYED:
-        return errors.NotFound(f"Sandbox {sandbox.pk} not found.", code="sandbox_not_found")
+        return sandbox_gone(sandbox.pk)
     if state in (S.STOPPED, S.STOPPING) and action == "pause":
         return errors.Conflict(f"Sandbox {sandbox.pk} is already paused.",
                                code="sandbox_already_paused")

@@ -4,6 +4,7 @@ one default shape."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -217,3 +218,31 @@ def test_set_timeout_may_shorten_a_running_sandbox(owner: Actor) -> None:
 
     sandbox.refresh_from_db()
     assert sandbox.deadline_at < timezone.now() + timedelta(seconds=31)
+
+
+# --- destroyed sandboxes and previews that cannot work ---------------------------------------
+
+
+@pytest.mark.parametrize(("method", "route"), [
+    ("POST", "connect"), ("POST", "resume"), ("POST", "pause"), ("POST", "timeout"),
+    ("POST", "files/download_url"), ("GET", "ports/8080")])
+def test_an_action_on_a_destroyed_sandbox_says_it_was_destroyed(owner: Actor, method: str,
+                                                                route: str) -> None:
+    sandbox = SandboxFactory(team=owner.personal_team, state=S.DESTROYED)
+    body = {"timeout": 60, "path": "/tmp/x"}
+
+    response = owner.client().generic(method, f"/v1/sandboxes/{sandbox.pk}/{route}",
+                                      json.dumps(body), content_type="application/json")
+
+    assert response.status_code == 404, response.content
+    assert response.json() == {"error": "sandbox_not_found", "message": f"Sandbox {sandbox.pk} was "
+                               "destroyed; its files and processes are gone."}
+    assert owner.client().get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]["state"] == "destroyed"
+
+
+def test_the_agents_own_port_is_no_preview(owner: Actor) -> None:
+    sandbox = SandboxFactory(team=owner.personal_team)
+
+    response = owner.client().get(f"/v1/sandboxes/{sandbox.pk}/ports/49983")
+
+    assert response.status_code == 422 and response.json()["error"] == "port_reserved", response.content

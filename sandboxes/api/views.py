@@ -18,6 +18,7 @@ from sandboxes.api.serializers import (
     sandbox_representation,
     session_representation,
 )
+from sandboxes.edge.routing import AGENT_PORT
 from sandboxes.edge.signing import file_url_make, ttl_pick
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
@@ -146,6 +147,11 @@ class SandboxPortView(_SandboxView):
         number = ids.count(port, maximum=65535)
         if not number:
             raise errors.Invalid("port must be between 1 and 65535.", code="validation_failed")
+        if number == AGENT_PORT:
+            raise errors.Invalid(f"Port {AGENT_PORT} is the platform's agent in the sandbox; a preview "
+                                 "serves any other port.", code="port_reserved")
+        if sandbox.state == SandboxState.DESTROYED:
+            raise services.sandbox_gone(sandbox.pk)
         return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=number)})
 
 
@@ -172,7 +178,7 @@ class _FileUrlView(_SandboxView):
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         if sandbox.state == SandboxState.DESTROYED:
-            raise errors.NotFound(f"Sandbox {sandbox_id} not found.", code="sandbox_not_found")
+            raise services.sandbox_gone(sandbox.pk)
         path, signature_ttl, expires_in = parse_file_url(request.data)
         url = file_url_make(sandbox, path=path, op=self.operation, ttl=ttl_pick(signature_ttl, expires_in))
         return Response({"file_url": url.as_dict()})

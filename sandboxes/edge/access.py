@@ -87,8 +87,7 @@ def _refuse_destroyed(sandbox: Sandbox) -> None:
     """The SDK turns every 404 on a file call into FileNotFoundException: the message is
     what the user reads, so it says that the sandbox, not the file, is gone."""
     if sandbox.state == S.DESTROYED:
-        raise EdgeError(404, "sandbox_not_found", f"Sandbox {sandbox.pk} was destroyed; its files and "
-                        "processes are gone.")
+        raise EdgeError(404, "sandbox_not_found", services.destroyed_message(sandbox.pk))
 
 
 def _from_domain(exc: errors.DomainError) -> EdgeError:
