@@ -137,7 +137,11 @@ def test_an_unknown_lifecycle_key_unlike_any_lists_the_known_ones(owner: Actor) 
 @pytest.mark.parametrize(("key", "meant"), [("timeuot", "timeout"), ("templat", "template"),
                                             ("metdata", "metadata"), ("auto_puase", "auto_pause"),
                                             ("allow_internet_acess", "allow_internet_access"),
-                                            ("Timeout", "timeout")])
+                                            ("Timeout", "timeout"),
+                                            # keys other APIs use for ours (they changed nothing)
+                                            ("cpu", "cpu_count"), ("vcpus", "cpu_count"),
+                                            ("ram_mb", "memory_mb"), ("on_timeout", "lifecycle.on_timeout"),
+                                            ("auto_resume", "lifecycle.auto_resume")])
 def test_near_misses_of_create_keys_are_refused_with_did_you_mean(owner: Actor, key: str, meant: str) -> None:
     response = owner.client().post("/v1/sandboxes", {key: 5}, format="json")
 

@@ -45,10 +45,13 @@ def refuse_unknown_keys(body: Mapping[str, Any], known: Iterable[str], *, where:
 
 
 def refuse_near_misses(body: Mapping[str, Any], known: Iterable[str], *, where: str = "",
-                       code: str = "unknown_field") -> None:
-    """422 for a key that is not known but is a close misspelling of one; others pass."""
+                       code: str = "unknown_field", meant: Mapping[str, str] | None = None) -> None:
+    """422 for a key that is not known but is a close misspelling of one, or one of `meant`
+    (keys other platforms use for one of ours: `cpu` for `cpu_count`); others pass."""
     known = list(known)
     for key in body:
-        hint = None if key in known else closest(str(key), known, cutoff=NEAR_MISS)
+        if key in known:
+            continue
+        hint = (meant or {}).get(str(key)) or closest(str(key), known, cutoff=NEAR_MISS)
         if hint is not None:
             raise _refuse(where, str(key), hint, known, code)

@@ -255,12 +255,19 @@ CREATE_KEYS = (
     "envs", "env_vars", "secure", "mcp", "auto_pause", "volume_mounts", "lifecycle", "team", "name",
     "cpu_count", "memory_mb", "network_policy", "exposed_ports", "beta_create", "egress_profile",
     "egress_profiles", *sorted(NETWORK_KEYS))
+# Keys other APIs (or a guess) use for one of ours: sent here, they would silently change
+# nothing (`{"cpu": 2}` got one vCPU), so each is refused naming ours.
+CREATE_MEANT = {
+    "cpu": "cpu_count", "cpus": "cpu_count", "vcpu": "cpu_count", "vcpus": "cpu_count",
+    "ram": "memory_mb", "ram_mb": "memory_mb", "mem_mb": "memory_mb", "memory_mib": "memory_mb",
+    "timeout_seconds": "timeout", "timeout_ms": "timeout", "on_timeout": "lifecycle.on_timeout",
+    "auto_resume": "lifecycle.auto_resume", "environment": "envs", "env": "envs"}
 
 
 def parse_create(body: Any) -> CreateSpec:
     if not isinstance(body, dict):
         raise _invalid("bad_request", "The request body must be a JSON object.")
-    suggest.refuse_near_misses(body, CREATE_KEYS)
+    suggest.refuse_near_misses(body, CREATE_KEYS, meant=CREATE_MEANT)
     body = _with_network_policy(body)
     _refuse_unsupported(body)
     cpu, memory = parse_shape(body)

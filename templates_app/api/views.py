@@ -288,7 +288,8 @@ class TemplateBuildView(ApiView):
         from templates_app.builds import template_build_start
 
         body = request.data if isinstance(request.data, dict) else {}
-        suggest.refuse_near_misses(body, BUILD_KEYS)
+        suggest.refuse_near_misses(body, BUILD_KEYS, meant={"cpu": "cpu_count", "cpus": "cpu_count",
+                                                            "vcpus": "cpu_count", "ram_mb": "memory_mb"})
         name = _text(body, "name")
         if not BUILD_NAME.fullmatch(name):
             raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",
