@@ -250,3 +250,13 @@ def test_the_agents_own_port_is_no_preview(owner: Actor) -> None:
     response = owner.client().get(f"/v1/sandboxes/{sandbox.pk}/ports/49983")
 
     assert response.status_code == 422 and response.json()["error"] == "port_reserved", response.content
+
+
+@pytest.mark.parametrize("path", ["/tmp/../etc/hostname", "/tmp/./x", "/.."])
+def test_a_signed_url_names_the_file_itself(owner: Actor, path: str) -> None:
+    sandbox = SandboxFactory(team=owner.personal_team)
+
+    response = owner.client().post(f"/v1/sandboxes/{sandbox.pk}/files/download_url", {"path": path},
+                                   format="json")
+
+    assert response.status_code == 422 and response.json()["error"] == "invalid_path", response.content

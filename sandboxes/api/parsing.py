@@ -317,4 +317,7 @@ def parse_file_url(body: Any) -> tuple[str, int | None, int | None]:
         raise _invalid("validation_failed", "path must be an absolute path.")
     if len(path) > MAX_PATH_LENGTH:
         raise _invalid("validation_failed", f"path must be at most {MAX_PATH_LENGTH} characters.")
+    if any(part in (".", "..") for part in path.split("/")):
+        # the data plane refuses dot segments; a URL signed for one would name another file
+        raise _invalid("invalid_path", "path must not contain '.' or '..' segments; name the file itself.")
     return path, _ttl(body, "use_signature_expiration"), _ttl(body, "expires_in_seconds")
