@@ -290,7 +290,7 @@ else:
     # Embedded: a broker made of files in the data directory, shared by the web
     # process, the worker and beat on one machine; no server to run.
     _broker_dir = DATA_DIR / "celery-broker"
-    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_URL = "filesystem://localhost//"  # the host is never used; naming it keeps kombu quiet
     CELERY_BROKER_TRANSPORT = "watasu.broker:Transport"  # messages renamed into place whole
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
