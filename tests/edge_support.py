@@ -151,8 +151,18 @@ class FakeAgent:
                 (b"content-type", b"text/html"), (b"content-disposition", b'inline; filename="x.html"'),
                 (b"set-cookie", b"sessionid=attacker-chosen; Path=/; HttpOnly"),
                 (b"set-cookie", b"csrftoken=attacker-chosen; Path=/"),
-                (b"content-security-policy", b"default-src *"), (b"refresh", b"0; url=https://evil.test/")]})
+                (b"content-security-policy", b"default-src *"), (b"refresh", b"0; url=https://evil.test/"),
+                (b"clear-site-data", b'"*"'), (b"access-control-allow-origin", b"*"),
+                (b"service-worker-allowed", b"/"), (b"content-disposition", b"attachment; filename=y")]})
             await send({"type": "http.response.body", "body": b"<script>alert(document.cookie)</script>"})
+            return
+        if path == "/redirect":
+            await self._json(send, 302, {}, [(b"location", b"http://evil.example/phish")])
+            return
+        if path == "/bare":  # no Content-Disposition at all
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/html")]})
+            await send({"type": "http.response.body", "body": b"<b>bare</b>"})
             return
         if path.startswith("/big/"):
             size = int(path.removeprefix("/big/"))

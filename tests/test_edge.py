@@ -410,10 +410,21 @@ def test_a_guest_cannot_serve_a_page_or_cookies_on_the_platforms_origin(edge, ag
                                   headers=_auth(sandbox), timeout=10)):
         # then the data plane's answer sets no cookie and cannot render as a page of the origin
         assert response.status_code == 200 and "<script>" in response.text
-        assert "set-cookie" not in response.headers and "refresh" not in response.headers
+        passed = {name.lower() for name in response.headers}
+        assert not passed & {"set-cookie", "refresh", "clear-site-data", "access-control-allow-origin",
+                             "service-worker-allowed", "location"}, passed
+        assert response.headers["content-type"] == "application/octet-stream"
         assert response.headers["content-security-policy"].startswith("default-src 'none'; sandbox")
         assert response.headers["x-content-type-options"] == "nosniff"
-        assert response.headers["content-disposition"] == 'attachment; filename="x.html"'
+        assert response.raw.headers.getlist("content-disposition") == ['attachment; filename="x.html"']
+
+    # and a redirect is never relayed (an open redirect on the platform's origin), nor a bare page
+    redirect = _file_url(edge, owner.write_key, sandbox, "download", path="/redirect").json()["file_url"]
+    answered = requests.get(redirect["url"], allow_redirects=False, timeout=10)
+    assert answered.status_code == 502 and "location" not in answered.headers
+    assert answered.headers["content-security-policy"].startswith("default-src 'none'; sandbox")
+    bare = _file_url(edge, owner.write_key, sandbox, "download", path="/bare").json()["file_url"]
+    assert requests.get(bare["url"], timeout=10).headers["content-disposition"] == "attachment"
 
 
 @edge_db

@@ -251,6 +251,21 @@ def test_route_tokens_are_redacted_from_log_lines(caplog) -> None:
     assert redact("/sandboxes-dp/zz9/runtime/v1/files") == "/sandboxes-dp/<route>/runtime/v1/files"
 
 
+def test_route_tokens_are_redacted_from_tracebacks_too() -> None:
+    import sys
+
+    try:
+        raise ValueError("Invalid HTTP_HOST header: 'p49983-746378a6f2bbfb31.sandbox.localhost.:8100'")
+    except ValueError:
+        record = logging.LogRecord("django.security.DisallowedHost", logging.ERROR, __file__, 1,
+                                   "Invalid host", None, sys.exc_info())
+
+    RedactRouteTokens().filter(record)
+    line = logging.Formatter().format(record)
+
+    assert "746378a6f2bbfb31" not in line and "p49983-<route>.sandbox.localhost." in line
+
+
 # --- hostile input on every edge route ----------------------------------------------------------
 
 HOSTILE_VALUES = ["²", "١٢", "1e400", "-1", "0", "99999", "%00", "%ff", "a" * 300, "AbC", "..", "%2e%2e",

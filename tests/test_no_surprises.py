@@ -141,7 +141,9 @@ def test_an_unknown_lifecycle_key_unlike_any_lists_the_known_ones(owner: Actor) 
                                             # keys other APIs use for ours (they changed nothing)
                                             ("cpu", "cpu_count"), ("vcpus", "cpu_count"),
                                             ("ram_mb", "memory_mb"), ("on_timeout", "lifecycle.on_timeout"),
-                                            ("auto_resume", "lifecycle.auto_resume")])
+                                            ("auto_resume", "lifecycle.auto_resume"),
+                                            ("CPU", "cpu_count"), ("autoResume", "lifecycle.auto_resume"),
+                                            ("onTimeout", "lifecycle.on_timeout")])
 def test_near_misses_of_create_keys_are_refused_with_did_you_mean(owner: Actor, key: str, meant: str) -> None:
     response = owner.client().post("/v1/sandboxes", {key: 5}, format="json")
 

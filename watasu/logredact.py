@@ -24,14 +24,24 @@ def redact(text: str) -> str:
     return text
 
 
+_FORMATTER = logging.Formatter()
+
+
 class RedactRouteTokens(logging.Filter):
-    """Rewrites the message (arguments merged in) of each record without a route token."""
+    """Rewrites the message (arguments merged in) of each record without a route token, and
+    its traceback and stack too (a DisallowedHost names the host it refused)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _FORMATTER.formatException(record.exc_info)  # formatters use it as is
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 

@@ -25,6 +25,11 @@ def closest(key: str, known: Iterable[str], *, cutoff: float = 0.6) -> str | Non
     return by_folded[match[0]] if match else None
 
 
+def _shape(key: str) -> str:
+    """A key with case, `_` and `-` left out: `autoResume`, `auto-resume`, `AUTO_RESUME` alike."""
+    return key.lower().replace("_", "").replace("-", "")
+
+
 def _refuse(where: str, key: str, hint: str | None, known: list[str], code: str) -> errors.Invalid:
     field = f"{where}.{key}" if where else key
     if hint:
@@ -49,9 +54,10 @@ def refuse_near_misses(body: Mapping[str, Any], known: Iterable[str], *, where: 
     """422 for a key that is not known but is a close misspelling of one, or one of `meant`
     (keys other platforms use for one of ours: `cpu` for `cpu_count`); others pass."""
     known = list(known)
+    by_shape = {_shape(alias): ours for alias, ours in (meant or {}).items()}
     for key in body:
         if key in known:
             continue
-        hint = (meant or {}).get(str(key)) or closest(str(key), known, cutoff=NEAR_MISS)
+        hint = by_shape.get(_shape(str(key))) or closest(str(key), known, cutoff=NEAR_MISS)
         if hint is not None:
             raise _refuse(where, str(key), hint, known, code)

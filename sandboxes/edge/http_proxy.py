@@ -32,16 +32,18 @@ HOP_BY_HOP = frozenset({
 # Preview responses in the path form share the platform's origin: they may not set
 # cookies there, and the browser gives them an opaque origin of their own.
 PATH_FORM_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
-# The web server sends its own Date (uvicorn runs with --no-server-header); the agent
-# names no software, and a preview app's own `Server` is the app's answer, passed on.
-_SERVER_OWN = frozenset({b"date", b"server"})
+# The web server sends its own Date (uvicorn runs with --no-server-header); a preview
+# app's own `Server` is the app's answer, passed on (data-plane answers pass neither).
 _PREVIEW_SERVER_OWN = frozenset({b"date"})
 # A data-plane answer (files, processes, signed URLs) is never a page of the platform's
 # origin, even when a hostile guest replaces the agent: these come from the edge alone.
-_DATA_PLANE_OWN = frozenset({b"set-cookie", b"content-security-policy",
-                             b"content-security-policy-report-only", b"x-content-type-options",
-                             b"refresh", b"link"})
+# Of a data-plane answer only what the agent's protocol uses passes; the rest (cookies,
+# Location, Clear-Site-Data, CORS, service-worker scope...) would act on the platform's
+# origin, so the edge sets the security headers itself and the guest cannot add others.
+_DATA_PLANE_PASSED = frozenset({b"content-type", b"content-length", b"allow", b"retry-after"})
+_DATA_PLANE_TYPES = (b"application/json", b"application/octet-stream")
 DATA_PLANE_CSP = b"default-src 'none'; sandbox; frame-ancestors 'none'"
+DATA_PLANE_SECURITY = [(b"content-security-policy", DATA_PLANE_CSP), (b"x-content-type-options", b"nosniff")]
 _transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
     weakref.WeakKeyDictionary())
 
@@ -180,12 +182,17 @@ def _data_plane_headers(response: httpx.Response) -> Headers:
     headers = []
     for name, value in response.headers.raw:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in _SERVER_OWN or lowered in _DATA_PLANE_OWN:
-            continue
-        if lowered == b"content-disposition" and not value.lower().startswith(b"attachment"):
-            value = b"attachment" + (value[value.index(b";"):] if b";" in value else b"")
-        headers.append((lowered, value))
-    return [*headers, (b"content-security-policy", DATA_PLANE_CSP), (b"x-content-type-options", b"nosniff")]
+        if lowered == b"content-type" and not value.lower().startswith(_DATA_PLANE_TYPES):
+            value = b"application/octet-stream"  # the agent answers JSON or bytes, nothing a browser renders
+        if lowered in _DATA_PLANE_PASSED:
+            headers.append((lowered, value))
+    return [*headers, (b"content-disposition", _attachment(response)), *DATA_PLANE_SECURITY]
+
+
+def _attachment(response: httpx.Response) -> bytes:
+    """One `attachment` disposition: the agent's first (its filename kept), else a bare one."""
+    value = next((v for n, v in response.headers.raw if n.lower() == b"content-disposition"), b"")
+    return b"attachment" + (value[value.index(b";"):] if b";" in value else b"")
 
 
 async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, method: str,
@@ -220,6 +227,10 @@ async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream
     try:
         if response.status_code == 401 and not preview:
             raise overloaded("sandbox is alive but guestd refused the edge's credential; retry shortly.")
+        if not preview and not 200 <= response.status_code < 300 and not 400 <= response.status_code < 600:
+            # the agent never redirects: a 3xx (an open redirect on the platform's origin) is not relayed
+            raise EdgeError(502, "bad_gateway", f"The sandbox answered {response.status_code}, which the "
+                            "data plane never relays.")
         await _relay(response, receive, send, prefix, preview)
     finally:
         await response.aclose()
@@ -246,5 +257,6 @@ async def send_error(send: Any, error: EdgeError) -> None:
     body = json.dumps(error.body).encode()
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *error.headers]})
+                            (b"content-length", str(len(body)).encode()), *error.headers,
+                            *DATA_PLANE_SECURITY]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
