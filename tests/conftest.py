@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
@@ -115,9 +116,14 @@ def require_postgres() -> None:
 # test-only prefix so a `make run` on the same machine is never touched, and every
 # domain with that prefix is destroyed after each test.
 
-# WATASU_TEST_VM_PREFIX lets two test runs share one libvirt without destroying each
-# other's domains (neither prefix may be a prefix of the other).
-VM_TEST_PREFIX = os.environ.get("WATASU_TEST_VM_PREFIX", "wtest-sbx-")
+# Two test runs share one libvirt without destroying each other's domains: by default the
+# prefix is scoped to the run's data directory (`make test` and `make test-stress` in two
+# checkouts, or with two TEST_DATA_DIRs, never reap each other's VMs; a crashed earlier run
+# with the same directory still has its leftovers reaped). WATASU_TEST_VM_PREFIX overrides
+# it (neither prefix may be a prefix of the other).
+VM_TEST_PREFIX = os.environ.get("WATASU_TEST_VM_PREFIX") or "wtest-{}-sbx-".format(
+    hashlib.sha256(str(Path(os.environ.get("WATASU_DATA_DIR", "/var/lib/watasu")).resolve()).encode())
+    .hexdigest()[:6])
 
 
 @pytest.fixture(autouse=True)
