@@ -33,6 +33,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from sandboxes.api.parsing import env_map
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.agent_client import AgentClient, AgentError
@@ -186,28 +187,13 @@ def _validate_spec(spec: Any) -> dict[str, Any]:
     for key in ("start_cmd", "ready_cmd", "from_template", "from_image"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise _invalid(key, f"build_spec.{key} must be a string.")
-    _validate_env(spec.get("env"))
+    env_map(spec.get("env"), "build_spec.env")  # as a sandbox's env_vars: exportable names, strings
     if spec.get("from_image") and spec.get("from_template"):
         raise _invalid("from_image", "build_spec names both from_image and from_template; a build starts "
                        "from one of them.")
     if not isinstance(spec.get("allow_internet_access", True), bool):
         raise _invalid("allow_internet_access", "build_spec.allow_internet_access must be true or false.")
     return {**spec, "start_cmd": _exec_form(spec["start_cmd"])} if spec.get("start_cmd") else spec
-
-
-def _validate_env(env: Any) -> None:
-    """Names a shell can export, string values (as a sandbox's `env_vars`)."""
-    from sandboxes.api.parsing import ENV_NAME
-
-    if env is None:
-        return
-    if not isinstance(env, dict):
-        raise _invalid("env", "build_spec.env must be an object of strings.")
-    for name, value in env.items():
-        if not ENV_NAME.fullmatch(name):
-            raise _invalid("env", f"build_spec.env: '{name}' is not a valid variable name.")
-        if not isinstance(value, str):
-            raise _invalid("env", f"build_spec.env: the value of '{name}' must be a string.")
 
 
 def _unaliased(spec: dict[str, Any]) -> dict[str, Any]:

@@ -107,7 +107,8 @@ def parse_lifecycle(body: dict[str, Any]) -> Lifecycle:
     return Lifecycle(on_timeout=on_timeout, auto_resume=auto_resume)
 
 
-def _env_map(value: Any, key: str) -> dict[str, str]:
+def env_map(value: Any, key: str) -> dict[str, str]:
+    """An env object (sandbox `env_vars`, a build spec's `env`): exportable names, string values."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -122,7 +123,7 @@ def _env_map(value: Any, key: str) -> dict[str, str]:
 
 def parse_env_vars(body: dict[str, Any]) -> dict[str, str]:
     """`envs` (SDK) merged with `env_vars` (docs); `env_vars` wins."""
-    return {**_env_map(body.get("envs"), "envs"), **_env_map(body.get("env_vars"), "env_vars")}
+    return {**env_map(body.get("envs"), "envs"), **env_map(body.get("env_vars"), "env_vars")}
 
 
 def metadata_value(value: Any) -> str:
@@ -257,11 +258,13 @@ CREATE_KEYS = (
     "egress_profiles", *sorted(NETWORK_KEYS))
 # Keys other APIs (or a guess) use for one of ours: sent here, they would silently change
 # nothing (`{"cpu": 2}` got one vCPU), so each is refused naming ours.
-CREATE_MEANT = {
+SHAPE_MEANT = {
     "cpu": "cpu_count", "cpus": "cpu_count", "vcpu": "cpu_count", "vcpus": "cpu_count",
-    "ram": "memory_mb", "ram_mb": "memory_mb", "mem_mb": "memory_mb", "memory_mib": "memory_mb",
-    "timeout_seconds": "timeout", "timeout_ms": "timeout", "on_timeout": "lifecycle.on_timeout",
-    "auto_resume": "lifecycle.auto_resume", "environment": "envs", "env": "envs"}
+    "ram": "memory_mb", "ram_mb": "memory_mb", "mem_mb": "memory_mb", "memory_mib": "memory_mb"}
+CREATE_MEANT = {
+    **SHAPE_MEANT, "timeout_seconds": "timeout", "timeout_ms": "timeout",
+    "on_timeout": "lifecycle.on_timeout", "auto_resume": "lifecycle.auto_resume",
+    "environment": "envs", "env": "envs"}
 
 
 def parse_create(body: Any) -> CreateSpec:

@@ -161,10 +161,9 @@ def _response_headers(response: httpx.Response, prefix: str, preview: bool) -> H
     if not preview:
         return _data_plane_headers(response)
     headers = []
-    own = _PREVIEW_SERVER_OWN
     for name, value in response.headers.raw:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in own:
+        if lowered in HOP_BY_HOP or lowered in _PREVIEW_SERVER_OWN:
             continue
         if lowered == b"set-cookie" and preview and (prefix or _domain_cookie(value)):
             continue

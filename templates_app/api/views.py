@@ -11,7 +11,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from sandboxes.api.parsing import parse_metadata
+from sandboxes.api.parsing import SHAPE_MEANT, parse_metadata
 from sandboxes.api.serializers import iso
 from teams.selectors import teams_for_list, teams_of_user
 from templates_app import selectors, services
@@ -288,8 +288,7 @@ class TemplateBuildView(ApiView):
         from templates_app.builds import template_build_start
 
         body = request.data if isinstance(request.data, dict) else {}
-        suggest.refuse_near_misses(body, BUILD_KEYS, meant={"cpu": "cpu_count", "cpus": "cpu_count",
-                                                            "vcpus": "cpu_count", "ram_mb": "memory_mb"})
+        suggest.refuse_near_misses(body, BUILD_KEYS, meant=SHAPE_MEANT)
         name = _text(body, "name")
         if not BUILD_NAME.fullmatch(name):
             raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",

@@ -7,6 +7,8 @@ from typing import Any
 
 from rest_framework import serializers
 
+from watasu import suggest
+
 # C0 and C1 control characters and DEL: never part of a name, slug, key or id.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -33,8 +35,6 @@ class ClosedSerializer(serializers.Serializer):
     closest known one (`scop` once minted a write key where a read key was meant)."""
 
     def to_internal_value(self, data: Any) -> Any:
-        from watasu import suggest
-
         if isinstance(data, dict):
             suggest.refuse_unknown_keys(data, self.fields, where=self.field_name or "")
         return super().to_internal_value(data)
