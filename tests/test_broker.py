@@ -2,17 +2,23 @@
 
 kombu's own file-system transport creates a message file empty and fills it afterwards; a
 worker polling the folder could take it in between, fail to decode it and exit, taking
-`make run` down with it. A producer and a consumer race on one folder here.
+`make run` down with it. A consumer looks at the folder in the middle of a write here
+(the window is opened on purpose, so the outcome never depends on thread timing), and a
+producer and a consumer race on one folder.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import pytest
 from kombu import Connection
+from kombu.transport import filesystem
+
+from watasu import broker
 
 MESSAGES = 3000
 
@@ -62,7 +68,47 @@ def test_a_consumer_racing_a_producer_gets_every_message_whole(tmp_path: Path) -
     assert list((tmp_path / "queue").iterdir()) == []
 
 
-def test_kombus_own_file_transport_tears_messages_under_the_same_race(tmp_path: Path) -> None:
-    # the race above is real: the stock transport fails it (so the first test can fail)
-    with pytest.raises(ValueError):  # json.JSONDecodeError of an empty or partial file
-        _race("filesystem", _options(tmp_path))
+def _look_while_writing(monkeypatch: pytest.MonkeyPatch, module: Any, transport: str, root: Path) -> object:
+    """Put one message; while it is being written (file open, bytes not yet in it), let another
+    connection's consumer take what it can. What that consumer got: a payload, `Empty` or the error."""
+    options = _options(root)
+    seen: list[object] = []
+    with Connection(transport=transport, transport_options=options) as producer, \
+            Connection(transport=transport, transport_options=options) as consumer:
+        encode = module.str_to_bytes
+
+        def encode_then_look(text: str) -> bytes:
+            try:
+                seen.append(consumer.default_channel._get("sweeps"))
+            except Empty as exc:
+                seen.append(type(exc))
+            except ValueError as exc:  # json.JSONDecodeError of the empty file
+                seen.append(exc)
+            return encode(text)
+
+        monkeypatch.setattr(module, "str_to_bytes", encode_then_look)
+        producer.default_channel._put("sweeps", {"n": 1})
+        monkeypatch.setattr(module, "str_to_bytes", encode)
+        assert len(seen) == 1, "the write window was never opened"
+        try:
+            after = consumer.default_channel._get("sweeps")
+        except Empty:
+            after = Empty
+    return seen[0], after
+
+
+def test_a_consumer_looking_during_a_write_sees_nothing_then_the_whole_message(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    during, after = _look_while_writing(monkeypatch, broker, "watasu.broker:Transport", tmp_path)
+
+    assert during is Empty
+    assert after == {"n": 1}
+
+
+def test_kombus_own_file_transport_hands_out_a_message_being_written(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # the window is real: the stock transport gives the consumer the empty file (so the test above can fail)
+    during, after = _look_while_writing(monkeypatch, filesystem, "filesystem", tmp_path)
+
+    assert isinstance(during, ValueError)
+    assert after is Empty  # and the message is gone
