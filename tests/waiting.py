@@ -7,7 +7,8 @@ scenarios, which run as their own programs, can use it too.
 
 Timeouts are generous limits for a loaded 2-core machine running guests under TCG,
 not expectations: a passing wait returns as soon as the event happens.
-`WATASU_TEST_TIMEOUT_SCALE` multiplies every limit (`make test-stress` raises it).
+`WATASU_TEST_TIMEOUT_SCALE` multiplies every limit on a machine slower than ours
+(`make test-stress` leaves it at 1: the hog is the load the limits are sized for).
 """
 
 from __future__ import annotations
