@@ -18,7 +18,7 @@ help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
 	@echo "make test    run the test suite (against PostgreSQL + Redis by default)"
 	@echo "make test-stress  the VM tests STRESS_RUNS=$(STRESS_RUNS) times beside a CPU hog"
-	@echo "make lint    ruff + manage.py check + makemigrations --check"
+	@echo "make lint    ruff check + ruff format --check + mypy + manage.py check + makemigrations --check"
 	@echo "make schema  regenerate docs/openapi.yaml"
 
 setup:
@@ -38,6 +38,8 @@ test-stress: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	WATASU_DATA_DIR=$(TEST_DATA_DIR) PYTHONPATH=. .venv/bin/mypy
 	WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python manage.py check
 	WATASU_DATA_DIR=$(TEST_DATA_DIR) .venv/bin/python manage.py makemigrations --check --dry-run
 
@@ -60,4 +62,4 @@ bench: setup
 	.venv/bin/python bench/sweeps.py
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

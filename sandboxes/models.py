@@ -131,6 +131,14 @@ class Sandbox(models.Model):
     def vm_name(self) -> str:
         return f"{settings.RUNTIME_VM_PREFIX}{self.pk}"
 
+    @property
+    def placed_host(self) -> Host:
+        """The host of a sandbox being started, paused or resumed: placement sets `host` in
+        the transaction that creates the row, so only a row made by hand lacks one."""
+        if self.host is None:
+            raise ValueError(f"{self} was never placed on a host")
+        return self.host
+
 
 class SandboxEvent(models.Model):
     """One state transition of a sandbox, with its time: what billing meters."""

@@ -170,7 +170,8 @@ def _reserve(*, team: Team, user: User, version: TemplateVersion, spec: CreateSp
     with transaction.atomic():
         _lock_team(team)
         _quota_check(team, cpu, memory_mb)
-        host = host_place(cpu=cpu, memory_mb=memory_mb, among=[version.host_id])
+        among = [] if version.host_id is None else [version.host_id]  # where its snapshot lives
+        host = host_place(cpu=cpu, memory_mb=memory_mb, among=among)
         sandbox = Sandbox.objects.create(
             team=team, created_by=user, host=host, state=S.CREATING,
             template=version.template, template_version=version, name=spec.name,
@@ -268,8 +269,9 @@ def _claim_resume(sandbox: Sandbox) -> bool:
     with transaction.atomic():
         _lock_team(sandbox.team)
         _quota_check(sandbox.team, sandbox.cpu_count, sandbox.memory_mb)
-        if not host_has_room(host=sandbox.host, cpu=sandbox.cpu_count, memory_mb=sandbox.memory_mb):
-            message = f"Host {sandbox.host.name} has no room to resume sandbox {sandbox.pk} now."
+        host = sandbox.placed_host
+        if not host_has_room(host=host, cpu=sandbox.cpu_count, memory_mb=sandbox.memory_mb):
+            message = f"Host {host.name} has no room to resume sandbox {sandbox.pk} now."
             raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
         return sandbox_transition(sandbox=sandbox, from_states=[S.STOPPED], to_state=S.RESTORING,
                                   reason="resume")

@@ -117,7 +117,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
 
 def writable_template(user: User, template: Template) -> Template:
     """Provider templates are read-only to customers; viewers may not change a team's."""
-    if template.team_id is None:
+    if template.team is None:  # no query when team_id is None
         raise errors.Forbidden(f"Template '{template.slug}' belongs to the platform and is read-only.")
     team_for_write(user=user, slug=template.team.slug)
     return template

@@ -27,6 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"  # written while a save is in progress
@@ -68,12 +69,13 @@ class CloneIdentity:
     dac_label: str | None = None  # "+uid:+gid" QEMU runs as (None: libvirt's configured user)
 
 
-def read_header(f) -> SaveHeader:  # type: ignore[no-untyped-def]
+def read_header(f: BinaryIO) -> SaveHeader:
     raw = f.read(HEADER_LEN)
     fields = struct.unpack(HEADER_FMT, raw)
     if fields[0] != MAGIC:
         raise SaveImageError(f"bad magic {fields[0]!r}")
-    h = SaveHeader(*fields[1:6], reserved=tuple(fields[6:]))
+    version, data_len, was_running, compressed, cookie_offset = fields[1:6]
+    h = SaveHeader(version, data_len, was_running, compressed, cookie_offset, reserved=tuple(fields[6:]))
     if h.version != 2:
         raise SaveImageError(f"unsupported save image version {h.version}")
     if h.compressed != 0:

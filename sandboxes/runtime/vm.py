@@ -52,7 +52,7 @@ def _image_of(snapshot: MemorySnapshot) -> BaseImage:
 
 def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str]) -> Started:
     """Start the sandbox's VM and hand its agent a fresh identity; blocks until ready."""
-    driver = driver_for(sandbox.host)
+    driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
     internet = bool(sandbox.network_policy.get("allow_internet_access", True))
     uid = qemu_uid(sandbox)
@@ -79,11 +79,11 @@ def agent_client(sandbox: Sandbox) -> AgentClient:
 
 def pause(sandbox: Sandbox) -> None:
     """Managed save: memory and disk kept, processes survive the pause."""
-    driver_for(sandbox.host).pause(sandbox.vm_name)
+    driver_for(sandbox.placed_host).pause(sandbox.vm_name)
 
 
 def resume(sandbox: Sandbox) -> None:
-    lifecycle.resume(driver_for(sandbox.host), sandbox.vm_name, agent_client(sandbox),
+    lifecycle.resume(driver_for(sandbox.placed_host), sandbox.vm_name, agent_client(sandbox),
                      timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS)
 
 
