@@ -234,6 +234,9 @@ def _host_memory_mb() -> int:
 
 
 RUNTIME_LIBVIRT_URI = env.str("WATASU_LIBVIRT_URI", "qemu:///system")
+# The class behind `sandboxes.runtime.driver_for`. Not read from the environment: every
+# installation drives libvirt; service tests swap in their fake (tests/fake_driver.py).
+RUNTIME_DRIVER = "sandboxes.runtime.libvirt_driver.LibvirtDriver"
 # kvm when the CPU has vmx/svm, else tcg (software emulation); "kvm"/"tcg" force it.
 RUNTIME_ACCEL = env.choice("WATASU_ACCEL", "auto", ("auto", "kvm", "tcg"))
 RUNTIME_HOST_NAME = env.str("WATASU_HOST_NAME", socket.gethostname())
