@@ -147,7 +147,8 @@ class LibvirtDriver:
 
     def domain_xml(self, spec: VmSpec) -> str:
         """Domain definition: q35, direct kernel boot, virtio disk, user-mode net with the
-        agent port forwarded to host loopback (explicit PCI address: see RUNTIME-NOTES)."""
+        agent port forwarded to host loopback. The NIC gets an explicit PCI address: added
+        through qemu:commandline, it otherwise collides with libvirt's own slot allocation."""
         kvm = self.accel == "kvm"
         cpu = "<cpu mode='host-passthrough'/>" if kvm else ""
         tcg = "" if kvm else f"<tcg><tb-cache unit='MiB'>{self.tb_cache_mb}</tb-cache></tcg>"

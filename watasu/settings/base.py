@@ -307,7 +307,7 @@ else:
 
 # --- sweeps: what keeps the platform's promises while nobody calls it ----------------------
 # Every periodic job is here, run by Celery beat through the one task `sweeps.run`
-# (sandboxes/sweeps.py). Each works in batches of SWEEP_BATCH_SIZE and queues itself
+# (registered by each app in watasu/sweeps.py). Each works in batches of SWEEP_BATCH_SIZE and queues itself
 # again while a batch came back full; each message expires after its own interval, so
 # a stalled worker never collects a backlog of the same sweep.
 SWEEP_BATCH_SIZE = env.int("WATASU_SWEEP_BATCH_SIZE", 500, min=1)
