@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandboxes.runtime import lifecycle
 from sandboxes.runtime.agent_client import AgentClient
+from sandboxes.runtime.buildvm import make_template_snapshot
 from sandboxes.runtime.driver import MemorySnapshot, free_tcp_port
 from sandboxes.runtime.images import DEFAULT_CACHE_DIR, build_base_image
 from sandboxes.runtime.libvirt_driver import LibvirtDriver, create_overlay
@@ -214,8 +215,8 @@ def main() -> None:
         for name in d.list_domains(PREFIX):
             d.destroy(name)
         t = time.monotonic()
-        snap = lifecycle.make_template_snapshot(img, work / "template", d,
-                                                name=f"{PREFIX}tpl-{secrets.token_hex(3)}")
+        snap = make_template_snapshot(img, work / "template", d,
+                                      name=f"{PREFIX}tpl-{secrets.token_hex(3)}")
         print(f"template snapshot (cold boot + init + save): {time.monotonic() - t:.2f} s, "
               f"memory image {snap.save_path.stat().st_size / 2**20:.0f} MiB")
         floor = bench_raw_floor(snap, work, args.runs)

@@ -194,10 +194,6 @@ def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
                               code="sandbox_start_failed")
 
 
-def sandbox_env_vars(sandbox: Sandbox) -> dict[str, str]:
-    return crypto.decrypt_json(sandbox.env_vars_encrypted) or {}
-
-
 def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
     """Create a sandbox and block until its data plane is usable."""
     team = team_for_write(user=user, slug=spec.team)

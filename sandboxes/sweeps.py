@@ -16,16 +16,17 @@ interval in `settings.SWEEP_INTERVAL_SECONDS`; operators run them from the admin
   row owns is removed; a ready/stopped sandbox whose VM vanished becomes `lost`.
 - hosts: a host whose libvirt does not answer is `down` (placement skips it), and its
   sandboxes are reported; it is `up` again when libvirt answers.
-- retention: purge disks of failed/lost sandboxes after the retention period, files
-  no row owns, unused build layers, files of deleted template versions, expired
-  idempotency records.
-- builds: template builds whose worker died (lease expired) -> failed.
+- retention: purge disks of failed/lost sandboxes after the retention period and files
+  no row owns, then every app's retention hook (the templates app: unused build layers,
+  files of deleted template versions; the teams app: expired idempotency records).
+
+Other apps' sweeps (the templates app's `builds`) and hooks live in those apps; the
+registry of them all is `watasu.sweeps`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,18 +35,20 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, F, ProtectedError, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from sandboxes import services
 from sandboxes.models import Host, HostState, OnTimeout, Sandbox, SandboxState, SweepRun
 from sandboxes.runtime import driver_for, lifecycle, vm
+from sandboxes.runtime.driver import RuntimeDriver
 from watasu import errors
+from watasu import sweeps as registry
 
 logger = logging.getLogger(__name__)
 
 S = SandboxState
-Result = dict[str, Any]
+Result = registry.Result
 
 
 def _batch() -> int:
@@ -165,32 +168,22 @@ def _sandbox_pk(name: str) -> int | None:
     return int(suffix) if suffix.isdigit() else None
 
 
-def _build_pk(name: str) -> int | None:
-    """The version id in a name of `templates_app.builds.build_vm_names`."""
-    match = re.fullmatch(r"build-(\d+)(-final)?", name.removeprefix(settings.RUNTIME_VM_PREFIX))
-    return int(match.group(1)) if match else None
-
-
 def _reconcile_host(host: Host) -> Result:
-    from templates_app.models import TemplateVersion, VersionStatus
-
     driver = driver_for(host)
     listed_at = timezone.now()
     domains = driver.domain_statuses(settings.RUNTIME_VM_PREFIX)
     # libvirt -> database: domains no live row owns.
     pks = {name: _sandbox_pk(name) for name in domains}
     rows = {row.pk: row for row in Sandbox.objects.filter(pk__in=[pk for pk in pks.values() if pk])}
-    building = set(TemplateVersion.objects.filter(
-        pk__in=[pk for pk in map(_build_pk, domains) if pk], status=VersionStatus.BUILDING)
-        .values_list("pk", flat=True))
+    needed = registry.owned_domains([name for name, pk in pks.items() if pk is None])  # e.g. build VMs
     removed = kept_disks = 0
     for name in domains:
         pk = pks[name]
         row = rows.get(pk) if pk is not None else None
         if pk is None:
-            if _build_pk(name) in building:
+            if name in needed:
                 continue
-            driver.destroy(name)  # a build VM of no running build, or a name we never give
+            driver.destroy(name)  # a VM no app needs, or a name we never give
             removed += 1
         elif row is None or row.host_id != host.pk or row.state in (S.DESTROYED, S.EXPIRED):
             driver.destroy(name)
@@ -229,7 +222,7 @@ def _reconcile_host(host: Host) -> Result:
             "lost": lost, "stopped": saved, "saved_again": resaved}
 
 
-def _save_again(driver: Any, pk: int, listed_at: datetime) -> bool:
+def _save_again(driver: RuntimeDriver, pk: int, listed_at: datetime) -> bool:
     """A `stopped` sandbox whose VM runs (started outside the platform, or a resume that
     died after starting it) is unmetered and outside quota: save its memory again.
     Claimed first (STOPPED -> STOPPING), so a resume racing this sweep wins or waits."""
@@ -293,7 +286,8 @@ def host_health_sweep(*, now: datetime | None = None) -> Result:
 # --- retention ---------------------------------------------------------------------------
 
 
-def _old(path: Path, now: float) -> bool:
+def old_enough_to_purge(path: Path, now: float) -> bool:
+    """Whether a file no row claims is past the grace period (a file being made is younger)."""
     try:
         return now - path.lstat().st_mtime > settings.ORPHAN_FILE_GRACE_SECONDS
     except FileNotFoundError:
@@ -325,7 +319,8 @@ def _orphan_sandbox_files(host: Host, now: float) -> int:
     in_use = set(driver_for(host).domain_statuses(settings.RUNTIME_VM_PREFIX))
     removed = 0
     for path, pk in owners.items():
-        if pk is None or pk in live or path.name.removesuffix(".qcow2") in in_use or not _old(path, now):
+        if (pk is None or pk in live or path.name.removesuffix(".qcow2") in in_use
+                or not old_enough_to_purge(path, now)):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -335,99 +330,27 @@ def _orphan_sandbox_files(host: Host, now: float) -> int:
     return removed
 
 
-def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
-    """Layers whose file is gone, unregistered layer files (a build that died), unused leaves."""
-    from templates_app.layers import drop_missing, layers_dir
-    from templates_app.models import BuildLayer, TemplateVersion, VersionStatus
-
-    directory = layers_dir(host)
-    broken = drop_missing(host)
-    registered = set(BuildLayer.objects.filter(host=host).values_list("path", flat=True))
-    building = TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
-    orphans = 0
-    if not building:  # a running build's newest layer is not registered yet
-        for path in directory.iterdir():
-            if str(path) not in registered and _old(path, now.timestamp()):
-                path.unlink(missing_ok=True)
-                orphans += 1
-    cutoff = now - timedelta(seconds=settings.BUILD_LAYER_RETENTION_SECONDS)
-    evicted = 0
-    leaves = BuildLayer.objects.filter(host=host, last_used_at__lt=cutoff, children__isnull=True)
-    for layer in leaves[:_batch()]:
-        try:
-            layer.delete()  # PROTECT: a layer something still builds on cannot go
-        except ProtectedError:
-            continue
-        Path(layer.path).unlink(missing_ok=True)
-        evicted += 1
-    return orphans, evicted + broken
-
-
-def _deleted_versions(host: Host) -> int:
-    """Files of deleted template versions (and of deleted templates' versions) nothing
-    references any more; the build layers on such a version go first, as no build can
-    start from it again (unless a build runs now: its newest layer may build on it)."""
-    from templates_app.layers import drop_built_on
-    from templates_app.models import TemplateVersion, VersionStatus
-
-    templates_root = (Path(host.data_dir) / "templates").resolve()
-    removed = 0
-    building = TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
-    deleted = TemplateVersion.objects.filter(host=host, deleted_at__isnull=False).exclude(artifact_dir="")
-    for version in deleted:
-        if Sandbox.objects.filter(template_version=version, purged_at__isnull=True).exists():
-            continue  # stopped sandboxes run on its disk
-        if not building:
-            drop_built_on(version)
-        if version.child_layers.exists():
-            continue  # cached layers build on it
-        home = Path(version.artifact_dir).resolve().parent
-        if home.parent.parent == templates_root and home.name.startswith(version.version):
-            shutil.rmtree(home, ignore_errors=True)
-        TemplateVersion.objects.filter(pk=version.pk).update(artifact_dir="", size_bytes=0)
-        removed += 1
-    return removed
-
-
 def retention_sweep(*, now: datetime | None = None) -> Result:
-    """Purge retained disks, orphaned files, unused build layers, expired idempotency keys."""
-    from teams.models import IdempotencyRecord
-
+    """Purge retained disks and orphaned files, then run every app's retention hook."""
     now = now or timezone.now()
     purged = _purge_retained(now)
-    expired_keys = IdempotencyRecord.objects.filter(
-        pk__in=list(IdempotencyRecord.objects.filter(expires_at__lt=now)
-                    .values_list("pk", flat=True)[:_batch()])).delete()[0]
-    files = layers = evicted = versions = 0
-    for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
-        files += _orphan_sandbox_files(host, now.timestamp())
-        orphan_layers, evicted_layers = _build_cache(host, now)
-        layers += orphan_layers
-        evicted += evicted_layers
-        versions += _deleted_versions(host)
-    return {"sandboxes_purged": purged, "idempotency_records": expired_keys, "orphan_files": files,
-            "orphan_layers": layers, "evicted_layers": evicted, "template_versions": versions,
-            "more": purged == _batch() or expired_keys == _batch()}
+    files = sum(_orphan_sandbox_files(host, now.timestamp())
+                for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]))
+    result: Result = {"sandboxes_purged": purged, "orphan_files": files, "more": purged == _batch()}
+    for hook in registry.retention_hooks():
+        counts = hook(now)
+        result = {**result, **counts, "more": result["more"] or bool(counts.get("more"))}
+    return result
 
 
-# --- builds, and the registry ---------------------------------------------------------------
+SWEEPS = registry.SWEEPS  # every app's sweeps, by name
 
 
-def builds_sweep(*, now: datetime | None = None) -> Result:
-    """Fail template builds whose worker died (lease expired); queue forgotten drafts."""
-    from templates_app.builds import builds_sweep as sweep
-
-    return {**sweep(now=now), "more": False}
-
-
-SWEEPS: dict[str, Callable[..., Result]] = {
-    "deadlines": deadline_sweep,
-    "stuck": stuck_sweep,
-    "reconcile": reconcile_sweep,
-    "hosts": host_health_sweep,
-    "retention": retention_sweep,
-    "builds": builds_sweep,
-}
+def register() -> None:
+    """The sandboxes app's sweeps (called from its AppConfig.ready)."""
+    for name, sweep in (("deadlines", deadline_sweep), ("stuck", stuck_sweep), ("reconcile", reconcile_sweep),
+                        ("hosts", host_health_sweep), ("retention", retention_sweep)):
+        registry.register_sweep(name, sweep)
 
 
 def sweep_run(name: str, *, now: datetime | None = None) -> Result:

@@ -12,7 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
-from teams.models import ApiKey, Membership, Role, Scope, Team, User
+from teams.models import ApiKey, IdempotencyRecord, Membership, Role, Scope, Team, User
 from watasu import errors
 
 API_KEY_PREFIX = "wsk_"
@@ -135,3 +135,13 @@ def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
         ).update(last_used_at=now)
         key.last_used_at = now
     return key
+
+
+def idempotency_records_expire(now: datetime) -> dict[str, int | bool]:
+    """Delete expired idempotency records, a batch at a time (the retention sweep's part
+    for this app; "more" when the batch came back full)."""
+    batch = settings.SWEEP_BATCH_SIZE
+    expired = IdempotencyRecord.objects.filter(
+        pk__in=list(IdempotencyRecord.objects.filter(expires_at__lt=now).values_list("pk", flat=True)[:batch])
+    ).delete()[0]
+    return {"idempotency_records": expired, "more": expired == batch}

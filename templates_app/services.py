@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from sandboxes.models import RUNTIME_STATES, Host, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, images, lifecycle
+from sandboxes.runtime.buildvm import make_template_snapshot
 from sandboxes.services import host_register_local
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
@@ -67,8 +68,8 @@ def _snapshot_into(version: TemplateVersion, image: images.BaseImage, host: Host
         # A fresh directory per build, never an overwrite: sandboxes started from
         # an older artifact keep their backing disk until retention removes it.
         artifact = _artifact_root(host, version) / f"{version.version}-{uuid.uuid4().hex[:8]}"
-        lifecycle.make_template_snapshot(image, artifact, driver_for(host),
-                                         vcpus=version.cpu, memory_mb=version.memory_mb)
+        make_template_snapshot(image, artifact, driver_for(host), vcpus=version.cpu,
+                               memory_mb=version.memory_mb)
     TemplateVersion.objects.filter(pk=version.pk).update(
         status=VersionStatus.READY, host=host, artifact_dir=str(artifact),
         artifact_digest=image.key, size_bytes=_dir_size(artifact), built_at=timezone.now(),

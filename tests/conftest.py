@@ -163,6 +163,21 @@ def vm_cleanup(local_host):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
+def fake_driver(settings, tmp_path, local_host):  # type: ignore[no-untyped-def]
+    """The local host's runtime as `tests/fake_driver.FakeDriver`, its files under tmp_path:
+    for service tests where a real VM adds nothing (the contract suite pins the fake)."""
+    from sandboxes.runtime import driver_for
+    from sandboxes.services import host_register_local
+
+    settings.RUNTIME_DRIVER = "tests.fake_driver.FakeDriver"
+    settings.RUNTIME_LIBVIRT_URI = "fake:///"
+    settings.RUNTIME_HOST_DATA_DIR = tmp_path / "runtime"
+    host_register_local()
+    local_host.refresh_from_db()
+    return driver_for(local_host)
+
+
+@pytest.fixture
 def base_version_row(local_host):  # type: ignore[no-untyped-def]
     """A ready `base` version row whose artifact is never started (for tests without VMs)."""
     from templates_app.models import Template, TemplateVersion, VersionStatus

@@ -1,4 +1,4 @@
-"""The guest agent's /runtime/v1 data plane (spec §4, §5), driven directly on real VMs (no edge).
+"""The guest agent's /runtime/v1 data plane (HTTP routes, WebSocket frames), driven on real VMs (no edge).
 
 Each test restores a clone of the base template and talks to its agent through the
 forwarded port with the agent secret as bearer, exactly as the edge does.

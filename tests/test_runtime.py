@@ -26,7 +26,7 @@ def snapshot(base_version: TemplateVersion) -> MemorySnapshot:
     return lifecycle.load_template_snapshot(base_version.artifact_dir)
 
 
-def _start(driver: LibvirtDriver, snapshot: MemorySnapshot, **kwargs) -> lifecycle.Sandbox:  # type: ignore[no-untyped-def]
+def _start(driver: LibvirtDriver, snapshot: MemorySnapshot, **kwargs) -> lifecycle.RunningVm:  # type: ignore[no-untyped-def]
     name = f"{VM_TEST_PREFIX}{secrets.token_hex(4)}"
     return lifecycle.start_from_snapshot(driver, snapshot, name, driver.state_dir, **kwargs)
 

@@ -176,14 +176,18 @@ def ready_agent(settings, monkeypatch, tmp_path):  # type: ignore[no-untyped-def
     """The real guest agent on the host, the start log in tmp_path, a 3 s ready limit and a
     progress line every second (the product's 10 s, scaled down)."""
     from sandboxes.runtime.agent_client import AgentClient
-    from templates_app import builds
+    from sandboxes.runtime.buildvm import BuildVm
+    from templates_app.builds import ready
     from tests.edge_support import RealAgent
+    from tests.fake_driver import FakeDriver
 
     settings.TEMPLATE_READY_TIMEOUT_SECONDS = 3
-    monkeypatch.setattr(builds, "READY_REPORT_SECONDS", 1.0)
-    monkeypatch.setattr(builds, "START_LOG", str(tmp_path / "start.log"))
+    monkeypatch.setattr(ready, "READY_REPORT_SECONDS", 1.0)
+    monkeypatch.setattr(ready, "START_LOG", str(tmp_path / "start.log"))
     with RealAgent("ready-secret-" + "r" * 24) as agent:
-        yield AgentClient(agent.port, secret=agent.secret)
+        # The agent runs on the host: the build VM's driver has no VM to drive here.
+        yield BuildVm(FakeDriver(state_dir=tmp_path / "sandboxes"), "ready-check",
+                      AgentClient(agent.port, secret=agent.secret))
 
 
 def _draft_log(acme):  # type: ignore[no-untyped-def]
@@ -196,7 +200,7 @@ def _draft_log(acme):  # type: ignore[no-untyped-def]
 
 @pytest.mark.django_db
 def test_a_waiting_ready_check_logs_its_progress_and_names_its_limit(acme, ready_agent) -> None:  # type: ignore[no-untyped-def]
-    from templates_app.builds import _start_and_wait_ready
+    from templates_app.builds.ready import start_and_wait_ready
 
     # given a start command that prints and then never becomes ready
     log = _draft_log(acme)
@@ -204,7 +208,7 @@ def test_a_waiting_ready_check_logs_its_progress_and_names_its_limit(acme, ready
 
     # when the template is started and its ready check waits
     with pytest.raises(RuntimeError) as failure:
-        _start_and_wait_ready(spec, {"STAGE": "one"}, log)(ready_agent)
+        start_and_wait_ready(spec, {"STAGE": "one"}, log)(ready_agent)
     log.flush()
 
     # then every second of waiting logged a line with the elapsed time, the limit and the
@@ -219,7 +223,7 @@ def test_a_waiting_ready_check_logs_its_progress_and_names_its_limit(acme, ready
 
 @pytest.mark.django_db
 def test_a_ready_check_that_takes_longer_than_a_report_still_passes(acme, ready_agent, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from templates_app.builds import _start_and_wait_ready
+    from templates_app.builds.ready import start_and_wait_ready
 
     # given a ready check that itself takes longer than the report interval
     log = _draft_log(acme)
@@ -227,7 +231,7 @@ def test_a_ready_check_that_takes_longer_than_a_report_still_passes(acme, ready_
     spec = {"start_cmd": f"echo starting; touch {marker}", "ready_cmd": f"sleep 1.5; test -e {marker}"}
 
     # when the template is started
-    _start_and_wait_ready(spec, {}, log)(ready_agent)
+    start_and_wait_ready(spec, {}, log)(ready_agent)
     log.flush()
 
     # then the attempt was not cut short: progress was logged while it ran, then it passed

@@ -9,7 +9,7 @@ import pytest
 
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from templates_app.selectors import template_version_resolve
-from tests.conftest import Actor
+from tests.conftest import VM_TEST_PREFIX, Actor
 
 pytestmark = pytest.mark.django_db
 
@@ -190,25 +190,37 @@ def test_deleting_a_version_stops_it_resolving(owner: Actor, acme, acme_template
 
 
 def test_one_build_of_a_template_at_a_time(acme_template) -> None:
-    from templates_app.builds import _claim
+    from templates_app.builds.worker import claim
 
     first = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512)
     second = TemplateVersion.objects.create(template=acme_template, version="b2", cpu=1, memory_mb=512)
 
-    assert _claim(first.pk) is not None
-    assert _claim(second.pk) is None  # waits: the template is busy
-    assert _claim(first.pk) is None  # a second delivery of the same task does nothing
+    assert claim(first.pk) is not None
+    assert claim(second.pk) is None  # waits: the template is busy
+    assert claim(first.pk) is None  # a second delivery of the same task does nothing
     TemplateVersion.objects.filter(pk=first.pk).update(status=VersionStatus.READY)
-    assert _claim(second.pk) is not None
+    assert claim(second.pk) is not None
 
 
-def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_template, monkeypatch) -> None:
+def _build_vm(driver, name: str) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from sandboxes.runtime.lifecycle import sandbox_spec
+
+    driver.boot(sandbox_spec(name, driver.state_dir, vcpus=1, memory_mb=512, kernel=Path("/vmlinuz"),
+                             initrd=Path("/initrd.img"), cmdline="", backing=Path("/base.qcow2")))
+
+
+def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_template, fake_driver,
+                                                                    monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
     from django.utils import timezone
 
     from templates_app import builds, tasks
 
+    # given a build whose lease ran out, one still renewing its lease (both with their VMs),
+    # and a draft nobody picked up for an hour
     now = timezone.now()
     lost = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512,
                                           status=VersionStatus.BUILDING, lease_expires_at=now)
@@ -217,18 +229,22 @@ def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_templat
                                            lease_expires_at=now + timedelta(minutes=2))
     waiting = TemplateVersion.objects.create(template=acme_template, version="b3", cpu=1, memory_mb=512)
     TemplateVersion.objects.filter(pk=waiting.pk).update(created_at=now - timedelta(hours=1))
-    destroyed, queued = [], []
-    monkeypatch.setattr(builds, "_destroy_build_vms", lambda version: destroyed.append(version.pk))
+    for name in (*builds.build_vm_names(lost.pk), builds.build_vm_names(alive.pk)[0]):
+        _build_vm(fake_driver, name)
+    queued: list[int] = []
     monkeypatch.setattr(tasks, "template_build_task", SimpleNamespace(delay=queued.append))
 
+    # when the builds sweep runs
     result = builds.builds_sweep(now=now + timedelta(seconds=1))
 
+    # then the lost build is failed and its VMs are gone, the live one keeps its VM, the draft is queued
     assert result == {"failed": 1, "queued": 1}
     lost.refresh_from_db()
     alive.refresh_from_db()
     assert lost.status == VersionStatus.FAILED and "lease expired" in lost.last_error_message
     assert alive.status == VersionStatus.BUILDING
-    assert destroyed == [lost.pk] and queued == [waiting.pk]
+    assert fake_driver.list_domains(VM_TEST_PREFIX) == [builds.build_vm_names(alive.pk)[0]]
+    assert queued == [waiting.pk]
     assert lost.log_entries.filter(level="error").exists()
 
 
@@ -447,7 +463,7 @@ def test_a_destroyed_sandbox_does_not_hold_a_template(owner: Actor, acme, acme_t
 
 def test_a_template_being_built_is_not_deleted_and_its_drafts_never_start(owner: Actor,
                                                                           acme_template) -> None:
-    from templates_app.builds import _claim
+    from templates_app.builds.worker import claim
 
     building = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512,
                                               status=VersionStatus.BUILDING)
@@ -460,4 +476,4 @@ def test_a_template_being_built_is_not_deleted_and_its_drafts_never_start(owner:
 
     assert (refused.status_code, refused.json()["error"]) == (409, "template_building")
     assert deleted.status_code == 204
-    assert _claim(draft.pk) is None  # a queued build of a deleted template never runs
+    assert claim(draft.pk) is None  # a queued build of a deleted template never runs

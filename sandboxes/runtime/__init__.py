@@ -1,9 +1,10 @@
 """The VM runtime behind one small interface.
 
-`driver.py` is the interface, `libvirt_driver.py` its only implementation (and
-the only module importing libvirt), `lifecycle.py` pairs it with the guest
-agent, `images.py` builds guest images, `guest/agent.py` runs inside the VM.
-None of these import Django; `vm.py` maps sandbox rows onto them.
+`driver.py` is the interface (`RuntimeDriver`), `libvirt_driver.py` its implementation
+(and the only module importing libvirt), `lifecycle.py` pairs it with the guest agent,
+`buildvm.py` gives template builds their VMs, `images.py` builds guest images,
+`guest/agent.py` runs inside the VM. None of these import Django; `vm.py` maps sandbox
+rows onto them. Everything that drives a VM gets its driver from `driver_for`.
 """
 
 from __future__ import annotations
@@ -15,26 +16,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.utils.module_loading import import_string
+
+from sandboxes.runtime.driver import RuntimeDriver
 
 if TYPE_CHECKING:
     from sandboxes.models import Host
-    from sandboxes.runtime.libvirt_driver import LibvirtDriver
 
 _lock = threading.Lock()
-_drivers: dict[tuple[int, str, str], LibvirtDriver] = {}
+_drivers: dict[tuple[int, str, str, str], RuntimeDriver] = {}
 
 
-def driver_for(host: Host) -> LibvirtDriver:
-    """One libvirt connection per process and host (forked workers open their own)."""
-    from sandboxes.runtime.libvirt_driver import LibvirtDriver
+def driver_for(host: Host) -> RuntimeDriver:
+    """One driver (for libvirt: one connection) per process and host; forked workers open their own.
 
-    key = (os.getpid(), host.libvirt_uri, host.data_dir)
+    The class is `settings.RUNTIME_DRIVER`: the libvirt driver, or the fake one service
+    tests use (tests/fake_driver.py).
+    """
+    key = (os.getpid(), settings.RUNTIME_DRIVER, host.libvirt_uri, host.data_dir)
     with _lock:
-        if key in _drivers and not _drivers[key].conn.isAlive():  # libvirtd restarted: reconnect
-            _drivers.pop(key).close_quietly()
+        if key in _drivers and not _drivers[key].connected():  # libvirtd restarted: reconnect
+            _drivers.pop(key).close()
         if key not in _drivers:
-            _drivers[key] = LibvirtDriver(uri=host.libvirt_uri, accel=settings.RUNTIME_ACCEL,
-                                          state_dir=Path(host.data_dir) / "sandboxes")
+            driver_class = import_string(settings.RUNTIME_DRIVER)
+            _drivers[key] = driver_class(uri=host.libvirt_uri, accel=settings.RUNTIME_ACCEL,
+                                         state_dir=Path(host.data_dir) / "sandboxes")
         return _drivers[key]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .driver import RuntimeError_
+from .driver import DriverError
 
 DEFAULT_TIMEOUT = 10.0
 DATAPLANE, PREVIEW = "dataplane", "preview"
@@ -30,7 +30,7 @@ def role_secret(secret: str, role: str) -> str:
     return hmac.new(secret.encode(), f"watasu-agent-role:{role}".encode(), hashlib.sha256).hexdigest()
 
 
-class AgentError(RuntimeError_):
+class AgentError(DriverError):
     """The agent answered with an error status (``status`` holds it)."""
 
     def __init__(self, status: int, body: Any) -> None:

@@ -1,7 +1,8 @@
 """The runtime driver interface: everything the platform asks of a VM host.
 
-Only ``libvirt_driver`` implements it (and is the only module importing libvirt); tests
-of the rest of the platform can use a fake that satisfies the same Protocol.
+``libvirt_driver`` implements it (and is the only module importing libvirt); service
+tests use a fake (tests/fake_driver.py) that a contract suite
+(tests/test_driver_contract.py) holds to the libvirt driver's behaviour.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class DomainStats:
 class MemorySnapshot:
     """A template's memory snapshot plus the immutable disk it was taken on.
 
-    ``agent_secret`` is the secret the snapshot's agent holds; the host needs it for
-    the first init of every clone (see NOTES.md) and must keep it private.
+    ``agent_secret`` is the secret the snapshot's (sealed) agent holds: the one thing that
+    authenticates the first init of every clone, so the host keeps it private.
     """
 
     save_path: Path
@@ -78,49 +79,59 @@ class MemorySnapshot:
         return cls(**d)
 
 
-class RuntimeError_(Exception):
+class DriverError(Exception):
     """Base of runtime failures the platform can act on (mark the sandbox failed, retry)."""
 
 
-class DomainNotFound(RuntimeError_):
+class DomainNotFound(DriverError):
     """No domain with that name on this host."""
 
 
 class RuntimeDriver(Protocol):
-    """What the sandboxes app needs from a VM host."""
+    """What the platform needs from a VM host: every method any caller uses.
+
+    Domain names are unique per host. Methods that name a domain raise ``DomainNotFound``
+    when there is none, except ``destroy``, ``forget`` and ``domain_status``.
+    """
+
+    state_dir: Path  # per-domain directories, and sandbox disks unless a spec names another place
+
+    def sandbox_dir(self, name: str) -> Path:
+        """The domain's own directory under ``state_dir`` (console log, restore image)."""
 
     def boot(self, spec: VmSpec) -> None:
-        """Define and cold-boot a domain."""
+        """Define and cold-boot a domain; its disk is made on ``spec.backing_path`` if missing
+        (``DriverError`` when it is missing and there is no backing image)."""
 
     def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
-        """Start a domain from a template memory snapshot under ``spec``'s identity."""
+        """Start a domain from a template memory snapshot under ``spec``'s identity, on a
+        fresh overlay of the snapshot's disk."""
 
     def save_snapshot(self, name: str, dest: Path) -> None:
-        """Write the running domain's memory to ``dest`` and stop it."""
+        """Write the running domain's memory to ``dest`` and stop it (it stays defined)."""
 
     def pause(self, name: str) -> None:
         """Stop the domain keeping its memory on disk (survives host restarts)."""
 
     def resume(self, name: str) -> None:
-        """Start a paused domain from its saved memory."""
+        """Start a paused domain from its saved memory (``DriverError`` when it has none)."""
 
     def destroy(self, name: str) -> None:
         """Stop and forget the domain and delete its disk and files. Idempotent."""
 
     def forget(self, name: str) -> None:
-        """Stop and undefine the domain but keep its disk (template builds). Idempotent."""
-
-    def checkpoint_disk(self, name: str, dest: Path) -> None:
-        """Copy the domain's (guest-quiesced) disk overlay to ``dest``."""
+        """Stop and undefine the domain but keep its disk (template builds, failed sandboxes).
+        Idempotent."""
 
     def snapshot_disk(self, name: str, new_top: Path) -> Path:
-        """Freeze the running disk as a layer; the domain writes to ``new_top`` from now on."""
+        """Freeze the running disk as a layer; the domain writes to ``new_top`` from now on.
+        Returns the frozen layer (the previous top)."""
 
     def stats(self, name: str) -> DomainStats:
         """CPU time, resident memory and state."""
 
     def list_domains(self, prefix: str) -> list[str]:
-        """Names of all domains (running or not) starting with ``prefix``."""
+        """Names of all domains (running or not) starting with ``prefix``, sorted."""
 
     def domain_status(self, name: str) -> str:
         """running | saved (stopped with saved memory) | shutoff | absent."""
@@ -133,6 +144,12 @@ class RuntimeDriver(Protocol):
 
     def memory_mb(self) -> int:
         """The host's physical memory."""
+
+    def connected(self) -> bool:
+        """Whether this driver's connection still stands (``driver_for`` reconnects if not)."""
+
+    def close(self) -> None:
+        """Release the connection. Never raises."""
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from .driver import DomainNotFound, DomainStats, MemorySnapshot, RuntimeError_, VmSpec
+from .driver import DomainNotFound, DomainStats, DriverError, MemorySnapshot, VmSpec
 from .saveimage import CloneIdentity, CloneStream, write_clone
 
 AGENT_GUEST_PORT = 49983
@@ -147,7 +147,8 @@ class LibvirtDriver:
 
     def domain_xml(self, spec: VmSpec) -> str:
         """Domain definition: q35, direct kernel boot, virtio disk, user-mode net with the
-        agent port forwarded to host loopback (explicit PCI address: see RUNTIME-NOTES)."""
+        agent port forwarded to host loopback. The NIC gets an explicit PCI address: added
+        through qemu:commandline, it otherwise collides with libvirt's own slot allocation."""
         kvm = self.accel == "kvm"
         cpu = "<cpu mode='host-passthrough'/>" if kvm else ""
         tcg = "" if kvm else f"<tcg><tb-cache unit='MiB'>{self.tb_cache_mb}</tb-cache></tcg>"
@@ -204,7 +205,7 @@ class LibvirtDriver:
         self.sandbox_dir(spec.name).mkdir(parents=True, exist_ok=True)
         if not spec.disk_path.exists():
             if backing is None:
-                raise RuntimeError_(f"{spec.disk_path} missing and no backing image given")
+                raise DriverError(f"{spec.disk_path} missing and no backing image given")
             create_overlay(backing, spec.disk_path, self.qemu_user, spec.qemu_uid)
 
     def _domain(self, name: str) -> libvirt.virDomain:
@@ -261,12 +262,14 @@ class LibvirtDriver:
         self._domain(name).save(str(dest))
 
     def pause(self, name: str) -> None:
+        """Managed save: the memory goes to disk, the domain stops and stays defined."""
         self._domain(name).managedSave(0)
 
     def resume(self, name: str) -> None:
+        """Start from the managed save; a domain without one is a ``DriverError``."""
         dom = self._domain(name)
         if not dom.hasManagedSaveImage(0):
-            raise RuntimeError_(f"{name} has no managed save image to resume from")
+            raise DriverError(f"{name} has no managed save image to resume from")
         dom.create()
 
     def forget(self, name: str) -> None:
@@ -302,35 +305,13 @@ class LibvirtDriver:
         src = root.find("./devices/disk/source")
         return Path(src.get("file", "")) if src is not None and src.get("file") else None
 
-    def checkpoint_disk(self, name: str, dest: Path) -> None:
-        """Copy the overlay while the vCPUs are stopped.
-
-        The caller must have quiesced the guest first (agent ``fsfreeze``): the freeze
-        flushes the guest page cache and makes QEMU write its qcow2 metadata, so the
-        file is consistent. The copy keeps the overlay's backing reference (template
-        disk), so restoring = a new overlay on ``dest`` + cold boot.
-        """
-        disk = self._disk_path(name)
-        if disk is None:
-            raise DomainNotFound(name)
-        dom = self._domain(name)
-        running = dom.isActive() and dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
-        if running:
-            dom.suspend()
-        try:
-            tmp = dest.with_suffix(".tmp")
-            shutil.copyfile(disk, tmp)  # copy_file_range/sendfile under the hood
-            os.replace(tmp, dest)
-        finally:
-            if running:
-                dom.resume()
-
     def snapshot_disk(self, name: str, new_top: Path) -> Path:
         """Switch a running domain's disk to a fresh overlay ``new_top``; returns the old top.
 
         The old top stops changing the moment this returns, so it is a layer: everything
         the guest wrote since the previous switch. The caller quiesces the guest first
-        (agent ``fsfreeze``), as for ``checkpoint_disk``. We create the overlay ourselves
+        (agent ``fsfreeze``): the freeze flushes the guest page cache and makes QEMU write its
+        qcow2 metadata, so the layer is consistent. We create the overlay ourselves
         (``REUSE_EXT``) so it belongs to the unprivileged QEMU user.
         """
         old_top = self._disk_path(name)
@@ -397,9 +378,11 @@ class LibvirtDriver:
         except libvirt.libvirtError:
             return False
 
-    def close(self) -> None:
-        self.conn.close()
+    def connected(self) -> bool:
+        """Whether the connection still stands (False once libvirtd restarted)."""
+        return bool(self.conn.isAlive())
 
-    def close_quietly(self) -> None:
+    def close(self) -> None:
+        """Close the connection; a connection already broken closes quietly."""
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()

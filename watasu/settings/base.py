@@ -234,6 +234,9 @@ def _host_memory_mb() -> int:
 
 
 RUNTIME_LIBVIRT_URI = env.str("WATASU_LIBVIRT_URI", "qemu:///system")
+# The class behind `sandboxes.runtime.driver_for`. Not read from the environment: every
+# installation drives libvirt; service tests swap in their fake (tests/fake_driver.py).
+RUNTIME_DRIVER = "sandboxes.runtime.libvirt_driver.LibvirtDriver"
 # kvm when the CPU has vmx/svm, else tcg (software emulation); "kvm"/"tcg" force it.
 RUNTIME_ACCEL = env.choice("WATASU_ACCEL", "auto", ("auto", "kvm", "tcg"))
 RUNTIME_HOST_NAME = env.str("WATASU_HOST_NAME", socket.gethostname())
@@ -304,7 +307,7 @@ else:
 
 # --- sweeps: what keeps the platform's promises while nobody calls it ----------------------
 # Every periodic job is here, run by Celery beat through the one task `sweeps.run`
-# (sandboxes/sweeps.py). Each works in batches of SWEEP_BATCH_SIZE and queues itself
+# (registered by each app in watasu/sweeps.py). Each works in batches of SWEEP_BATCH_SIZE and queues itself
 # again while a batch came back full; each message expires after its own interval, so
 # a stalled worker never collects a backlog of the same sweep.
 SWEEP_BATCH_SIZE = env.int("WATASU_SWEEP_BATCH_SIZE", 500, min=1)

@@ -1,0 +1,79 @@
+"""Build requests: a version row queued for a worker, and the reads of its build."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from teams.models import User
+from teams.selectors import team_for_write, teams_of_user
+from templates_app.builds.spec import parent_and_image, validate_spec
+from templates_app.models import BuildLogEntry, Template, TemplateVersion, VersionStatus
+from templates_app.selectors import template_by_id_or_alias, template_version_resolve
+from watasu import crypto, errors, ids
+
+
+def template_build_start(*, user: User, name: str, build_spec: Any, cpu: int, memory_mb: int,
+                         tags: list[str], team_slug: str | None,
+                         skip_cache: bool = False) -> TemplateVersion:
+    """`POST /templates`: the template (alias) is created if new; a draft version is queued."""
+    spec = validate_spec(build_spec)
+    alias, _, tag = name.partition(":")
+    team = team_for_write(user=user, slug=team_slug)
+    _check_parent(team, spec)
+    template, _ = Template.objects.get_or_create(team=team, slug=alias, deleted_at__isnull=True,
+                                                 defaults={"name": alias})
+    return _queue(template, f"build-{uuid.uuid4().hex[:10]}", spec, cpu, memory_mb,
+                  sorted({*tags, *([tag] if tag else [])}), skip_cache)
+
+
+def template_version_create(*, user: User, template: Template, version: str, build_spec: Any,
+                            cpu: int, memory_mb: int, skip_cache: bool = False) -> TemplateVersion:
+    """`POST /sandbox_templates/{id}/versions`: a named draft version of an existing template."""
+    from templates_app.services import writable_template
+
+    writable_template(user, template)
+    spec = validate_spec(build_spec)
+    _check_parent(template.team, spec)
+    if template.versions.filter(version=version).exists():
+        raise errors.Conflict(f"Version '{version}' already exists.", code="template_version_exists")
+    try:
+        with transaction.atomic():
+            return _queue(template, version, spec, cpu, memory_mb, [], skip_cache)
+    except IntegrityError as exc:  # a concurrent request took the name
+        raise errors.Conflict(f"Version '{version}' already exists.",
+                              code="template_version_exists") from exc
+
+
+def _check_parent(team: Any, spec: dict[str, Any]) -> None:
+    parent_slug, _ = parent_and_image(spec)
+    template_version_resolve(team=team, selector=parent_slug)  # 422 now, not after queueing
+
+
+def _queue(template: Template, version: str, spec: dict[str, Any], cpu: int, memory_mb: int,
+           tags: list[str], skip_cache: bool) -> TemplateVersion:
+    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    public = {key: value for key, value in spec.items() if key != "env"}
+    row = TemplateVersion.objects.create(
+        template=template, version=version, status=VersionStatus.DRAFT, cpu=cpu, memory_mb=memory_mb,
+        skip_cache=skip_cache, build_spec={**public, "env_keys": sorted(env), "tags": tags},
+        env_encrypted=crypto.encrypt_json(env) if env else "")
+    from templates_app.tasks import template_build_task
+
+    transaction.on_commit(lambda: template_build_task.delay(row.pk))
+    return row
+
+
+def build_log_entries(*, version: TemplateVersion, offset: int) -> list[BuildLogEntry]:
+    return list(version.log_entries.filter(index__gte=max(offset, 0)).order_by("index"))
+
+
+def template_build_get(*, user: User, template_id: str, build_id: str) -> TemplateVersion:
+    template = template_by_id_or_alias(teams=teams_of_user(user=user), value=template_id)
+    pk = ids.db_id(build_id)
+    version = template.versions.filter(pk=pk).first() if pk is not None else None
+    if version is None:
+        raise errors.NotFound(f"Build {build_id} not found.", code="template_build_not_found")
+    return version

@@ -1,0 +1,117 @@
+"""A `RuntimeDriver` without VMs, for service tests where a real VM adds nothing.
+
+Domains are entries in a dict; disks, saved memory and layers are real (tiny) files, so
+code that checks or removes files sees what it would see with libvirt. The contract
+suite (tests/test_driver_contract.py) runs the same checks against this class and the
+libvirt driver, so the two cannot drift apart. Never a stand-in for the guest agent:
+a VM started here has no agent to talk to.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandboxes.runtime.driver import DomainNotFound, DomainStats, DriverError, MemorySnapshot, VmSpec
+
+FAKE_MEMORY_MB = 4096
+
+
+@dataclass
+class FakeDomain:
+    """One defined domain: where it writes and what libvirt would call its status."""
+
+    spec: VmSpec
+    disk_path: Path
+    status: str  # running | saved | shutoff
+
+
+class FakeDriver:
+    """`RuntimeDriver` over a dict, with the constructor `driver_for` calls."""
+
+    def __init__(self, *, uri: str = "fake:///", accel: str = "tcg", state_dir: Path) -> None:
+        self.uri, self.accel = uri, accel
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.domains: dict[str, FakeDomain] = {}
+        self.up = True  # False: the hypervisor stops answering
+
+    def sandbox_dir(self, name: str) -> Path:
+        return self.state_dir / name
+
+    def _domain(self, name: str) -> FakeDomain:
+        if name not in self.domains:
+            raise DomainNotFound(name)
+        return self.domains[name]
+
+    def _start(self, spec: VmSpec, backing: Path | None) -> None:
+        self.sandbox_dir(spec.name).mkdir(parents=True, exist_ok=True)
+        if not spec.disk_path.exists():
+            if backing is None:
+                raise DriverError(f"{spec.disk_path} missing and no backing image given")
+            spec.disk_path.write_bytes(b"")
+        self.domains[spec.name] = FakeDomain(spec, spec.disk_path, "running")
+
+    def boot(self, spec: VmSpec) -> None:
+        self._start(spec, spec.backing_path)
+
+    def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
+        spec.disk_path.unlink(missing_ok=True)
+        self._start(spec, snapshot.disk_path)
+
+    def save_snapshot(self, name: str, dest: Path) -> None:
+        domain = self._domain(name)
+        dest.write_bytes(b"memory")
+        domain.status = "shutoff"
+
+    def pause(self, name: str) -> None:
+        self._domain(name).status = "saved"
+
+    def resume(self, name: str) -> None:
+        domain = self._domain(name)
+        if domain.status != "saved":
+            raise DriverError(f"{name} has no managed save image to resume from")
+        domain.status = "running"
+
+    def forget(self, name: str) -> None:
+        self.domains.pop(name, None)
+        shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)
+
+    def destroy(self, name: str) -> None:
+        domain = self.domains.get(name)
+        disk = domain.disk_path if domain else self.state_dir / f"{name}.qcow2"
+        self.forget(name)
+        disk.unlink(missing_ok=True)
+
+    def snapshot_disk(self, name: str, new_top: Path) -> Path:
+        domain = self._domain(name)
+        old_top, domain.disk_path = domain.disk_path, new_top
+        new_top.write_bytes(b"")
+        return old_top
+
+    def stats(self, name: str) -> DomainStats:
+        running = self._domain(name).status == "running"
+        return DomainStats(cpu_time_ns=0, memory_rss_kb=0, state="running" if running else "shutoff")
+
+    def list_domains(self, prefix: str) -> list[str]:
+        return sorted(name for name in self.domains if name.startswith(prefix))
+
+    def domain_status(self, name: str) -> str:
+        domain = self.domains.get(name)
+        return domain.status if domain else "absent"
+
+    def domain_statuses(self, prefix: str) -> dict[str, str]:
+        return {name: self.domains[name].status for name in self.list_domains(prefix)}
+
+    def alive(self) -> bool:
+        return self.up
+
+    def memory_mb(self) -> int:
+        return FAKE_MEMORY_MB
+
+    def connected(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
