@@ -21,15 +21,6 @@ from watasu import errors as domain
 
 logger = logging.getLogger(__name__)
 
-_DOMAIN_STATUS: list[tuple[type[domain.DomainError], int]] = [
-    (domain.NotFound, 404),
-    (domain.Invalid, 422),
-    (domain.Conflict, 409),
-    (domain.Forbidden, 403),
-    (domain.PaymentRequired, 402),
-    (domain.Unavailable, 503),
-]
-
 class PayloadTooLarge(drf.APIException):
     status_code = 413
     default_code = "payload_too_large"
@@ -79,8 +70,7 @@ def _validation_response(exc: drf.ValidationError) -> Response:
 
 
 def _domain_response(exc: domain.DomainError) -> Response:
-    status = next(code for cls, code in _DOMAIN_STATUS if isinstance(exc, cls))
-    return Response(error_body(exc.code, exc.message, **exc.extra), status=status)
+    return Response(error_body(exc.code, exc.message, **exc.extra), status=exc.status)
 
 
 def _drf_response(exc: drf.APIException) -> Response:
