@@ -177,9 +177,12 @@ def _api_routes() -> dict[str, tuple[str, list[str]]]:
 
 
 ROUTES = _api_routes()
-# The one answer that is not JSON by design: the OpenAPI document itself (YAML by default).
+# The answers that are not JSON by design: the OpenAPI document itself (YAML by default)
+# and its Swagger UI page.
 SCHEMA_PATH = ROUTES["schema"][0]
 SCHEMA_CONTENT_TYPE = "application/vnd.oai.openapi; charset=utf-8"
+DOCS_PATH = ROUTES["docs"][0]
+DOCUMENTS = {(SCHEMA_PATH, SCHEMA_CONTENT_TYPE), (DOCS_PATH, "text/html; charset=utf-8")}
 
 
 @dataclass
@@ -235,7 +238,7 @@ def contract_problem(method: str, path: str, response: Any) -> str | None:
     if status == 204 or method == "HEAD":
         return None if response.content == b"" else f"{status} with a body"
     content_type = response.get("Content-Type", "")
-    if (path, method, status, content_type) == (SCHEMA_PATH, "GET", 200, SCHEMA_CONTENT_TYPE):
+    if (method, status) == ("GET", 200) and (path, content_type) in DOCUMENTS:
         return None
     if content_type != "application/json":
         return f"{status} {content_type!r} {response.content[:80]!r}"
@@ -331,8 +334,10 @@ def test_hostile_query_parameters_on_every_route(world: World) -> None:
     for name, (_, methods) in ROUTES.items():
         path = world.path(name)
         # when: every known query parameter of a readable route carries each hostile value
-        # (the schema only reads lang and format: it is not regenerated for the others)
-        keys = ["lang", "format"] if path == SCHEMA_PATH else QUERY_KEYS if "GET" in methods else []
+        # (the schema and its docs page only read lang and format: they are not regenerated for
+        # the others)
+        documents = (SCHEMA_PATH, DOCS_PATH)
+        keys = ["lang", "format"] if path in documents else QUERY_KEYS if "GET" in methods else []
         for key in keys:
             for value in QUERY_VALUES:
                 world.call("GET", path, query=_urlencode(key, value))
