@@ -69,7 +69,8 @@ HOSTILE_VALUES: list[Any] = [
 # Query values (NULs are refused before any view: RAW_QUERIES and the 422 test cover them).
 QUERY_VALUES = ["²", "١٢", "1e400", "-1", "9" * 20, "9" * 5000, "", "\x01\x1b[31m\x7f", "x" * 10000]
 QUERY_KEYS = ["team", "limit", "next_token", "offset", "logs_offset", "start", "end", "lang", "format",
-              "query[state][]", "query[metadata][env]"]
+              "query[state][]", "query[metadata][env]", "visibility", "status", "scope", "revoked",
+              "personal"]
 RAW_QUERIES = [
     "limit=%ff%fe", "team=%00", "%", "a=%zz&b=%", "\xff\xfe=\xff", "&&&==&=", "limit=1&limit=x",
     "query%5Bmetadata%5D%5B%5D=x", "query[metadata][\x00]=1", "team=" + "%C0%AF" * 100,
@@ -306,7 +307,7 @@ def test_every_route_parameter_has_real_ids(world: World) -> None:
 
     # then: each parameter has an own, another team's and a missing value
     assert sorted(params - world.ids.keys()) == []
-    assert len(ROUTES) == 27
+    assert len(ROUTES) == 28
     assert {route.name for route in WRITE_ROUTES} - ROUTES.keys() == set()
 
 

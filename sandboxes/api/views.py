@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -20,6 +18,7 @@ from sandboxes.api.serializers import (
 )
 from sandboxes.edge.routing import AGENT_PORT
 from sandboxes.edge.signing import file_url_make, ttl_pick
+from sandboxes.filters import STATE_CHOICES, SandboxFilter
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.sessions import Session
@@ -28,8 +27,8 @@ from watasu import errors, ids
 from watasu.api.pagination import NextTokenPagination
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView, team_param
+from watasu.filtering import filter_or_refuse
 
-METADATA_PARAM = re.compile(r"^query\[metadata\]\[(.+)\]$")
 TEAM = OpenApiParameter("team", str, description="Team slug; default: personal team")
 SANDBOX_ENVELOPE = object_envelope("SandboxEnvelope", "sandbox", SandboxSerializer())
 SESSION_ENVELOPE = inline_serializer("SandboxWithSession", {
@@ -59,17 +58,17 @@ class SandboxListView(ApiView):
 
     @extend_schema(
         operation_id="sandboxes_list",
-        parameters=[TEAM, OpenApiParameter("query[state][]", str, many=True),
+        parameters=[TEAM, OpenApiParameter("query[state][]", str, many=True,
+                                           enum=[value for value, _ in STATE_CHOICES],
+                                           description="State or alias; repeatable"),
                     OpenApiParameter("query[metadata][key]", str,
                                      description="Exact match on a metadata key (repeatable)")],
         responses=list_envelope("SandboxList", "sandboxes", SandboxSerializer()),
     )
     def get(self, request: Request) -> Response:
         teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
-        metadata = {match[1]: value for key, value in request.query_params.items()
-                    if (match := METADATA_PARAM.match(key))}
-        states = selectors.parse_state_filter(request.query_params.getlist("query[state][]"))
-        queryset = selectors.sandboxes_list(teams=teams, states=states, metadata=metadata)
+        queryset = filter_or_refuse(SandboxFilter.from_sdk_query(
+            request.query_params, selectors.sandboxes_of_teams(teams=teams)))
         paginator = NextTokenPagination()
         page = paginator.paginate_queryset(queryset, request, view=self)
         return paginator.get_paginated_response([sandbox_representation(s) for s in page])

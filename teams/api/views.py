@@ -14,16 +14,21 @@ from teams.api.serializers import (
     TeamCreateSerializer,
     TeamSerializer,
 )
+from teams.filters import ApiKeyFilter, TeamFilter
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView
+from watasu.filtering import filter_or_refuse, openapi_parameters
 
 
 class TeamListView(ApiView):
     envelope = "teams"
 
-    @extend_schema(operation_id="teams_list", responses=list_envelope("TeamList", "teams", TeamSerializer()))
+    @extend_schema(operation_id="teams_list", parameters=openapi_parameters(TeamFilter),
+                   responses=list_envelope("TeamList", "teams", TeamSerializer()))
     def get(self, request: Request) -> Response:
-        return self.paginated(selectors.teams_of_user(user=self.user), TeamSerializer)
+        teams = filter_or_refuse(TeamFilter(request.query_params,
+                                            queryset=selectors.teams_of_user(user=self.user)))
+        return self.paginated(teams, TeamSerializer)
 
     @extend_schema(request=TeamCreateSerializer,
                    responses={201: object_envelope("TeamEnvelope", "team", TeamSerializer())})
@@ -44,10 +49,12 @@ class TeamDetailView(ApiView):
 class ApiKeyListView(ApiView):
     envelope = "api_keys"
 
-    @extend_schema(operation_id="api_keys_list",
+    @extend_schema(operation_id="api_keys_list", parameters=openapi_parameters(ApiKeyFilter),
                    responses=list_envelope("ApiKeyList", "api_keys", ApiKeySerializer()))
     def get(self, request: Request) -> Response:
-        return self.paginated(selectors.api_keys_of_user(user=self.user), ApiKeySerializer)
+        keys = filter_or_refuse(ApiKeyFilter(request.query_params,
+                                            queryset=selectors.api_keys_of_user(user=self.user)))
+        return self.paginated(keys, ApiKeySerializer)
 
     @extend_schema(
         request=ApiKeyCreateSerializer,

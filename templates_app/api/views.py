@@ -15,10 +15,12 @@ from sandboxes.api.parsing import SHAPE_MEANT, parse_metadata
 from sandboxes.api.serializers import iso
 from teams.selectors import teams_for_list, teams_of_user
 from templates_app import selectors, services
+from templates_app.filters import TemplateFilter, TemplateVersionFilter
 from templates_app.models import Template, TemplateVersion
 from watasu import errors, ids, suggest
 from watasu.api.fields import NameField
 from watasu.api.views import ApiView, team_param
+from watasu.filtering import filter_or_refuse, openapi_parameters
 
 TAG = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SLUG = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")  # DRF's RegexField searches
@@ -89,10 +91,12 @@ class SandboxTemplateCreateSerializer(serializers.Serializer):
 
 
 class SandboxTemplateListView(ApiView):
-    @extend_schema(operation_id="sandbox_templates_list", responses=ANY)
+    @extend_schema(operation_id="sandbox_templates_list", parameters=openapi_parameters(TemplateFilter),
+                   responses=ANY)
     def get(self, request: Request) -> Response:
         teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
-        templates = selectors.templates_of_teams(teams=teams).order_by("slug", "pk")
+        templates = filter_or_refuse(TemplateFilter(
+            request.query_params, queryset=selectors.templates_of_teams(teams=teams))).order_by("slug", "pk")
         return Response({"sandbox_templates": [template_representation(t) for t in templates]})
 
     @extend_schema(request=ANY, responses={201: ANY})
@@ -132,10 +136,12 @@ class SandboxTemplateDetailView(_TemplateView):
 
 
 class SandboxTemplateVersionListView(_TemplateView):
-    @extend_schema(operation_id="sandbox_template_versions_list", responses=ANY)
+    @extend_schema(operation_id="sandbox_template_versions_list",
+                   parameters=openapi_parameters(TemplateVersionFilter), responses=ANY)
     def get(self, request: Request, template_id: str) -> Response:
-        versions = self.template(template_id).versions.select_related("template").prefetch_related(
-            "tags").order_by("-pk")
+        versions = self.template(template_id).versions.select_related("template").prefetch_related("tags")
+        versions = filter_or_refuse(TemplateVersionFilter(request.query_params, queryset=versions))
+        versions = versions.order_by("-pk")
         return Response({"sandbox_template_versions": [version_representation(v) for v in versions]})
 
 
