@@ -33,12 +33,12 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from sandboxes.api.parsing import env_map
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.agent_client import AgentClient, AgentError
 from sandboxes.runtime.driver import MemorySnapshot
 from sandboxes.runtime.images import BaseImage
+from sandboxes.specs import env_map
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
 from templates_app import images, layers

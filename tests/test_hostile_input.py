@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
+from sandboxes.api.serializers import create_keys
 from sandboxes.models import SandboxState
 from sandboxes.runtime import vm
 from teams.models import ApiKey, Team
@@ -102,11 +103,7 @@ RAW_BODIES: list[tuple[bytes, str]] = [
 # Body keys each write route knows, and a valid body to put a hostile value into.
 BUILD_SPEC_KEYS = ["from_template", "from_image", "from_image_registry", "files", "setup", "start_cmd",
                    "ready_cmd", "env", "packages"]
-CREATE_KEYS = ["template", "template_id", "template_version_id", "snapshot_id", "timeout", "cpu_count",
-               "memory_mb", "lifecycle", "auto_pause", "envs", "env_vars", "metadata", "name", "team",
-               "allow_internet_access", "allow_package_registry_access", "allow_public_traffic",
-               "allow_out", "deny_out", "rules", "mask_request_host", "network_class", "volume_mounts",
-               "mcp"]
+CREATE_KEYS = list(create_keys())  # every key the create serializer reads or knowingly ignores
 NESTED_CREATE_KEYS = [("lifecycle", "on_timeout"), ("lifecycle", "onTimeout"), ("lifecycle", "auto_resume"),
                       ("metadata", "env"), ("envs", "A"), ("env_vars", "A")]
 
@@ -501,7 +498,6 @@ def test_oversized_body_read_by_the_idempotency_check_is_a_json_413(owner: Actor
 @pytest.mark.parametrize(("body", "message"), [
     (b"[" * DEEP, "JSON parse error - nested deeper than 32 levels."),
     (b'{"metadata": ' + b'{"a":' * 40 + b"1" + b"}" * 41, "JSON parse error - nested deeper than 32 levels."),
-    (b'{"timeout": 1e400}', "JSON parse error - the number 1e400 is out of range"),
     (b'{"timeout": NaN}', "JSON parse error - NaN is not a JSON number"),
     (b'{"name": "\\ud800"}', "JSON parse error - name holds a lone surrogate (invalid Unicode)."),
     (b'{"name": "\xff"}', "JSON parse error - the body is not valid utf-8 text."),

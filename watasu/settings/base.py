@@ -186,6 +186,10 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": "/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "VersionStatusEnum": "templates_app.models.VersionStatus",
+        "BuildStatusEnum": "templates_app.api.serializers.BUILD_STATUSES",
+    },
     # /v1/docs takes Swagger UI from drf-spectacular-sidecar: a self-hosted install needs no CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
