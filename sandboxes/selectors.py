@@ -7,7 +7,6 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db.models import Count, QuerySet, Sum
-from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import Coalesce
 
 from sandboxes.models import RUNTIME_STATES, Sandbox, SandboxState
@@ -120,42 +119,16 @@ STATE_ALIASES: dict[str, frozenset[str]] = {
 }
 
 
-def parse_state_filter(values: list[str]) -> set[str] | None:
-    """`query[state][]` values (states or the running/paused aliases) -> states; None = default."""
-    if not values:
-        return None
-    states: set[str] = set()
-    for value in values:
-        if value in STATE_ALIASES:
-            states |= STATE_ALIASES[value]
-        elif value in SandboxState.values:
-            states.add(value)
-        else:
-            allowed = ", ".join([*SandboxState.values, *STATE_ALIASES])
-            message = f"Unknown state '{value}' in query[state][]; use one of {allowed}."
-            raise errors.Invalid(message, code="validation_failed", errors=[message])
-    return states
-
-
-def sandboxes_list(*, teams: QuerySet[Team], states: set[str] | None,
-                   metadata: dict[str, str]) -> QuerySet[Sandbox]:
-    """Sandboxes of `teams`; without a state filter, everything but destroyed ones.
+def sandboxes_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Sandbox]:
+    """Sandboxes of `teams`, every state; `sandboxes.filters.SandboxFilter` narrows them
+    (by default to all but destroyed ones).
 
     The team ids are resolved first so the page query is a plain `team_id IN (...)`
     that PostgreSQL answers from the (team, -id) index without sorting all rows.
     """
     team_ids = list(teams.values_list("pk", flat=True))
-    queryset = Sandbox.objects.filter(team_id__in=team_ids).select_related("team", "template",
-                                                                           "template_version")
-    if states is None:
-        queryset = queryset.exclude(state=SandboxState.DESTROYED)
-    else:
-        queryset = queryset.filter(state__in=states)
-    for index, (key, value) in enumerate(metadata.items()):
-        # KeyTransform takes the key verbatim (a key may contain "__").
-        alias = f"metadata_filter_{index}"
-        queryset = queryset.alias(**{alias: KeyTransform(key, "metadata")}).filter(**{alias: value})
-    return queryset
+    return Sandbox.objects.filter(team_id__in=team_ids).select_related("team", "template",
+                                                                        "template_version")
 
 
 def sandbox_get(*, user: User, sandbox_id: str, write: bool = False) -> Sandbox:

@@ -122,9 +122,12 @@ def test_a_lifecycle_that_contradicts_itself_is_refused_never_guessed(owner: Act
     ({"lifecycle": {"on_timeout": None}}, "kill"),
 ])
 def test_auto_pause_and_lifecycle_agree(body: dict, on_timeout: str) -> None:
-    from sandboxes.api.parsing import parse_lifecycle
+    from sandboxes.api.serializers import SandboxCreateSerializer
 
-    assert parse_lifecycle(body).on_timeout == on_timeout
+    serializer = SandboxCreateSerializer(data=body)
+
+    assert serializer.is_valid(), serializer.errors
+    assert serializer.spec().lifecycle.on_timeout == on_timeout
 
 
 def test_an_unknown_lifecycle_key_unlike_any_lists_the_known_ones(owner: Actor) -> None:

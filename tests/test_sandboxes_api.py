@@ -293,11 +293,26 @@ def test_a_nested_network_policy_is_never_dropped_silently(owner: Actor, policy,
 
 
 def test_a_nested_network_policy_means_what_its_keys_mean_at_the_top_level() -> None:
-    from sandboxes.api.parsing import parse_create
+    from sandboxes.api.serializers import SandboxCreateSerializer
 
-    spec = parse_create({"network_policy": {"allow_public_traffic": False, "allow_internet_access": False}})
+    nested = SandboxCreateSerializer(data={"network_policy": {"allow_public_traffic": False,
+                                                              "allow_internet_access": False}})
+    twice = SandboxCreateSerializer(data={"allow_public_traffic": True,
+                                          "network_policy": {"allow_public_traffic": False}})
 
-    assert spec.network_policy["allow_public_traffic"] is False
-    assert spec.allow_internet_access is False
-    with pytest.raises(Exception, match="given twice"):
-        parse_create({"allow_public_traffic": True, "network_policy": {"allow_public_traffic": False}})
+    assert nested.is_valid(), nested.errors
+    assert nested.spec().network_policy["allow_public_traffic"] is False
+    assert nested.spec().allow_internet_access is False
+    assert not twice.is_valid()
+    assert twice.errors == {"non_field_errors": [
+        "allow_public_traffic is given twice with different values (top level and network_policy)."]}
+
+
+def test_twice_given_network_keys_are_a_422(owner: Actor) -> None:
+    response = owner.client().post("/v1/sandboxes", {
+        "allow_public_traffic": True, "network_policy": {"allow_public_traffic": False}}, format="json")
+
+    message = "allow_public_traffic is given twice with different values (top level and network_policy)."
+    assert response.status_code == 422
+    assert response.json() == {"error": "validation_failed", "message": message, "errors": [message]}
+    assert not Sandbox.objects.exists()

@@ -1,8 +1,10 @@
 """The one family of domain exceptions raised by services and selectors.
 
-Domain code never imports the API layer; the API's exception handler maps
-each class to an HTTP status and renders `{"error": code, "message": ...}`
-plus any extra fields (for example `quota`).
+Domain code never imports the API layer. Each class carries the HTTP status it
+means (`status`) and its default code: the API's one exception handler and the edge
+read them from here and render `{"error": code, "message": ...}` plus any extra
+fields (for example `quota`). A new kind of error is a new class here, never a
+table beside a handler.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 class DomainError(Exception):
     """Base class: a machine-readable code, a human message and extra context."""
 
+    status = 500
     code = "error"
 
     def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
@@ -26,34 +29,40 @@ class DomainError(Exception):
 class NotFound(DomainError):
     """The object does not exist or is not visible to the caller's teams."""
 
+    status = 404
     code = "not_found"
 
 
 class Invalid(DomainError):
     """The request is well-formed but asks for something not allowed."""
 
+    status = 422
     code = "validation_failed"
 
 
 class Conflict(DomainError):
     """The object is in a state where the action cannot happen now."""
 
+    status = 409
     code = "conflict"
 
 
 class Forbidden(DomainError):
     """The caller is known but may not do this."""
 
+    status = 403
     code = "forbidden"
 
 
 class PaymentRequired(DomainError):
     """The team's balance does not allow the action."""
 
+    status = 402
     code = "team_suspended"
 
 
 class Unavailable(DomainError):
     """A dependency (runtime host, guest agent) cannot serve the request now."""
 
+    status = 503
     code = "service_unavailable"

@@ -6,10 +6,11 @@ from django.urls import include, path
 from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
 from templates_app.api import views as template_views
-from watasu.api.schema import SchemaView
+from watasu.api.schema import DocsView, SchemaView
 
 api_v1 = [
     path("schema", SchemaView.as_view(permission_classes=[], authentication_classes=[]), name="schema"),
+    path("docs", DocsView.as_view(permission_classes=[], authentication_classes=[]), name="docs"),
     path("sandbox_limits", sandbox_views.SandboxLimitsView.as_view(), name="sandbox-limits"),
     path("sandboxes", sandbox_views.SandboxListView.as_view(), name="sandbox-list"),
     path("sandboxes/<str:sandbox_id>", sandbox_views.SandboxDetailView.as_view(), name="sandbox-detail"),

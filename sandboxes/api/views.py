@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import re
-
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sandboxes import selectors, services
-from sandboxes.api.parsing import parse_create, parse_file_url, parse_timeout_body
 from sandboxes.api.serializers import (
+    FileUrlRequestSerializer,
+    SandboxCreateSerializer,
     SandboxLimitsSerializer,
+    SandboxPortSerializer,
     SandboxSerializer,
     SessionSerializer,
+    TimeoutRequestSerializer,
     sandbox_representation,
     session_representation,
 )
 from sandboxes.edge.routing import AGENT_PORT
 from sandboxes.edge.signing import file_url_make, ttl_pick
+from sandboxes.filters import STATE_CHOICES, SandboxFilter
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.sessions import Session
@@ -28,8 +30,8 @@ from watasu import errors, ids
 from watasu.api.pagination import NextTokenPagination
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView, team_param
+from watasu.filtering import filter_or_refuse
 
-METADATA_PARAM = re.compile(r"^query\[metadata\]\[(.+)\]$")
 TEAM = OpenApiParameter("team", str, description="Team slug; default: personal team")
 SANDBOX_ENVELOPE = object_envelope("SandboxEnvelope", "sandbox", SandboxSerializer())
 SESSION_ENVELOPE = inline_serializer("SandboxWithSession", {
@@ -48,7 +50,9 @@ def _one(sandbox: Sandbox) -> Response:
 class SandboxLimitsView(ApiView):
     """`GET /v1/sandbox_limits`: allowed shapes, prices and the team's quota."""
 
-    @extend_schema(parameters=[TEAM], responses=SandboxLimitsSerializer)
+    @extend_schema(summary="Sandbox limits", description="The shapes a create may ask for (vCPUs, "
+                   "memory, timeout), the default shape, prices and the team's quota and usage.",
+                   parameters=[TEAM], responses=SandboxLimitsSerializer)
     def get(self, request: Request) -> Response:
         team = team_for_read(user=self.user, slug=team_param(request))
         return Response(selectors.sandbox_limits(team=team))
@@ -58,32 +62,40 @@ class SandboxListView(ApiView):
     envelope = "sandboxes"
 
     @extend_schema(
-        operation_id="sandboxes_list",
-        parameters=[TEAM, OpenApiParameter("query[state][]", str, many=True),
+        operation_id="sandboxes_list", summary="List sandboxes",
+        description="Sandboxes of your teams (or of `team`), newest first, all but destroyed ones "
+        "unless `query[state][]` names states; `query[metadata][<key>]=<value>` matches metadata exactly.",
+        parameters=[TEAM, OpenApiParameter("query[state][]", str, many=True,
+                                           enum=[value for value, _ in STATE_CHOICES],
+                                           description="State or alias; repeatable"),
                     OpenApiParameter("query[metadata][key]", str,
                                      description="Exact match on a metadata key (repeatable)")],
         responses=list_envelope("SandboxList", "sandboxes", SandboxSerializer()),
     )
     def get(self, request: Request) -> Response:
         teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
-        metadata = {match[1]: value for key, value in request.query_params.items()
-                    if (match := METADATA_PARAM.match(key))}
-        states = selectors.parse_state_filter(request.query_params.getlist("query[state][]"))
-        queryset = selectors.sandboxes_list(teams=teams, states=states, metadata=metadata)
+        queryset = filter_or_refuse(SandboxFilter.from_sdk_query(
+            request.query_params, selectors.sandboxes_of_teams(teams=teams)))
         paginator = NextTokenPagination()
         page = paginator.paginate_queryset(queryset, request, view=self)
         return paginator.get_paginated_response([sandbox_representation(s) for s in page])
 
-    @extend_schema(request=inline_serializer("SandboxCreate", {
-        "template": serializers.CharField(required=False),
-        "timeout": serializers.IntegerField(required=False),
-        "metadata": serializers.DictField(required=False),
-        "envs": serializers.DictField(required=False),
-        "lifecycle": serializers.DictField(required=False),
-        "team": serializers.CharField(required=False)}), responses={201: SESSION_ENVELOPE})
+    @extend_schema(summary="Create a sandbox",
+                   description="Starts a sandbox from a template (default `base`) and returns it with a "
+                   "data-plane session once it is usable. Unknown top-level keys are ignored, but a "
+                   "near-miss of a known one (`timeuot`) is a 422 `unknown_field`.",
+                   request=SandboxCreateSerializer, responses={201: SESSION_ENVELOPE})
     def post(self, request: Request) -> Response:
-        sandbox, session = services.sandbox_create(user=self.user, spec=parse_create(request.data))
+        body = SandboxCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        sandbox, session = services.sandbox_create(user=self.user, spec=body.spec())
         return _with_session(sandbox, session, status=201)
+
+
+def _timeout(request: Request, *, required: bool) -> int | None:
+    body = TimeoutRequestSerializer(data=request.data, context={"required": required})
+    body.is_valid(raise_exception=True)
+    return body.validated_data.get("timeout")
 
 
 class _SandboxView(ApiView):
@@ -95,44 +107,56 @@ class _SandboxView(ApiView):
 
 
 class SandboxDetailView(_SandboxView):
-    @extend_schema(responses=SANDBOX_ENVELOPE)
+    @extend_schema(summary="Get a sandbox", description="One sandbox of your teams, destroyed ones "
+                   "included while their record is kept.", responses=SANDBOX_ENVELOPE)
     def get(self, request: Request, sandbox_id: str) -> Response:
         return _one(self.sandbox(sandbox_id))
 
-    @extend_schema(responses=SANDBOX_ENVELOPE)
+    @extend_schema(summary="Destroy a sandbox", description="Removes the VM and its disk; "
+                   "destroying a destroyed sandbox again is a 200.", responses=SANDBOX_ENVELOPE)
     def delete(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         return _one(services.sandbox_destroy(sandbox=sandbox))
 
 
 class SandboxPauseView(_SandboxView):
-    @extend_schema(request=None, responses=SANDBOX_ENVELOPE)
+    @extend_schema(summary="Pause a sandbox", description="Saves the VM's memory and disk "
+                   "(processes survive); `stop` is the same. Resume or connect brings it back.",
+                   request=None, responses=SANDBOX_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         return _one(services.sandbox_pause(sandbox=sandbox))
 
 
 class SandboxResumeView(_SandboxView):
-    @extend_schema(request=inline_serializer("ResumeBody", {
-        "timeout": serializers.IntegerField(required=False)}), responses=SESSION_ENVELOPE)
+    @extend_schema(summary="Resume or connect to a sandbox",
+                   description="Resumes a paused sandbox (deadline: now + `timeout`, else its own "
+                   "timeout) or, for a running one, only ever extends its deadline; returns a new "
+                   "data-plane session.", request=TimeoutRequestSerializer, responses=SESSION_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
-        timeout = parse_timeout_body(request.data, required=False)
+        timeout = _timeout(request, required=False)
         return _with_session(*services.sandbox_resume(sandbox=sandbox, timeout=timeout))
 
 
 class SandboxTimeoutView(_SandboxView):
-    @extend_schema(request=inline_serializer("TimeoutBody", {
-        "timeout": serializers.IntegerField()}), responses=SANDBOX_ENVELOPE)
+    @extend_schema(summary="Set a sandbox's timeout",
+                   description="Sets the deadline to now + `timeout` seconds (shorter or longer) and "
+                   "the sandbox's `timeout` to it.", request=TimeoutRequestSerializer,
+                   responses=SANDBOX_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
-        timeout = parse_timeout_body(request.data, required=True)
+        timeout = _timeout(request, required=True)
         return _one(services.sandbox_set_timeout(sandbox=sandbox, timeout=timeout))
 
 
 class SandboxMetricsView(_SandboxView):
-    @extend_schema(parameters=[OpenApiParameter("start", int), OpenApiParameter("end", int)],
-                   responses=inline_serializer("Metrics", {"metrics": serializers.ListField()}))
+    @extend_schema(summary="Sandbox metrics",
+                   description="The VM's current CPU and memory sample (empty without a running VM).",
+                   parameters=[OpenApiParameter("start", int, description="Accepted; one sample is kept"),
+                               OpenApiParameter("end", int, description="Accepted; one sample is kept")],
+                   responses=inline_serializer("Metrics", {"metrics": serializers.ListField(
+                       child=serializers.DictField())}))
     def get(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id)
         sample = vm.metrics(sandbox)
@@ -140,8 +164,11 @@ class SandboxMetricsView(_SandboxView):
 
 
 class SandboxPortView(_SandboxView):
-    @extend_schema(responses=inline_serializer("SandboxPortEnvelope", {
-        "sandbox_port": serializers.DictField()}))
+    @extend_schema(summary="Preview a port",
+                   description="Where a server listening on `port` inside the sandbox is reachable: "
+                   "`url` (an origin of its own) and `path_url` (on the platform's origin). Any port "
+                   "but the agent's own.",
+                   responses=object_envelope("SandboxPortEnvelope", "sandbox_port", SandboxPortSerializer()))
     def get(self, request: Request, sandbox_id: str, port: str) -> Response:
         sandbox = self.sandbox(sandbox_id)
         number = ids.count(port, maximum=65535)
@@ -155,11 +182,6 @@ class SandboxPortView(_SandboxView):
         return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=number)})
 
 
-FILE_URL_REQUEST = inline_serializer("FileUrlRequest", {
-    "path": serializers.CharField(),
-    "user": serializers.CharField(required=False),
-    "use_signature_expiration": serializers.IntegerField(required=False),
-    "expires_in_seconds": serializers.IntegerField(required=False)})
 FILE_URL_ENVELOPE = inline_serializer("FileUrlEnvelope", {"file_url": inline_serializer("FileUrl", {
     "method": serializers.CharField(), "path": serializers.CharField(), "url": serializers.URLField(),
     "expires_at": serializers.DateTimeField()})})
@@ -174,18 +196,28 @@ class _FileUrlView(_SandboxView):
 
     operation = "read"
 
-    @extend_schema(request=FILE_URL_REQUEST, responses=FILE_URL_ENVELOPE)
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         if sandbox.state == SandboxState.DESTROYED:
             raise services.sandbox_gone(sandbox.pk)
-        path, signature_ttl, expires_in = parse_file_url(request.data)
-        url = file_url_make(sandbox, path=path, op=self.operation, ttl=ttl_pick(signature_ttl, expires_in))
+        body = FileUrlRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        ttl = ttl_pick(body.validated_data.get("use_signature_expiration"),
+                       body.validated_data.get("expires_in_seconds"))
+        url = file_url_make(sandbox, path=body.validated_data["path"], op=self.operation, ttl=ttl)
         return Response({"file_url": url.as_dict()})
 
 
 class SandboxUploadUrlView(_FileUrlView):
     operation = "write"
+
+    @extend_schema(summary="Signed upload URL",
+                   description="A URL that writes one file of the sandbox without a header (POST or "
+                   "PUT the bytes, or a multipart form), valid for the smaller of the two TTLs, "
+                   "300 s by default, at most 24 h.",
+                   request=FileUrlRequestSerializer, responses=FILE_URL_ENVELOPE)
+    def post(self, request: Request, sandbox_id: str) -> Response:
+        return super().post(request, sandbox_id)
 
 
 class SandboxDownloadUrlView(_FileUrlView):
@@ -194,3 +226,11 @@ class SandboxDownloadUrlView(_FileUrlView):
     read the control plane, never the inside of a sandbox."""
 
     operation = "read"
+
+    @extend_schema(summary="Signed download URL",
+                   description="A URL that reads one file of the sandbox without a header (needs a "
+                   "write key: it reads any file), valid for the smaller of the two TTLs, 300 s by "
+                   "default, at most 24 h.",
+                   request=FileUrlRequestSerializer, responses=FILE_URL_ENVELOPE)
+    def post(self, request: Request, sandbox_id: str) -> Response:
+        return super().post(request, sandbox_id)

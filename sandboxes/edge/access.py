@@ -28,10 +28,6 @@ T = TypeVar("T")
 # A paused sandbox with auto_resume comes back for these (spec 6.3: file, directory and
 # process requests); git and watch work on files and processes too.
 AUTO_RESUME_STATES = frozenset({S.STOPPED, S.STOPPING, S.RESTORING})
-_DOMAIN_STATUS: list[tuple[type[errors.DomainError], int]] = [
-    (errors.NotFound, 404), (errors.Invalid, 422), (errors.Conflict, 409), (errors.Forbidden, 403),
-    (errors.PaymentRequired, 402), (errors.Unavailable, 503),
-]
 
 
 class EdgeError(Exception):
@@ -91,8 +87,7 @@ def _refuse_destroyed(sandbox: Sandbox) -> None:
 
 
 def _from_domain(exc: errors.DomainError) -> EdgeError:
-    status = next(code for cls, code in _DOMAIN_STATUS if isinstance(exc, cls))
-    return EdgeError(status, exc.code, exc.message, **exc.extra)
+    return EdgeError(exc.status, exc.code, exc.message, **exc.extra)
 
 
 class ResumeNeeded(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from teams.models import ApiKey, Scope, Team
-from watasu.api.fields import ClosedSerializer, NameField
+from watasu.api.fields import ClosedSerializer, FullMatchField, NameField
 
 
 class TeamSerializer(serializers.ModelSerializer[Team]):
@@ -22,7 +22,8 @@ class TeamSerializer(serializers.ModelSerializer[Team]):
 class TeamCreateSerializer(ClosedSerializer):
     """A new team, owned by the caller. Unknown fields are a 422."""
 
-    slug = serializers.SlugField(max_length=63)
+    slug = FullMatchField(r"[-a-zA-Z0-9_]+", max_length=63, message="Enter a valid “slug” consisting of "
+                          "letters, numbers, underscores or hyphens.")
     name = NameField(max_length=200, required=False, allow_blank=True)
 
 

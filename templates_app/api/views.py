@@ -3,34 +3,39 @@ SDK's `/v1/templates` API (builds, status, aliases, tags)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from sandboxes.api.parsing import SHAPE_MEANT, parse_metadata
 from sandboxes.api.serializers import iso
 from teams.selectors import teams_for_list, teams_of_user
 from templates_app import selectors, services
+from templates_app.api.serializers import (
+    MAX_LOG_PAGE,
+    BuildLogsQuerySerializer,
+    BuildLogsSerializer,
+    BuildStatusQuerySerializer,
+    BuildStatusSerializer,
+    SandboxTemplateCreateSerializer,
+    TagAssignSerializer,
+    TagRemoveSerializer,
+    TagsAssignedSerializer,
+    TagSerializer,
+    TemplateBuildRequestSerializer,
+    TemplateBuildSerializer,
+    TemplateSerializer,
+    TemplateVersionSerializer,
+    VersionCreateSerializer,
+)
+from templates_app.filters import TemplateFilter, TemplateVersionFilter
 from templates_app.models import Template, TemplateVersion
-from watasu import errors, ids, suggest
-from watasu.api.fields import NameField
+from watasu.api.schema import object_envelope
 from watasu.api.views import ApiView, team_param
+from watasu.filtering import filter_or_refuse, openapi_parameters
 
-TAG = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-SLUG = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")  # DRF's RegexField searches
-VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-BUILD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?")
-ANY = inline_serializer("TemplateAny", {"any": serializers.JSONField()})
-# What the SDKs send to start a build and to add a version: a near-miss of one of these
-# (`skip_cahce`, `memroy_mb`) is a 422, other keys are left to the clients that send them.
-BUILD_KEYS = ("name", "cpu_count", "memory_mb", "skip_cache", "build_spec", "tags", "team")
-VERSION_KEYS = ("version", "source_kind", "architecture", "runtime_baseline", "build_spec", "skip_cache",
-                "default_user", "workdir", "metadata")
-MAX_LOG_INDEX = 2**31 - 1  # BuildLogEntry.index is a PositiveIntegerField
 # The SDK's build-status vocabulary for our version states.
 SDK_STATUS = {"draft": "waiting", "building": "building", "ready": "ready", "failed": "error"}
 
@@ -56,50 +61,37 @@ def version_representation(version: TemplateVersion) -> dict[str, Any]:
             "built_at": iso(version.built_at), "created_at": iso(version.created_at)}
 
 
-def _tags(value: Any) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) and TAG.fullmatch(t)
-                                                           for t in value):
-        raise errors.Invalid("tags must be a non-empty list of lowercase tag names.",
-                             errors=["tags: invalid"])
-    return value
+TEAM = OpenApiParameter("team", str, description="Team slug; default: every team of yours")
+TEMPLATE_ENVELOPE = object_envelope("SandboxTemplateEnvelope", "sandbox_template", TemplateSerializer())
+VERSION_ENVELOPE = object_envelope("SandboxTemplateVersionEnvelope", "sandbox_template_version",
+                                   TemplateVersionSerializer())
 
 
-def _text(body: Any, key: str) -> str:
-    value = body.get(key) if isinstance(body, dict) else None
-    if not isinstance(value, str) or not value:
-        raise errors.Invalid(f"{key} is required.", errors=[f"{key}: required"])
-    return value
-
-
-class _SandboxTemplateFields(serializers.Serializer):
-    team = serializers.CharField(max_length=63, required=False, allow_null=True, allow_blank=True)
-    slug = serializers.RegexField(SLUG, max_length=63, error_messages={
-        "invalid": "must be lowercase letters, digits and dashes."})
-    name = NameField(max_length=200, required=False, allow_null=True, allow_blank=True)
-    description = serializers.CharField(max_length=10000, required=False, allow_null=True,
-                                        allow_blank=True, trim_whitespace=False)
-    metadata = serializers.JSONField(required=False, allow_null=True)
-
-    def validate_metadata(self, value: Any) -> dict[str, str]:
-        return parse_metadata(value)
-
-
-class SandboxTemplateCreateSerializer(serializers.Serializer):
-    sandbox_template = _SandboxTemplateFields()
+def _valid(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
 
 
 class SandboxTemplateListView(ApiView):
-    @extend_schema(operation_id="sandbox_templates_list", responses=ANY)
+    @extend_schema(
+        operation_id="sandbox_templates_list",
+        summary="List templates",
+        description="Your teams' templates (or those of `team`) and the provider's, by slug.",
+        parameters=[TEAM, *openapi_parameters(TemplateFilter)],
+        responses=object_envelope("SandboxTemplateList", "sandbox_templates", TemplateSerializer(many=True)))
     def get(self, request: Request) -> Response:
         teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
-        templates = selectors.templates_of_teams(teams=teams).order_by("slug", "pk")
+        templates = filter_or_refuse(TemplateFilter(
+            request.query_params, queryset=selectors.templates_of_teams(teams=teams))).order_by("slug", "pk")
         return Response({"sandbox_templates": [template_representation(t) for t in templates]})
 
-    @extend_schema(request=ANY, responses={201: ANY})
+    @extend_schema(
+        summary="Create a template",
+        description="A new, empty template of a team; add versions to build it.",
+        request=SandboxTemplateCreateSerializer, responses={201: TEMPLATE_ENVELOPE})
     def post(self, request: Request) -> Response:
-        serializer = SandboxTemplateCreateSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        body = serializer.validated_data["sandbox_template"]
+        body = _valid(SandboxTemplateCreateSerializer, request.data)["sandbox_template"]
         template = services.template_create(
             user=self.user, team_slug=team_param(request, body), slug=body["slug"],
             name=body.get("name") or "", description=body.get("description") or "",
@@ -121,78 +113,78 @@ class _VersionView(_TemplateView):
 
 
 class SandboxTemplateDetailView(_TemplateView):
-    @extend_schema(responses=ANY)
+    @extend_schema(summary="Get a template", description="One template visible to your teams.",
+                   responses=TEMPLATE_ENVELOPE)
     def get(self, request: Request, template_id: str) -> Response:
         return Response({"sandbox_template": template_representation(self.template(template_id))})
 
-    @extend_schema(operation_id="sandbox_templates_destroy", responses={204: None})
+    @extend_schema(operation_id="sandbox_templates_destroy", summary="Delete a template",
+                   description="Deletes a team template nothing runs on (409 `template_in_use` "
+                   "otherwise); its slug is free again at once.",
+                   responses={204: None})
     def delete(self, request: Request, template_id: str) -> Response:
         services.template_delete(user=self.user, template=self.template(template_id))
         return Response(status=204)
 
 
 class SandboxTemplateVersionListView(_TemplateView):
-    @extend_schema(operation_id="sandbox_template_versions_list", responses=ANY)
+    @extend_schema(
+        operation_id="sandbox_template_versions_list", summary="List a template's versions",
+        description="Every version of the template, newest first, with its build status and tags.",
+        parameters=openapi_parameters(TemplateVersionFilter),
+        responses=object_envelope("SandboxTemplateVersionList", "sandbox_template_versions",
+                                  TemplateVersionSerializer(many=True)))
     def get(self, request: Request, template_id: str) -> Response:
-        versions = self.template(template_id).versions.select_related("template").prefetch_related(
-            "tags").order_by("-pk")
+        versions = self.template(template_id).versions.select_related("template").prefetch_related("tags")
+        versions = filter_or_refuse(TemplateVersionFilter(request.query_params, queryset=versions))
+        versions = versions.order_by("-pk")
         return Response({"sandbox_template_versions": [version_representation(v) for v in versions]})
 
-
-    @extend_schema(operation_id="sandbox_template_versions_create", request=ANY, responses={201: ANY})
+    @extend_schema(
+        operation_id="sandbox_template_versions_create", summary="Build a new version",
+        description="Queues a build of a new version from a build spec; follow it with "
+        "`.../build_logs`. One build per template at a time (409 while one runs).",
+        request=VersionCreateSerializer, responses={201: VERSION_ENVELOPE})
     def post(self, request: Request, template_id: str) -> Response:
         from templates_app.builds import template_version_create
 
-        body = request.data.get("sandbox_template_version") if isinstance(request.data, dict) else None
-        if not isinstance(body, dict):
-            raise errors.Invalid("Expected {\"sandbox_template_version\": {...}}.",
-                                 errors=["sandbox_template_version"])
-        suggest.refuse_near_misses(body, VERSION_KEYS, where="sandbox_template_version")
-        version = _text(body, "version")
-        if not VERSION.fullmatch(version):
-            raise errors.Invalid("version must be letters, digits, dots, dashes and underscores.",
-                                 errors=["version: invalid"])
-        if body.get("source_kind", "package_spec") != "package_spec":
-            raise errors.Invalid("Only source_kind 'package_spec' is supported.",
-                                 errors=["source_kind: invalid"])
-        if body.get("architecture", "x86_64") not in ("x86_64", "amd64"):
-            raise errors.Invalid("Only the x86_64 architecture is supported.",
-                                 errors=["architecture: invalid"])
-        baseline = body.get("runtime_baseline") or {}
-        if not isinstance(baseline, dict):
-            raise errors.Invalid("runtime_baseline must be an object.", errors=["runtime_baseline: invalid"])
-        suggest.refuse_unknown_keys(baseline, ("cpu", "memory_mb"),
-                                    where="sandbox_template_version.runtime_baseline")
-        cpu, memory = _shape(baseline, "cpu", "memory_mb")
+        body = _valid(VersionCreateSerializer, request.data)["sandbox_template_version"]
         created = template_version_create(
-            user=self.user, template=self.template(template_id), version=version,
-            build_spec=_spec(body), cpu=cpu, memory_mb=memory,
+            user=self.user, template=self.template(template_id), version=body["version"],
+            build_spec=body["build_spec"], cpu=body["cpu"], memory_mb=body["memory_mb"],
             skip_cache=body.get("skip_cache") is True)
         return Response({"sandbox_template_version": version_representation(created)}, status=201)
 
 
 class SandboxTemplateVersionDetailView(_VersionView):
-    @extend_schema(responses=ANY)
+    @extend_schema(summary="Get a template version", description="One version of the template.",
+                   responses=VERSION_ENVELOPE)
     def get(self, request: Request, template_id: str, version_id: str) -> Response:
         return Response({"sandbox_template_version": version_representation(
             self.version(template_id, version_id))})
 
-    @extend_schema(responses={204: None})
+    @extend_schema(summary="Delete a template version",
+                   description="Deletes a version nothing runs on; it no longer resolves, and its "
+                   "files go once nothing references them.", responses={204: None})
     def delete(self, request: Request, template_id: str, version_id: str) -> Response:
         services.template_version_delete(user=self.user, version=self.version(template_id, version_id))
         return Response(status=204)
 
 
 class SandboxTemplateVersionBuildLogsView(_VersionView):
-    """`GET .../versions/{vid}/build_logs?offset=N&limit=M`: the log from line `offset` on."""
-
-    @extend_schema(operation_id="sandbox_template_version_build_logs", responses=ANY)
+    @extend_schema(
+        operation_id="sandbox_template_version_build_logs", summary="Read a version's build log",
+        description=f"The build log from line `offset` on, at most `limit` (≤ {MAX_LOG_PAGE}) lines; "
+        "`next_offset` is where the next page starts.",
+        parameters=[BuildLogsQuerySerializer],
+        responses=object_envelope("SandboxTemplateVersionBuildLogs", "sandbox_template_version_build_logs",
+                                  BuildLogsSerializer()))
     def get(self, request: Request, template_id: str, version_id: str) -> Response:
         from templates_app.builds import build_log_entries
 
         version = self.version(template_id, version_id)
-        offset = _query_int(request, "offset", 0, maximum=MAX_LOG_INDEX)
-        limit = min(_query_int(request, "limit", 1000), 5000)
+        query = _valid(BuildLogsQuerySerializer, request.query_params)
+        offset, limit = query["offset"], min(query["limit"], MAX_LOG_PAGE)
         entries = build_log_entries(version=version, offset=offset)[:limit]
         return Response({"sandbox_template_version_build_logs": {
             "template_version_id": version.pk, "status": version.status,
@@ -201,42 +193,20 @@ class SandboxTemplateVersionBuildLogsView(_VersionView):
                         for e in entries]}})
 
 
-def _query_int(request: Request, key: str, default: int, maximum: int = ids.MAX_DB_ID) -> int:
-    raw = request.query_params.get(key)
-    if raw is None:
-        return default
-    value = ids.count(raw, maximum=maximum)
-    if value is None:
-        raise errors.Invalid(f"{key} must be an integer between 0 and {maximum}.",
-                             errors=[f"{key}: invalid"])
-    return value
-
-
-def _shape(body: dict[str, Any], cpu_key: str, memory_key: str) -> tuple[int, int]:
-    """vCPUs and memory for a version, defaulted and checked against the sandbox limits."""
-    from django.conf import settings
-
-    from sandboxes.api.parsing import parse_shape
-
-    cpu = _positive(body, cpu_key, settings.SANDBOX_FALLBACK_CPU)
-    memory = _positive(body, memory_key, settings.SANDBOX_FALLBACK_MEMORY_MB)
-    parse_shape({"cpu_count": cpu, "memory_mb": memory})
-    return cpu, memory
-
-
 class TemplateAliasView(ApiView):
-    """`GET /v1/templates/aliases/{alias}`: 200 when visible (the SDK's `alias_exists`)."""
-
-    @extend_schema(responses=ANY)
+    @extend_schema(summary="Look up a template by alias",
+                   description="200 with the template when an alias (slug) or id is visible to "
+                   "you, 404 otherwise (the SDK's `alias_exists`).",
+                   responses=object_envelope("TemplateAliasEnvelope", "template", TemplateSerializer()))
     def get(self, request: Request, alias: str) -> Response:
         template = selectors.template_by_id_or_alias(teams=teams_of_user(user=self.user), value=alias)
         return Response({"template": template_representation(template)})
 
 
 class TemplateTagsView(ApiView):
-    """`GET /v1/templates/{id_or_alias}/tags`: a bare JSON array, as the SDK requires."""
-
-    @extend_schema(responses=ANY)
+    @extend_schema(summary="List a template's tags",
+                   description="The tags of a template and the build each points at, as a bare "
+                   "JSON array (what the SDK reads).", responses=TagSerializer(many=True))
     def get(self, request: Request, template: str) -> Response:
         found = selectors.template_by_id_or_alias(teams=teams_of_user(user=self.user), value=template)
         return Response([{"tag": t.tag, "build_id": str(t.version_id), "created_at": iso(t.created_at)}
@@ -244,19 +214,21 @@ class TemplateTagsView(ApiView):
 
 
 class TemplateTagAssignView(ApiView):
-    """`POST /v1/templates/tags` assigns; `DELETE` (JSON body) removes."""
-
-    @extend_schema(request=ANY, responses=ANY)
+    @extend_schema(summary="Tag a version",
+                   description="Points tags at a ready version (`alias:tag`, `alias:version` or "
+                   "`alias:<build id>`), moving them from any other version.",
+                   request=TagAssignSerializer, responses=TagsAssignedSerializer)
     def post(self, request: Request) -> Response:
-        version = services.template_tags_assign(user=self.user, target=_text(request.data, "target"),
-                                                tags=_tags(request.data.get("tags")))
+        body = _valid(TagAssignSerializer, request.data)
+        version = services.template_tags_assign(user=self.user, target=body["target"], tags=body["tags"])
         return Response({"build_id": str(version.pk),
                          "tags": sorted(t.tag for t in version.tags.all())})
 
-    @extend_schema(request=ANY, responses={204: None})
+    @extend_schema(summary="Remove tags", description="Removes tags from a template (JSON body).",
+                   request=TagRemoveSerializer, responses={204: None})
     def delete(self, request: Request) -> Response:
-        services.template_tags_remove(user=self.user, name=_text(request.data, "name"),
-                                      tags=_tags(request.data.get("tags")))
+        body = _valid(TagRemoveSerializer, request.data)
+        services.template_tags_remove(user=self.user, name=body["name"], tags=body["tags"])
         return Response(status=204)
 
 
@@ -266,51 +238,34 @@ def _build_info(version: TemplateVersion) -> dict[str, Any]:
             "name": template.slug, "alias": template.slug, "tags": version.build_spec.get("tags", [])}
 
 
-def _spec(body: dict[str, Any]) -> Any:
-    """The request's build spec as sent (absent or null: an empty one); its shape is
-    checked by the build, so `[]` is refused rather than read as `{}`."""
-    spec = body.get("build_spec")
-    return {} if spec is None else spec
-
-
-def _positive(body: dict[str, Any], key: str, default: int) -> int:
-    value = body.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise errors.Invalid(f"{key} must be a positive integer.", errors=[f"{key}: invalid"])
-    return value
-
-
 class TemplateBuildView(ApiView):
-    """`POST /v1/templates`: start a build (the SDK's `Template.build`)."""
-
-    @extend_schema(request=ANY, responses={201: ANY})
+    @extend_schema(summary="Build a template",
+                   description="Starts a build of `name` (the SDK's `Template.build`), creating the "
+                   "template if needed; poll `.../builds/{build_id}/status`.",
+                   request=TemplateBuildRequestSerializer,
+                   responses={201: object_envelope("TemplateBuildEnvelope", "template_build",
+                                                   TemplateBuildSerializer())})
     def post(self, request: Request) -> Response:
         from templates_app.builds import template_build_start
 
-        body = request.data if isinstance(request.data, dict) else {}
-        suggest.refuse_near_misses(body, BUILD_KEYS, meant=SHAPE_MEANT)
-        name = _text(body, "name")
-        if not BUILD_NAME.fullmatch(name):
-            raise errors.Invalid("name must be 'alias' or 'alias:tag' in lowercase.",
-                                 errors=["name: invalid"])
-        cpu, memory = _shape(body, "cpu_count", "memory_mb")
-        tags = _tags(body["tags"]) if body.get("tags") else []
-        version = template_build_start(user=self.user, name=name, build_spec=_spec(body),
-                                       cpu=cpu, memory_mb=memory, tags=tags,
-                                       team_slug=team_param(request, body),
+        body = _valid(TemplateBuildRequestSerializer, request.data if isinstance(request.data, dict) else {})
+        version = template_build_start(user=self.user, name=body["name"], build_spec=body["build_spec"],
+                                       cpu=body["cpu_count"], memory_mb=body["memory_mb"],
+                                       tags=body.get("tags") or [], team_slug=team_param(request, body),
                                        skip_cache=body.get("skip_cache") is True)
         return Response({"template_build": _build_info(version)}, status=201)
 
 
 class TemplateBuildStatusView(ApiView):
-    """`GET /v1/templates/{tid}/builds/{bid}/status?logs_offset=N` (no envelope)."""
-
-    @extend_schema(responses=ANY)
+    @extend_schema(summary="Follow a build",
+                   description="A build's status in the SDK's words (waiting, building, ready, "
+                   "error) and its log from `logs_offset` on; no envelope.",
+                   parameters=[BuildStatusQuerySerializer], responses=BuildStatusSerializer)
     def get(self, request: Request, template_id: str, build_id: str) -> Response:
         from templates_app.builds import build_log_entries, template_build_get
 
         version = template_build_get(user=self.user, template_id=template_id, build_id=build_id)
-        offset = ids.count(request.query_params.get("logs_offset", "0"), maximum=MAX_LOG_INDEX) or 0
+        offset = _valid(BuildStatusQuerySerializer, request.query_params)["logs_offset"]
         entries = [{"timestamp": iso(e.at), "level": e.level, "message": e.message}
                    for e in build_log_entries(version=version, offset=offset)]
         status = SDK_STATUS[version.status]

@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from sandboxes.api.parsing import env_map
+from sandboxes.specs import env_map
 from templates_app import images
 from watasu import errors, suggest
 

@@ -21,15 +21,6 @@ from watasu import errors as domain
 
 logger = logging.getLogger(__name__)
 
-_DOMAIN_STATUS: list[tuple[type[domain.DomainError], int]] = [
-    (domain.NotFound, 404),
-    (domain.Invalid, 422),
-    (domain.Conflict, 409),
-    (domain.Forbidden, 403),
-    (domain.PaymentRequired, 402),
-    (domain.Unavailable, 503),
-]
-
 class PayloadTooLarge(drf.APIException):
     status_code = 413
     default_code = "payload_too_large"
@@ -57,30 +48,48 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": code, "message": message, **extra}
 
 
-def flatten_validation_errors(detail: Any, prefix: str = "") -> list[str]:
-    """Turn DRF's nested error dict/list into 'field: message' lines."""
+# The error codes a request serializer refuses a value with (`watasu.api.fields.refusal`).
+# Such a message is whole: it names its field itself. Any other code is one of DRF's own
+# (`required`, `max_length`, `invalid`...): its message gets the field's path in front and
+# the answer's code is `validation_failed`.
+REQUEST_CODES = frozenset({
+    "validation_failed", "invalid_timeout", "invalid_lifecycle", "invalid_resources", "invalid_path",
+    "volumes_unavailable", "mcp_unavailable", "network_rules_unavailable", "unknown_field",
+})
+
+
+def _error_items(detail: Any, prefix: str = "") -> list[tuple[str, drf.ErrorDetail]]:
+    """DRF's nested error dict/list as (field path, error) pairs, in field order."""
     if isinstance(detail, dict):
-        lines: list[str] = []
+        items: list[tuple[str, drf.ErrorDetail]] = []
         for field, value in detail.items():
             name = f"{prefix}.{field}" if prefix else str(field)
             if field == "non_field_errors":
                 name = prefix
-            lines.extend(flatten_validation_errors(value, name))
-        return lines
+            items.extend(_error_items(value, name))
+        return items
     if isinstance(detail, list):
-        return [line for item in detail for line in flatten_validation_errors(item, prefix)]
-    return [f"{prefix}: {detail}" if prefix else str(detail)]
+        return [item for entry in detail for item in _error_items(entry, prefix)]
+    return [(prefix, detail)]
+
+
+def _line(path: str, error: drf.ErrorDetail) -> str:
+    if getattr(error, "code", None) in REQUEST_CODES or not path:
+        return str(error)
+    return f"{path}: {error}"
 
 
 def _validation_response(exc: drf.ValidationError) -> Response:
-    errors = flatten_validation_errors(exc.detail)
+    items = _error_items(exc.detail)
+    errors = [_line(path, error) for path, error in items]
     message = "; ".join(errors) or "Invalid request."
-    return Response(error_body("validation_failed", message, errors=errors), status=422)
+    first = getattr(items[0][1], "code", None) if items else None
+    code = first if first in REQUEST_CODES else "validation_failed"
+    return Response(error_body(code, message, errors=errors), status=422)
 
 
 def _domain_response(exc: domain.DomainError) -> Response:
-    status = next(code for cls, code in _DOMAIN_STATUS if isinstance(exc, cls))
-    return Response(error_body(exc.code, exc.message, **exc.extra), status=status)
+    return Response(error_body(exc.code, exc.message, **exc.extra), status=exc.status)
 
 
 def _drf_response(exc: drf.APIException) -> Response:

@@ -1,7 +1,9 @@
 """The control plane's one body parser: strict JSON, bounded, storable.
 
 Beyond DRF's JSONParser (which already refuses the NaN/Infinity literals) a body is
-refused when it holds a number that overflows to infinity (`1e400`), nests deeper than
+refused (422 naming where) when it holds a number no field can take: one that overflows
+a double to infinity (`1e400`) or an integer too long to read (thousands of digits);
+and refused (400) when it nests deeper than
 `MAX_DEPTH` (`[[[[...` would otherwise exhaust the interpreter's recursion), carries a
 lone surrogate (`"\\ud800"` cannot be encoded as UTF-8, stored or rendered), or a NUL
 character anywhere (PostgreSQL cannot store it in text or jsonb, and no name, command,
@@ -26,11 +28,23 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite_float(text: str) -> float:
+class _OutOfRange:
+    """Where the body held a number no field can take; refused by `check_json_value`."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _finite_float(text: str) -> float | _OutOfRange:
     value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
+    return value if math.isfinite(value) else _OutOfRange(text)
+
+
+def _int(text: str) -> int | _OutOfRange:
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
+        return _OutOfRange(text)
 
 
 def _where(path: str) -> str:
@@ -49,12 +63,15 @@ def _check_text(text: str, path: str) -> None:
 
 
 def check_json_value(data: Any) -> None:
-    """Depth, Unicode and NUL checks of a parsed value, without recursion."""
+    """Depth, number, Unicode and NUL checks of a parsed value, without recursion."""
     stack: list[tuple[Any, str, int]] = [(data, "", 1)]
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, str):
             _check_text(value, path)
+        elif isinstance(value, _OutOfRange):
+            number = value.text[:40] + ("..." if len(value.text) > 40 else "")
+            raise ValidationError([f"{_where(path)}: the number {number} is out of range."])
         elif isinstance(value, dict | list):
             if depth > MAX_DEPTH:
                 raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.")
@@ -76,7 +93,8 @@ class StrictJSONParser(JSONParser):
         except (UnicodeDecodeError, LookupError) as exc:
             raise ParseError(f"JSON parse error - the body is not valid {encoding} text.") from exc
         try:
-            data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+            data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                              parse_int=_int)
         except RecursionError as exc:
             raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.") from exc
         except ValueError as exc:

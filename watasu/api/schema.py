@@ -1,4 +1,4 @@
-"""OpenAPI helpers: bearer auth, the list envelopes and the schema view."""
+"""OpenAPI helpers: bearer auth, the list envelopes, the schema view and its docs page."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import extend_schema, inline_serializer
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -38,7 +38,16 @@ def object_envelope(name: str, key: str, item: serializers.Serializer) -> serial
     return inline_serializer(name, {key: item})
 
 
-class SchemaView(OnlyItsMethods, SpectacularAPIView):
+class _JsonErrors:
+    """Errors of a view that renders something else (YAML, HTML) are JSON in the API's shape."""
+
+    def handle_exception(self, exc: Exception) -> Response:
+        self.request.accepted_renderer = JSONRenderer()  # type: ignore[attr-defined]
+        self.request.accepted_media_type = "application/json"  # type: ignore[attr-defined]
+        return super().handle_exception(exc)  # type: ignore[misc]
+
+
+class SchemaView(_JsonErrors, OnlyItsMethods, SpectacularAPIView):
     """`GET /v1/schema`: the OpenAPI document (YAML, or JSON with `?format=json`).
 
     Its errors (405, a bad `lang`) are JSON in the API's error shape, not YAML, and `lang`
@@ -53,12 +62,26 @@ class SchemaView(OnlyItsMethods, SpectacularAPIView):
                                  errors=["lang: invalid"])
         return super().get(request, *args, **kwargs)
 
-    def handle_exception(self, exc: Exception) -> Response:
-        self.request.accepted_renderer = JSONRenderer()
-        self.request.accepted_media_type = "application/json"
-        return super().handle_exception(exc)
-
     def options(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         request.accepted_renderer = JSONRenderer()
         request.accepted_media_type = "application/json"
         return super().options(request, *args, **kwargs)
+
+
+class DocsView(_JsonErrors, OnlyItsMethods, SpectacularSwaggerView):
+    """`GET /v1/docs`: Swagger UI over `/v1/schema`, readable without a key.
+
+    Its scripts and styles come from `drf-spectacular-sidecar` under STATIC_URL, never from
+    a CDN: the platform runs where the internet may not be reachable. (Redoc is not served:
+    its page loads web fonts from Google.)
+    """
+
+    url_name = "schema"
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        lang = request.query_params.get("lang")
+        if lang and lang not in dict(settings.LANGUAGES):  # passed on to the schema URL
+            raise errors.Invalid("lang must be one of the configured language codes.",
+                                 errors=["lang: invalid"])
+        return super().get(request, *args, **kwargs)

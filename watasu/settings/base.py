@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets for /v1/docs, served as static files
     "teams",
     "templates_app",
     "sandboxes",
@@ -185,6 +186,13 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": "/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "VersionStatusEnum": "templates_app.models.VersionStatus",
+        "BuildStatusEnum": "templates_app.api.serializers.BUILD_STATUSES",
+    },
+    # /v1/docs takes Swagger UI from drf-spectacular-sidecar: a self-hosted install needs no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
 
 # The largest request body (JSON with a template build's files included); larger is a 413.
