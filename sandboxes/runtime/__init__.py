@@ -2,7 +2,8 @@
 
 `driver.py` is the interface, `libvirt_driver.py` its only implementation (and
 the only module importing libvirt), `lifecycle.py` pairs it with the guest
-agent, `images.py` builds guest images, `guest/agent.py` runs inside the VM.
+agent, `images.py` builds guest images, `guest/agent/` (shipped as one zipapp,
+`guest/build.py`) runs inside the VM.
 None of these import Django; `vm.py` maps sandbox rows onto them.
 """
 
