@@ -140,28 +140,30 @@ def make_world_readable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def cache_key(mirror: str) -> str:
-    """Hash of every input that changes the image's bytes."""
+def cache_key(mirror: str, agent: bytes | None = None) -> str:
+    """Hash of every input that changes the image's bytes (``agent``: the zipapp it holds,
+    by default the agent of this checkout)."""
     h = hashlib.sha256()
     for part in (IMAGE_SCRIPT_VERSION, SUITE, mirror, ",".join(ROOTFS_PACKAGES), ROOTFS_SIZE,
                  GUEST_INIT, INITRAMFS_INIT, ",".join(INITRAMFS_MODULES)):
         h.update(part.encode() + b"\0")
-    h.update(agent_zipapp())
+    h.update(agent_zipapp() if agent is None else agent)
     for cert in host_extra_cas():
         h.update(cert.read_bytes())
     return h.hexdigest()[:16]
 
 
-def snapshot_inputs() -> dict[str, str]:
+def snapshot_inputs(agent: bytes | None = None) -> dict[str, str]:
     """What every memory snapshot's cache key holds besides its own inputs: the artifact
-    format and the agent that will be running in the saved memory."""
-    return {"snapshot_format": SNAPSHOT_FORMAT, "agent": agent_digest()}
+    format and the agent (``agent``: its zipapp, by default this checkout's) that will be
+    running in the saved memory."""
+    return {"snapshot_format": SNAPSHOT_FORMAT, "agent": agent_digest(agent)}
 
 
-def base_snapshot_key(image: BaseImage) -> str:
+def base_snapshot_key(image: BaseImage, agent: bytes | None = None) -> str:
     """Key of the `base` template's memory snapshot: its image (whose key already hashes the
     agent) and the snapshot inputs."""
-    parts = json.dumps([image.key, snapshot_inputs()], sort_keys=True).encode()
+    parts = json.dumps([image.key, snapshot_inputs(agent)], sort_keys=True).encode()
     return hashlib.sha256(parts).hexdigest()[:16]
 
 

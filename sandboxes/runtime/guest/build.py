@@ -21,18 +21,23 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 ROOT_MAIN = b"from agent.__main__ import main\n\nmain()\n"
 
 
-def _entries() -> list[tuple[str, bytes]]:
-    files = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+def _entries(package: Path) -> list[tuple[str, bytes]]:
+    files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
     return [("__main__.py", ROOT_MAIN),
-            *((f"agent/{p.relative_to(PACKAGE).as_posix()}", p.read_bytes()) for p in files)]
+            *((f"agent/{p.relative_to(package).as_posix()}", p.read_bytes()) for p in files)]
 
 
 @functools.cache
 def agent_zipapp() -> bytes:
-    """The zipapp's bytes (sources are read once per process: they do not change under it)."""
+    """The agent's zipapp (its sources are read once per process: they do not change under it)."""
+    return build_zipapp(PACKAGE)
+
+
+def build_zipapp(package: Path) -> bytes:
+    """The zipapp of the agent package at ``package``, as bytes."""
     inner = io.BytesIO()
     with zipfile.ZipFile(inner, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in _entries():
+        for name, data in _entries(package):
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.external_attr = 0o100644 << 16
             info.create_system = 3  # unix, whatever the building host
@@ -43,9 +48,9 @@ def agent_zipapp() -> bytes:
     return out.getvalue()
 
 
-def agent_digest() -> str:
-    """sha256 of the zipapp: the agent's identity in every cache key."""
-    return hashlib.sha256(agent_zipapp()).hexdigest()
+def agent_digest(zipapp_bytes: bytes | None = None) -> str:
+    """sha256 of the zipapp (the agent's by default): the agent's identity in every cache key."""
+    return hashlib.sha256(agent_zipapp() if zipapp_bytes is None else zipapp_bytes).hexdigest()
 
 
 def write_agent_zipapp(dest: Path) -> Path:
