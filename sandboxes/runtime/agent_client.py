@@ -127,11 +127,11 @@ class AgentClient:
         ``timeout`` the agent kills its process group (``exit_code`` -9, ``timed_out``).
         ``background`` returns at once with ``{"pid": <guest pid>, "id": <process id>}``: the
         process keeps running in the agent's one registry (``processes()``, the SDK's list).
+        Without ``cwd`` it runs in ``/``, the agent's own directory, as host commands always have.
         """
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        start: dict[str, Any] = {"type": "start", "cmd": argv[0], "args": argv[1:], "environment": env or {}}
-        if cwd:
-            start["cwd"] = cwd
+        start: dict[str, Any] = {"type": "start", "cmd": argv[0], "args": argv[1:], "environment": env or {},
+                                 "cwd": cwd or "/"}
         if background:
             with self._process_socket("/runtime/v1/process", start) as (_, started):
                 return {"pid": started["os_pid"], "id": started["pid"]}
