@@ -10,8 +10,9 @@ layer of the previous key: a layer built on another build's files is never reach
 from the cache.
 
 Whole builds are cached too: a version's `cache_key` hashes every input of its artifact
-(last layer, start and ready commands, shape), so an unchanged template reuses the
-artifact of an earlier version through hard links, without any VM.
+(last layer, start and ready commands, shape, the agent's hash and the artifact format),
+so an unchanged template reuses the artifact of an earlier version through hard links,
+without any VM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sandboxes.models import Host
-from sandboxes.runtime import lifecycle
+from sandboxes.runtime import images, lifecycle
 from templates_app.models import BuildLayer, TemplateVersion, VersionStatus
 
 BASE_DISK, SNAPSHOT_DIR = "base.qcow2", "snapshot"
@@ -39,19 +40,23 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def base_key(parent: TemplateVersion, team_id: int | None) -> str:
+def base_key(parent: TemplateVersion, team_id: int | None, *, agent: bytes | None = None) -> str:
     """Root of a build's keys: the version built on, and the team building. The cache is
     per team: no layer, artifact, memory snapshot or build log is ever reused by another
-    team, however identical its steps (a layer holds what the steps wrote, secrets too)."""
-    return _digest("version", parent.pk, parent.artifact_dir, "team", team_id)
+    team, however identical its steps (a layer holds what the steps wrote, secrets too).
+    The agent's hash and the artifact format are in it too: a build with another agent
+    shares no layer, artifact or memory snapshot with one made by an older one (``agent``:
+    the agent's zipapp, by default this checkout's)."""
+    return _digest("version", parent.pk, parent.artifact_dir, "team", team_id, images.snapshot_inputs(agent))
 
 
 def step_keys(parent: TemplateVersion, commands: list[str], env: dict[str, str],
-              internet: bool, team_id: int | None, *, env_free: int = 0) -> list[str]:
+              internet: bool, team_id: int | None, *, env_free: int = 0,
+              agent: bytes | None = None) -> list[str]:
     """Key of each step's layer: parent key + command (+ the env and network it ran with).
     The first ``env_free`` steps (the image's) run without the env, so it is not in their
     keys: changing an ENV rebuilds only what runs with it."""
-    keys, key = [], base_key(parent, team_id)
+    keys, key = [], base_key(parent, team_id, agent=agent)
     for index, command in enumerate(commands):
         key = _digest("step", key, command, {} if index < env_free else env, internet)
         keys.append(key)
@@ -59,9 +64,11 @@ def step_keys(parent: TemplateVersion, commands: list[str], env: dict[str, str],
 
 
 def artifact_key(last_key: str, spec: dict[str, Any], env: dict[str, str], cpu: int,
-                 memory_mb: int) -> str:
+                 memory_mb: int, *, agent: bytes | None = None) -> str:
+    """Key of a version's artifact (disk and memory snapshot): its last layer, what runs in
+    the saved memory, the shape, and the snapshot inputs (agent hash, artifact format)."""
     return _digest("artifact", last_key, spec.get("start_cmd") or "", spec.get("ready_cmd") or "",
-                   env, cpu, memory_mb)
+                   env, cpu, memory_mb, images.snapshot_inputs(agent))
 
 
 def layers_dir(host: Host) -> Path:

@@ -92,7 +92,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
         defaults={"name": "Base", "description": "Debian 12 with python3 and the guest agent."})
     with transaction.atomic():
         version, _ = TemplateVersion.objects.get_or_create(
-            template=template, version=f"debian12-{image.key}",
+            template=template, version=f"debian12-{images.base_snapshot_key(image)}",
             defaults={"cpu": settings.SANDBOX_FALLBACK_CPU, "memory_mb": settings.SANDBOX_FALLBACK_MEMORY_MB,
                       "build_spec": {"image": "debian:bookworm", "kernel": image.kernel_version}})
     if version.status == VersionStatus.READY and version.host_id == host.pk \

@@ -8,12 +8,17 @@ enough of `/runtime/v1` to test the edge's mechanics without a VM.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import hashlib
 import json
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -210,8 +215,18 @@ class FakeAgent:
 # --- the real guest agent, run on the host ------------------------------------------------------
 
 
+@functools.cache
+def agent_zipapp() -> Path:
+    """The guest agent's zipapp, built once per test run exactly as the image build makes it."""
+    from sandboxes.runtime.guest.build import write_agent_zipapp
+
+    directory = Path(tempfile.mkdtemp(prefix="watasu-test-agent-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return write_agent_zipapp(directory / "agent.pyz")
+
+
 class RealAgent:
-    """The guest agent itself (sandboxes/runtime/guest/agent.py) as a host process.
+    """The guest agent itself (the zipapp the image holds) as a host process.
 
     It holds the boot token until `__enter__` initialises it with `secret`, as the host
     does after a restore (secret only: no clock, hostname or entropy for the host's kernel).
@@ -227,14 +242,12 @@ class RealAgent:
         import os
         import subprocess
         import sys
-        from pathlib import Path
 
         from sandboxes.runtime.agent_client import AgentClient
 
-        source = Path(__file__).resolve().parent.parent / "sandboxes/runtime/guest/agent.py"
         boot = "boot-token-" + "b" * 24
         env = {**os.environ, "WATASU_AGENT_PORT": str(self.port), "WATASU_AGENT_TOKEN": boot}
-        self.process = subprocess.Popen([sys.executable, "-S", str(source)], env=env)
+        self.process = subprocess.Popen([sys.executable, "-S", "-u", str(agent_zipapp())], env=env)
         client = AgentClient(self.port)
         client.wait_ready(30)
         client.request("POST", "/init", {"secret": self.secret}, token=boot)

@@ -4,7 +4,8 @@ The agent runs on the host (tests/edge_support.RealAgent), so what reaches it is
 by the code that runs in every VM, not by a stand-in. Each traversal form is sent byte
 for byte (http.client; requests would remove dot segments before sending), and the
 proof that nothing got through is the agent's own effect: a command that would touch a
-marker file on this host.
+marker file on this host (a file write the agent would make) or the agent still holding
+its secret (an /init that would have taken it over).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from watasu.logredact import RedactRouteTokens, redact
 SECRET = "real-agent-secret-" + "s" * 20
 edge_db = pytest.mark.django_db(transaction=True)
 
-# Every way found to make a path mean something else one hop later.
+# Every way found to make a path mean something else one hop later; TARGET is the route
+# each test aims at (one that would do harm if the path reached it).
 TRAVERSALS = [
-    "/../../exec", "/%2e%2e/%2e%2e/exec", "/%2E%2E/%2e./exec", "/.%2e/.%2E/exec",
-    "/..%2f..%2fexec", "/a/..%2F..%2F..%2Fexec", "/x%2F..%2F..%2Fexec", "/./exec", "/%2e/exec",
-    "//exec", "/a//b", "/..%5c..%5cexec",
-    "/%252e%252e/%252e%252e/exec", "/a%00/exec", "/a%0d%0aX-Injected:%201", "/%ff%fe/x", "/..",
+    "/../../TARGET", "/%2e%2e/%2e%2e/TARGET", "/%2E%2E/%2e./TARGET", "/.%2e/.%2E/TARGET",
+    "/..%2f..%2fTARGET", "/a/..%2F..%2F..%2FTARGET", "/x%2F..%2F..%2FTARGET", "/./TARGET", "/%2e/TARGET",
+    "//TARGET", "/a//b", "/..%5c..%5cTARGET",
+    "/%252e%252e/%252e%252e/TARGET", "/a%00/TARGET", "/a%0d%0aX-Injected:%201", "/%ff%fe/x", "/..",
 ]
 
 
@@ -52,8 +54,9 @@ def _sandbox(team: Team, agent: RealAgent) -> Sandbox:
                           agent_secret_encrypted=crypto.encrypt_text(SECRET))
 
 
-def _exec_body(marker: Path) -> bytes:
-    return json.dumps({"cmd": ["touch", str(marker)]}).encode()
+def _write_target(marker: Path) -> str:
+    """The data-plane file write that would create ``marker`` (PUT, the body as its contents)."""
+    return f"runtime/v1/files?path={quote(str(marker))}"
 
 
 # --- traversal ------------------------------------------------------------------------------------
@@ -68,12 +71,14 @@ def test_preview_traversal_never_reaches_the_agents_other_routes(edge, real_agen
     marker = tmp_path / "ran"
 
     # when the path form and the host form are sent paths that climb out of /proxy/<port>
-    path_form = raw_request(edge.port, "POST", f"/sandboxes-preview/{sandbox.route_token}/1{tail}",
-                            body=_exec_body(marker))
-    host_form = raw_request(edge.port, "POST", tail, body=_exec_body(marker),
+    # to the data plane's file write
+    tail = tail.replace("TARGET", _write_target(marker))
+    path_form = raw_request(edge.port, "PUT", f"/sandboxes-preview/{sandbox.route_token}/1{tail}",
+                            body=b"ran")
+    host_form = raw_request(edge.port, "PUT", tail, body=b"ran",
                             headers={"Host": f"p1-{sandbox.route_token}.sandbox.localhost"})
 
-    # then the edge refuses both before the agent, in the error shape, and nothing ran
+    # then the edge refuses both before the agent, in the error shape, and nothing was written
     for status, headers, body in (path_form, host_form):
         assert status == 400, body
         assert headers["content-type"] == "application/json"
@@ -82,7 +87,7 @@ def test_preview_traversal_never_reaches_the_agents_other_routes(edge, real_agen
 
 
 @edge_db
-@pytest.mark.parametrize("tail", [t.replace("exec", "init") for t in TRAVERSALS])
+@pytest.mark.parametrize("tail", [t.replace("TARGET", "init") for t in TRAVERSALS])
 def test_data_plane_traversal_is_refused_even_with_a_valid_session(edge, real_agent, owner, tail) -> None:
     # given a valid session token for the sandbox
     sandbox = _sandbox(owner.personal_team, real_agent)
@@ -140,22 +145,30 @@ def test_the_agent_takes_each_credential_only_on_its_own_routes(real_agent, tmp_
     def status(method: str, path: str, token: str, body: bytes = b"{}") -> int:
         return raw_request(real_agent.port, method, path, {"Authorization": f"Bearer {token}"}, body)[0]
 
+    takeover = json.dumps({"secret": "y" * 40}).encode()
+
     # then the preview credential opens /proxy/* only (502: nothing listens on that port)
     assert status("GET", "/proxy/1/", preview) == 502
     assert status("GET", "/runtime/v1/files?path=/etc/hostname", preview) == 401
-    assert status("POST", "/exec", preview, _exec_body(marker)) == 401
-    assert status("POST", "/init", preview, json.dumps({"secret": "y" * 40}).encode()) == 401
+    assert status("PUT", "/" + _write_target(marker), preview, b"ran") == 401
+    assert status("GET", "/runtime/v1/process", preview) == 401
+    assert status("POST", "/init", preview, takeover) == 401
     # the data-plane credential opens /runtime/v1/* only
     assert status("GET", "/runtime/v1/files?path=/etc/hostname", dataplane) == 200
+    assert status("GET", "/runtime/v1/process", dataplane) == 200
     assert status("GET", "/proxy/1/", dataplane) == 401
-    assert status("POST", "/exec", dataplane, _exec_body(marker)) == 401
-    assert status("POST", "/init", dataplane, json.dumps({"secret": "y" * 40}).encode()) == 401
-    assert status("GET", "/processes", dataplane) == 401
+    assert status("POST", "/init", dataplane, takeover) == 401
     # and the agent's routes match literally: no traversal inside the agent either
-    assert status("POST", "/runtime/v1/../exec", dataplane, _exec_body(marker)) == 404
-    assert status("POST", "/proxy/1/../../exec", preview, _exec_body(marker)) == 502
+    assert status("POST", "/runtime/v1/../init", dataplane, takeover) == 404
+    assert status("PUT", "/proxy/1/../../" + _write_target(marker), preview, b"ran") == 502
     assert not marker.exists()
-    assert status("GET", "/processes", control) == 200
+    # the host's legacy routes are gone, for every credential: one process registry
+    assert status("POST", "/exec", control, json.dumps({"cmd": ["touch", str(marker)]}).encode()) == 404
+    assert status("GET", "/processes", control) == 404
+    assert status("GET", "/runtime/v1/process", control) == 200
+    assert not marker.exists()
+    # and the secret is still the agent's: none of the /init calls above took it over
+    assert AgentClient(real_agent.port, secret=SECRET).processes() == []
 
 
 def test_fragmented_websocket_messages_are_bounded_as_they_arrive(real_agent) -> None:

@@ -23,7 +23,8 @@ import requests
 from sandboxes.edge import multipart
 from sandboxes.edge.access import EdgeError
 from sandboxes.models import Sandbox, SandboxState
-from sandboxes.runtime.guest import agent as guest_agent
+from sandboxes.runtime.guest.agent import processes as guest_processes
+from sandboxes.runtime.guest.agent.routes import router as agent_router
 from sandboxes.sessions import session_mint
 from tests.conftest import Actor
 from tests.edge_support import EchoApp, RealAgent, ServerThread, raw_request
@@ -375,16 +376,16 @@ def test_a_watch_sees_an_upload_as_the_write_of_its_file_never_its_temp_name(edg
 
 def test_a_dropped_process_record_is_named_as_such(monkeypatch) -> None:
     # given an agent that keeps one finished record, and two finished processes
-    monkeypatch.setattr(guest_agent, "FINISHED_KEEP", 1)
-    manager = guest_agent.ProcessManager()
+    monkeypatch.setattr(guest_processes, "FINISHED_KEEP", 1)
+    manager = guest_processes.ProcessManager()
     for _ in range(2):
-        proc = manager.start({"cmd": "/bin/true"}, {"PATH": guest_agent.DEFAULT_PATH}, "/")
+        proc = manager.start({"cmd": "/bin/true"}, {"PATH": guest_processes.DEFAULT_PATH}, "/")
         assert proc.wait_finished(10)
-    manager.start({"cmd": "/bin/true"}, {"PATH": guest_agent.DEFAULT_PATH}, "/")
+    manager.start({"cmd": "/bin/true"}, {"PATH": guest_processes.DEFAULT_PATH}, "/")
 
-    with pytest.raises(guest_agent.HttpError) as first:
+    with pytest.raises(guest_processes.HttpError) as first:
         manager.get("proc-1")
-    with pytest.raises(guest_agent.HttpError) as never:
+    with pytest.raises(guest_processes.HttpError) as never:
         manager.get("proc-99")
 
     assert first.value.status == never.value.status == 404
@@ -420,7 +421,7 @@ def test_preview_responses_carry_one_date_and_the_apps_own_server(edge, sandbox)
 def _agent_routes() -> dict[str, dict[str, bool]]:
     """Data-plane path (one value per parameter) -> {method: is a WebSocket}, from the agent's own table."""
     table: dict[str, dict[str, bool]] = {}
-    for route in guest_agent.router.routes:
+    for route in agent_router.routes:
         pattern = route.pattern.pattern
         if not pattern.startswith("^/runtime/v1"):
             continue

@@ -13,6 +13,7 @@ from sandboxes.models import Sandbox
 from sandboxes.runtime import images, lifecycle
 from sandboxes.runtime.agent_client import AgentClient, AgentUnauthorized
 from sandboxes.runtime.driver import MemorySnapshot
+from sandboxes.runtime.guest.build import agent_digest
 from sandboxes.runtime.libvirt_driver import LibvirtDriver
 from templates_app.models import TemplateVersion, VersionStatus
 from templates_app.services import artifact_ok, base_template_ensure
@@ -48,6 +49,20 @@ def test_start_from_snapshot_agent_answers(vm_cleanup: LibvirtDriver, snapshot: 
     assert result["exit_code"] == 0
     assert result["stdout"] == f"hi\n{sandbox.name}\n0\n"
     assert vm_cleanup.stats(sandbox.name).state == "running"
+
+
+def test_the_guest_runs_the_agent_zipapp_of_this_checkout(vm_cleanup: LibvirtDriver,
+                                                          snapshot: MemorySnapshot) -> None:
+    # given a sandbox restored from the base template's memory snapshot
+    sandbox = _start(vm_cleanup, snapshot)
+
+    # when the guest is asked what it holds and what runs its commands (their parent: the agent)
+    result = sandbox.client.exec("ls /opt/watasu; sha256sum /opt/watasu/agent.pyz; "
+                                 "tr '\\0' ' ' < /proc/$PPID/cmdline")
+
+    # then the image holds one file, the zipapp built from these sources, and the agent is it
+    assert result["stdout"] == (f"agent.pyz\n{agent_digest()}  /opt/watasu/agent.pyz\n"
+                                "/usr/bin/python3 -S -u /opt/watasu/agent.pyz ")
 
 
 def test_agent_refuses_requests_without_its_secret(vm_cleanup: LibvirtDriver,

@@ -103,8 +103,8 @@ def _running(sandbox: Sandbox, *, resume: bool, role: str) -> Upstream:
     """The sandbox's agent; `ResumeNeeded` for a paused sandbox whose policy resumes it.
 
     The upstream carries the agent credential of `role` only (data plane or preview),
-    never the agent secret: the agent refuses it on its control routes (`/init`,
-    `/exec`), and the preview credential anywhere but `/proxy/*`.
+    never the agent secret: the agent refuses it on its control route (`/init`),
+    and the preview credential anywhere but `/proxy/*`.
     """
     if sandbox.state != S.READY and resume and sandbox.auto_resume and sandbox.state in AUTO_RESUME_STATES:
         raise ResumeNeeded(sandbox.pk, role)

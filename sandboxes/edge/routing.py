@@ -20,7 +20,7 @@ from django.conf import settings
 DP_PREFIX = "/sandboxes-dp/"
 PREVIEW_PREFIX = "/sandboxes-preview/"
 RUNTIME_PREFIX = "/runtime/v1"
-AGENT_PORT = 49983  # the guest agent's own port (sandboxes/runtime/guest/agent.py)
+AGENT_PORT = 49983  # the guest agent's own port (sandboxes/runtime/guest/agent/)
 _TOKEN = re.compile(r"^[a-z0-9]{1,32}$")
 _PREVIEW_LABEL = re.compile(r"^p(\d{1,5})-([a-z0-9]{1,32})$")
 

@@ -3,8 +3,9 @@
 `driver.py` is the interface (`RuntimeDriver`), `libvirt_driver.py` its implementation
 (and the only module importing libvirt), `lifecycle.py` pairs it with the guest agent,
 `buildvm.py` gives template builds their VMs, `images.py` builds guest images,
-`guest/agent.py` runs inside the VM. None of these import Django; `vm.py` maps sandbox
-rows onto them. Everything that drives a VM gets its driver from `driver_for`.
+`guest/agent/` (shipped as one zipapp, `guest/build.py`) runs inside the VM. None of these
+import Django; `vm.py` maps sandbox rows onto them. Everything that drives a VM gets its
+driver from `driver_for`.
 """
 
 from __future__ import annotations

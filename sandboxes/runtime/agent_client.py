@@ -1,31 +1,39 @@
 """Host-side client of the guest agent (stdlib http.client, explicit timeouts everywhere).
 
 One short-lived connection per request (``Connection: close``): a restored or resumed
-guest has lost every old socket, so pooling would only hand out dead connections.
+guest has lost every old socket, so pooling would only hand out dead connections. The
+host's commands run through the agent's managed-process API (``/runtime/v1/process``), the
+one registry the SDK's processes are in too.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from .driver import DriverError
 
 DEFAULT_TIMEOUT = 10.0
 DATAPLANE, PREVIEW = "dataplane", "preview"
+EXIT_MARGIN = 10.0  # seconds past a command's timeout its killed process has to report its exit
+# The largest process frame the host accepts from a guest: the agent sends output in
+# reads of 64 KiB (base64 in JSON), so anything near this is a hostile or broken guest.
+MAX_FRAME = 4 * 2**20
 
 
 def role_secret(secret: str, role: str) -> str:
     """The agent credential of one edge role, derived from the agent secret as the guest
-    agent derives it (``role_secret`` in guest/agent.py). The edge sends only these: the
+    agent derives it (``role_secret`` in guest/agent/identity.py). The edge sends only these: the
     agent refuses them on its control routes, and the preview one outside ``/proxy/*``."""
     return hmac.new(secret.encode(), f"watasu-agent-role:{role}".encode(), hashlib.sha256).hexdigest()
 
@@ -116,37 +124,111 @@ class AgentClient:
 
     def exec(self, cmd: str | list[str], *, background: bool = False, timeout: float = 60.0,
              env: dict[str, str] | None = None, cwd: str | None = None) -> dict[str, Any]:
-        """Run a command in the guest (``background`` returns ``{"pid": N}`` at once)."""
-        body: dict[str, Any] = {"cmd": cmd, "background": background, "timeout": timeout,
-                                "env": env or {}}
-        if cwd:
-            body["cwd"] = cwd
-        return dict(self.request("POST", "/exec", body, timeout=timeout + 5))
+        """Run a command in the guest (a string runs under ``sh -c``) as a managed process.
+
+        To completion: ``{"exit_code", "stdout", "stderr", "timed_out", "duration_ms"}``; past
+        ``timeout`` the agent kills its process group (``exit_code`` -9, ``timed_out``).
+        ``background`` returns at once with ``{"pid": <guest pid>, "id": <process id>}``: the
+        process keeps running in the agent's one registry (``processes()``, the SDK's list).
+        Without ``cwd`` it runs in ``/``, the agent's own directory, as host commands always have.
+        """
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        start: dict[str, Any] = {"type": "start", "cmd": argv[0], "args": argv[1:], "environment": env or {},
+                                 "cwd": cwd or "/"}
+        if background:
+            with self._process_socket("/runtime/v1/process", start) as (_, started):
+                return {"pid": started["os_pid"], "id": started["pid"]}
+        start["timeout_ms"] = int(timeout * 1000)
+        output = {"stdout": bytearray(), "stderr": bytearray(), "pty": bytearray()}
+        began = time.monotonic()
+        end = self._follow(start, lambda kind, data: output[kind].extend(data), timeout + EXIT_MARGIN)
+        return {"exit_code": end.get("exit_code"), "stdout": output["stdout"].decode(errors="replace"),
+                "stderr": output["stderr"].decode(errors="replace"),
+                "timed_out": end.get("status") == "timed_out",
+                "duration_ms": round((time.monotonic() - began) * 1000, 1)}
 
     def run_streaming(self, command: str, on_output: Callable[[str, bytes], None], *,
                       env: dict[str, str] | None = None, timeout: float = 1800.0) -> int:
         """Run ``sh -c command`` as a managed process, handing output to ``on_output`` as it
         arrives (``("stdout"|"stderr", bytes)``); returns the exit code (-1 if killed by the
-        agent's timeout). Transport failures raise ``OSError``/``websockets`` errors."""
-        from websockets.sync.client import connect
-
+        agent's timeout). Transport failures raise ``OSError``."""
         start = {"type": "start", "cmd": "/bin/sh", "args": ["-c", command],
                  "environment": env or {}, "timeout_ms": int(timeout * 1000)}
-        headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
-        with connect(f"ws://{self.host}:{self.port}/runtime/v1/process", additional_headers=headers,
-                     open_timeout=self.timeout, max_size=None, ping_interval=None) as ws:
-            ws.send(json.dumps(start))
-            while True:
-                frame = json.loads(ws.recv(timeout=timeout + 30))
-                kind = frame.get("type")
-                if kind in ("stdout", "stderr", "pty"):
-                    on_output(kind, base64.b64decode(frame.get("data", "")))
-                elif kind == "exit":
-                    code = frame.get("exit_code")
-                    return int(code) if isinstance(code, int) else -1
-                elif kind in ("error", "lagged"):
-                    raise AgentError(500, frame)
+        code = self._follow(start, on_output, timeout + EXIT_MARGIN).get("exit_code")
+        return code if isinstance(code, int) else -1
 
     def processes(self) -> list[dict[str, Any]]:
-        """Background processes the agent started."""
-        return list(self.request("GET", "/processes")["processes"])
+        """Processes running in the guest, whoever started them (the host or the SDK):
+        ``pid`` is the guest pid, ``id`` the agent's process id."""
+        return [{"pid": p["os_pid"], "id": p["id"], "cmd": [p["cmd"], *p["args"]],
+                 "running": p["status"] in ("running", "killing"), "exit_code": p["exit_code"]}
+                for p in self.request("GET", "/runtime/v1/process")["processes"]]
+
+    def _follow(self, start: dict[str, Any], on_output: Callable[[str, bytes], None],
+                timeout: float) -> dict[str, Any]:
+        """Start a process and hand its output over until its ``exit`` frame, which is
+        returned. A socket that fell behind (``lagged``) reconnects and replays from the
+        last cursor it saw, so no output is lost or repeated."""
+        deadline = time.monotonic() + timeout
+        path, cursor = "/runtime/v1/process", 0
+        first: dict[str, Any] | None = start
+        while True:
+            with self._process_socket(path, first) as (ws, started):
+                while True:
+                    frame = self._recv(ws, deadline)
+                    kind = frame.get("type")
+                    if kind in ("stdout", "stderr", "pty"):
+                        cursor = int(frame["cursor"]) + 1
+                        on_output(kind, base64.b64decode(frame.get("data", "")))
+                    elif kind == "exit":
+                        return frame
+                    elif kind == "lagged":
+                        path = f"/runtime/v1/process/{quote(started['pid'])}/connect?since={cursor}"
+                        first = None
+                        break
+                    elif kind == "error":
+                        raise AgentError(500, frame)
+
+    @staticmethod
+    def _recv(ws: Any, deadline: float) -> dict[str, Any]:
+        from websockets.exceptions import WebSocketException
+
+        try:
+            frame = json.loads(ws.recv(timeout=max(0.0, deadline - time.monotonic())))
+        except WebSocketException as exc:
+            raise ConnectionError(f"agent process socket: {exc}") from exc
+        return frame if isinstance(frame, dict) else {}
+
+    @contextlib.contextmanager
+    def _process_socket(self, path: str,
+                        start: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """A process WebSocket (sending ``start`` first, if given) and its ``started`` frame.
+        A refused handshake raises AgentUnauthorized/AgentError like an HTTP call; an
+        ``error`` frame (a command that cannot start) raises AgentError."""
+        from websockets.exceptions import InvalidStatus, WebSocketException
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
+        deadline = time.monotonic() + self.timeout
+        try:
+            ws = connect(f"ws://{self.host}:{self.port}{path}", additional_headers=headers,
+                         open_timeout=self.timeout, max_size=MAX_FRAME, ping_interval=None)
+        except InvalidStatus as exc:
+            status, body = exc.response.status_code, _json_or_text(bytes(exc.response.body))
+            raise (AgentUnauthorized if status == 401 else AgentError)(status, body) from exc
+        except WebSocketException as exc:
+            raise ConnectionError(f"agent process socket: {exc}") from exc
+        with ws:
+            if start is not None:
+                ws.send(json.dumps(start))
+            started = self._recv(ws, deadline)
+            if started.get("type") != "started":
+                raise AgentError(500, started)
+            yield ws, started
+
+
+def _json_or_text(body: bytes | None) -> Any:
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        return (body or b"").decode(errors="replace")

@@ -3,7 +3,7 @@
 Nothing here mounts anything on the host: the kernel is unpacked with ``dpkg -x``, the
 initramfs is a cpio written in Python, the root filesystem is built with
 ``mkfs.ext4 -d`` from a directory. Outputs are cached under ``cache_dir/<key>`` where the
-key hashes every input we control (script version, agent source, init scripts, package
+key hashes every input we control (script version, the agent zipapp, init scripts, package
 list, suite, mirror); a build happens in a temp dir and is renamed into place atomically,
 so a crashed build never leaves a half image that looks valid.
 """
@@ -20,15 +20,21 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .guest.build import agent_digest, agent_zipapp, write_agent_zipapp
+
 # Bumped whenever the image or the domain definition its template snapshots carry
 # changes (4: guests without IPv6), so cached snapshots are rebuilt, never restored.
 IMAGE_SCRIPT_VERSION = "4"
+# The layout of a template artifact (disk.qcow2, memory.save, snapshot.json) and of what
+# its saved memory holds. Bumped when either changes; with the agent's hash it is part of
+# every memory snapshot's key, so a snapshot of another format or agent is rebuilt, never
+# restored.
+SNAPSHOT_FORMAT = "1"
 DEFAULT_CACHE_DIR = Path("/var/cache/watasu/images")
 SUITE = "bookworm"
 ROOTFS_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "iproute2", "git", "procps", "ca-certificates")
 ROOTFS_SIZE = "4G"
-AGENT_SOURCE = Path(__file__).parent / "guest" / "agent.py"
-GUEST_AGENT_PATH = "/opt/watasu/agent.py"
+GUEST_AGENT_PATH = "/opt/watasu/agent.pyz"  # the agent package as one zipapp (guest/build.py)
 GUEST_INIT_PATH = "/sbin/watasu-init"
 # Loaded in dependency order (computed from each module's own ``depends=`` list).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
@@ -134,16 +140,31 @@ def make_world_readable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def cache_key(mirror: str) -> str:
-    """Hash of every input that changes the image's bytes."""
+def cache_key(mirror: str, agent: bytes | None = None) -> str:
+    """Hash of every input that changes the image's bytes (``agent``: the zipapp it holds,
+    by default the agent of this checkout)."""
     h = hashlib.sha256()
     for part in (IMAGE_SCRIPT_VERSION, SUITE, mirror, ",".join(ROOTFS_PACKAGES), ROOTFS_SIZE,
                  GUEST_INIT, INITRAMFS_INIT, ",".join(INITRAMFS_MODULES)):
         h.update(part.encode() + b"\0")
-    h.update(AGENT_SOURCE.read_bytes())
+    h.update(agent_zipapp() if agent is None else agent)
     for cert in host_extra_cas():
         h.update(cert.read_bytes())
     return h.hexdigest()[:16]
+
+
+def snapshot_inputs(agent: bytes | None = None) -> dict[str, str]:
+    """What every memory snapshot's cache key holds besides its own inputs: the artifact
+    format and the agent (``agent``: its zipapp, by default this checkout's) that will be
+    running in the saved memory."""
+    return {"snapshot_format": SNAPSHOT_FORMAT, "agent": agent_digest(agent)}
+
+
+def base_snapshot_key(image: BaseImage, agent: bytes | None = None) -> str:
+    """Key of the `base` template's memory snapshot: its image (whose key already hashes the
+    agent) and the snapshot inputs."""
+    parts = json.dumps([image.key, snapshot_inputs(agent)], sort_keys=True).encode()
+    return hashlib.sha256(parts).hexdigest()[:16]
 
 
 def host_extra_cas() -> list[Path]:
@@ -333,10 +354,8 @@ def debootstrap_rootfs(rootdir: Path, mirror: str) -> None:
 
 
 def install_guest_files(rootdir: Path) -> None:
-    """Agent, PID 1 script and network config, written as plain files into the tree."""
-    agent = rootdir / GUEST_AGENT_PATH.lstrip("/")
-    agent.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(AGENT_SOURCE, agent)
+    """Agent (one zipapp), PID 1 script and network config, written as plain files into the tree."""
+    write_agent_zipapp(rootdir / GUEST_AGENT_PATH.lstrip("/"))
     init = rootdir / GUEST_INIT_PATH.lstrip("/")
     init.write_text(GUEST_INIT)
     init.chmod(0o755)
