@@ -27,8 +27,10 @@ def _options(root: Path) -> dict[str, Any]:
     queue, processed = root / "queue", root / "processed"
     queue.mkdir()
     processed.mkdir()
+    # The exchange tables too, as the settings keep them in the data directory: kombu's
+    # default is `control/` in the working directory, shared by every test and run there.
     return {"data_folder_in": str(queue), "data_folder_out": str(queue), "processed_folder": str(processed),
-            "store_processed": False, "polling_interval": 0.0}
+            "control_folder": str(root / "control"), "store_processed": False, "polling_interval": 0.0}
 
 
 def _race(transport: str, options: dict[str, Any]) -> list[object]:
