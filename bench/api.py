@@ -55,8 +55,15 @@ def driver_starts(runs: int) -> list[float]:
 def sdk_creates(port: int, key: str, runs: int) -> list[float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_"))}
     env.update(WATASU_API_URL=f"http://127.0.0.1:{port}/v1", WATASU_API_KEY=key)
-    out = subprocess.run([sys.executable, "-P", str(ROOT / "bench" / "sdk_create.py"), str(runs)],
-                         cwd="/", env=env, capture_output=True, text=True, check=True, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "bench" / "sdk_create.py"), str(runs)],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
     return json.loads(out.stdout)
 
 
@@ -68,9 +75,20 @@ def seed_sandboxes(team_slug: str, count: int) -> None:
 
     team = Team.objects.get(slug=team_slug)
     Sandbox.objects.bulk_create(
-        [Sandbox(team=team, state=SandboxState.STOPPED, cpu_count=1, memory_mb=512, timeout=300,
-                 metadata={"i": str(i)}, route_token=secrets.token_hex(8)) for i in range(count)],
-        batch_size=2000)
+        [
+            Sandbox(
+                team=team,
+                state=SandboxState.STOPPED,
+                cpu_count=1,
+                memory_mb=512,
+                timeout=300,
+                metadata={"i": str(i)},
+                route_token=secrets.token_hex(8),
+            )
+            for i in range(count)
+        ],
+        batch_size=2000,
+    )
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE sandboxes_sandbox")  # as autovacuum would after such a load
 
@@ -88,8 +106,9 @@ def list_queries(key: str) -> int:
 
 
 def list_latency(port: int, key: str, runs: int) -> list[float]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/sandboxes?limit=50",
-                                     headers={"Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/sandboxes?limit=50", headers={"Authorization": f"Bearer {key}"}
+    )
     times = []
     for _ in range(runs):
         started = time.perf_counter()

@@ -14,9 +14,14 @@ def use_bench_environment(**extra: str) -> Path:
     """Point Django at the benchmark database and data dir (call before importing Django
     code); VMs get their own prefix, the broker is the embedded one. Returns the repo root."""
     database = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
-    os.environ.update(DATABASE_URL=database, WATASU_DATA_DIR="/tmp/watasu-bench",
-                      WATASU_VM_PREFIX="wbench-sbx-", DJANGO_SETTINGS_MODULE="watasu.settings",
-                      WATASU_API_RATE_LIMIT="", **extra)  # benchmarks measure, not throttle
+    os.environ.update(
+        DATABASE_URL=database,
+        WATASU_DATA_DIR="/tmp/watasu-bench",
+        WATASU_VM_PREFIX="wbench-sbx-",
+        DJANGO_SETTINGS_MODULE="watasu.settings",
+        WATASU_API_RATE_LIMIT="",
+        **extra,
+    )  # benchmarks measure, not throttle
     os.environ.pop("REDIS_URL", None)
     sys.path.insert(0, str(ROOT))
     return ROOT
@@ -33,8 +38,9 @@ def ms(values: list[float]) -> str:
 
 def prepare_database(root: Path) -> None:
     """The PostgreSQL database `watasu_bench`, created when missing, migrated."""
-    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", "watasu_bench"],
-                   capture_output=True, check=False)
+    subprocess.run(
+        ["createdb", "-h", "127.0.0.1", "-U", "postgres", "watasu_bench"], capture_output=True, check=False
+    )
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=root, check=True)
 
 
@@ -43,10 +49,21 @@ def start_uvicorn(root: Path, port: int, *extra: str) -> subprocess.Popen[bytes]
     import time
     import urllib.request
 
-    server = subprocess.Popen([str(root / ".venv/bin/uvicorn"), "watasu.asgi:application",
-                               "--port", str(port), "--no-access-log", "--no-server-header", "--log-level",
-                               "warning", *extra],
-                              cwd=root, env=os.environ.copy())
+    server = subprocess.Popen(
+        [
+            str(root / ".venv/bin/uvicorn"),
+            "watasu.asgi:application",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--no-server-header",
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=root,
+        env=os.environ.copy(),
+    )
     for _ in range(100):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/schema", timeout=2)

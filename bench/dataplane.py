@@ -75,14 +75,16 @@ def stream_through_edge(dp: str, token: str, size: int) -> tuple[float, float]:
     """Upload `size` bytes to /dev/null and download `size` bytes of /dev/zero; seconds each."""
     auth = {"Authorization": f"Bearer {token}"}
     started = time.perf_counter()
-    up = requests.put(f"{dp}/runtime/v1/files?path=/dev/null", data=ZeroReader(size), headers=auth,
-                      timeout=3600)
+    up = requests.put(
+        f"{dp}/runtime/v1/files?path=/dev/null", data=ZeroReader(size), headers=auth, timeout=3600
+    )
     assert up.status_code == 200, up.text
     upload = time.perf_counter() - started
     started = time.perf_counter()
     received = 0
-    with requests.get(f"{dp}/runtime/v1/files?path=/dev/zero", headers=auth, stream=True,
-                      timeout=3600) as down:
+    with requests.get(
+        f"{dp}/runtime/v1/files?path=/dev/zero", headers=auth, stream=True, timeout=3600
+    ) as down:
         for part in down.iter_content(2**16):
             received += len(part)
             if received >= size:
@@ -112,20 +114,41 @@ def main() -> None:
     out = io.StringIO()
     call_command("create_api_key", email=f"{team}@example.com", team=team, scope="write", stdout=out)
     key = out.getvalue().strip()
-    server = start_uvicorn(ROOT, PORT, "--ws", "websockets-sansio", "--ws-ping-interval", "60",
-                           "--ws-ping-timeout", "120")
+    server = start_uvicorn(
+        ROOT, PORT, "--ws", "websockets-sansio", "--ws-ping-interval", "60", "--ws-ping-timeout", "120"
+    )
     sandbox = None
     try:
-        created = requests.post(f"http://127.0.0.1:{PORT}/v1/sandboxes", json={"timeout": 3600},
-                                headers={"Authorization": f"Bearer {key}"}, timeout=150).json()
+        created = requests.post(
+            f"http://127.0.0.1:{PORT}/v1/sandboxes",
+            json={"timeout": 3600},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=150,
+        ).json()
         sandbox = Sandbox.objects.get(pk=created["sandbox"]["id"])
         agent = vm.agent_client(sandbox)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_"))}
         env.update(WATASU_API_URL=f"http://127.0.0.1:{PORT}/v1", WATASU_API_KEY=key)
-        result = json.loads(subprocess.run(
-            [sys.executable, "-P", str(ROOT / "bench" / "sdk_dataplane.py"), str(sandbox.pk),
-             f"http://127.0.0.1:{agent.port}", agent.secret or "", str(args.runs), str(args.mib)],
-            cwd="/", env=env, capture_output=True, text=True, check=True, timeout=3600).stdout)
+        result = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-P",
+                    str(ROOT / "bench" / "sdk_dataplane.py"),
+                    str(sandbox.pk),
+                    f"http://127.0.0.1:{agent.port}",
+                    agent.secret or "",
+                    str(args.runs),
+                    str(args.mib),
+                ],
+                cwd="/",
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=3600,
+            ).stdout
+        )
         edge, direct = result["edge"], result["direct"]
         print(f"commands.run('true') via edge:    {ms(edge['round_trips'])}")
         print(f"commands.run('true') direct:      {ms(direct['round_trips'])}")
@@ -133,8 +156,10 @@ def main() -> None:
         print(f"edge overhead at p50:             {overhead * 100:5.1f} % (target <= 25 %)")
         for op in ("write", "read"):
             via, raw = args.mib / edge[f"{op}_s"], args.mib / direct[f"{op}_s"]
-            print(f"{args.mib} MiB {op:5}: edge {via:6.1f} MiB/s, direct {raw:6.1f} MiB/s, "
-                  f"kept {via / raw * 100:5.1f} % (target >= 70 %)")
+            print(
+                f"{args.mib} MiB {op:5}: edge {via:6.1f} MiB/s, direct {raw:6.1f} MiB/s, "
+                f"kept {via / raw * 100:5.1f} % (target >= 70 %)"
+            )
 
         session = created["session"]
         sampler = RssSampler(server.pid)
@@ -144,10 +169,14 @@ def main() -> None:
         upload, download = stream_through_edge(session["data_plane_url"], session["token"], size)
         sampler.running = False
         sampler.join()
-        print(f"{args.stream_gib:g} GiB through the edge: up {size / upload / 2**20:6.1f} MiB/s, "
-              f"down {size / download / 2**20:6.1f} MiB/s")
-        print(f"web process RSS: before {baseline / 1024:6.1f} MiB, peak while streaming "
-              f"{sampler.peak / 1024:6.1f} MiB (+{(sampler.peak - baseline) / 1024:.1f} MiB)")
+        print(
+            f"{args.stream_gib:g} GiB through the edge: up {size / upload / 2**20:6.1f} MiB/s, "
+            f"down {size / download / 2**20:6.1f} MiB/s"
+        )
+        print(
+            f"web process RSS: before {baseline / 1024:6.1f} MiB, peak while streaming "
+            f"{sampler.peak / 1024:6.1f} MiB (+{(sampler.peak - baseline) / 1024:.1f} MiB)"
+        )
     finally:
         if sandbox is not None:
             sandbox_destroy(sandbox=sandbox)

@@ -50,10 +50,15 @@ def raw_argv(snap: MemorySnapshot, work: Path, port: int) -> list[str]:
     ident = CloneIdentity(f"{PREFIX}raw", str(uuid.uuid4()), disk, port, work / "raw-console.log")
     xml_path = work / "raw.xml"
     xml_path.write_text(rewrite_domain_xml(xml, ident))
-    out = subprocess.run(["virsh", "-c", "qemu:///system", "domxml-to-native", "qemu-argv", str(xml_path)],
-                         capture_output=True, text=True, check=True, timeout=30).stdout
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "domxml-to-native", "qemu-argv", str(xml_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     args = shlex.split(out)
-    args = args[next(i for i, a in enumerate(args) if a.endswith("qemu-system-x86_64")):]
+    args = args[next(i for i, a in enumerate(args) if a.endswith("qemu-system-x86_64")) :]
     argv, skip = [], False
     for i, a in enumerate(args):
         if skip:
@@ -117,8 +122,13 @@ def bench_raw_floor(snap: MemorySnapshot, work: Path, runs: int) -> list[float]:
     for _ in range(runs):
         port = free_tcp_port()
         qmp_path = work / f"qmp-{port}.sock"
-        argv = [*raw_argv(snap, work, port), "-incoming", f"exec:cat {state}",
-                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        argv = [
+            *raw_argv(snap, work, port),
+            "-incoming",
+            f"exec:cat {state}",
+            "-qmp",
+            f"unix:{qmp_path},server=on,wait=off",
+        ]
         t = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -140,14 +150,22 @@ def bench_raw_floor(snap: MemorySnapshot, work: Path, runs: int) -> list[float]:
 Timings = list[float]
 
 
-def bench_driver_start(d: LibvirtDriver, snap: MemorySnapshot, disks: Path,
-                       runs: int) -> tuple[Timings, Timings]:
+def bench_driver_start(
+    d: LibvirtDriver, snap: MemorySnapshot, disks: Path, runs: int
+) -> tuple[Timings, Timings]:
     """Snapshot start to agent ready, and to init done."""
     ready, inited = [], []
     for i in range(runs):
         name = f"{PREFIX}snap-{i}"
-        spec = lifecycle.sandbox_spec(name, disks, vcpus=snap.vcpus, memory_mb=snap.memory_mb,
-                                      kernel=snap.kernel, initrd=snap.initrd, cmdline=snap.cmdline)
+        spec = lifecycle.sandbox_spec(
+            name,
+            disks,
+            vcpus=snap.vcpus,
+            memory_mb=snap.memory_mb,
+            kernel=snap.kernel,
+            initrd=snap.initrd,
+            cmdline=snap.cmdline,
+        )
         t = time.monotonic()
         d.restore(spec, snap)
         c = AgentClient(spec.agent_host_port)
@@ -163,9 +181,16 @@ def bench_cold_boot(d: LibvirtDriver, img, disks: Path, runs: int) -> list[float
     times = []
     for i in range(runs):
         name, token = f"{PREFIX}cold-{i}", lifecycle.new_secret()
-        spec = lifecycle.sandbox_spec(name, disks, vcpus=1, memory_mb=512, kernel=img.kernel,
-                                      initrd=img.initrd, backing=img.disk,
-                                      cmdline=f"{img.default_cmdline} watasu.token={token}")
+        spec = lifecycle.sandbox_spec(
+            name,
+            disks,
+            vcpus=1,
+            memory_mb=512,
+            kernel=img.kernel,
+            initrd=img.initrd,
+            backing=img.disk,
+            cmdline=f"{img.default_cmdline} watasu.token={token}",
+        )
         t = time.monotonic()
         d.boot(spec)
         AgentClient(spec.agent_host_port).wait_ready(60)
@@ -174,8 +199,9 @@ def bench_cold_boot(d: LibvirtDriver, img, disks: Path, runs: int) -> list[float
     return times
 
 
-def bench_pause_resume(d: LibvirtDriver, snap: MemorySnapshot, disks: Path,
-                       runs: int) -> tuple[Timings, Timings]:
+def bench_pause_resume(
+    d: LibvirtDriver, snap: MemorySnapshot, disks: Path, runs: int
+) -> tuple[Timings, Timings]:
     sb = lifecycle.start_from_snapshot(d, snap, f"{PREFIX}pr", disks)
     pauses, resumes = [], []
     try:
@@ -189,8 +215,9 @@ def bench_pause_resume(d: LibvirtDriver, snap: MemorySnapshot, disks: Path,
     return pauses, resumes
 
 
-def bench_idle_rss(d: LibvirtDriver, snap: MemorySnapshot, disks: Path, count: int,
-                   idle_s: float) -> list[int]:
+def bench_idle_rss(
+    d: LibvirtDriver, snap: MemorySnapshot, disks: Path, count: int, idle_s: float
+) -> list[int]:
     sbs = [lifecycle.start_from_snapshot(d, snap, f"{PREFIX}rss-{i}", disks) for i in range(count)]
     try:
         time.sleep(idle_s)
@@ -215,10 +242,11 @@ def main() -> None:
         for name in d.list_domains(PREFIX):
             d.destroy(name)
         t = time.monotonic()
-        snap = make_template_snapshot(img, work / "template", d,
-                                      name=f"{PREFIX}tpl-{secrets.token_hex(3)}")
-        print(f"template snapshot (cold boot + init + save): {time.monotonic() - t:.2f} s, "
-              f"memory image {snap.save_path.stat().st_size / 2**20:.0f} MiB")
+        snap = make_template_snapshot(img, work / "template", d, name=f"{PREFIX}tpl-{secrets.token_hex(3)}")
+        print(
+            f"template snapshot (cold boot + init + save): {time.monotonic() - t:.2f} s, "
+            f"memory image {snap.save_path.stat().st_size / 2**20:.0f} MiB"
+        )
         floor = bench_raw_floor(snap, work, args.runs)
         print(f"raw QEMU restore -> agent ready:        {median_ms(floor)}")
         ready, inited = bench_driver_start(d, snap, disks, args.runs)
@@ -232,8 +260,10 @@ def main() -> None:
         print(f"pause (managed save):                   {median_ms(pauses)}")
         print(f"resume (-> agent ready + clock resync): {median_ms(resumes)}")
         rss = bench_idle_rss(d, snap, disks, 3, 5.0)
-        print(f"RSS per idle sandbox (512 MiB guest):   {statistics.median(rss) / 1024:.0f} MiB "
-              f"(samples: {', '.join(f'{r / 1024:.0f}' for r in rss)})")
+        print(
+            f"RSS per idle sandbox (512 MiB guest):   {statistics.median(rss) / 1024:.0f} MiB "
+            f"(samples: {', '.join(f'{r / 1024:.0f}' for r in rss)})"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ def make_rows(count: int, state: str, **fields: object) -> list[int]:
     team = Team.objects.create(slug=f"bench-sweep-{secrets.token_hex(4)}", name="bench")
     host = host_register_local()
     rows = Sandbox.objects.bulk_create(
-        [Sandbox(team=team, host=host, state=state, cpu_count=1, memory_mb=512, timeout=60, **fields)
-         for _ in range(count)], batch_size=2000)
+        [
+            Sandbox(team=team, host=host, state=state, cpu_count=1, memory_mb=512, timeout=60, **fields)
+            for _ in range(count)
+        ],
+        batch_size=2000,
+    )
     return [row.pk for row in rows]
 
 
@@ -48,8 +52,11 @@ def drain(name: str, count: int, **kwargs: object) -> None:
         if not result.get("more"):
             break
     seconds = time.monotonic() - started
-    print(f"{name:10} {count} rows in {seconds:6.2f} s = {count / seconds:7.0f} rows/s "
-          f"({batches} calls, slowest {slowest:.2f} s)", flush=True)
+    print(
+        f"{name:10} {count} rows in {seconds:6.2f} s = {count / seconds:7.0f} rows/s "
+        f"({batches} calls, slowest {slowest:.2f} s)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -69,7 +76,8 @@ def main() -> None:
     settings.SWEEP_BATCH_SIZE = args.batch
     settings.SANDBOX_DISK_RETENTION_SECONDS = 0
     Sandbox.objects.filter(team__slug__startswith="bench-sweep-").update(  # earlier runs' rows
-        state=SandboxState.DESTROYED, purged_at=timezone.now())
+        state=SandboxState.DESTROYED, purged_at=timezone.now()
+    )
     print(f"PostgreSQL, batches of {args.batch}, one process (what one `sweeps.run` worker does)")
 
     past = timezone.now() - timedelta(seconds=5)

@@ -20,15 +20,20 @@ from common import percentile, prepare_database, use_bench_environment  # bench/
 
 ROOT = use_bench_environment()
 
-WAIT_FOR_PORT = ("python3 - <<'PY'\nimport socket\ns=socket.create_connection(('127.0.0.1', 8000), 5)\n"
-                 "s.close()\nPY")
+WAIT_FOR_PORT = (
+    "python3 - <<'PY'\nimport socket\ns=socket.create_connection(('127.0.0.1', 8000), 5)\ns.close()\nPY"
+)
 
 
 def spec(last_step: str) -> dict[str, object]:
-    return {"from_image": "python:3", "packages": {"pip": ["six"]},
-            "setup": ["mkdir -p /srv/app && echo bench > /srv/app/index.txt", last_step],
-            "env": {"GREETING": "hello"},
-            "start_cmd": "cd /srv/app && python3 -m http.server 8000", "ready_cmd": WAIT_FOR_PORT}
+    return {
+        "from_image": "python:3",
+        "packages": {"pip": ["six"]},
+        "setup": ["mkdir -p /srv/app && echo bench > /srv/app/index.txt", last_step],
+        "env": {"GREETING": "hello"},
+        "start_cmd": "cd /srv/app && python3 -m http.server 8000",
+        "ready_cmd": WAIT_FOR_PORT,
+    }
 
 
 def timed_build(user, build_spec: dict[str, object], *, skip_cache: bool = False) -> tuple[float, int]:  # type: ignore[no-untyped-def]
@@ -39,8 +44,16 @@ def timed_build(user, build_spec: dict[str, object], *, skip_cache: bool = False
 
     started = time.monotonic()
     with transaction.atomic():
-        version = template_build_start(user=user, name="bench-py", build_spec=build_spec, cpu=1,
-                                       memory_mb=512, tags=[], team_slug=None, skip_cache=skip_cache)
+        version = template_build_start(
+            user=user,
+            name="bench-py",
+            build_spec=build_spec,
+            cpu=1,
+            memory_mb=512,
+            tags=[],
+            team_slug=None,
+            skip_cache=skip_cache,
+        )
     template_build_run(version_id=version.pk)  # what the worker's task runs
     seconds = time.monotonic() - started
     version = TemplateVersion.objects.get(pk=version.pk)
@@ -71,13 +84,20 @@ def main() -> None:
         cached.append(seconds)
         seconds, reused = timed_build(user, spec(marker + "-changed"))
         changed.append(seconds)
-        print(f"run {run + 1}: first {first[-1]:6.1f} s   cached {cached[-1]:5.2f} s   "
-              f"last step changed {changed[-1]:5.1f} s ({reused} steps from the cache)", flush=True)
-    p50 = {name: percentile(values, 0.5) for name, values in
-           (("first", first), ("cached", cached), ("changed", changed))}
-    print(f"first build p50 {p50['first']:.1f} s; cached rebuild p50 {p50['cached']:.2f} s = "
-          f"{p50['cached'] / p50['first'] * 100:.2f} % of the first (target <= 10 %); "
-          f"last step changed p50 {p50['changed']:.1f} s = {p50['changed'] / p50['first'] * 100:.0f} %")
+        print(
+            f"run {run + 1}: first {first[-1]:6.1f} s   cached {cached[-1]:5.2f} s   "
+            f"last step changed {changed[-1]:5.1f} s ({reused} steps from the cache)",
+            flush=True,
+        )
+    p50 = {
+        name: percentile(values, 0.5)
+        for name, values in (("first", first), ("cached", cached), ("changed", changed))
+    }
+    print(
+        f"first build p50 {p50['first']:.1f} s; cached rebuild p50 {p50['cached']:.2f} s = "
+        f"{p50['cached'] / p50['first'] * 100:.2f} % of the first (target <= 10 %); "
+        f"last step changed p50 {p50['changed']:.1f} s = {p50['changed'] / p50['first'] * 100:.0f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ class HostForm(forms.ModelForm):
             except Exception as exc:  # libvirt does not answer: cannot check, so refuse
                 raise forms.ValidationError(f"Cannot read the host's memory from libvirt: {exc}") from exc
             if wanted > physical:
-                self.add_error("memory_capacity_mb", f"The host holds {physical} MB; guests' memory "
-                                                     "is real memory and is never overcommitted.")
+                self.add_error(
+                    "memory_capacity_mb",
+                    f"The host holds {physical} MB; guests' memory "
+                    "is real memory and is never overcommitted.",
+                )
         return data
 
 
@@ -42,8 +45,16 @@ class HostAdmin(admin.ModelAdmin):
 
     form = HostForm
 
-    list_display = ["name", "state", "libvirt_uri", "cpu_capacity", "memory_capacity_mb",
-                    "last_seen_at", "running_sandboxes", "stopped_sandboxes"]
+    list_display = [
+        "name",
+        "state",
+        "libvirt_uri",
+        "cpu_capacity",
+        "memory_capacity_mb",
+        "last_seen_at",
+        "running_sandboxes",
+        "stopped_sandboxes",
+    ]
     list_filter = ["state"]
     search_fields = ["name", "libvirt_uri"]
     readonly_fields = ["created_at", "last_seen_at"]
@@ -69,8 +80,7 @@ class EventInline(admin.TabularInline):
 
 
 @admin.action(description="Force-destroy selected sandboxes (VM, memory image and disk)")
-def force_destroy(modeladmin: admin.ModelAdmin, request: HttpRequest,
-                  queryset: QuerySet[Sandbox]) -> None:
+def force_destroy(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
     for sandbox in queryset.select_related("host"):
         sandbox_destroy(sandbox=sandbox, reason=f"admin: {request.user}")
     modeladmin.message_user(request, f"Destroyed {queryset.count()} sandbox(es).", messages.SUCCESS)
@@ -78,13 +88,24 @@ def force_destroy(modeladmin: admin.ModelAdmin, request: HttpRequest,
 
 @admin.register(Sandbox)
 class SandboxAdmin(admin.ModelAdmin):
-    list_display = ["id", "team", "state", "host", "cpu_count", "memory_mb", "created_at",
-                    "deadline_at"]
+    list_display = ["id", "team", "state", "host", "cpu_count", "memory_mb", "created_at", "deadline_at"]
     list_filter = ["state", "host"]
     list_select_related = ["team", "host"]
     search_fields = ["id", "team__slug", "route_token", "name"]
-    readonly_fields = ["state", "route_token", "vm_uuid", "agent_port", "session_epoch", "created_at",
-                       "started_at", "ready_at", "ended_at", "purged_at", "updated_at", "last_error"]
+    readonly_fields = [
+        "state",
+        "route_token",
+        "vm_uuid",
+        "agent_port",
+        "session_epoch",
+        "created_at",
+        "started_at",
+        "ready_at",
+        "ended_at",
+        "purged_at",
+        "updated_at",
+        "last_error",
+    ]
     exclude = ["env_vars_encrypted", "agent_secret_encrypted"]
     inlines = [EventInline]
     actions = [force_destroy]

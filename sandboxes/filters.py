@@ -30,8 +30,9 @@ class MetadataField(forms.Field):
     def to_python(self, value: Any) -> dict[str, str]:
         if value in (None, ""):
             return {}
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                  for k, v in value.items()):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
             raise forms.ValidationError("must map metadata keys to values.")
         if len(value) > MAX_METADATA_FILTERS:
             raise forms.ValidationError(f"at most {MAX_METADATA_FILTERS} metadata keys.")
@@ -62,9 +63,15 @@ class StateFilter(django_filters.MultipleChoiceFilter):
 
 
 class SandboxFilter(django_filters.FilterSet):
-    state = StateFilter(choices=STATE_CHOICES, label="State or alias (running, paused); repeatable",
-                        error_messages={"invalid_choice": "Unknown state '%(value)s'; use one of "
-                                        + ", ".join(value for value, _ in STATE_CHOICES) + "."})
+    state = StateFilter(
+        choices=STATE_CHOICES,
+        label="State or alias (running, paused); repeatable",
+        error_messages={
+            "invalid_choice": "Unknown state '%(value)s'; use one of "
+            + ", ".join(value for value, _ in STATE_CHOICES)
+            + "."
+        },
+    )
     metadata = MetadataFilter(label="Exact match on metadata keys")
 
     class Meta:
@@ -73,8 +80,11 @@ class SandboxFilter(django_filters.FilterSet):
 
     @classmethod
     def from_sdk_query(cls, query: QueryDict, queryset: QuerySet[Sandbox]) -> SandboxFilter:
-        metadata = {key[len(METADATA_PREFIX):-len(METADATA_SUFFIX)]: value
-                    for key, value in query.items()
-                    if key.startswith(METADATA_PREFIX) and key.endswith(METADATA_SUFFIX)
-                    and len(key) > len(METADATA_PREFIX) + len(METADATA_SUFFIX)}
+        metadata = {
+            key[len(METADATA_PREFIX) : -len(METADATA_SUFFIX)]: value
+            for key, value in query.items()
+            if key.startswith(METADATA_PREFIX)
+            and key.endswith(METADATA_SUFFIX)
+            and len(key) > len(METADATA_PREFIX) + len(METADATA_SUFFIX)
+        }
         return cls({"state": query.getlist(STATE_PARAM), "metadata": metadata}, queryset=queryset)

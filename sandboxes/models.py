@@ -26,10 +26,15 @@ class SandboxState(models.TextChoices):
 
 # States in which the sandbox holds runtime capacity (and is metered, and counts
 # against the quota). The SDK's `is_running()` is true for exactly these.
-RUNTIME_STATES = frozenset({
-    SandboxState.CREATING, SandboxState.READY, SandboxState.RESTORING,
-    SandboxState.CHECKPOINTING, SandboxState.STOPPING,
-})
+RUNTIME_STATES = frozenset(
+    {
+        SandboxState.CREATING,
+        SandboxState.READY,
+        SandboxState.RESTORING,
+        SandboxState.CHECKPOINTING,
+        SandboxState.STOPPING,
+    }
+)
 
 
 class HostState(models.TextChoices):
@@ -76,16 +81,23 @@ class Sandbox(models.Model):
     """
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="sandboxes")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
-                                   on_delete=models.SET_NULL, related_name="+")
-    state = models.CharField(max_length=16, choices=SandboxState.choices,
-                             default=SandboxState.CREATING, db_index=True)
-    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT,
-                             related_name="sandboxes")
-    template = models.ForeignKey("templates_app.Template", null=True, blank=True,
-                                 on_delete=models.PROTECT, related_name="sandboxes")
-    template_version = models.ForeignKey("templates_app.TemplateVersion", null=True, blank=True,
-                                         on_delete=models.PROTECT, related_name="sandboxes")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    state = models.CharField(
+        max_length=16, choices=SandboxState.choices, default=SandboxState.CREATING, db_index=True
+    )
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT, related_name="sandboxes")
+    template = models.ForeignKey(
+        "templates_app.Template", null=True, blank=True, on_delete=models.PROTECT, related_name="sandboxes"
+    )
+    template_version = models.ForeignKey(
+        "templates_app.TemplateVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="sandboxes",
+    )
     name = models.CharField(max_length=200, null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     cpu_count = models.PositiveSmallIntegerField()

@@ -31,8 +31,7 @@ def hosts_with_room() -> list[HostRoom]:
         used_cpu=Coalesce(Sum("sandboxes__cpu_count", filter=in_runtime), 0),
         used_memory=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime), 0),
     )
-    return [HostRoom(h, h.cpu_capacity - h.used_cpu, h.memory_capacity_mb - h.used_memory)
-            for h in hosts]
+    return [HostRoom(h, h.cpu_capacity - h.used_cpu, h.memory_capacity_mb - h.used_memory) for h in hosts]
 
 
 def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> Host:
@@ -44,8 +43,11 @@ def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> H
     template's memory snapshot lives).
     """
     list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
-    fitting = [r for r in hosts_with_room() if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb
-               and (among is None or r.host.pk in among)]
+    fitting = [
+        r
+        for r in hosts_with_room()
+        if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb and (among is None or r.host.pk in among)
+    ]
     if not fitting:
         message = f"No host has room for {cpu} vCPU and {memory_mb} MB right now; retry later."
         raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})

@@ -50,12 +50,12 @@ class Quota:
 
 def team_quota_limits(*, team: Team) -> QuotaLimits:
     """The team's own limits where set, the platform defaults otherwise."""
+
     def pick(value: int | None, default: int) -> int:
         return default if value is None else value
 
     return QuotaLimits(
-        max_running_instances=pick(team.max_running_instances,
-                                   settings.QUOTA_DEFAULT_MAX_RUNNING_INSTANCES),
+        max_running_instances=pick(team.max_running_instances, settings.QUOTA_DEFAULT_MAX_RUNNING_INSTANCES),
         max_vcpu_count=pick(team.max_vcpu_count, settings.QUOTA_DEFAULT_MAX_VCPU_COUNT),
         max_memory_mb=pick(team.max_memory_mb, settings.QUOTA_DEFAULT_MAX_MEMORY_MB),
     )
@@ -72,14 +72,19 @@ def team_quota_usage(*, team: Team) -> QuotaUsage:
         memory_mb=Coalesce(Sum("memory_mb"), 0),
     )
     builds = TemplateVersion.objects.filter(template__team=team, status=VersionStatus.BUILDING).aggregate(
-        running_instances=Count("id"), vcpu_count=Coalesce(Sum("cpu"), 0),
-        memory_mb=Coalesce(Sum("memory_mb"), 0))
+        running_instances=Count("id"),
+        vcpu_count=Coalesce(Sum("cpu"), 0),
+        memory_mb=Coalesce(Sum("memory_mb"), 0),
+    )
     return QuotaUsage(**{name: totals[name] + builds[name] for name in totals})
 
 
 def team_quota(*, team: Team, reservation: QuotaReservation | None = None) -> Quota:
-    return Quota(limits=team_quota_limits(team=team), usage=team_quota_usage(team=team),
-                 reservation=reservation or QuotaReservation())
+    return Quota(
+        limits=team_quota_limits(team=team),
+        usage=team_quota_usage(team=team),
+        reservation=reservation or QuotaReservation(),
+    )
 
 
 def _price(value: object) -> str | None:
@@ -90,12 +95,13 @@ def sandbox_limits(*, team: Team) -> dict[str, object]:
     """What a team may ask for, what it costs, and its quota right now."""
     return {
         "team": team.slug,
-        "fallback": {"cpu": settings.SANDBOX_FALLBACK_CPU,
-                     "memory_mb": settings.SANDBOX_FALLBACK_MEMORY_MB},
+        "fallback": {"cpu": settings.SANDBOX_FALLBACK_CPU, "memory_mb": settings.SANDBOX_FALLBACK_MEMORY_MB},
         "allowed_cpu": list(settings.SANDBOX_ALLOWED_CPU),
-        "memory_mb": {"min": settings.SANDBOX_MEMORY_MIN_MB,
-                      "max": settings.SANDBOX_MEMORY_MAX_MB,
-                      "increment": settings.SANDBOX_MEMORY_INCREMENT_MB},
+        "memory_mb": {
+            "min": settings.SANDBOX_MEMORY_MIN_MB,
+            "max": settings.SANDBOX_MEMORY_MAX_MB,
+            "increment": settings.SANDBOX_MEMORY_INCREMENT_MB,
+        },
         "max_timeout_seconds": settings.SANDBOX_MAX_TIMEOUT_SECONDS,
         "default_network_class": settings.SANDBOX_DEFAULT_NETWORK_CLASS,
         "prices": {
@@ -127,8 +133,7 @@ def sandboxes_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Sandbox]:
     that PostgreSQL answers from the (team, -id) index without sorting all rows.
     """
     team_ids = list(teams.values_list("pk", flat=True))
-    return Sandbox.objects.filter(team_id__in=team_ids).select_related("team", "template",
-                                                                        "template_version")
+    return Sandbox.objects.filter(team_id__in=team_ids).select_related("team", "template", "template_version")
 
 
 def sandbox_get(*, user: User, sandbox_id: str, write: bool = False) -> Sandbox:
@@ -138,8 +143,11 @@ def sandbox_get(*, user: User, sandbox_id: str, write: bool = False) -> Sandbox:
     """
     sandbox = None
     if (pk := ids.db_id(sandbox_id)) is not None:
-        sandbox = (Sandbox.objects.select_related("team", "host", "template", "template_version")
-                   .filter(pk=pk, team__memberships__user=user).first())
+        sandbox = (
+            Sandbox.objects.select_related("team", "host", "template", "template_version")
+            .filter(pk=pk, team__memberships__user=user)
+            .first()
+        )
     if sandbox is None:
         raise errors.NotFound(f"Sandbox {sandbox_id} not found.", code="sandbox_not_found")
     if write:
@@ -173,5 +181,11 @@ def sandbox_port(*, sandbox: Sandbox, port: int) -> dict[str, object]:
         url = f"{public.scheme}://{host}"
     else:
         url = path_url
-    return {"port": port, "host": host, "url": url, "path_url": path_url, "protocol": "http",
-            "public": bool(sandbox.network_policy.get("allow_public_traffic", True))}
+    return {
+        "port": port,
+        "host": host,
+        "url": url,
+        "path_url": path_url,
+        "protocol": "http",
+        "public": bool(sandbox.network_policy.get("allow_public_traffic", True)),
+    }

@@ -64,11 +64,13 @@ def host_register_local() -> Host:
     )
     if not created:
         Host.objects.filter(pk=host.pk).update(
-            libvirt_uri=settings.RUNTIME_LIBVIRT_URI, data_dir=str(settings.RUNTIME_HOST_DATA_DIR))
+            libvirt_uri=settings.RUNTIME_LIBVIRT_URI, data_dir=str(settings.RUNTIME_HOST_DATA_DIR)
+        )
         # A host found down comes back up (this process just reached its libvirt); an
         # operator's `draining` stays: builds and restarts call this and must not undo it.
-        Host.objects.filter(pk=host.pk, state=HostState.DOWN).update(state=HostState.UP,
-                                                                    last_seen_at=timezone.now())
+        Host.objects.filter(pk=host.pk, state=HostState.DOWN).update(
+            state=HostState.UP, last_seen_at=timezone.now()
+        )
         host.refresh_from_db()
     return host
 
@@ -76,8 +78,15 @@ def host_register_local() -> Host:
 # --- state machine ------------------------------------------------------------------
 
 
-def sandbox_transition(*, sandbox: Sandbox, from_states: Iterable[str], to_state: str,
-                       reason: str = "", where: Q | None = None, **fields: Any) -> bool:
+def sandbox_transition(
+    *,
+    sandbox: Sandbox,
+    from_states: Iterable[str],
+    to_state: str,
+    reason: str = "",
+    where: Q | None = None,
+    **fields: Any,
+) -> bool:
     """Move the sandbox to `to_state` if it is in one of `from_states` (and matches `where`).
 
     Returns False (and changes nothing) when another request got there first.
@@ -90,8 +99,9 @@ def sandbox_transition(*, sandbox: Sandbox, from_states: Iterable[str], to_state
         if current is None:
             return False
         Sandbox.objects.filter(pk=sandbox.pk).update(state=to_state, updated_at=now, **fields)
-        SandboxEvent.objects.create(sandbox_id=sandbox.pk, from_state=current, to_state=to_state,
-                                    at=now, reason=reason[:200])
+        SandboxEvent.objects.create(
+            sandbox_id=sandbox.pk, from_state=current, to_state=to_state, at=now, reason=reason[:200]
+        )
     sandbox.refresh_from_db()
     return True
 
@@ -112,17 +122,17 @@ def _state_conflict(sandbox: Sandbox, action: str) -> errors.DomainError:
     if state == S.DESTROYED:
         return sandbox_gone(sandbox.pk)
     if state in (S.STOPPED, S.STOPPING) and action == "pause":
-        return errors.Conflict(f"Sandbox {sandbox.pk} is already paused.",
-                               code="sandbox_already_paused")
+        return errors.Conflict(f"Sandbox {sandbox.pk} is already paused.", code="sandbox_already_paused")
     if state in BUSY_STATES:
-        return errors.Conflict(f"Sandbox {sandbox.pk} is {state}; try again shortly.",
-                               code="sandbox_busy")
+        return errors.Conflict(f"Sandbox {sandbox.pk} is {state}; try again shortly.", code="sandbox_busy")
     if state in TERMINAL_STATES:
-        return errors.Conflict(f"Sandbox {sandbox.pk} is {state} and cannot {action}.",
-                               code="sandbox_not_resumable" if action == "resume"
-                               else "sandbox_not_running")
-    return errors.Conflict(f"Sandbox {sandbox.pk} is {state}; cannot {action} it.",
-                           code="sandbox_not_running")
+        return errors.Conflict(
+            f"Sandbox {sandbox.pk} is {state} and cannot {action}.",
+            code="sandbox_not_resumable" if action == "resume" else "sandbox_not_running",
+        )
+    return errors.Conflict(
+        f"Sandbox {sandbox.pk} is {state}; cannot {action} it.", code="sandbox_not_running"
+    )
 
 
 # --- quota ----------------------------------------------------------------------------
@@ -145,7 +155,9 @@ def _quota_check(team: Team, cpu: int, memory_mb: int, *, exclude: Sandbox | Non
             raise errors.Invalid(
                 f"Sandbox quota exceeded for team {team.slug}: {name} {limit} "
                 f"(in use {used}, requested {asked}).",
-                code="sandbox_quota_exceeded", quota=quota.as_dict())
+                code="sandbox_quota_exceeded",
+                quota=quota.as_dict(),
+            )
 
 
 def _lock_team(team: Team) -> None:
@@ -173,25 +185,41 @@ def _reserve(*, team: Team, user: User, version: TemplateVersion, spec: CreateSp
         among = [] if version.host_id is None else [version.host_id]  # where its snapshot lives
         host = host_place(cpu=cpu, memory_mb=memory_mb, among=among)
         sandbox = Sandbox.objects.create(
-            team=team, created_by=user, host=host, state=S.CREATING,
-            template=version.template, template_version=version, name=spec.name,
-            metadata=spec.metadata, cpu_count=cpu, memory_mb=memory_mb, timeout=spec.timeout,
-            on_timeout=spec.lifecycle.on_timeout, auto_resume=spec.lifecycle.auto_resume,
+            team=team,
+            created_by=user,
+            host=host,
+            state=S.CREATING,
+            template=version.template,
+            template_version=version,
+            name=spec.name,
+            metadata=spec.metadata,
+            cpu_count=cpu,
+            memory_mb=memory_mb,
+            timeout=spec.timeout,
+            on_timeout=spec.lifecycle.on_timeout,
+            auto_resume=spec.lifecycle.auto_resume,
             env_vars_encrypted=crypto.encrypt_json(spec.env_vars) if spec.env_vars else "",
-            network_policy=spec.network_policy, network_class=settings.SANDBOX_DEFAULT_NETWORK_CLASS,
+            network_policy=spec.network_policy,
+            network_class=settings.SANDBOX_DEFAULT_NETWORK_CLASS,
         )
-        SandboxEvent.objects.create(sandbox=sandbox, from_state="", to_state=S.CREATING,
-                                    at=sandbox.created_at, reason="create")
+        SandboxEvent.objects.create(
+            sandbox=sandbox, from_state="", to_state=S.CREATING, at=sandbox.created_at, reason="create"
+        )
     return sandbox
 
 
 def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
     logger.exception("sandbox %s failed to start", sandbox.pk)
     sandbox_purge(sandbox)
-    sandbox_transition(sandbox=sandbox, from_states=[S.CREATING], to_state=S.FAILED,
-                       reason="start failed", last_error=str(exc)[:2000], ended_at=timezone.now())
-    return errors.Unavailable(f"Sandbox {sandbox.pk} failed to start: {exc}",
-                              code="sandbox_start_failed")
+    sandbox_transition(
+        sandbox=sandbox,
+        from_states=[S.CREATING],
+        to_state=S.FAILED,
+        reason="start failed",
+        last_error=str(exc)[:2000],
+        ended_at=timezone.now(),
+    )
+    return errors.Unavailable(f"Sandbox {sandbox.pk} failed to start: {exc}", code="sandbox_start_failed")
 
 
 def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
@@ -208,9 +236,15 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
         raise _fail_start(sandbox, exc) from exc
     now = timezone.now()
     if not sandbox_transition(
-        sandbox=sandbox, from_states=[S.CREATING], to_state=S.READY, reason="started",
-        started_at=now, ready_at=now, deadline_at=now + timedelta(seconds=sandbox.timeout),
-        agent_port=started.agent_port, agent_secret_encrypted=crypto.encrypt_text(started.agent_secret),
+        sandbox=sandbox,
+        from_states=[S.CREATING],
+        to_state=S.READY,
+        reason="started",
+        started_at=now,
+        ready_at=now,
+        deadline_at=now + timedelta(seconds=sandbox.timeout),
+        agent_port=started.agent_port,
+        agent_secret_encrypted=crypto.encrypt_text(started.agent_secret),
     ):
         vm.destroy(sandbox)  # destroyed while we were starting it
         raise _state_conflict(sandbox, "start")
@@ -220,8 +254,9 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
 # --- pause / resume -------------------------------------------------------------------
 
 
-def _runtime_step(sandbox: Sandbox, step: Callable[[Sandbox], None], *, what: str, during: str,
-                  back_to: str) -> None:
+def _runtime_step(
+    sandbox: Sandbox, step: Callable[[Sandbox], None], *, what: str, during: str, back_to: str
+) -> None:
     """Run a VM operation; on failure put the sandbox back where it was and answer 503.
 
     The VM operations used here leave the VM as it was when they fail (a failed
@@ -231,8 +266,13 @@ def _runtime_step(sandbox: Sandbox, step: Callable[[Sandbox], None], *, what: st
         step(sandbox)
     except Exception as exc:
         logger.exception("sandbox %s failed to %s", sandbox.pk, what)
-        sandbox_transition(sandbox=sandbox, from_states=[during], to_state=back_to,
-                           reason=f"{what} failed", last_error=str(exc)[:2000])
+        sandbox_transition(
+            sandbox=sandbox,
+            from_states=[during],
+            to_state=back_to,
+            reason=f"{what} failed",
+            last_error=str(exc)[:2000],
+        )
         raise errors.Unavailable(f"Sandbox {sandbox.pk} could not {what}: {exc}") from exc
 
 
@@ -243,12 +283,12 @@ def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause", due_by: datetime |
     at or before it when the row is claimed: a timeout extended meanwhile wins.
     """
     where = Q(deadline_at__lte=due_by) if due_by is not None else None
-    if not sandbox_transition(sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING,
-                              reason=reason, where=where):
+    if not sandbox_transition(
+        sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING, reason=reason, where=where
+    ):
         raise _state_conflict(sandbox, "pause")
     _runtime_step(sandbox, vm.pause, what="pause", during=S.STOPPING, back_to=S.READY)
-    if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED,
-                              reason=reason):
+    if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED, reason=reason):
         vm.destroy(sandbox)  # destroyed while pausing
     return sandbox
 
@@ -269,8 +309,9 @@ def _claim_resume(sandbox: Sandbox) -> bool:
         if not host_has_room(host=host, cpu=sandbox.cpu_count, memory_mb=sandbox.memory_mb):
             message = f"Host {host.name} has no room to resume sandbox {sandbox.pk} now."
             raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
-        return sandbox_transition(sandbox=sandbox, from_states=[S.STOPPED], to_state=S.RESTORING,
-                                  reason="resume")
+        return sandbox_transition(
+            sandbox=sandbox, from_states=[S.STOPPED], to_state=S.RESTORING, reason="resume"
+        )
 
 
 def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
@@ -287,12 +328,23 @@ def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
         logger.exception("sandbox %s: could not save the VM again after a failed resume", sandbox.pk)
     message = f"Sandbox {sandbox.pk} could not resume: {exc}"
     if status == "saved":
-        sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.STOPPED,
-                           reason="resume failed; memory saved again", last_error=str(exc)[:2000])
+        sandbox_transition(
+            sandbox=sandbox,
+            from_states=[S.RESTORING],
+            to_state=S.STOPPED,
+            reason="resume failed; memory saved again",
+            last_error=str(exc)[:2000],
+        )
         return errors.Unavailable(message)
-    if sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.LOST,
-                          reason="resume failed; the VM is not usable", ended_at=timezone.now(),
-                          agent_port=None, last_error=str(exc)[:2000]):
+    if sandbox_transition(
+        sandbox=sandbox,
+        from_states=[S.RESTORING],
+        to_state=S.LOST,
+        reason="resume failed; the VM is not usable",
+        ended_at=timezone.now(),
+        agent_port=None,
+        last_error=str(exc)[:2000],
+    ):
         vm.forget(sandbox)
     return errors.Unavailable(message, code="sandbox_lost")
 
@@ -303,15 +355,21 @@ def _restart(sandbox: Sandbox, timeout: int) -> None:
     except Exception as exc:
         raise _resume_failed(sandbox, exc) from exc
     now = timezone.now()
-    if not sandbox_transition(sandbox=sandbox, from_states=[S.RESTORING], to_state=S.READY,
-                              reason="resumed", ready_at=now,
-                              deadline_at=now + timedelta(seconds=timeout)):
+    if not sandbox_transition(
+        sandbox=sandbox,
+        from_states=[S.RESTORING],
+        to_state=S.READY,
+        reason="resumed",
+        ready_at=now,
+        deadline_at=now + timedelta(seconds=timeout),
+    ):
         vm.destroy(sandbox)
         raise _state_conflict(sandbox, "resume")
 
 
-def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
-                   wait: float = BUSY_WAIT_SECONDS) -> tuple[Sandbox, Session]:
+def sandbox_resume(
+    *, sandbox: Sandbox, timeout: int | None = None, wait: float = BUSY_WAIT_SECONDS
+) -> tuple[Sandbox, Session]:
     """Make the sandbox ready (restarting a paused one) and mint a fresh session.
 
     Waits for an unfinished create/pause/restore first. A paused sandbox's deadline
@@ -330,8 +388,8 @@ def sandbox_resume(*, sandbox: Sandbox, timeout: int | None = None,
         # create default (300 s) and would otherwise undo a longer `set_timeout`.
         wanted = Value(timezone.now() + timedelta(seconds=lifetime))
         if not Sandbox.objects.filter(pk=sandbox.pk, state=S.READY).update(
-                deadline_at=Greatest(Coalesce("deadline_at", wanted), wanted),
-                updated_at=timezone.now()):
+            deadline_at=Greatest(Coalesce("deadline_at", wanted), wanted), updated_at=timezone.now()
+        ):
             raise _state_conflict(sandbox, "resume")  # paused or expired since we looked
         sandbox.refresh_from_db()
     if sandbox.state != S.READY:
@@ -352,8 +410,10 @@ def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
     rows = Sandbox.objects.filter(pk=sandbox.pk)
     if sandbox.state in RUNTIME_STATES:
         changed = rows.filter(state__in=RUNTIME_STATES).update(
-            deadline_at=timezone.now() + timedelta(seconds=timeout), timeout=timeout,
-            updated_at=timezone.now())
+            deadline_at=timezone.now() + timedelta(seconds=timeout),
+            timeout=timeout,
+            updated_at=timezone.now(),
+        )
     elif sandbox.state == S.STOPPED:
         changed = rows.filter(state=S.STOPPED).update(timeout=timeout, updated_at=timezone.now())
     else:
@@ -367,9 +427,16 @@ def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
 def sandbox_destroy(*, sandbox: Sandbox, reason: str = "destroy") -> Sandbox:
     """Destroy from any state; idempotent. Revokes every session token."""
     live = [state for state in S.values if state != S.DESTROYED]
-    if sandbox_transition(sandbox=sandbox, from_states=live, to_state=S.DESTROYED, reason=reason,
-                          ended_at=Coalesce(F("ended_at"), timezone.now()),
-                          session_epoch=F("session_epoch") + 1, agent_port=None, agent_secret_encrypted=""):
+    if sandbox_transition(
+        sandbox=sandbox,
+        from_states=live,
+        to_state=S.DESTROYED,
+        reason=reason,
+        ended_at=Coalesce(F("ended_at"), timezone.now()),
+        session_epoch=F("session_epoch") + 1,
+        agent_port=None,
+        agent_secret_encrypted="",
+    ):
         sandbox_purge(sandbox)
     return sandbox
 
@@ -389,9 +456,16 @@ def sandboxes_purge(sandboxes: Iterable[Sandbox]) -> int:
 # --- many at once (the sweeps) -------------------------------------------------------------
 
 
-def sandboxes_transition(*, ids: Iterable[int], from_states: Iterable[str], to_state: str, reason: str,
-                         unchanged_since: datetime | None = None, where: Q | None = None,
-                         **fields: Any) -> list[Sandbox]:
+def sandboxes_transition(
+    *,
+    ids: Iterable[int],
+    from_states: Iterable[str],
+    to_state: str,
+    reason: str,
+    unchanged_since: datetime | None = None,
+    where: Q | None = None,
+    **fields: Any,
+) -> list[Sandbox]:
     """`sandbox_transition` for a batch in one transaction: rows still in ``from_states``
     (and, with ``unchanged_since``, not updated since then; and matching ``where``) move;
     the others are left.
@@ -401,16 +475,20 @@ def sandboxes_transition(*, ids: Iterable[int], from_states: Iterable[str], to_s
     now = timezone.now()
     with transaction.atomic():
         rows = Sandbox.objects.select_for_update(skip_locked=True).filter(
-            pk__in=list(ids), state__in=list(from_states))
+            pk__in=list(ids), state__in=list(from_states)
+        )
         if unchanged_since is not None:
             rows = rows.filter(updated_at__lt=unchanged_since)
         moved = list(rows.filter(where or Q()).values_list("pk", "state"))
         if not moved:
             return []
-        Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).update(state=to_state, updated_at=now,
-                                                                     **fields)
-        SandboxEvent.objects.bulk_create(SandboxEvent(sandbox_id=pk, from_state=state, to_state=to_state,
-                                                      at=now, reason=reason[:200]) for pk, state in moved)
+        Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).update(
+            state=to_state, updated_at=now, **fields
+        )
+        SandboxEvent.objects.bulk_create(
+            SandboxEvent(sandbox_id=pk, from_state=state, to_state=to_state, at=now, reason=reason[:200])
+            for pk, state in moved
+        )
     return list(Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).select_related("host"))
 
 
@@ -421,8 +499,15 @@ def sandboxes_expire(*, ids: Iterable[int], now: datetime) -> list[Sandbox]:
     after the sweep selected the row keeps the sandbox alive.
     """
     expired = sandboxes_transition(
-        ids=ids, from_states=[S.READY], to_state=S.EXPIRED, reason="timeout", ended_at=now,
+        ids=ids,
+        from_states=[S.READY],
+        to_state=S.EXPIRED,
+        reason="timeout",
+        ended_at=now,
         where=Q(deadline_at__lte=now),
-        session_epoch=F("session_epoch") + 1, agent_port=None, agent_secret_encrypted="")
+        session_epoch=F("session_epoch") + 1,
+        agent_port=None,
+        agent_secret_encrypted="",
+    )
     sandboxes_purge(expired)
     return expired

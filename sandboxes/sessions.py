@@ -43,11 +43,20 @@ def session_mint(*, sandbox: Sandbox) -> Session:
     """A token valid until the later of the deadline and one hour from now."""
     now = timezone.now()
     expires_at = max(sandbox.deadline_at or now, now + MIN_LIFETIME).replace(microsecond=0)
-    payload = {"s": sandbox.pk, "e": sandbox.session_epoch, "x": int(expires_at.timestamp()),
-               "n": secrets.token_hex(4)}
+    payload = {
+        "s": sandbox.pk,
+        "e": sandbox.session_epoch,
+        "x": int(expires_at.timestamp()),
+        "n": secrets.token_hex(4),
+    }
     token = TOKEN_PREFIX + signing.dumps(payload, salt=_SALT)
-    return Session(sandbox_id=sandbox.pk, token=token, expires_at=expires_at,
-                   data_plane_url=data_plane_url(sandbox), route_token=sandbox.route_token)
+    return Session(
+        sandbox_id=sandbox.pk,
+        token=token,
+        expires_at=expires_at,
+        data_plane_url=data_plane_url(sandbox),
+        route_token=sandbox.route_token,
+    )
 
 
 def session_verify(*, token: str, sandbox: Sandbox) -> bool:

@@ -67,7 +67,7 @@ def deadline_sweep(*, now: datetime | None = None) -> Result:
     """Ready sandboxes past their deadline, oldest deadline first."""
     now = now or timezone.now()
     due = Sandbox.objects.filter(state=S.READY, deadline_at__lte=now).order_by("deadline_at")
-    kill = list(due.exclude(on_timeout=OnTimeout.PAUSE).values_list("pk", flat=True)[:_batch()])
+    kill = list(due.exclude(on_timeout=OnTimeout.PAUSE).values_list("pk", flat=True)[: _batch()])
     pause = list(due.filter(on_timeout=OnTimeout.PAUSE).select_related("host")[:PAUSES_PER_CALL])
     expired = services.sandboxes_expire(ids=kill, now=now)
     paused = failed = 0
@@ -78,8 +78,12 @@ def deadline_sweep(*, now: datetime | None = None) -> Result:
         except errors.DomainError as exc:  # busy, or the pause failed (retried next sweep)
             logger.warning("timeout pause of sandbox %s: %s", sandbox.pk, exc)
             failed += 1
-    return {"expired": len(expired), "stopped": paused, "errors": failed,
-            "more": len(kill) == _batch() or (len(pause) == PAUSES_PER_CALL and paused > 0)}
+    return {
+        "expired": len(expired),
+        "stopped": paused,
+        "errors": failed,
+        "more": len(kill) == _batch() or (len(pause) == PAUSES_PER_CALL and paused > 0),
+    }
 
 
 # --- stuck transitional states ---------------------------------------------------------------
@@ -88,8 +92,11 @@ def deadline_sweep(*, now: datetime | None = None) -> Result:
 def _claim(sandbox: Sandbox, since: datetime) -> bool:
     """Take a stuck row for this sweep run: touch it if it is still as we listed it.
     Other runs then see it as recently changed and leave it for the claim's holder."""
-    return bool(Sandbox.objects.filter(pk=sandbox.pk, state=sandbox.state, updated_at__lt=since)
-                .update(updated_at=timezone.now()))
+    return bool(
+        Sandbox.objects.filter(pk=sandbox.pk, state=sandbox.state, updated_at__lt=since).update(
+            updated_at=timezone.now()
+        )
+    )
 
 
 def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
@@ -102,16 +109,27 @@ def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
     state = sandbox.state
 
     def move(to: str, reason: str, *, claimed: bool = False, **fields: Any) -> bool:
-        return bool(services.sandboxes_transition(
-            ids=[sandbox.pk], from_states=[state], to_state=to, reason=reason,
-            unchanged_since=None if claimed else since, **fields))
+        return bool(
+            services.sandboxes_transition(
+                ids=[sandbox.pk],
+                from_states=[state],
+                to_state=to,
+                reason=reason,
+                unchanged_since=None if claimed else since,
+                **fields,
+            )
+        )
 
     now = timezone.now()
     if state == S.CREATING:
         # The process that was creating it died holding the new agent secret: the VM,
         # if any, cannot be handed out. The create failed; then its VM is removed.
-        if not move(S.FAILED, "create interrupted", ended_at=now,
-                    last_error="The process creating this sandbox stopped before it was ready."):
+        if not move(
+            S.FAILED,
+            "create interrupted",
+            ended_at=now,
+            last_error="The process creating this sandbox stopped before it was ready.",
+        ):
             return "unchanged"
         services.sandbox_purge(sandbox)
         return S.FAILED
@@ -138,17 +156,28 @@ def _recover_restoring(sandbox: Sandbox, since: datetime, move: Callable[..., bo
             return "unchanged"
         vm.forget(sandbox)
         return S.FAILED
-    return S.READY if move(S.READY, "resume interrupted; the VM runs", claimed=True, ready_at=now,
-                           deadline_at=now + timedelta(seconds=sandbox.timeout)) else "unchanged"
+    return (
+        S.READY
+        if move(
+            S.READY,
+            "resume interrupted; the VM runs",
+            claimed=True,
+            ready_at=now,
+            deadline_at=now + timedelta(seconds=sandbox.timeout),
+        )
+        else "unchanged"
+    )
 
 
 def stuck_sweep(*, now: datetime | None = None) -> Result:
     """Sandboxes in a transitional state for longer than ``SWEEP_STUCK_AFTER_SECONDS``."""
     now = now or timezone.now()
     since = now - timedelta(seconds=settings.SWEEP_STUCK_AFTER_SECONDS)
-    stuck = list(Sandbox.objects.filter(state__in=services.BUSY_STATES, updated_at__lt=since,
-                                        host__state=HostState.UP)
-                 .select_related("host").order_by("updated_at")[:_batch()])
+    stuck = list(
+        Sandbox.objects.filter(state__in=services.BUSY_STATES, updated_at__lt=since, host__state=HostState.UP)
+        .select_related("host")
+        .order_by("updated_at")[: _batch()]
+    )
     outcomes: dict[str, int] = {}
     for sandbox in stuck:
         try:
@@ -194,53 +223,95 @@ def _reconcile_host(host: Host) -> Result:
     # database -> libvirt: ready/stopped rows whose VM is not what they claim. Only rows
     # unchanged since the listing count: a row that moved meanwhile is judged next time.
     lost = saved = 0
-    ready = (Sandbox.objects.filter(host=host, state=S.READY, updated_at__lt=listed_at)
-             .values_list("pk", flat=True))
-    was_saved = [pk for pk in ready.iterator(chunk_size=2000)
-                 if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "saved"]
+    ready = Sandbox.objects.filter(host=host, state=S.READY, updated_at__lt=listed_at).values_list(
+        "pk", flat=True
+    )
+    was_saved = [
+        pk
+        for pk in ready.iterator(chunk_size=2000)
+        if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "saved"
+    ]
     for start in range(0, len(was_saved), _batch()):  # paused outside the platform: memory is kept
-        saved += len(services.sandboxes_transition(
-            ids=was_saved[start:start + _batch()], from_states=[S.READY], to_state=S.STOPPED,
-            reason="the VM was saved outside the platform", unchanged_since=listed_at))
+        saved += len(
+            services.sandboxes_transition(
+                ids=was_saved[start : start + _batch()],
+                from_states=[S.READY],
+                to_state=S.STOPPED,
+                reason="the VM was saved outside the platform",
+                unchanged_since=listed_at,
+            )
+        )
     stopped = Sandbox.objects.filter(host=host, state=S.STOPPED, updated_at__lt=listed_at)
-    stopped_running = [pk for pk in stopped.values_list("pk", flat=True).iterator(chunk_size=2000)
-                       if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "running"]
-    resaved = sum(_save_again(driver, pk, listed_at) for pk in stopped_running[:_batch()])
+    stopped_running = [
+        pk
+        for pk in stopped.values_list("pk", flat=True).iterator(chunk_size=2000)
+        if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "running"
+    ]
+    resaved = sum(_save_again(driver, pk, listed_at) for pk in stopped_running[: _batch()])
     for state, good in ((S.READY, {"running", "saved"}), (S.STOPPED, {"saved", "running"})):
         candidates = Sandbox.objects.filter(host=host, state=state, updated_at__lt=listed_at).only("pk")
-        vanished = [s.pk for s in candidates.iterator(chunk_size=2000)
-                    if domains.get(f"{settings.RUNTIME_VM_PREFIX}{s.pk}", "absent") not in good]
+        vanished = [
+            s.pk
+            for s in candidates.iterator(chunk_size=2000)
+            if domains.get(f"{settings.RUNTIME_VM_PREFIX}{s.pk}", "absent") not in good
+        ]
         for start in range(0, len(vanished), _batch()):
             moved = services.sandboxes_transition(
-                ids=vanished[start:start + _batch()], from_states=[state], to_state=S.LOST,
-                reason="the VM vanished", unchanged_since=listed_at, ended_at=timezone.now(),
-                agent_port=None, last_error="The VM stopped existing outside the platform's control.")
+                ids=vanished[start : start + _batch()],
+                from_states=[state],
+                to_state=S.LOST,
+                reason="the VM vanished",
+                unchanged_since=listed_at,
+                ended_at=timezone.now(),
+                agent_port=None,
+                last_error="The VM stopped existing outside the platform's control.",
+            )
             for sandbox in moved:
                 driver.forget(sandbox.vm_name)
             lost += len(moved)
-    return {"domains": len(domains), "removed": removed, "stopped_for_retention": kept_disks,
-            "lost": lost, "stopped": saved, "saved_again": resaved}
+    return {
+        "domains": len(domains),
+        "removed": removed,
+        "stopped_for_retention": kept_disks,
+        "lost": lost,
+        "stopped": saved,
+        "saved_again": resaved,
+    }
 
 
 def _save_again(driver: RuntimeDriver, pk: int, listed_at: datetime) -> bool:
     """A `stopped` sandbox whose VM runs (started outside the platform, or a resume that
     died after starting it) is unmetered and outside quota: save its memory again.
     Claimed first (STOPPED -> STOPPING), so a resume racing this sweep wins or waits."""
-    claimed = services.sandboxes_transition(ids=[pk], from_states=[S.STOPPED], to_state=S.STOPPING,
-                                            reason="running while stopped", unchanged_since=listed_at)
+    claimed = services.sandboxes_transition(
+        ids=[pk],
+        from_states=[S.STOPPED],
+        to_state=S.STOPPING,
+        reason="running while stopped",
+        unchanged_since=listed_at,
+    )
     if not claimed:
         return False
     try:
         driver.pause(claimed[0].vm_name)
     except Exception:
         logger.exception("sandbox %s runs while stopped and could not be saved again", pk)
-        services.sandboxes_transition(ids=[pk], from_states=[S.STOPPING], to_state=S.LOST,
-                                      reason="running while stopped; could not save it",
-                                      ended_at=timezone.now(), agent_port=None)
+        services.sandboxes_transition(
+            ids=[pk],
+            from_states=[S.STOPPING],
+            to_state=S.LOST,
+            reason="running while stopped; could not save it",
+            ended_at=timezone.now(),
+            agent_port=None,
+        )
         driver.forget(claimed[0].vm_name)
         return False
-    services.sandboxes_transition(ids=[pk], from_states=[S.STOPPING], to_state=S.STOPPED,
-                                  reason="running while stopped; memory saved again")
+    services.sandboxes_transition(
+        ids=[pk],
+        from_states=[S.STOPPING],
+        to_state=S.STOPPED,
+        reason="running while stopped; memory saved again",
+    )
     return True
 
 
@@ -274,12 +345,19 @@ def host_health_sweep(*, now: datetime | None = None) -> Result:
             report[host.name] = "up" if host.state != HostState.DRAINING else "draining"
             continue
         Host.objects.filter(pk=host.pk).exclude(state=HostState.DOWN).update(state=HostState.DOWN)
-        stranded = {row["state"]: row["n"] for row in Sandbox.objects.filter(
-            host=host, state__in=[S.READY, S.STOPPED, *services.BUSY_STATES])
-            .values("state").annotate(n=Count("pk")).order_by("state")}
+        stranded = {
+            row["state"]: row["n"]
+            for row in Sandbox.objects.filter(
+                host=host, state__in=[S.READY, S.STOPPED, *services.BUSY_STATES]
+            )
+            .values("state")
+            .annotate(n=Count("pk"))
+            .order_by("state")
+        }
         report[host.name] = {"state": "down", "sandboxes": stranded}
-        logger.error("host %s: libvirt does not answer; marked down; sandboxes on it: %s",
-                     host.name, stranded)
+        logger.error(
+            "host %s: libvirt does not answer; marked down; sandboxes on it: %s", host.name, stranded
+        )
     return {"hosts": report, "more": False}
 
 
@@ -298,10 +376,12 @@ def _purge_retained(now: datetime) -> int:
     """Failed/lost sandboxes past the retention period (and any terminal row whose
     purge did not happen): VM definition, saved memory and disk removed."""
     cutoff = now - timedelta(seconds=settings.SANDBOX_DISK_RETENTION_SECONDS)
-    due = (Sandbox.objects.filter(purged_at__isnull=True)
-           .filter(Q(state__in=[S.FAILED, S.LOST], ended_at__lt=cutoff)
-                   | Q(state__in=[S.EXPIRED, S.DESTROYED]))
-           .select_related("host").order_by("pk")[:_batch()])
+    due = (
+        Sandbox.objects.filter(purged_at__isnull=True)
+        .filter(Q(state__in=[S.FAILED, S.LOST], ended_at__lt=cutoff) | Q(state__in=[S.EXPIRED, S.DESTROYED]))
+        .select_related("host")
+        .order_by("pk")[: _batch()]
+    )
     return services.sandboxes_purge(due)
 
 
@@ -314,13 +394,20 @@ def _orphan_sandbox_files(host: Host, now: float) -> int:
     for path in state_dir.iterdir():
         stem = path.name.removesuffix(".qcow2")
         owners[path] = _sandbox_pk(stem) if stem.startswith(settings.RUNTIME_VM_PREFIX) else None
-    live = set(Sandbox.objects.filter(pk__in=[pk for pk in owners.values() if pk], purged_at__isnull=True)
-               .values_list("pk", flat=True))
+    live = set(
+        Sandbox.objects.filter(
+            pk__in=[pk for pk in owners.values() if pk], purged_at__isnull=True
+        ).values_list("pk", flat=True)
+    )
     in_use = set(driver_for(host).domain_statuses(settings.RUNTIME_VM_PREFIX))
     removed = 0
     for path, pk in owners.items():
-        if (pk is None or pk in live or path.name.removesuffix(".qcow2") in in_use
-                or not old_enough_to_purge(path, now)):
+        if (
+            pk is None
+            or pk in live
+            or path.name.removesuffix(".qcow2") in in_use
+            or not old_enough_to_purge(path, now)
+        ):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -334,8 +421,10 @@ def retention_sweep(*, now: datetime | None = None) -> Result:
     """Purge retained disks and orphaned files, then run every app's retention hook."""
     now = now or timezone.now()
     purged = _purge_retained(now)
-    files = sum(_orphan_sandbox_files(host, now.timestamp())
-                for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]))
+    files = sum(
+        _orphan_sandbox_files(host, now.timestamp())
+        for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING])
+    )
     result: Result = {"sandboxes_purged": purged, "orphan_files": files, "more": purged == _batch()}
     for hook in registry.retention_hooks():
         counts = hook(now)
@@ -348,8 +437,13 @@ SWEEPS = registry.SWEEPS  # every app's sweeps, by name
 
 def register() -> None:
     """The sandboxes app's sweeps (called from its AppConfig.ready)."""
-    for name, sweep in (("deadlines", deadline_sweep), ("stuck", stuck_sweep), ("reconcile", reconcile_sweep),
-                        ("hosts", host_health_sweep), ("retention", retention_sweep)):
+    for name, sweep in (
+        ("deadlines", deadline_sweep),
+        ("stuck", stuck_sweep),
+        ("reconcile", reconcile_sweep),
+        ("hosts", host_health_sweep),
+        ("retention", retention_sweep),
+    ):
         registry.register_sweep(name, sweep)
 
 
@@ -364,11 +458,12 @@ def sweep_run(name: str, *, now: datetime | None = None) -> Result:
     try:
         result = SWEEPS[name](now=now)
     except Exception as exc:
-        SweepRun.objects.filter(name=name).update(last_error=f"{type(exc).__name__}: {exc}"[:2000],
-                                                  last_finished_at=timezone.now())
+        SweepRun.objects.filter(name=name).update(
+            last_error=f"{type(exc).__name__}: {exc}"[:2000], last_finished_at=timezone.now()
+        )
         raise
     result["seconds"] = round(time.monotonic() - clock, 3)
-    SweepRun.objects.filter(name=name).update(runs=F("runs") + 1, last_finished_at=timezone.now(),
-                                              last_result=result, last_error="")
+    SweepRun.objects.filter(name=name).update(
+        runs=F("runs") + 1, last_finished_at=timezone.now(), last_result=result, last_error=""
+    )
     return result
-

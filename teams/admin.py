@@ -36,30 +36,46 @@ class UserAdmin(DjangoUserAdmin):
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "personal_for", "max_running_instances", "max_vcpu_count",
-                    "max_memory_mb", "created_at"]
+    list_display = [
+        "slug",
+        "name",
+        "personal_for",
+        "max_running_instances",
+        "max_vcpu_count",
+        "max_memory_mb",
+        "created_at",
+    ]
     list_select_related = ["personal_for"]
     search_fields = ["slug", "name"]
     readonly_fields = ["created_at"]
     inlines = [MembershipInline]
     fieldsets = [
         (None, {"fields": ["slug", "name", "personal_for", "created_at"]}),
-        ("Quota (empty = platform default)",
-         {"fields": ["max_running_instances", "max_vcpu_count", "max_memory_mb"]}),
+        (
+            "Quota (empty = platform default)",
+            {"fields": ["max_running_instances", "max_vcpu_count", "max_memory_mb"]},
+        ),
     ]
 
 
 @admin.action(description="Revoke selected API keys")
-def revoke_keys(modeladmin: admin.ModelAdmin, request: HttpRequest,
-                queryset: QuerySet[ApiKey]) -> None:
+def revoke_keys(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
     for key in queryset:
         api_key_revoke(api_key=key)
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["prefix", "user", "name", "scope", "created_at", "last_used_at",
-                    "expires_at", "revoked_at"]
+    list_display = [
+        "prefix",
+        "user",
+        "name",
+        "scope",
+        "created_at",
+        "last_used_at",
+        "expires_at",
+        "revoked_at",
+    ]
     list_select_related = ["user"]
     list_filter = ["scope"]
     search_fields = ["prefix", "user__email", "name"]

@@ -9,8 +9,12 @@ from watasu.filtering import StrictBooleanFilter
 
 
 class TeamFilter(django_filters.FilterSet):
-    personal = StrictBooleanFilter(field_name="personal_for", lookup_expr="isnull", exclude=True,
-                                   label="true: only the caller's personal team; false: the others")
+    personal = StrictBooleanFilter(
+        field_name="personal_for",
+        lookup_expr="isnull",
+        exclude=True,
+        label="true: only the caller's personal team; false: the others",
+    )
 
     class Meta:
         model = Team
@@ -19,8 +23,12 @@ class TeamFilter(django_filters.FilterSet):
 
 class ApiKeyFilter(django_filters.FilterSet):
     scope = django_filters.ChoiceFilter(choices=Scope.choices, label="read or write")
-    revoked = StrictBooleanFilter(field_name="revoked_at", lookup_expr="isnull", exclude=True,
-                                  label="true: only revoked keys; false: only live ones")
+    revoked = StrictBooleanFilter(
+        field_name="revoked_at",
+        lookup_expr="isnull",
+        exclude=True,
+        label="true: only revoked keys; false: only live ones",
+    )
 
     class Meta:
         model = ApiKey

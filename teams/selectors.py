@@ -13,9 +13,7 @@ def teams_of_user(*, user: User) -> QuerySet[Team]:
 
 
 def _membership(user: User, slug: str) -> Membership:
-    membership = (
-        Membership.objects.select_related("team").filter(user=user, team__slug=slug).first()
-    )
+    membership = Membership.objects.select_related("team").filter(user=user, team__slug=slug).first()
     if membership is None:
         # Another team looks exactly like a team that does not exist.
         raise errors.NotFound(f"Team '{slug}' not found.", code="team_not_found")
@@ -41,11 +39,11 @@ def team_for_write(*, user: User, slug: str | None) -> Team:
     if slug:
         membership = _membership(user, slug)
     else:
-        membership = Membership.objects.select_related("team").get(
-            user=user, team__personal_for=user)
+        membership = Membership.objects.select_related("team").get(user=user, team__personal_for=user)
     if membership.role not in WRITER_ROLES:
         raise errors.Forbidden(
-            f"Your role in team '{membership.team.slug}' ({membership.role}) is read-only.")
+            f"Your role in team '{membership.team.slug}' ({membership.role}) is read-only."
+        )
     return membership.team
 
 

@@ -42,13 +42,15 @@ def team_create(*, owner: User, slug: str, name: str = "") -> Team:
             User.objects.select_for_update().filter(pk=owner.pk).first()
             owned = Membership.objects.filter(user=owner, role=Role.OWNER, team__personal_for=None).count()
             if owned >= settings.MAX_TEAMS_PER_USER:
-                raise errors.Invalid(f"You already own {owned} teams, the most one user may own "
-                                     f"({settings.MAX_TEAMS_PER_USER}).", code="team_quota_exceeded")
+                raise errors.Invalid(
+                    f"You already own {owned} teams, the most one user may own "
+                    f"({settings.MAX_TEAMS_PER_USER}).",
+                    code="team_quota_exceeded",
+                )
             team = Team.objects.create(slug=slug, name=name or slug)
             Membership.objects.create(user=owner, team=team, role=Role.OWNER)
     except IntegrityError:
-        raise errors.Conflict(f"A team with slug '{slug}' already exists.",
-                              code="already_exists") from None
+        raise errors.Conflict(f"A team with slug '{slug}' already exists.", code="already_exists") from None
     return team
 
 
@@ -62,8 +64,11 @@ def _personal_team_create(user: User) -> Team:
     for _ in range(5):
         try:
             with transaction.atomic():
-                team = Team.objects.create(slug=_unique_slug(user.email.split("@")[0]),
-                                           name=f"{user.email} (personal)", personal_for=user)
+                team = Team.objects.create(
+                    slug=_unique_slug(user.email.split("@")[0]),
+                    name=f"{user.email} (personal)",
+                    personal_for=user,
+                )
                 Membership.objects.create(user=user, team=team, role=Role.OWNER)
                 return team
         except IntegrityError:
@@ -88,21 +93,27 @@ def user_get_or_create(*, email: str) -> User:
 
 def membership_ensure(*, user: User, team: Team, role: str = Role.MEMBER) -> Membership:
     """Add `user` to `team` with `role` unless already a member (roles are kept)."""
-    membership, _ = Membership.objects.get_or_create(user=user, team=team,
-                                                     defaults={"role": role})
+    membership, _ = Membership.objects.get_or_create(user=user, team=team, defaults={"role": role})
     return membership
 
 
-def api_key_create(*, user: User, scope: str = Scope.WRITE, name: str = "",
-                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+def api_key_create(
+    *, user: User, scope: str = Scope.WRITE, name: str = "", expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
     """Create a key; the raw key is returned once and never stored."""
     if scope not in Scope.values:
         raise errors.Invalid(f"scope must be one of {', '.join(Scope.values)}.")
     if expires_at is not None and expires_at <= timezone.now():
         raise errors.Invalid("expires_at must be in the future.")
     raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey.objects.create(user=user, scope=scope, name=name, expires_at=expires_at,
-                                prefix=raw[:_VISIBLE_PREFIX_LENGTH], key_hash=api_key_hash(raw))
+    key = ApiKey.objects.create(
+        user=user,
+        scope=scope,
+        name=name,
+        expires_at=expires_at,
+        prefix=raw[:_VISIBLE_PREFIX_LENGTH],
+        key_hash=api_key_hash(raw),
+    )
     return key, raw
 
 

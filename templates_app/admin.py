@@ -25,13 +25,21 @@ class TemplateAdmin(admin.ModelAdmin):
 
 @admin.register(TemplateVersion)
 class TemplateVersionAdmin(admin.ModelAdmin):
-    list_display = ["template", "version", "status", "cpu", "memory_mb", "host", "size_bytes",
-                    "built_at"]
+    list_display = ["template", "version", "status", "cpu", "memory_mb", "host", "size_bytes", "built_at"]
     list_filter = ["status"]
     list_select_related = ["template", "host"]
     search_fields = ["template__slug", "version"]
-    readonly_fields = ["artifact_dir", "artifact_digest", "size_bytes", "built_at", "created_at",
-                       "last_error_message", "cache_key", "lease_expires_at", "deleted_at"]
+    readonly_fields = [
+        "artifact_dir",
+        "artifact_digest",
+        "size_bytes",
+        "built_at",
+        "created_at",
+        "last_error_message",
+        "cache_key",
+        "lease_expires_at",
+        "deleted_at",
+    ]
 
 
 @admin.register(BuildLayer)

@@ -9,8 +9,11 @@ from templates_app.models import Template, TemplateVersion, VersionStatus, Visib
 
 
 class TemplateFilter(django_filters.FilterSet):
-    visibility = django_filters.ChoiceFilter(choices=Visibility.choices, method="filter_visibility",
-                                             label="provider (the platform's) or team (a team's own)")
+    visibility = django_filters.ChoiceFilter(
+        choices=Visibility.choices,
+        method="filter_visibility",
+        label="provider (the platform's) or team (a team's own)",
+    )
 
     class Meta:
         model = Template
@@ -22,8 +25,9 @@ class TemplateFilter(django_filters.FilterSet):
 
 
 class TemplateVersionFilter(django_filters.FilterSet):
-    status = django_filters.MultipleChoiceFilter(choices=VersionStatus.choices,
-                                                 label="Build status; repeatable")
+    status = django_filters.MultipleChoiceFilter(
+        choices=VersionStatus.choices, label="Build status; repeatable"
+    )
 
     class Meta:
         model = TemplateVersion

@@ -38,19 +38,29 @@ def _tags(versions: tuple[str, ...], suffixes: tuple[str, ...]) -> tuple[str, ..
     return tuple(dict.fromkeys(tag for tag in tags if tag))
 
 
-FAMILIES = {family.name: family for family in (
-    ImageFamily("python", "Python 3.11 (Debian 12's), with pip and a `python` command",
-                _tags(("3", "3.11", "latest", ""), ("", "-slim", "-bookworm", "-slim-bookworm")),
-                ("python3", "python3-pip", "python3-venv", "python-is-python3"),
-                (("/etc/pip.conf", PIP_CONF),)),
-    ImageFamily("node", "Node.js 18 (Debian 12's), with npm",
-                _tags(("18", "lts", "latest", "hydrogen", "lts-hydrogen", ""),
-                      ("", "-slim", "-bookworm", "-bookworm-slim")),
-                ("nodejs", "npm")),
-    ImageFamily("debian", "Debian 12",
-                _tags(("bookworm", "12", "latest", "stable", ""), ("", "-slim"))),
-    ImageFamily("base", "the base template", ("latest",)),
-)}
+FAMILIES = {
+    family.name: family
+    for family in (
+        ImageFamily(
+            "python",
+            "Python 3.11 (Debian 12's), with pip and a `python` command",
+            _tags(("3", "3.11", "latest", ""), ("", "-slim", "-bookworm", "-slim-bookworm")),
+            ("python3", "python3-pip", "python3-venv", "python-is-python3"),
+            (("/etc/pip.conf", PIP_CONF),),
+        ),
+        ImageFamily(
+            "node",
+            "Node.js 18 (Debian 12's), with npm",
+            _tags(
+                ("18", "lts", "latest", "hydrogen", "lts-hydrogen", ""),
+                ("", "-slim", "-bookworm", "-bookworm-slim"),
+            ),
+            ("nodejs", "npm"),
+        ),
+        ImageFamily("debian", "Debian 12", _tags(("bookworm", "12", "latest", "stable", ""), ("", "-slim"))),
+        ImageFamily("base", "the base template", ("latest",)),
+    )
+}
 # Registry prefixes that still name the official image (`docker.io/library/python`).
 OFFICIAL_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "library/")
 
@@ -59,7 +69,7 @@ def _split(image: str) -> tuple[str, str]:
     """`docker.io/library/python:3.11` -> (`python`, `3.11`); no tag means `latest`."""
     for prefix in OFFICIAL_PREFIXES:
         if image.startswith(prefix):
-            image = image[len(prefix):]
+            image = image[len(prefix) :]
             break
     name, _, tag = image.partition(":")
     return name, tag or "latest"
@@ -67,8 +77,10 @@ def _split(image: str) -> tuple[str, str]:
 
 def image_import_disabled(image: str) -> errors.Invalid:
     supported = ", ".join(f"{name}:*" for name in FAMILIES)
-    return errors.Invalid(f"Image '{image}' cannot be imported; supported images: {supported}, "
-                          "or from_template.", code="oci_image_import_disabled")
+    return errors.Invalid(
+        f"Image '{image}' cannot be imported; supported images: {supported}, or from_template.",
+        code="oci_image_import_disabled",
+    )
 
 
 def image_family(image: str) -> ImageFamily:
@@ -83,5 +95,8 @@ def image_family(image: str) -> ImageFamily:
         raise errors.Invalid(
             f"Image '{image}' is not available: templates build on Debian 12, which provides "
             f"{family.provides}; use one of: {', '.join(family.refs())}.",
-            code="image_version_unavailable", requested=image, available=family.refs())
+            code="image_version_unavailable",
+            requested=image,
+            available=family.refs(),
+        )
     return family

@@ -50,9 +50,16 @@ def base_key(parent: TemplateVersion, team_id: int | None, *, agent: bytes | Non
     return _digest("version", parent.pk, parent.artifact_dir, "team", team_id, images.snapshot_inputs(agent))
 
 
-def step_keys(parent: TemplateVersion, commands: list[str], env: dict[str, str],
-              internet: bool, team_id: int | None, *, env_free: int = 0,
-              agent: bytes | None = None) -> list[str]:
+def step_keys(
+    parent: TemplateVersion,
+    commands: list[str],
+    env: dict[str, str],
+    internet: bool,
+    team_id: int | None,
+    *,
+    env_free: int = 0,
+    agent: bytes | None = None,
+) -> list[str]:
     """Key of each step's layer: parent key + command (+ the env and network it ran with).
     The first ``env_free`` steps (the image's) run without the env, so it is not in their
     keys: changing an ENV rebuilds only what runs with it."""
@@ -63,12 +70,27 @@ def step_keys(parent: TemplateVersion, commands: list[str], env: dict[str, str],
     return keys
 
 
-def artifact_key(last_key: str, spec: dict[str, Any], env: dict[str, str], cpu: int,
-                 memory_mb: int, *, agent: bytes | None = None) -> str:
+def artifact_key(
+    last_key: str,
+    spec: dict[str, Any],
+    env: dict[str, str],
+    cpu: int,
+    memory_mb: int,
+    *,
+    agent: bytes | None = None,
+) -> str:
     """Key of a version's artifact (disk and memory snapshot): its last layer, what runs in
     the saved memory, the shape, and the snapshot inputs (agent hash, artifact format)."""
-    return _digest("artifact", last_key, spec.get("start_cmd") or "", spec.get("ready_cmd") or "",
-                   env, cpu, memory_mb, images.snapshot_inputs(agent))
+    return _digest(
+        "artifact",
+        last_key,
+        spec.get("start_cmd") or "",
+        spec.get("ready_cmd") or "",
+        env,
+        cpu,
+        memory_mb,
+        images.snapshot_inputs(agent),
+    )
 
 
 def layers_dir(host: Host) -> Path:
@@ -91,19 +113,25 @@ def cached_prefix(host: Host, keys: list[str]) -> list[BuildLayer]:
             break
         chain.append(layer)
     if chain:
-        BuildLayer.objects.filter(pk__in=[layer.pk for layer in chain]).update(
-            last_used_at=timezone.now())
+        BuildLayer.objects.filter(pk__in=[layer.pk for layer in chain]).update(last_used_at=timezone.now())
     return chain
 
 
-def register(*, host: Host, key: str, parent: BuildLayer | None, base_version: TemplateVersion,
-             step: str, path: Path) -> BuildLayer | None:
+def register(
+    *, host: Host, key: str, parent: BuildLayer | None, base_version: TemplateVersion, step: str, path: Path
+) -> BuildLayer | None:
     """Record a finished layer; None if another build registered this key first."""
     try:
         with transaction.atomic():
-            return BuildLayer.objects.create(host=host, key=key, parent=parent, base_version=base_version,
-                                             step=step[:100], path=str(path),
-                                             size_bytes=path.stat().st_blocks * 512)
+            return BuildLayer.objects.create(
+                host=host,
+                key=key,
+                parent=parent,
+                base_version=base_version,
+                step=step[:100],
+                path=str(path),
+                size_bytes=path.stat().st_blocks * 512,
+            )
     except IntegrityError:
         return None
 
@@ -114,8 +142,9 @@ def is_registered(path: Path) -> bool:
 
 def cached_artifact(host: Host, key: str) -> TemplateVersion | None:
     """A ready version on this host built from exactly these inputs, files present."""
-    for version in TemplateVersion.objects.filter(host=host, cache_key=key, status=VersionStatus.READY,
-                                                  deleted_at__isnull=True).order_by("-pk"):
+    for version in TemplateVersion.objects.filter(
+        host=host, cache_key=key, status=VersionStatus.READY, deleted_at__isnull=True
+    ).order_by("-pk"):
         if Path(version.artifact_dir, "snapshot.json").is_file():
             return version
     return None
@@ -135,11 +164,16 @@ def link_artifact(snapshot_dir: Path, home: Path) -> Path:
     os.link(source.save_path, tmp / source.save_path.name)
     overlay = tmp / source.disk_path.name
     shutil.copyfile(source.disk_path, overlay)
-    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(disk), "-F", "qcow2",
-                    str(overlay)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(disk), "-F", "qcow2", str(overlay)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     overlay.chmod(0o444)
-    replace(source, save_path=dest / source.save_path.name,
-            disk_path=dest / source.disk_path.name).write(tmp / lifecycle.SNAPSHOT_FILE)
+    replace(source, save_path=dest / source.save_path.name, disk_path=dest / source.disk_path.name).write(
+        tmp / lifecycle.SNAPSHOT_FILE
+    )
     os.replace(tmp, dest)
     return dest
 

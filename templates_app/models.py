@@ -18,8 +18,14 @@ class Visibility(models.TextChoices):
 class Template(models.Model):
     """A named environment teams start sandboxes from (`base`, `python-ci`...)."""
 
-    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE,
-                             related_name="templates", help_text="Empty for provider templates.")
+    team = models.ForeignKey(
+        Team,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="templates",
+        help_text="Empty for provider templates.",
+    )
     slug = models.SlugField(max_length=63)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
@@ -31,10 +37,14 @@ class Template(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["team", "slug"], condition=Q(deleted_at__isnull=True),
-                                    name="template_team_slug_unique"),
-            models.UniqueConstraint(fields=["slug"], condition=Q(team__isnull=True),
-                                    name="template_provider_slug_unique"),
+            models.UniqueConstraint(
+                fields=["team", "slug"],
+                condition=Q(deleted_at__isnull=True),
+                name="template_team_slug_unique",
+            ),
+            models.UniqueConstraint(
+                fields=["slug"], condition=Q(team__isnull=True), name="template_provider_slug_unique"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -63,16 +73,18 @@ class TemplateVersion(models.Model):
 
     template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="versions")
     version = models.CharField(max_length=100)
-    status = models.CharField(max_length=16, choices=VersionStatus.choices,
-                              default=VersionStatus.DRAFT, db_index=True)
+    status = models.CharField(
+        max_length=16, choices=VersionStatus.choices, default=VersionStatus.DRAFT, db_index=True
+    )
     cpu = models.PositiveSmallIntegerField(help_text="runtime_baseline vCPUs")
     memory_mb = models.PositiveIntegerField(help_text="runtime_baseline memory")
     build_spec = models.JSONField(default=dict, blank=True)
     # The build's env (`build_spec.env`), encrypted like sandbox env vars; build_spec keeps
     # only the names (`env_keys`), so no API answer or admin page shows the values.
     env_encrypted = models.TextField(blank=True)
-    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.PROTECT,
-                             related_name="template_versions")
+    host = models.ForeignKey(
+        Host, null=True, blank=True, on_delete=models.PROTECT, related_name="template_versions"
+    )
     artifact_dir = models.CharField(max_length=500, blank=True)
     artifact_digest = models.CharField(max_length=64, blank=True)
     size_bytes = models.BigIntegerField(default=0)
@@ -148,10 +160,10 @@ class BuildLayer(models.Model):
 
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="build_layers")
     key = models.CharField(max_length=64)
-    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT,
-                               related_name="children")
-    base_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT,
-                                     related_name="child_layers")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    base_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT, related_name="child_layers")
     step = models.CharField(max_length=100)
     path = models.CharField(max_length=500)
     size_bytes = models.BigIntegerField(default=0)

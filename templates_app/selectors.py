@@ -40,11 +40,13 @@ def _pinned(template: Template, pin: str, selector: str) -> TemplateVersion:
 
 
 def _latest_ready(template: Template, selector: str) -> TemplateVersion:
-    version = (template.versions.filter(status=VersionStatus.READY, deleted_at__isnull=True)
-               .order_by("-built_at", "-pk").first())
+    version = (
+        template.versions.filter(status=VersionStatus.READY, deleted_at__isnull=True)
+        .order_by("-built_at", "-pk")
+        .first()
+    )
     if version is None:
-        raise errors.Invalid(f"Template '{selector}' has no ready version yet.",
-                             code="template_not_ready")
+        raise errors.Invalid(f"Template '{selector}' has no ready version yet.", code="template_not_ready")
     return version
 
 
@@ -52,7 +54,8 @@ def _ready(version: TemplateVersion, selector: str) -> TemplateVersion:
     if version.status != VersionStatus.READY:
         raise errors.Invalid(
             f"Template version '{selector}' is {version.status}; only ready versions can run.",
-            code="template_not_ready")
+            code="template_not_ready",
+        )
     return version
 
 
@@ -69,8 +72,9 @@ def template_version_resolve(*, team: Team, selector: str) -> TemplateVersion:
 
 def templates_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Template]:
     """Templates of these teams plus the provider's, for listings (deleted ones are gone)."""
-    return Template.objects.filter(Q(team__in=teams) | Q(team__isnull=True),
-                                   deleted_at__isnull=True).select_related("team")
+    return Template.objects.filter(
+        Q(team__in=teams) | Q(team__isnull=True), deleted_at__isnull=True
+    ).select_related("team")
 
 
 def template_get(*, teams: QuerySet[Team], template_id: str) -> Template:
@@ -100,15 +104,16 @@ def template_version_get(*, template: Template, version_id: str) -> TemplateVers
     pk = ids.db_id(version_id)
     version = versions.filter(pk=pk).first() if pk is not None else None
     if version is None:
-        raise errors.NotFound(f"Template version {version_id} not found.",
-                              code="template_version_not_found")
+        raise errors.NotFound(f"Template version {version_id} not found.", code="template_version_not_found")
     return version
 
 
 def template_version_by_id(*, team: Team, version_id: int) -> TemplateVersion:
-    version = (TemplateVersion.objects.select_related("template")
-               .filter(pk=version_id, template__in=templates_visible(team=team),
-                       deleted_at__isnull=True).first())
+    version = (
+        TemplateVersion.objects.select_related("template")
+        .filter(pk=version_id, template__in=templates_visible(team=team), deleted_at__isnull=True)
+        .first()
+    )
     if version is None:
         raise _not_found(str(version_id))
     return _ready(version, str(version_id))

@@ -35,8 +35,9 @@ def artifact_ok(artifact_dir: str | Path) -> bool:
         snapshot = lifecycle.load_template_snapshot(artifact_dir)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all(p.is_file() for p in (snapshot.save_path, snapshot.disk_path, snapshot.kernel,
-                                     snapshot.initrd)) and images.qcow2_ok(snapshot.disk_path)
+    return all(
+        p.is_file() for p in (snapshot.save_path, snapshot.disk_path, snapshot.kernel, snapshot.initrd)
+    ) and images.qcow2_ok(snapshot.disk_path)
 
 
 def _artifact_root(host: Host, version: TemplateVersion) -> Path:
@@ -54,7 +55,8 @@ def _claim_build(version: TemplateVersion) -> bool:
     """Move the version to `building` unless another worker holds a live claim."""
     stale = timezone.now() - BUILD_LEASE
     claimable = TemplateVersion.objects.filter(pk=version.pk).exclude(
-        status=VersionStatus.BUILDING, build_started_at__gt=stale)
+        status=VersionStatus.BUILDING, build_started_at__gt=stale
+    )
     return claimable.update(status=VersionStatus.BUILDING, build_started_at=timezone.now()) == 1
 
 
@@ -68,12 +70,18 @@ def _snapshot_into(version: TemplateVersion, image: images.BaseImage, host: Host
         # A fresh directory per build, never an overwrite: sandboxes started from
         # an older artifact keep their backing disk until retention removes it.
         artifact = _artifact_root(host, version) / f"{version.version}-{uuid.uuid4().hex[:8]}"
-        make_template_snapshot(image, artifact, driver_for(host), vcpus=version.cpu,
-                               memory_mb=version.memory_mb)
+        make_template_snapshot(
+            image, artifact, driver_for(host), vcpus=version.cpu, memory_mb=version.memory_mb
+        )
     TemplateVersion.objects.filter(pk=version.pk).update(
-        status=VersionStatus.READY, host=host, artifact_dir=str(artifact),
-        artifact_digest=image.key, size_bytes=_dir_size(artifact), built_at=timezone.now(),
-        last_error_message="")
+        status=VersionStatus.READY,
+        host=host,
+        artifact_dir=str(artifact),
+        artifact_digest=image.key,
+        size_bytes=_dir_size(artifact),
+        built_at=timezone.now(),
+        last_error_message="",
+    )
 
 
 def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
@@ -85,32 +93,42 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
     went missing or is damaged is snapshotted again, into a new directory.
     """
     host = host or host_register_local()
-    image = images.build_base_image(settings.RUNTIME_IMAGE_CACHE_DIR,
-                                    settings.RUNTIME_APT_MIRROR or None)
+    image = images.build_base_image(settings.RUNTIME_IMAGE_CACHE_DIR, settings.RUNTIME_APT_MIRROR or None)
     template, _ = Template.objects.get_or_create(
-        team=None, slug=BASE_SLUG,
-        defaults={"name": "Base", "description": "Debian 12 with python3 and the guest agent."})
+        team=None,
+        slug=BASE_SLUG,
+        defaults={"name": "Base", "description": "Debian 12 with python3 and the guest agent."},
+    )
     with transaction.atomic():
         version, _ = TemplateVersion.objects.get_or_create(
-            template=template, version=f"debian12-{images.base_snapshot_key(image)}",
-            defaults={"cpu": settings.SANDBOX_FALLBACK_CPU, "memory_mb": settings.SANDBOX_FALLBACK_MEMORY_MB,
-                      "build_spec": {"image": "debian:bookworm", "kernel": image.kernel_version}})
-    if version.status == VersionStatus.READY and version.host_id == host.pk \
-            and artifact_ok(version.artifact_dir):
+            template=template,
+            version=f"debian12-{images.base_snapshot_key(image)}",
+            defaults={
+                "cpu": settings.SANDBOX_FALLBACK_CPU,
+                "memory_mb": settings.SANDBOX_FALLBACK_MEMORY_MB,
+                "build_spec": {"image": "debian:bookworm", "kernel": image.kernel_version},
+            },
+        )
+    if (
+        version.status == VersionStatus.READY
+        and version.host_id == host.pk
+        and artifact_ok(version.artifact_dir)
+    ):
         return version
     if not _claim_build(version):
-        raise errors.Conflict(f"Template {template.slug}:{version.version} is being built.",
-                              code="template_building")
+        raise errors.Conflict(
+            f"Template {template.slug}:{version.version} is being built.", code="template_building"
+        )
     try:
         _snapshot_into(version, image, host)
     except Exception as exc:
         TemplateVersion.objects.filter(pk=version.pk).update(
-            status=VersionStatus.FAILED, last_error_message=str(exc)[:2000])
+            status=VersionStatus.FAILED, last_error_message=str(exc)[:2000]
+        )
         raise
     version.refresh_from_db()
     logger.info("template %s ready in %s", version, version.artifact_dir)
     return version
-
 
 
 # --- team templates and tags ---------------------------------------------------------------
@@ -124,17 +142,26 @@ def writable_template(user: User, template: Template) -> Template:
     return template
 
 
-def template_create(*, user: User, team_slug: str | None, slug: str, name: str = "",
-                    description: str = "", metadata: dict[str, str] | None = None) -> Template:
+def template_create(
+    *,
+    user: User,
+    team_slug: str | None,
+    slug: str,
+    name: str = "",
+    description: str = "",
+    metadata: dict[str, str] | None = None,
+) -> Template:
     """A team template without versions yet; the slug is unique within the team."""
     team = team_for_write(user=user, slug=team_slug)
     try:
         with transaction.atomic():
-            return Template.objects.create(team=team, slug=slug, name=name or slug,
-                                           description=description, metadata=metadata or {})
+            return Template.objects.create(
+                team=team, slug=slug, name=name or slug, description=description, metadata=metadata or {}
+            )
     except IntegrityError:
-        raise errors.Conflict(f"Team {team.slug} already has a template '{slug}'.",
-                              code="already_exists") from None
+        raise errors.Conflict(
+            f"Team {team.slug} already has a template '{slug}'.", code="already_exists"
+        ) from None
 
 
 def template_tags_assign(*, user: User, target: str, tags: list[str]) -> TemplateVersion:
@@ -142,26 +169,36 @@ def template_tags_assign(*, user: User, target: str, tags: list[str]) -> Templat
     version = template_version_for_target(teams=teams_of_user(user=user), target=target)
     writable_template(user, version.template)
     if version.status != VersionStatus.READY:
-        raise errors.Invalid(f"Template version '{target}' is {version.status}; only ready "
-                             "versions can be tagged.", code="template_not_ready")
+        raise errors.Invalid(
+            f"Template version '{target}' is {version.status}; only ready versions can be tagged.",
+            code="template_not_ready",
+        )
     with transaction.atomic():
         for tag in tags:
-            TemplateTag.objects.update_or_create(template=version.template, tag=tag,
-                                                 defaults={"version": version})
+            TemplateTag.objects.update_or_create(
+                template=version.template, tag=tag, defaults={"version": version}
+            )
     return version
 
 
 def template_tags_remove(*, user: User, name: str, tags: list[str]) -> None:
-    template = writable_template(user, template_by_id_or_alias(teams=teams_of_user(user=user),
-                                                       value=name.partition(":")[0]))
+    template = writable_template(
+        user, template_by_id_or_alias(teams=teams_of_user(user=user), value=name.partition(":")[0])
+    )
     TemplateTag.objects.filter(template=template, tag__in=tags).delete()
 
 
 def _holder(template: Template) -> Sandbox | None:
     """A sandbox that runs, or can resume, on one of the template's versions."""
-    return (Sandbox.objects.filter(Q(template=template) | Q(template_version__template=template),
-                                   state__in=[*RUNTIME_STATES, SandboxState.STOPPED])
-            .select_related("template_version").order_by("pk").first())
+    return (
+        Sandbox.objects.filter(
+            Q(template=template) | Q(template_version__template=template),
+            state__in=[*RUNTIME_STATES, SandboxState.STOPPED],
+        )
+        .select_related("template_version")
+        .order_by("pk")
+        .first()
+    )
 
 
 def _version_name(sandbox: Sandbox) -> str:
@@ -180,13 +217,17 @@ def template_delete(*, user: User, template: Template) -> None:
         Template.objects.select_for_update().filter(pk=template.pk).first()
         versions = TemplateVersion.objects.filter(template=template, deleted_at__isnull=True)
         if versions.filter(status=VersionStatus.BUILDING).exists():
-            raise errors.Conflict(f"Template '{template.slug}' is being built; delete it once the "
-                                  "build ends.", code="template_building")
+            raise errors.Conflict(
+                f"Template '{template.slug}' is being built; delete it once the build ends.",
+                code="template_building",
+            )
         if (holder := _holder(template)) is not None:
             raise errors.Conflict(
                 f"Template '{template.slug}' is in use: sandbox {holder.pk} ({holder.state}) runs on "
                 f"{_version_name(holder)}; kill it first.",
-                code="template_in_use", sandbox_id=str(holder.pk))
+                code="template_in_use",
+                sandbox_id=str(holder.pk),
+            )
         now = timezone.now()
         versions.update(deleted_at=now)
         TemplateTag.objects.filter(template=template).delete()
@@ -199,9 +240,14 @@ def template_version_delete(*, user: User, version: TemplateVersion) -> None:
     (stopped sandboxes still run on its disk)."""
     writable_template(user, version.template)
     with transaction.atomic():
-        retired = TemplateVersion.objects.filter(pk=version.pk, deleted_at__isnull=True).exclude(
-            status=VersionStatus.BUILDING).update(deleted_at=timezone.now())
+        retired = (
+            TemplateVersion.objects.filter(pk=version.pk, deleted_at__isnull=True)
+            .exclude(status=VersionStatus.BUILDING)
+            .update(deleted_at=timezone.now())
+        )
         if not retired and TemplateVersion.objects.filter(pk=version.pk, deleted_at__isnull=True).exists():
-            raise errors.Conflict("This version is being built; delete it once the build ends.",
-                                  code="template_version_building")
+            raise errors.Conflict(
+                "This version is being built; delete it once the build ends.",
+                code="template_version_building",
+            )
         TemplateTag.objects.filter(version=version).delete()

@@ -44,8 +44,11 @@ def _build_pk(name: str) -> int | None:
 def running_build_vms(names: list[str]) -> set[str]:
     """Of these VM names, those of builds still running."""
     pks = {name: _build_pk(name) for name in names}
-    building = set(TemplateVersion.objects.filter(pk__in=[pk for pk in pks.values() if pk],
-                                                  status=VersionStatus.BUILDING).values_list("pk", flat=True))
+    building = set(
+        TemplateVersion.objects.filter(
+            pk__in=[pk for pk in pks.values() if pk], status=VersionStatus.BUILDING
+        ).values_list("pk", flat=True)
+    )
     return {name for name, pk in pks.items() if pk in building}
 
 
@@ -75,7 +78,7 @@ def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
     cutoff = now - timedelta(seconds=settings.BUILD_LAYER_RETENTION_SECONDS)
     evicted = 0
     leaves = BuildLayer.objects.filter(host=host, last_used_at__lt=cutoff, children__isnull=True)
-    for layer in leaves[:settings.SWEEP_BATCH_SIZE]:
+    for layer in leaves[: settings.SWEEP_BATCH_SIZE]:
         try:
             layer.delete()  # PROTECT: a layer something still builds on cannot go
         except ProtectedError:

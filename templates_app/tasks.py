@@ -19,4 +19,3 @@ def template_build_task(version_id: int) -> None:
     from templates_app.builds import template_build_run
 
     template_build_run(version_id=version_id)
-

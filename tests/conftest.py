@@ -84,8 +84,10 @@ def _end_other_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:  
     with django_db_blocker.unblock(), contextlib.suppress(OperationalError):  # no test used a database
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
 
 
 @pytest.fixture
@@ -122,8 +124,10 @@ def require_postgres() -> None:
 # with the same directory still has its leftovers reaped). WATASU_TEST_VM_PREFIX overrides
 # it (neither prefix may be a prefix of the other).
 VM_TEST_PREFIX = os.environ.get("WATASU_TEST_VM_PREFIX") or "wtest-{}-sbx-".format(
-    hashlib.sha256(str(Path(os.environ.get("WATASU_DATA_DIR", "/var/lib/watasu")).resolve()).encode())
-    .hexdigest()[:6])
+    hashlib.sha256(
+        str(Path(os.environ.get("WATASU_DATA_DIR", "/var/lib/watasu")).resolve()).encode()
+    ).hexdigest()[:6]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -183,9 +187,15 @@ def base_version_row(local_host):  # type: ignore[no-untyped-def]
     from templates_app.models import Template, TemplateVersion, VersionStatus
 
     template = Template.objects.create(slug="base", name="Base")
-    return TemplateVersion.objects.create(template=template, version="test", status=VersionStatus.READY,
-                                          cpu=1, memory_mb=512, host=local_host,
-                                          artifact_dir="/nonexistent")
+    return TemplateVersion.objects.create(
+        template=template,
+        version="test",
+        status=VersionStatus.READY,
+        cpu=1,
+        memory_mb=512,
+        host=local_host,
+        artifact_dir="/nonexistent",
+    )
 
 
 def helper_process_env(**extra: str) -> dict[str, str]:
@@ -202,8 +212,11 @@ def helper_process_env(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def _helper_process(argv: list[str], env: dict[str, str] | None) -> Iterator[subprocess.Popen[bytes]]:
     """A Celery process of the project, terminated (then killed) when the block ends."""
-    process = subprocess.Popen([sys.executable, "-m", "celery", "-A", "watasu", *argv],
-                               cwd=Path(__file__).resolve().parent.parent, env=env or os.environ.copy())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "watasu", *argv],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env or os.environ.copy(),
+    )
     try:
         yield process
     finally:
@@ -214,8 +227,9 @@ def _helper_process(argv: list[str], env: dict[str, str] | None) -> Iterator[sub
             process.kill()
 
 
-def celery_beat(env: dict[str, str], schedule: Path) -> contextlib.AbstractContextManager[
-        subprocess.Popen[bytes]]:
+def celery_beat(
+    env: dict[str, str], schedule: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """A real Celery beat process sending the settings' schedule."""
     return _helper_process(["beat", "--loglevel", "WARNING", "--schedule", str(schedule)], env)
 
@@ -223,8 +237,21 @@ def celery_beat(env: dict[str, str], schedule: Path) -> contextlib.AbstractConte
 ALL_QUEUES = "celery,sweeps,builds"
 
 
-def celery_worker(env: dict[str, str] | None = None, queues: str = ALL_QUEUES) -> (
-        contextlib.AbstractContextManager[subprocess.Popen[bytes]]):
+def celery_worker(
+    env: dict[str, str] | None = None, queues: str = ALL_QUEUES
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """A real Celery worker process (solo pool) on the configured broker, serving `queues`."""
-    return _helper_process(["worker", "--pool", "solo", "--loglevel", "WARNING", "--without-mingle",
-                            "--without-gossip", "--queues", queues], env)
+    return _helper_process(
+        [
+            "worker",
+            "--pool",
+            "solo",
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+            "--queues",
+            queues,
+        ],
+        env,
+    )

@@ -38,10 +38,18 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on", ws="websockets-sansio", ws_ping_interval=60,
-                                ws_ping_timeout=120, access_log=False,
-                                server_header=False)  # as scripts/run-embedded
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            ws="websockets-sansio",
+            ws_ping_interval=60,
+            ws_ping_timeout=120,
+            access_log=False,
+            server_header=False,
+        )  # as scripts/run-embedded
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 
@@ -101,19 +109,30 @@ class FakeAgent:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        self.requests.append({"path": scope["path"], "raw_path": scope.get("raw_path"),
-                              "query": scope["query_string"].decode(),
-                              "headers": {k.decode(): v.decode() for k, v in scope["headers"]}})
+        self.requests.append(
+            {
+                "path": scope["path"],
+                "raw_path": scope.get("raw_path"),
+                "query": scope["query_string"].decode(),
+                "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+            }
+        )
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
         else:
             await self._http(scope, receive, send)
 
-    async def _json(self, send: Send, status: int, body: Any,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _json(
+        self, send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), *(headers or [])],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
@@ -136,44 +155,70 @@ class FakeAgent:
                     break
             if size <= 2**20:
                 self.files[query["path"]] = bytes(body)
-            await self._json(send, 200, {"file": {"path": query["path"], "size": size,
-                                                  "sha256": digest.hexdigest()}})
+            await self._json(
+                send, 200, {"file": {"path": query["path"], "size": size, "sha256": digest.hexdigest()}}
+            )
         elif path == "/runtime/v1/files" and method == "GET":
             await self._read(query["path"], send)
         elif path.startswith("/proxy/"):
             if path.endswith("/redirect"):
                 await self._json(send, 301, {}, [(b"location", b"/target/")])
             else:
-                await self._json(send, 200, {"path": path, "query": query,
-                                             "raw_path": (scope.get("raw_path") or b"").decode()})
+                await self._json(
+                    send,
+                    200,
+                    {"path": path, "query": query, "raw_path": (scope.get("raw_path") or b"").decode()},
+                )
         else:
-            await self._json(send, 200, {"path": path, "method": method,
-                                         "raw_path": (scope.get("raw_path") or b"").decode()})
+            await self._json(
+                send,
+                200,
+                {"path": path, "method": method, "raw_path": (scope.get("raw_path") or b"").decode()},
+            )
 
     async def _read(self, path: str, send: Send) -> None:
         if path == "/hostile.html":
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/html"), (b"content-disposition", b'inline; filename="x.html"'),
-                (b"set-cookie", b"sessionid=attacker-chosen; Path=/; HttpOnly"),
-                (b"set-cookie", b"csrftoken=attacker-chosen; Path=/"),
-                (b"content-security-policy", b"default-src *"), (b"refresh", b"0; url=https://evil.test/"),
-                (b"clear-site-data", b'"*"'), (b"access-control-allow-origin", b"*"),
-                (b"service-worker-allowed", b"/"), (b"content-disposition", b"attachment; filename=y")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/html"),
+                        (b"content-disposition", b'inline; filename="x.html"'),
+                        (b"set-cookie", b"sessionid=attacker-chosen; Path=/; HttpOnly"),
+                        (b"set-cookie", b"csrftoken=attacker-chosen; Path=/"),
+                        (b"content-security-policy", b"default-src *"),
+                        (b"refresh", b"0; url=https://evil.test/"),
+                        (b"clear-site-data", b'"*"'),
+                        (b"access-control-allow-origin", b"*"),
+                        (b"service-worker-allowed", b"/"),
+                        (b"content-disposition", b"attachment; filename=y"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": b"<script>alert(document.cookie)</script>"})
             return
         if path == "/redirect":
             await self._json(send, 302, {}, [(b"location", b"http://evil.example/phish")])
             return
         if path == "/bare":  # no Content-Disposition at all
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/html")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]}
+            )
             await send({"type": "http.response.body", "body": b"<b>bare</b>"})
             return
         if path.startswith("/big/"):
             size = int(path.removeprefix("/big/"))
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/octet-stream"),
-                                    (b"content-length", str(size).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"application/octet-stream"),
+                        (b"content-length", str(size).encode()),
+                    ],
+                }
+            )
             chunk = b"x" * 2**16
             sent = 0
             while sent < size:
@@ -184,16 +229,26 @@ class FakeAgent:
         if path not in self.files:
             await self._json(send, 404, {"error": "file_not_found", "message": path})
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
         await send({"type": "http.response.body", "body": self.files[path]})
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         await receive()  # websocket.connect
         if not self._authorised(scope) or scope["path"].endswith("/missing/connect"):
             status = 401 if not self._authorised(scope) else 404
-            await send({"type": "websocket.http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             body = {"error": "process_not_found", "message": "no such process"}
             await send({"type": "websocket.http.response.body", "body": json.dumps(body).encode()})
             return
@@ -299,8 +354,9 @@ class EchoApp:
         self.server.server_close()
 
 
-def raw_request(port: int, method: str, path: str, headers: dict[str, Any] | None = None,
-                body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def raw_request(
+    port: int, method: str, path: str, headers: dict[str, Any] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """One request with `path` sent byte for byte (requests/urllib3 would remove dot segments)."""
     import http.client
 

@@ -59,49 +59,104 @@ def _still_serving(port: int) -> None:
 
 
 MALFORMED_HTTP = {
-    "request line over 16 KiB": (b"GET /" + b"a" * 16 * 1024 + b" HTTP/1.1\r\nHost: agent\r\n\r\n",
-                                 414, "uri_too_long"),
-    "header line over 16 KiB": (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 16 * 1024 + b"\r\n\r\n",
-                                431, "header_too_large"),
-    "101 header fields": (b"GET /health HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431,
-                          "header_too_large"),
-    "headers over 64 KiB in all": (b"GET /health HTTP/1.1\r\n"
-                                   + b"".join(b"X-B%d: " % i + b"b" * 9000 + b"\r\n" for i in range(8))
-                                   + b"\r\n", 431, "header_too_large"),
+    "request line over 16 KiB": (
+        b"GET /" + b"a" * 16 * 1024 + b" HTTP/1.1\r\nHost: agent\r\n\r\n",
+        414,
+        "uri_too_long",
+    ),
+    "header line over 16 KiB": (
+        b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 16 * 1024 + b"\r\n\r\n",
+        431,
+        "header_too_large",
+    ),
+    "101 header fields": (
+        b"GET /health HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n",
+        431,
+        "header_too_large",
+    ),
+    "headers over 64 KiB in all": (
+        b"GET /health HTTP/1.1\r\n"
+        + b"".join(b"X-B%d: " % i + b"b" * 9000 + b"\r\n" for i in range(8))
+        + b"\r\n",
+        431,
+        "header_too_large",
+    ),
     "request line that is not one": (b"GARBAGE\r\n\r\n", 400, "bad_request"),
     "negative Content-Length": (WRITE_FILES + b"Content-Length: -1\r\n\r\n", 400, "bad_request"),
     "garbage Content-Length": (WRITE_FILES + b"Content-Length: 12abc\r\n\r\n", 400, "bad_request"),
     "non-ASCII digit Content-Length": (WRITE_FILES + b"Content-Length: \xb2\r\n\r\n", 400, "bad_request"),
     "underscored Content-Length": (WRITE_FILES + b"Content-Length: 1_0\r\n\r\n", 400, "bad_request"),
-    "conflicting Content-Lengths": (WRITE_FILES + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-                                    400, "bad_request"),
-    "Content-Length and chunked": (WRITE_FILES + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                   b"0\r\n\r\n", 400, "bad_request"),
-    "unknown transfer coding": (WRITE_FILES + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-                                501, "not_implemented"),
-    "JSON body over 64 MiB declared": (WRITE_FILES + b"Content-Length: 67108865\r\n\r\n{", 413,
-                                       "payload_too_large"),
+    "conflicting Content-Lengths": (
+        WRITE_FILES + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        400,
+        "bad_request",
+    ),
+    "Content-Length and chunked": (
+        WRITE_FILES + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "unknown transfer coding": (
+        WRITE_FILES + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+        "not_implemented",
+    ),
+    "JSON body over 64 MiB declared": (
+        WRITE_FILES + b"Content-Length: 67108865\r\n\r\n{",
+        413,
+        "payload_too_large",
+    ),
     "chunk size not hex": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "bad_request"),
-    "chunk size with a sign": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n+2\r\n{}\r\n0\r\n\r\n",
-                               400, "bad_request"),
-    "chunk size with 0x": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
-                           400, "bad_request"),
-    "chunk size of 16 hex digits": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 16 + b"\r\n",
-                                    400, "bad_request"),
-    "chunk size line over 4 KiB": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n2;" + b"x" * 5000
-                                   + b"\r\n", 400, "bad_request"),
-    "chunk data without its CRLF": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
-                                    400, "bad_request"),
-    "chunks over the JSON limit": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n4000001\r\n", 413,
-                                   "payload_too_large"),
-    "33 trailer fields": (WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
-                          + b"X-T: 1\r\n" * 33 + b"\r\n", 431, "header_too_large"),
-    "257 query fields": (b"GET /runtime/v1/files?" + b"&".join([b"a=1"] * 257)
-                         + b" HTTP/1.1\r\nHost: agent\r\n" + AUTH + b"\r\n", 400, "bad_request"),
+    "chunk size with a sign": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n+2\r\n{}\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunk size with 0x": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunk size of 16 hex digits": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 16 + b"\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunk size line over 4 KiB": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n2;" + b"x" * 5000 + b"\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunk data without its CRLF": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunks over the JSON limit": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n4000001\r\n",
+        413,
+        "payload_too_large",
+    ),
+    "33 trailer fields": (
+        WRITE_FILES + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + b"X-T: 1\r\n" * 33 + b"\r\n",
+        431,
+        "header_too_large",
+    ),
+    "257 query fields": (
+        b"GET /runtime/v1/files?"
+        + b"&".join([b"a=1"] * 257)
+        + b" HTTP/1.1\r\nHost: agent\r\n"
+        + AUTH
+        + b"\r\n",
+        400,
+        "bad_request",
+    ),
     # well framed, so the connection could stay open: this client asks for it to close
-    "JSON nested deeper than the parser": (WRITE_FILES + b"Connection: close\r\n"
-                                           + b"Content-Length: 200000\r\n\r\n" + b"[" * 200000,
-                                           400, "bad_request"),
+    "JSON nested deeper than the parser": (
+        WRITE_FILES + b"Connection: close\r\n" + b"Content-Length: 200000\r\n\r\n" + b"[" * 200000,
+        400,
+        "bad_request",
+    ),
 }
 
 
@@ -121,8 +176,16 @@ def test_malformed_or_oversized_http_gets_a_clean_4xx(real_agent, case) -> None:
     _still_serving(real_agent.port)
 
 
-def _frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool = True, rsv: int = 0,
-           length: int | None = None, mask_key: bool = True) -> bytes:
+def _frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    masked: bool = True,
+    rsv: int = 0,
+    length: int | None = None,
+    mask_key: bool = True,
+) -> bytes:
     """A client frame as written, including ones RFC 6455 forbids."""
     n = len(payload) if length is None else length
     head = bytes([(0x80 if fin else 0) | rsv | opcode])
@@ -139,9 +202,11 @@ def _frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool 
     return head + (key if mask_key else b"") + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-HANDSHAKE = (b"GET /runtime/v1/process HTTP/1.1\r\nHost: agent\r\nUpgrade: websocket\r\n"
-             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-             b"Sec-WebSocket-Version: 13\r\n" + AUTH + b"\r\n")
+HANDSHAKE = (
+    b"GET /runtime/v1/process HTTP/1.1\r\nHost: agent\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n" + AUTH + b"\r\n"
+)
 
 
 def _close_code(raw: bytes) -> int:
@@ -170,7 +235,8 @@ MALFORMED_WS = {
     "fragmented message over the limit": (
         _frame(0x1, b" " * BIG, fin=False)
         + _frame(0x0, length=WS_MAX_MESSAGE - BIG + 1, mask_key=False)[:10],
-        1009),
+        1009,
+    ),
     "single frame over the limit": (_frame(0x1, length=WS_MAX_MESSAGE + 1, mask_key=False)[:10], 1009),
 }
 
@@ -190,7 +256,7 @@ def test_a_websocket_client_that_breaks_rfc_6455_gets_the_right_close_code(real_
 
 def test_a_truncated_frame_is_a_protocol_error(real_agent) -> None:
     # given a frame announcing ten bytes, of which three arrive before the client stops sending
-    frames = _frame(0x1, b"0123456789")[:2 + 4 + 3]
+    frames = _frame(0x1, b"0123456789")[: 2 + 4 + 3]
 
     # when the client half-closes the connection
     answer = _send(real_agent.port, HANDSHAKE + frames, half_close=True)

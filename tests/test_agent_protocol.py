@@ -53,15 +53,30 @@ class Agent:
         return r.json() if r.content else {}
 
     def ws(self, path: str) -> websocket.WebSocket:
-        return websocket.create_connection(f"ws://127.0.0.1:{self.port}{path}", timeout=60,
-                                           header=[f"Authorization: Bearer {self.secret}"])
+        return websocket.create_connection(
+            f"ws://127.0.0.1:{self.port}{path}", timeout=60, header=[f"Authorization: Bearer {self.secret}"]
+        )
 
     def start(self, script: str, **extra: Any) -> tuple[websocket.WebSocket, dict[str, Any]]:
         """Start ``bash -c script`` over WS; returns the socket and the ``started`` frame."""
         sock = self.ws(f"{RT}/process")
-        sock.send(json.dumps({"type": "start", "id": None, "cmd": "/bin/bash", "args": ["-c", script],
-                              "cwd": None, "user": None, "environment": {}, "envs": {}, "stdin": False,
-                              "timeout_ms": 60000, **extra}))
+        sock.send(
+            json.dumps(
+                {
+                    "type": "start",
+                    "id": None,
+                    "cmd": "/bin/bash",
+                    "args": ["-c", script],
+                    "cwd": None,
+                    "user": None,
+                    "environment": {},
+                    "envs": {},
+                    "stdin": False,
+                    "timeout_ms": 60000,
+                    **extra,
+                }
+            )
+        )
         first = frame(sock)
         assert first["type"] == "started", first
         assert "cursor" not in first
@@ -100,8 +115,9 @@ def output(frames: list[dict[str, Any]], kind: str = "stdout") -> bytes:
 def agent(vm_cleanup: LibvirtDriver, base_version: TemplateVersion) -> Iterator[Agent]:
     snapshot: MemorySnapshot = lifecycle.load_template_snapshot(base_version.artifact_dir)
     name = f"{VM_TEST_PREFIX}agent-{secrets.token_hex(4)}"
-    sandbox = lifecycle.start_from_snapshot(vm_cleanup, snapshot, name, vm_cleanup.state_dir,
-                                            env_vars={"SANDBOX_GREETING": "from-init"})
+    sandbox = lifecycle.start_from_snapshot(
+        vm_cleanup, snapshot, name, vm_cleanup.state_dir, env_vars={"SANDBOX_GREETING": "from-init"}
+    )
     assert sandbox.client.secret
     yield Agent(sandbox.spec.agent_host_port, sandbox.client.secret)
     vm_cleanup.destroy(name)
@@ -120,8 +136,9 @@ def test_files_round_trip_stat_move_delete(agent: Agent) -> None:
     agent.ok("PUT", f"{RT}/files", params={"path": "/work/t/bin.dat"}, data=binary)
     assert agent.http("GET", f"{RT}/files", params={"path": "/work/t/bin.dat"}).content == binary
 
-    chunked = agent.ok("PUT", f"{RT}/files", params={"path": "/work/t/chunked"},
-                       data=(bytes([i]) * 1000 for i in range(50)))
+    chunked = agent.ok(
+        "PUT", f"{RT}/files", params={"path": "/work/t/chunked"}, data=(bytes([i]) * 1000 for i in range(50))
+    )
     assert chunked["file"]["bytes"] == 50_000
 
     stat = agent.ok("GET", f"{RT}/files/stat", params={"path": "/work/t"})["file"]
@@ -131,11 +148,16 @@ def test_files_round_trip_stat_move_delete(agent: Agent) -> None:
     assert agent.http("GET", f"{RT}/files", params={"path": "/work/t/nope"}).status_code == 404
     assert agent.http("GET", f"{RT}/files", params={"path": "/work/t"}).json()["error"] == "is_a_directory"
     assert agent.http("GET", f"{RT}/files", params={"path": "relative"}).status_code == 422
-    assert agent.http("GET", f"{RT}/files/stat", params={"path": "/work"},
-                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        agent.http(
+            "GET", f"{RT}/files/stat", params={"path": "/work"}, headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
 
-    moved = agent.ok("POST", f"{RT}/files/move", json={"from_path": "/work/t/hello.txt",
-                                                        "to_path": "/work/u/renamed.txt"})
+    moved = agent.ok(
+        "POST", f"{RT}/files/move", json={"from_path": "/work/t/hello.txt", "to_path": "/work/u/renamed.txt"}
+    )
     assert moved["file"]["name"] == "renamed.txt" and moved["file"]["path"] == "/work/u/renamed.txt"
     assert agent.http("GET", f"{RT}/files/stat", params={"path": "/work/t/hello.txt"}).status_code == 404
 
@@ -171,10 +193,17 @@ def test_large_file_streams_both_ways(agent: Agent) -> None:
 def test_write_files_directories_and_make_dir(agent: Agent) -> None:
     import gzip
 
-    files = [{"path": f"/work/batch/{n}.txt", "data_base64": base64.b64encode(n.encode()).decode()}
-             for n in ("c", "a", "b")]
-    files.append({"path": "/work/batch/deep/z.gz", "gzip": True,
-                  "data_base64": base64.b64encode(gzip.compress(b"zipped")).decode()})
+    files = [
+        {"path": f"/work/batch/{n}.txt", "data_base64": base64.b64encode(n.encode()).decode()}
+        for n in ("c", "a", "b")
+    ]
+    files.append(
+        {
+            "path": "/work/batch/deep/z.gz",
+            "gzip": True,
+            "data_base64": base64.b64encode(gzip.compress(b"zipped")).decode(),
+        }
+    )
     written = agent.ok("POST", f"{RT}/files/write_files", json={"files": files})["files"]
     assert [f["path"] for f in written] == [f["path"] for f in files]
     assert agent.http("GET", f"{RT}/files", params={"path": "/work/batch/deep/z.gz"}).content == b"zipped"
@@ -192,11 +221,20 @@ def test_write_files_directories_and_make_dir(agent: Agent) -> None:
 
 
 def test_apply_diff_add_update_delete_move(agent: Agent) -> None:
-    agent.ok("POST", f"{RT}/files/write_files", json={"files": [
-        {"path": "/work/p/a.txt", "data_base64": base64.b64encode(b"alpha\nkeep\n").decode()},
-        {"path": "/work/p/old.txt", "data_base64": base64.b64encode(b"bye\n").decode()},
-        {"path": "/work/p/src/x.py", "data_base64": base64.b64encode(b"def f():\n    return 1\n").decode()},
-    ]})
+    agent.ok(
+        "POST",
+        f"{RT}/files/write_files",
+        json={
+            "files": [
+                {"path": "/work/p/a.txt", "data_base64": base64.b64encode(b"alpha\nkeep\n").decode()},
+                {"path": "/work/p/old.txt", "data_base64": base64.b64encode(b"bye\n").decode()},
+                {
+                    "path": "/work/p/src/x.py",
+                    "data_base64": base64.b64encode(b"def f():\n    return 1\n").decode(),
+                },
+            ]
+        },
+    )
     diff = """*** Begin Patch
 *** Add File: notes/new.txt
 +first line
@@ -222,8 +260,10 @@ def test_apply_diff_add_update_delete_move(agent: Agent) -> None:
     assert [f["kind"] for f in report["files"]] == ["add", "update", "delete", "move"]
     assert report["files"][3]["source_path"] == "src/x.py"
     assert report["summary"] == {"requested": 5, "applied": 4, "failed": 1}
-    read = {p: agent.http("GET", f"{RT}/files", params={"path": f"/work/p/{p}"}) for p in
-            ("notes/new.txt", "a.txt", "old.txt", "src/x.py", "src/y.py")}
+    read = {
+        p: agent.http("GET", f"{RT}/files", params={"path": f"/work/p/{p}"})
+        for p in ("notes/new.txt", "a.txt", "old.txt", "src/x.py", "src/y.py")
+    }
     assert read["notes/new.txt"].content == b"first line\n"
     assert read["a.txt"].content == b"beta\nkeep\n"
     assert read["old.txt"].status_code == read["src/x.py"].status_code == 404
@@ -236,13 +276,21 @@ def test_apply_diff_add_update_delete_move(agent: Agent) -> None:
 
 
 def test_process_frames_env_exit_codes(agent: Agent) -> None:
-    started, frames = agent.run("echo hello; echo err >&2; echo $SANDBOX_GREETING $EXTRA",
-                                environment={"EXTRA": "extra"}, envs={"EXTRA": "extra"})
+    started, frames = agent.run(
+        "echo hello; echo err >&2; echo $SANDBOX_GREETING $EXTRA",
+        environment={"EXTRA": "extra"},
+        envs={"EXTRA": "extra"},
+    )
     assert started["pid"].startswith("proc-") and started["os_pid"] > 0
     assert [f["cursor"] for f in frames] == list(range(len(frames)))
     assert output(frames) == b"hello\nfrom-init extra\n" and output(frames, "stderr") == b"err\n"
-    assert frames[-1] == {**frames[-1], "type": "exit", "exit_code": 0, "status": "exited",
-                          "pid": started["pid"]}
+    assert frames[-1] == {
+        **frames[-1],
+        "type": "exit",
+        "exit_code": 0,
+        "status": "exited",
+        "pid": started["pid"],
+    }
 
     _, frames = agent.run("exit 3")
     assert frames[-1]["exit_code"] == 3
@@ -300,8 +348,11 @@ def test_reconnect_since_cursor_no_loss_no_duplicates(agent: Agent) -> None:
     assert agent.ok("GET", f"{RT}/process/{pid}")["status"] == "running"
     nxt = max(f["cursor"] for f in seen) + 1
     # reattach once the agent confirms output was produced while nobody was attached
-    wait_until(lambda: agent.ok("GET", f"{RT}/process/{pid}/output", params={"since": nxt})["events"], 30,
-               "output recorded after the drop")
+    wait_until(
+        lambda: agent.ok("GET", f"{RT}/process/{pid}/output", params={"since": nxt})["events"],
+        30,
+        "output recorded after the drop",
+    )
     again = agent.ws(f"{RT}/process/{pid}/connect?since={nxt}")
     assert frame(again)["type"] == "started"
     rest = until_exit(again)
@@ -331,8 +382,9 @@ def test_kill_list_and_background_survival(agent: Agent) -> None:
     sock.close()
     listed = agent.ok("GET", f"{RT}/process")["processes"]
     assert pid in [p["id"] for p in listed] and pid in [p["pid"] for p in listed]
-    record = agent.ok("DELETE", f"{RT}/process/{pid}", params={"signal": "SIGKILL", "kill_group": "true",
-                                                              "grace_ms": 0})
+    record = agent.ok(
+        "DELETE", f"{RT}/process/{pid}", params={"signal": "SIGKILL", "kill_group": "true", "grace_ms": 0}
+    )
     assert record["status"] == "killed" and record["exit_code"] == -9
     again = agent.ws(f"{RT}/process/{pid}/connect?since=0")
     frames = until_exit(again)
@@ -341,16 +393,21 @@ def test_kill_list_and_background_survival(agent: Agent) -> None:
 
     sock, started = agent.start("trap 'exit 7' TERM; echo ready; while true; do sleep 0.1; done")
     assert frame(sock)["type"] == "stdout"  # the trap is installed
-    record = agent.ok("DELETE", f"{RT}/process/{started['pid']}", params={"signal": "TERM",
-                                                                          "kill_group": "false"})
+    record = agent.ok(
+        "DELETE", f"{RT}/process/{started['pid']}", params={"signal": "TERM", "kill_group": "false"}
+    )
     assert until_exit(sock)[-1]["exit_code"] == 7 and record["kill_requested_at"]
 
 
 def test_lagged_reader_can_reconnect(agent: Agent) -> None:
     sock, started = agent.start("head -c 30000000 /dev/zero | base64 -w 1000")
     # do not read while it writes 40 MB: the socket's backlog overflows long before the end
-    wait_until(lambda: agent.ok("GET", f"{RT}/process/{started['pid']}")["status"], 120,
-               "the unread process to finish", until=lambda status: status != "running")
+    wait_until(
+        lambda: agent.ok("GET", f"{RT}/process/{started['pid']}")["status"],
+        120,
+        "the unread process to finish",
+        until=lambda status: status != "running",
+    )
     frames, lagged = [], None
     while lagged is None:
         f = frame(sock)
@@ -374,9 +431,20 @@ def test_lagged_reader_can_reconnect(agent: Agent) -> None:
 
 def test_pty_input_and_resize(agent: Agent) -> None:
     sock = agent.ws(f"{RT}/process")
-    sock.send(json.dumps({"type": "start", "cmd": "/bin/bash", "args": ["-i", "-l"], "cwd": None,
-                          "environment": {"TERM": "xterm-256color"}, "stdin": True,
-                          "pty": {"cols": 80, "rows": 24}, "timeout_ms": 60000}))
+    sock.send(
+        json.dumps(
+            {
+                "type": "start",
+                "cmd": "/bin/bash",
+                "args": ["-i", "-l"],
+                "cwd": None,
+                "environment": {"TERM": "xterm-256color"},
+                "stdin": True,
+                "pty": {"cols": 80, "rows": 24},
+                "timeout_ms": 60000,
+            }
+        )
+    )
     started = frame(sock)
     assert started["type"] == "started" and started["process"]["pty"] is True
     pid = started["pid"]
@@ -387,8 +455,11 @@ def test_pty_input_and_resize(agent: Agent) -> None:
         replayed.append(got["type"])
     assert got == {"type": "resize_ack", "pid": pid} and set(replayed) <= {"started", "pty"}  # resized
     resize.close()
-    sock.send(json.dumps({"type": "stdin", "data": base64.b64encode(b"stty size; printf pty-%s ok; exit\n")
-                          .decode()}))
+    sock.send(
+        json.dumps(
+            {"type": "stdin", "data": base64.b64encode(b"stty size; printf pty-%s ok; exit\n").decode()}
+        )
+    )
     frames = until_exit(sock)
     text = output(frames, "pty")
     assert {f["type"] for f in frames} <= {"pty", "stdin_ack", "exit"}
@@ -398,8 +469,9 @@ def test_pty_input_and_resize(agent: Agent) -> None:
 
 def test_watch_reports_events(agent: Agent) -> None:
     agent.ok("POST", f"{RT}/directories", params={"path": "/work/w/sub"})
-    sock = agent.ws(f"{RT}/files/watch?path=/work/w&recursive=true&include_entry=true"
-                    "&allow_network_mounts=false")
+    sock = agent.ws(
+        f"{RT}/files/watch?path=/work/w&recursive=true&include_entry=true&allow_network_mounts=false"
+    )
     assert json.loads(sock.recv())["type"] == "ready"
     agent.ok("PUT", f"{RT}/files", params={"path": "/work/w/hello.txt"}, data=b"hello")
     agent.ok("PUT", f"{RT}/files", params={"path": "/work/w/sub/deep.txt"}, data=b"deep")
@@ -424,8 +496,9 @@ def test_watch_reports_events(agent: Agent) -> None:
     created = next(e for e in events if e["path"] == "/work/w/sub/deep.txt" and "file" in e)
     assert created["file"]["name"] == "deep.txt"
     with pytest.raises(websocket.WebSocketBadStatusException):
-        agent.ws(f"{RT}/files/watch?path=/work/none&recursive=false&include_entry=false"
-                 "&allow_network_mounts=false")
+        agent.ws(
+            f"{RT}/files/watch?path=/work/none&recursive=false&include_entry=false&allow_network_mounts=false"
+        )
 
 
 def test_git_routes_on_a_local_repo(agent: Agent) -> None:
@@ -450,14 +523,16 @@ def test_git_routes_on_a_local_repo(agent: Agent) -> None:
     agent.ok("POST", f"{RT}/git/remote_add", json={"path": repo, "name": "origin", "url": "/work/remote.git"})
     got = agent.ok("POST", f"{RT}/git/remote_get", json={"path": repo, "name": "origin"})["git"]
     assert got["value"] == "/work/remote.git"
-    agent.ok("POST", f"{RT}/git/set_config",
-             json={"path": repo, "key": "x.y", "value": "z", "scope": "local"})
+    agent.ok(
+        "POST", f"{RT}/git/set_config", json={"path": repo, "key": "x.y", "value": "z", "scope": "local"}
+    )
     cfg = agent.ok("POST", f"{RT}/git/get_config", json={"path": repo, "key": "x.y", "scope": "local"})
     assert cfg["git"]["value"] == "z"
     failed = agent.http("POST", f"{RT}/git/commit", json={"path": repo, "message": "nothing to commit"})
     assert failed.status_code == 422 and failed.json()["error"] == "git_command_failed"
-    agent.ok("POST", f"{RT}/git/init", json={"path": "/work/remote.git", "bare": True,
-                                                   "initial_branch": "main"})
+    agent.ok(
+        "POST", f"{RT}/git/init", json={"path": "/work/remote.git", "bare": True, "initial_branch": "main"}
+    )
     pushed = agent.ok("POST", f"{RT}/git/push", json={"path": repo, "remote": "origin", "set_upstream": True})
     assert pushed["git"]["branch"] == "main"
     clone = agent.ok("POST", f"{RT}/git/clone", json={"url": "/work/remote.git", "path": "/work/clone"})
@@ -471,9 +546,12 @@ def test_preview_proxy_forwards_to_a_guest_port(agent: Agent) -> None:
     agent.ok("PUT", f"{RT}/files", params={"path": "/work/site/index.html"}, data=b"<h1>hi</h1>")
     sock, started = agent.start("cd /work/site && exec python3 -m http.server 8123", timeout_ms=0)
     sock.close()
-    r = wait_until(lambda: agent.http("GET", "/proxy/8123/index.html", params={"q": "1"}, headers=preview),
-                   60, "the guest's web server to answer through the proxy",
-                   until=lambda r: r.status_code == 200)
+    r = wait_until(
+        lambda: agent.http("GET", "/proxy/8123/index.html", params={"q": "1"}, headers=preview),
+        60,
+        "the guest's web server to answer through the proxy",
+        until=lambda r: r.status_code == 200,
+    )
     assert r.content == b"<h1>hi</h1>"
     assert agent.http("GET", "/proxy/8123/missing", headers=preview).status_code == 404
     assert agent.http("GET", "/proxy/8123/", headers={"Authorization": "Bearer nope"}).status_code == 401

@@ -53,11 +53,18 @@ def test_the_zipapp_is_byte_for_byte_reproducible() -> None:
 def test_the_zipapp_runs_with_the_standard_library_only() -> None:
     # when the zipapp's modules are imported by an interpreter without site-packages
     # (-S -I: no site, no environment, no current directory: the guest has nothing else)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import agent.server, agent.routes; "
-             "print(agent.__file__); print(len(agent.routes.router.routes))")
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import agent.server, agent.routes; "
+        "print(agent.__file__); print(len(agent.routes.router.routes))"
+    )
     written = written_zipapp()
-    result = subprocess.run([sys.executable, "-S", "-I", "-c", probe, str(written)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", probe, str(written)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
     # then it loads from the archive itself, and every route registers
     assert (result.returncode, result.stderr) == (0, "")
@@ -74,15 +81,17 @@ def test_a_changed_agent_changes_every_cache_key(tmp_path) -> None:
     # snapshot key, every step layer key and the artifact (memory snapshot) key
     assert agent_digest(other) != agent_digest(ours) == agent_digest()
     assert images.cache_key(MIRROR, agent=other) != images.cache_key(MIRROR)
-    image = images.BaseImage(key="k", directory=tmp_path, kernel=tmp_path, initrd=tmp_path, disk=tmp_path,
-                             kernel_version="6.1")
+    image = images.BaseImage(
+        key="k", directory=tmp_path, kernel=tmp_path, initrd=tmp_path, disk=tmp_path, kernel_version="6.1"
+    )
     assert images.base_snapshot_key(image, agent=other) != images.base_snapshot_key(image)
     assert layers.base_key(parent, 3, agent=other) != layers.base_key(parent, 3)
     steps = ["apt-get install -y curl", "pip install flask"]
     ours_steps = layers.step_keys(parent, steps, {}, True, 3)
     other_steps = layers.step_keys(parent, steps, {}, True, 3, agent=other)
     assert len(set(ours_steps) | set(other_steps)) == 4
-    assert (layers.artifact_key(ours_steps[-1], spec, {}, 1, 512, agent=other)
-            != layers.artifact_key(ours_steps[-1], spec, {}, 1, 512))
+    assert layers.artifact_key(ours_steps[-1], spec, {}, 1, 512, agent=other) != layers.artifact_key(
+        ours_steps[-1], spec, {}, 1, 512
+    )
     # and the artifact format is in every snapshot key beside the agent's hash
     assert images.snapshot_inputs() == {"snapshot_format": images.SNAPSHOT_FORMAT, "agent": agent_digest()}

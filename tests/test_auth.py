@@ -48,8 +48,7 @@ def test_revoked_key_is_401(owner: Actor) -> None:
 
 
 def test_expired_key_is_401(owner: Actor) -> None:
-    key, raw = api_key_create(user=owner.user, scope="write",
-                              expires_at=timezone.now() + timedelta(hours=1))
+    key, raw = api_key_create(user=owner.user, scope="write", expires_at=timezone.now() + timedelta(hours=1))
     ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
@@ -124,12 +123,16 @@ def test_another_users_api_key_is_404(owner: Actor, outsider: Actor) -> None:
     assert ApiKey.objects.get(pk=key_id).revoked_at is None
 
 
-@pytest.mark.parametrize(("body", "field", "hint"), [
-    ({"name": "ci", "scop": "read"}, "scop", "scope"),
-    ({"scope": "read", "expires_in": 1}, "expires_in", "expires_at"),
-])
-def test_a_misspelled_api_key_field_is_refused_never_a_write_key(owner: Actor, body: dict, field: str,
-                                                                 hint: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "field", "hint"),
+    [
+        ({"name": "ci", "scop": "read"}, "scop", "scope"),
+        ({"scope": "read", "expires_in": 1}, "expires_in", "expires_at"),
+    ],
+)
+def test_a_misspelled_api_key_field_is_refused_never_a_write_key(
+    owner: Actor, body: dict, field: str, hint: str
+) -> None:
     # when a key is asked for with a misspelled field (a read key meant, an expiry meant)
     response = owner.client().post("/v1/api_keys", body, format="json")
 

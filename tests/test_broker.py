@@ -29,8 +29,14 @@ def _options(root: Path) -> dict[str, Any]:
     processed.mkdir()
     # The exchange tables too, as the settings keep them in the data directory: kombu's
     # default is `control/` in the working directory, shared by every test and run there.
-    return {"data_folder_in": str(queue), "data_folder_out": str(queue), "processed_folder": str(processed),
-            "control_folder": str(root / "control"), "store_processed": False, "polling_interval": 0.0}
+    return {
+        "data_folder_in": str(queue),
+        "data_folder_out": str(queue),
+        "processed_folder": str(processed),
+        "control_folder": str(root / "control"),
+        "store_processed": False,
+        "polling_interval": 0.0,
+    }
 
 
 def _race(transport: str, options: dict[str, Any]) -> list[object]:
@@ -75,8 +81,10 @@ def _look_while_writing(monkeypatch: pytest.MonkeyPatch, module: Any, transport:
     connection's consumer take what it can. What that consumer got: a payload, `Empty` or the error."""
     options = _options(root)
     seen: list[object] = []
-    with Connection(transport=transport, transport_options=options) as producer, \
-            Connection(transport=transport, transport_options=options) as consumer:
+    with (
+        Connection(transport=transport, transport_options=options) as producer,
+        Connection(transport=transport, transport_options=options) as consumer,
+    ):
         encode = module.str_to_bytes
 
         def encode_then_look(text: str) -> bytes:
@@ -100,7 +108,8 @@ def _look_while_writing(monkeypatch: pytest.MonkeyPatch, module: Any, transport:
 
 
 def test_a_consumer_looking_during_a_write_sees_nothing_then_the_whole_message(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     during, after = _look_while_writing(monkeypatch, broker, "watasu.broker:Transport", tmp_path)
 
     assert during is Empty
@@ -108,7 +117,8 @@ def test_a_consumer_looking_during_a_write_sees_nothing_then_the_whole_message(
 
 
 def test_kombus_own_file_transport_hands_out_a_message_being_written(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     # the window is real: the stock transport gives the consumer the empty file (so the test above can fail)
     during, after = _look_while_writing(monkeypatch, filesystem, "filesystem", tmp_path)
 

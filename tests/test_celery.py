@@ -47,8 +47,9 @@ def test_sweeps_run_while_the_build_queue_is_blocked(require_postgres: None) -> 
         sweep_task.delay("hosts")
 
         # then the sweep runs, and the build is left on its own queue, untouched
-        wait_until(lambda: SweepRun.objects.filter(name="hosts", runs__gte=1).exists(), 60,
-                   "the hosts sweep to run")
+        wait_until(
+            lambda: SweepRun.objects.filter(name="hosts", runs__gte=1).exists(), 60, "the hosts sweep to run"
+        )
     assert build.state == "PENDING"
     with app.connection_for_write() as connection:  # leave no build for later tests' workers
         assert connection.default_channel.queue_purge("builds") == 1

@@ -50,15 +50,17 @@ def test_existing_team_gains_a_member_and_keeps_its_owner() -> None:
 
     _run(email="b@example.com", team="shared", scope="write")
 
-    roles = dict(Membership.objects.filter(team__slug="shared")
-                 .values_list("user__email", "role"))
+    roles = dict(Membership.objects.filter(team__slug="shared").values_list("user__email", "role"))
     assert roles == {"a@example.com": "owner", "b@example.com": "member"}
 
 
-@pytest.mark.parametrize("options", [
-    {"email": "not-an-email", "team": "t", "scope": "write"},
-    {"email": "a@example.com", "team": "bad slug", "scope": "write"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"email": "not-an-email", "team": "t", "scope": "write"},
+        {"email": "a@example.com", "team": "bad slug", "scope": "write"},
+    ],
+)
 def test_bad_arguments_fail_clearly(options: dict[str, str]) -> None:
     with pytest.raises(CommandError):
         _run(**options)

@@ -22,8 +22,11 @@ def test_keys_rotate_without_losing_a_secret(owner: Actor, settings) -> None:  #
     # given a sandbox's secrets encrypted under the old key
     settings.ENCRYPTION_KEYS = ["old-key"]
     first = owner.client().post("/v1/teams", {"slug": "lab"}, format="json", HTTP_IDEMPOTENCY_KEY="k")
-    sandbox = SandboxFactory(team=owner.personal_team, env_vars_encrypted=crypto.encrypt_json({"A": "1"}),
-                             agent_secret_encrypted=crypto.encrypt_text("agent-secret"))
+    sandbox = SandboxFactory(
+        team=owner.personal_team,
+        env_vars_encrypted=crypto.encrypt_json({"A": "1"}),
+        agent_secret_encrypted=crypto.encrypt_text("agent-secret"),
+    )
 
     # when a new key is put first and the secrets are re-encrypted
     settings.ENCRYPTION_KEYS = ["new-key", "old-key"]
@@ -43,14 +46,20 @@ def test_keys_rotate_without_losing_a_secret(owner: Actor, settings) -> None:  #
 
 @pytest.mark.parametrize("missing", ["WATASU_SECRET_KEY", "WATASU_ENCRYPTION_KEYS", None])
 def test_production_refuses_to_start_with_generated_or_derived_keys(missing, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = {**os.environ, "WATASU_DEPLOYMENT": "production", "WATASU_DATA_DIR": str(tmp_path),
-           "WATASU_SECRET_KEY": "s" * 50, "WATASU_ENCRYPTION_KEYS": "k" * 40}
+    env = {
+        **os.environ,
+        "WATASU_DEPLOYMENT": "production",
+        "WATASU_DATA_DIR": str(tmp_path),
+        "WATASU_SECRET_KEY": "s" * 50,
+        "WATASU_ENCRYPTION_KEYS": "k" * 40,
+    }
     env.pop("WATASU_ENCRYPTION_KEY", None)
     if missing:
         del env[missing]
 
-    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
     if missing is None:  # both given: it starts
         assert result.returncode == 0, result.stderr

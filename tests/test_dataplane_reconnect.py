@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.django_db(transaction=True)]
 
 
 def test_stream_resumes_at_the_right_cursor_after_a_dropped_socket(
-        owner: Actor, base_version, vm_cleanup, settings) -> None:  # type: ignore[no-untyped-def]
+    owner: Actor, base_version, vm_cleanup, settings
+) -> None:  # type: ignore[no-untyped-def]
     from watasu.asgi import application
 
     sockets: list[str] = []
@@ -29,13 +30,24 @@ def test_stream_resumes_at_the_right_cursor_after_a_dropped_socket(
     port = free_port()
     settings.PUBLIC_URL = f"http://127.0.0.1:{port}"
     first = ServerThread(recording, port).__enter__()
-    created = requests.post(f"{first.url}/v1/sandboxes", json={"timeout": 300}, timeout=150,
-                            headers={"Authorization": f"Bearer {owner.write_key}"})
+    created = requests.post(
+        f"{first.url}/v1/sandboxes",
+        json={"timeout": 300},
+        timeout=150,
+        headers={"Authorization": f"Bearer {owner.write_key}"},
+    )
     assert created.status_code == 201, created.text
-    env = scenario_env(api_url=f"{first.url}/v1", api_key=owner.write_key,
-                       SANDBOX_ID=str(created.json()["sandbox"]["id"]))
-    client = subprocess.Popen([sys.executable, "-P", str(HERE / "reconnect.py")], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    env = scenario_env(
+        api_url=f"{first.url}/v1", api_key=owner.write_key, SANDBOX_ID=str(created.json()["sandbox"]["id"])
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-P", str(HERE / "reconnect.py")],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+    )
     try:
         # given the command is streaming to the client
         assert client.stdout is not None and client.stdout.readline() == "STARTED\n"

@@ -31,8 +31,12 @@ def _literal(node: ast.expr) -> str | None:
 
 
 def _is_os_environ(node: ast.expr) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr == "environ"
-            and isinstance(node.value, ast.Name) and node.value.id == "os")
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "environ"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "os"
+    )
 
 
 def _read_name(node: ast.AST) -> str | None:
@@ -141,8 +145,11 @@ def link_problems(text: str, source: Path) -> list[str]:
             problems.append(f"{where}: points outside the repository")
         elif not resolved.exists():
             problems.append(f"{where}: no such file")
-        elif fragment and resolved.suffix == ".md" and fragment not in {
-                anchor(h) for h in HEADING.findall(resolved.read_text())}:
+        elif (
+            fragment
+            and resolved.suffix == ".md"
+            and fragment not in {anchor(h) for h in HEADING.findall(resolved.read_text())}
+        ):
             problems.append(f"{where}: no such heading")
     return problems
 
@@ -165,8 +172,10 @@ def test_the_readme_links_every_page_under_docs():
 
 def test_the_link_check_refuses_what_it_should():
     # given a page under docs/ with one bad link of each kind, and one good one
-    text = ("[a](https://example.com) [b](../../shared/DESIGN.md) [c](missing.md) "
-            "[d](runtime.md#no-such-heading) [e](runtime.md#figures) [f](../README.md)")
+    text = (
+        "[a](https://example.com) [b](../../shared/DESIGN.md) [c](missing.md) "
+        "[d](runtime.md#no-such-heading) [e](runtime.md#figures) [f](../README.md)"
+    )
     # when its links are checked
     problems = link_problems(text, ROOT / "docs" / "page.md")
     # then each bad one is named, and only those

@@ -32,9 +32,16 @@ def _fake_snapshot(directory: Path) -> MemorySnapshot:
     directory.mkdir()
     for name in ("memory.save", "disk.qcow2", "vmlinuz", "initrd.img"):
         (directory / name).write_bytes(b"")
-    return MemorySnapshot(save_path=directory / "memory.save", disk_path=directory / "disk.qcow2",
-                          agent_secret="s", vcpus=1, memory_mb=512, kernel=directory / "vmlinuz",
-                          initrd=directory / "initrd.img", cmdline="console=ttyS0")
+    return MemorySnapshot(
+        save_path=directory / "memory.save",
+        disk_path=directory / "disk.qcow2",
+        agent_secret="s",
+        vcpus=1,
+        memory_mb=512,
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd.img",
+        cmdline="console=ttyS0",
+    )
 
 
 def _host_memory_mb() -> int:
@@ -45,11 +52,17 @@ def _host_memory_mb() -> int:
 @pytest.fixture(params=["fake", pytest.param("libvirt", marks=pytest.mark.vm)])
 def runtime(request, tmp_path) -> Runtime:  # type: ignore[no-untyped-def]
     if request.param == "fake":
-        return Runtime(FakeDriver(state_dir=tmp_path / "sandboxes"), _fake_snapshot(tmp_path / "template"),
-                       FAKE_MEMORY_MB)
+        return Runtime(
+            FakeDriver(state_dir=tmp_path / "sandboxes"),
+            _fake_snapshot(tmp_path / "template"),
+            FAKE_MEMORY_MB,
+        )
     version = request.getfixturevalue("base_version")
-    return Runtime(request.getfixturevalue("vm_cleanup"),
-                   lifecycle.load_template_snapshot(version.artifact_dir), _host_memory_mb())
+    return Runtime(
+        request.getfixturevalue("vm_cleanup"),
+        lifecycle.load_template_snapshot(version.artifact_dir),
+        _host_memory_mb(),
+    )
 
 
 def _name() -> str:
@@ -58,17 +71,24 @@ def _name() -> str:
 
 def _restored(runtime: Runtime) -> VmSpec:
     snap = runtime.snapshot
-    spec = lifecycle.sandbox_spec(_name(), runtime.driver.state_dir, vcpus=snap.vcpus,
-                                  memory_mb=snap.memory_mb, kernel=snap.kernel, initrd=snap.initrd,
-                                  cmdline=snap.cmdline)
+    spec = lifecycle.sandbox_spec(
+        _name(),
+        runtime.driver.state_dir,
+        vcpus=snap.vcpus,
+        memory_mb=snap.memory_mb,
+        kernel=snap.kernel,
+        initrd=snap.initrd,
+        cmdline=snap.cmdline,
+    )
     runtime.driver.restore(spec, snap)
     return spec
 
 
 def test_both_drivers_have_every_method_of_the_protocol() -> None:
     # given the protocol's methods
-    methods = [name for name, member in vars(RuntimeDriver).items()
-               if callable(member) and not name.startswith("_")]
+    methods = [
+        name for name, member in vars(RuntimeDriver).items() if callable(member) and not name.startswith("_")
+    ]
 
     # then the fake and the libvirt driver have each, with the same parameters
     for name in methods:
@@ -202,8 +222,15 @@ def test_save_snapshot_writes_the_memory_and_stops_the_domain(runtime: Runtime) 
 def test_booting_without_a_disk_or_a_backing_image_is_a_driver_error(runtime: Runtime) -> None:
     # given a spec whose disk does not exist and that names no backing image
     snap = runtime.snapshot
-    spec = lifecycle.sandbox_spec(_name(), runtime.driver.state_dir, vcpus=1, memory_mb=512,
-                                  kernel=snap.kernel, initrd=snap.initrd, cmdline=snap.cmdline)
+    spec = lifecycle.sandbox_spec(
+        _name(),
+        runtime.driver.state_dir,
+        vcpus=1,
+        memory_mb=512,
+        kernel=snap.kernel,
+        initrd=snap.initrd,
+        cmdline=snap.cmdline,
+    )
 
     # when it is booted, then the driver refuses and defines nothing
     with pytest.raises(DriverError):
@@ -215,9 +242,16 @@ def test_booting_without_a_disk_or_a_backing_image_is_a_driver_error(runtime: Ru
 def test_a_cold_boot_runs_on_an_overlay_of_its_backing_image(runtime: Runtime) -> None:
     # given a spec on the template's disk
     snap = runtime.snapshot
-    spec = lifecycle.sandbox_spec(_name(), runtime.driver.state_dir, vcpus=1, memory_mb=512,
-                                  kernel=snap.kernel, initrd=snap.initrd, cmdline=snap.cmdline,
-                                  backing=snap.disk_path)
+    spec = lifecycle.sandbox_spec(
+        _name(),
+        runtime.driver.state_dir,
+        vcpus=1,
+        memory_mb=512,
+        kernel=snap.kernel,
+        initrd=snap.initrd,
+        cmdline=snap.cmdline,
+        backing=snap.disk_path,
+    )
 
     # when it boots
     runtime.driver.boot(spec)

@@ -45,8 +45,9 @@ def agent() -> Iterator[FakeAgent]:
 def _sandbox(owner: Actor, agent: FakeAgent, **fields) -> Sandbox:  # type: ignore[no-untyped-def]
     fields.setdefault("state", S.READY)
     fields.setdefault("agent_port", agent.port)  # type: ignore[attr-defined]
-    return SandboxFactory(team=owner.personal_team, agent_secret_encrypted=crypto.encrypt_text(SECRET),
-                          **fields)
+    return SandboxFactory(
+        team=owner.personal_team, agent_secret_encrypted=crypto.encrypt_text(SECRET), **fields
+    )
 
 
 def _dp(sandbox: Sandbox) -> str:
@@ -74,8 +75,11 @@ edge_db = pytest.mark.django_db(transaction=True)
 def test_request_reaches_the_agent_with_same_path_and_query_and_its_secret(edge, agent, owner) -> None:
     sandbox = _sandbox(owner, agent)
 
-    response = requests.get(f"{_dp(sandbox)}/runtime/v1/process/proc%2F1?since=3&x=a%20b",
-                            headers={**_auth(sandbox), "Connection": "close", "X-Custom": "1"}, timeout=10)
+    response = requests.get(
+        f"{_dp(sandbox)}/runtime/v1/process/proc%2F1?since=3&x=a%20b",
+        headers={**_auth(sandbox), "Connection": "close", "X-Custom": "1"},
+        timeout=10,
+    )
 
     assert response.status_code == 200, response.text
     seen = agent.requests[-1]
@@ -102,8 +106,9 @@ def test_bad_session_tokens_are_refused_over_http(edge, agent, owner) -> None:
     sandbox, other = _sandbox(owner, agent), _sandbox(owner, agent)
 
     for case, headers in _bad_tokens(sandbox, other).items():
-        response = requests.get(f"{_dp(sandbox)}/runtime/v1/files?path=/etc/hostname", headers=headers,
-                                timeout=10)
+        response = requests.get(
+            f"{_dp(sandbox)}/runtime/v1/files?path=/etc/hostname", headers=headers, timeout=10
+        )
         assert response.status_code == 401, case
         assert response.json()["error"] == "unauthorized", case
         assert response.json()["message"], case
@@ -139,8 +144,9 @@ def test_unknown_and_destroyed_sandboxes_are_404(edge, agent, owner) -> None:
     assert requests.get(f"{_dp(destroyed)}/admin", timeout=10).status_code == 404
     # the message names what is gone: the SDK shows it as a FileNotFoundException
     gone = requests.get(f"{_dp(destroyed)}/runtime/v1/files?path=/a", headers=headers, timeout=10)
-    assert gone.json()["message"] == (f"Sandbox {destroyed.pk} was destroyed; its files and processes "
-                                      "are gone.")
+    assert gone.json()["message"] == (
+        f"Sandbox {destroyed.pk} was destroyed; its files and processes are gone."
+    )
     never = requests.get(unknown, headers=headers, timeout=10).json()["message"]
     assert never.startswith("No sandbox exists at this data-plane address")
 
@@ -164,8 +170,9 @@ def test_silent_agent_is_503_sandbox_overloaded(edge, agent, owner) -> None:
     assert response.json()["error"] == "sandbox_overloaded"
     assert "guestd" in response.json()["reason"]["message"]
     with pytest.raises(InvalidStatus) as refused:
-        ws_connect(_ws_url(sandbox, "/runtime/v1/process"), additional_headers=_auth(sandbox),
-                   open_timeout=30)
+        ws_connect(
+            _ws_url(sandbox, "/runtime/v1/process"), additional_headers=_auth(sandbox), open_timeout=30
+        )
     assert refused.value.response.status_code == 503
 
 
@@ -200,15 +207,19 @@ def test_large_bodies_stream_both_ways_in_flat_memory(edge, agent, owner) -> Non
         expected.update(chunk)
     before = _peak_rss_kib()
 
-    uploaded = requests.put(f"{_dp(sandbox)}/runtime/v1/files?path=/up.bin",
-                            data=RepeatReader(chunk, size // len(chunk)), headers=_auth(sandbox), timeout=120)
-    with requests.get(f"{_dp(sandbox)}/runtime/v1/files?path=/big/{size}", headers=_auth(sandbox),
-                      stream=True, timeout=120) as download:
+    uploaded = requests.put(
+        f"{_dp(sandbox)}/runtime/v1/files?path=/up.bin",
+        data=RepeatReader(chunk, size // len(chunk)),
+        headers=_auth(sandbox),
+        timeout=120,
+    )
+    with requests.get(
+        f"{_dp(sandbox)}/runtime/v1/files?path=/big/{size}", headers=_auth(sandbox), stream=True, timeout=120
+    ) as download:
         received = sum(len(part) for part in download.iter_content(2**16))
 
     assert uploaded.status_code == 200, uploaded.text
-    assert uploaded.json()["file"] == {"path": "/up.bin", "size": size,
-                                       "sha256": expected.hexdigest()}
+    assert uploaded.json()["file"] == {"path": "/up.bin", "size": size, "sha256": expected.hexdigest()}
     assert received == size
     # the edge, the fake agent and this client share the process: none may hold a whole body
     assert _peak_rss_kib() - before < 96 * 1024
@@ -238,8 +249,12 @@ def test_websocket_frames_and_close_codes_pass_both_ways(edge, agent, owner) -> 
         ws.recv(timeout=10)
         ws.send(json.dumps({"type": "stdin", "data": "last"}))
         ws.close(code=4002)
-    wait_until(lambda: any("ws_closed" in r for r in agent.requests), 30, "the close to reach the agent",
-               seen=lambda: agent.requests)
+    wait_until(
+        lambda: any("ws_closed" in r for r in agent.requests),
+        30,
+        "the close to reach the agent",
+        seen=lambda: agent.requests,
+    )
     assert [r for r in agent.requests if "ws_closed" in r] == [{"ws_closed": 4002}], agent.requests
 
 
@@ -254,14 +269,17 @@ def test_open_streams_per_sandbox_are_capped(edge, agent, owner, settings) -> No
     sandbox, other = _sandbox(owner, agent), _sandbox(owner, agent)
     url = _ws_url(sandbox, "/runtime/v1/process")
     with contextlib.ExitStack() as streams:
-        first, _ = (streams.enter_context(ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10))
-                    for _ in range(2))
+        first, _ = (
+            streams.enter_context(ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10))
+            for _ in range(2)
+        )
 
         # when a third is opened, then it is refused at the handshake; another sandbox is not affected
         with pytest.raises(InvalidStatus) as refused:
             ws_connect(url, additional_headers=_auth(sandbox), open_timeout=10)
-        with ws_connect(_ws_url(other, "/runtime/v1/process"), additional_headers=_auth(other),
-                        open_timeout=10) as elsewhere:
+        with ws_connect(
+            _ws_url(other, "/runtime/v1/process"), additional_headers=_auth(other), open_timeout=10
+        ) as elsewhere:
             assert json.loads(elsewhere.recv(timeout=10)) == {"type": "ready"}
         assert refused.value.response.status_code == 429
         assert json.loads(refused.value.response.body)["error"] == "too_many_connections"
@@ -278,8 +296,11 @@ def test_agent_refusal_of_a_websocket_reaches_the_client_at_the_handshake(edge, 
     sandbox = _sandbox(owner, agent)
 
     with pytest.raises(InvalidStatus) as refused:
-        ws_connect(_ws_url(sandbox, "/runtime/v1/process/missing/connect"), additional_headers=_auth(sandbox),
-                   open_timeout=10)
+        ws_connect(
+            _ws_url(sandbox, "/runtime/v1/process/missing/connect"),
+            additional_headers=_auth(sandbox),
+            open_timeout=10,
+        )
 
     assert refused.value.response.status_code == 404
     assert json.loads(refused.value.response.body)["error"] == "process_not_found"
@@ -290,8 +311,12 @@ def test_agent_refusal_of_a_websocket_reaches_the_client_at_the_handshake(edge, 
 def test_idle_websocket_stays_open_for_more_than_two_minutes(edge, agent, owner) -> None:
     sandbox = _sandbox(owner, agent)
 
-    with ws_connect(_ws_url(sandbox, "/runtime/v1/process"), additional_headers=_auth(sandbox),
-                    open_timeout=10, ping_interval=None) as ws:
+    with ws_connect(
+        _ws_url(sandbox, "/runtime/v1/process"),
+        additional_headers=_auth(sandbox),
+        open_timeout=10,
+        ping_interval=None,
+    ) as ws:
         ws.recv(timeout=10)
         time.sleep(125)
         ws.send(json.dumps({"type": "still-there"}))
@@ -310,8 +335,9 @@ def test_preview_path_form_reaches_the_agent_proxy_route_without_auth(edge, agen
     root = requests.get(base, timeout=10)
     redirect = requests.get(f"{base}/redirect", allow_redirects=False, timeout=10)
     own_host = f"p8000-{sandbox.route_token}.sandbox.localhost:{edge.port}"
-    by_host = requests.get(f"{edge.url}/a", headers={"Host": own_host, "Authorization": "Basic dXNlcg=="},
-                           timeout=10)
+    by_host = requests.get(
+        f"{edge.url}/a", headers={"Host": own_host, "Authorization": "Basic dXNlcg=="}, timeout=10
+    )
 
     assert page.json() == {"path": "/proxy/8000/a/b", "query": {"q": "1"}, "raw_path": "/proxy/8000/a/b"}
     assert agent.requests[0]["headers"]["authorization"] == f"Bearer {role_secret(SECRET, 'preview')}"
@@ -341,13 +367,17 @@ def test_host_forms_with_a_data_plane_domain(edge, agent, owner, settings) -> No
     sandbox = _sandbox(owner, agent)
 
     host = f"{sandbox.route_token}.sandbox.sbx.example.test"
-    dataplane = requests.get(f"{edge.url}/runtime/v1/files?path=/nope",
-                             headers={**_auth(sandbox), "Host": host}, timeout=10)
-    preview = requests.get(f"{edge.url}/x?y=2",
-                           headers={"Host": f"p3000-{sandbox.route_token}.sandbox.sbx.example.test:443"},
-                           timeout=10)
-    control = requests.get(f"{edge.url}/v1/sandbox_limits",
-                           headers={"Authorization": f"Bearer {owner.read_key}"}, timeout=10)
+    dataplane = requests.get(
+        f"{edge.url}/runtime/v1/files?path=/nope", headers={**_auth(sandbox), "Host": host}, timeout=10
+    )
+    preview = requests.get(
+        f"{edge.url}/x?y=2",
+        headers={"Host": f"p3000-{sandbox.route_token}.sandbox.sbx.example.test:443"},
+        timeout=10,
+    )
+    control = requests.get(
+        f"{edge.url}/v1/sandbox_limits", headers={"Authorization": f"Bearer {owner.read_key}"}, timeout=10
+    )
 
     assert dataplane.status_code == 404 and dataplane.json()["error"] == "file_not_found"
     assert preview.json()["path"] == "/proxy/3000/x" and preview.json()["query"] == {"y": "2"}
@@ -358,8 +388,11 @@ def test_host_forms_with_a_data_plane_domain(edge, agent, owner, settings) -> No
 def test_port_url_is_the_local_host_form_with_the_path_form_as_fallback(edge, agent, owner) -> None:
     sandbox = _sandbox(owner, agent)
 
-    response = requests.get(f"{edge.url}/v1/sandboxes/{sandbox.pk}/ports/8000",
-                            headers={"Authorization": f"Bearer {owner.read_key}"}, timeout=10)
+    response = requests.get(
+        f"{edge.url}/v1/sandboxes/{sandbox.pk}/ports/8000",
+        headers={"Authorization": f"Bearer {owner.read_key}"},
+        timeout=10,
+    )
 
     port = response.json()["sandbox_port"]
     host = f"p8000-{sandbox.route_token}.sandbox.localhost:{edge.port}"
@@ -374,9 +407,12 @@ def test_port_url_is_the_local_host_form_with_the_path_form_as_fallback(edge, ag
 
 
 def _file_url(edge: ServerThread, key: str, sandbox: Sandbox, kind: str, **body) -> requests.Response:  # type: ignore[no-untyped-def]
-    return requests.post(f"{edge.url}/v1/sandboxes/{sandbox.pk}/files/{kind}_url",
-                         json={"path": "/workspace/in.bin", **body},
-                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    return requests.post(
+        f"{edge.url}/v1/sandboxes/{sandbox.pk}/files/{kind}_url",
+        json={"path": "/workspace/in.bin", **body},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
 
 
 @edge_db
@@ -384,8 +420,12 @@ def test_signed_urls_upload_and_download_without_a_header(edge, agent, owner) ->
     sandbox = _sandbox(owner, agent)
 
     upload = _file_url(edge, owner.write_key, sandbox, "upload").json()["file_url"]
-    stored = requests.post(upload["url"], data=b"hello bytes",
-                           headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    stored = requests.post(
+        upload["url"],
+        data=b"hello bytes",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
     download = _file_url(edge, owner.write_key, sandbox, "download").json()["file_url"]
     fetched = requests.get(download["url"], timeout=10)
 
@@ -405,14 +445,26 @@ def test_a_guest_cannot_serve_a_page_or_cookies_on_the_platforms_origin(edge, ag
     sandbox = _sandbox(owner, agent)
     signed = _file_url(edge, owner.write_key, sandbox, "download", path="/hostile.html").json()["file_url"]
 
-    for response in (requests.get(signed["url"], timeout=10),
-                     requests.get(f"{_dp(sandbox)}/runtime/v1/files", params={"path": "/hostile.html"},
-                                  headers=_auth(sandbox), timeout=10)):
+    for response in (
+        requests.get(signed["url"], timeout=10),
+        requests.get(
+            f"{_dp(sandbox)}/runtime/v1/files",
+            params={"path": "/hostile.html"},
+            headers=_auth(sandbox),
+            timeout=10,
+        ),
+    ):
         # then the data plane's answer sets no cookie and cannot render as a page of the origin
         assert response.status_code == 200 and "<script>" in response.text
         passed = {name.lower() for name in response.headers}
-        assert not passed & {"set-cookie", "refresh", "clear-site-data", "access-control-allow-origin",
-                             "service-worker-allowed", "location"}, passed
+        assert not passed & {
+            "set-cookie",
+            "refresh",
+            "clear-site-data",
+            "access-control-allow-origin",
+            "service-worker-allowed",
+            "location",
+        }, passed
         assert response.headers["content-type"] == "application/octet-stream"
         assert response.headers["content-security-policy"].startswith("default-src 'none'; sandbox")
         assert response.headers["x-content-type-options"] == "nosniff"
@@ -433,8 +485,12 @@ def test_expired_or_tampered_signed_urls_are_403(edge, agent, owner) -> None:
     expired = file_url_make(sandbox, path="/a", op="read", ttl=60, now=time.time() - 120).url
     good = file_url_make(sandbox, path="/a", op="read", ttl=60).url
 
-    for url in (expired, good.replace("path=%2Fa", "path=%2Fb"), good[:-2] + "00",
-                good.replace("expires=", "expires=9")):
+    for url in (
+        expired,
+        good.replace("path=%2Fa", "path=%2Fb"),
+        good[:-2] + "00",
+        good.replace("expires=", "expires=9"),
+    ):
         response = requests.get(url, timeout=10)
         assert (response.status_code, response.json()["error"]) == (403, "forbidden"), url
     assert agent.requests == []
@@ -446,10 +502,12 @@ def test_signed_url_endpoints_check_keys_teams_and_ttl(edge, agent, owner, outsi
     before = time.time()
 
     default = _file_url(edge, owner.write_key, sandbox, "download").json()["file_url"]
-    capped = _file_url(edge, owner.write_key, sandbox, "download",
-                       expires_in_seconds=10**6).json()["file_url"]
-    smaller = _file_url(edge, owner.write_key, sandbox, "upload", use_signature_expiration=900,
-                        expires_in_seconds=120).json()["file_url"]
+    capped = _file_url(edge, owner.write_key, sandbox, "download", expires_in_seconds=10**6).json()[
+        "file_url"
+    ]
+    smaller = _file_url(
+        edge, owner.write_key, sandbox, "upload", use_signature_expiration=900, expires_in_seconds=120
+    ).json()["file_url"]
 
     def ttl(file_url: dict) -> float:
         from datetime import datetime
@@ -469,19 +527,28 @@ def test_signed_url_endpoints_check_keys_teams_and_ttl(edge, agent, owner, outsi
 
 # --- real sandboxes -----------------------------------------------------------------------------
 
+
 def _create(edge: ServerThread, owner: Actor, **body) -> tuple[int, str, dict[str, str]]:  # type: ignore[no-untyped-def]
     """A sandbox created through the API: (id, data-plane URL, auth headers)."""
-    response = requests.post(f"{edge.url}/v1/sandboxes", json={"timeout": 600, **body},
-                             headers={"Authorization": f"Bearer {owner.write_key}"}, timeout=150)
+    response = requests.post(
+        f"{edge.url}/v1/sandboxes",
+        json={"timeout": 600, **body},
+        headers={"Authorization": f"Bearer {owner.write_key}"},
+        timeout=150,
+    )
     assert response.status_code == 201, response.text
     session = response.json()["session"]
-    return (response.json()["sandbox"]["id"], session["data_plane_url"],
-            {"Authorization": f"Bearer {session['token']}"})
+    return (
+        response.json()["sandbox"]["id"],
+        session["data_plane_url"],
+        {"Authorization": f"Bearer {session['token']}"},
+    )
 
 
 def _api(edge: ServerThread, owner: Actor, method: str, path: str) -> requests.Response:
-    return requests.request(method, f"{edge.url}/v1{path}", timeout=150,
-                            headers={"Authorization": f"Bearer {owner.write_key}"})
+    return requests.request(
+        method, f"{edge.url}/v1{path}", timeout=150, headers={"Authorization": f"Bearer {owner.write_key}"}
+    )
 
 
 @pytest.mark.vm
@@ -494,13 +561,19 @@ def test_files_stream_through_the_edge_to_a_real_agent(edge, owner, base_version
     for _i in range(size // len(chunk)):
         expected.update(chunk)
 
-    small = requests.put(f"{dp}/runtime/v1/files?path=/tmp/edge/a.txt", data=b"hello", headers=auth,
-                         timeout=60)
-    big = requests.put(f"{dp}/runtime/v1/files?path=/tmp/edge/big.bin",
-                       data=RepeatReader(chunk, size // len(chunk)), headers=auth, timeout=600)
+    small = requests.put(
+        f"{dp}/runtime/v1/files?path=/tmp/edge/a.txt", data=b"hello", headers=auth, timeout=60
+    )
+    big = requests.put(
+        f"{dp}/runtime/v1/files?path=/tmp/edge/big.bin",
+        data=RepeatReader(chunk, size // len(chunk)),
+        headers=auth,
+        timeout=600,
+    )
     digest = hashlib.sha256()
-    with requests.get(f"{dp}/runtime/v1/files?path=/tmp/edge/big.bin", headers=auth, stream=True,
-                      timeout=600) as download:
+    with requests.get(
+        f"{dp}/runtime/v1/files?path=/tmp/edge/big.bin", headers=auth, stream=True, timeout=600
+    ) as download:
         for part in download.iter_content(2**16):
             digest.update(part)
 
@@ -512,18 +585,26 @@ def test_files_stream_through_the_edge_to_a_real_agent(edge, owner, base_version
     missing = requests.get(f"{dp}/runtime/v1/files/stat?path=/tmp/edge/nope", headers=auth, timeout=60)
     assert missing.status_code == 404
     with pytest.raises(InvalidStatus) as refused:
-        ws_connect(dp.replace("http://", "ws://") + "/runtime/v1/process", open_timeout=10,
-                   additional_headers={"Authorization": "Bearer wsess_wrong"})
+        ws_connect(
+            dp.replace("http://", "ws://") + "/runtime/v1/process",
+            open_timeout=10,
+            additional_headers={"Authorization": "Bearer wsess_wrong"},
+        )
     assert refused.value.response.status_code == 401
 
 
 @pytest.mark.vm
 @pytest.mark.django_db(transaction=True)
-def test_paused_sandbox_with_auto_resume_comes_back_on_a_file_read(edge, owner, base_version,
-                                                                  vm_cleanup) -> None:
+def test_paused_sandbox_with_auto_resume_comes_back_on_a_file_read(
+    edge, owner, base_version, vm_cleanup
+) -> None:
     sandbox_id, dp, auth = _create(edge, owner, lifecycle={"on_timeout": "pause", "auto_resume": True})
-    assert requests.put(f"{dp}/runtime/v1/files?path=/tmp/kept.txt", data=b"kept", headers=auth,
-                        timeout=60).status_code == 200
+    assert (
+        requests.put(
+            f"{dp}/runtime/v1/files?path=/tmp/kept.txt", data=b"kept", headers=auth, timeout=60
+        ).status_code
+        == 200
+    )
     assert _api(edge, owner, "POST", f"/sandboxes/{sandbox_id}/pause").json()["sandbox"]["state"] == "stopped"
 
     response = requests.get(f"{dp}/runtime/v1/files?path=/tmp/kept.txt", headers=auth, timeout=150)
@@ -569,9 +650,12 @@ def test_preview_url_reaches_an_http_server_in_the_guest(edge, owner, base_versi
     agent.exec("python3 -m http.server 8000 --bind 0.0.0.0 --directory /tmp/site", background=True)
     port = _api(edge, owner, "GET", f"/sandboxes/{sandbox_id}/ports/8000").json()["sandbox_port"]
 
-    response = wait_until(lambda: requests.get(f"{port['path_url']}/index.html", timeout=30), 60,
-                          "the guest's web server to answer on the preview URL",
-                          until=lambda r: r.status_code == 200)
+    response = wait_until(
+        lambda: requests.get(f"{port['path_url']}/index.html", timeout=30),
+        60,
+        "the guest's web server to answer on the preview URL",
+        until=lambda r: r.status_code == 200,
+    )
     by_host = requests.get(f"{edge.url}/index.html", headers={"Host": port["host"]}, timeout=30)
 
     assert response.status_code == 200, response.text
@@ -627,5 +711,6 @@ def test_requests_for_a_resuming_sandbox_share_one_bounded_wait(edge, agent, own
     assert still_waiting == 12
     assert resumes.stats["resumes_started"] - started == 1
     assert [(a.status_code, a.json()["error"], a.headers["retry-after"]) for a in answers] == (
-        [(503, "sandbox_overloaded", "5")] * 12)
+        [(503, "sandbox_overloaded", "5")] * 12
+    )
     wait_until(lambda: resumes.in_flight() == 0, 30, "the abandoned resume to end")

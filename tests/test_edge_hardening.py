@@ -36,10 +36,23 @@ edge_db = pytest.mark.django_db(transaction=True)
 # Every way found to make a path mean something else one hop later; TARGET is the route
 # each test aims at (one that would do harm if the path reached it).
 TRAVERSALS = [
-    "/../../TARGET", "/%2e%2e/%2e%2e/TARGET", "/%2E%2E/%2e./TARGET", "/.%2e/.%2E/TARGET",
-    "/..%2f..%2fTARGET", "/a/..%2F..%2F..%2FTARGET", "/x%2F..%2F..%2FTARGET", "/./TARGET", "/%2e/TARGET",
-    "//TARGET", "/a//b", "/..%5c..%5cTARGET",
-    "/%252e%252e/%252e%252e/TARGET", "/a%00/TARGET", "/a%0d%0aX-Injected:%201", "/%ff%fe/x", "/..",
+    "/../../TARGET",
+    "/%2e%2e/%2e%2e/TARGET",
+    "/%2E%2E/%2e./TARGET",
+    "/.%2e/.%2E/TARGET",
+    "/..%2f..%2fTARGET",
+    "/a/..%2F..%2F..%2FTARGET",
+    "/x%2F..%2F..%2FTARGET",
+    "/./TARGET",
+    "/%2e/TARGET",
+    "//TARGET",
+    "/a//b",
+    "/..%5c..%5cTARGET",
+    "/%252e%252e/%252e%252e/TARGET",
+    "/a%00/TARGET",
+    "/a%0d%0aX-Injected:%201",
+    "/%ff%fe/x",
+    "/..",
 ]
 
 
@@ -50,8 +63,12 @@ def real_agent() -> Iterator[RealAgent]:
 
 
 def _sandbox(team: Team, agent: RealAgent) -> Sandbox:
-    return SandboxFactory(team=team, state=SandboxState.READY, agent_port=agent.port,
-                          agent_secret_encrypted=crypto.encrypt_text(SECRET))
+    return SandboxFactory(
+        team=team,
+        state=SandboxState.READY,
+        agent_port=agent.port,
+        agent_secret_encrypted=crypto.encrypt_text(SECRET),
+    )
 
 
 def _write_target(marker: Path) -> str:
@@ -64,8 +81,9 @@ def _write_target(marker: Path) -> str:
 
 @edge_db
 @pytest.mark.parametrize("tail", TRAVERSALS)
-def test_preview_traversal_never_reaches_the_agents_other_routes(edge, real_agent, owner, tail,
-                                                                 tmp_path) -> None:
+def test_preview_traversal_never_reaches_the_agents_other_routes(
+    edge, real_agent, owner, tail, tmp_path
+) -> None:
     # given a sandbox whose preview route token is public, and no credentials at all
     sandbox = _sandbox(owner.personal_team, real_agent)
     marker = tmp_path / "ran"
@@ -73,10 +91,12 @@ def test_preview_traversal_never_reaches_the_agents_other_routes(edge, real_agen
     # when the path form and the host form are sent paths that climb out of /proxy/<port>
     # to the data plane's file write
     tail = tail.replace("TARGET", _write_target(marker))
-    path_form = raw_request(edge.port, "PUT", f"/sandboxes-preview/{sandbox.route_token}/1{tail}",
-                            body=b"ran")
-    host_form = raw_request(edge.port, "PUT", tail, body=b"ran",
-                            headers={"Host": f"p1-{sandbox.route_token}.sandbox.localhost"})
+    path_form = raw_request(
+        edge.port, "PUT", f"/sandboxes-preview/{sandbox.route_token}/1{tail}", body=b"ran"
+    )
+    host_form = raw_request(
+        edge.port, "PUT", tail, body=b"ran", headers={"Host": f"p1-{sandbox.route_token}.sandbox.localhost"}
+    )
 
     # then the edge refuses both before the agent, in the error shape, and nothing was written
     for status, headers, body in (path_form, host_form):
@@ -95,8 +115,12 @@ def test_data_plane_traversal_is_refused_even_with_a_valid_session(edge, real_ag
 
     # when the data-plane path climbs from /runtime/v1 to /init
     status, _, body = raw_request(
-        edge.port, "POST", f"/sandboxes-dp/{sandbox.route_token}/runtime/v1{tail}",
-        headers={"Authorization": f"Bearer {token}"}, body=json.dumps({"secret": "x" * 40}).encode())
+        edge.port,
+        "POST",
+        f"/sandboxes-dp/{sandbox.route_token}/runtime/v1{tail}",
+        headers={"Authorization": f"Bearer {token}"},
+        body=json.dumps({"secret": "x" * 40}).encode(),
+    )
 
     # then it is refused, and the agent still holds its secret
     assert (status, json.loads(body)["error"]) == (400, "invalid_path")
@@ -126,8 +150,12 @@ def test_ordinary_paths_still_reach_the_agent(edge, real_agent, owner, tmp_path)
     auth = {"Authorization": f"Bearer {session_mint(sandbox=sandbox).token}"}
 
     # when it is read through the data plane
-    response = requests.get(f"{edge.url}/sandboxes-dp/{sandbox.route_token}/runtime/v1/files",
-                            params={"path": str(tmp_path / "a..b.txt")}, headers=auth, timeout=30)
+    response = requests.get(
+        f"{edge.url}/sandboxes-dp/{sandbox.route_token}/runtime/v1/files",
+        params={"path": str(tmp_path / "a..b.txt")},
+        headers=auth,
+        timeout=30,
+    )
 
     # then it arrives, and the agent names no server software
     assert (response.status_code, response.text) == (200, "dots are fine")
@@ -176,8 +204,12 @@ def test_fragmented_websocket_messages_are_bounded_as_they_arrive(real_agent) ->
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
-    with connect(f"ws://127.0.0.1:{real_agent.port}/runtime/v1/process", max_size=None,
-                 additional_headers={"Authorization": f"Bearer {SECRET}"}, open_timeout=10) as ws:
+    with connect(
+        f"ws://127.0.0.1:{real_agent.port}/runtime/v1/process",
+        max_size=None,
+        additional_headers={"Authorization": f"Bearer {SECRET}"},
+        open_timeout=10,
+    ) as ws:
         # when a message arrives in 1 MiB fragments past the 64 MiB bound
         piece = "x" * 2**20
         with pytest.raises(ConnectionClosed):
@@ -200,8 +232,7 @@ def test_no_cookie_or_header_crosses_from_one_team_to_another(edge, real_agent, 
         theirs_host = f"p{app.port}-{theirs.route_token}.sandbox.localhost:{edge.port}"
 
         # when our app sets a cookie, then their sandbox is asked without any cookie
-        set_cookie = requests.get(f"{edge.url}/?set=session%3Dours", headers={"Host": ours_host},
-                                  timeout=30)
+        set_cookie = requests.get(f"{edge.url}/?set=session%3Dours", headers={"Host": ours_host}, timeout=30)
         status, _, body = raw_request(edge.port, "GET", "/", {"Host": theirs_host})
 
     # then our own origin got its host-only cookie, their app saw none, and no header
@@ -222,8 +253,12 @@ def test_path_form_previews_get_no_cookies_and_a_sandboxed_origin(edge, real_age
         url = f"{edge.url}/sandboxes-preview/{sandbox.route_token}/{app.port}/"
 
         # when the browser sends the platform's cookies and the app tries to set one
-        response = requests.get(url, params={"set": "stolen=1; Path=/"},
-                                headers={"Cookie": "sessionid=admin-session; csrftoken=t"}, timeout=30)
+        response = requests.get(
+            url,
+            params={"set": "stolen=1; Path=/"},
+            headers={"Cookie": "sessionid=admin-session; csrftoken=t"},
+            timeout=30,
+        )
 
     # then the app never saw the cookies, its Set-Cookie was dropped, and the page is sandboxed
     assert response.status_code == 200
@@ -240,8 +275,12 @@ def test_host_form_previews_keep_their_cookies_to_their_own_host(edge, real_agen
         host = f"p{app.port}-{sandbox.route_token}.sandbox.localhost:{edge.port}"
 
         # when the app sets a host-only and a domain-wide cookie, and the client sends one
-        response = requests.get(f"{edge.url}/", headers={"Host": host, "Cookie": "mine=1"}, timeout=30,
-                                params=[("set", "host_only=1"), ("set", "wide=1; Domain=sandbox.localhost")])
+        response = requests.get(
+            f"{edge.url}/",
+            headers={"Host": host, "Cookie": "mine=1"},
+            timeout=30,
+            params=[("set", "host_only=1"), ("set", "wide=1; Domain=sandbox.localhost")],
+        )
 
     # then the app's own cookie round-trips, the one that would reach sibling sandboxes is dropped
     assert response.json()["headers"]["cookie"] == "mine=1"
@@ -253,14 +292,21 @@ def test_host_form_previews_keep_their_cookies_to_their_own_host(edge, real_agen
 
 
 def test_route_tokens_are_redacted_from_log_lines(caplog) -> None:
-    record = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1,
-                               "GET %s from %s", ("/sandboxes-preview/abc123def/8080/x",
-                                                  "p8080-abc123def.sandbox.example.com"), None)
+    record = logging.LogRecord(
+        "uvicorn.error",
+        logging.WARNING,
+        __file__,
+        1,
+        "GET %s from %s",
+        ("/sandboxes-preview/abc123def/8080/x", "p8080-abc123def.sandbox.example.com"),
+        None,
+    )
 
     RedactRouteTokens().filter(record)
 
-    assert record.getMessage() == ("GET /sandboxes-preview/<route>/8080/x "
-                                   "from p8080-<route>.sandbox.example.com")
+    assert record.getMessage() == (
+        "GET /sandboxes-preview/<route>/8080/x from p8080-<route>.sandbox.example.com"
+    )
     assert redact("/sandboxes-dp/zz9/runtime/v1/files") == "/sandboxes-dp/<route>/runtime/v1/files"
 
 
@@ -270,8 +316,9 @@ def test_route_tokens_are_redacted_from_tracebacks_too() -> None:
     try:
         raise ValueError("Invalid HTTP_HOST header: 'p49983-746378a6f2bbfb31.sandbox.localhost.:8100'")
     except ValueError:
-        record = logging.LogRecord("django.security.DisallowedHost", logging.ERROR, __file__, 1,
-                                   "Invalid host", None, sys.exc_info())
+        record = logging.LogRecord(
+            "django.security.DisallowedHost", logging.ERROR, __file__, 1, "Invalid host", None, sys.exc_info()
+        )
 
     RedactRouteTokens().filter(record)
     line = logging.Formatter().format(record)
@@ -281,8 +328,22 @@ def test_route_tokens_are_redacted_from_tracebacks_too() -> None:
 
 # --- hostile input on every edge route ----------------------------------------------------------
 
-HOSTILE_VALUES = ["²", "١٢", "1e400", "-1", "0", "99999", "%00", "%ff", "a" * 300, "AbC", "..", "%2e%2e",
-                  "x%0d%0ay", "😀"]
+HOSTILE_VALUES = [
+    "²",
+    "١٢",
+    "1e400",
+    "-1",
+    "0",
+    "99999",
+    "%00",
+    "%ff",
+    "a" * 300,
+    "AbC",
+    "..",
+    "%2e%2e",
+    "x%0d%0ay",
+    "😀",
+]
 
 
 @edge_db
@@ -309,8 +370,11 @@ def test_hostile_values_on_edge_routes_get_json_errors_never_5xx(edge, real_agen
         ]
 
     # when each is sent with each method
-    answers = [(method, path, headers, raw_request(edge.port, method, path, headers))
-               for path, headers in targets for method in ("GET", "POST", "PUT", "DELETE", "HEAD")]
+    answers = [
+        (method, path, headers, raw_request(edge.port, method, path, headers))
+        for path, headers in targets
+        for method in ("GET", "POST", "PUT", "DELETE", "HEAD")
+    ]
 
     # then none is a 5xx other than the agent's own 502 (nothing listens on that port), and
     # every refusal the edge makes is the JSON error shape
@@ -326,8 +390,9 @@ def test_hostile_values_on_edge_routes_get_json_errors_never_5xx(edge, real_agen
 
 
 @edge_db
-def test_chunked_bodies_arrive_whole_and_ambiguous_framing_is_refused(edge, real_agent, owner,
-                                                                      tmp_path) -> None:
+def test_chunked_bodies_arrive_whole_and_ambiguous_framing_is_refused(
+    edge, real_agent, owner, tmp_path
+) -> None:
     import http.client
 
     # given a data-plane session
@@ -337,13 +402,23 @@ def test_chunked_bodies_arrive_whole_and_ambiguous_framing_is_refused(edge, real
 
     # when a file is uploaded chunked (no Content-Length), then with both framings declared
     conn = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
-    conn.request("PUT", path, body=iter([b"chunked ", b"body"]), encode_chunked=True,
-                 headers={"Authorization": f"Bearer {token}", "Transfer-Encoding": "chunked"})
+    conn.request(
+        "PUT",
+        path,
+        body=iter([b"chunked ", b"body"]),
+        encode_chunked=True,
+        headers={"Authorization": f"Bearer {token}", "Transfer-Encoding": "chunked"},
+    )
     chunked = conn.getresponse()
     chunked_body = json.loads(chunked.read())
     conn.close()
-    both = raw_request(edge.port, "PUT", path, {"Authorization": f"Bearer {token}",
-                                                "Transfer-Encoding": "chunked"}, b"0\r\n\r\n")
+    both = raw_request(
+        edge.port,
+        "PUT",
+        path,
+        {"Authorization": f"Bearer {token}", "Transfer-Encoding": "chunked"},
+        b"0\r\n\r\n",
+    )
 
     # then the chunked body arrived whole, and the ambiguous request is a 400 in the error shape
     assert chunked.status == 200, chunked_body
@@ -387,10 +462,13 @@ def test_preview_sockets_cannot_crowd_out_the_owners_streams(edge, real_agent, o
             sockets.enter_context(connect(preview, open_timeout=10))
 
         # then the owner still opens a process stream on the data plane
-        data_plane = f"{edge.url.replace('http://', 'ws://')}/sandboxes-dp/{sandbox.route_token}/runtime/v1/process"
+        data_plane = (
+            f"{edge.url.replace('http://', 'ws://')}/sandboxes-dp/{sandbox.route_token}/runtime/v1/process"
+        )
         token = session_mint(sandbox=sandbox).token
-        with connect(data_plane, additional_headers={"Authorization": f"Bearer {token}"},
-                     open_timeout=10) as own:
+        with connect(
+            data_plane, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10
+        ) as own:
             own.send(json.dumps({"type": "start", "cmd": "/bin/echo", "args": ["owner-ok"]}))
             output = b""
             while (frame := json.loads(own.recv(timeout=30)))["type"] != "exit":

@@ -20,8 +20,7 @@ def test_validation_error_is_422_with_errors_list(owner: Actor) -> None:
 
 
 def test_missing_field_and_bad_choice_are_listed_together(owner: Actor) -> None:
-    response = owner.client().post("/v1/api_keys", {"scope": "admin", "expires_at": "soon"},
-                                   format="json")
+    response = owner.client().post("/v1/api_keys", {"scope": "admin", "expires_at": "soon"}, format="json")
 
     assert response.status_code == 422
     fields = sorted(line.split(":")[0] for line in response.json()["errors"])
@@ -46,8 +45,7 @@ def test_wrong_method_is_405_in_the_shape(owner: Actor) -> None:
     response = owner.client().delete("/v1/sandbox_limits")
 
     assert response.status_code == 405
-    assert response.json() == {"error": "method_not_allowed",
-                               "message": 'Method "DELETE" not allowed.'}
+    assert response.json() == {"error": "method_not_allowed", "message": 'Method "DELETE" not allowed.'}
 
 
 def test_trailing_slash_is_not_redirected(owner: Actor) -> None:
@@ -65,9 +63,7 @@ def test_non_numeric_id_is_404_not_400(owner: Actor) -> None:
 
 
 def test_expiry_in_the_past_is_422(owner: Actor) -> None:
-    response = owner.client().post("/v1/api_keys", {"expires_at": "2000-01-01T00:00:00Z"},
-                                   format="json")
+    response = owner.client().post("/v1/api_keys", {"expires_at": "2000-01-01T00:00:00Z"}, format="json")
 
     assert response.status_code == 422
-    assert response.json() == {"error": "validation_failed",
-                               "message": "expires_at must be in the future."}
+    assert response.json() == {"error": "validation_failed", "message": "expires_at must be in the future."}

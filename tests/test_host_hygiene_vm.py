@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.django_db(transaction=True)]
 def _process_ids(vm_name: str) -> tuple[int, int]:
     """Real uid and gid of the domain's QEMU process."""
     pid = int(Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip())
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if ":" in line)
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
     return int(status["Uid"].split()[0]), int(status["Gid"].split()[0])
 
 
@@ -45,8 +46,7 @@ def _can_open_as(uid: int, gid: int, path: Path) -> bool:
     return os.WEXITSTATUS(code) == 0
 
 
-def test_a_sandbox_disk_is_private_and_its_guest_has_no_ipv6(owner: Actor, base_version,
-                                                             vm_cleanup) -> None:  # type: ignore[no-untyped-def]
+def test_a_sandbox_disk_is_private_and_its_guest_has_no_ipv6(owner: Actor, base_version, vm_cleanup) -> None:  # type: ignore[no-untyped-def]
     # given a running sandbox
     response = owner.client().post("/v1/sandboxes", {"template": "base", "timeout": 300}, format="json")
     assert response.status_code == 201, response.content
@@ -62,16 +62,21 @@ def test_a_sandbox_disk_is_private_and_its_guest_has_no_ipv6(owner: Actor, base_
     # and the guest has no IPv6 route out (QEMU user networking with ipv6=off)
     routes = vm.agent_client(sandbox).exec("ip -6 route show default; cat /proc/net/if_inet6")
     assert "default" not in routes["stdout"]
-    assert all(line.split()[0].startswith("fe80") or line.split()[0] == "0" * 31 + "1"
-               for line in routes["stdout"].splitlines() if line.strip())
+    assert all(
+        line.split()[0].startswith("fe80") or line.split()[0] == "0" * 31 + "1"
+        for line in routes["stdout"].splitlines()
+        if line.strip()
+    )
     # and the host's guest firewall chain refuses loopback
-    rules = subprocess.run(["iptables", "-w", "-S", "WATASU-GUEST"], capture_output=True, text=True,
-                           check=True).stdout
+    rules = subprocess.run(
+        ["iptables", "-w", "-S", "WATASU-GUEST"], capture_output=True, text=True, check=True
+    ).stdout
     assert "-A WATASU-GUEST -o lo -j REJECT" in rules
 
 
-def test_one_sandboxs_qemu_cannot_open_anothers_disk(owner: Actor, outsider: Actor, base_version,
-                                                     vm_cleanup) -> None:  # type: ignore[no-untyped-def]
+def test_one_sandboxs_qemu_cannot_open_anothers_disk(
+    owner: Actor, outsider: Actor, base_version, vm_cleanup
+) -> None:  # type: ignore[no-untyped-def]
     # given two teams' sandboxes
     ids = []
     for actor in (owner, outsider):
@@ -95,6 +100,7 @@ def test_one_sandboxs_qemu_cannot_open_anothers_disk(owner: Actor, outsider: Act
         server.listen()
         port = server.getsockname()[1]
         probe = vm.agent_client(ours).exec(
-            "python3 -c \"import socket; s=socket.socket(); s.settimeout(5); "
-            f"print(s.connect_ex(('10.0.2.2', {port})))\"")
+            'python3 -c "import socket; s=socket.socket(); s.settimeout(5); '
+            f"print(s.connect_ex(('10.0.2.2', {port})))\""
+        )
     assert probe["stdout"].strip() not in ("", "0"), probe

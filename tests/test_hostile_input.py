@@ -54,58 +54,161 @@ MISSING_ID = "987654321"
 
 # Raw path segments; the test client percent-decodes them as a WSGI server would.
 HOSTILE_IDS = [
-    "²", "١٢", "1e400", "1e999", "NaN", "Infinity", "-1", "0", "+1", "%201", "1.0", "0x1f", "1_0",
-    "9" * 20, "9" * 5000, "%00", "1%00", "%01%1f%7f", "..%2f", "..%2F..%2Fadmin", "%2e%2e", "%ff%fe",
-    "%c3%28", "%", "%zz", "%3F%23", "x" * 10000, "%E2%80%AE", "null", "[]", "😀",
+    "²",
+    "١٢",
+    "1e400",
+    "1e999",
+    "NaN",
+    "Infinity",
+    "-1",
+    "0",
+    "+1",
+    "%201",
+    "1.0",
+    "0x1f",
+    "1_0",
+    "9" * 20,
+    "9" * 5000,
+    "%00",
+    "1%00",
+    "%01%1f%7f",
+    "..%2f",
+    "..%2F..%2Fadmin",
+    "%2e%2e",
+    "%ff%fe",
+    "%c3%28",
+    "%",
+    "%zz",
+    "%3F%23",
+    "x" * 10000,
+    "%E2%80%AE",
+    "null",
+    "[]",
+    "😀",
 ]
 # Values of query parameters and of body keys (strings and JSON values).
 HOSTILE_STRINGS = [
-    "²", "١٢", "1e400", "NaN", "-1", "9" * 20, "9" * 5000, "", "a\x00b", "\x01\x1b[31m\x7f", "a\n",
-    "x" * 10000, "%ff",
+    "²",
+    "١٢",
+    "1e400",
+    "NaN",
+    "-1",
+    "9" * 20,
+    "9" * 5000,
+    "",
+    "a\x00b",
+    "\x01\x1b[31m\x7f",
+    "a\n",
+    "x" * 10000,
+    "%ff",
 ]
 HOSTILE_VALUES: list[Any] = [
-    *HOSTILE_STRINGS, "../../etc/passwd", "\ud800", -1, 1.5, 2**63, 10**100, True, None, [], {},
-    {"k" * 10000: "v"}, [[[[[]]]]], "9999-12-31T23:59:59-14:00",
+    *HOSTILE_STRINGS,
+    "../../etc/passwd",
+    "\ud800",
+    -1,
+    1.5,
+    2**63,
+    10**100,
+    True,
+    None,
+    [],
+    {},
+    {"k" * 10000: "v"},
+    [[[[[]]]]],
+    "9999-12-31T23:59:59-14:00",
 ]
 # Query values (NULs are refused before any view: RAW_QUERIES and the 422 test cover them).
 QUERY_VALUES = ["²", "١٢", "1e400", "-1", "9" * 20, "9" * 5000, "", "\x01\x1b[31m\x7f", "x" * 10000]
-QUERY_KEYS = ["team", "limit", "next_token", "offset", "logs_offset", "start", "end", "lang", "format",
-              "query[state][]", "query[metadata][env]", "visibility", "status", "scope", "revoked",
-              "personal"]
+QUERY_KEYS = [
+    "team",
+    "limit",
+    "next_token",
+    "offset",
+    "logs_offset",
+    "start",
+    "end",
+    "lang",
+    "format",
+    "query[state][]",
+    "query[metadata][env]",
+    "visibility",
+    "status",
+    "scope",
+    "revoked",
+    "personal",
+]
 RAW_QUERIES = [
-    "limit=%ff%fe", "team=%00", "%", "a=%zz&b=%", "\xff\xfe=\xff", "&&&==&=", "limit=1&limit=x",
-    "query%5Bmetadata%5D%5B%5D=x", "query[metadata][\x00]=1", "team=" + "%C0%AF" * 100,
-    "query[metadata][" + "k" * 10000 + "]=v", "=".join(["x"] * 5000),
+    "limit=%ff%fe",
+    "team=%00",
+    "%",
+    "a=%zz&b=%",
+    "\xff\xfe=\xff",
+    "&&&==&=",
+    "limit=1&limit=x",
+    "query%5Bmetadata%5D%5B%5D=x",
+    "query[metadata][\x00]=1",
+    "team=" + "%C0%AF" * 100,
+    "query[metadata][" + "k" * 10000 + "]=v",
+    "=".join(["x"] * 5000),
 ]
 DEEP = 100_000
 RAW_BODIES: list[tuple[bytes, str]] = [
-    (b"1e400", "application/json"), (b'{"timeout": 1e400}', "application/json"),
-    (b'{"timeout": -1e999}', "application/json"), (b'{"timeout": NaN}', "application/json"),
-    (b'{"timeout": Infinity}', "application/json"), (b'{"metadata": {"k": -Infinity}}', "application/json"),
-    (b"[" * DEEP, "application/json"), (b'{"a":' * DEEP, "application/json"),
+    (b"1e400", "application/json"),
+    (b'{"timeout": 1e400}', "application/json"),
+    (b'{"timeout": -1e999}', "application/json"),
+    (b'{"timeout": NaN}', "application/json"),
+    (b'{"timeout": Infinity}', "application/json"),
+    (b'{"metadata": {"k": -Infinity}}', "application/json"),
+    (b"[" * DEEP, "application/json"),
+    (b'{"a":' * DEEP, "application/json"),
     (b"[" * DEEP + b"]" * DEEP, "application/json"),
     (b'{"metadata": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001, "application/json"),
-    (b"\xff\xfe", "application/json"), (b'{"name": "\xff"}', "application/json"),
-    (b'{"name": "\\ud800"}', "application/json"), (b'{"metadata": {"k": "\\u0000"}}', "application/json"),
-    (b"", "application/json"), (b"null", "application/json"), (b'"string"', "application/json"),
-    (b"123", "application/json"), (b"[1, 2]", "application/json"), (b"{", "application/json"),
-    (b'{"a": 1} trailing', "application/json"), (b"\x00", "application/json"),
+    (b"\xff\xfe", "application/json"),
+    (b'{"name": "\xff"}', "application/json"),
+    (b'{"name": "\\ud800"}', "application/json"),
+    (b'{"metadata": {"k": "\\u0000"}}', "application/json"),
+    (b"", "application/json"),
+    (b"null", "application/json"),
+    (b'"string"', "application/json"),
+    (b"123", "application/json"),
+    (b"[1, 2]", "application/json"),
+    (b"{", "application/json"),
+    (b'{"a": 1} trailing', "application/json"),
+    (b"\x00", "application/json"),
     (b'{"timeout": ' + b"9" * 5000 + b"}", "application/json"),
     (b'{"timeout": 1' + b"0" * 400 + b"}", "application/json"),
     (b'{"timeout": 1, "timeout": "x"}', "application/json"),
     (b'{"name": "a"}', "application/json; charset=utf-16"),
     (b'{"name": "a"}', "application/json; charset=no-such-charset"),
-    (b'{"name": "a"}', "text/plain"), (b"name=a", "application/x-www-form-urlencoded"),
-    (b"--x\r\n\r\n--x--", "multipart/form-data; boundary=x"), (b'{"name": "a"}', ""),
+    (b'{"name": "a"}', "text/plain"),
+    (b"name=a", "application/x-www-form-urlencoded"),
+    (b"--x\r\n\r\n--x--", "multipart/form-data; boundary=x"),
+    (b'{"name": "a"}', ""),
     (b"{" + b" " * (3 << 20) + b"}", "application/json"),
 ]
 
 # Body keys each write route knows, and a valid body to put a hostile value into.
-BUILD_SPEC_KEYS = ["from_template", "from_image", "from_image_registry", "files", "setup", "start_cmd",
-                   "ready_cmd", "env", "packages"]
+BUILD_SPEC_KEYS = [
+    "from_template",
+    "from_image",
+    "from_image_registry",
+    "files",
+    "setup",
+    "start_cmd",
+    "ready_cmd",
+    "env",
+    "packages",
+]
 CREATE_KEYS = list(create_keys())  # every key the create serializer reads or knowingly ignores
-NESTED_CREATE_KEYS = [("lifecycle", "on_timeout"), ("lifecycle", "onTimeout"), ("lifecycle", "auto_resume"),
-                      ("metadata", "env"), ("envs", "A"), ("env_vars", "A")]
+NESTED_CREATE_KEYS = [
+    ("lifecycle", "on_timeout"),
+    ("lifecycle", "onTimeout"),
+    ("lifecycle", "auto_resume"),
+    ("metadata", "env"),
+    ("envs", "A"),
+    ("env_vars", "A"),
+]
 
 
 @dataclass
@@ -129,26 +232,69 @@ WRITE_ROUTES = [
     WriteRoute("sandbox-resume", "POST", {"timeout": 60}, _keys("timeout")),
     WriteRoute("sandbox-connect", "POST", {"timeout": 60}, _keys("timeout")),
     WriteRoute("sandbox-timeout", "POST", {"timeout": 60}, _keys("timeout")),
-    WriteRoute("sandbox-upload-url", "POST", {"path": "/tmp/a"},
-               _keys("path", "user", "use_signature_expiration", "expires_in_seconds")),
-    WriteRoute("sandbox-download-url", "POST", {"path": "/tmp/a"},
-               _keys("path", "user", "use_signature_expiration", "expires_in_seconds")),
-    WriteRoute("sandbox-template-list", "POST", {"sandbox_template": {"team": "acme", "slug": "new-lab"}},
-               _keys("sandbox_template", "team", *[("sandbox_template", k) for k in
-                                                   ("team", "slug", "name", "description", "metadata")],
-                     ("sandbox_template", "metadata", "k"))),
-    WriteRoute("sandbox-template-versions", "POST", VERSION_BODY,
-               _keys("sandbox_template_version", *[("sandbox_template_version", k) for k in
-                                                   ("version", "source_kind", "architecture",
-                                                    "runtime_baseline", "build_spec", "skip_cache")],
-                     ("sandbox_template_version", "runtime_baseline", "cpu"),
-                     ("sandbox_template_version", "runtime_baseline", "memory_mb"),
-                     *[("sandbox_template_version", "build_spec", k) for k in BUILD_SPEC_KEYS])),
+    WriteRoute(
+        "sandbox-upload-url",
+        "POST",
+        {"path": "/tmp/a"},
+        _keys("path", "user", "use_signature_expiration", "expires_in_seconds"),
+    ),
+    WriteRoute(
+        "sandbox-download-url",
+        "POST",
+        {"path": "/tmp/a"},
+        _keys("path", "user", "use_signature_expiration", "expires_in_seconds"),
+    ),
+    WriteRoute(
+        "sandbox-template-list",
+        "POST",
+        {"sandbox_template": {"team": "acme", "slug": "new-lab"}},
+        _keys(
+            "sandbox_template",
+            "team",
+            *[("sandbox_template", k) for k in ("team", "slug", "name", "description", "metadata")],
+            ("sandbox_template", "metadata", "k"),
+        ),
+    ),
+    WriteRoute(
+        "sandbox-template-versions",
+        "POST",
+        VERSION_BODY,
+        _keys(
+            "sandbox_template_version",
+            *[
+                ("sandbox_template_version", k)
+                for k in (
+                    "version",
+                    "source_kind",
+                    "architecture",
+                    "runtime_baseline",
+                    "build_spec",
+                    "skip_cache",
+                )
+            ],
+            ("sandbox_template_version", "runtime_baseline", "cpu"),
+            ("sandbox_template_version", "runtime_baseline", "memory_mb"),
+            *[("sandbox_template_version", "build_spec", k) for k in BUILD_SPEC_KEYS],
+        ),
+    ),
     WriteRoute("sandbox-template-version", "DELETE", {}),
-    WriteRoute("template-build", "POST", {"name": "built:v1", "team": "acme", "build_spec": {}},
-               _keys("name", "cpu_count", "memory_mb", "tags", "build_spec", "team", "skip_cache",
-                     *[("build_spec", k) for k in BUILD_SPEC_KEYS], ("build_spec", "files", 0, "path"),
-                     ("build_spec", "packages", "apt"))),
+    WriteRoute(
+        "template-build",
+        "POST",
+        {"name": "built:v1", "team": "acme", "build_spec": {}},
+        _keys(
+            "name",
+            "cpu_count",
+            "memory_mb",
+            "tags",
+            "build_spec",
+            "team",
+            "skip_cache",
+            *[("build_spec", k) for k in BUILD_SPEC_KEYS],
+            ("build_spec", "files", 0, "path"),
+            ("build_spec", "packages", "apt"),
+        ),
+    ),
     WriteRoute("template-tags", "POST", {"target": "lab:v1", "tags": ["edge"]}, _keys("target", "tags")),
     WriteRoute("template-tags", "DELETE", {"name": "lab", "tags": ["stable"]}, _keys("name", "tags")),
     WriteRoute("team-list", "POST", {"slug": "new-team", "name": "New"}, _keys("slug", "name")),
@@ -194,16 +340,25 @@ class World:
     def path(self, name: str, kind: str = "own", **override: str) -> str:
         return PARAM.sub(lambda m: override.get(m[1], self.ids[m[1]][kind]), ROUTES[name][0])
 
-    def call(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json",
-             query: str = "", **extra: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        query: str = "",
+        **extra: Any,
+    ) -> Any:
         """One request (a mutation in a rolled-back savepoint); a broken contract is recorded."""
         if method in ("GET", "OPTIONS"):
-            response = self.client.generic(method, path, body, content_type=content_type,
-                                           QUERY_STRING=query, **extra)
+            response = self.client.generic(
+                method, path, body, content_type=content_type, QUERY_STRING=query, **extra
+            )
         else:
             with transaction.atomic():
-                response = self.client.generic(method, path, body, content_type=content_type,
-                                               QUERY_STRING=query, **extra)
+                response = self.client.generic(
+                    method, path, body, content_type=content_type, QUERY_STRING=query, **extra
+                )
                 transaction.set_rollback(True)
         self.count += 1
         problem = contract_problem(method, path, response)
@@ -244,15 +399,21 @@ def contract_problem(method: str, path: str, response: Any) -> str | None:
         body = json.loads(response.content, parse_constant=_reject_constant)
     except ValueError as exc:
         return f"{status} invalid JSON: {exc}"
-    if status >= 400 and not (isinstance(body, dict) and isinstance(body.get("error"), str)
-                              and isinstance(body.get("message"), str)):
+    if status >= 400 and not (
+        isinstance(body, dict) and isinstance(body.get("error"), str) and isinstance(body.get("message"), str)
+    ):
         return f"{status} not the error shape: {response.content[:120]!r}"
     return None
 
 
 @pytest.fixture
-def world(owner: Actor, outsider: Actor, acme: Team, base_version_row: TemplateVersion,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+def world(
+    owner: Actor,
+    outsider: Actor,
+    acme: Team,
+    base_version_row: TemplateVersion,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[World]:
     # given: runtime calls that succeed without a VM, and builds that are never queued
     monkeypatch.setattr(vm, "start", lambda sandbox, version, *, env_vars: vm.Started(1, "fake"))
     monkeypatch.setattr(vm, "pause", lambda sandbox: None)
@@ -264,15 +425,34 @@ def world(owner: Actor, outsider: Actor, acme: Team, base_version_row: TemplateV
     # given: one object of each kind in the caller's team and in another team
     host = base_version_row.host
     lab = Template.objects.create(team=acme, slug="lab", name="Lab")
-    lab_v1 = TemplateVersion.objects.create(template=lab, version="v1", status=VersionStatus.READY, cpu=1,
-                                            memory_mb=512, host=host, artifact_dir="/nonexistent")
+    lab_v1 = TemplateVersion.objects.create(
+        template=lab,
+        version="v1",
+        status=VersionStatus.READY,
+        cpu=1,
+        memory_mb=512,
+        host=host,
+        artifact_dir="/nonexistent",
+    )
     TemplateTag.objects.create(template=lab, tag="stable", version=lab_v1)
     theirs_team = outsider.personal_team
     theirs = Template.objects.create(team=theirs_team, slug="theirs", name="Theirs")
-    theirs_v1 = TemplateVersion.objects.create(template=theirs, version="v1", status=VersionStatus.READY,
-                                               cpu=1, memory_mb=512, host=host, artifact_dir="/nonexistent")
-    mine = SandboxFactory(team=acme, host=host, template=base_version_row.template,
-                          template_version=base_version_row, state=SandboxState.READY)
+    theirs_v1 = TemplateVersion.objects.create(
+        template=theirs,
+        version="v1",
+        status=VersionStatus.READY,
+        cpu=1,
+        memory_mb=512,
+        host=host,
+        artifact_dir="/nonexistent",
+    )
+    mine = SandboxFactory(
+        team=acme,
+        host=host,
+        template=base_version_row.template,
+        template_version=base_version_row,
+        state=SandboxState.READY,
+    )
     other = SandboxFactory(team=theirs_team, host=host, state=SandboxState.READY)
     spare_key, _ = api_key_create(user=owner.user, scope="write", name="spare")
     other_key = ApiKey.objects.filter(user=outsider.user).first()
@@ -420,9 +600,21 @@ def test_hostile_headers(world: World) -> None:
 
 
 def test_unknown_urls_and_odd_paths_are_json_404(world: World) -> None:
-    for path in ("/v1", "/v1/", "/v1/nope", "/v1/sandboxes/", "/v1/sandboxes/1/2/3", "/v1/%00",
-                 "/v1/sandboxes/1/pause/", "/v1/..%2f..%2fadmin", "/nope", "/" + "x" * 10000,
-                 "/v1/sandboxes/1%2f", "/v1/%ff%fe", "/v1/sandbox_limits%00"):
+    for path in (
+        "/v1",
+        "/v1/",
+        "/v1/nope",
+        "/v1/sandboxes/",
+        "/v1/sandboxes/1/2/3",
+        "/v1/%00",
+        "/v1/sandboxes/1/pause/",
+        "/v1/..%2f..%2fadmin",
+        "/nope",
+        "/" + "x" * 10000,
+        "/v1/sandboxes/1%2f",
+        "/v1/%ff%fe",
+        "/v1/sandbox_limits%00",
+    ):
         for method in METHODS:
             response = world.call(method, path, b"{}")
             # then: 404 (or 405 on the known prefix), always JSON
@@ -431,14 +623,28 @@ def test_unknown_urls_and_odd_paths_are_json_404(world: World) -> None:
     world.assert_clean()
 
 
-JSON_LEAVES = st.one_of(st.sampled_from(HOSTILE_VALUES), st.integers(), st.text(max_size=20),
-                        st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none())
-JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+JSON_LEAVES = st.one_of(
+    st.sampled_from(HOSTILE_VALUES),
+    st.integers(),
+    st.text(max_size=20),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.none(),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
 
 
-@settings(derandomize=True, max_examples=200, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    derandomize=True,
+    max_examples=200,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_hypothesis_combined_hostile_bodies(world: World, data: st.DataObject) -> None:
     # given: a write route and a body mixing hostile values into several of its known keys
@@ -476,8 +682,10 @@ def test_oversized_body_is_a_json_413(owner: Actor, settings: Any) -> None:
 
     # then
     assert response.status_code == 413
-    assert response.json() == {"error": "payload_too_large",
-                               "message": "The request body is larger than 1024 bytes."}
+    assert response.json() == {
+        "error": "payload_too_large",
+        "message": "The request body is larger than 1024 bytes.",
+    }
 
 
 def test_oversized_body_read_by_the_idempotency_check_is_a_json_413(owner: Actor, settings: Any) -> None:
@@ -487,21 +695,32 @@ def test_oversized_body_read_by_the_idempotency_check_is_a_json_413(owner: Actor
     client.raise_request_exception = False
 
     # when
-    response = client.generic("POST", "/v1/sandboxes", b"{}" + b" " * 2000, content_type="application/json",
-                              HTTP_IDEMPOTENCY_KEY="k1")
+    response = client.generic(
+        "POST",
+        "/v1/sandboxes",
+        b"{}" + b" " * 2000,
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY="k1",
+    )
 
     # then
     assert response.status_code == 413
     assert response.json()["error"] == "payload_too_large"
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (b"[" * DEEP, "JSON parse error - nested deeper than 32 levels."),
-    (b'{"metadata": ' + b'{"a":' * 40 + b"1" + b"}" * 41, "JSON parse error - nested deeper than 32 levels."),
-    (b'{"timeout": NaN}', "JSON parse error - NaN is not a JSON number"),
-    (b'{"name": "\\ud800"}', "JSON parse error - name holds a lone surrogate (invalid Unicode)."),
-    (b'{"name": "\xff"}', "JSON parse error - the body is not valid utf-8 text."),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * DEEP, "JSON parse error - nested deeper than 32 levels."),
+        (
+            b'{"metadata": ' + b'{"a":' * 40 + b"1" + b"}" * 41,
+            "JSON parse error - nested deeper than 32 levels.",
+        ),
+        (b'{"timeout": NaN}', "JSON parse error - NaN is not a JSON number"),
+        (b'{"name": "\\ud800"}', "JSON parse error - name holds a lone surrogate (invalid Unicode)."),
+        (b'{"name": "\xff"}', "JSON parse error - the body is not valid utf-8 text."),
+    ],
+)
 def test_unparseable_bodies_are_400(owner: Actor, body: bytes, message: str) -> None:
     # when
     response = owner.client().generic("POST", "/v1/sandboxes", body, content_type="application/json")
@@ -511,19 +730,24 @@ def test_unparseable_bodies_are_400(owner: Actor, body: bytes, message: str) -> 
     assert response.json() == {"error": "bad_request", "message": message}
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"metadata": {"k": "a\x00b"}}, "metadata.k: must not contain NUL characters."),
-    ({"name": "x" * 201}, "name must be at most 200 characters."),
-    ({"name": "bad\x1bname"}, "name must not contain control characters."),
-    ({"metadata": {"k": "v" * 4097}}, "metadata.k must be at most 4096 characters."),
-    ({"metadata": {"k" * 257: "v"}},
-     "metadata keys must be 1 to 256 characters without control characters."),
-    ({"allow_out": True}, "allow_out must be a list."),
-    ({"template_version_id": "²"}, "template_version_id must be an integer id."),
-    ({"template_version_id": 2**63}, "template_version_id must be an integer id."),
-    ({"cpu_count": 2.0}, "cpu_count must be one of 1, 2, 4, 8."),
-    ({"envs": {"A\n": "x"}}, "envs: 'A\n' is not a valid variable name."),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"metadata": {"k": "a\x00b"}}, "metadata.k: must not contain NUL characters."),
+        ({"name": "x" * 201}, "name must be at most 200 characters."),
+        ({"name": "bad\x1bname"}, "name must not contain control characters."),
+        ({"metadata": {"k": "v" * 4097}}, "metadata.k must be at most 4096 characters."),
+        (
+            {"metadata": {"k" * 257: "v"}},
+            "metadata keys must be 1 to 256 characters without control characters.",
+        ),
+        ({"allow_out": True}, "allow_out must be a list."),
+        ({"template_version_id": "²"}, "template_version_id must be an integer id."),
+        ({"template_version_id": 2**63}, "template_version_id must be an integer id."),
+        ({"cpu_count": 2.0}, "cpu_count must be one of 1, 2, 4, 8."),
+        ({"envs": {"A\n": "x"}}, "envs: 'A\n' is not a valid variable name."),
+    ],
+)
 def test_bad_create_values_are_422_naming_the_field(owner: Actor, body: dict[str, Any], message: str) -> None:
     # when
     response = owner.client().post("/v1/sandboxes", body, format="json")
@@ -533,18 +757,28 @@ def test_bad_create_values_are_422_naming_the_field(owner: Actor, body: dict[str
     assert response.json()["message"] == message
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"sandbox_template": {"slug": "lab", "name": "n" * 201}},
-     "sandbox_template.name: Ensure this field has no more than 200 characters."),
-    ({"sandbox_template": {"slug": "lab x"}},
-     "sandbox_template.slug: must be lowercase letters, digits and dashes."),
-    ({"sandbox_template": {"slug": "lab", "metadata": [1]}}, "metadata must be an object."),
-    ({"sandbox_template": "lab"},
-     "sandbox_template: Invalid data. Expected a dictionary, but got str."),
-    ({"sandbox_template": {"slug": "lab", "team": ["acme"]}}, "sandbox_template.team: Not a valid string."),
-])
-def test_bad_template_bodies_are_422_naming_the_field(owner: Actor, body: dict[str, Any],
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"sandbox_template": {"slug": "lab", "name": "n" * 201}},
+            "sandbox_template.name: Ensure this field has no more than 200 characters.",
+        ),
+        (
+            {"sandbox_template": {"slug": "lab x"}},
+            "sandbox_template.slug: must be lowercase letters, digits and dashes.",
+        ),
+        ({"sandbox_template": {"slug": "lab", "metadata": [1]}}, "metadata must be an object."),
+        ({"sandbox_template": "lab"}, "sandbox_template: Invalid data. Expected a dictionary, but got str."),
+        (
+            {"sandbox_template": {"slug": "lab", "team": ["acme"]}},
+            "sandbox_template.team: Not a valid string.",
+        ),
+    ],
+)
+def test_bad_template_bodies_are_422_naming_the_field(
+    owner: Actor, body: dict[str, Any], message: str
+) -> None:
     # when
     response = owner.client().post("/v1/sandbox_templates", body, format="json")
 
@@ -555,8 +789,7 @@ def test_bad_template_bodies_are_422_naming_the_field(owner: Actor, body: dict[s
 
 def test_api_key_expiry_out_of_range_is_422(owner: Actor) -> None:
     # when
-    response = owner.client().post("/v1/api_keys", {"expires_at": "9999-12-31T23:59:59-14:00"},
-                                   format="json")
+    response = owner.client().post("/v1/api_keys", {"expires_at": "9999-12-31T23:59:59-14:00"}, format="json")
 
     # then
     assert response.status_code == 422
@@ -578,8 +811,9 @@ def test_ids_that_are_not_ascii_bigints_are_404(owner: Actor, raw_id: str) -> No
 
 def test_a_tag_with_a_trailing_newline_is_422(world: World) -> None:
     # when: `$` in a pattern would have matched before the newline
-    response = world.client.post("/v1/templates/tags", {"target": "lab:v1", "tags": ["edge\n"]},
-                                 format="json")
+    response = world.client.post(
+        "/v1/templates/tags", {"target": "lab:v1", "tags": ["edge\n"]}, format="json"
+    )
 
     # then
     assert response.status_code == 422
@@ -592,9 +826,11 @@ def test_nul_in_a_query_parameter_is_422(owner: Actor) -> None:
 
     # then
     assert response.status_code == 422
-    assert response.json() == {"error": "validation_failed",
-                               "message": "Query parameter 'team' must not contain NUL characters.",
-                               "errors": ["Query parameter 'team' must not contain NUL characters."]}
+    assert response.json() == {
+        "error": "validation_failed",
+        "message": "Query parameter 'team' must not contain NUL characters.",
+        "errors": ["Query parameter 'team' must not contain NUL characters."],
+    }
 
 
 @pytest.mark.parametrize("query", ["limit=²", "limit=" + "9" * 5000, "next_token=" + "9" * 20])

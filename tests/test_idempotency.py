@@ -18,8 +18,7 @@ pytestmark = pytest.mark.django_db
 
 
 def _post_team(actor: Actor, slug: str, key: str = "k-1"):
-    return actor.client().post("/v1/teams", {"slug": slug}, format="json",
-                               HTTP_IDEMPOTENCY_KEY=key)
+    return actor.client().post("/v1/teams", {"slug": slug}, format="json", HTTP_IDEMPOTENCY_KEY=key)
 
 
 def test_same_key_same_body_replays_without_doing_the_work_again(owner: Actor) -> None:
@@ -52,10 +51,15 @@ def test_same_key_different_body_is_422(owner: Actor) -> None:
 
 def test_json_formatting_does_not_change_the_request(owner: Actor) -> None:
     client = owner.client()
-    first = client.post("/v1/teams", '{"slug": "alpha", "name": "A"}',
-                        content_type="application/json", HTTP_IDEMPOTENCY_KEY="k")
-    second = client.post("/v1/teams", '{"name":"A","slug":"alpha"}',
-                         content_type="application/json", HTTP_IDEMPOTENCY_KEY="k")
+    first = client.post(
+        "/v1/teams",
+        '{"slug": "alpha", "name": "A"}',
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY="k",
+    )
+    second = client.post(
+        "/v1/teams", '{"name":"A","slug":"alpha"}', content_type="application/json", HTTP_IDEMPOTENCY_KEY="k"
+    )
 
     assert second.status_code == 201
     assert second.content == first.content
@@ -76,7 +80,8 @@ def test_request_arriving_while_the_first_runs_is_409(owner: Actor) -> None:
     first = _post_team(owner, "alpha", key="warm")  # learn the fingerprint of this request
     record = IdempotencyRecord.objects.get(api_key=api_key, key="warm")
     IdempotencyRecord.objects.filter(pk=record.pk).update(
-        state=IdempotencyState.IN_PROGRESS, response_status=None, response_body=None)
+        state=IdempotencyState.IN_PROGRESS, response_status=None, response_body=None
+    )
 
     # when the retry arrives
     response = _post_team(owner, "alpha", key="warm")
@@ -94,7 +99,8 @@ def test_abandoned_in_flight_record_is_taken_over_after_its_lease(owner: Actor) 
     _post_team(owner, "alpha", key="crashed")
     Team.objects.filter(slug="alpha").delete()
     IdempotencyRecord.objects.filter(api_key=api_key, key="crashed").update(
-        state=IdempotencyState.IN_PROGRESS, lease_expires_at=timezone.now() - timedelta(seconds=1))
+        state=IdempotencyState.IN_PROGRESS, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
 
     response = _post_team(owner, "alpha", key="crashed")
 
@@ -117,8 +123,9 @@ def test_records_expire_after_24_hours(owner: Actor) -> None:
     _post_team(owner, "alpha", key="ttl")
     record = IdempotencyRecord.objects.get(key="ttl")
 
-    assert record.expires_at - record.created_at == pytest.approx(timedelta(hours=24),
-                                                                  abs=timedelta(seconds=5))
+    assert record.expires_at - record.created_at == pytest.approx(
+        timedelta(hours=24), abs=timedelta(seconds=5)
+    )
 
 
 def test_reads_and_unauthenticated_requests_are_not_recorded(owner: Actor) -> None:
@@ -143,13 +150,15 @@ def test_claim_outcomes_in_order(owner: Actor) -> None:
     other = idempotency_claim(api_key=api_key, key="c", fingerprint="f2")
 
     assert (first.outcome, again.outcome, other.outcome) == (
-        Outcome.STARTED, Outcome.IN_PROGRESS, Outcome.MISMATCH)
+        Outcome.STARTED,
+        Outcome.IN_PROGRESS,
+        Outcome.MISMATCH,
+    )
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_requests_with_one_key_have_one_effect(require_postgres: None,
-                                                          owner: Actor) -> None:
+def test_concurrent_requests_with_one_key_have_one_effect(require_postgres: None, owner: Actor) -> None:
     # given 12 clients sending the same key-creating request with one key at once
     # (creating an API key is not unique by itself, so only idempotency limits it)
     barrier = threading.Barrier(12)
@@ -160,8 +169,9 @@ def test_concurrent_requests_with_one_key_have_one_effect(require_postgres: None
         try:
             client = owner.client()
             barrier.wait()
-            response = client.post("/v1/api_keys", {"name": "race"}, format="json",
-                                   HTTP_IDEMPOTENCY_KEY="race-key")
+            response = client.post(
+                "/v1/api_keys", {"name": "race"}, format="json", HTTP_IDEMPOTENCY_KEY="race-key"
+            )
             with lock:
                 responses.append((response.status_code, response.content))
         finally:
@@ -186,14 +196,16 @@ def test_concurrent_requests_with_one_key_have_one_effect(require_postgres: None
 
 def test_a_replayed_new_key_is_never_stored_in_clear(owner: Actor) -> None:
     # given a new API key minted under an Idempotency-Key
-    first = owner.client().post("/v1/api_keys", {"name": "ci", "scope": "read"}, format="json",
-                                HTTP_IDEMPOTENCY_KEY="mint-1")
+    first = owner.client().post(
+        "/v1/api_keys", {"name": "ci", "scope": "read"}, format="json", HTTP_IDEMPOTENCY_KEY="mint-1"
+    )
     assert first.status_code == 201, first.content
     secret = first.json()["key"]
 
     # when the request is retried
-    replay = owner.client().post("/v1/api_keys", {"name": "ci", "scope": "read"}, format="json",
-                                 HTTP_IDEMPOTENCY_KEY="mint-1")
+    replay = owner.client().post(
+        "/v1/api_keys", {"name": "ci", "scope": "read"}, format="json", HTTP_IDEMPOTENCY_KEY="mint-1"
+    )
 
     # then the caller gets the same key back, but the stored record never holds it in clear
     assert replay.content == first.content

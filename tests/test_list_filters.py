@@ -21,8 +21,10 @@ def test_sandbox_state_filter_refuses_an_unknown_state_naming_the_choices(owner:
 
     # then
     assert response.status_code == 422
-    message = ("state: Unknown state 'sleeping'; use one of creating, ready, restoring, checkpointing, "
-               "stopping, stopped, expired, failed, lost, destroyed, running, paused.")
+    message = (
+        "state: Unknown state 'sleeping'; use one of creating, ready, restoring, checkpointing, "
+        "stopping, stopped, expired, failed, lost, destroyed, running, paused."
+    )
     assert response.json() == {"error": "validation_failed", "message": message, "errors": [message]}
 
 
@@ -65,24 +67,27 @@ def test_template_list_refuses_an_unknown_visibility(owner: Actor) -> None:
 def test_template_version_list_filters_by_status(owner: Actor, acme: Team) -> None:
     # given
     template = Template.objects.create(team=acme, slug="python-ci", name="Python CI")
-    ready = TemplateVersion.objects.create(template=template, version="v1", status=VersionStatus.READY,
-                                           cpu=1, memory_mb=512)
-    failed = TemplateVersion.objects.create(template=template, version="v2", status=VersionStatus.FAILED,
-                                            cpu=1, memory_mb=512)
-    TemplateVersion.objects.create(template=template, version="v3", status=VersionStatus.BUILDING,
-                                   cpu=1, memory_mb=512)
+    ready = TemplateVersion.objects.create(
+        template=template, version="v1", status=VersionStatus.READY, cpu=1, memory_mb=512
+    )
+    failed = TemplateVersion.objects.create(
+        template=template, version="v2", status=VersionStatus.FAILED, cpu=1, memory_mb=512
+    )
+    TemplateVersion.objects.create(
+        template=template, version="v3", status=VersionStatus.BUILDING, cpu=1, memory_mb=512
+    )
 
     # when
-    response = owner.client().get(
-        f"/v1/sandbox_templates/{template.pk}/versions?status=ready&status=failed")
+    response = owner.client().get(f"/v1/sandbox_templates/{template.pk}/versions?status=ready&status=failed")
     bad = owner.client().get(f"/v1/sandbox_templates/{template.pk}/versions?status=done")
 
     # then
     assert response.status_code == 200
     assert [v["id"] for v in response.json()["sandbox_template_versions"]] == [failed.pk, ready.pk]
     assert bad.status_code == 422
-    assert bad.json()["message"] == ("status: Select a valid choice. done is not one of the "
-                                     "available choices.")
+    assert bad.json()["message"] == (
+        "status: Select a valid choice. done is not one of the available choices."
+    )
 
 
 def test_api_key_list_filters_by_scope_and_revocation(owner: Actor) -> None:
@@ -103,10 +108,13 @@ def test_api_key_list_filters_by_scope_and_revocation(owner: Actor) -> None:
     assert [k["id"] for k in revoked] == [read_key.pk]
 
 
-@pytest.mark.parametrize(("query", "message"), [
-    ("revoked=yes", "revoked: Select a valid choice. yes is not one of the available choices."),
-    ("scope=admin", "scope: Select a valid choice. admin is not one of the available choices."),
-])
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("revoked=yes", "revoked: Select a valid choice. yes is not one of the available choices."),
+        ("scope=admin", "scope: Select a valid choice. admin is not one of the available choices."),
+    ],
+)
 def test_api_key_list_refuses_unreadable_filters(owner: Actor, query: str, message: str) -> None:
     # when
     response = owner.client().get(f"/v1/api_keys?{query}")

@@ -46,14 +46,25 @@ def _path(route: str, values: dict[str, str]) -> str:
 @pytest.fixture
 def path_values(owner: Actor) -> dict[str, str]:
     sandbox = SandboxFactory(team=owner.personal_team)
-    return {"sandbox_id": str(sandbox.pk), "port": "8080", "template_id": "base", "version_id": "1",
-            "build_id": "1", "alias": "base", "template": "base", "slug": owner.personal_team.slug,
-            "key_id": "1"}
+    return {
+        "sandbox_id": str(sandbox.pk),
+        "port": "8080",
+        "template_id": "base",
+        "version_id": "1",
+        "build_id": "1",
+        "alias": "base",
+        "template": "base",
+        "slug": owner.personal_team.slug,
+        "key_id": "1",
+    }
 
 
 @pytest.mark.parametrize("caller", ["write key", "read key", "no key"])
-def test_every_route_answers_only_its_methods_and_405s_in_the_shape(owner: Actor, path_values,  # type: ignore[no-untyped-def]
-                                                                    caller: str) -> None:
+def test_every_route_answers_only_its_methods_and_405s_in_the_shape(
+    owner: Actor,
+    path_values,  # type: ignore[no-untyped-def]
+    caller: str,
+) -> None:
     from rest_framework.test import APIClient
 
     client = {"write key": owner.client(), "read key": owner.client("read"), "no key": APIClient()}[caller]
@@ -80,8 +91,10 @@ def test_every_route_answers_only_its_methods_and_405s_in_the_shape(owner: Actor
 
 def test_the_schema_lists_only_the_methods_each_route_implements(owner: Actor) -> None:
     schema = owner.client().get("/v1/schema?format=json").json()
-    by_path = {route.removeprefix("/v1").replace("<str:", "{").replace(">", "}"): view
-               for route, view in _v1_routes()}
+    by_path = {
+        route.removeprefix("/v1").replace("<str:", "{").replace(">", "}"): view
+        for route, view in _v1_routes()
+    }
 
     for path, operations in schema["paths"].items():
         view = by_path[path.removeprefix("/v1")]
@@ -100,27 +113,36 @@ def test_unknown_lifecycle_keys_are_named_with_the_closest_known_one(owner: Acto
     assert not Sandbox.objects.exists()
 
 
-@pytest.mark.parametrize(("body", "problem"), [
-    ({"auto_pause": True, "lifecycle": {"on_timeout": "kill"}}, "auto_pause is true but"),
-    ({"lifecycle": {"on_timeout": "pause", "onTimeout": "kill"}}, "name the same setting"),
-    ({"lifecycle": {"on_timeout": "pause", "auto_resume": True, "autoResume": False}},
-     "name the same setting"),
-    ({"lifecycle": {"on_timeout": ""}}, "must be 'kill' or 'pause'"),
-    ({"lifecycle": {"on_timeout": False}}, "must be 'kill' or 'pause'"),
-])
-def test_a_lifecycle_that_contradicts_itself_is_refused_never_guessed(owner: Actor, body: dict,
-                                                                      problem: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"auto_pause": True, "lifecycle": {"on_timeout": "kill"}}, "auto_pause is true but"),
+        ({"lifecycle": {"on_timeout": "pause", "onTimeout": "kill"}}, "name the same setting"),
+        (
+            {"lifecycle": {"on_timeout": "pause", "auto_resume": True, "autoResume": False}},
+            "name the same setting",
+        ),
+        ({"lifecycle": {"on_timeout": ""}}, "must be 'kill' or 'pause'"),
+        ({"lifecycle": {"on_timeout": False}}, "must be 'kill' or 'pause'"),
+    ],
+)
+def test_a_lifecycle_that_contradicts_itself_is_refused_never_guessed(
+    owner: Actor, body: dict, problem: str
+) -> None:
     response = owner.client().post("/v1/sandboxes", body, format="json")
 
     assert response.status_code == 422, response.content
     assert response.json()["error"] == "invalid_lifecycle" and problem in response.json()["message"]
 
 
-@pytest.mark.parametrize(("body", "on_timeout"), [
-    ({"auto_pause": True, "lifecycle": {}}, "pause"),  # auto_pause fills what lifecycle leaves out
-    ({"auto_pause": False, "lifecycle": {"on_timeout": "pause"}}, "pause"),  # what beta_create sends
-    ({"lifecycle": {"on_timeout": None}}, "kill"),
-])
+@pytest.mark.parametrize(
+    ("body", "on_timeout"),
+    [
+        ({"auto_pause": True, "lifecycle": {}}, "pause"),  # auto_pause fills what lifecycle leaves out
+        ({"auto_pause": False, "lifecycle": {"on_timeout": "pause"}}, "pause"),  # what beta_create sends
+        ({"lifecycle": {"on_timeout": None}}, "kill"),
+    ],
+)
 def test_auto_pause_and_lifecycle_agree(body: dict, on_timeout: str) -> None:
     from sandboxes.api.serializers import SandboxCreateSerializer
 
@@ -137,16 +159,26 @@ def test_an_unknown_lifecycle_key_unlike_any_lists_the_known_ones(owner: Actor) 
     assert "known keys: autoResume, auto_resume, onTimeout, on_timeout" in response.json()["message"]
 
 
-@pytest.mark.parametrize(("key", "meant"), [("timeuot", "timeout"), ("templat", "template"),
-                                            ("metdata", "metadata"), ("auto_puase", "auto_pause"),
-                                            ("allow_internet_acess", "allow_internet_access"),
-                                            ("Timeout", "timeout"),
-                                            # keys other APIs use for ours (they changed nothing)
-                                            ("cpu", "cpu_count"), ("vcpus", "cpu_count"),
-                                            ("ram_mb", "memory_mb"), ("on_timeout", "lifecycle.on_timeout"),
-                                            ("auto_resume", "lifecycle.auto_resume"),
-                                            ("CPU", "cpu_count"), ("autoResume", "lifecycle.auto_resume"),
-                                            ("onTimeout", "lifecycle.on_timeout")])
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("timeuot", "timeout"),
+        ("templat", "template"),
+        ("metdata", "metadata"),
+        ("auto_puase", "auto_pause"),
+        ("allow_internet_acess", "allow_internet_access"),
+        ("Timeout", "timeout"),
+        # keys other APIs use for ours (they changed nothing)
+        ("cpu", "cpu_count"),
+        ("vcpus", "cpu_count"),
+        ("ram_mb", "memory_mb"),
+        ("on_timeout", "lifecycle.on_timeout"),
+        ("auto_resume", "lifecycle.auto_resume"),
+        ("CPU", "cpu_count"),
+        ("autoResume", "lifecycle.auto_resume"),
+        ("onTimeout", "lifecycle.on_timeout"),
+    ],
+)
 def test_near_misses_of_create_keys_are_refused_with_did_you_mean(owner: Actor, key: str, meant: str) -> None:
     response = owner.client().post("/v1/sandboxes", {key: 5}, format="json")
 
@@ -157,8 +189,14 @@ def test_near_misses_of_create_keys_are_refused_with_did_you_mean(owner: Actor, 
 
 
 def test_other_unknown_top_level_keys_pass_through_as_the_spec_says(owner: Actor) -> None:
-    body = {"template": "no-such-template", "secure": True, "client_trace": "abc", "x_sdk_option": 1,
-            "exposed_ports": [], "beta_create": True}
+    body = {
+        "template": "no-such-template",
+        "secure": True,
+        "client_trace": "abc",
+        "x_sdk_option": 1,
+        "exposed_ports": [],
+        "beta_create": True,
+    }
 
     response = owner.client().post("/v1/sandboxes", body, format="json")
 
@@ -176,14 +214,16 @@ def test_egress_profiles_are_refused_until_they_are_enforced(owner: Actor) -> No
 
 
 def _running(owner: Actor, *, remaining: int, timeout: int = 300) -> Sandbox:
-    return SandboxFactory(team=owner.personal_team, timeout=timeout,
-                          deadline_at=timezone.now() + timedelta(seconds=remaining))
+    return SandboxFactory(
+        team=owner.personal_team, timeout=timeout, deadline_at=timezone.now() + timedelta(seconds=remaining)
+    )
 
 
 @pytest.mark.parametrize("route", ["connect", "resume"])
 @pytest.mark.parametrize("body", [{}, {"timeout": 60}])
-def test_connect_or_resume_of_a_running_sandbox_never_shortens_its_deadline(owner: Actor, route: str,
-                                                                           body: dict) -> None:
+def test_connect_or_resume_of_a_running_sandbox_never_shortens_its_deadline(
+    owner: Actor, route: str, body: dict
+) -> None:
     sandbox = _running(owner, remaining=3000)
     before = sandbox.deadline_at
 
@@ -232,20 +272,32 @@ def test_set_timeout_may_shorten_a_running_sandbox(owner: Actor) -> None:
 # --- destroyed sandboxes and previews that cannot work ---------------------------------------
 
 
-@pytest.mark.parametrize(("method", "route"), [
-    ("POST", "connect"), ("POST", "resume"), ("POST", "pause"), ("POST", "timeout"),
-    ("POST", "files/download_url"), ("GET", "ports/8080")])
-def test_an_action_on_a_destroyed_sandbox_says_it_was_destroyed(owner: Actor, method: str,
-                                                                route: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [
+        ("POST", "connect"),
+        ("POST", "resume"),
+        ("POST", "pause"),
+        ("POST", "timeout"),
+        ("POST", "files/download_url"),
+        ("GET", "ports/8080"),
+    ],
+)
+def test_an_action_on_a_destroyed_sandbox_says_it_was_destroyed(
+    owner: Actor, method: str, route: str
+) -> None:
     sandbox = SandboxFactory(team=owner.personal_team, state=S.DESTROYED)
     body = {"timeout": 60, "path": "/tmp/x"}
 
-    response = owner.client().generic(method, f"/v1/sandboxes/{sandbox.pk}/{route}",
-                                      json.dumps(body), content_type="application/json")
+    response = owner.client().generic(
+        method, f"/v1/sandboxes/{sandbox.pk}/{route}", json.dumps(body), content_type="application/json"
+    )
 
     assert response.status_code == 404, response.content
-    assert response.json() == {"error": "sandbox_not_found", "message": f"Sandbox {sandbox.pk} was "
-                               "destroyed; its files and processes are gone."}
+    assert response.json() == {
+        "error": "sandbox_not_found",
+        "message": f"Sandbox {sandbox.pk} was destroyed; its files and processes are gone.",
+    }
     assert owner.client().get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]["state"] == "destroyed"
 
 
@@ -261,7 +313,8 @@ def test_the_agents_own_port_is_no_preview(owner: Actor) -> None:
 def test_a_signed_url_names_the_file_itself(owner: Actor, path: str) -> None:
     sandbox = SandboxFactory(team=owner.personal_team)
 
-    response = owner.client().post(f"/v1/sandboxes/{sandbox.pk}/files/download_url", {"path": path},
-                                   format="json")
+    response = owner.client().post(
+        f"/v1/sandboxes/{sandbox.pk}/files/download_url", {"path": path}, format="json"
+    )
 
     assert response.status_code == 422 and response.json()["error"] == "invalid_path", response.content

@@ -45,8 +45,12 @@ def real_agent() -> Iterator[RealAgent]:
 
 @pytest.fixture
 def sandbox(owner: Actor, real_agent: RealAgent) -> Sandbox:
-    return SandboxFactory(team=owner.personal_team, state=SandboxState.READY, agent_port=real_agent.port,
-                          agent_secret_encrypted=crypto.encrypt_text(SECRET))
+    return SandboxFactory(
+        team=owner.personal_team,
+        state=SandboxState.READY,
+        agent_port=real_agent.port,
+        agent_secret_encrypted=crypto.encrypt_text(SECRET),
+    )
 
 
 def _dp(edge: ServerThread, sandbox: Sandbox) -> str:
@@ -58,9 +62,12 @@ def _auth(sandbox: Sandbox) -> dict[str, str]:
 
 
 def _file_url(edge: ServerThread, owner: Actor, sandbox: Sandbox, kind: str, path: Path | str) -> str:
-    response = requests.post(f"{edge.url}/v1/sandboxes/{sandbox.pk}/files/{kind}_url",
-                             json={"path": str(path)}, timeout=10,
-                             headers={"Authorization": f"Bearer {owner.write_key}"})
+    response = requests.post(
+        f"{edge.url}/v1/sandboxes/{sandbox.pk}/files/{kind}_url",
+        json={"path": str(path)},
+        timeout=10,
+        headers={"Authorization": f"Bearer {owner.write_key}"},
+    )
     assert response.status_code == 200, response.text
     return str(response.json()["file_url"]["url"])
 
@@ -76,9 +83,12 @@ def test_a_multipart_signed_upload_stores_its_first_file_part(edge, owner, sandb
     content = bytes(range(256)) * 64 + b"\r\n--not-the-boundary\r\n"
 
     # when it is posted as multipart/form-data (what requests, curl -F and browsers send)
-    response = requests.post(url, data={"note": "a field before the file"},
-                             files=[("file", ("in.bin", content)), ("other", ("b.bin", b"second file"))],
-                             timeout=30)
+    response = requests.post(
+        url,
+        data={"note": "a field before the file"},
+        files=[("file", ("in.bin", content)), ("other", ("b.bin", b"second file"))],
+        timeout=30,
+    )
 
     # then the file holds the first file part's bytes, not the envelope
     assert response.status_code == 200, response.text
@@ -87,34 +97,53 @@ def test_a_multipart_signed_upload_stores_its_first_file_part(edge, owner, sandb
 
 
 @edge_db
-@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "application/json",
-                                          "text/plain; charset=utf-8", "image/png",
-                                          "multipart/mixed; boundary=x"])
-def test_any_other_signed_upload_body_is_stored_raw_whatever_its_type(edge, owner, sandbox, tmp_path,
-                                                                      content_type) -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "application/x-www-form-urlencoded",
+        "application/json",
+        "text/plain; charset=utf-8",
+        "image/png",
+        "multipart/mixed; boundary=x",
+    ],
+)
+def test_any_other_signed_upload_body_is_stored_raw_whatever_its_type(
+    edge, owner, sandbox, tmp_path, content_type
+) -> None:
     target = tmp_path / "raw.bin"
     url = _file_url(edge, owner, sandbox, "upload", target)
     body = b'--x\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\nnot parsed\r\n--x--\r\n'
 
-    response = requests.post(url, data=body, headers={"Content-Type": content_type} if content_type else {},
-                             timeout=30)
+    response = requests.post(
+        url, data=body, headers={"Content-Type": content_type} if content_type else {}, timeout=30
+    )
 
     assert response.status_code == 200, response.text
     assert target.read_bytes() == body
 
 
 @edge_db
-@pytest.mark.parametrize(("content_type", "body", "problem"), [
-    ("multipart/form-data", b"--x\r\n\r\nbody\r\n--x--\r\n", "no valid boundary"),
-    ("multipart/form-data; boundary=x", b"just some bytes", "ends before a closing boundary"),
-    ("multipart/form-data; boundary=x",
-     b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n', "no file part"),
-    ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="f"',
-     "inside a part's headers"),
-])
-def test_a_malformed_multipart_upload_is_a_400_and_leaves_the_file_alone(edge, owner, sandbox, tmp_path,
-                                                                          content_type, body,
-                                                                          problem) -> None:
+@pytest.mark.parametrize(
+    ("content_type", "body", "problem"),
+    [
+        ("multipart/form-data", b"--x\r\n\r\nbody\r\n--x--\r\n", "no valid boundary"),
+        ("multipart/form-data; boundary=x", b"just some bytes", "ends before a closing boundary"),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n',
+            "no file part",
+        ),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="f"',
+            "inside a part's headers",
+        ),
+    ],
+)
+def test_a_malformed_multipart_upload_is_a_400_and_leaves_the_file_alone(
+    edge, owner, sandbox, tmp_path, content_type, body, problem
+) -> None:
     target = tmp_path / "kept.txt"
     target.write_bytes(b"before")
     url = _file_url(edge, owner, sandbox, "upload", target)
@@ -128,16 +157,18 @@ def test_a_malformed_multipart_upload_is_a_400_and_leaves_the_file_alone(edge, o
 
 
 @edge_db
-def test_a_multipart_upload_cut_inside_the_file_is_a_400_and_stores_nothing(edge, owner, sandbox,
-                                                                             tmp_path) -> None:
+def test_a_multipart_upload_cut_inside_the_file_is_a_400_and_stores_nothing(
+    edge, owner, sandbox, tmp_path
+) -> None:
     target = tmp_path / "cut.bin"
     target.write_bytes(b"the old contents")
     target.chmod(0o600)
     url = _file_url(edge, owner, sandbox, "upload", target)
     body = b'--x\r\nContent-Disposition: form-data; name="f"; filename="cut.bin"\r\n\r\n' + b"a" * 100_000
 
-    response = requests.post(url, data=body, headers={"Content-Type": "multipart/form-data; boundary=x"},
-                             timeout=30)
+    response = requests.post(
+        url, data=body, headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=30
+    )
 
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_multipart"
@@ -146,8 +177,12 @@ def test_a_multipart_upload_cut_inside_the_file_is_a_400_and_stores_nothing(edge
     assert target.read_bytes() == b"the old contents" and target.stat().st_mode & 0o777 == 0o600
     # and the agent drops what it had written beside the file once it sees the body end early
     # (the edge answers as soon as it knows; the agent notices a moment later)
-    wait_until(lambda: sorted(p.name for p in tmp_path.iterdir()), 30, "the partial upload to be removed",
-               until=lambda names: names == ["cut.bin"])
+    wait_until(
+        lambda: sorted(p.name for p in tmp_path.iterdir()),
+        30,
+        "the partial upload to be removed",
+        until=lambda names: names == ["cut.bin"],
+    )
 
 
 @edge_db
@@ -160,20 +195,28 @@ def test_a_raw_upload_cut_short_leaves_the_old_contents(edge, owner, sandbox, tm
     target.write_bytes(b"the old contents")
     url = urlsplit(_file_url(edge, owner, sandbox, "upload", target))
     with socket.create_connection(("127.0.0.1", edge.port), timeout=30) as conn:
-        conn.sendall(f"POST {url.path}?{url.query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     "Content-Length: 1000000\r\n\r\n".encode() + b"n" * 65536)
+        conn.sendall(
+            f"POST {url.path}?{url.query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Length: 1000000\r\n\r\n".encode()
+            + b"n" * 65536
+        )
         conn.shutdown(socket.SHUT_WR)
         conn.recv(65536)  # whatever the edge answers, or its hang-up
 
     # then the file is as it was, with nothing left beside it
-    wait_until(lambda: sorted(p.name for p in tmp_path.iterdir()), 30, "the agent to drop the partial upload",
-               until=lambda names: names == ["kept.bin"])
+    wait_until(
+        lambda: sorted(p.name for p in tmp_path.iterdir()),
+        30,
+        "the agent to drop the partial upload",
+        until=lambda names: names == ["kept.bin"],
+    )
     assert target.read_bytes() == b"the old contents"
 
 
 @edge_db
-def test_an_upload_replaces_a_file_keeping_its_mode_and_writes_through_a_symlink(edge, owner, sandbox,
-                                                                               tmp_path) -> None:
+def test_an_upload_replaces_a_file_keeping_its_mode_and_writes_through_a_symlink(
+    edge, owner, sandbox, tmp_path
+) -> None:
     target = tmp_path / "script.sh"
     target.write_bytes(b"echo old")
     target.chmod(0o750)
@@ -202,8 +245,9 @@ def test_a_large_multipart_upload_streams_through(edge, owner, sandbox, tmp_path
             yield block
         yield b"\r\n--bnd--\r\n"
 
-    response = requests.post(url, data=body(), headers={"Content-Type": "multipart/form-data; boundary=bnd"},
-                             timeout=120)
+    response = requests.post(
+        url, data=body(), headers={"Content-Type": "multipart/form-data; boundary=bnd"}, timeout=120
+    )
 
     assert response.status_code == 200, response.text
     assert target.stat().st_size == 384 * len(block)
@@ -212,7 +256,7 @@ def test_a_large_multipart_upload_streams_through(edge, owner, sandbox, tmp_path
 
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for at in range(0, len(data), size):
-        yield data[at:at + size]
+        yield data[at : at + size]
 
 
 async def _first_file(data: bytes, size: int) -> tuple[bytes, int]:
@@ -226,9 +270,11 @@ async def _first_file(data: bytes, size: int) -> tuple[bytes, int]:
 @pytest.mark.parametrize("size", [1, 2, 7, 13, 4096])
 def test_the_multipart_parser_finds_the_file_whatever_the_chunking(size: int) -> None:
     content = b"line one\r\n--b0undar\r\n-b0undary\r" * 50
-    body = (b"preamble\r\n--b0undary \t\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nvalue\r\n"
-            b"--b0undary\r\ncontent-disposition: form-data; name=\"f\"; filename*=UTF-8''%C3%A9.txt\r\n"
-            b"Content-Type: text/plain\r\n\r\n" + content + b"\r\n--b0undary--\r\nepilogue")
+    body = (
+        b'preamble\r\n--b0undary \t\r\nContent-Disposition: form-data; name="x"\r\n\r\nvalue\r\n'
+        b"--b0undary\r\ncontent-disposition: form-data; name=\"f\"; filename*=UTF-8''%C3%A9.txt\r\n"
+        b"Content-Type: text/plain\r\n\r\n" + content + b"\r\n--b0undary--\r\nepilogue"
+    )
 
     stored, biggest = asyncio.run(_first_file(body, size))
 
@@ -249,18 +295,23 @@ def test_a_multipart_body_cut_inside_the_file_is_malformed() -> None:
 
 
 @edge_db
-@pytest.mark.parametrize(("name", "disposition"), [
-    ("report.csv", 'attachment; filename="report.csv"'),
-    ('na"me\\.txt', 'attachment; filename="na_me_.txt"; filename*=UTF-8\'\'na%22me%5C.txt'),
-    ("naïve €.txt", "attachment; filename=\"na_ve _.txt\"; filename*=UTF-8''na%C3%AFve%20%E2%82%AC.txt"),
-])
-def test_downloads_carry_content_disposition_with_the_file_name(edge, owner, sandbox, tmp_path, name,
-                                                                disposition) -> None:
+@pytest.mark.parametrize(
+    ("name", "disposition"),
+    [
+        ("report.csv", 'attachment; filename="report.csv"'),
+        ('na"me\\.txt', "attachment; filename=\"na_me_.txt\"; filename*=UTF-8''na%22me%5C.txt"),
+        ("naïve €.txt", "attachment; filename=\"na_ve _.txt\"; filename*=UTF-8''na%C3%AFve%20%E2%82%AC.txt"),
+    ],
+)
+def test_downloads_carry_content_disposition_with_the_file_name(
+    edge, owner, sandbox, tmp_path, name, disposition
+) -> None:
     target = tmp_path / name
     target.write_bytes(b"data")
 
-    read = requests.get(f"{_dp(edge, sandbox)}/files", params={"path": str(target)}, headers=_auth(sandbox),
-                        timeout=10)
+    read = requests.get(
+        f"{_dp(edge, sandbox)}/files", params={"path": str(target)}, headers=_auth(sandbox), timeout=10
+    )
     signed = requests.get(_file_url(edge, owner, sandbox, "download", target), timeout=10)
 
     for response in (read, signed):
@@ -276,37 +327,56 @@ def test_downloads_carry_content_disposition_with_the_file_name(edge, owner, san
 def test_sdk_stdin_refusal_unknown_process_and_recursive_watch(edge, owner, sandbox, tmp_path) -> None:
     from tests.sdk import run_scenario
 
-    output = run_scenario("no_surprises", api_url=f"{edge.url}/v1", api_key=owner.write_key,
-                          args=(str(sandbox.pk), str(tmp_path)), timeout=120)
+    output = run_scenario(
+        "no_surprises",
+        api_url=f"{edge.url}/v1",
+        api_key=owner.write_key,
+        args=(str(sandbox.pk), str(tmp_path)),
+        timeout=120,
+    )
 
     assert output == "ok\n"
 
 
 @pytest.mark.vm
 @edge_db
-def test_on_a_real_vm_uploads_downloads_stdin_and_watches_tell_the_truth(edge, owner, base_version,
-                                                                          vm_cleanup) -> None:
+def test_on_a_real_vm_uploads_downloads_stdin_and_watches_tell_the_truth(
+    edge, owner, base_version, vm_cleanup
+) -> None:
     from tests.sdk import run_scenario
 
     # given a sandbox created through the API, booted from the base template
-    response = requests.post(f"{edge.url}/v1/sandboxes", json={"timeout": 600}, timeout=150,
-                             headers={"Authorization": f"Bearer {owner.write_key}"})
+    response = requests.post(
+        f"{edge.url}/v1/sandboxes",
+        json={"timeout": 600},
+        timeout=150,
+        headers={"Authorization": f"Bearer {owner.write_key}"},
+    )
     assert response.status_code == 201, response.text
     sandbox = Sandbox.objects.get(pk=response.json()["sandbox"]["id"])
 
     # when a form uploads a file to a signed URL and a signed URL downloads it
-    upload = requests.post(_file_url(edge, owner, sandbox, "upload", "/tmp/ns/été.txt"),
-                           files={"file": ("été.txt", b"summer")}, timeout=60)
+    upload = requests.post(
+        _file_url(edge, owner, sandbox, "upload", "/tmp/ns/été.txt"),
+        files={"file": ("été.txt", b"summer")},
+        timeout=60,
+    )
     download = requests.get(_file_url(edge, owner, sandbox, "download", "/tmp/ns/été.txt"), timeout=60)
 
     # then the file's bytes went in and came out, named
     assert upload.status_code == 200, upload.text
     assert download.content == b"summer"
-    assert download.headers["content-disposition"] == ("attachment; filename=\"_t_.txt\"; "
-                                                       "filename*=UTF-8''%C3%A9t%C3%A9.txt")
+    assert download.headers["content-disposition"] == (
+        "attachment; filename=\"_t_.txt\"; filename*=UTF-8''%C3%A9t%C3%A9.txt"
+    )
     # and the SDK's stdin, unknown-process and recursive-watch cases hold in the guest too
-    output = run_scenario("no_surprises", api_url=f"{edge.url}/v1", api_key=owner.write_key,
-                          args=(str(sandbox.pk), "/tmp/ns/watched"), timeout=300)
+    output = run_scenario(
+        "no_surprises",
+        api_url=f"{edge.url}/v1",
+        api_key=owner.write_key,
+        args=(str(sandbox.pk), "/tmp/ns/watched"),
+        timeout=300,
+    )
     assert output == "ok\n"
 
 
@@ -357,8 +427,13 @@ def test_a_watch_sees_an_upload_as_the_write_of_its_file_never_its_temp_name(edg
         assert json.loads(socket.recv(timeout=10)) == {"type": "ready"}
         # when a new file and an existing one are uploaded (each written beside itself, renamed in)
         for name in ("new.txt", "old.txt"):
-            written = requests.put(f"{_dp(edge, sandbox)}/files", params={"path": str(tmp_path / name)},
-                                   data=b"fresh", headers=_auth(sandbox), timeout=30)
+            written = requests.put(
+                f"{_dp(edge, sandbox)}/files",
+                params={"path": str(tmp_path / name)},
+                data=b"fresh",
+                headers=_auth(sandbox),
+                timeout=30,
+            )
             assert written.status_code == 200, written.text
 
         def both_written() -> bool:
@@ -390,8 +465,9 @@ def test_a_dropped_process_record_is_named_as_such(monkeypatch) -> None:
 
     assert first.value.status == never.value.status == 404
     assert first.value.message.startswith("process proc-1 finished at ")
-    assert first.value.message.endswith("its record was dropped: the sandbox keeps the 1 most recently "
-                                        "finished processes")
+    assert first.value.message.endswith(
+        "its record was dropped: the sandbox keeps the 1 most recently finished processes"
+    )
     assert never.value.message == "no process proc-99 was started in this sandbox"
 
 
@@ -492,12 +568,20 @@ def test_previews_pass_every_method_to_the_app(edge, sandbox) -> None:
 
 
 @edge_db
-@pytest.mark.parametrize("path", ["/sandboxes-dp/{token}/", "/sandboxes-dp/{token}/runtime/v1/nope",
-                                  "/sandboxes-dp/{token}/elsewhere", "/sandboxes-preview/{token}/0/x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/sandboxes-dp/{token}/",
+        "/sandboxes-dp/{token}/runtime/v1/nope",
+        "/sandboxes-dp/{token}/elsewhere",
+        "/sandboxes-preview/{token}/0/x",
+    ],
+)
 def test_addresses_outside_the_route_table_are_404_for_every_method(edge, sandbox, path) -> None:
     for method in METHODS:
-        status, _, body = raw_request(edge.port, method, path.format(token=sandbox.route_token),
-                                      headers=_auth(sandbox))
+        status, _, body = raw_request(
+            edge.port, method, path.format(token=sandbox.route_token), headers=_auth(sandbox)
+        )
         assert status == 404, (method, path, status, body)
         if method != "HEAD":
             assert json.loads(body)["error"] == "not_found", (method, path, body)

@@ -52,8 +52,7 @@ def test_no_room_is_a_clear_overloaded_error() -> None:
         host_place(cpu=1, memory_mb=512)
 
     assert raised.value.code == "sandbox_overloaded"
-    assert raised.value.message == (
-        "No host has room for 1 vCPU and 512 MB right now; retry later.")
+    assert raised.value.message == ("No host has room for 1 vCPU and 512 MB right now; retry later.")
     assert raised.value.extra == {"reason": {"message": raised.value.message}}
 
 
@@ -67,10 +66,12 @@ def test_the_admin_refuses_host_memory_beyond_what_the_host_holds(admin_client, 
     form = {k: v for k, v in model_to_dict(local_host).items() if v is not None}
 
     # when an operator asks for more guest memory than that, then for exactly that
-    too_much = admin_client.post(f"/admin/sandboxes/host/{local_host.pk}/change/",
-                                 {**form, "memory_capacity_mb": physical + 1})
-    exact = admin_client.post(f"/admin/sandboxes/host/{local_host.pk}/change/",
-                              {**form, "memory_capacity_mb": physical})
+    too_much = admin_client.post(
+        f"/admin/sandboxes/host/{local_host.pk}/change/", {**form, "memory_capacity_mb": physical + 1}
+    )
+    exact = admin_client.post(
+        f"/admin/sandboxes/host/{local_host.pk}/change/", {**form, "memory_capacity_mb": physical}
+    )
 
     # then the first is refused with the reason, the second saved
     assert too_much.status_code == 200

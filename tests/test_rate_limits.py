@@ -10,8 +10,9 @@ from tests.conftest import Actor
 pytestmark = pytest.mark.django_db
 
 
-def test_a_key_over_its_rate_gets_429_and_others_are_unaffected(owner: Actor, outsider: Actor,
-                                                                 settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_over_its_rate_gets_429_and_others_are_unaffected(
+    owner: Actor, outsider: Actor, settings
+) -> None:  # type: ignore[no-untyped-def]
     # given a limit of 3 requests a minute per key
     settings.API_RATE_LIMIT = "3/min"
     cache.clear()

@@ -51,22 +51,26 @@ def test_start_from_snapshot_agent_answers(vm_cleanup: LibvirtDriver, snapshot: 
     assert vm_cleanup.stats(sandbox.name).state == "running"
 
 
-def test_the_guest_runs_the_agent_zipapp_of_this_checkout(vm_cleanup: LibvirtDriver,
-                                                          snapshot: MemorySnapshot) -> None:
+def test_the_guest_runs_the_agent_zipapp_of_this_checkout(
+    vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot
+) -> None:
     # given a sandbox restored from the base template's memory snapshot
     sandbox = _start(vm_cleanup, snapshot)
 
     # when the guest is asked what it holds and what runs its commands (their parent: the agent)
-    result = sandbox.client.exec("ls /opt/watasu; sha256sum /opt/watasu/agent.pyz; "
-                                 "tr '\\0' ' ' < /proc/$PPID/cmdline")
+    result = sandbox.client.exec(
+        "ls /opt/watasu; sha256sum /opt/watasu/agent.pyz; tr '\\0' ' ' < /proc/$PPID/cmdline"
+    )
 
     # then the image holds one file, the zipapp built from these sources, and the agent is it
-    assert result["stdout"] == (f"agent.pyz\n{agent_digest()}  /opt/watasu/agent.pyz\n"
-                                "/usr/bin/python3 -S -u /opt/watasu/agent.pyz ")
+    assert result["stdout"] == (
+        f"agent.pyz\n{agent_digest()}  /opt/watasu/agent.pyz\n/usr/bin/python3 -S -u /opt/watasu/agent.pyz "
+    )
 
 
-def test_agent_refuses_requests_without_its_secret(vm_cleanup: LibvirtDriver,
-                                                   snapshot: MemorySnapshot) -> None:
+def test_agent_refuses_requests_without_its_secret(
+    vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot
+) -> None:
     sandbox = _start(vm_cleanup, snapshot)
 
     for token in (None, "wrong-secret-0123456789", snapshot.agent_secret):
@@ -76,8 +80,9 @@ def test_agent_refuses_requests_without_its_secret(vm_cleanup: LibvirtDriver,
         AgentClient(sandbox.spec.agent_host_port).init(auth=snapshot.agent_secret, secret="x" * 32)
 
 
-def test_two_clones_share_neither_secret_nor_clock_nor_entropy(vm_cleanup: LibvirtDriver,
-                                                               snapshot: MemorySnapshot) -> None:
+def test_two_clones_share_neither_secret_nor_clock_nor_entropy(
+    vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot
+) -> None:
     a, b = _start(vm_cleanup, snapshot), _start(vm_cleanup, snapshot)
 
     assert a.client.secret != b.client.secret
@@ -90,8 +95,7 @@ def test_two_clones_share_neither_secret_nor_clock_nor_entropy(vm_cleanup: Libvi
     assert random[0] != random[1]
 
 
-def test_pause_keeps_memory_and_resume_continues(vm_cleanup: LibvirtDriver,
-                                                 snapshot: MemorySnapshot) -> None:
+def test_pause_keeps_memory_and_resume_continues(vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot) -> None:
     sandbox = _start(vm_cleanup, snapshot)
     pid = sandbox.client.exec("sleep 1000", background=True)["pid"]
 
@@ -118,20 +122,25 @@ def test_destroy_leaves_no_domain_and_no_disk(vm_cleanup: LibvirtDriver, snapsho
 
 def test_qemu_runs_unprivileged(vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot) -> None:
     sandbox = _start(vm_cleanup, snapshot)
-    pid = next(p for p in Path("/proc").glob("[0-9]*/cmdline")
-               if f"guest={sandbox.name}," in p.read_bytes().decode(errors="replace"))
-    uid_line = next(line for line in (pid.parent / "status").read_text().splitlines()
-                    if line.startswith("Uid:"))
+    pid = next(
+        p
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if f"guest={sandbox.name}," in p.read_bytes().decode(errors="replace")
+    )
+    uid_line = next(
+        line for line in (pid.parent / "status").read_text().splitlines() if line.startswith("Uid:")
+    )
 
     assert uid_line.split()[1] != "0"
 
 
-GUEST_CONNECT = ("python3 -c \"import socket,sys; s=socket.socket(); s.settimeout(3); "
-                 "sys.exit(s.connect_ex((sys.argv[1], int(sys.argv[2]))))\" {host} {port}")
+GUEST_CONNECT = (
+    'python3 -c "import socket,sys; s=socket.socket(); s.settimeout(3); '
+    'sys.exit(s.connect_ex((sys.argv[1], int(sys.argv[2]))))" {host} {port}'
+)
 
 
-def test_guest_cannot_reach_services_on_the_host(vm_cleanup: LibvirtDriver,
-                                                 snapshot: MemorySnapshot) -> None:
+def test_guest_cannot_reach_services_on_the_host(vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot) -> None:
     # given a service listening on the host's loopback, and another sandbox's agent port
     other = _start(vm_cleanup, snapshot)
     sandbox = _start(vm_cleanup, snapshot)
@@ -142,8 +151,9 @@ def test_guest_cannot_reach_services_on_the_host(vm_cleanup: LibvirtDriver,
         assert result["exit_code"] != 0, f"guest reached host port {port}"
 
 
-def test_no_internet_sandbox_cannot_reach_out_but_its_agent_works(vm_cleanup: LibvirtDriver,
-                                                                  snapshot: MemorySnapshot) -> None:
+def test_no_internet_sandbox_cannot_reach_out_but_its_agent_works(
+    vm_cleanup: LibvirtDriver, snapshot: MemorySnapshot
+) -> None:
     online = _start(vm_cleanup, snapshot)
     offline = _start(vm_cleanup, snapshot, internet=False)
     probe = GUEST_CONNECT.format(host="deb.debian.org", port=80)
@@ -153,8 +163,9 @@ def test_no_internet_sandbox_cannot_reach_out_but_its_agent_works(vm_cleanup: Li
     assert offline.client.exec("true")["exit_code"] == 0
 
 
-def test_sandbox_shape_other_than_the_snapshot_cold_boots(vm_cleanup: LibvirtDriver,
-                                                          base_version: TemplateVersion) -> None:
+def test_sandbox_shape_other_than_the_snapshot_cold_boots(
+    vm_cleanup: LibvirtDriver, base_version: TemplateVersion
+) -> None:
     from sandboxes.runtime import vm
     from tests.factories import SandboxFactory
 

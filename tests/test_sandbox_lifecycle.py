@@ -26,9 +26,11 @@ def test_whole_lifecycle_through_the_api(owner: Actor, base_version, vm_cleanup)
     client = owner.client()
 
     # create blocks until usable and returns a session
-    created = client.post("/v1/sandboxes", {"template": "base", "timeout": 600,
-                                            "envs": {"GREETING": "hi"}, "metadata": {"n": 1}},
-                          format="json")
+    created = client.post(
+        "/v1/sandboxes",
+        {"template": "base", "timeout": 600, "envs": {"GREETING": "hi"}, "metadata": {"n": 1}},
+        format="json",
+    )
     assert created.status_code == 201, created.content
     body = created.json()
     sandbox_id = body["sandbox"]["id"]
@@ -36,8 +38,10 @@ def test_whole_lifecycle_through_the_api(owner: Actor, base_version, vm_cleanup)
     assert body["sandbox"]["metadata"] == {"n": "1"}
     # one default shape: a create without cpu_count/memory_mb gets what sandbox_limits calls fallback
     fallback = client.get("/v1/sandbox_limits").json()["fallback"]
-    assert (body["sandbox"]["cpu_count"], body["sandbox"]["memory_mb"]) == (fallback["cpu"],
-                                                                            fallback["memory_mb"])
+    assert (body["sandbox"]["cpu_count"], body["sandbox"]["memory_mb"]) == (
+        fallback["cpu"],
+        fallback["memory_mb"],
+    )
     assert body["session"]["access_token"] == body["session"]["token"]
     assert body["session"]["data_plane_url"].endswith(body["sandbox"]["route_token"])
     agent = _agent(sandbox_id)
@@ -66,16 +70,22 @@ def test_whole_lifecycle_through_the_api(owner: Actor, base_version, vm_cleanup)
     assert gone.json()["sandbox"]["state"] == "destroyed"
     assert vm_cleanup.list_domains(f"{VM_TEST_PREFIX}{sandbox_id}") == []
     assert not (vm_cleanup.state_dir / f"{VM_TEST_PREFIX}{sandbox_id}.qcow2").exists()
-    transitions = list(SandboxEvent.objects.filter(sandbox_id=sandbox_id)
-                       .values_list("from_state", "to_state"))
-    assert transitions == [("", "creating"), ("creating", "ready"), ("ready", "stopping"),
-                           ("stopping", "stopped"), ("stopped", "restoring"),
-                           ("restoring", "ready"), ("ready", "destroyed")]
+    transitions = list(
+        SandboxEvent.objects.filter(sandbox_id=sandbox_id).values_list("from_state", "to_state")
+    )
+    assert transitions == [
+        ("", "creating"),
+        ("creating", "ready"),
+        ("ready", "stopping"),
+        ("stopping", "stopped"),
+        ("stopped", "restoring"),
+        ("restoring", "ready"),
+        ("ready", "destroyed"),
+    ]
 
 
 @pytest.mark.django_db
-def test_resume_of_a_running_sandbox_refreshes_the_deadline(owner: Actor, base_version,
-                                                            vm_cleanup) -> None:
+def test_resume_of_a_running_sandbox_refreshes_the_deadline(owner: Actor, base_version, vm_cleanup) -> None:
     client = owner.client()
     sandbox = client.post("/v1/sandboxes", {"timeout": 60}, format="json").json()["sandbox"]
 
@@ -144,11 +154,13 @@ def _http_client(key: str) -> APIClient:
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_creates_with_one_key_make_one_sandbox(require_postgres, owner: Actor,
-                                                          base_version, vm_cleanup) -> None:
+def test_concurrent_creates_with_one_key_make_one_sandbox(
+    require_postgres, owner: Actor, base_version, vm_cleanup
+) -> None:
     def send():  # type: ignore[no-untyped-def]
         response = _http_client(owner.write_key).post(
-            "/v1/sandboxes", {"timeout": 120}, format="json", HTTP_IDEMPOTENCY_KEY="one-create")
+            "/v1/sandboxes", {"timeout": 120}, format="json", HTTP_IDEMPOTENCY_KEY="one-create"
+        )
         return response.status_code, response.json()
 
     results = _concurrently(20, send)
@@ -161,20 +173,23 @@ def test_concurrent_creates_with_one_key_make_one_sandbox(require_postgres, owne
     assert {body["error"] for body in refused} <= {"idempotency_key_in_progress"}
     # a retry after the first finished replays it
     again = _http_client(owner.write_key).post(
-        "/v1/sandboxes", {"timeout": 120}, format="json", HTTP_IDEMPOTENCY_KEY="one-create")
+        "/v1/sandboxes", {"timeout": 120}, format="json", HTTP_IDEMPOTENCY_KEY="one-create"
+    )
     assert again.json()["sandbox"]["id"] == Sandbox.objects.get().pk
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_creates_never_exceed_the_quota(require_postgres, owner: Actor, acme,
-                                                   base_version, vm_cleanup) -> None:
+def test_concurrent_creates_never_exceed_the_quota(
+    require_postgres, owner: Actor, acme, base_version, vm_cleanup
+) -> None:
     acme.max_running_instances = 5
     acme.save()
 
     def send():  # type: ignore[no-untyped-def]
         response = _http_client(owner.write_key).post(
-            "/v1/sandboxes", {"team": "acme", "timeout": 120}, format="json")
+            "/v1/sandboxes", {"team": "acme", "timeout": 120}, format="json"
+        )
         return response.status_code, response.json().get("error")
 
     results = _concurrently(30, send)

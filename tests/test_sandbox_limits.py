@@ -31,8 +31,7 @@ def test_shape_with_defaults(owner: Actor) -> None:
             "volume_gib_month": None,
         },
         "quota": {
-            "limits": {"max_running_instances": 100, "max_vcpu_count": 256,
-                       "max_memory_mb": 524288},
+            "limits": {"max_running_instances": 100, "max_vcpu_count": 256, "max_memory_mb": 524288},
             "usage": {"running_instances": 0, "vcpu_count": 0, "memory_mb": 0},
             "reservation": {"instances": 0, "vcpu_count": 0, "memory_mb": 0},
         },
@@ -44,8 +43,13 @@ def test_usage_counts_only_runtime_states_of_the_selected_team(owner: Actor, acm
     SandboxFactory(team=acme, state=SandboxState.READY, cpu_count=2, memory_mb=1024)
     SandboxFactory(team=acme, state=SandboxState.CREATING, cpu_count=4, memory_mb=2048)
     SandboxFactory(team=acme, state=SandboxState.STOPPING, cpu_count=1, memory_mb=512)
-    for state in (SandboxState.STOPPED, SandboxState.DESTROYED, SandboxState.EXPIRED,
-                  SandboxState.FAILED, SandboxState.LOST):
+    for state in (
+        SandboxState.STOPPED,
+        SandboxState.DESTROYED,
+        SandboxState.EXPIRED,
+        SandboxState.FAILED,
+        SandboxState.LOST,
+    ):
         SandboxFactory(team=acme, state=state, cpu_count=8, memory_mb=8192)
     SandboxFactory(team=owner.personal_team, state=SandboxState.READY)
 
@@ -79,10 +83,12 @@ def test_a_running_template_build_counts_against_the_team(owner: Actor, acme) ->
 
     # given one acme template building (its build VM runs) and one waiting, and a ready sandbox
     template = Template.objects.create(team=acme, slug="ci", name="ci")
-    TemplateVersion.objects.create(template=template, version="b1", status=VersionStatus.BUILDING,
-                                   cpu=2, memory_mb=2048)
-    TemplateVersion.objects.create(template=template, version="b2", status=VersionStatus.DRAFT,
-                                   cpu=8, memory_mb=8192)
+    TemplateVersion.objects.create(
+        template=template, version="b1", status=VersionStatus.BUILDING, cpu=2, memory_mb=2048
+    )
+    TemplateVersion.objects.create(
+        template=template, version="b2", status=VersionStatus.DRAFT, cpu=8, memory_mb=8192
+    )
     SandboxFactory(team=acme, state=SandboxState.READY, cpu_count=1, memory_mb=512)
 
     quota = owner.client().get("/v1/sandbox_limits?team=acme").json()["quota"]

@@ -18,25 +18,28 @@ def _create(actor: Actor, **body):  # type: ignore[no-untyped-def]
     return actor.client().post("/v1/sandboxes", body, format="json")
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    ({"timeout": 0}, "invalid_timeout"),
-    ({"timeout": 86401}, "invalid_timeout"),
-    ({"timeout": "soon"}, "invalid_timeout"),
-    ({"lifecycle": {"on_timeout": "kill", "auto_resume": True}}, "invalid_lifecycle"),
-    ({"lifecycle": {"on_timeout": "explode"}}, "invalid_lifecycle"),
-    ({"lifecycle": "pause"}, "invalid_lifecycle"),
-    ({"cpu_count": 3}, "invalid_resources"),
-    ({"memory_mb": 700}, "invalid_resources"),
-    ({"memory_mb": 1 << 20}, "invalid_resources"),
-    ({"envs": {"1BAD": "x"}}, "validation_failed"),
-    ({"envs": {"A": 1}}, "validation_failed"),
-    ({"metadata": ["a"]}, "validation_failed"),
-    ({"volume_mounts": [{"name": "cache", "path": "/cache"}]}, "volumes_unavailable"),
-    ({"allow_out": ["pypi.org:443"]}, "network_rules_unavailable"),
-    ({"template": "no-such-template"}, "template_not_found"),
-    ({"template": "base:does-not-exist"}, "template_not_found"),
-    ({"template_version_id": 999999}, "template_not_found"),
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"timeout": 0}, "invalid_timeout"),
+        ({"timeout": 86401}, "invalid_timeout"),
+        ({"timeout": "soon"}, "invalid_timeout"),
+        ({"lifecycle": {"on_timeout": "kill", "auto_resume": True}}, "invalid_lifecycle"),
+        ({"lifecycle": {"on_timeout": "explode"}}, "invalid_lifecycle"),
+        ({"lifecycle": "pause"}, "invalid_lifecycle"),
+        ({"cpu_count": 3}, "invalid_resources"),
+        ({"memory_mb": 700}, "invalid_resources"),
+        ({"memory_mb": 1 << 20}, "invalid_resources"),
+        ({"envs": {"1BAD": "x"}}, "validation_failed"),
+        ({"envs": {"A": 1}}, "validation_failed"),
+        ({"metadata": ["a"]}, "validation_failed"),
+        ({"volume_mounts": [{"name": "cache", "path": "/cache"}]}, "volumes_unavailable"),
+        ({"allow_out": ["pypi.org:443"]}, "network_rules_unavailable"),
+        ({"template": "no-such-template"}, "template_not_found"),
+        ({"template": "base:does-not-exist"}, "template_not_found"),
+        ({"template_version_id": 999999}, "template_not_found"),
+    ],
+)
 def test_bad_create_input_is_422_with_its_code(owner: Actor, body: dict, code: str) -> None:
     response = _create(owner, **body)
 
@@ -76,8 +79,9 @@ def test_quota_exceeded_on_create_reports_the_snapshot(owner: Actor, acme, base_
     assert response.status_code == 422
     body = response.json()
     assert body["error"] == "sandbox_quota_exceeded"
-    assert body["message"] == ("Sandbox quota exceeded for team acme: max_running_instances 1 "
-                               "(in use 1, requested 1).")
+    assert body["message"] == (
+        "Sandbox quota exceeded for team acme: max_running_instances 1 (in use 1, requested 1)."
+    )
     assert body["quota"] == {
         "limits": {"max_running_instances": 1, "max_vcpu_count": 256, "max_memory_mb": 524288},
         "usage": {"running_instances": 1, "vcpu_count": 2, "memory_mb": 1024},
@@ -90,8 +94,9 @@ def test_quota_exceeded_on_create_reports_the_snapshot(owner: Actor, acme, base_
 
 
 def test_show_renders_the_spec_shape_and_never_env_vars(owner: Actor) -> None:
-    sandbox = SandboxFactory(team=owner.personal_team, metadata={"job": "7"},
-                             env_vars_encrypted="secret-ciphertext")
+    sandbox = SandboxFactory(
+        team=owner.personal_team, metadata={"job": "7"}, env_vars_encrypted="secret-ciphertext"
+    )
 
     body = owner.client("read").get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]
 
@@ -110,10 +115,16 @@ def test_another_teams_sandbox_is_404_everywhere(owner: Actor, outsider: Actor) 
     sandbox = SandboxFactory(team=owner.personal_team)
     client = outsider.client()
 
-    for method, path in [("get", ""), ("delete", ""), ("post", "/pause"), ("post", "/resume"),
-                         ("post", "/timeout"), ("get", "/metrics"), ("get", "/ports/80")]:
-        response = getattr(client, method)(f"/v1/sandboxes/{sandbox.pk}{path}", {"timeout": 5},
-                                           format="json")
+    for method, path in [
+        ("get", ""),
+        ("delete", ""),
+        ("post", "/pause"),
+        ("post", "/resume"),
+        ("post", "/timeout"),
+        ("get", "/metrics"),
+        ("get", "/ports/80"),
+    ]:
+        response = getattr(client, method)(f"/v1/sandboxes/{sandbox.pk}{path}", {"timeout": 5}, format="json")
         assert response.status_code == 404, path
         assert response.json()["error"] == "sandbox_not_found"
     assert Sandbox.objects.get(pk=sandbox.pk).state == S.READY
@@ -195,9 +206,14 @@ def test_pause_of_a_paused_sandbox_is_409_already_paused(owner: Actor) -> None:
         assert response.json()["error"] == "sandbox_already_paused"
 
 
-@pytest.mark.parametrize(("state", "code"), [(S.EXPIRED, "sandbox_not_resumable"),
-                                             (S.FAILED, "sandbox_not_resumable"),
-                                             (S.LOST, "sandbox_not_resumable")])
+@pytest.mark.parametrize(
+    ("state", "code"),
+    [
+        (S.EXPIRED, "sandbox_not_resumable"),
+        (S.FAILED, "sandbox_not_resumable"),
+        (S.LOST, "sandbox_not_resumable"),
+    ],
+)
 def test_resume_of_an_ended_sandbox_is_409(owner: Actor, state: str, code: str) -> None:
     sandbox = SandboxFactory(team=owner.personal_team, state=state)
 
@@ -224,8 +240,7 @@ def test_destroyed_sandbox_resume_is_404_and_delete_is_idempotent(owner: Actor) 
 def test_timeout_on_a_paused_sandbox_is_kept_for_the_next_resume(owner: Actor) -> None:
     sandbox = SandboxFactory(team=owner.personal_team, state=S.STOPPED, timeout=300)
 
-    response = owner.client().post(f"/v1/sandboxes/{sandbox.pk}/timeout", {"timeout": 900},
-                                   format="json")
+    response = owner.client().post(f"/v1/sandboxes/{sandbox.pk}/timeout", {"timeout": 900}, format="json")
 
     assert response.status_code == 200
     assert Sandbox.objects.get(pk=sandbox.pk).timeout == 900
@@ -262,8 +277,9 @@ def test_metrics_of_a_sandbox_without_a_vm_are_empty(owner: Actor) -> None:
 def test_admin_force_destroy_records_who(admin_client) -> None:  # type: ignore[no-untyped-def]
     sandbox = SandboxFactory(state=S.STOPPED)
 
-    response = admin_client.post("/admin/sandboxes/sandbox/", {
-        "action": "force_destroy", "_selected_action": [sandbox.pk]})
+    response = admin_client.post(
+        "/admin/sandboxes/sandbox/", {"action": "force_destroy", "_selected_action": [sandbox.pk]}
+    )
 
     assert response.status_code == 302
     sandbox.refresh_from_db()
@@ -279,12 +295,15 @@ def test_admin_sandbox_page_hides_secrets(admin_client) -> None:  # type: ignore
     assert "CIPHERTEXT-ENV" not in page and "CIPHER-AGENT" not in page
 
 
-@pytest.mark.parametrize(("policy", "error"), [
-    ({"deny_out": ["0.0.0.0/0"]}, "network_rules_unavailable"),
-    ({"allow_out": "x"}, "validation_failed"),
-    ({"allow_internet": False}, "validation_failed"),
-    ("closed", "validation_failed"),
-])
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [
+        ({"deny_out": ["0.0.0.0/0"]}, "network_rules_unavailable"),
+        ({"allow_out": "x"}, "validation_failed"),
+        ({"allow_internet": False}, "validation_failed"),
+        ("closed", "validation_failed"),
+    ],
+)
 def test_a_nested_network_policy_is_never_dropped_silently(owner: Actor, policy, error) -> None:  # type: ignore[no-untyped-def]
     response = owner.client().post("/v1/sandboxes", {"timeout": 60, "network_policy": policy}, format="json")
 
@@ -295,22 +314,30 @@ def test_a_nested_network_policy_is_never_dropped_silently(owner: Actor, policy,
 def test_a_nested_network_policy_means_what_its_keys_mean_at_the_top_level() -> None:
     from sandboxes.api.serializers import SandboxCreateSerializer
 
-    nested = SandboxCreateSerializer(data={"network_policy": {"allow_public_traffic": False,
-                                                              "allow_internet_access": False}})
-    twice = SandboxCreateSerializer(data={"allow_public_traffic": True,
-                                          "network_policy": {"allow_public_traffic": False}})
+    nested = SandboxCreateSerializer(
+        data={"network_policy": {"allow_public_traffic": False, "allow_internet_access": False}}
+    )
+    twice = SandboxCreateSerializer(
+        data={"allow_public_traffic": True, "network_policy": {"allow_public_traffic": False}}
+    )
 
     assert nested.is_valid(), nested.errors
     assert nested.spec().network_policy["allow_public_traffic"] is False
     assert nested.spec().allow_internet_access is False
     assert not twice.is_valid()
-    assert twice.errors == {"non_field_errors": [
-        "allow_public_traffic is given twice with different values (top level and network_policy)."]}
+    assert twice.errors == {
+        "non_field_errors": [
+            "allow_public_traffic is given twice with different values (top level and network_policy)."
+        ]
+    }
 
 
 def test_twice_given_network_keys_are_a_422(owner: Actor) -> None:
-    response = owner.client().post("/v1/sandboxes", {
-        "allow_public_traffic": True, "network_policy": {"allow_public_traffic": False}}, format="json")
+    response = owner.client().post(
+        "/v1/sandboxes",
+        {"allow_public_traffic": True, "network_policy": {"allow_public_traffic": False}},
+        format="json",
+    )
 
     message = "allow_public_traffic is given twice with different values (top level and network_policy)."
     assert response.status_code == 422

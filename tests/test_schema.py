@@ -21,7 +21,8 @@ def test_committed_schema_is_in_sync() -> None:
     call_command("spectacular", "--validate", "--fail-on-warn", stdout=out)
 
     assert out.getvalue() == SCHEMA_FILE.read_text(), (
-        "docs/openapi.yaml is stale: run `make schema` and commit the result")
+        "docs/openapi.yaml is stale: run `make schema` and commit the result"
+    )
 
 
 def test_schema_is_served_without_a_key() -> None:
@@ -70,8 +71,11 @@ def test_docs_page_answers_other_methods_with_a_json_405() -> None:
 
 
 def _operations(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [(method.upper(), path, operation) for path, operations in schema["paths"].items()
-            for method, operation in operations.items()]
+    return [
+        (method.upper(), path, operation)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+    ]
 
 
 def _typed(schema: dict[str, Any], components: dict[str, Any]) -> bool:
@@ -89,9 +93,13 @@ def test_every_operation_has_a_description_of_its_own() -> None:
     generic = ApiView.__doc__.split("\n")[0]
 
     # then: no operation is left with nothing, or with the base view's sentence
-    bare = [(method, path) for method, path, operation in _operations(schema)
-            if not operation.get("summary") or len(operation.get("description", "")) < 20
-            or generic in operation["description"]]
+    bare = [
+        (method, path)
+        for method, path, operation in _operations(schema)
+        if not operation.get("summary")
+        or len(operation.get("description", "")) < 20
+        or generic in operation["description"]
+    ]
     assert bare == []
 
 
@@ -106,8 +114,12 @@ def test_template_operations_have_typed_bodies() -> None:
         if not path.startswith(("/v1/templates", "/v1/sandbox_templates")):
             continue
         bodies = [operation.get("requestBody", {}).get("content", {}).get("application/json")]
-        bodies += [response.get("content", {}).get("application/json")
-                   for status, response in operation["responses"].items() if status != "204"]
-        untyped += [(method, path) for body in bodies
-                    if body is not None and not _typed(body["schema"], components)]
+        bodies += [
+            response.get("content", {}).get("application/json")
+            for status, response in operation["responses"].items()
+            if status != "204"
+        ]
+        untyped += [
+            (method, path) for body in bodies if body is not None and not _typed(body["schema"], components)
+        ]
     assert untyped == []

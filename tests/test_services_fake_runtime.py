@@ -28,19 +28,29 @@ S = SandboxState
 
 def _vm(driver: FakeDriver, name: str) -> Path:
     """A running VM named ``name`` on its own disk; returns the disk."""
-    spec = sandbox_spec(name, driver.state_dir, vcpus=1, memory_mb=512, kernel=Path("/vmlinuz"),
-                        initrd=Path("/initrd.img"), cmdline="", backing=Path("/base.qcow2"))
+    spec = sandbox_spec(
+        name,
+        driver.state_dir,
+        vcpus=1,
+        memory_mb=512,
+        kernel=Path("/vmlinuz"),
+        initrd=Path("/initrd.img"),
+        cmdline="",
+        backing=Path("/base.qcow2"),
+    )
     driver.boot(spec)
     return spec.disk_path
 
 
 def _sandbox(owner: Actor, host, version, **fields) -> Sandbox:  # type: ignore[no-untyped-def]
-    return SandboxFactory(team=owner.personal_team, host=host, template_version=version,
-                          template=version.template, **fields)
+    return SandboxFactory(
+        team=owner.personal_team, host=host, template_version=version, template=version.template, **fields
+    )
 
 
-def test_destroying_a_ready_sandbox_removes_its_vm_and_disk(owner: Actor, local_host, base_version_row,
-                                                            fake_driver: FakeDriver) -> None:
+def test_destroying_a_ready_sandbox_removes_its_vm_and_disk(
+    owner: Actor, local_host, base_version_row, fake_driver: FakeDriver
+) -> None:
     # given a ready sandbox whose VM runs
     sandbox = _sandbox(owner, local_host, base_version_row, state=S.READY)
     disk = _vm(fake_driver, sandbox.vm_name)
@@ -55,8 +65,9 @@ def test_destroying_a_ready_sandbox_removes_its_vm_and_disk(owner: Actor, local_
     assert sandbox.state == S.DESTROYED and sandbox.purged_at is not None
 
 
-def test_pausing_a_ready_sandbox_saves_its_vm(owner: Actor, local_host, base_version_row,
-                                              fake_driver: FakeDriver) -> None:
+def test_pausing_a_ready_sandbox_saves_its_vm(
+    owner: Actor, local_host, base_version_row, fake_driver: FakeDriver
+) -> None:
     # given a ready sandbox whose VM runs
     sandbox = _sandbox(owner, local_host, base_version_row, state=S.READY)
     _vm(fake_driver, sandbox.vm_name)
@@ -70,9 +81,9 @@ def test_pausing_a_ready_sandbox_saves_its_vm(owner: Actor, local_host, base_ver
     assert sandbox.state == S.STOPPED
 
 
-def test_a_pause_the_runtime_refuses_puts_the_sandbox_back_to_ready(owner: Actor, local_host,
-                                                                    base_version_row,
-                                                                    fake_driver: FakeDriver) -> None:
+def test_a_pause_the_runtime_refuses_puts_the_sandbox_back_to_ready(
+    owner: Actor, local_host, base_version_row, fake_driver: FakeDriver
+) -> None:
     # given a ready sandbox whose VM the runtime does not know
     sandbox = _sandbox(owner, local_host, base_version_row, state=S.READY)
 
@@ -88,8 +99,9 @@ def test_a_pause_the_runtime_refuses_puts_the_sandbox_back_to_ready(owner: Actor
     assert list(events) == [(S.STOPPING, "pause"), (S.READY, "pause failed")]
 
 
-def test_a_stuck_stop_whose_memory_was_saved_becomes_stopped(owner: Actor, local_host, base_version_row,
-                                                             fake_driver: FakeDriver, settings) -> None:
+def test_a_stuck_stop_whose_memory_was_saved_becomes_stopped(
+    owner: Actor, local_host, base_version_row, fake_driver: FakeDriver, settings
+) -> None:
     # given a sandbox left `stopping` by a process that died after its VM's memory was saved
     settings.SWEEP_STUCK_AFTER_SECONDS = 60
     sandbox = _sandbox(owner, local_host, base_version_row, state=S.STOPPING)
@@ -108,15 +120,18 @@ def test_a_stuck_stop_whose_memory_was_saved_becomes_stopped(owner: Actor, local
 
 
 def test_reconcile_keeps_the_vms_of_running_builds_and_removes_the_others(
-        acme, local_host, fake_driver: FakeDriver) -> None:  # type: ignore[no-untyped-def]
+    acme, local_host, fake_driver: FakeDriver
+) -> None:  # type: ignore[no-untyped-def]
     from templates_app.models import Template
 
     # given VMs of a running build, of a failed build, and one under a name we never give
     template = Template.objects.create(team=acme, slug="t", name="T")
-    running = TemplateVersion.objects.create(template=template, version="b1", cpu=1, memory_mb=512,
-                                             status=VersionStatus.BUILDING)
-    failed = TemplateVersion.objects.create(template=template, version="b2", cpu=1, memory_mb=512,
-                                            status=VersionStatus.FAILED)
+    running = TemplateVersion.objects.create(
+        template=template, version="b1", cpu=1, memory_mb=512, status=VersionStatus.BUILDING
+    )
+    failed = TemplateVersion.objects.create(
+        template=template, version="b2", cpu=1, memory_mb=512, status=VersionStatus.FAILED
+    )
     kept = build_vm_names(running.pk)[0]
     for name in (kept, build_vm_names(failed.pk)[1], f"{VM_TEST_PREFIX}stray"):
         _vm(fake_driver, name)

@@ -31,8 +31,9 @@ def test_token_lives_until_the_later_of_deadline_and_one_hour() -> None:
     near = SandboxFactory(deadline_at=timezone.now() + timedelta(minutes=5))
 
     assert session_mint(sandbox=far).expires_at > timezone.now() + timedelta(hours=4)
-    assert timedelta(minutes=59) < session_mint(sandbox=near).expires_at - timezone.now() \
-        <= timedelta(hours=1)
+    assert (
+        timedelta(minutes=59) < session_mint(sandbox=near).expires_at - timezone.now() <= timedelta(hours=1)
+    )
 
 
 def test_token_expires() -> None:

@@ -29,14 +29,16 @@ pytestmark = [pytest.mark.vm, pytest.mark.django_db(transaction=True)]
 
 
 def _create(owner: Actor, **body) -> Sandbox:  # type: ignore[no-untyped-def]
-    response = owner.client().post("/v1/sandboxes", {"template": "base", "timeout": 600, **body},
-                                   format="json")
+    response = owner.client().post(
+        "/v1/sandboxes", {"template": "base", "timeout": 600, **body}, format="json"
+    )
     assert response.status_code == 201, response.content
     return Sandbox.objects.get(pk=response.json()["sandbox"]["id"])
 
 
-def test_a_resume_whose_agent_never_answers_saves_the_vm_again(owner: Actor, base_version, vm_cleanup,
-                                                                settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_resume_whose_agent_never_answers_saves_the_vm_again(
+    owner: Actor, base_version, vm_cleanup, settings
+) -> None:  # type: ignore[no-untyped-def]
     # given a sandbox whose guest agent freezes itself (SIGSTOP from a child it started), then paused
     settings.RUNTIME_RESUME_TIMEOUT_SECONDS = 5
     sandbox = _create(owner)
@@ -58,8 +60,9 @@ def test_a_resume_whose_agent_never_answers_saves_the_vm_again(owner: Actor, bas
     assert reasons[-2:] == [(S.RESTORING, "resume"), (S.STOPPED, "resume failed; memory saved again")]
 
 
-def test_a_stopped_sandbox_whose_vm_runs_is_saved_again_by_reconcile(owner: Actor, base_version,
-                                                                     vm_cleanup) -> None:  # type: ignore[no-untyped-def]
+def test_a_stopped_sandbox_whose_vm_runs_is_saved_again_by_reconcile(
+    owner: Actor, base_version, vm_cleanup
+) -> None:  # type: ignore[no-untyped-def]
     # given a paused sandbox whose VM someone started from its saved memory outside the platform
     sandbox = _create(owner)
     services.sandbox_pause(sandbox=sandbox)
@@ -80,8 +83,7 @@ def test_a_stopped_sandbox_whose_vm_runs_is_saved_again_by_reconcile(owner: Acto
     assert vm.agent_client(Sandbox.objects.get(pk=sandbox.pk)).exec("echo up")["stdout"] == "up\n"
 
 
-def test_a_timeout_extended_after_the_sweep_selected_it_wins(owner: Actor, base_version,
-                                                            vm_cleanup) -> None:  # type: ignore[no-untyped-def]
+def test_a_timeout_extended_after_the_sweep_selected_it_wins(owner: Actor, base_version, vm_cleanup) -> None:  # type: ignore[no-untyped-def]
     # given two sandboxes past their deadlines (kill and pause), as the deadline sweep selects them
     killed, paused = _create(owner), _create(owner, lifecycle={"on_timeout": "pause"})
     selected_at = timezone.now()
@@ -103,8 +105,9 @@ def test_a_timeout_extended_after_the_sweep_selected_it_wins(owner: Actor, base_
     assert vm_cleanup.domain_status(killed.vm_name) == vm_cleanup.domain_status(paused.vm_name) == "running"
 
 
-def test_the_stuck_sweep_leaves_a_row_that_moved_since_it_was_listed(owner: Actor, base_version,
-                                                                     vm_cleanup) -> None:  # type: ignore[no-untyped-def]
+def test_the_stuck_sweep_leaves_a_row_that_moved_since_it_was_listed(
+    owner: Actor, base_version, vm_cleanup
+) -> None:  # type: ignore[no-untyped-def]
     # given a sandbox the stuck sweep listed while it was `creating`; its create then finished
     sandbox = _create(owner)
     listed = Sandbox.objects.get(pk=sandbox.pk)

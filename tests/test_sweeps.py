@@ -27,23 +27,33 @@ S = SandboxState
 
 
 def _rows(count: int, host: Host, version, **fields) -> list[Sandbox]:  # type: ignore[no-untyped-def]
-    return [SandboxFactory(host=host, template_version=version, template=version.template, **fields)
-            for _ in range(count)]
+    return [
+        SandboxFactory(host=host, template_version=version, template=version.template, **fields)
+        for _ in range(count)
+    ]
 
 
-def test_deadline_sweep_expires_in_bounded_batches(owner: Actor, local_host, base_version_row,
-                                                   settings) -> None:
+def test_deadline_sweep_expires_in_bounded_batches(
+    owner: Actor, local_host, base_version_row, settings
+) -> None:
     settings.SWEEP_BATCH_SIZE = 10
     past = timezone.now() - timedelta(seconds=1)
     due = _rows(25, local_host, base_version_row, team=owner.personal_team, state=S.READY, deadline_at=past)
-    later = _rows(1, local_host, base_version_row, team=owner.personal_team, state=S.READY,
-                  deadline_at=timezone.now() + timedelta(hours=1))
+    later = _rows(
+        1,
+        local_host,
+        base_version_row,
+        team=owner.personal_team,
+        state=S.READY,
+        deadline_at=timezone.now() + timedelta(hours=1),
+    )
 
     results = [sweeps.deadline_sweep() for _ in range(3)]
 
     assert [(r["expired"], r["more"]) for r in results] == [(10, True), (10, True), (5, False)]
     assert set(Sandbox.objects.filter(pk__in=[s.pk for s in due]).values_list("state", flat=True)) == {
-        S.EXPIRED}
+        S.EXPIRED
+    }
     expired = Sandbox.objects.get(pk=due[0].pk)
     assert expired.purged_at is not None and expired.ended_at is not None
     assert expired.session_epoch == due[0].session_epoch + 1  # its session tokens are dead
@@ -53,12 +63,15 @@ def test_deadline_sweep_expires_in_bounded_batches(owner: Actor, local_host, bas
     assert sweeps.deadline_sweep()["expired"] == 0  # idempotent
 
 
-def test_stuck_sandboxes_are_moved_to_their_true_state(owner: Actor, local_host, base_version_row,
-                                                       settings) -> None:
+def test_stuck_sandboxes_are_moved_to_their_true_state(
+    owner: Actor, local_host, base_version_row, settings
+) -> None:
     settings.SWEEP_STUCK_AFTER_SECONDS = 60
     team = owner.personal_team
-    creating, stopping, restoring = (_rows(1, local_host, base_version_row, team=team, state=state)[0]
-                                     for state in (S.CREATING, S.STOPPING, S.RESTORING))
+    creating, stopping, restoring = (
+        _rows(1, local_host, base_version_row, team=team, state=state)[0]
+        for state in (S.CREATING, S.STOPPING, S.RESTORING)
+    )
     fresh = _rows(1, local_host, base_version_row, team=team, state=S.CREATING)[0]
     old = timezone.now() - timedelta(minutes=5)
     Sandbox.objects.exclude(pk=fresh.pk).update(updated_at=old)
@@ -72,8 +85,14 @@ def test_stuck_sandboxes_are_moved_to_their_true_state(owner: Actor, local_host,
 
 
 def test_ready_rows_without_a_vm_become_lost(owner: Actor, local_host, base_version_row) -> None:
-    ghost = _rows(1, local_host, base_version_row, team=owner.personal_team, state=S.READY,
-                  deadline_at=timezone.now() + timedelta(hours=1))[0]
+    ghost = _rows(
+        1,
+        local_host,
+        base_version_row,
+        team=owner.personal_team,
+        state=S.READY,
+        deadline_at=timezone.now() + timedelta(hours=1),
+    )[0]
     Sandbox.objects.filter(pk=ghost.pk).update(updated_at=timezone.now() - timedelta(seconds=5))
 
     result = sweeps.reconcile_sweep()
@@ -84,10 +103,16 @@ def test_ready_rows_without_a_vm_become_lost(owner: Actor, local_host, base_vers
     assert SandboxEvent.objects.filter(sandbox=ghost, to_state=S.LOST).exists()  # its meter stops here
 
 
-def test_a_host_whose_libvirt_is_gone_is_down_and_gets_no_placements(owner: Actor, local_host,
-                                                                      base_version_row) -> None:
-    dead = Host.objects.create(name="dead", libvirt_uri="qemu+tcp://127.0.0.1:1/system",
-                               data_dir="/tmp/nowhere", cpu_capacity=64, memory_capacity_mb=65536)
+def test_a_host_whose_libvirt_is_gone_is_down_and_gets_no_placements(
+    owner: Actor, local_host, base_version_row
+) -> None:
+    dead = Host.objects.create(
+        name="dead",
+        libvirt_uri="qemu+tcp://127.0.0.1:1/system",
+        data_dir="/tmp/nowhere",
+        cpu_capacity=64,
+        memory_capacity_mb=65536,
+    )
     _rows(2, dead, base_version_row, team=owner.personal_team, state=S.READY)
     Host.objects.filter(pk=local_host.pk).update(state=HostState.DOWN)  # as if it had failed earlier
 
@@ -111,8 +136,9 @@ def _touch(path: Path, age_seconds: float) -> Path:
     return path
 
 
-def test_retention_removes_only_what_nothing_references(owner: Actor, local_host, base_version_row,
-                                                        settings) -> None:
+def test_retention_removes_only_what_nothing_references(
+    owner: Actor, local_host, base_version_row, settings
+) -> None:
     settings.SANDBOX_DISK_RETENTION_SECONDS = 3600
     settings.ORPHAN_FILE_GRACE_SECONDS = 60
     team = owner.personal_team
@@ -121,16 +147,19 @@ def test_retention_removes_only_what_nothing_references(owner: Actor, local_host
     old_failed = _rows(1, local_host, base_version_row, team=team, state=S.FAILED, ended_at=long_ago)[0]
     new_lost = _rows(1, local_host, base_version_row, team=team, state=S.LOST, ended_at=recently)[0]
     stopped = _rows(1, local_host, base_version_row, team=team, state=S.STOPPED)[0]
-    disks = {s.pk: _touch(state_dir / f"{VM_TEST_PREFIX}{s.pk}.qcow2", 7200)
-             for s in (old_failed, new_lost, stopped)}
+    disks = {
+        s.pk: _touch(state_dir / f"{VM_TEST_PREFIX}{s.pk}.qcow2", 7200)
+        for s in (old_failed, new_lost, stopped)
+    }
     orphan = _touch(state_dir / f"{VM_TEST_PREFIX}99999999.qcow2", 7200)
     young_orphan = _touch(state_dir / f"{VM_TEST_PREFIX}99999998.qcow2", 1)
     foreign = _touch(state_dir / "someone-elses.qcow2", 7200)
     key = owner.user.api_keys.first()
     now = timezone.now()
     for name, expires in (("old", now - timedelta(seconds=1)), ("new", now + timedelta(hours=1))):
-        IdempotencyRecord.objects.create(api_key=key, key=name, fingerprint="x", lease_expires_at=now,
-                                         expires_at=expires)
+        IdempotencyRecord.objects.create(
+            api_key=key, key=name, fingerprint="x", lease_expires_at=now, expires_at=expires
+        )
 
     result = sweeps.retention_sweep()
 
@@ -149,9 +178,16 @@ def test_deleted_version_files_wait_for_their_last_sandbox(owner: Actor, acme, l
     home = Path(local_host.data_dir) / "templates" / "lab" / "v1-abcd1234"
     (home / "snapshot").mkdir(parents=True, exist_ok=True)
     (home / "base.qcow2").write_bytes(b"disk")
-    version = TemplateVersion.objects.create(template=template, version="v1", status=VersionStatus.READY,
-                                             cpu=1, memory_mb=512, host=local_host,
-                                             artifact_dir=str(home / "snapshot"), deleted_at=timezone.now())
+    version = TemplateVersion.objects.create(
+        template=template,
+        version="v1",
+        status=VersionStatus.READY,
+        cpu=1,
+        memory_mb=512,
+        host=local_host,
+        artifact_dir=str(home / "snapshot"),
+        deleted_at=timezone.now(),
+    )
     user = _rows(1, local_host, version, team=acme, state=S.STOPPED)[0]
 
     sweeps.retention_sweep()
@@ -183,30 +219,49 @@ def test_operators_list_and_run_sweeps(admin_client, local_host) -> None:
 def test_beat_schedules_every_sweep_with_an_expiry(settings) -> None:
     schedule = settings.CELERY_BEAT_SCHEDULE
     assert {entry["args"][0] for entry in schedule.values()} == set(sweeps.SWEEPS)
-    assert all(entry["task"] == "sweeps.run" and entry["options"]["expires"] > 0
-               for entry in schedule.values())
+    assert all(
+        entry["task"] == "sweeps.run" and entry["options"]["expires"] > 0 for entry in schedule.values()
+    )
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_full_batch_queues_the_sweep_again_until_done(require_postgres, owner: Actor, local_host,
-                                                        base_version_row) -> None:
+def test_a_full_batch_queues_the_sweep_again_until_done(
+    require_postgres, owner: Actor, local_host, base_version_row
+) -> None:
     """One `sweeps.run` message, a real worker, batches of 200: it re-queues itself until done."""
     from sandboxes.tasks import sweep_task
     from tests.conftest import celery_worker, helper_process_env
     from tests.waiting import wait_until
 
     past = timezone.now() - timedelta(seconds=1)
-    ids = [s.pk for s in Sandbox.objects.bulk_create(
-        Sandbox(team=owner.personal_team, host=local_host, state=S.READY, cpu_count=1, memory_mb=512,
-                timeout=60, deadline_at=past) for _ in range(1200))]
+    ids = [
+        s.pk
+        for s in Sandbox.objects.bulk_create(
+            Sandbox(
+                team=owner.personal_team,
+                host=local_host,
+                state=S.READY,
+                cpu_count=1,
+                memory_mb=512,
+                timeout=60,
+                deadline_at=past,
+            )
+            for _ in range(1200)
+        )
+    ]
 
     with celery_worker(helper_process_env(WATASU_SWEEP_BATCH_SIZE="200")):
         sweep_task.delay("deadlines")
         # the last, empty run is recorded after the rows are gone: wait for what is asserted
-        wait_until(lambda: SweepRun.objects.filter(name="deadlines", runs__gte=7).exists()
-                   and not Sandbox.objects.filter(pk__in=ids, state=S.READY).exists(), 180,
-                   "the sweep's seventh run")
+        wait_until(
+            lambda: (
+                SweepRun.objects.filter(name="deadlines", runs__gte=7).exists()
+                and not Sandbox.objects.filter(pk__in=ids, state=S.READY).exists()
+            ),
+            180,
+            "the sweep's seventh run",
+        )
 
     run = SweepRun.objects.get(name="deadlines")
     assert run.runs == 7  # six full batches, then one that found nothing left
@@ -225,8 +280,14 @@ def test_build_cache_retention_keeps_chains_whole(local_host, base_version_row, 
         path = directory / f"{key}.qcow2"
         if file:
             _touch(path, 7200)
-        row = BuildLayer.objects.create(host=local_host, key=key, parent=parent, step="setup[0]",
-                                        base_version=base_version_row, path=str(path))
+        row = BuildLayer.objects.create(
+            host=local_host,
+            key=key,
+            parent=parent,
+            step="setup[0]",
+            base_version=base_version_row,
+            path=str(path),
+        )
         BuildLayer.objects.filter(pk=row.pk).update(last_used_at=timezone.now() - timedelta(hours=age_hours))
         return row
 
@@ -259,17 +320,29 @@ def test_a_deleted_templates_files_and_the_layers_on_it_are_swept(owner: Actor, 
     home = Path(local_host.data_dir) / "templates" / "gone" / "v1-abcd1234"
     (home / "snapshot").mkdir(parents=True, exist_ok=True)
     (home / "base.qcow2").write_bytes(b"disk")
-    version = TemplateVersion.objects.create(template=template, version="v1", status=VersionStatus.READY,
-                                             cpu=1, memory_mb=512, host=local_host,
-                                             artifact_dir=str(home / "snapshot"))
+    version = TemplateVersion.objects.create(
+        template=template,
+        version="v1",
+        status=VersionStatus.READY,
+        cpu=1,
+        memory_mb=512,
+        host=local_host,
+        artifact_dir=str(home / "snapshot"),
+    )
     parent = None
     files = []
     for index in range(2):
         files.append(Path(local_host.data_dir) / "layers" / f"gone-{index}.qcow2")
         files[-1].parent.mkdir(parents=True, exist_ok=True)
         files[-1].write_bytes(b"layer")
-        parent = BuildLayer.objects.create(host=local_host, key=f"gone-{index}", parent=parent,
-                                           step=f"setup[{index}]", base_version=version, path=str(files[-1]))
+        parent = BuildLayer.objects.create(
+            host=local_host,
+            key=f"gone-{index}",
+            parent=parent,
+            step=f"setup[{index}]",
+            base_version=version,
+            path=str(files[-1]),
+        )
 
     # when the template is deleted and the retention sweep runs
     services.template_delete(user=owner.user, template=template)

@@ -38,8 +38,9 @@ def _qemu_pid(name: str) -> int:
     return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
 
 
-def test_timeouts_are_enforced_by_beat(owner: Actor, base_version, vm_cleanup, tmp_path,
-                                       require_postgres) -> None:  # type: ignore[no-untyped-def]
+def test_timeouts_are_enforced_by_beat(
+    owner: Actor, base_version, vm_cleanup, tmp_path, require_postgres
+) -> None:  # type: ignore[no-untyped-def]
     killed = _create(owner, timeout=5)
     paused = _create(owner, timeout=5, lifecycle={"on_timeout": "pause"})
     agent = vm.agent_client(Sandbox.objects.get(pk=paused))
@@ -68,12 +69,17 @@ def test_timeouts_are_enforced_by_beat(owner: Actor, base_version, vm_cleanup, t
     assert {p["pid"]: p["running"] for p in agent.processes()} == {pid: True}
     first = int(agent.exec("cat /tmp/count")["stdout"])
     # the process kept running: it counts on past what the resume found
-    wait_until(lambda: int(agent.exec("cat /tmp/count")["stdout"]) > first, 60, "the resumed counter to move",
-               seen=lambda: agent.exec("cat /tmp/count")["stdout"])
+    wait_until(
+        lambda: int(agent.exec("cat /tmp/count")["stdout"]) > first,
+        60,
+        "the resumed counter to move",
+        seen=lambda: agent.exec("cat /tmp/count")["stdout"],
+    )
 
 
-def test_a_vm_killed_from_outside_becomes_lost_and_is_purged_later(owner: Actor, base_version, vm_cleanup,
-                                                                   settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_vm_killed_from_outside_becomes_lost_and_is_purged_later(
+    owner: Actor, base_version, vm_cleanup, settings
+) -> None:  # type: ignore[no-untyped-def]
     sandbox_id = _create(owner, timeout=600)
     sandbox = Sandbox.objects.get(pk=sandbox_id)
     os.kill(_qemu_pid(sandbox.vm_name), signal.SIGKILL)
@@ -118,20 +124,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_a_web_process_killed_mid_create_leaves_no_vm_and_no_stuck_row(owner: Actor, base_version,
-                                                                       vm_cleanup, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_web_process_killed_mid_create_leaves_no_vm_and_no_stuck_row(
+    owner: Actor, base_version, vm_cleanup, settings
+) -> None:  # type: ignore[no-untyped-def]
     port = _free_port()
-    web = subprocess.Popen([sys.executable, "-m", "uvicorn", "watasu.asgi:application", "--port", str(port),
-                            "--log-level", "warning"], cwd=ROOT, env=helper_process_env())
+    web = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "watasu.asgi:application",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=helper_process_env(),
+    )
     try:
         wait_until(lambda: _answers(port), 30, "the web process")
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/sandboxes", data=b'{"template": "base"}', method="POST",
-            headers={"Authorization": f"Bearer {owner.write_key}", "Content-Type": "application/json"})
+            f"http://127.0.0.1:{port}/v1/sandboxes",
+            data=b'{"template": "base"}',
+            method="POST",
+            headers={"Authorization": f"Bearer {owner.write_key}", "Content-Type": "application/json"},
+        )
         threading.Thread(target=_ignore_errors, args=(request,), daemon=True).start()
         # Kill it once the VM exists and the create has not finished.
-        wait_until(lambda: any(vm_cleanup.domain_status(s.vm_name) == "running"
-                          for s in Sandbox.objects.filter(state=S.CREATING)), 60, "a VM mid-create")
+        wait_until(
+            lambda: any(
+                vm_cleanup.domain_status(s.vm_name) == "running"
+                for s in Sandbox.objects.filter(state=S.CREATING)
+            ),
+            60,
+            "a VM mid-create",
+        )
         web.send_signal(signal.SIGKILL)
         web.wait(timeout=10)
     finally:
@@ -161,4 +189,3 @@ def _answers(port: int) -> bool:
 def _ignore_errors(request: urllib.request.Request) -> None:
     with contextlib.suppress(OSError):  # the server is killed under it
         urllib.request.urlopen(request, timeout=120)
-

@@ -20,8 +20,9 @@ def test_every_user_has_a_personal_team_it_owns(outsider: Actor) -> None:
     assert team.slug == "outsider"
 
 
-def test_owner_and_member_see_the_team_outsider_gets_404(owner: Actor, member: Actor,
-                                                         outsider: Actor) -> None:
+def test_owner_and_member_see_the_team_outsider_gets_404(
+    owner: Actor, member: Actor, outsider: Actor
+) -> None:
     assert owner.client().get("/v1/teams/acme").status_code == 200
     assert member.client().get("/v1/teams/acme").status_code == 200
 

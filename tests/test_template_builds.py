@@ -20,8 +20,11 @@ from tests.waiting import wait_until
 
 
 def test_build_spec_becomes_ordered_steps() -> None:
-    spec = {"packages": {"apt": ["git"], "pip": ["six"]}, "setup": ["echo one", "echo two"],
-            "files": [{"path": "/a b/c", "content_b64": "aGk="}]}
+    spec = {
+        "packages": {"apt": ["git"], "pip": ["six"]},
+        "setup": ["echo one", "echo two"],
+        "files": [{"path": "/a b/c", "content_b64": "aGk="}],
+    }
 
     steps = build_steps(spec)
 
@@ -44,7 +47,8 @@ def test_a_python_image_is_its_own_step_with_a_python_command_and_pip() -> None:
     assert image.env_free and not any(s.env_free for s in steps[1:])
     assert image.command.endswith("python3 python3-pip python3-venv python-is-python3")
     assert [(path, base64.b64decode(data).decode()) for path, data in image.files] == [
-        ("/etc/pip.conf", "[global]\nbreak-system-packages = true\n")]
+        ("/etc/pip.conf", "[global]\nbreak-system-packages = true\n")
+    ]
     assert steps[1].command.endswith(" git")
 
 
@@ -53,7 +57,7 @@ def test_workdir_steps_create_their_directory(tmp_path) -> None:  # type: ignore
     # as root and as another user, for directories that do not exist yet
     spaced, bare = tmp_path / "srv" / "my app", tmp_path / "plain" / "dir"
     as_root = f"cd {shlex.quote(str(spaced))} && pwd > where.txt"
-    as_user = (f"su -s /bin/bash -c {shlex.quote(f'cd {bare} && true')} nobody")
+    as_user = f"su -s /bin/bash -c {shlex.quote(f'cd {bare} && true')} nobody"
 
     # when they become steps and the first runs in a shell
     first, second = (s.command for s in build_steps({"setup": [as_root, as_user]}))
@@ -65,25 +69,41 @@ def test_workdir_steps_create_their_directory(tmp_path) -> None:  # type: ignore
     assert build_steps({"setup": ["cd"]})[0].command == "cd"  # no WORKDIR prefix: unchanged
 
 
-def test_an_env_only_invalidates_the_layers_after_the_image(local_host, base_version_row, owner,
-                                                            tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_an_env_only_invalidates_the_layers_after_the_image(
+    local_host, base_version_row, owner, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     from templates_app import layers
     from templates_app.builds import planned_steps
     from templates_app.models import BuildLayer
 
     # given two builds on python:3.11 that differ only in a later ENV
     spec = {"from_image": "python:3.11", "setup": ["echo $GREETING > /greeting"]}
-    first, second = (template_build_start(user=owner.user, name="py", cpu=1, memory_mb=512, tags=[],
-                                          team_slug=None, build_spec={**spec, "env": {"GREETING": g}})
-                     for g in ("hello", "bonjour"))
+    first, second = (
+        template_build_start(
+            user=owner.user,
+            name="py",
+            cpu=1,
+            memory_mb=512,
+            tags=[],
+            team_slug=None,
+            build_spec={**spec, "env": {"GREETING": g}},
+        )
+        for g in ("hello", "bonjour")
+    )
     # when the first build's layers are in the cache and the second is planned
     (_, _, ours), (_, steps, theirs) = planned_steps(first), planned_steps(second)
     parent = None
     for index, key in enumerate(ours):
         path = tmp_path / f"{key}.qcow2"
         path.write_bytes(b"layer")
-        parent = BuildLayer.objects.create(host=local_host, key=key, parent=parent, step=f"step{index}",
-                                           base_version=base_version_row, path=str(path))
+        parent = BuildLayer.objects.create(
+            host=local_host,
+            key=key,
+            parent=parent,
+            step=f"step{index}",
+            base_version=base_version_row,
+            path=str(path),
+        )
 
     # then the image layer is shared (a cache hit) and only the step run with the env differs
     assert [s.name for s in steps] == ["from_image", "setup[0]"]
@@ -102,15 +122,17 @@ def build_worker(require_postgres) -> Iterator[subprocess.Popen[bytes]]:  # type
 @pytest.mark.vm
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_sdk_builds_a_template_and_starts_sandboxes_from_it(owner: Actor, base_version, vm_cleanup,
-                                                           build_worker, settings) -> None:  # type: ignore[no-untyped-def]
+def test_sdk_builds_a_template_and_starts_sandboxes_from_it(
+    owner: Actor, base_version, vm_cleanup, build_worker, settings
+) -> None:  # type: ignore[no-untyped-def]
     from watasu.asgi import application
 
     server = ServerThread(application)  # ASGI: the data plane needs WebSockets
     settings.PUBLIC_URL = server.url
     with server:
-        output = run_scenario("template_build", api_url=f"{server.url}/v1", api_key=owner.write_key,
-                              timeout=1200)
+        output = run_scenario(
+            "template_build", api_url=f"{server.url}/v1", api_key=owner.write_key, timeout=1200
+        )
 
     assert output.startswith("ok "), output
     print(output)
@@ -119,18 +141,29 @@ def test_sdk_builds_a_template_and_starts_sandboxes_from_it(owner: Actor, base_v
 @pytest.mark.vm
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(owner: Actor, base_version, vm_cleanup,
-                                                              build_worker) -> None:  # type: ignore[no-untyped-def]
+def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(
+    owner: Actor, base_version, vm_cleanup, build_worker
+) -> None:  # type: ignore[no-untyped-def]
     """The worker is SIGKILLed mid-step: the lease runs out, the sweep fails the build and
     removes its VM; the template is free for the next build."""
     from templates_app.builds import builds_sweep, template_build_start
     from templates_app.models import TemplateVersion, VersionStatus
 
-    version = template_build_start(user=owner.user, name="slow", build_spec={"setup": ["sleep 600"]},
-                                   cpu=1, memory_mb=512, tags=[], team_slug=None)
+    version = template_build_start(
+        user=owner.user,
+        name="slow",
+        build_spec={"setup": ["sleep 600"]},
+        cpu=1,
+        memory_mb=512,
+        tags=[],
+        team_slug=None,
+    )
     vm_name = f"{VM_TEST_PREFIX}build-{version.pk}"
-    wait_until(lambda: version.log_entries.filter(message__startswith="setup[0]").exists(), 180,
-               "the build to reach its step")
+    wait_until(
+        lambda: version.log_entries.filter(message__startswith="setup[0]").exists(),
+        180,
+        "the build to reach its step",
+    )
     assert vm_name in vm_cleanup.list_domains(vm_name)
 
     build_worker.kill()
@@ -146,8 +179,9 @@ def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(owner: Actor, base
     assert not TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
 
 
-def test_the_build_cache_is_never_shared_across_teams(local_host, base_version_row, owner, outsider,
-                                                      tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_build_cache_is_never_shared_across_teams(
+    local_host, base_version_row, owner, outsider, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     from templates_app import layers
     from templates_app.models import BuildLayer
 
@@ -158,8 +192,14 @@ def test_the_build_cache_is_never_shared_across_teams(local_host, base_version_r
     for index, key in enumerate(ours):
         path = tmp_path / f"{key}.qcow2"
         path.write_bytes(b"layer")
-        parent = BuildLayer.objects.create(host=local_host, key=key, parent=parent, step=f"setup[{index}]",
-                                           base_version=base_version_row, path=str(path))
+        parent = BuildLayer.objects.create(
+            host=local_host,
+            key=key,
+            parent=parent,
+            step=f"setup[{index}]",
+            base_version=base_version_row,
+            path=str(path),
+        )
 
     # when team B plans the very same steps with the same env
     theirs = layers.step_keys(base_version_row, steps, env, True, outsider.personal_team.pk)
@@ -186,8 +226,11 @@ def ready_agent(settings, monkeypatch, tmp_path):  # type: ignore[no-untyped-def
     monkeypatch.setattr(ready, "START_LOG", str(tmp_path / "start.log"))
     with RealAgent("ready-secret-" + "r" * 24) as agent:
         # The agent runs on the host: the build VM's driver has no VM to drive here.
-        yield BuildVm(FakeDriver(state_dir=tmp_path / "sandboxes"), "ready-check",
-                      AgentClient(agent.port, secret=agent.secret))
+        yield BuildVm(
+            FakeDriver(state_dir=tmp_path / "sandboxes"),
+            "ready-check",
+            AgentClient(agent.port, secret=agent.secret),
+        )
 
 
 def _draft_log(acme):  # type: ignore[no-untyped-def]
@@ -236,6 +279,7 @@ def test_a_ready_check_that_takes_longer_than_a_report_still_passes(acme, ready_
 
     # then the attempt was not cut short: progress was logged while it ran, then it passed
     messages = [e.message for e in log.version.log_entries.order_by("index")]
-    assert messages[0].startswith("ready check: not ready after 1 s (limit 3 s); start command output: "
-                                  "starting"), messages
+    assert messages[0].startswith(
+        "ready check: not ready after 1 s (limit 3 s); start command output: starting"
+    ), messages
     assert messages[-1].startswith("ready check passed after"), messages

@@ -18,13 +18,21 @@ pytestmark = pytest.mark.django_db
 def acme_template(acme, local_host) -> Template:  # type: ignore[no-untyped-def]
     template = Template.objects.create(team=acme, slug="python-ci", name="Python CI")
     for name in ("v1", "v2"):
-        TemplateVersion.objects.create(template=template, version=name, status=VersionStatus.READY,
-                                       cpu=2, memory_mb=1024, host=local_host, artifact_dir="/x")
+        TemplateVersion.objects.create(
+            template=template,
+            version=name,
+            status=VersionStatus.READY,
+            cpu=2,
+            memory_mb=1024,
+            host=local_host,
+            artifact_dir="/x",
+        )
     return template
 
 
-def test_listing_shows_own_and_provider_templates_only(owner: Actor, outsider: Actor,
-                                                       acme_template, base_version_row) -> None:
+def test_listing_shows_own_and_provider_templates_only(
+    owner: Actor, outsider: Actor, acme_template, base_version_row
+) -> None:
     mine = owner.client("read").get("/v1/sandbox_templates").json()["sandbox_templates"]
     theirs = outsider.client("read").get("/v1/sandbox_templates").json()["sandbox_templates"]
 
@@ -37,7 +45,9 @@ def test_versions_carry_their_runtime_baseline(owner: Actor, acme_template) -> N
 
     versions = body["sandbox_template_versions"]
     assert [(v["version"], v["runtime_baseline"], v["status"]) for v in versions] == [
-        ("v2", {"cpu": 2, "memory_mb": 1024}, "ready"), ("v1", {"cpu": 2, "memory_mb": 1024}, "ready")]
+        ("v2", {"cpu": 2, "memory_mb": 1024}, "ready"),
+        ("v1", {"cpu": 2, "memory_mb": 1024}, "ready"),
+    ]
     one = owner.client().get(f"/v1/sandbox_templates/{acme_template.pk}/versions/{versions[1]['id']}")
     assert one.json()["sandbox_template_version"]["version"] == "v1"
 
@@ -49,8 +59,12 @@ def test_other_teams_templates_are_404(outsider: Actor, acme_template) -> None:
     assert client.get(f"/v1/sandbox_templates/{acme_template.pk}/versions").status_code == 404
     assert client.get("/v1/templates/aliases/python-ci").status_code == 404
     assert client.get("/v1/templates/python-ci/tags").status_code == 404
-    assert client.post("/v1/templates/tags", {"target": "python-ci:v1", "tags": ["x"]},
-                       format="json").status_code == 404
+    assert (
+        client.post(
+            "/v1/templates/tags", {"target": "python-ci:v1", "tags": ["x"]}, format="json"
+        ).status_code
+        == 404
+    )
 
 
 def test_creating_a_team_template(owner: Actor, viewer: Actor) -> None:
@@ -75,8 +89,9 @@ def test_alias_lookup_sees_the_provider_base(owner: Actor, base_version_row) -> 
 def test_tags_assign_list_pin_and_remove(owner: Actor, acme, acme_template) -> None:
     client = owner.client()
 
-    assigned = client.post("/v1/templates/tags", {"target": "python-ci:v1", "tags": ["stable", "prod"]},
-                           format="json")
+    assigned = client.post(
+        "/v1/templates/tags", {"target": "python-ci:v1", "tags": ["stable", "prod"]}, format="json"
+    )
     listed = client.get("/v1/templates/python-ci/tags").json()
     v1 = acme_template.versions.get(version="v1")
 
@@ -94,27 +109,45 @@ def test_tags_assign_list_pin_and_remove(owner: Actor, acme, acme_template) -> N
 
 
 def test_provider_templates_cannot_be_tagged(owner: Actor, base_version_row) -> None:
-    response = owner.client().post("/v1/templates/tags", {"target": "base", "tags": ["mine"]},
-                                   format="json")
+    response = owner.client().post("/v1/templates/tags", {"target": "base", "tags": ["mine"]}, format="json")
 
     assert response.status_code == 403
     assert owner.client().get("/v1/templates/base/tags").json() == []
 
 
-@pytest.mark.parametrize("body", [{"target": "python-ci"}, {"target": "python-ci", "tags": []},
-                                  {"target": "python-ci", "tags": ["Bad Tag"]}, {"tags": ["x"]}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"target": "python-ci"},
+        {"target": "python-ci", "tags": []},
+        {"target": "python-ci", "tags": ["Bad Tag"]},
+        {"tags": ["x"]},
+    ],
+)
 def test_bad_tag_requests_are_422(owner: Actor, acme_template, body: dict) -> None:
     assert owner.client().post("/v1/templates/tags", body, format="json").status_code == 422
 
 
 def _version_body(version: str = "v3", **extra) -> dict:  # type: ignore[no-untyped-def]
-    return {"sandbox_template_version": {"version": version, "source_kind": "package_spec",
-                                         "build_spec": {"setup": ["echo hi"]},
-                                         "runtime_baseline": {"cpu": 1, "memory_mb": 512}, **extra}}
+    return {
+        "sandbox_template_version": {
+            "version": version,
+            "source_kind": "package_spec",
+            "build_spec": {"setup": ["echo hi"]},
+            "runtime_baseline": {"cpu": 1, "memory_mb": 512},
+            **extra,
+        }
+    }
 
 
-def test_creating_a_version_queues_a_build(owner: Actor, viewer: Actor, outsider: Actor, acme_template,
-                                           base_version_row, django_capture_on_commit_callbacks) -> None:
+def test_creating_a_version_queues_a_build(
+    owner: Actor,
+    viewer: Actor,
+    outsider: Actor,
+    acme_template,
+    base_version_row,
+    django_capture_on_commit_callbacks,
+) -> None:
     url = f"/v1/sandbox_templates/{acme_template.pk}/versions"
     with django_capture_on_commit_callbacks() as callbacks:
         created = owner.client().post(url, _version_body(), format="json")
@@ -122,7 +155,10 @@ def test_creating_a_version_queues_a_build(owner: Actor, viewer: Actor, outsider
     assert created.status_code == 201, created.json()
     version = created.json()["sandbox_template_version"]
     assert (version["version"], version["status"], version["runtime_baseline"]) == (
-        "v3", "draft", {"cpu": 1, "memory_mb": 512})
+        "v3",
+        "draft",
+        {"cpu": 1, "memory_mb": 512},
+    )
     assert len(callbacks) == 1  # the build is queued once the row is committed
     assert owner.client().post(url, _version_body(), format="json").status_code == 409
     assert viewer.client().post(url, _version_body("v4"), format="json").status_code == 403
@@ -130,16 +166,21 @@ def test_creating_a_version_queues_a_build(owner: Actor, viewer: Actor, outsider
     assert owner.client("read").post(url, _version_body("v4"), format="json").status_code == 403
 
 
-@pytest.mark.parametrize("override", [
-    {"version": "no spaces"}, {"source_kind": "oci_image"}, {"runtime_baseline": {"cpu": 0}},
-    {"build_spec": {"files": [{"path": "relative.txt", "content_b64": "aGk="}]}},
-    {"build_spec": {"files": [{"path": "/x", "content_b64": "not base64!"}]}},
-    {"build_spec": {"files": [{"path": "/x", "content_b64": "aGk=", "mode": "0755"}]}},
-    {"build_spec": {"files": [{"path": "/x", "content_b64": "aGk=", "user": "root; rm -rf /"}]}},
-    {"build_spec": {"setup": "echo not-a-list"}},
-    {"build_spec": {"from_image": "ubuntu:24.04"}},
-    {"build_spec": {"from_template": "nope"}},
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"version": "no spaces"},
+        {"source_kind": "oci_image"},
+        {"runtime_baseline": {"cpu": 0}},
+        {"build_spec": {"files": [{"path": "relative.txt", "content_b64": "aGk="}]}},
+        {"build_spec": {"files": [{"path": "/x", "content_b64": "not base64!"}]}},
+        {"build_spec": {"files": [{"path": "/x", "content_b64": "aGk=", "mode": "0755"}]}},
+        {"build_spec": {"files": [{"path": "/x", "content_b64": "aGk=", "user": "root; rm -rf /"}]}},
+        {"build_spec": {"setup": "echo not-a-list"}},
+        {"build_spec": {"from_image": "ubuntu:24.04"}},
+        {"build_spec": {"from_template": "nope"}},
+    ],
+)
 def test_bad_version_requests_are_422(owner: Actor, acme_template, base_version_row, override) -> None:  # type: ignore[no-untyped-def]
     body = _version_body()
     body["sandbox_template_version"].update(override)
@@ -161,8 +202,9 @@ def test_build_logs_page_from_an_offset(owner: Actor, acme_template) -> None:
     from templates_app.models import BuildLogEntry
 
     version = acme_template.versions.get(version="v1")
-    BuildLogEntry.objects.bulk_create(BuildLogEntry(version=version, index=i, at=timezone.now(),
-                                                    message=f"line {i}") for i in range(5))
+    BuildLogEntry.objects.bulk_create(
+        BuildLogEntry(version=version, index=i, at=timezone.now(), message=f"line {i}") for i in range(5)
+    )
     url = f"/v1/sandbox_templates/{acme_template.pk}/versions/{version.pk}/build_logs"
 
     page = owner.client("read").get(url, {"offset": 3}).json()["sandbox_template_version_build_logs"]
@@ -207,12 +249,23 @@ def _build_vm(driver, name: str) -> None:  # type: ignore[no-untyped-def]
 
     from sandboxes.runtime.lifecycle import sandbox_spec
 
-    driver.boot(sandbox_spec(name, driver.state_dir, vcpus=1, memory_mb=512, kernel=Path("/vmlinuz"),
-                             initrd=Path("/initrd.img"), cmdline="", backing=Path("/base.qcow2")))
+    driver.boot(
+        sandbox_spec(
+            name,
+            driver.state_dir,
+            vcpus=1,
+            memory_mb=512,
+            kernel=Path("/vmlinuz"),
+            initrd=Path("/initrd.img"),
+            cmdline="",
+            backing=Path("/base.qcow2"),
+        )
+    )
 
 
-def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_template, fake_driver,
-                                                                    monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(
+    acme_template, fake_driver, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
     from django.utils import timezone
@@ -222,11 +275,22 @@ def test_sweep_fails_builds_whose_lease_ran_out_and_requeues_drafts(acme_templat
     # given a build whose lease ran out, one still renewing its lease (both with their VMs),
     # and a draft nobody picked up for an hour
     now = timezone.now()
-    lost = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512,
-                                          status=VersionStatus.BUILDING, lease_expires_at=now)
-    alive = TemplateVersion.objects.create(template=acme_template, version="b2", cpu=1, memory_mb=512,
-                                           status=VersionStatus.BUILDING,
-                                           lease_expires_at=now + timedelta(minutes=2))
+    lost = TemplateVersion.objects.create(
+        template=acme_template,
+        version="b1",
+        cpu=1,
+        memory_mb=512,
+        status=VersionStatus.BUILDING,
+        lease_expires_at=now,
+    )
+    alive = TemplateVersion.objects.create(
+        template=acme_template,
+        version="b2",
+        cpu=1,
+        memory_mb=512,
+        status=VersionStatus.BUILDING,
+        lease_expires_at=now + timedelta(minutes=2),
+    )
     waiting = TemplateVersion.objects.create(template=acme_template, version="b3", cpu=1, memory_mb=512)
     TemplateVersion.objects.filter(pk=waiting.pk).update(created_at=now - timedelta(hours=1))
     for name in (*builds.build_vm_names(lost.pk), builds.build_vm_names(alive.pk)[0]):
@@ -273,11 +337,19 @@ def _build(client, build_spec: dict, name: str = "img"):  # type: ignore[no-unty
     return client.post("/v1/templates", {"name": name, "build_spec": build_spec}, format="json")
 
 
-@pytest.mark.parametrize(("image", "available"), [
-    ("python:3.12", "python:3.11"), ("python:3.13-slim", "python:3.11-slim"), ("node:22", "node:18"),
-    ("node:20-bookworm-slim", "node:lts"), ("debian:trixie", "debian:bookworm")])
+@pytest.mark.parametrize(
+    ("image", "available"),
+    [
+        ("python:3.12", "python:3.11"),
+        ("python:3.13-slim", "python:3.11-slim"),
+        ("node:22", "node:18"),
+        ("node:20-bookworm-slim", "node:lts"),
+        ("debian:trixie", "debian:bookworm"),
+    ],
+)
 def test_an_image_version_debian_12_lacks_is_refused_at_request_time(
-        owner: Actor, base_version_row, image: str, available: str) -> None:
+    owner: Actor, base_version_row, image: str, available: str
+) -> None:
     # when a build asks for a version of an image that Debian 12 does not provide
     response = _build(owner.client(), {"from_image": image})
 
@@ -289,12 +361,29 @@ def test_an_image_version_debian_12_lacks_is_refused_at_request_time(
     assert not TemplateVersion.objects.filter(template__slug="img").exists()
 
 
-@pytest.mark.parametrize("image", [
-    "python:3", "python:3.11", "python:3.11-slim", "python:3.11-bookworm", "python:latest", "python",
-    "docker.io/library/python:3.11", "node:18", "node:18-bookworm-slim", "node:lts", "node:latest",
-    "debian:bookworm", "debian:12", "debian:latest", "debian:stable"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        "python:3",
+        "python:3.11",
+        "python:3.11-slim",
+        "python:3.11-bookworm",
+        "python:latest",
+        "python",
+        "docker.io/library/python:3.11",
+        "node:18",
+        "node:18-bookworm-slim",
+        "node:lts",
+        "node:latest",
+        "debian:bookworm",
+        "debian:12",
+        "debian:latest",
+        "debian:stable",
+    ],
+)
 def test_image_tags_meaning_what_debian_12_provides_are_accepted(
-        owner: Actor, base_version_row, image: str, django_capture_on_commit_callbacks) -> None:
+    owner: Actor, base_version_row, image: str, django_capture_on_commit_callbacks
+) -> None:
     with django_capture_on_commit_callbacks():
         response = _build(owner.client(), {"from_image": image})
 
@@ -307,19 +396,28 @@ def test_images_we_do_not_build_stay_refused_as_imports(owner: Actor, base_versi
         assert (response.status_code, response.json()["error"]) == (422, "oci_image_import_disabled"), image
 
 
-@pytest.mark.parametrize(("spec", "field", "hint"), [
-    ({"setpu": ["echo hi"]}, "build_spec.setpu", "setup"),
-    ({"start_command": "sleep 1"}, "build_spec.start_command", "start_cmd"),
-    ({"packages": {"pip3": ["six"]}}, "build_spec.packages.pip3", "pip"),
-    ({"files": [{"path": "/x", "contents_b64": "aGk="}]}, "build_spec.files[0].contents_b64", "content_b64"),
-    ({"fromimage": "python:3.11"}, "build_spec.fromimage", "from_image"),
-])
-def test_unknown_build_spec_keys_are_named_at_every_level(owner: Actor, acme_template, base_version_row,
-                                                          spec: dict, field: str, hint: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "field", "hint"),
+    [
+        ({"setpu": ["echo hi"]}, "build_spec.setpu", "setup"),
+        ({"start_command": "sleep 1"}, "build_spec.start_command", "start_cmd"),
+        ({"packages": {"pip3": ["six"]}}, "build_spec.packages.pip3", "pip"),
+        (
+            {"files": [{"path": "/x", "contents_b64": "aGk="}]},
+            "build_spec.files[0].contents_b64",
+            "content_b64",
+        ),
+        ({"fromimage": "python:3.11"}, "build_spec.fromimage", "from_image"),
+    ],
+)
+def test_unknown_build_spec_keys_are_named_at_every_level(
+    owner: Actor, acme_template, base_version_row, spec: dict, field: str, hint: str
+) -> None:
     # when a build spec carries a key we do not know, through either build API
     via_sdk_api = _build(owner.client(), spec)
-    via_versions = owner.client().post(f"/v1/sandbox_templates/{acme_template.pk}/versions",
-                                       _version_body(build_spec=spec), format="json")
+    via_versions = owner.client().post(
+        f"/v1/sandbox_templates/{acme_template.pk}/versions", _version_body(build_spec=spec), format="json"
+    )
 
     # then both refuse it, naming it and its closest known spelling
     for response in (via_sdk_api, via_versions):
@@ -328,19 +426,38 @@ def test_unknown_build_spec_keys_are_named_at_every_level(owner: Actor, acme_tem
         assert f"'{field}'" in body["message"] and f"'{hint}'" in body["message"]
 
 
-@pytest.mark.parametrize(("url", "body", "field", "hint"), [
-    ("/v1/templates", {"name": "img", "build_spec": {"setup": ["true"]}, "skip_cahce": True},
-     "skip_cahce", "skip_cache"),
-    ("/v1/templates", {"name": "img", "build_spec": {"setup": ["true"]}, "memroy_mb": 2048},
-     "memroy_mb", "memory_mb"),
-    ("versions", {"sandbox_template_version": {**_version_body()["sandbox_template_version"],
-                                               "build_spce": {}}},
-     "sandbox_template_version.build_spce", "build_spec"),
-    ("versions", _version_body(runtime_baseline={"cpu": 1, "memory": 1024}),
-     "sandbox_template_version.runtime_baseline.memory", "memory_mb"),
-])
-def test_misspelled_keys_around_a_build_spec_are_named(owner: Actor, acme_template, base_version_row,
-                                                       url: str, body: dict, field: str, hint: str) -> None:
+@pytest.mark.parametrize(
+    ("url", "body", "field", "hint"),
+    [
+        (
+            "/v1/templates",
+            {"name": "img", "build_spec": {"setup": ["true"]}, "skip_cahce": True},
+            "skip_cahce",
+            "skip_cache",
+        ),
+        (
+            "/v1/templates",
+            {"name": "img", "build_spec": {"setup": ["true"]}, "memroy_mb": 2048},
+            "memroy_mb",
+            "memory_mb",
+        ),
+        (
+            "versions",
+            {"sandbox_template_version": {**_version_body()["sandbox_template_version"], "build_spce": {}}},
+            "sandbox_template_version.build_spce",
+            "build_spec",
+        ),
+        (
+            "versions",
+            _version_body(runtime_baseline={"cpu": 1, "memory": 1024}),
+            "sandbox_template_version.runtime_baseline.memory",
+            "memory_mb",
+        ),
+    ],
+)
+def test_misspelled_keys_around_a_build_spec_are_named(
+    owner: Actor, acme_template, base_version_row, url: str, body: dict, field: str, hint: str
+) -> None:
     # when a build request misspells one of its own keys (the shape or the cache flag)
     if url == "versions":
         url = f"/v1/sandbox_templates/{acme_template.pk}/versions"
@@ -351,31 +468,40 @@ def test_misspelled_keys_around_a_build_spec_are_named(owner: Actor, acme_templa
     assert (response.json()["field"], response.json()["did_you_mean"]) == (field, hint)
 
 
-@pytest.mark.parametrize(("spec", "problem"), [
-    ({"from_image": "python:3.11", "from_template": "my-ci"}, "both from_image and from_template"),
-    ({"from_image": "python:3.11", "base": "my-ci"}, "both from_image and from_template"),
-    ({"env": {"A": None}}, "the value of 'A' must be a string"),
-    ({"env": {"B": {"x": 1}}}, "the value of 'B' must be a string"),
-    ({"env": {"1bad key": "v"}}, "'1bad key' is not a valid variable name"),
-    ([], "build_spec must be an object"),
-    ("setup", "build_spec must be an object"),
-])
-def test_a_build_spec_that_cannot_mean_one_thing_is_refused(owner: Actor, base_version_row, spec,
-                                                            problem: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"from_image": "python:3.11", "from_template": "my-ci"}, "both from_image and from_template"),
+        ({"from_image": "python:3.11", "base": "my-ci"}, "both from_image and from_template"),
+        ({"env": {"A": None}}, "the value of 'A' must be a string"),
+        ({"env": {"B": {"x": 1}}}, "the value of 'B' must be a string"),
+        ({"env": {"1bad key": "v"}}, "'1bad key' is not a valid variable name"),
+        ([], "build_spec must be an object"),
+        ("setup", "build_spec must be an object"),
+    ],
+)
+def test_a_build_spec_that_cannot_mean_one_thing_is_refused(
+    owner: Actor, base_version_row, spec, problem: str
+) -> None:
     response = _build(owner.client(), spec)
 
     assert response.status_code == 422, response.content
     assert problem in response.json()["message"]
 
 
-def test_every_key_the_sdks_send_is_accepted(owner: Actor, base_version_row,
-                                             django_capture_on_commit_callbacks) -> None:
+def test_every_key_the_sdks_send_is_accepted(
+    owner: Actor, base_version_row, django_capture_on_commit_callbacks
+) -> None:
     from tests.sdk import run_scenario
 
     # given the build specs the real Python SDK makes with every builder method, and the
     # TypeScript SDK's spelling of the parent (`base`)
-    specs = [json.loads(line) for line in run_scenario(
-        "build_specs", api_url="http://127.0.0.1:9/v1", api_key="unused").splitlines()]
+    specs = [
+        json.loads(line)
+        for line in run_scenario(
+            "build_specs", api_url="http://127.0.0.1:9/v1", api_key="unused"
+        ).splitlines()
+    ]
     specs.append({"base": "base", "setup": ["echo hi"]})
 
     # when each is sent as a build
@@ -392,8 +518,9 @@ def test_every_key_the_sdks_send_is_accepted(owner: Actor, base_version_row,
 # --- deleting a template ---------------------------------------------------------------------
 
 
-def test_a_team_deletes_a_template_and_its_versions(owner: Actor, acme, acme_template, base_version_row,
-                                                    django_capture_on_commit_callbacks) -> None:
+def test_a_team_deletes_a_template_and_its_versions(
+    owner: Actor, acme, acme_template, base_version_row, django_capture_on_commit_callbacks
+) -> None:
     from templates_app.models import TemplateTag
 
     # given a template with two versions and a tag
@@ -422,8 +549,9 @@ def test_a_team_deletes_a_template_and_its_versions(owner: Actor, acme, acme_tem
     assert owner.client().delete(url).status_code == 404  # deleting again: it is gone
 
 
-def test_who_may_delete_a_template(owner: Actor, viewer: Actor, outsider: Actor, acme_template,
-                                   base_version_row) -> None:
+def test_who_may_delete_a_template(
+    owner: Actor, viewer: Actor, outsider: Actor, acme_template, base_version_row
+) -> None:
     url = f"/v1/sandbox_templates/{acme_template.pk}"
 
     assert outsider.client().delete(url).status_code == 404  # another team's: not even there
@@ -439,8 +567,12 @@ def test_a_template_something_runs_on_is_not_deleted(owner: Actor, acme, acme_te
     from tests.factories import SandboxFactory
 
     # given a sandbox on one of its versions
-    sandbox = SandboxFactory(team=acme, state=state, template=acme_template,
-                             template_version=acme_template.versions.get(version="v1"))
+    sandbox = SandboxFactory(
+        team=acme,
+        state=state,
+        template=acme_template,
+        template_version=acme_template.versions.get(version="v1"),
+    )
 
     # when the template is deleted
     response = owner.client().delete(f"/v1/sandbox_templates/{acme_template.pk}")
@@ -461,12 +593,14 @@ def test_a_destroyed_sandbox_does_not_hold_a_template(owner: Actor, acme, acme_t
     assert owner.client().delete(f"/v1/sandbox_templates/{acme_template.pk}").status_code == 204
 
 
-def test_a_template_being_built_is_not_deleted_and_its_drafts_never_start(owner: Actor,
-                                                                          acme_template) -> None:
+def test_a_template_being_built_is_not_deleted_and_its_drafts_never_start(
+    owner: Actor, acme_template
+) -> None:
     from templates_app.builds.worker import claim
 
-    building = TemplateVersion.objects.create(template=acme_template, version="b1", cpu=1, memory_mb=512,
-                                              status=VersionStatus.BUILDING)
+    building = TemplateVersion.objects.create(
+        template=acme_template, version="b1", cpu=1, memory_mb=512, status=VersionStatus.BUILDING
+    )
     draft = TemplateVersion.objects.create(template=acme_template, version="b2", cpu=1, memory_mb=512)
     url = f"/v1/sandbox_templates/{acme_template.pk}"
 

@@ -31,10 +31,15 @@ def timeout_scale() -> float:
         return 1.0
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, *,
-               until: Callable[[T], object] = bool,
-               seen: Callable[[], object] | None = None,
-               ignoring: tuple[type[BaseException], ...] = ()) -> T:
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    *,
+    until: Callable[[T], object] = bool,
+    seen: Callable[[], object] | None = None,
+    ignoring: tuple[type[BaseException], ...] = (),
+) -> T:
     """Poll `predicate` until `until` holds for its value (by default: it is truthy),
     and return that value.
 

@@ -19,8 +19,11 @@ app.autodiscover_tasks()
 def _create_embedded_broker_folders(sender: Celery, **_: object) -> None:
     """The file-system broker expects its folders to exist before the first message."""
     options = sender.conf.broker_transport_options or {}
-    broker = [Path(options[key]) for key in ("data_folder_in", "data_folder_out", "processed_folder",
-                                             "control_folder") if options.get(key)]
+    broker = [
+        Path(options[key])
+        for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder")
+        if options.get(key)
+    ]
     folders = [*{folder.parent for folder in broker}, *broker]
     backend = str(sender.conf.result_backend or "")
     if backend.startswith("file://"):

@@ -35,8 +35,7 @@ class StrictBooleanFilter(django_filters.ChoiceFilter):
 def filter_or_refuse(filterset: django_filters.FilterSet) -> QuerySet[Any]:
     """The filtered queryset, or a 422 `validation_failed` naming each bad parameter."""
     if not filterset.is_valid():
-        lines = [f"{name}: {message}" for name, messages in filterset.errors.items()
-                 for message in messages]
+        lines = [f"{name}: {message}" for name, messages in filterset.errors.items() for message in messages]
         raise errors.Invalid("; ".join(lines), errors=lines)
     return filterset.qs
 
@@ -46,8 +45,13 @@ def openapi_parameters(filterset_class: type[django_filters.FilterSet]) -> list[
     parameters = []
     for name, item in filterset_class.base_filters.items():
         choices = item.extra.get("choices")
-        parameters.append(OpenApiParameter(
-            name, str, many=isinstance(item, django_filters.MultipleChoiceFilter),
-            enum=[value for value, _ in choices] if choices else None,
-            description=item.label or ""))
+        parameters.append(
+            OpenApiParameter(
+                name,
+                str,
+                many=isinstance(item, django_filters.MultipleChoiceFilter),
+                enum=[value for value, _ in choices] if choices else None,
+                description=item.label or "",
+            )
+        )
     return parameters

@@ -36,12 +36,14 @@ def _refuse(where: str, key: str, hint: str | None, known: list[str], code: str)
         message = f"Unknown key '{field}': did you mean '{hint}'?"
     else:
         message = f"Unknown key '{field}'; known keys: {', '.join(sorted(known))}."
-    return errors.Invalid(message, code=code, errors=[message], field=field,
-                          **({"did_you_mean": hint} if hint else {}))
+    return errors.Invalid(
+        message, code=code, errors=[message], field=field, **({"did_you_mean": hint} if hint else {})
+    )
 
 
-def refuse_unknown_keys(body: Mapping[str, Any], known: Iterable[str], *, where: str,
-                        code: str = "unknown_field") -> None:
+def refuse_unknown_keys(
+    body: Mapping[str, Any], known: Iterable[str], *, where: str, code: str = "unknown_field"
+) -> None:
     """422 naming the first key of ``body`` not in ``known``, with the closest known one."""
     known = list(known)
     for key in body:
@@ -49,8 +51,14 @@ def refuse_unknown_keys(body: Mapping[str, Any], known: Iterable[str], *, where:
             raise _refuse(where, str(key), closest(str(key), known), known, code)
 
 
-def refuse_near_misses(body: Mapping[str, Any], known: Iterable[str], *, where: str = "",
-                       code: str = "unknown_field", meant: Mapping[str, str] | None = None) -> None:
+def refuse_near_misses(
+    body: Mapping[str, Any],
+    known: Iterable[str],
+    *,
+    where: str = "",
+    code: str = "unknown_field",
+    meant: Mapping[str, str] | None = None,
+) -> None:
     """422 for a key that is not known but is a close misspelling of one, or one of `meant`
     (keys other platforms use for one of ours: `cpu` for `cpu_count`); others pass."""
     known = list(known)

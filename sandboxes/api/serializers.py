@@ -122,9 +122,13 @@ def sandbox_representation(sandbox: Sandbox) -> dict[str, Any]:
         "route_token": sandbox.route_token,
         "data_plane_url": data_plane_url(sandbox),
     }
-    for key, value in (("started_at", sandbox.started_at), ("ready_at", sandbox.ready_at),
-                       ("deadline_at", sandbox.deadline_at), ("end_at", sandbox.deadline_at),
-                       ("ended_at", sandbox.ended_at)):
+    for key, value in (
+        ("started_at", sandbox.started_at),
+        ("ready_at", sandbox.ready_at),
+        ("deadline_at", sandbox.deadline_at),
+        ("end_at", sandbox.deadline_at),
+        ("ended_at", sandbox.ended_at),
+    ):
         if value is not None:
             body[key] = iso(value)
     return body
@@ -192,17 +196,37 @@ MAX_METADATA_KEY_LENGTH = 256
 MAX_METADATA_VALUE_LENGTH = 4096
 MAX_PATH_LENGTH = 4096  # Linux PATH_MAX
 LIFECYCLE_KEYS = ("on_timeout", "auto_resume", "onTimeout", "autoResume")
-NETWORK_KEYS = ("allow_internet_access", "allow_package_registry_access", "allow_public_traffic",
-                "allow_out", "deny_out", "rules", "mask_request_host", "network_class")
+NETWORK_KEYS = (
+    "allow_internet_access",
+    "allow_package_registry_access",
+    "allow_public_traffic",
+    "allow_out",
+    "deny_out",
+    "rules",
+    "mask_request_host",
+    "network_class",
+)
 # Keys other APIs (or a guess) use for one of ours: sent here, they would silently change
 # nothing (`{"cpu": 2}` got one vCPU), so each is refused naming ours.
 SHAPE_MEANT = {
-    "cpu": "cpu_count", "cpus": "cpu_count", "vcpu": "cpu_count", "vcpus": "cpu_count",
-    "ram": "memory_mb", "ram_mb": "memory_mb", "mem_mb": "memory_mb", "memory_mib": "memory_mb"}
+    "cpu": "cpu_count",
+    "cpus": "cpu_count",
+    "vcpu": "cpu_count",
+    "vcpus": "cpu_count",
+    "ram": "memory_mb",
+    "ram_mb": "memory_mb",
+    "mem_mb": "memory_mb",
+    "memory_mib": "memory_mb",
+}
 CREATE_MEANT = {
-    **SHAPE_MEANT, "timeout_seconds": "timeout", "timeout_ms": "timeout",
-    "on_timeout": "lifecycle.on_timeout", "auto_resume": "lifecycle.auto_resume",
-    "environment": "envs", "env": "envs"}
+    **SHAPE_MEANT,
+    "timeout_seconds": "timeout",
+    "timeout_ms": "timeout",
+    "on_timeout": "lifecycle.on_timeout",
+    "auto_resume": "lifecycle.auto_resume",
+    "environment": "envs",
+    "env": "envs",
+}
 NO_RULES = "Per-host egress rules are not available yet; use allow_internet_access."
 
 
@@ -226,8 +250,10 @@ class MetadataField(JsonObjectField):
         metadata = {}
         for key, item in data.items():
             if not key or len(key) > MAX_METADATA_KEY_LENGTH or has_control_characters(key):
-                raise refusal(f"metadata keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters "
-                              "without control characters.")
+                raise refusal(
+                    f"metadata keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters "
+                    "without control characters."
+                )
             text = metadata_value(item)
             if len(text) > MAX_METADATA_VALUE_LENGTH:
                 raise refusal(f"metadata.{key[:64]} must be at most {MAX_METADATA_VALUE_LENGTH} characters.")
@@ -264,17 +290,22 @@ class MemoryMbField(LenientField):
 
 
 class _LifecycleSchema(serializers.Serializer):
-    on_timeout = serializers.ChoiceField(choices=OnTimeout.choices, required=False,
-                                         help_text="At the deadline: kill (default) or pause")
-    auto_resume = serializers.BooleanField(required=False, help_text="Resume a paused sandbox on "
-                                           "data-plane traffic (needs on_timeout 'pause')")
+    on_timeout = serializers.ChoiceField(
+        choices=OnTimeout.choices, required=False, help_text="At the deadline: kill (default) or pause"
+    )
+    auto_resume = serializers.BooleanField(
+        required=False, help_text="Resume a paused sandbox on data-plane traffic (needs on_timeout 'pause')"
+    )
 
 
 def _spelled_once(raw: dict[str, Any], key: str, camel: str) -> Any:
     """`raw[key]` or its camelCase spelling; both, with different values, is a 422."""
     if key in raw and camel in raw and raw[key] != raw[camel]:
-        raise refusal(f"lifecycle.{key} and lifecycle.{camel} name the same setting with different "
-                      "values; send one of them.", "invalid_lifecycle")
+        raise refusal(
+            f"lifecycle.{key} and lifecycle.{camel} name the same setting with different "
+            "values; send one of them.",
+            "invalid_lifecycle",
+        )
     return raw.get(key, raw.get(camel))
 
 
@@ -305,11 +336,16 @@ def lifecycle_of(raw: dict[str, Any] | None, *, auto_pause: bool) -> Lifecycle:
     on_timeout = raw["on_timeout"] or fallback
     if auto_pause and on_timeout != OnTimeout.PAUSE:
         # the SDK sends on_timeout 'kill' for a lifecycle without one: say which wins, never guess
-        raise refusal(f"auto_pause is true but lifecycle.on_timeout is '{on_timeout}'; send "
-                      "lifecycle.on_timeout 'pause' (auto_pause may then be left out).", "invalid_lifecycle")
+        raise refusal(
+            f"auto_pause is true but lifecycle.on_timeout is '{on_timeout}'; send "
+            "lifecycle.on_timeout 'pause' (auto_pause may then be left out).",
+            "invalid_lifecycle",
+        )
     if raw["auto_resume"] and on_timeout != OnTimeout.PAUSE:
-        raise refusal("lifecycle.auto_resume can only be true when lifecycle.on_timeout is 'pause'.",
-                      "invalid_lifecycle")
+        raise refusal(
+            "lifecycle.auto_resume can only be true when lifecycle.on_timeout is 'pause'.",
+            "invalid_lifecycle",
+        )
     return Lifecycle(on_timeout=on_timeout, auto_resume=raw["auto_resume"])
 
 
@@ -359,7 +395,8 @@ class IgnoredField(LenientField):
 class _NetworkFields(serializers.Serializer):
     allow_internet_access = StrictBooleanField(help_text="Outbound internet (default true)")
     allow_package_registry_access = StrictBooleanField(
-        help_text="Package registries (default: as allow_internet_access)")
+        help_text="Package registries (default: as allow_internet_access)"
+    )
     allow_public_traffic = StrictBooleanField(help_text="Previews reachable without a token (default true)")
     allow_out = AllowOutField(help_text="Only ['0.0.0.0/0'] until per-host rules are enforced")
     deny_out = UnavailableField(code="network_rules_unavailable", message=NO_RULES)
@@ -384,8 +421,9 @@ def _with_network_policy(body: dict[str, Any]) -> dict[str, Any]:
         return body
     if not isinstance(nested, dict):
         raise body_refusal("network_policy must be an object.")
-    suggest.refuse_unknown_keys(nested, sorted(NETWORK_KEYS), where="network_policy",
-                                code="validation_failed")
+    suggest.refuse_unknown_keys(
+        nested, sorted(NETWORK_KEYS), where="network_policy", code="validation_failed"
+    )
     for key, value in nested.items():
         if key in body and body[key] != value:
             raise body_refusal(f"{key} is given twice with different values (top level and network_policy).")
@@ -395,13 +433,18 @@ def _with_network_policy(body: dict[str, Any]) -> dict[str, Any]:
 class SandboxCreateSerializer(_NetworkFields):
     """`POST /v1/sandboxes`. Its fields are every key a create reads or knowingly ignores."""
 
-    template = OptionalTextField(max_length=200, help_text="Template slug, `slug:tag`, "
-                                 "`slug:version` or `slug:<version id>` (default: base)")
+    template = OptionalTextField(
+        max_length=200,
+        help_text="Template slug, `slug:tag`, `slug:version` or `slug:<version id>` (default: base)",
+    )
     template_id = OptionalTextField(max_length=200, help_text="The docs' spelling of `template`")
     template_version_id = IdField(help_text="A version id of the template")
     snapshot_id = OptionalTextField(max_length=255, help_text="Not supported yet (ignored)")
-    timeout = SecondsField(code="invalid_timeout", maximum="SANDBOX_MAX_TIMEOUT_SECONDS",
-                           help_text=f"Seconds until the deadline (default {DEFAULT_TIMEOUT})")
+    timeout = SecondsField(
+        code="invalid_timeout",
+        maximum="SANDBOX_MAX_TIMEOUT_SECONDS",
+        help_text=f"Seconds until the deadline (default {DEFAULT_TIMEOUT})",
+    )
     cpu_count = CpuCountField(help_text="vCPUs, one of GET /v1/sandbox_limits' allowed_cpu")
     memory_mb = MemoryMbField(help_text="Memory in MiB, within GET /v1/sandbox_limits' memory_mb")
     lifecycle = LifecycleField(help_text="What happens at the deadline")
@@ -412,14 +455,20 @@ class SandboxCreateSerializer(_NetworkFields):
     name = OptionalTextField(max_length=200, help_text="A label of your own")
     team = OptionalTextField(max_length=63, help_text="Team slug (default: your personal team)")
     network_policy = NetworkPolicyField(help_text="The network keys, nested as sandboxes show them")
-    volume_mounts = UnavailableField(code="volumes_unavailable",
-                                     message="Volume mounts are not available on this platform yet.")
-    mcp = UnavailableField(code="mcp_unavailable",
-                           message="The MCP gateway is not available on this platform yet.")
-    egress_profile = UnavailableField(code="network_rules_unavailable", message=(
-        "Egress profiles are not available yet; use allow_internet_access."))
-    egress_profiles = UnavailableField(code="network_rules_unavailable", message=(
-        "Egress profiles are not available yet; use allow_internet_access."))
+    volume_mounts = UnavailableField(
+        code="volumes_unavailable", message="Volume mounts are not available on this platform yet."
+    )
+    mcp = UnavailableField(
+        code="mcp_unavailable", message="The MCP gateway is not available on this platform yet."
+    )
+    egress_profile = UnavailableField(
+        code="network_rules_unavailable",
+        message=("Egress profiles are not available yet; use allow_internet_access."),
+    )
+    egress_profiles = UnavailableField(
+        code="network_rules_unavailable",
+        message=("Egress profiles are not available yet; use allow_internet_access."),
+    )
     secure = IgnoredField(help_text="Accepted; every sandbox's data plane needs its token")
     beta_create = IgnoredField(help_text="Accepted and ignored")
     exposed_ports = IgnoredField(help_text="Accepted; any port can be previewed")
@@ -441,19 +490,26 @@ class SandboxCreateSerializer(_NetworkFields):
         registries = data.get("allow_package_registry_access")
         public = data.get("allow_public_traffic")
         return CreateSpec(
-            team=data.get("team"), template=data.get("template") or data.get("template_id"),
-            template_version_id=data.get("template_version_id"), snapshot_id=data.get("snapshot_id"),
+            team=data.get("team"),
+            template=data.get("template") or data.get("template_id"),
+            template_version_id=data.get("template_version_id"),
+            snapshot_id=data.get("snapshot_id"),
             timeout=data.get("timeout") or DEFAULT_TIMEOUT,
-            cpu_count=data.get("cpu_count"), memory_mb=data.get("memory_mb"),
+            cpu_count=data.get("cpu_count"),
+            memory_mb=data.get("memory_mb"),
             lifecycle=data["lifecycle"],
             env_vars={**(data.get("envs") or {}), **(data.get("env_vars") or {})},
-            metadata=data.get("metadata") or {}, name=data.get("name"),
+            metadata=data.get("metadata") or {},
+            name=data.get("name"),
             allow_internet_access=internet,
             network_policy={
                 "allow_internet_access": internet,
                 "allow_package_registry_access": internet if registries is None else registries,
                 "allow_public_traffic": True if public is None else public,
-                "allow_out": [], "deny_out": []})
+                "allow_out": [],
+                "deny_out": [],
+            },
+        )
 
 
 def create_keys() -> tuple[str, ...]:
@@ -464,8 +520,11 @@ def create_keys() -> tuple[str, ...]:
 class TimeoutRequestSerializer(serializers.Serializer):
     """`{"timeout": seconds}` of /timeout (required) and /resume, /connect (optional)."""
 
-    timeout = SecondsField(code="invalid_timeout", maximum="SANDBOX_MAX_TIMEOUT_SECONDS",
-                           help_text="Seconds from now until the deadline")
+    timeout = SecondsField(
+        code="invalid_timeout",
+        maximum="SANDBOX_MAX_TIMEOUT_SECONDS",
+        help_text="Seconds from now until the deadline",
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         return super().to_internal_value(data if isinstance(data, dict) else {})

@@ -34,13 +34,16 @@ from watasu.filtering import filter_or_refuse
 
 TEAM = OpenApiParameter("team", str, description="Team slug; default: personal team")
 SANDBOX_ENVELOPE = object_envelope("SandboxEnvelope", "sandbox", SandboxSerializer())
-SESSION_ENVELOPE = inline_serializer("SandboxWithSession", {
-    "sandbox": SandboxSerializer(), "session": SessionSerializer()})
+SESSION_ENVELOPE = inline_serializer(
+    "SandboxWithSession", {"sandbox": SandboxSerializer(), "session": SessionSerializer()}
+)
 
 
 def _with_session(sandbox: Sandbox, session: Session, status: int = 200) -> Response:
-    return Response({"sandbox": sandbox_representation(sandbox),
-                     "session": session_representation(session)}, status=status)
+    return Response(
+        {"sandbox": sandbox_representation(sandbox), "session": session_representation(session)},
+        status=status,
+    )
 
 
 def _one(sandbox: Sandbox) -> Response:
@@ -50,9 +53,13 @@ def _one(sandbox: Sandbox) -> Response:
 class SandboxLimitsView(ApiView):
     """`GET /v1/sandbox_limits`: allowed shapes, prices and the team's quota."""
 
-    @extend_schema(summary="Sandbox limits", description="The shapes a create may ask for (vCPUs, "
-                   "memory, timeout), the default shape, prices and the team's quota and usage.",
-                   parameters=[TEAM], responses=SandboxLimitsSerializer)
+    @extend_schema(
+        summary="Sandbox limits",
+        description="The shapes a create may ask for (vCPUs, "
+        "memory, timeout), the default shape, prices and the team's quota and usage.",
+        parameters=[TEAM],
+        responses=SandboxLimitsSerializer,
+    )
     def get(self, request: Request) -> Response:
         team = team_for_read(user=self.user, slug=team_param(request))
         return Response(selectors.sandbox_limits(team=team))
@@ -62,29 +69,42 @@ class SandboxListView(ApiView):
     envelope = "sandboxes"
 
     @extend_schema(
-        operation_id="sandboxes_list", summary="List sandboxes",
+        operation_id="sandboxes_list",
+        summary="List sandboxes",
         description="Sandboxes of your teams (or of `team`), newest first, all but destroyed ones "
         "unless `query[state][]` names states; `query[metadata][<key>]=<value>` matches metadata exactly.",
-        parameters=[TEAM, OpenApiParameter("query[state][]", str, many=True,
-                                           enum=[value for value, _ in STATE_CHOICES],
-                                           description="State or alias; repeatable"),
-                    OpenApiParameter("query[metadata][key]", str,
-                                     description="Exact match on a metadata key (repeatable)")],
+        parameters=[
+            TEAM,
+            OpenApiParameter(
+                "query[state][]",
+                str,
+                many=True,
+                enum=[value for value, _ in STATE_CHOICES],
+                description="State or alias; repeatable",
+            ),
+            OpenApiParameter(
+                "query[metadata][key]", str, description="Exact match on a metadata key (repeatable)"
+            ),
+        ],
         responses=list_envelope("SandboxList", "sandboxes", SandboxSerializer()),
     )
     def get(self, request: Request) -> Response:
         teams = teams_for_list(user=self.user, slug=request.query_params.get("team"))
-        queryset = filter_or_refuse(SandboxFilter.from_sdk_query(
-            request.query_params, selectors.sandboxes_of_teams(teams=teams)))
+        queryset = filter_or_refuse(
+            SandboxFilter.from_sdk_query(request.query_params, selectors.sandboxes_of_teams(teams=teams))
+        )
         paginator = NextTokenPagination()
         page = paginator.paginate_queryset(queryset, request, view=self)
         return paginator.get_paginated_response([sandbox_representation(s) for s in page])
 
-    @extend_schema(summary="Create a sandbox",
-                   description="Starts a sandbox from a template (default `base`) and returns it with a "
-                   "data-plane session once it is usable. Unknown top-level keys are ignored, but a "
-                   "near-miss of a known one (`timeuot`) is a 422 `unknown_field`.",
-                   request=SandboxCreateSerializer, responses={201: SESSION_ENVELOPE})
+    @extend_schema(
+        summary="Create a sandbox",
+        description="Starts a sandbox from a template (default `base`) and returns it with a "
+        "data-plane session once it is usable. Unknown top-level keys are ignored, but a "
+        "near-miss of a known one (`timeuot`) is a 422 `unknown_field`.",
+        request=SandboxCreateSerializer,
+        responses={201: SESSION_ENVELOPE},
+    )
     def post(self, request: Request) -> Response:
         body = SandboxCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -107,32 +127,46 @@ class _SandboxView(ApiView):
 
 
 class SandboxDetailView(_SandboxView):
-    @extend_schema(summary="Get a sandbox", description="One sandbox of your teams, destroyed ones "
-                   "included while their record is kept.", responses=SANDBOX_ENVELOPE)
+    @extend_schema(
+        summary="Get a sandbox",
+        description="One sandbox of your teams, destroyed ones included while their record is kept.",
+        responses=SANDBOX_ENVELOPE,
+    )
     def get(self, request: Request, sandbox_id: str) -> Response:
         return _one(self.sandbox(sandbox_id))
 
-    @extend_schema(summary="Destroy a sandbox", description="Removes the VM and its disk; "
-                   "destroying a destroyed sandbox again is a 200.", responses=SANDBOX_ENVELOPE)
+    @extend_schema(
+        summary="Destroy a sandbox",
+        description="Removes the VM and its disk; destroying a destroyed sandbox again is a 200.",
+        responses=SANDBOX_ENVELOPE,
+    )
     def delete(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         return _one(services.sandbox_destroy(sandbox=sandbox))
 
 
 class SandboxPauseView(_SandboxView):
-    @extend_schema(summary="Pause a sandbox", description="Saves the VM's memory and disk "
-                   "(processes survive); `stop` is the same. Resume or connect brings it back.",
-                   request=None, responses=SANDBOX_ENVELOPE)
+    @extend_schema(
+        summary="Pause a sandbox",
+        description="Saves the VM's memory and disk "
+        "(processes survive); `stop` is the same. Resume or connect brings it back.",
+        request=None,
+        responses=SANDBOX_ENVELOPE,
+    )
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         return _one(services.sandbox_pause(sandbox=sandbox))
 
 
 class SandboxResumeView(_SandboxView):
-    @extend_schema(summary="Resume or connect to a sandbox",
-                   description="Resumes a paused sandbox (deadline: now + `timeout`, else its own "
-                   "timeout) or, for a running one, only ever extends its deadline; returns a new "
-                   "data-plane session.", request=TimeoutRequestSerializer, responses=SESSION_ENVELOPE)
+    @extend_schema(
+        summary="Resume or connect to a sandbox",
+        description="Resumes a paused sandbox (deadline: now + `timeout`, else its own "
+        "timeout) or, for a running one, only ever extends its deadline; returns a new "
+        "data-plane session.",
+        request=TimeoutRequestSerializer,
+        responses=SESSION_ENVELOPE,
+    )
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         timeout = _timeout(request, required=False)
@@ -140,10 +174,13 @@ class SandboxResumeView(_SandboxView):
 
 
 class SandboxTimeoutView(_SandboxView):
-    @extend_schema(summary="Set a sandbox's timeout",
-                   description="Sets the deadline to now + `timeout` seconds (shorter or longer) and "
-                   "the sandbox's `timeout` to it.", request=TimeoutRequestSerializer,
-                   responses=SANDBOX_ENVELOPE)
+    @extend_schema(
+        summary="Set a sandbox's timeout",
+        description="Sets the deadline to now + `timeout` seconds (shorter or longer) and "
+        "the sandbox's `timeout` to it.",
+        request=TimeoutRequestSerializer,
+        responses=SANDBOX_ENVELOPE,
+    )
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         timeout = _timeout(request, required=True)
@@ -151,12 +188,17 @@ class SandboxTimeoutView(_SandboxView):
 
 
 class SandboxMetricsView(_SandboxView):
-    @extend_schema(summary="Sandbox metrics",
-                   description="The VM's current CPU and memory sample (empty without a running VM).",
-                   parameters=[OpenApiParameter("start", int, description="Accepted; one sample is kept"),
-                               OpenApiParameter("end", int, description="Accepted; one sample is kept")],
-                   responses=inline_serializer("Metrics", {"metrics": serializers.ListField(
-                       child=serializers.DictField())}))
+    @extend_schema(
+        summary="Sandbox metrics",
+        description="The VM's current CPU and memory sample (empty without a running VM).",
+        parameters=[
+            OpenApiParameter("start", int, description="Accepted; one sample is kept"),
+            OpenApiParameter("end", int, description="Accepted; one sample is kept"),
+        ],
+        responses=inline_serializer(
+            "Metrics", {"metrics": serializers.ListField(child=serializers.DictField())}
+        ),
+    )
     def get(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id)
         sample = vm.metrics(sandbox)
@@ -164,27 +206,42 @@ class SandboxMetricsView(_SandboxView):
 
 
 class SandboxPortView(_SandboxView):
-    @extend_schema(summary="Preview a port",
-                   description="Where a server listening on `port` inside the sandbox is reachable: "
-                   "`url` (an origin of its own) and `path_url` (on the platform's origin). Any port "
-                   "but the agent's own.",
-                   responses=object_envelope("SandboxPortEnvelope", "sandbox_port", SandboxPortSerializer()))
+    @extend_schema(
+        summary="Preview a port",
+        description="Where a server listening on `port` inside the sandbox is reachable: "
+        "`url` (an origin of its own) and `path_url` (on the platform's origin). Any port "
+        "but the agent's own.",
+        responses=object_envelope("SandboxPortEnvelope", "sandbox_port", SandboxPortSerializer()),
+    )
     def get(self, request: Request, sandbox_id: str, port: str) -> Response:
         sandbox = self.sandbox(sandbox_id)
         number = ids.count(port, maximum=65535)
         if not number:
             raise errors.Invalid("port must be between 1 and 65535.", code="validation_failed")
         if number == AGENT_PORT:
-            raise errors.Invalid(f"Port {AGENT_PORT} is the platform's agent in the sandbox; a preview "
-                                 "serves any other port.", code="port_reserved")
+            raise errors.Invalid(
+                f"Port {AGENT_PORT} is the platform's agent in the sandbox; a preview serves any other port.",
+                code="port_reserved",
+            )
         if sandbox.state == SandboxState.DESTROYED:
             raise services.sandbox_gone(sandbox.pk)
         return Response({"sandbox_port": selectors.sandbox_port(sandbox=sandbox, port=number)})
 
 
-FILE_URL_ENVELOPE = inline_serializer("FileUrlEnvelope", {"file_url": inline_serializer("FileUrl", {
-    "method": serializers.CharField(), "path": serializers.CharField(), "url": serializers.URLField(),
-    "expires_at": serializers.DateTimeField()})})
+FILE_URL_ENVELOPE = inline_serializer(
+    "FileUrlEnvelope",
+    {
+        "file_url": inline_serializer(
+            "FileUrl",
+            {
+                "method": serializers.CharField(),
+                "path": serializers.CharField(),
+                "url": serializers.URLField(),
+                "expires_at": serializers.DateTimeField(),
+            },
+        )
+    },
+)
 
 
 class _FileUrlView(_SandboxView):
@@ -202,8 +259,9 @@ class _FileUrlView(_SandboxView):
             raise services.sandbox_gone(sandbox.pk)
         body = FileUrlRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        ttl = ttl_pick(body.validated_data.get("use_signature_expiration"),
-                       body.validated_data.get("expires_in_seconds"))
+        ttl = ttl_pick(
+            body.validated_data.get("use_signature_expiration"), body.validated_data.get("expires_in_seconds")
+        )
         url = file_url_make(sandbox, path=body.validated_data["path"], op=self.operation, ttl=ttl)
         return Response({"file_url": url.as_dict()})
 
@@ -211,11 +269,14 @@ class _FileUrlView(_SandboxView):
 class SandboxUploadUrlView(_FileUrlView):
     operation = "write"
 
-    @extend_schema(summary="Signed upload URL",
-                   description="A URL that writes one file of the sandbox without a header (POST or "
-                   "PUT the bytes, or a multipart form), valid for the smaller of the two TTLs, "
-                   "300 s by default, at most 24 h.",
-                   request=FileUrlRequestSerializer, responses=FILE_URL_ENVELOPE)
+    @extend_schema(
+        summary="Signed upload URL",
+        description="A URL that writes one file of the sandbox without a header (POST or "
+        "PUT the bytes, or a multipart form), valid for the smaller of the two TTLs, "
+        "300 s by default, at most 24 h.",
+        request=FileUrlRequestSerializer,
+        responses=FILE_URL_ENVELOPE,
+    )
     def post(self, request: Request, sandbox_id: str) -> Response:
         return super().post(request, sandbox_id)
 
@@ -227,10 +288,13 @@ class SandboxDownloadUrlView(_FileUrlView):
 
     operation = "read"
 
-    @extend_schema(summary="Signed download URL",
-                   description="A URL that reads one file of the sandbox without a header (needs a "
-                   "write key: it reads any file), valid for the smaller of the two TTLs, 300 s by "
-                   "default, at most 24 h.",
-                   request=FileUrlRequestSerializer, responses=FILE_URL_ENVELOPE)
+    @extend_schema(
+        summary="Signed download URL",
+        description="A URL that reads one file of the sandbox without a header (needs a "
+        "write key: it reads any file), valid for the smaller of the two TTLs, 300 s by "
+        "default, at most 24 h.",
+        request=FileUrlRequestSerializer,
+        responses=FILE_URL_ENVELOPE,
+    )
     def post(self, request: Request, sandbox_id: str) -> Response:
         return super().post(request, sandbox_id)

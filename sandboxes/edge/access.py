@@ -73,8 +73,12 @@ def _outside_requests(function: Callable[P, T]) -> Callable[P, T]:
 def _sandbox(route_token: str) -> Sandbox:
     sandbox = Sandbox.objects.select_related("team", "host").filter(route_token=route_token).first()
     if sandbox is None:
-        raise EdgeError(404, "sandbox_not_found", "No sandbox exists at this data-plane address: it never "
-                        "existed or its record was purged. Create a new sandbox.")
+        raise EdgeError(
+            404,
+            "sandbox_not_found",
+            "No sandbox exists at this data-plane address: it never "
+            "existed or its record was purged. Create a new sandbox.",
+        )
     _refuse_destroyed(sandbox)
     return sandbox
 
@@ -113,8 +117,9 @@ def _running(sandbox: Sandbox, *, resume: bool, role: str) -> Upstream:
 
 def _upstream(sandbox: Sandbox, role: str) -> Upstream:
     if sandbox.state != S.READY or not sandbox.agent_port:
-        raise EdgeError(409, "sandbox_not_running",
-                        f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first.")
+        raise EdgeError(
+            409, "sandbox_not_running", f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first."
+        )
     secret = vm.agent_client(sandbox).secret or ""
     return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=role_secret(secret, role))
 

@@ -60,8 +60,11 @@ def _forwarded_for(route: Route, scope: dict[str, Any]) -> Headers:
     """
     client = scope.get("client") or ("", 0)
     scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
-    headers = [(b"x-forwarded-for", str(client[0]).encode()), (b"x-forwarded-proto", scheme.encode()),
-               (b"x-forwarded-host", _header(scope["headers"], b"host").encode())]
+    headers = [
+        (b"x-forwarded-for", str(client[0]).encode()),
+        (b"x-forwarded-proto", scheme.encode()),
+        (b"x-forwarded-host", _header(scope["headers"], b"host").encode()),
+    ]
     own_origin = not route.prefix  # the path form shares the platform's origin and its credentials
     if own_origin and (authorization := _header(scope["headers"], b"authorization")):
         headers.append((b"x-watasu-forwarded-authorization", authorization.encode("latin-1")))
@@ -73,8 +76,12 @@ async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target
     if route.kind == "invalid":
         raise EdgeError(404, "not_found", "No data-plane route at this address.")
     if route.kind == "bad_path":
-        raise EdgeError(400, "invalid_path", "Paths may not contain '.', '..' or empty segments, "
-                        "encoded or not, backslashes or control characters.")
+        raise EdgeError(
+            400,
+            "invalid_path",
+            "Paths may not contain '.', '..' or empty segments, "
+            "encoded or not, backslashes or control characters.",
+        )
     query: bytes = scope.get("query_string", b"")
     if route.kind == "preview":
         upstream = await resumes.upstream(access.preview_upstream, route.route_token)
@@ -90,14 +97,22 @@ async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
     params = {key: values[0] for key, values in parse_qs(query.decode("latin-1")).items()}
     op, agent_method = SIGNED_METHODS.get(method, ("", ""))
     if not op:
-        error = EdgeError(405, "method_not_allowed", f"Signed URLs answer GET (download) and POST or PUT "
-                          f"(upload), not {method}.")
+        error = EdgeError(
+            405,
+            "method_not_allowed",
+            f"Signed URLs answer GET (download) and POST or PUT (upload), not {method}.",
+        )
         error.headers.append((b"allow", ", ".join(SIGNED_METHODS).encode()))
         raise error
     if params.get("op") != op:
         raise EdgeError(403, "forbidden", f"This signed URL does not allow {method}.")
-    check = functools.partial(access.signed_upstream, path=params.get("path", ""), op=op,
-                              expires=params.get("expires", ""), sig=params.get("sig", ""))
+    check = functools.partial(
+        access.signed_upstream,
+        path=params.get("path", ""),
+        op=op,
+        expires=params.get("expires", ""),
+        sig=params.get("sig", ""),
+    )
     upstream = await resumes.upstream(check, route.route_token)
     return Target(upstream, agent_method, FILES_PATH, urlencode({"path": params["path"]}).encode())
 
@@ -181,10 +196,19 @@ class EdgeApp:
             extra = _forwarded_for(route, scope) if route.kind == "preview" else None
             if extra is not None and (host := _header(scope["headers"], b"host")):
                 extra.append((b"host", host.encode("latin-1")))  # the app sees the host it is served on
-            await proxy_http(scope, receive, send, upstream=target.upstream, method=target.method,
-                             path=target.path, query=target.query,
-                             headers=forwarded_headers(headers, target.upstream.secret, extra),
-                             prefix=route.prefix, preview=route.kind == "preview", body_filter=body_filter)
+            await proxy_http(
+                scope,
+                receive,
+                send,
+                upstream=target.upstream,
+                method=target.method,
+                path=target.path,
+                query=target.query,
+                headers=forwarded_headers(headers, target.upstream.secret, extra),
+                prefix=route.prefix,
+                preview=route.kind == "preview",
+                body_filter=body_filter,
+            )
         except EdgeError as error:
             await send_error(send, error)
 
@@ -201,8 +225,13 @@ class EdgeApp:
         extra = _forwarded_for(route, scope) if route.kind == "preview" else []
         if route.kind == "preview" and not route.prefix:  # own origin: its cookies are its own
             extra += [(name, value) for name, value in scope["headers"] if name == b"cookie"]
-        await proxy_websocket(scope, receive, send, upstream=target.upstream, path=target.path,
-                              query=target.query,
-                              extra_headers=[(name.decode("latin-1"), value.decode("latin-1"))
-                                             for name, value in extra],
-                              kind="preview" if route.kind == "preview" else "dataplane")
+        await proxy_websocket(
+            scope,
+            receive,
+            send,
+            upstream=target.upstream,
+            path=target.path,
+            query=target.query,
+            extra_headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in extra],
+            kind="preview" if route.kind == "preview" else "dataplane",
+        )

@@ -25,10 +25,22 @@ logger = logging.getLogger(__name__)
 Headers = list[tuple[bytes, bytes]]
 # What the agent is sent instead of the client's body (a signed upload's file part).
 BodyFilter = Callable[[AsyncIterator[bytes]], Awaitable[AsyncIterator[bytes]]]
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-    b"trailers", b"transfer-encoding", b"upgrade", b"host", b"authorization", b"proxy-connection",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"authorization",
+        b"proxy-connection",
+    }
+)
 # Preview responses in the path form share the platform's origin: they may not set
 # cookies there, and the browser gives them an opaque origin of their own.
 PATH_FORM_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
@@ -45,7 +57,8 @@ _DATA_PLANE_TYPES = (b"application/json", b"application/octet-stream")
 DATA_PLANE_CSP = b"default-src 'none'; sandbox; frame-ancestors 'none'"
 DATA_PLANE_SECURITY = [(b"content-security-policy", DATA_PLANE_CSP), (b"x-content-type-options", b"nosniff")]
 _transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 class ClientGone(Exception):
@@ -81,12 +94,17 @@ async def close_agent_client() -> None:
 
 
 def _timeouts() -> dict[str, float]:
-    return httpx.Timeout(connect=5.0, read=settings.EDGE_AGENT_TIMEOUT_SECONDS,
-                         write=settings.EDGE_AGENT_TIMEOUT_SECONDS, pool=10.0).as_dict()
+    return httpx.Timeout(
+        connect=5.0,
+        read=settings.EDGE_AGENT_TIMEOUT_SECONDS,
+        write=settings.EDGE_AGENT_TIMEOUT_SECONDS,
+        pool=10.0,
+    ).as_dict()
 
 
-def agent_request(method: str, port: int, path: str, query: bytes, headers: Headers,
-                  content: AsyncIterator[bytes] | None) -> httpx.Request:
+def agent_request(
+    method: str, port: int, path: str, query: bytes, headers: Headers, content: AsyncIterator[bytes] | None
+) -> httpx.Request:
     """The request to the agent, carrying exactly `path` and `query` as checked.
 
     httpx normalises `.`/`..` segments and re-quotes paths; the routing already refused
@@ -97,8 +115,7 @@ def agent_request(method: str, port: int, path: str, query: bytes, headers: Head
     url = httpx.URL(scheme="http", host="127.0.0.1", port=port, raw_path=raw)
     if url.raw_path != raw:
         raise UnsafeUpstreamPath(raw)
-    return httpx.Request(method, url, headers=headers, content=content,
-                         extensions={"timeout": _timeouts()})
+    return httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": _timeouts()})
 
 
 def forwarded_headers(headers: Headers, secret: str, extra: Headers | None = None) -> Headers:
@@ -116,8 +133,9 @@ def request_framing(headers: Headers) -> bool:
     """
     names = {name.lower() for name, _ in headers}
     if b"content-length" in names and b"transfer-encoding" in names:
-        raise EdgeError(400, "invalid_request", "A request may not carry both Content-Length and "
-                        "Transfer-Encoding.")
+        raise EdgeError(
+            400, "invalid_request", "A request may not carry both Content-Length and Transfer-Encoding."
+        )
     for name, value in headers:
         if name.lower() == b"content-length":
             return value.strip() not in (b"", b"0")
@@ -191,12 +209,23 @@ def _data_plane_headers(response: httpx.Response) -> Headers:
 def _attachment(response: httpx.Response) -> bytes:
     """One `attachment` disposition: the agent's first (its filename kept), else a bare one."""
     value = next((v for n, v in response.headers.raw if n.lower() == b"content-disposition"), b"")
-    return b"attachment" + (value[value.index(b";"):] if b";" in value else b"")
+    return b"attachment" + (value[value.index(b";") :] if b";" in value else b"")
 
 
-async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, method: str,
-                     path: str, query: bytes, headers: Headers, prefix: str = "",
-                     preview: bool = False, body_filter: BodyFilter | None = None) -> None:
+async def proxy_http(
+    scope: dict[str, Any],
+    receive: Any,
+    send: Any,
+    *,
+    upstream: Upstream,
+    method: str,
+    path: str,
+    query: bytes,
+    headers: Headers,
+    prefix: str = "",
+    preview: bool = False,
+    body_filter: BodyFilter | None = None,
+) -> None:
     """Send one request to the agent and stream its answer back.
 
     `body_filter` replaces the client's body (of unknown length: sent chunked) with
@@ -221,15 +250,19 @@ async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream
     except ClientGone:
         return
     except httpx.TransportError as exc:
-        raise overloaded(f"sandbox is alive but guestd is not responding ({type(exc).__name__}); "
-                         "retry shortly.") from exc
+        raise overloaded(
+            f"sandbox is alive but guestd is not responding ({type(exc).__name__}); retry shortly."
+        ) from exc
     try:
         if response.status_code == 401 and not preview:
             raise overloaded("sandbox is alive but guestd refused the edge's credential; retry shortly.")
         if not preview and not 200 <= response.status_code < 300 and not 400 <= response.status_code < 600:
             # the agent never redirects: a 3xx (an open redirect on the platform's origin) is not relayed
-            raise EdgeError(502, "bad_gateway", f"The sandbox answered {response.status_code}, which the "
-                            "data plane never relays.")
+            raise EdgeError(
+                502,
+                "bad_gateway",
+                f"The sandbox answered {response.status_code}, which the data plane never relays.",
+            )
         await _relay(response, receive, send, prefix, preview)
     finally:
         await response.aclose()
@@ -238,8 +271,13 @@ async def proxy_http(scope: dict[str, Any], receive: Any, send: Any, *, upstream
 async def _relay(response: httpx.Response, receive: Any, send: Any, prefix: str, preview: bool) -> None:
     gone = asyncio.ensure_future(_wait_disconnect(receive))
     try:
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": _response_headers(response, prefix, preview)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": _response_headers(response, prefix, preview),
+            }
+        )
         async for chunk in response.aiter_raw():
             if gone.done():
                 return  # the client left: stop reading the agent
@@ -254,8 +292,16 @@ async def _relay(response: httpx.Response, receive: Any, send: Any, prefix: str,
 async def send_error(send: Any, error: EdgeError) -> None:
     """An HTTP error answer in the shared `{"error", "message"}` shape."""
     body = json.dumps(error.body).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *error.headers,
-                            *DATA_PLANE_SECURITY]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *error.headers,
+                *DATA_PLANE_SECURITY,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -86,10 +86,10 @@ class FirstFilePart:
     async def _skip_to_delimiter(self) -> None:
         """Drop everything up to and including the next delimiter."""
         while (at := self.buffer.find(self.delimiter)) < 0:
-            self.buffer = self.buffer[-len(self.delimiter) + 1:]
+            self.buffer = self.buffer[-len(self.delimiter) + 1 :]
             if not await self._more():
                 raise invalid("it ends before a closing boundary.")
-        self.buffer = self.buffer[at + len(self.delimiter):]
+        self.buffer = self.buffer[at + len(self.delimiter) :]
 
     async def _part_headers(self) -> bytes | None:
         """After a delimiter: None for the closing one (`--`), else the part's header block."""
@@ -105,7 +105,7 @@ class FirstFilePart:
         line_end = self.buffer.find(b"\r\n")
         if self.buffer[:line_end].strip(b" \t"):  # only transport padding may follow a delimiter
             raise invalid("a boundary line carries text after the boundary.")
-        headers, self.buffer = self.buffer[line_end + 2:end], self.buffer[end + 4:]
+        headers, self.buffer = self.buffer[line_end + 2 : end], self.buffer[end + 4 :]
         return headers
 
     async def start(self) -> None:
@@ -125,8 +125,10 @@ class FirstFilePart:
                 yield self.buffer[:-keep]
                 self.buffer = self.buffer[-keep:]
             if not await self._more():
-                raise invalid("it ends inside the file part, before the next boundary; nothing was "
-                              "stored and the file is as it was.")
+                raise invalid(
+                    "it ends inside the file part, before the next boundary; nothing was "
+                    "stored and the file is as it was."
+                )
         if at:
             yield self.buffer[:at]
         self.buffer = b""

@@ -37,8 +37,9 @@ def in_flight() -> int:
 
 async def lookup(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a fast, synchronous lookup (the ORM) on the lookup threads."""
-    return await asyncio.get_running_loop().run_in_executor(_lookups, functools.partial(function, *args,
-                                                                                         **kwargs))
+    return await asyncio.get_running_loop().run_in_executor(
+        _lookups, functools.partial(function, *args, **kwargs)
+    )
 
 
 async def upstream(function: Callable[..., Upstream], *args: Any) -> Upstream:
@@ -69,7 +70,8 @@ async def resumed(sandbox_id: int, role: str) -> Upstream:
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout=settings.EDGE_RESUME_WAIT_SECONDS)
     except TimeoutError:
-        error = access.overloaded(f"Sandbox {sandbox_id} is still resuming; retry in "
-                                  f"{RETRY_AFTER_SECONDS} s.")
+        error = access.overloaded(
+            f"Sandbox {sandbox_id} is still resuming; retry in {RETRY_AFTER_SECONDS} s."
+        )
         error.headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
         raise error from None

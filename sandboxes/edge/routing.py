@@ -134,10 +134,10 @@ def route_of(scope: dict[str, Any]) -> Route | None:
     if route := _by_host(scope, path):
         return route
     if path.startswith(DP_PREFIX):
-        token, _, rest = path[len(DP_PREFIX):].partition("/")
+        token, _, rest = path[len(DP_PREFIX) :].partition("/")
         return _dataplane(token, "/" + rest)
     if path.startswith(PREVIEW_PREFIX):
-        token, _, rest = path[len(PREVIEW_PREFIX):].partition("/")
+        token, _, rest = path[len(PREVIEW_PREFIX) :].partition("/")
         port_text, slash, tail = rest.partition("/")
         prefix = f"{PREVIEW_PREFIX}{token}/{port_text}"
         return _preview(token, port_text, slash + tail, prefix=prefix)

@@ -54,10 +54,20 @@ def ttl_pick(*candidates: int | None) -> int:
 def file_url_make(sandbox: Sandbox, *, path: str, op: str, ttl: int, now: float | None = None) -> FileUrl:
     """A URL on the sandbox's data plane that reads (`op="read"`) or writes one file."""
     expires = int((time.time() if now is None else now) + ttl)
-    query = urlencode({"path": path, "op": op, "expires": expires,
-                       "sig": _signature(sandbox, path=path, op=op, expires=expires)})
-    return FileUrl(method=OPERATIONS[op], path=path, url=f"{data_plane_url(sandbox)}{SIGNED_PATH}?{query}",
-                   expires_at=datetime.fromtimestamp(expires, tz=UTC))
+    query = urlencode(
+        {
+            "path": path,
+            "op": op,
+            "expires": expires,
+            "sig": _signature(sandbox, path=path, op=op, expires=expires),
+        }
+    )
+    return FileUrl(
+        method=OPERATIONS[op],
+        path=path,
+        url=f"{data_plane_url(sandbox)}{SIGNED_PATH}?{query}",
+        expires_at=datetime.fromtimestamp(expires, tz=UTC),
+    )
 
 
 def file_url_check(sandbox: Sandbox, *, path: str, op: str, expires: str, sig: str) -> str | None:

@@ -52,20 +52,41 @@ async def deny(scope: dict[str, Any], send: Any, error: EdgeError) -> None:
         await send({"type": "websocket.close", "code": 1008, "reason": error.body["message"][:120]})
         return
     body = json.dumps(error.body).encode()
-    await send({"type": "websocket.http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), *error.headers]})
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": error.status,
+            "headers": [(b"content-type", b"application/json"), *error.headers],
+        }
+    )
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
-async def _open_agent(scope: dict[str, Any], upstream: Upstream, path: str, query: bytes,
-                      extra_headers: list[tuple[str, str]], preview: bool = False) -> ClientConnection:
+async def _open_agent(
+    scope: dict[str, Any],
+    upstream: Upstream,
+    path: str,
+    query: bytes,
+    extra_headers: list[tuple[str, str]],
+    preview: bool = False,
+) -> ClientConnection:
     url = f"ws://127.0.0.1:{upstream.port}{path}" + (f"?{query.decode('latin-1')}" if query else "")
     headers = [("Authorization", f"Bearer {upstream.secret}"), *extra_headers]
     try:
-        return await connect(url, additional_headers=headers, subprotocols=scope.get("subprotocols") or None,
-                             compression=None, proxy=None, open_timeout=15, ping_interval=PING_INTERVAL,
-                             ping_timeout=PING_TIMEOUT, close_timeout=5, max_size=MAX_FRAME,
-                             max_queue=MAX_QUEUE, user_agent_header=None)
+        return await connect(
+            url,
+            additional_headers=headers,
+            subprotocols=scope.get("subprotocols") or None,
+            compression=None,
+            proxy=None,
+            open_timeout=15,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            close_timeout=5,
+            max_size=MAX_FRAME,
+            max_queue=MAX_QUEUE,
+            user_agent_header=None,
+        )
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status == 401 and not preview:  # a preview app's own 401 is the app's answer
@@ -75,11 +96,15 @@ async def _open_agent(scope: dict[str, Any], upstream: Upstream, path: str, quer
             body = json.loads(exc.response.body or b"{}")
         except ValueError:
             body = {}
-        raise EdgeError(status, str(body.get("error") or "agent_refused"),
-                        str(body.get("message") or f"The sandbox answered {status}.")) from exc
+        raise EdgeError(
+            status,
+            str(body.get("error") or "agent_refused"),
+            str(body.get("message") or f"The sandbox answered {status}."),
+        ) from exc
     except (OSError, TimeoutError, WebSocketException) as exc:
-        raise overloaded(f"sandbox is alive but guestd is not responding ({type(exc).__name__}); "
-                         "retry shortly.") from exc
+        raise overloaded(
+            f"sandbox is alive but guestd is not responding ({type(exc).__name__}); retry shortly."
+        ) from exc
 
 
 async def _client_to_agent(receive: Any, agent: ClientConnection) -> None:
@@ -104,8 +129,13 @@ async def _agent_to_client(send: Any, agent: ClientConnection) -> bool:
     except OSError:  # uvicorn's ClientDisconnected: the client's own close is on its way
         return False
     try:
-        await send({"type": "websocket.close", "code": _sendable(agent.close_code),
-                    "reason": agent.close_reason or ""})
+        await send(
+            {
+                "type": "websocket.close",
+                "code": _sendable(agent.close_code),
+                "reason": agent.close_reason or "",
+            }
+        )
     except OSError:
         return False
     return True
@@ -115,28 +145,51 @@ def open_sockets(sandbox_id: int, kind: str = "dataplane") -> int:
     return _open.get((sandbox_id, kind), 0)
 
 
-async def proxy_websocket(scope: dict[str, Any], receive: Any, send: Any, *, upstream: Upstream, path: str,
-                          query: bytes, extra_headers: list[tuple[str, str]] | None = None,
-                          kind: str = "dataplane") -> None:
+async def proxy_websocket(
+    scope: dict[str, Any],
+    receive: Any,
+    send: Any,
+    *,
+    upstream: Upstream,
+    path: str,
+    query: bytes,
+    extra_headers: list[tuple[str, str]] | None = None,
+    kind: str = "dataplane",
+) -> None:
     """Connect to the agent, accept the client, pump frames until one side closes."""
     limit, key = settings.EDGE_MAX_SOCKETS_PER_SANDBOX, (upstream.sandbox_id, kind)
     if _open.get(key, 0) >= limit:
-        await deny(scope, send, EdgeError(429, "too_many_connections",
-                                          f"Sandbox {upstream.sandbox_id} has {limit} open {kind} streams; "
-                                          "close one first."))
+        await deny(
+            scope,
+            send,
+            EdgeError(
+                429,
+                "too_many_connections",
+                f"Sandbox {upstream.sandbox_id} has {limit} open {kind} streams; close one first.",
+            ),
+        )
         return
     _open[key] = _open.get(key, 0) + 1
     try:
-        await _proxy(scope, receive, send, upstream, path, query, extra_headers or [],
-                     preview=kind == "preview")
+        await _proxy(
+            scope, receive, send, upstream, path, query, extra_headers or [], preview=kind == "preview"
+        )
     finally:
         _open[key] -= 1
         if not _open[key]:
             del _open[key]
 
 
-async def _proxy(scope: dict[str, Any], receive: Any, send: Any, upstream: Upstream, path: str,
-                 query: bytes, extra_headers: list[tuple[str, str]], preview: bool) -> None:
+async def _proxy(
+    scope: dict[str, Any],
+    receive: Any,
+    send: Any,
+    upstream: Upstream,
+    path: str,
+    query: bytes,
+    extra_headers: list[tuple[str, str]],
+    preview: bool,
+) -> None:
     try:
         agent = await _open_agent(scope, upstream, path, query, extra_headers, preview)
     except EdgeError as error:

@@ -40,8 +40,11 @@ def driver_for(host: Host) -> RuntimeDriver:
             _drivers.pop(key).close()
         if key not in _drivers:
             driver_class = import_string(settings.RUNTIME_DRIVER)
-            _drivers[key] = driver_class(uri=host.libvirt_uri, accel=settings.RUNTIME_ACCEL,
-                                         state_dir=Path(host.data_dir) / "sandboxes")
+            _drivers[key] = driver_class(
+                uri=host.libvirt_uri,
+                accel=settings.RUNTIME_ACCEL,
+                state_dir=Path(host.data_dir) / "sandboxes",
+            )
         return _drivers[key]
 
 

@@ -59,8 +59,14 @@ class AgentClient:
     host: str = "127.0.0.1"
     timeout: float = DEFAULT_TIMEOUT
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                token: str | None = None, timeout: float | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        token: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """One JSON request; raises AgentError on non-2xx, OSError on transport failure."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
         headers = {"Connection": "close", "Content-Type": "application/json"}
@@ -68,8 +74,9 @@ class AgentClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
-                         headers=headers)
+            conn.request(
+                method, path, body=json.dumps(body).encode() if body is not None else None, headers=headers
+            )
             resp = conn.getresponse()
             data = json.loads(resp.read() or b"null")
         finally:
@@ -100,9 +107,17 @@ class AgentClient:
             time.sleep(interval)
         return time.monotonic() - start
 
-    def init(self, *, auth: str, secret: str, env_vars: dict[str, str] | None = None,
-             hostname: str | None = None, clock: float | None = None,
-             entropy: bytes | None = None, seal: bool = False) -> dict[str, Any]:
+    def init(
+        self,
+        *,
+        auth: str,
+        secret: str,
+        env_vars: dict[str, str] | None = None,
+        hostname: str | None = None,
+        clock: float | None = None,
+        entropy: bytes | None = None,
+        seal: bool = False,
+    ) -> dict[str, Any]:
         """Install ``secret`` (authenticated by ``auth``), env, clock, hostname, entropy.
 
         Clock and entropy default to now and 64 fresh bytes: clones must never keep the
@@ -122,8 +137,15 @@ class AgentClient:
         self.secret = secret
         return dict(result)
 
-    def exec(self, cmd: str | list[str], *, background: bool = False, timeout: float = 60.0,
-             env: dict[str, str] | None = None, cwd: str | None = None) -> dict[str, Any]:
+    def exec(
+        self,
+        cmd: str | list[str],
+        *,
+        background: bool = False,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> dict[str, Any]:
         """Run a command in the guest (a string runs under ``sh -c``) as a managed process.
 
         To completion: ``{"exit_code", "stdout", "stderr", "timed_out", "duration_ms"}``; past
@@ -133,8 +155,13 @@ class AgentClient:
         Without ``cwd`` it runs in ``/``, the agent's own directory, as host commands always have.
         """
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        start: dict[str, Any] = {"type": "start", "cmd": argv[0], "args": argv[1:], "environment": env or {},
-                                 "cwd": cwd or "/"}
+        start: dict[str, Any] = {
+            "type": "start",
+            "cmd": argv[0],
+            "args": argv[1:],
+            "environment": env or {},
+            "cwd": cwd or "/",
+        }
         if background:
             with self._process_socket("/runtime/v1/process", start) as (_, started):
                 return {"pid": started["os_pid"], "id": started["pid"]}
@@ -142,30 +169,52 @@ class AgentClient:
         output = {"stdout": bytearray(), "stderr": bytearray(), "pty": bytearray()}
         began = time.monotonic()
         end = self._follow(start, lambda kind, data: output[kind].extend(data), timeout + EXIT_MARGIN)
-        return {"exit_code": end.get("exit_code"), "stdout": output["stdout"].decode(errors="replace"),
-                "stderr": output["stderr"].decode(errors="replace"),
-                "timed_out": end.get("status") == "timed_out",
-                "duration_ms": round((time.monotonic() - began) * 1000, 1)}
+        return {
+            "exit_code": end.get("exit_code"),
+            "stdout": output["stdout"].decode(errors="replace"),
+            "stderr": output["stderr"].decode(errors="replace"),
+            "timed_out": end.get("status") == "timed_out",
+            "duration_ms": round((time.monotonic() - began) * 1000, 1),
+        }
 
-    def run_streaming(self, command: str, on_output: Callable[[str, bytes], None], *,
-                      env: dict[str, str] | None = None, timeout: float = 1800.0) -> int:
+    def run_streaming(
+        self,
+        command: str,
+        on_output: Callable[[str, bytes], None],
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float = 1800.0,
+    ) -> int:
         """Run ``sh -c command`` as a managed process, handing output to ``on_output`` as it
         arrives (``("stdout"|"stderr", bytes)``); returns the exit code (-1 if killed by the
         agent's timeout). Transport failures raise ``OSError``."""
-        start = {"type": "start", "cmd": "/bin/sh", "args": ["-c", command],
-                 "environment": env or {}, "timeout_ms": int(timeout * 1000)}
+        start = {
+            "type": "start",
+            "cmd": "/bin/sh",
+            "args": ["-c", command],
+            "environment": env or {},
+            "timeout_ms": int(timeout * 1000),
+        }
         code = self._follow(start, on_output, timeout + EXIT_MARGIN).get("exit_code")
         return code if isinstance(code, int) else -1
 
     def processes(self) -> list[dict[str, Any]]:
         """Processes running in the guest, whoever started them (the host or the SDK):
         ``pid`` is the guest pid, ``id`` the agent's process id."""
-        return [{"pid": p["os_pid"], "id": p["id"], "cmd": [p["cmd"], *p["args"]],
-                 "running": p["status"] in ("running", "killing"), "exit_code": p["exit_code"]}
-                for p in self.request("GET", "/runtime/v1/process")["processes"]]
+        return [
+            {
+                "pid": p["os_pid"],
+                "id": p["id"],
+                "cmd": [p["cmd"], *p["args"]],
+                "running": p["status"] in ("running", "killing"),
+                "exit_code": p["exit_code"],
+            }
+            for p in self.request("GET", "/runtime/v1/process")["processes"]
+        ]
 
-    def _follow(self, start: dict[str, Any], on_output: Callable[[str, bytes], None],
-                timeout: float) -> dict[str, Any]:
+    def _follow(
+        self, start: dict[str, Any], on_output: Callable[[str, bytes], None], timeout: float
+    ) -> dict[str, Any]:
         """Start a process and hand its output over until its ``exit`` frame, which is
         returned. A socket that fell behind (``lagged``) reconnects and replays from the
         last cursor it saw, so no output is lost or repeated."""
@@ -200,8 +249,9 @@ class AgentClient:
         return frame if isinstance(frame, dict) else {}
 
     @contextlib.contextmanager
-    def _process_socket(self, path: str,
-                        start: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+    def _process_socket(
+        self, path: str, start: dict[str, Any] | None
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
         """A process WebSocket (sending ``start`` first, if given) and its ``started`` frame.
         A refused handshake raises AgentUnauthorized/AgentError like an HTTP call; an
         ``error`` frame (a command that cannot start) raises AgentError."""
@@ -211,8 +261,13 @@ class AgentClient:
         headers = {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
         deadline = time.monotonic() + self.timeout
         try:
-            ws = connect(f"ws://{self.host}:{self.port}{path}", additional_headers=headers,
-                         open_timeout=self.timeout, max_size=MAX_FRAME, ping_interval=None)
+            ws = connect(
+                f"ws://{self.host}:{self.port}{path}",
+                additional_headers=headers,
+                open_timeout=self.timeout,
+                max_size=MAX_FRAME,
+                ping_interval=None,
+            )
         except InvalidStatus as exc:
             status, body = exc.response.status_code, _json_or_text(bytes(exc.response.body))
             raise (AgentUnauthorized if status == 401 else AgentError)(status, body) from exc

@@ -36,36 +36,71 @@ class BuildVm:
     client: AgentClient
 
     @classmethod
-    def restore(cls, driver: RuntimeDriver, snapshot: MemorySnapshot, name: str, *, disk_path: Path,
-                internet: bool) -> BuildVm:
+    def restore(
+        cls, driver: RuntimeDriver, snapshot: MemorySnapshot, name: str, *, disk_path: Path, internet: bool
+    ) -> BuildVm:
         """Restore the parent template's memory snapshot; the VM writes to ``disk_path``."""
-        vm = lifecycle.start_from_snapshot(driver, snapshot, name, disk_path.parent, internet=internet,
-                                           disk_path=disk_path)
+        vm = lifecycle.start_from_snapshot(
+            driver, snapshot, name, disk_path.parent, internet=internet, disk_path=disk_path
+        )
         return cls(driver, vm.name, vm.client)
 
     @classmethod
-    def boot(cls, driver: RuntimeDriver, snapshot: MemorySnapshot, disk: Path, name: str, *,
-             disk_path: Path, internet: bool) -> BuildVm:
+    def boot(
+        cls,
+        driver: RuntimeDriver,
+        snapshot: MemorySnapshot,
+        disk: Path,
+        name: str,
+        *,
+        disk_path: Path,
+        internet: bool,
+    ) -> BuildVm:
         """Cold-boot ``snapshot``'s kernel and shape on ``disk`` (a cached layer); the VM
         writes to ``disk_path``, a fresh overlay on it."""
-        image = BaseImage(key="", directory=disk.parent, kernel=snapshot.kernel, initrd=snapshot.initrd,
-                          disk=disk, kernel_version="")
-        vm = lifecycle.cold_boot(driver, image, name, disk_path.parent, vcpus=snapshot.vcpus,
-                                 memory_mb=snapshot.memory_mb, internet=internet, disk_path=disk_path)
+        image = BaseImage(
+            key="",
+            directory=disk.parent,
+            kernel=snapshot.kernel,
+            initrd=snapshot.initrd,
+            disk=disk,
+            kernel_version="",
+        )
+        vm = lifecycle.cold_boot(
+            driver,
+            image,
+            name,
+            disk_path.parent,
+            vcpus=snapshot.vcpus,
+            memory_mb=snapshot.memory_mb,
+            internet=internet,
+            disk_path=disk_path,
+        )
         return cls(driver, vm.name, vm.client)
 
     def write_files(self, files: Sequence[tuple[str, str]], *, timeout: float) -> None:
         """Write ``(path, base64 content)`` pairs into the guest."""
-        self.client.request("POST", "/runtime/v1/files/write_files", timeout=timeout,
-                            body={"files": [{"path": path, "data_base64": data} for path, data in files]})
+        self.client.request(
+            "POST",
+            "/runtime/v1/files/write_files",
+            timeout=timeout,
+            body={"files": [{"path": path, "data_base64": data} for path, data in files]},
+        )
 
-    def run(self, command: str, on_output: Callable[[str, bytes], None], *, env: dict[str, str],
-            timeout: float) -> int:
+    def run(
+        self, command: str, on_output: Callable[[str, bytes], None], *, env: dict[str, str], timeout: float
+    ) -> int:
         """Run a shell command, streaming its output to ``on_output``; returns its exit code."""
         return self.client.run_streaming(command, on_output, env=env, timeout=timeout)
 
-    def exec(self, argv: list[str], *, timeout: float = 60.0, env: dict[str, str] | None = None,
-             background: bool = False) -> dict[str, Any]:
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+        background: bool = False,
+    ) -> dict[str, Any]:
         """Run ``argv`` to completion (or start it in the background) and return the agent's result."""
         return self.client.exec(argv, timeout=timeout, env=env, background=background)
 
@@ -89,9 +124,16 @@ class BuildVm:
         self.driver.destroy(self.name)
 
 
-def make_template_snapshot(base_image: BaseImage, dest_dir: Path | str, driver: RuntimeDriver,
-                           *, vcpus: int = 1, memory_mb: int = 512, name: str | None = None,
-                           before_save: Callable[[BuildVm], None] | None = None) -> MemorySnapshot:
+def make_template_snapshot(
+    base_image: BaseImage,
+    dest_dir: Path | str,
+    driver: RuntimeDriver,
+    *,
+    vcpus: int = 1,
+    memory_mb: int = 512,
+    name: str | None = None,
+    before_save: Callable[[BuildVm], None] | None = None,
+) -> MemorySnapshot:
     """Cold boot the image, wait for the agent, seal it with a template secret, save its memory.
 
     ``before_save`` runs against the VM just before its agent is sealed and the memory is
@@ -105,10 +147,18 @@ def make_template_snapshot(base_image: BaseImage, dest_dir: Path | str, driver: 
     tmp.mkdir(parents=True)
     token, template_secret = lifecycle.new_secret(), lifecycle.new_secret()
     cmdline = f"{base_image.default_cmdline} watasu.token={token}"
-    spec = VmSpec(name=name or f"watasu-tpl-{secrets.token_hex(4)}", uuid=str(uuidlib.uuid4()),
-                  vcpus=vcpus, memory_mb=memory_mb, disk_path=tmp / lifecycle.DISK_FILE,
-                  kernel=base_image.kernel, initrd=base_image.initrd, cmdline=cmdline,
-                  agent_host_port=free_tcp_port(), backing_path=base_image.disk)
+    spec = VmSpec(
+        name=name or f"watasu-tpl-{secrets.token_hex(4)}",
+        uuid=str(uuidlib.uuid4()),
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        disk_path=tmp / lifecycle.DISK_FILE,
+        kernel=base_image.kernel,
+        initrd=base_image.initrd,
+        cmdline=cmdline,
+        agent_host_port=free_tcp_port(),
+        backing_path=base_image.disk,
+    )
     try:
         driver.boot(spec)
         client = AgentClient(spec.agent_host_port)
@@ -127,8 +177,15 @@ def make_template_snapshot(base_image: BaseImage, dest_dir: Path | str, driver: 
     os.chmod(tmp / lifecycle.DISK_FILE, 0o444)
     shutil.rmtree(dest_dir, ignore_errors=True)
     os.replace(tmp, dest_dir)
-    snap = MemorySnapshot(save_path=dest_dir / lifecycle.SAVE_FILE, disk_path=dest_dir / lifecycle.DISK_FILE,
-                          agent_secret=template_secret, vcpus=vcpus, memory_mb=memory_mb,
-                          kernel=base_image.kernel, initrd=base_image.initrd, cmdline=cmdline)
+    snap = MemorySnapshot(
+        save_path=dest_dir / lifecycle.SAVE_FILE,
+        disk_path=dest_dir / lifecycle.DISK_FILE,
+        agent_secret=template_secret,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        kernel=base_image.kernel,
+        initrd=base_image.initrd,
+        cmdline=cmdline,
+    )
     snap.write(dest_dir / lifecycle.SNAPSHOT_FILE)
     return snap

@@ -99,9 +99,11 @@ class BaseImage:
     @property
     def default_cmdline(self) -> str:
         """Kernel arguments that boot fastest under TCG (quiet console, no legacy probing)."""
-        return ("console=ttyS0 root=/dev/vda rw quiet loglevel=1 panic=-1 "
-                "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on "
-                "nomodeset tsc=reliable")
+        return (
+            "console=ttyS0 root=/dev/vda rw quiet loglevel=1 panic=-1 "
+            "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on "
+            "nomodeset tsc=reliable"
+        )
 
 
 # --------------------------------------------------------------------------- cache
@@ -144,8 +146,16 @@ def cache_key(mirror: str, agent: bytes | None = None) -> str:
     """Hash of every input that changes the image's bytes (``agent``: the zipapp it holds,
     by default the agent of this checkout)."""
     h = hashlib.sha256()
-    for part in (IMAGE_SCRIPT_VERSION, SUITE, mirror, ",".join(ROOTFS_PACKAGES), ROOTFS_SIZE,
-                 GUEST_INIT, INITRAMFS_INIT, ",".join(INITRAMFS_MODULES)):
+    for part in (
+        IMAGE_SCRIPT_VERSION,
+        SUITE,
+        mirror,
+        ",".join(ROOTFS_PACKAGES),
+        ROOTFS_SIZE,
+        GUEST_INIT,
+        INITRAMFS_INIT,
+        ",".join(INITRAMFS_MODULES),
+    ):
         h.update(part.encode() + b"\0")
     h.update(agent_zipapp() if agent is None else agent)
     for cert in host_extra_cas():
@@ -206,8 +216,14 @@ def load_cached(directory: Path, key: str) -> BaseImage | None:
             return None
     if not qcow2_ok(directory / "rootfs.qcow2"):
         return None
-    return BaseImage(key, directory, directory / "vmlinuz", directory / "initrd.img",
-                     directory / "rootfs.qcow2", manifest["kernel_version"])
+    return BaseImage(
+        key,
+        directory,
+        directory / "vmlinuz",
+        directory / "initrd.img",
+        directory / "rootfs.qcow2",
+        manifest["kernel_version"],
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -220,8 +236,9 @@ def file_sha256(path: Path) -> str:
 
 def qcow2_ok(path: Path) -> bool:
     """``qemu-img check`` finds no corruption (it only reads metadata, so it's quick)."""
-    r = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(path)],
-                       capture_output=True, timeout=120, check=False)
+    r = subprocess.run(
+        ["qemu-img", "check", "-q", "-f", "qcow2", str(path)], capture_output=True, timeout=120, check=False
+    )
     return r.returncode == 0
 
 
@@ -242,8 +259,11 @@ def build_into(work: Path, mirror: str, key: str) -> None:
     install_extra_cas(rootdir)
     make_qcow2(rootdir, work / "rootfs.raw", out / "rootfs.qcow2")
     shutil.rmtree(rootdir)
-    manifest = {"key": key, "kernel_version": kver,
-                "sha256": {n: file_sha256(out / n) for n in ("vmlinuz", "initrd.img", "rootfs.qcow2")}}
+    manifest = {
+        "key": key,
+        "kernel_version": kver,
+        "sha256": {n: file_sha256(out / n) for n in ("vmlinuz", "initrd.img", "rootfs.qcow2")},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -346,11 +366,21 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 def debootstrap_rootfs(rootdir: Path, mirror: str) -> None:
     """Minimal Debian with python3 and iproute2 (mmdebstrap as root, no chroot mounts kept)."""
-    run(["mmdebstrap", "--quiet", "--mode=root", "--variant=minbase",
-         f"--include={','.join(ROOTFS_PACKAGES)}",
-         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
-         "--dpkgopt=path-exclude=/usr/share/locale/*",
-         SUITE, str(rootdir), mirror])
+    run(
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--mode=root",
+            "--variant=minbase",
+            f"--include={','.join(ROOTFS_PACKAGES)}",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            SUITE,
+            str(rootdir),
+            mirror,
+        ]
+    )
 
 
 def install_guest_files(rootdir: Path) -> None:
@@ -369,14 +399,27 @@ def install_guest_files(rootdir: Path) -> None:
 def make_qcow2(rootdir: Path, raw: Path, dest: Path) -> None:
     """ext4 populated from the directory (no mount), then converted to qcow2."""
     run(["truncate", "-s", ROOTFS_SIZE, str(raw)])
-    run(["mkfs.ext4", "-q", "-F", "-L", "watasu-root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-         "-d", str(rootdir), str(raw)])
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "watasu-root",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+            str(rootdir),
+            str(raw),
+        ]
+    )
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(dest)])
     raw.unlink()
 
 
-def run(cmd: list[str], cwd: Path | None = None,
-        timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], cwd: Path | None = None, timeout: float = STEP_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     """Run a build step; failures raise with the step's stderr attached."""
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     if r.returncode != 0:

@@ -32,10 +32,14 @@ QEMU_IMG_TIMEOUT = 60.0
 KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 3  # a hung libvirtd fails calls after ~20 s
 
 STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
 
 _event_loop_lock = threading.Lock()
@@ -68,7 +72,7 @@ def host_has_hw_virt(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def resolve_accel(accel: str) -> str:
-    """"auto" -> "kvm" with hardware virtualisation, else "tcg"."""
+    """ "auto" -> "kvm" with hardware virtualisation, else "tcg"."""
     if accel == "auto":
         return "kvm" if host_has_hw_virt() else "tcg"
     if accel not in ("kvm", "tcg"):
@@ -105,8 +109,12 @@ def give_to_qemu(path: Path, user: str, uid: int | None = None) -> None:
 def create_overlay(backing: Path, dest: Path, user: str, uid: int | None = None) -> None:
     """Instant copy-on-write disk for one sandbox on an immutable backing image,
     readable and writable by its QEMU's uid only (0600): it holds the tenant's data."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2",
-                    str(dest)], check=True, capture_output=True, timeout=QEMU_IMG_TIMEOUT)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(dest)],
+        check=True,
+        capture_output=True,
+        timeout=QEMU_IMG_TIMEOUT,
+    )
     dest.chmod(0o600)
     give_to_qemu(dest, user, uid)
 
@@ -153,15 +161,19 @@ class LibvirtDriver:
         cpu = "<cpu mode='host-passthrough'/>" if kvm else ""
         tcg = "" if kvm else f"<tcg><tb-cache unit='MiB'>{self.tb_cache_mb}</tb-cache></tcg>"
         # No IPv6 for guests: the host firewall and the network policy speak IPv4.
-        netdev = (f"user,id=wnet0,ipv6=off,"
-                  f"hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_GUEST_PORT}")
+        netdev = f"user,id=wnet0,ipv6=off,hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_GUEST_PORT}"
         if not spec.internet:
             netdev += ",restrict=on"
         nic = "virtio-net-pci,netdev=wnet0,bus=pcie.0,addr=0x10,romfile="
-        seclabel = "" if spec.qemu_uid is None else (
-            "\n  <seclabel type='static' model='dac' relabel='no'>"
-            f"<label>{dac_label(spec.qemu_uid, self.qemu_user)}</label></seclabel>")
-        return f"""<domain type='{'kvm' if kvm else 'qemu'}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+        seclabel = (
+            ""
+            if spec.qemu_uid is None
+            else (
+                "\n  <seclabel type='static' model='dac' relabel='no'>"
+                f"<label>{dac_label(spec.qemu_uid, self.qemu_user)}</label></seclabel>"
+            )
+        )
+        return f"""<domain type='{"kvm" if kvm else "qemu"}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(spec.name)}</name>
   <uuid>{spec.uuid}</uuid>
   <memory unit='MiB'>{spec.memory_mb}</memory>
@@ -235,10 +247,15 @@ class LibvirtDriver:
         spec.disk_path.unlink(missing_ok=True)
         self._prepare(spec, snapshot.disk_path)
         clone = self.sandbox_dir(spec.name) / "restore.save"
-        ident = CloneIdentity(spec.name, spec.uuid, spec.disk_path, spec.agent_host_port,
-                              self.console_path(spec.name), internet=spec.internet,
-                              dac_label=None if spec.qemu_uid is None
-                              else dac_label(spec.qemu_uid, self.qemu_user))
+        ident = CloneIdentity(
+            spec.name,
+            spec.uuid,
+            spec.disk_path,
+            spec.agent_host_port,
+            self.console_path(spec.name),
+            internet=spec.internet,
+            dac_label=None if spec.qemu_uid is None else dac_label(spec.qemu_uid, self.qemu_user),
+        )
         if not self.restore_via_fifo:
             try:
                 self.conn.defineXML(write_clone(snapshot.save_path, clone, ident))
@@ -284,8 +301,9 @@ class LibvirtDriver:
             return
         if dom.isActive():
             dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        dom.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
 
     def destroy(self, name: str) -> None:
         """Stop, undefine (incl. managed save) and delete disk + sandbox files. Idempotent."""
@@ -318,11 +336,17 @@ class LibvirtDriver:
         if old_top is None:
             raise DomainNotFound(name)
         create_overlay(old_top, new_top, self.qemu_user)
-        xml = ("<domainsnapshot><disks><disk name='vda' snapshot='external' type='file'>"
-               f"<driver type='qcow2'/><source file={quoteattr(str(new_top))}/></disk></disks>"
-               "</domainsnapshot>")
-        flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+        xml = (
+            "<domainsnapshot><disks><disk name='vda' snapshot='external' type='file'>"
+            f"<driver type='qcow2'/><source file={quoteattr(str(new_top))}/></disk></disks>"
+            "</domainsnapshot>"
+        )
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
         try:
             self._domain(name).snapshotCreateXML(xml, flags)
         except BaseException:

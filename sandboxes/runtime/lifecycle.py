@@ -41,29 +41,66 @@ def load_template_snapshot(dest_dir: Path | str) -> MemorySnapshot:
     return MemorySnapshot.read(Path(dest_dir) / SNAPSHOT_FILE)
 
 
-def sandbox_spec(name: str, disk_dir: Path, *, vcpus: int, memory_mb: int, kernel: Path,
-                 initrd: Path, cmdline: str, backing: Path | None = None,
-                 internet: bool = True, disk_path: Path | None = None,
-                 qemu_uid: int | None = None) -> VmSpec:
+def sandbox_spec(
+    name: str,
+    disk_dir: Path,
+    *,
+    vcpus: int,
+    memory_mb: int,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    backing: Path | None = None,
+    internet: bool = True,
+    disk_path: Path | None = None,
+    qemu_uid: int | None = None,
+) -> VmSpec:
     """A spec with a fresh UUID and a free forwarded port (disk: ``disk_dir/<name>.qcow2``
     unless ``disk_path`` names it)."""
-    return VmSpec(name=name, uuid=str(uuidlib.uuid4()), vcpus=vcpus, memory_mb=memory_mb,
-                  disk_path=disk_path or disk_dir / f"{name}.qcow2", kernel=kernel, initrd=initrd,
-                  cmdline=cmdline, agent_host_port=free_tcp_port(), backing_path=backing,
-                  internet=internet, qemu_uid=qemu_uid)
+    return VmSpec(
+        name=name,
+        uuid=str(uuidlib.uuid4()),
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        disk_path=disk_path or disk_dir / f"{name}.qcow2",
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        agent_host_port=free_tcp_port(),
+        backing_path=backing,
+        internet=internet,
+        qemu_uid=qemu_uid,
+    )
 
 
-def start_from_snapshot(driver: RuntimeDriver, snapshot: MemorySnapshot, name: str, disk_dir: Path,
-                        *, env_vars: dict[str, str] | None = None, internet: bool = True,
-                        disk_path: Path | None = None, qemu_uid: int | None = None) -> RunningVm:
+def start_from_snapshot(
+    driver: RuntimeDriver,
+    snapshot: MemorySnapshot,
+    name: str,
+    disk_dir: Path,
+    *,
+    env_vars: dict[str, str] | None = None,
+    internet: bool = True,
+    disk_path: Path | None = None,
+    qemu_uid: int | None = None,
+) -> RunningVm:
     """Restore a clone, then give it its own secret, clock, hostname and entropy.
 
     The init is authenticated by the template secret; a 401 means the clone was
     initialised by someone else first, so it is destroyed rather than handed out.
     """
-    spec = sandbox_spec(name, disk_dir, vcpus=snapshot.vcpus, memory_mb=snapshot.memory_mb,
-                        kernel=snapshot.kernel, initrd=snapshot.initrd, cmdline=snapshot.cmdline,
-                        internet=internet, disk_path=disk_path, qemu_uid=qemu_uid)
+    spec = sandbox_spec(
+        name,
+        disk_dir,
+        vcpus=snapshot.vcpus,
+        memory_mb=snapshot.memory_mb,
+        kernel=snapshot.kernel,
+        initrd=snapshot.initrd,
+        cmdline=snapshot.cmdline,
+        internet=internet,
+        disk_path=disk_path,
+        qemu_uid=qemu_uid,
+    )
     try:
         driver.restore(spec, snapshot)
         client = AgentClient(spec.agent_host_port)
@@ -75,15 +112,34 @@ def start_from_snapshot(driver: RuntimeDriver, snapshot: MemorySnapshot, name: s
     return RunningVm(spec, client)
 
 
-def cold_boot(driver: RuntimeDriver, base_image: BaseImage, name: str, disk_dir: Path, *,
-              vcpus: int = 1, memory_mb: int = 512, env_vars: dict[str, str] | None = None,
-              internet: bool = True, disk_path: Path | None = None, qemu_uid: int | None = None) -> RunningVm:
+def cold_boot(
+    driver: RuntimeDriver,
+    base_image: BaseImage,
+    name: str,
+    disk_dir: Path,
+    *,
+    vcpus: int = 1,
+    memory_mb: int = 512,
+    env_vars: dict[str, str] | None = None,
+    internet: bool = True,
+    disk_path: Path | None = None,
+    qemu_uid: int | None = None,
+) -> RunningVm:
     """Fallback start without a snapshot: boot token on the kernel command line."""
     token = new_secret()
-    spec = sandbox_spec(name, disk_dir, vcpus=vcpus, memory_mb=memory_mb, kernel=base_image.kernel,
-                        initrd=base_image.initrd, backing=base_image.disk,
-                        cmdline=f"{base_image.default_cmdline} watasu.token={token}", internet=internet,
-                        disk_path=disk_path, qemu_uid=qemu_uid)
+    spec = sandbox_spec(
+        name,
+        disk_dir,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        kernel=base_image.kernel,
+        initrd=base_image.initrd,
+        backing=base_image.disk,
+        cmdline=f"{base_image.default_cmdline} watasu.token={token}",
+        internet=internet,
+        disk_path=disk_path,
+        qemu_uid=qemu_uid,
+    )
     try:
         driver.boot(spec)
         client = AgentClient(spec.agent_host_port)

@@ -89,7 +89,7 @@ def read_xml(path: Path) -> tuple[SaveHeader, str, str]:
         h = read_header(f)
         data = f.read(h.data_len)
     xml = data[: data.index(b"\0")].decode()
-    cookie = data[h.cookie_offset:].split(b"\0", 1)[0].decode() if h.cookie_offset else ""
+    cookie = data[h.cookie_offset :].split(b"\0", 1)[0].decode() if h.cookie_offset else ""
     return h, xml, cookie
 
 
@@ -104,13 +104,14 @@ def build_data_area(h: SaveHeader, xml: str, cookie: str) -> tuple[bytes, int]:
     area = bytearray(h.data_len)
     area[: len(xml_b)] = xml_b
     if cookie_b:
-        area[cookie_offset: cookie_offset + len(cookie_b)] = cookie_b
+        area[cookie_offset : cookie_offset + len(cookie_b)] = cookie_b
     return bytes(area), cookie_offset
 
 
 def pack_header(h: SaveHeader, cookie_offset: int) -> bytes:
-    return struct.pack(HEADER_FMT, MAGIC, h.version, h.data_len, h.was_running, h.compressed,
-                       cookie_offset, *h.reserved)
+    return struct.pack(
+        HEADER_FMT, MAGIC, h.version, h.data_len, h.was_running, h.compressed, cookie_offset, *h.reserved
+    )
 
 
 def rewrite_domain_xml(xml: str, ident: CloneIdentity) -> str:

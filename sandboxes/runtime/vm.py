@@ -46,8 +46,14 @@ class Started:
 
 def _image_of(snapshot: MemorySnapshot) -> BaseImage:
     """Boot inputs for a cold boot on the snapshot's (immutable) disk."""
-    return BaseImage(key="", directory=snapshot.disk_path.parent, kernel=snapshot.kernel,
-                     initrd=snapshot.initrd, disk=snapshot.disk_path, kernel_version="")
+    return BaseImage(
+        key="",
+        directory=snapshot.disk_path.parent,
+        kernel=snapshot.kernel,
+        initrd=snapshot.initrd,
+        disk=snapshot.disk_path,
+        kernel_version="",
+    )
 
 
 def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str]) -> Started:
@@ -57,12 +63,27 @@ def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str
     internet = bool(sandbox.network_policy.get("allow_internet_access", True))
     uid = qemu_uid(sandbox)
     if (snapshot.vcpus, snapshot.memory_mb) == (sandbox.cpu_count, sandbox.memory_mb):
-        started = lifecycle.start_from_snapshot(driver, snapshot, sandbox.vm_name, driver.state_dir,
-                                                env_vars=env_vars, internet=internet, qemu_uid=uid)
+        started = lifecycle.start_from_snapshot(
+            driver,
+            snapshot,
+            sandbox.vm_name,
+            driver.state_dir,
+            env_vars=env_vars,
+            internet=internet,
+            qemu_uid=uid,
+        )
     else:
-        started = lifecycle.cold_boot(driver, _image_of(snapshot), sandbox.vm_name, driver.state_dir,
-                                      vcpus=sandbox.cpu_count, memory_mb=sandbox.memory_mb,
-                                      env_vars=env_vars, internet=internet, qemu_uid=uid)
+        started = lifecycle.cold_boot(
+            driver,
+            _image_of(snapshot),
+            sandbox.vm_name,
+            driver.state_dir,
+            vcpus=sandbox.cpu_count,
+            memory_mb=sandbox.memory_mb,
+            env_vars=env_vars,
+            internet=internet,
+            qemu_uid=uid,
+        )
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
 
 
@@ -83,8 +104,12 @@ def pause(sandbox: Sandbox) -> None:
 
 
 def resume(sandbox: Sandbox) -> None:
-    lifecycle.resume(driver_for(sandbox.placed_host), sandbox.vm_name, agent_client(sandbox),
-                     timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS)
+    lifecycle.resume(
+        driver_for(sandbox.placed_host),
+        sandbox.vm_name,
+        agent_client(sandbox),
+        timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS,
+    )
 
 
 def destroy(sandbox: Sandbox) -> bool:

@@ -22,8 +22,11 @@ class TeamSerializer(serializers.ModelSerializer[Team]):
 class TeamCreateSerializer(ClosedSerializer):
     """A new team, owned by the caller. Unknown fields are a 422."""
 
-    slug = FullMatchField(r"[-a-zA-Z0-9_]+", max_length=63, message="Enter a valid “slug” consisting of "
-                          "letters, numbers, underscores or hyphens.")
+    slug = FullMatchField(
+        r"[-a-zA-Z0-9_]+",
+        max_length=63,
+        message="Enter a valid “slug” consisting of letters, numbers, underscores or hyphens.",
+    )
     name = NameField(max_length=200, required=False, allow_blank=True)
 
 
@@ -32,8 +35,17 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
 
     class Meta:
         model = ApiKey
-        fields = ["id", "name", "prefix", "scope", "created_at", "last_used_at",
-                  "expires_at", "revoked_at", "revoked"]
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "scope",
+            "created_at",
+            "last_used_at",
+            "expires_at",
+            "revoked_at",
+            "revoked",
+        ]
 
     def get_revoked(self, key: ApiKey) -> bool:
         return key.revoked_at is not None

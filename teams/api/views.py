@@ -23,18 +23,25 @@ from watasu.filtering import filter_or_refuse, openapi_parameters
 class TeamListView(ApiView):
     envelope = "teams"
 
-    @extend_schema(operation_id="teams_list", summary="List your teams",
-                   description="The teams you belong to, your personal team included, newest first.",
-                   parameters=openapi_parameters(TeamFilter),
-                   responses=list_envelope("TeamList", "teams", TeamSerializer()))
+    @extend_schema(
+        operation_id="teams_list",
+        summary="List your teams",
+        description="The teams you belong to, your personal team included, newest first.",
+        parameters=openapi_parameters(TeamFilter),
+        responses=list_envelope("TeamList", "teams", TeamSerializer()),
+    )
     def get(self, request: Request) -> Response:
-        teams = filter_or_refuse(TeamFilter(request.query_params,
-                                            queryset=selectors.teams_of_user(user=self.user)))
+        teams = filter_or_refuse(
+            TeamFilter(request.query_params, queryset=selectors.teams_of_user(user=self.user))
+        )
         return self.paginated(teams, TeamSerializer)
 
-    @extend_schema(summary="Create a team", description="A new team owned by you (409 when the "
-                   "slug is taken).", request=TeamCreateSerializer,
-                   responses={201: object_envelope("TeamEnvelope", "team", TeamSerializer())})
+    @extend_schema(
+        summary="Create a team",
+        description="A new team owned by you (409 when the slug is taken).",
+        request=TeamCreateSerializer,
+        responses={201: object_envelope("TeamEnvelope", "team", TeamSerializer())},
+    )
     def post(self, request: Request) -> Response:
         body = TeamCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -43,8 +50,11 @@ class TeamListView(ApiView):
 
 
 class TeamDetailView(ApiView):
-    @extend_schema(summary="Get a team", description="One team you belong to, by slug.",
-                   responses=object_envelope("TeamDetail", "team", TeamSerializer()))
+    @extend_schema(
+        summary="Get a team",
+        description="One team you belong to, by slug.",
+        responses=object_envelope("TeamDetail", "team", TeamSerializer()),
+    )
     def get(self, request: Request, slug: str) -> Response:
         team = selectors.team_for_read(user=self.user, slug=slug)
         return Response({"team": TeamSerializer(team).data})
@@ -53,13 +63,18 @@ class TeamDetailView(ApiView):
 class ApiKeyListView(ApiView):
     envelope = "api_keys"
 
-    @extend_schema(operation_id="api_keys_list", summary="List your API keys",
-                   description="Your keys, revoked ones included, newest first; never the keys "
-                   "themselves, only their prefix.", parameters=openapi_parameters(ApiKeyFilter),
-                   responses=list_envelope("ApiKeyList", "api_keys", ApiKeySerializer()))
+    @extend_schema(
+        operation_id="api_keys_list",
+        summary="List your API keys",
+        description="Your keys, revoked ones included, newest first; never the keys "
+        "themselves, only their prefix.",
+        parameters=openapi_parameters(ApiKeyFilter),
+        responses=list_envelope("ApiKeyList", "api_keys", ApiKeySerializer()),
+    )
     def get(self, request: Request) -> Response:
-        keys = filter_or_refuse(ApiKeyFilter(request.query_params,
-                                            queryset=selectors.api_keys_of_user(user=self.user)))
+        keys = filter_or_refuse(
+            ApiKeyFilter(request.query_params, queryset=selectors.api_keys_of_user(user=self.user))
+        )
         return self.paginated(keys, ApiKeySerializer)
 
     @extend_schema(
@@ -67,8 +82,12 @@ class ApiKeyListView(ApiView):
         description="A new key of yours (write scope unless `scope` says read); the key itself is "
         "in the response once and never again.",
         request=ApiKeyCreateSerializer,
-        responses={201: inline_serializer("ApiKeyCreated", {
-            "api_key": ApiKeySerializer(), "key": serializers.CharField(help_text="shown once")})},
+        responses={
+            201: inline_serializer(
+                "ApiKeyCreated",
+                {"api_key": ApiKeySerializer(), "key": serializers.CharField(help_text="shown once")},
+            )
+        },
     )
     def post(self, request: Request) -> Response:
         body = ApiKeyCreateSerializer(data=request.data)
@@ -78,15 +97,20 @@ class ApiKeyListView(ApiView):
 
 
 class ApiKeyDetailView(ApiView):
-    @extend_schema(summary="Get an API key", description="One of your keys, by id.",
-                   responses=object_envelope("ApiKeyDetail", "api_key", ApiKeySerializer()))
+    @extend_schema(
+        summary="Get an API key",
+        description="One of your keys, by id.",
+        responses=object_envelope("ApiKeyDetail", "api_key", ApiKeySerializer()),
+    )
     def get(self, request: Request, key_id: str) -> Response:
         key = selectors.api_key_of_user(user=self.user, key_id=key_id)
         return Response({"api_key": ApiKeySerializer(key).data})
 
-    @extend_schema(summary="Revoke an API key", description="Revokes one of your keys at once; "
-                   "the record stays, with `revoked_at` set.",
-                   responses=object_envelope("ApiKeyRevoked", "api_key", ApiKeySerializer()))
+    @extend_schema(
+        summary="Revoke an API key",
+        description="Revokes one of your keys at once; the record stays, with `revoked_at` set.",
+        responses=object_envelope("ApiKeyRevoked", "api_key", ApiKeySerializer()),
+    )
     def delete(self, request: Request, key_id: str) -> Response:
         key = selectors.api_key_of_user(user=self.user, key_id=key_id)
         return Response({"api_key": ApiKeySerializer(services.api_key_revoke(api_key=key)).data})

@@ -33,12 +33,18 @@ BUILD_STATUSES = ("waiting", "building", "ready", "error")  # the SDK's words fo
 
 
 class _SandboxTemplateFields(serializers.Serializer):
-    team = serializers.CharField(max_length=63, required=False, allow_null=True, allow_blank=True,
-                                 help_text="Team slug (default: your personal team)")
+    team = serializers.CharField(
+        max_length=63,
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        help_text="Team slug (default: your personal team)",
+    )
     slug = FullMatchField(SLUG, max_length=63, message="must be lowercase letters, digits and dashes.")
     name = NameField(max_length=200, required=False, allow_null=True, allow_blank=True)
-    description = serializers.CharField(max_length=10000, required=False, allow_null=True,
-                                        allow_blank=True, trim_whitespace=False)
+    description = serializers.CharField(
+        max_length=10000, required=False, allow_null=True, allow_blank=True, trim_whitespace=False
+    )
     metadata = MetadataField()
 
 
@@ -60,10 +66,14 @@ class BuildSpecSerializer(serializers.Serializer):
     from_template = serializers.CharField(required=False, help_text="Start from this template")
     from_image = serializers.CharField(required=False, help_text="debian:12, python:3.11, node:18...")
     files = _Files(many=True, required=False, help_text="Files copied into the image")
-    packages = serializers.DictField(child=serializers.ListField(child=serializers.CharField()),
-                                     required=False, help_text="apt / pip / npm packages")
-    setup = serializers.ListField(child=serializers.CharField(), required=False,
-                                  help_text="Shell commands, in order")
+    packages = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
+        help_text="apt / pip / npm packages",
+    )
+    setup = serializers.ListField(
+        child=serializers.CharField(), required=False, help_text="Shell commands, in order"
+    )
     start_cmd = serializers.CharField(required=False, help_text="Started before the snapshot")
     ready_cmd = serializers.CharField(required=False, help_text="Must succeed before the snapshot")
     env = serializers.DictField(child=serializers.CharField(), required=False)
@@ -120,8 +130,11 @@ class TagsField(LenientField):
         super().__init__(**kwargs)
 
     def to_internal_value(self, data: Any) -> list[str]:
-        if not isinstance(data, list) or not (data or self.allow_empty) or not all(
-                isinstance(tag, str) and re.fullmatch(TAG, tag) for tag in data):
+        if (
+            not isinstance(data, list)
+            or not (data or self.allow_empty)
+            or not all(isinstance(tag, str) and re.fullmatch(TAG, tag) for tag in data)
+        ):
             raise refusal("tags must be a non-empty list of lowercase tag names.")
         return data
 
@@ -140,14 +153,21 @@ class _Runtime(serializers.Serializer):
 
 
 class _VersionFields(serializers.Serializer):
-    version = FullMatchField(VERSION, message="must be letters, digits, dots, dashes and underscores.",
-                             help_text="A name of your own for the version")
-    source_kind = serializers.ChoiceField(choices=["package_spec"], required=False,
-                                          error_messages={"invalid_choice": "Only source_kind "
-                                                          "'package_spec' is supported."})
-    architecture = serializers.ChoiceField(choices=["x86_64", "amd64"], required=False,
-                                           error_messages={"invalid_choice": "Only the x86_64 "
-                                                           "architecture is supported."})
+    version = FullMatchField(
+        VERSION,
+        message="must be letters, digits, dots, dashes and underscores.",
+        help_text="A name of your own for the version",
+    )
+    source_kind = serializers.ChoiceField(
+        choices=["package_spec"],
+        required=False,
+        error_messages={"invalid_choice": "Only source_kind 'package_spec' is supported."},
+    )
+    architecture = serializers.ChoiceField(
+        choices=["x86_64", "amd64"],
+        required=False,
+        error_messages={"invalid_choice": "Only the x86_64 architecture is supported."},
+    )
     runtime_baseline = _Runtime(required=False, allow_null=True)
     build_spec = BuildSpecField()
     skip_cache = StrictBooleanField(help_text="Run every step again")
@@ -177,15 +197,24 @@ class TemplateBuildRequestSerializer(serializers.Serializer):
     """`POST /v1/templates` (the SDK's `Template.build`). A near-miss of a key is a 422;
     other keys are left to the clients that send them."""
 
-    name = FullMatchField(BUILD_NAME, max_length=127, message="must be 'alias' or 'alias:tag' in lowercase.",
-                          help_text="alias or alias:tag")
+    name = FullMatchField(
+        BUILD_NAME,
+        max_length=127,
+        message="must be 'alias' or 'alias:tag' in lowercase.",
+        help_text="alias or alias:tag",
+    )
     cpu_count = CpuField(help_text="vCPUs (default: the fallback shape)")
     memory_mb = MemoryField(help_text="Memory in MiB (default: the fallback shape)")
     skip_cache = StrictBooleanField(help_text="Run every step again")
     build_spec = BuildSpecField()
     tags = TagsField(allow_empty=True, help_text="Tags for the version once built")
-    team = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=63,
-                                 help_text="Team slug (default: your personal team)")
+    team = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=63,
+        help_text="Team slug (default: your personal team)",
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
@@ -231,14 +260,16 @@ class _QueryCount(serializers.Field):
 
 
 class BuildLogsQuerySerializer(serializers.Serializer):
-    offset = _QueryCount(maximum=MAX_LOG_INDEX, required=False, default=0,
-                         help_text="First log line to return")
+    offset = _QueryCount(
+        maximum=MAX_LOG_INDEX, required=False, default=0, help_text="First log line to return"
+    )
     limit = _QueryCount(required=False, default=1000, help_text=f"Lines per page (at most {MAX_LOG_PAGE})")
 
 
 class BuildStatusQuerySerializer(serializers.Serializer):
-    logs_offset = _QueryCount(maximum=MAX_LOG_INDEX, required=False, default=0,
-                              help_text="First log line to return")
+    logs_offset = _QueryCount(
+        maximum=MAX_LOG_INDEX, required=False, default=0, help_text="First log line to return"
+    )
 
 
 # --- responses ----------------------------------------------------------------------------

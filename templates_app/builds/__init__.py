@@ -21,6 +21,16 @@ from templates_app.builds.start import (
 from templates_app.builds.sweep import builds_sweep
 from templates_app.builds.worker import build_vm_names, planned_steps, template_build_run
 
-__all__ = ["BuildLog", "Step", "build_log_entries", "build_steps", "build_vm_names", "builds_sweep",
-           "planned_steps", "template_build_get", "template_build_run", "template_build_start",
-           "template_version_create"]
+__all__ = [
+    "BuildLog",
+    "Step",
+    "build_log_entries",
+    "build_steps",
+    "build_vm_names",
+    "builds_sweep",
+    "planned_steps",
+    "template_build_get",
+    "template_build_run",
+    "template_build_start",
+    "template_version_create",
+]

@@ -29,11 +29,17 @@ class BuildLog:
         self.partial: dict[str, bytes] = {}
 
     def add(self, message: str, level: str = "info") -> None:
-        self.pending.append(BuildLogEntry(version=self.version, index=self.next_index, at=timezone.now(),
-                                          level=level, message=message[:20000]))
+        self.pending.append(
+            BuildLogEntry(
+                version=self.version,
+                index=self.next_index,
+                at=timezone.now(),
+                level=level,
+                message=message[:20000],
+            )
+        )
         self.next_index += 1
-        if (len(self.pending) >= self.FLUSH_LINES
-                or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS):
+        if len(self.pending) >= self.FLUSH_LINES or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
             self.flush()
 
     def output(self, stream: str, data: bytes) -> None:

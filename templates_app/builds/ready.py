@@ -21,18 +21,22 @@ READY_REPORT_SECONDS = 10.0
 START_LOG = "/var/log/watasu-start.log"
 
 
-def start_and_wait_ready(spec: dict[str, Any], env: dict[str, str],
-                         log: BuildLog) -> Callable[[BuildVm], None]:
+def start_and_wait_ready(
+    spec: dict[str, Any], env: dict[str, str], log: BuildLog
+) -> Callable[[BuildVm], None]:
     """What runs in the template's VM before its memory is saved: the start command, in
     the background, then the ready check until it passes."""
+
     def prepare(vm: BuildVm) -> None:
         if spec.get("start_cmd"):
             # The agent discards a background command's output; the log keeps it for the
             # ready check's progress lines (and for the sandboxes, which keep writing it).
-            vm.exec(["/bin/sh", "-c", f"exec >>{START_LOG} 2>&1\n{spec['start_cmd']}"],
-                    background=True, env=env)
+            vm.exec(
+                ["/bin/sh", "-c", f"exec >>{START_LOG} 2>&1\n{spec['start_cmd']}"], background=True, env=env
+            )
         if spec.get("ready_cmd"):
             wait_ready(vm, spec["ready_cmd"], env, log)
+
     return prepare
 
 
@@ -51,21 +55,26 @@ def wait_ready(vm: BuildVm, ready_cmd: str, env: dict[str, str], log: BuildLog) 
             attempt = pool.submit(vm.exec, ["/bin/sh", "-c", ready_cmd], timeout=remaining, env=env)
             while True:
                 try:
-                    result = attempt.result(timeout=max(0.0, reported + READY_REPORT_SECONDS
-                                                        - time.monotonic()))
+                    result = attempt.result(
+                        timeout=max(0.0, reported + READY_REPORT_SECONDS - time.monotonic())
+                    )
                     break
                 except FutureTimeout:
                     reported = time.monotonic()
-                    log.add(f"ready check: not ready after {reported - started:.0f} s "
-                            f"(limit {limit} s); start command output: {_start_output(vm)}")
+                    log.add(
+                        f"ready check: not ready after {reported - started:.0f} s "
+                        f"(limit {limit} s); start command output: {_start_output(vm)}"
+                    )
                     log.flush()
             if result.get("exit_code") == 0:
                 log.add(f"ready check passed after {time.monotonic() - started:.0f} s")
                 return
             time.sleep(min(0.5, max(0.0, limit - (time.monotonic() - started))))
-    raise RuntimeError(f"ready command did not succeed within {limit} s "
-                       f"(WATASU_TEMPLATE_READY_TIMEOUT_SECONDS): {ready_cmd}; "
-                       f"start command output: {_start_output(vm)}")
+    raise RuntimeError(
+        f"ready command did not succeed within {limit} s "
+        f"(WATASU_TEMPLATE_READY_TIMEOUT_SECONDS): {ready_cmd}; "
+        f"start command output: {_start_output(vm)}"
+    )
 
 
 def _start_output(vm: BuildVm, lines: int = 5) -> str:

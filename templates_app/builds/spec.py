@@ -19,15 +19,29 @@ from templates_app import images
 from watasu import errors, suggest
 
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?$")
-APT = "DEBIAN_FRONTEND=noninteractive apt-get update -q && " \
-      "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+APT = (
+    "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
+    "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+)
 # The SDK turns `set_workdir(X)` / a Dockerfile `WORKDIR X` into `cd X && ` before each
 # later command (inside `su ... -c` when a USER is set); the quoted or bare directory.
 CD_PREFIX = re.compile(r"cd ('(?:[^']|'\"'\"')*'|[^\s'\"&|;]+) && ")
 SU_PREFIX = ("su", "-s", "/bin/bash", "-c")
 # Keys of the build spec and of the objects in it; anything else is a 422 naming it.
-SPEC_KEYS = ("from_template", "base", "from_image", "requested_from_image", "from_image_registry",
-             "packages", "files", "setup", "env", "start_cmd", "ready_cmd", "allow_internet_access")
+SPEC_KEYS = (
+    "from_template",
+    "base",
+    "from_image",
+    "requested_from_image",
+    "from_image_registry",
+    "packages",
+    "files",
+    "setup",
+    "env",
+    "start_cmd",
+    "ready_cmd",
+    "allow_internet_access",
+)
 PACKAGE_KEYS = ("apt", "pip", "npm")
 FILE_KEYS = ("path", "source_path", "content_b64", "mode", "user")
 # Other spellings SDKs send for a key: the TypeScript SDK's type names the parent `base`.
@@ -82,8 +96,12 @@ def build_steps(spec: dict[str, Any], image: images.ImageFamily | None = None) -
     if apt:
         steps.append(Step("packages.apt", APT + " ".join(map(shlex.quote, apt))))
     if pip:
-        steps.append(Step("packages.pip", "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "
-                          + " ".join(map(shlex.quote, pip))))
+        steps.append(
+            Step(
+                "packages.pip",
+                "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q " + " ".join(map(shlex.quote, pip)),
+            )
+        )
     if npm:
         steps.append(Step("packages.npm", "npm install -g " + " ".join(map(shlex.quote, npm))))
     if spec.get("files"):
@@ -118,8 +136,11 @@ def _files_step(files: list[dict[str, Any]]) -> Step:
             fixups.append(f"chmod {int(item['mode']):o} {path}")
         if item.get("user"):
             fixups.append(f"chown {shlex.quote(str(item['user']))} {path}")
-    return Step("files", " && ".join(fixups) or "true",
-                tuple((str(item["path"]), str(item.get("content_b64", ""))) for item in files))
+    return Step(
+        "files",
+        " && ".join(fixups) or "true",
+        tuple((str(item["path"]), str(item.get("content_b64", ""))) for item in files),
+    )
 
 
 def _invalid(field: str, message: str) -> errors.Invalid:
@@ -143,8 +164,10 @@ def validate_spec(spec: Any) -> dict[str, Any]:
             raise _invalid(key, f"build_spec.{key} must be a string.")
     env_map(spec.get("env"), "build_spec.env")  # as a sandbox's env_vars: exportable names, strings
     if spec.get("from_image") and spec.get("from_template"):
-        raise _invalid("from_image", "build_spec names both from_image and from_template; a build starts "
-                       "from one of them.")
+        raise _invalid(
+            "from_image",
+            "build_spec names both from_image and from_template; a build starts from one of them.",
+        )
     if not isinstance(spec.get("allow_internet_access", True), bool):
         raise _invalid("allow_internet_access", "build_spec.allow_internet_access must be true or false.")
     return {**spec, "start_cmd": _exec_form(spec["start_cmd"])} if spec.get("start_cmd") else spec
@@ -158,8 +181,9 @@ def _unaliased(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         value = spec.pop(alias)
         if spec.get(key) not in (None, value):
-            raise _invalid(alias, f"build_spec.{alias} and build_spec.{key} name the same thing; "
-                           "send one of them.")
+            raise _invalid(
+                alias, f"build_spec.{alias} and build_spec.{key} name the same thing; send one of them."
+            )
         spec[key] = value
     return spec
 
@@ -168,8 +192,9 @@ def _validate_packages(packages: Any) -> None:
     if isinstance(packages, dict):
         suggest.refuse_unknown_keys(packages, PACKAGE_KEYS, where="build_spec.packages")
     if not isinstance(packages, dict) or not all(
-            isinstance(names, list) and all(isinstance(name, str) for name in names)
-            for names in packages.values()):
+        isinstance(names, list) and all(isinstance(name, str) for name in names)
+        for names in packages.values()
+    ):
         raise _invalid("packages", "build_spec.packages must map apt/pip/npm to lists of package names.")
 
 
@@ -182,8 +207,11 @@ def _validate_files(files: Any) -> None:
             suggest.refuse_unknown_keys(item, FILE_KEYS, where=f"build_spec.{field}")
         path = item.get("path") if isinstance(item, dict) else None
         if not isinstance(path, str) or not path.startswith("/") or "\x00" in path:
-            raise _invalid(field, f"{field}.path must be an absolute path inside the template "
-                           "(copy to a destination such as /app/, not a relative one).")
+            raise _invalid(
+                field,
+                f"{field}.path must be an absolute path inside the template "
+                "(copy to a destination such as /app/, not a relative one).",
+            )
         try:
             base64.b64decode(str(item.get("content_b64", "")), validate=True)
         except ValueError as exc:

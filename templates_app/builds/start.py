@@ -15,22 +15,46 @@ from templates_app.selectors import template_by_id_or_alias, template_version_re
 from watasu import crypto, errors, ids
 
 
-def template_build_start(*, user: User, name: str, build_spec: Any, cpu: int, memory_mb: int,
-                         tags: list[str], team_slug: str | None,
-                         skip_cache: bool = False) -> TemplateVersion:
+def template_build_start(
+    *,
+    user: User,
+    name: str,
+    build_spec: Any,
+    cpu: int,
+    memory_mb: int,
+    tags: list[str],
+    team_slug: str | None,
+    skip_cache: bool = False,
+) -> TemplateVersion:
     """`POST /templates`: the template (alias) is created if new; a draft version is queued."""
     spec = validate_spec(build_spec)
     alias, _, tag = name.partition(":")
     team = team_for_write(user=user, slug=team_slug)
     _check_parent(team, spec)
-    template, _ = Template.objects.get_or_create(team=team, slug=alias, deleted_at__isnull=True,
-                                                 defaults={"name": alias})
-    return _queue(template, f"build-{uuid.uuid4().hex[:10]}", spec, cpu, memory_mb,
-                  sorted({*tags, *([tag] if tag else [])}), skip_cache)
+    template, _ = Template.objects.get_or_create(
+        team=team, slug=alias, deleted_at__isnull=True, defaults={"name": alias}
+    )
+    return _queue(
+        template,
+        f"build-{uuid.uuid4().hex[:10]}",
+        spec,
+        cpu,
+        memory_mb,
+        sorted({*tags, *([tag] if tag else [])}),
+        skip_cache,
+    )
 
 
-def template_version_create(*, user: User, template: Template, version: str, build_spec: Any,
-                            cpu: int, memory_mb: int, skip_cache: bool = False) -> TemplateVersion:
+def template_version_create(
+    *,
+    user: User,
+    template: Template,
+    version: str,
+    build_spec: Any,
+    cpu: int,
+    memory_mb: int,
+    skip_cache: bool = False,
+) -> TemplateVersion:
     """`POST /sandbox_templates/{id}/versions`: a named draft version of an existing template."""
     from templates_app.services import writable_template
 
@@ -43,8 +67,7 @@ def template_version_create(*, user: User, template: Template, version: str, bui
         with transaction.atomic():
             return _queue(template, version, spec, cpu, memory_mb, [], skip_cache)
     except IntegrityError as exc:  # a concurrent request took the name
-        raise errors.Conflict(f"Version '{version}' already exists.",
-                              code="template_version_exists") from exc
+        raise errors.Conflict(f"Version '{version}' already exists.", code="template_version_exists") from exc
 
 
 def _check_parent(team: Any, spec: dict[str, Any]) -> None:
@@ -52,14 +75,27 @@ def _check_parent(team: Any, spec: dict[str, Any]) -> None:
     template_version_resolve(team=team, selector=parent_slug)  # 422 now, not after queueing
 
 
-def _queue(template: Template, version: str, spec: dict[str, Any], cpu: int, memory_mb: int,
-           tags: list[str], skip_cache: bool) -> TemplateVersion:
+def _queue(
+    template: Template,
+    version: str,
+    spec: dict[str, Any],
+    cpu: int,
+    memory_mb: int,
+    tags: list[str],
+    skip_cache: bool,
+) -> TemplateVersion:
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
     public = {key: value for key, value in spec.items() if key != "env"}
     row = TemplateVersion.objects.create(
-        template=template, version=version, status=VersionStatus.DRAFT, cpu=cpu, memory_mb=memory_mb,
-        skip_cache=skip_cache, build_spec={**public, "env_keys": sorted(env), "tags": tags},
-        env_encrypted=crypto.encrypt_json(env) if env else "")
+        template=template,
+        version=version,
+        status=VersionStatus.DRAFT,
+        cpu=cpu,
+        memory_mb=memory_mb,
+        skip_cache=skip_cache,
+        build_spec={**public, "env_keys": sorted(env), "tags": tags},
+        env_encrypted=crypto.encrypt_json(env) if env else "",
+    )
     from templates_app.tasks import template_build_task
 
     transaction.on_commit(lambda: template_build_task.delay(row.pk))

@@ -17,8 +17,9 @@ def builds_sweep(*, now: datetime | None = None) -> dict[str, int]:
     """Fail builds whose worker stopped renewing the lease, and queue drafts nobody picked up."""
     now = now or timezone.now()
     failed = 0
-    for version in TemplateVersion.objects.filter(status=VersionStatus.BUILDING,
-                                                  lease_expires_at__lt=now).select_related("host"):
+    for version in TemplateVersion.objects.filter(
+        status=VersionStatus.BUILDING, lease_expires_at__lt=now
+    ).select_related("host"):
         if fail(version.pk, "the build worker stopped (lease expired); start the build again"):
             failed += 1
             log = BuildLog(version)
@@ -27,9 +28,13 @@ def builds_sweep(*, now: datetime | None = None) -> dict[str, int]:
             _destroy_build_vms(version)
     stale = now - timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS)
     queued = 0
-    for template_id in (TemplateVersion.objects.filter(status=VersionStatus.DRAFT, created_at__lt=stale,
-                                                       deleted_at__isnull=True)
-                        .values_list("template_id", flat=True).distinct()):
+    for template_id in (
+        TemplateVersion.objects.filter(
+            status=VersionStatus.DRAFT, created_at__lt=stale, deleted_at__isnull=True
+        )
+        .values_list("template_id", flat=True)
+        .distinct()
+    ):
         queue_next_draft(template_id)
         queued += 1
     return {"failed": failed, "queued": queued}

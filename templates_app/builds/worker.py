@@ -65,8 +65,12 @@ def _run_step(log: BuildLog, vm: BuildVm, step: Step, env: dict[str, str]) -> No
 
 
 def _flatten(top: Path, dest: Path) -> None:
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(top), str(dest)], check=True,
-                   capture_output=True, timeout=1800)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "qcow2", str(top), str(dest)],
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
     dest.chmod(0o444)
 
 
@@ -88,19 +92,32 @@ def planned_steps(version: TemplateVersion) -> tuple[TemplateVersion, list[Step]
     parent_slug, image = parent_and_image(spec)
     parent = template_version_resolve(team=version.template.team, selector=parent_slug)
     steps = build_steps(spec, image)
-    keys = layers.step_keys(parent, [s.cache_text for s in steps], version.build_env(), internet(spec),
-                            version.template.team_id, env_free=sum(s.env_free for s in steps))
+    keys = layers.step_keys(
+        parent,
+        [s.cache_text for s in steps],
+        version.build_env(),
+        internet(spec),
+        version.template.team_id,
+        env_free=sum(s.env_free for s in steps),
+    )
     return parent, steps, keys
 
 
 def _plan(version: TemplateVersion) -> _Plan:
     parent, steps, keys = planned_steps(version)
-    return _Plan(parent, lifecycle.load_template_snapshot(parent.artifact_dir), steps, keys,
-                 version.build_env(), internet(version.build_spec))
+    return _Plan(
+        parent,
+        lifecycle.load_template_snapshot(parent.artifact_dir),
+        steps,
+        keys,
+        version.build_env(),
+        internet(version.build_spec),
+    )
 
 
-def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cached: list[BuildLayer],
-                        log: BuildLog) -> list[Path]:
+def _run_uncached_steps(
+    version: TemplateVersion, host: Host, plan: _Plan, cached: list[BuildLayer], log: BuildLog
+) -> list[Path]:
     """Boot on the last cached layer (or restore the parent), run the remaining steps,
     turning each into a layer. Returns the layer files made, the last step's last."""
     directory = layers.layers_dir(host)
@@ -108,8 +125,14 @@ def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cache
     start = len(cached)
     top = directory / f"{plan.keys[start]}-{uuid.uuid4().hex[:8]}.qcow2"
     if cached:
-        vm = BuildVm.boot(driver_for(host), plan.snapshot, Path(cached[-1].path), name, disk_path=top,
-                          internet=plan.internet)
+        vm = BuildVm.boot(
+            driver_for(host),
+            plan.snapshot,
+            Path(cached[-1].path),
+            name,
+            disk_path=top,
+            internet=plan.internet,
+        )
     else:
         vm = BuildVm.restore(driver_for(host), plan.snapshot, name, disk_path=top, internet=plan.internet)
     parent_layer = cached[-1] if cached else None
@@ -126,8 +149,14 @@ def _run_uncached_steps(version: TemplateVersion, host: Host, plan: _Plan, cache
             else:
                 vm.stop()  # stopped frozen: the last layer is consistent
             if registrable:
-                parent_layer = layers.register(host=host, key=plan.keys[index], parent=parent_layer,
-                                               base_version=plan.parent, step=step.name, path=finished)
+                parent_layer = layers.register(
+                    host=host,
+                    key=plan.keys[index],
+                    parent=parent_layer,
+                    base_version=plan.parent,
+                    step=step.name,
+                    path=finished,
+                )
                 registrable = parent_layer is not None
     except BaseException:
         vm.destroy()
@@ -168,12 +197,14 @@ def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan
 
     hit = None if version.skip_cache else layers.cached_artifact(host, key)
     if hit is not None:
-        log.add(f"cache hit: every step and the start/ready commands are unchanged since version "
-                f"{hit.version} (build {hit.pk}); reusing its artifact")
+        log.add(
+            f"cache hit: every step and the start/ready commands are unchanged since version "
+            f"{hit.version} (build {hit.pk}); reusing its artifact"
+        )
         return layers.link_artifact(Path(hit.artifact_dir), home)
 
     cached = [] if version.skip_cache else layers.cached_prefix(host, plan.keys)
-    for step in plan.steps[:len(cached)]:
+    for step in plan.steps[: len(cached)]:
         log.add(f"{step.name}: cached")
     if version.skip_cache:
         log.add("skip_cache: every step runs")
@@ -192,12 +223,23 @@ def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan
         _drop_unregistered(produced)
     log.add("starting the template and taking its memory snapshot")
     log.flush()
-    image = BaseImage(key="", directory=home, kernel=plan.snapshot.kernel, initrd=plan.snapshot.initrd,
-                      disk=disk, kernel_version="")
-    make_template_snapshot(image, home / layers.SNAPSHOT_DIR, driver_for(host),
-                                     vcpus=version.cpu, memory_mb=version.memory_mb,
-                                     name=build_vm_names(version.pk)[1],
-                                     before_save=start_and_wait_ready(spec, plan.env, log))
+    image = BaseImage(
+        key="",
+        directory=home,
+        kernel=plan.snapshot.kernel,
+        initrd=plan.snapshot.initrd,
+        disk=disk,
+        kernel_version="",
+    )
+    make_template_snapshot(
+        image,
+        home / layers.SNAPSHOT_DIR,
+        driver_for(host),
+        vcpus=version.cpu,
+        memory_mb=version.memory_mb,
+        name=build_vm_names(version.pk)[1],
+        before_save=start_and_wait_ready(spec, plan.env, log),
+    )
     return home / layers.SNAPSHOT_DIR
 
 
@@ -208,8 +250,11 @@ def claim(version_id: int) -> TemplateVersion | None:
     a draft and is queued again when the running build ends (or by the builds sweep).
     """
     with transaction.atomic():
-        version = (TemplateVersion.objects.select_related("template__team")
-                   .filter(pk=version_id, status=VersionStatus.DRAFT, deleted_at__isnull=True).first())
+        version = (
+            TemplateVersion.objects.select_related("template__team")
+            .filter(pk=version_id, status=VersionStatus.DRAFT, deleted_at__isnull=True)
+            .first()
+        )
         if version is None:
             return None
         Template.objects.select_for_update().filter(pk=version.template_id).first()
@@ -217,10 +262,13 @@ def claim(version_id: int) -> TemplateVersion | None:
             return None
         now = timezone.now()
         # Conditional: a template deletion that held the lock first retired this draft.
-        if not TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.DRAFT,
-                                              deleted_at__isnull=True).update(
-                status=VersionStatus.BUILDING, build_started_at=now,
-                lease_expires_at=now + timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS)):
+        if not TemplateVersion.objects.filter(
+            pk=version_id, status=VersionStatus.DRAFT, deleted_at__isnull=True
+        ).update(
+            status=VersionStatus.BUILDING,
+            build_started_at=now,
+            lease_expires_at=now + timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS),
+        ):
             return None
     version.refresh_from_db()
     return version
@@ -241,7 +289,8 @@ class _Lease:
         try:
             while not self.stop.wait(lease.total_seconds() / 4):
                 TemplateVersion.objects.filter(pk=self.version_id, status=VersionStatus.BUILDING).update(
-                    lease_expires_at=timezone.now() + lease)
+                    lease_expires_at=timezone.now() + lease
+                )
         finally:
             connection.close()
 
@@ -257,14 +306,20 @@ class _Lease:
 def fail(version_id: int, message: str) -> int:
     """BUILDING -> FAILED with a reason; returns 1 if this call did it."""
     return TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.BUILDING).update(
-        status=VersionStatus.FAILED, last_error_message=message[:4000], lease_expires_at=None)
+        status=VersionStatus.FAILED, last_error_message=message[:4000], lease_expires_at=None
+    )
 
 
 def queue_next_draft(template_id: int) -> None:
     from templates_app.tasks import template_build_task
 
-    draft = (TemplateVersion.objects.filter(template_id=template_id, status=VersionStatus.DRAFT,
-                                            deleted_at__isnull=True).order_by("pk").first())
+    draft = (
+        TemplateVersion.objects.filter(
+            template_id=template_id, status=VersionStatus.DRAFT, deleted_at__isnull=True
+        )
+        .order_by("pk")
+        .first()
+    )
     if draft is not None:
         template_build_task.delay(draft.pk)
 
@@ -291,15 +346,22 @@ def template_build_run(*, version_id: int) -> None:
         return
     with transaction.atomic():
         done = TemplateVersion.objects.filter(pk=version.pk, status=VersionStatus.BUILDING).update(
-            status=VersionStatus.READY, host=host, artifact_dir=str(artifact), lease_expires_at=None,
+            status=VersionStatus.READY,
+            host=host,
+            artifact_dir=str(artifact),
+            lease_expires_at=None,
             size_bytes=sum(f.stat().st_blocks * 512 for f in artifact.parent.rglob("*") if f.is_file()),
-            built_at=timezone.now())
+            built_at=timezone.now(),
+        )
         if done:
             for tag in version.build_spec.get("tags", []):
-                TemplateTag.objects.update_or_create(template=version.template, tag=tag,
-                                                     defaults={"version": version})
-    log.add("ready" if done else "the build was failed while it ran (lease lost); result discarded",
-            "info" if done else "error")
+                TemplateTag.objects.update_or_create(
+                    template=version.template, tag=tag, defaults={"version": version}
+                )
+    log.add(
+        "ready" if done else "the build was failed while it ran (lease lost); result discarded",
+        "info" if done else "error",
+    )
     log.flush()
     if not done:
         shutil.rmtree(artifact, ignore_errors=True)

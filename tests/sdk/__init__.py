@@ -26,12 +26,19 @@ def scenario_env(*, api_url: str, api_key: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_scenario(name: str, *, api_url: str, api_key: str, timeout: float = 600,
-                 args: tuple[str, ...] = ()) -> str:
+def run_scenario(
+    name: str, *, api_url: str, api_key: str, timeout: float = 600, args: tuple[str, ...] = ()
+) -> str:
     """Run tests/sdk/<name>.py (with `args`) with the SDK pointed at the server; returns its stdout."""
     env = scenario_env(api_url=api_url, api_key=api_key)
-    result = subprocess.run([sys.executable, "-P", str(HERE / f"{name}.py"), *args],
-                            cwd=HERE.parent.parent.parent, env=env, capture_output=True, text=True,
-                            timeout=timeout, check=False)
+    result = subprocess.run(
+        [sys.executable, "-P", str(HERE / f"{name}.py"), *args],
+        cwd=HERE.parent.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert result.returncode == 0, f"SDK scenario {name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout

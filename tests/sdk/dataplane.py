@@ -17,8 +17,9 @@ info = files.write("/tmp/dp/a.txt", "alpha")
 assert info.path == "/tmp/dp/a.txt" and info.name == "a.txt", info
 assert files.read("/tmp/dp/a.txt") == "alpha"
 assert files.read("/tmp/dp/a.txt", format="bytes") == b"alpha"
-written = files.write_files([{"path": "/tmp/dp/b.txt", "data": "beta"},
-                             {"path": "/tmp/dp/c.bin", "data": b"\x00\x01"}])
+written = files.write_files(
+    [{"path": "/tmp/dp/b.txt", "data": "beta"}, {"path": "/tmp/dp/c.bin", "data": b"\x00\x01"}]
+)
 assert [w.name for w in written] == ["b.txt", "c.bin"], written
 assert sorted(e.name for e in files.list("/tmp/dp")) == ["a.txt", "b.txt", "c.bin"]
 assert files.exists("/tmp/dp/b.txt") and not files.exists("/tmp/dp/nope")
@@ -68,8 +69,12 @@ assert b"40 100" in b"".join(output), output
 watcher = files.watch_dir("/tmp/dp")
 files.write("/tmp/dp/watched.txt", "w")
 events = []
-wait_until(lambda: events.extend(watcher.get_new_events()) or any(e.name == "watched.txt" for e in events),
-           30, "the watch to report watched.txt", seen=lambda: events)
+wait_until(
+    lambda: events.extend(watcher.get_new_events()) or any(e.name == "watched.txt" for e in events),
+    30,
+    "the watch to report watched.txt",
+    seen=lambda: events,
+)
 watcher.stop()
 
 # --- git ----------------------------------------------------------------------------------------

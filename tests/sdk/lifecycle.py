@@ -15,7 +15,8 @@ listed = Sandbox.list(query={"metadata": {"suite": "sdk"}, "state": ["running"]}
 pages = [listed.next_items(), listed.next_items()]
 assert [len(page) for page in pages] == [1, 1], pages
 assert sorted(i.sandbox_id for page in pages for i in page) == sorted(
-    [first.sandbox_id, second.sandbox_id]), pages
+    [first.sandbox_id, second.sandbox_id]
+), pages
 assert not listed.has_next
 
 first.set_timeout(900)

@@ -8,8 +8,9 @@ import sys
 from watasu import Sandbox
 
 sbx = Sandbox.connect(os.environ["SANDBOX_ID"])
-handle = sbx.commands.run("for i in $(seq 1 50); do echo line-$i; sleep 0.1; done",
-                          background=True, timeout=0)
+handle = sbx.commands.run(
+    "for i in $(seq 1 50); do echo line-$i; sleep 0.1; done", background=True, timeout=0
+)
 print("STARTED", flush=True)
 received: list[str] = []
 told: list[bool] = []

@@ -18,12 +18,15 @@ context = Path(tempfile.mkdtemp())
 
 
 def py_template(marker: str) -> Template:
-    return (Template(file_context_path=str(context)).from_python_image()
-            .pip_install(["six"])
-            .copy("app", "/srv/app/")
-            .run_cmd(f"echo {marker} > /srv/app/marker")
-            .set_envs({"GREETING": "hello"})
-            .set_start_cmd("cd /srv/app && python3 -m http.server 8000", wait_for_port(8000)))
+    return (
+        Template(file_context_path=str(context))
+        .from_python_image()
+        .pip_install(["six"])
+        .copy("app", "/srv/app/")
+        .run_cmd(f"echo {marker} > /srv/app/marker")
+        .set_envs({"GREETING": "hello"})
+        .set_start_cmd("cd /srv/app && python3 -m http.server 8000", wait_for_port(8000))
+    )
 
 
 def build(template: Template, name: str) -> tuple[object, list[str], float]:
@@ -47,12 +50,20 @@ assert any(m.startswith("Setting up python3-pip") for m in messages), messages  
 assert Template.alias_exists("py-ci")
 assert [t.tag for t in Template.get_tags("py-ci")] == ["stable"]
 
-probe = ("python3 -c 'import six; print(six.__name__)' && cat /srv/app/marker && echo $GREETING && "
-         "cat /srv/app/index.txt && md5sum < /srv/app/static/big.bin | cut -c1-8 && "
-         "python3 -c \"import urllib.request; print(urllib.request.urlopen("
-         "'http://127.0.0.1:8000/marker').read().decode().strip())\"")
+probe = (
+    "python3 -c 'import six; print(six.__name__)' && cat /srv/app/marker && echo $GREETING && "
+    "cat /srv/app/index.txt && md5sum < /srv/app/static/big.bin | cut -c1-8 && "
+    'python3 -c "import urllib.request; print(urllib.request.urlopen('
+    "'http://127.0.0.1:8000/marker').read().decode().strip())\""
+)
 assert run("py-ci:stable", probe).split() == [
-    "six", "built-by-watasu", "hello", "from-the-build-context", "d19215b1", "built-by-watasu"]
+    "six",
+    "built-by-watasu",
+    "hello",
+    "from-the-build-context",
+    "d19215b1",
+    "built-by-watasu",
+]
 
 # The same template again: every layer and the artifact come from the cache.
 second, messages, second_seconds = build(py_template("built-by-watasu"), "py-ci")
@@ -69,7 +80,9 @@ assert run("py-ci:stable", "cat /srv/app/marker").strip() == "built-by-watasu"
 Template.assign_tags(f"py-ci:{first.build_id}", ["prod"])
 assert run("py-ci:prod", "cat /srv/app/marker").strip() == "built-by-watasu"
 assert {t.tag: t.build_id for t in Template.get_tags("py-ci")} == {
-    "prod": first.build_id, "stable": first.build_id}
+    "prod": first.build_id,
+    "stable": first.build_id,
+}
 
 # Only an env changed: the image layer is reused, the steps that run with the env run again.
 _, messages, _ = build(py_template("second-edition").set_envs({"GREETING": "bonjour"}), "py-env")
@@ -93,8 +106,10 @@ CMD ["python3", "-m", "http.server", "8001", "--directory", "/srv/web"]
 _, messages, _ = build(Template(file_context_path=str(context)).from_dockerfile(dockerfile), "docker-web")
 # The CMD's ready check is `sleep 20`: it reports while it waits.
 assert any(m.startswith("ready check: not ready after 10 s (limit ") for m in messages), messages
-fetch = ("cat /srv/web/greeting.txt /opt/tool/made-here.txt && python3 -c \"import urllib.request; "
-         "print(urllib.request.urlopen('http://127.0.0.1:8001/index.txt').read().decode().strip())\"")
+fetch = (
+    'cat /srv/web/greeting.txt /opt/tool/made-here.txt && python3 -c "import urllib.request; '
+    "print(urllib.request.urlopen('http://127.0.0.1:8001/index.txt').read().decode().strip())\""
+)
 assert run("docker-web", fetch).split() == ["from-docker", "six", "from-the-build-context"]
 
 try:

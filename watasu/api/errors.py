@@ -21,6 +21,7 @@ from watasu import errors as domain
 
 logger = logging.getLogger(__name__)
 
+
 class PayloadTooLarge(drf.APIException):
     status_code = 413
     default_code = "payload_too_large"
@@ -52,10 +53,19 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 # Such a message is whole: it names its field itself. Any other code is one of DRF's own
 # (`required`, `max_length`, `invalid`...): its message gets the field's path in front and
 # the answer's code is `validation_failed`.
-REQUEST_CODES = frozenset({
-    "validation_failed", "invalid_timeout", "invalid_lifecycle", "invalid_resources", "invalid_path",
-    "volumes_unavailable", "mcp_unavailable", "network_rules_unavailable", "unknown_field",
-})
+REQUEST_CODES = frozenset(
+    {
+        "validation_failed",
+        "invalid_timeout",
+        "invalid_lifecycle",
+        "invalid_resources",
+        "invalid_path",
+        "volumes_unavailable",
+        "mcp_unavailable",
+        "network_rules_unavailable",
+        "unknown_field",
+    }
+)
 
 
 def _error_items(detail: Any, prefix: str = "") -> list[tuple[str, drf.ErrorDetail]]:

@@ -44,8 +44,9 @@ class ClosedSerializer(serializers.Serializer):
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
-            suggest.refuse_unknown_keys(data, self.fields, where=self.field_name or "",
-                                        code=self.unknown_code)
+            suggest.refuse_unknown_keys(
+                data, self.fields, where=self.field_name or "", code=self.unknown_code
+            )
         return super().to_internal_value(data)
 
 
@@ -98,8 +99,9 @@ class SecondsField(LenientField):
     """A whole number of seconds between `minimum` and `maximum` (a setting's name, read per
     request, or a number). Fractions, non-finite and out-of-range numbers are refused."""
 
-    def __init__(self, *, code: str = "validation_failed", maximum: str | int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, code: str = "validation_failed", maximum: str | int | None = None, **kwargs: Any
+    ) -> None:
         self.code, self.maximum = code, maximum
         super().__init__(**kwargs)
 

@@ -65,7 +65,9 @@ def _insert(api_key: ApiKey, key: str, fingerprint: str) -> IdempotencyRecord | 
     try:
         with transaction.atomic():
             return IdempotencyRecord.objects.create(
-                api_key=api_key, key=key, fingerprint=fingerprint,
+                api_key=api_key,
+                key=key,
+                fingerprint=fingerprint,
                 lease_expires_at=now + timedelta(seconds=settings.IDEMPOTENCY_LEASE_SECONDS),
                 expires_at=now + timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
             )
@@ -77,7 +79,8 @@ def _take_over_abandoned(record: IdempotencyRecord) -> bool:
     """Claim an in-flight record whose request died (its lease ran out)."""
     now = timezone.now()
     claimed = IdempotencyRecord.objects.filter(
-        pk=record.pk, state=IdempotencyState.IN_PROGRESS,
+        pk=record.pk,
+        state=IdempotencyState.IN_PROGRESS,
         lease_expires_at=record.lease_expires_at,
     ).update(lease_expires_at=now + timedelta(seconds=settings.IDEMPOTENCY_LEASE_SECONDS))
     return claimed == 1
@@ -93,8 +96,7 @@ def idempotency_claim(*, api_key: ApiKey, key: str, fingerprint: str) -> Claim:
         if existing is None:
             continue  # released between our insert and our read
         if existing.expires_at <= timezone.now():
-            IdempotencyRecord.objects.filter(pk=existing.pk,
-                                             expires_at=existing.expires_at).delete()
+            IdempotencyRecord.objects.filter(pk=existing.pk, expires_at=existing.expires_at).delete()
             continue
         if existing.fingerprint != fingerprint:
             return Claim(Outcome.MISMATCH, existing)
@@ -124,22 +126,32 @@ def idempotency_release(*, record: IdempotencyRecord) -> None:
 def _replay(record: IdempotencyRecord) -> HttpResponse:
     """The first response again: same body, so a replayed create hands back the same
     session token, still valid (tokens are signed, not stored)."""
-    response = HttpResponse(crypto.decrypt_bytes(bytes(record.response_body or b"")),
-                            status=record.response_status,
-                            content_type=record.response_content_type or None)
+    response = HttpResponse(
+        crypto.decrypt_bytes(bytes(record.response_body or b"")),
+        status=record.response_status,
+        content_type=record.response_content_type or None,
+    )
     response["Idempotent-Replayed"] = "true"
     return response
 
 
 def _refusal(claim: Claim, key: str) -> JsonResponse:
     if claim.outcome is Outcome.MISMATCH:
-        return JsonResponse(error_body(
-            "idempotency_key_reused",
-            f"Idempotency-Key '{key}' was already used with a different request."), status=422)
-    return JsonResponse(error_body(
-        "idempotency_key_in_progress",
-        f"A request with Idempotency-Key '{key}' is still in progress; retry later."),
-        status=409, headers={"Retry-After": "1"})
+        return JsonResponse(
+            error_body(
+                "idempotency_key_reused",
+                f"Idempotency-Key '{key}' was already used with a different request.",
+            ),
+            status=422,
+        )
+    return JsonResponse(
+        error_body(
+            "idempotency_key_in_progress",
+            f"A request with Idempotency-Key '{key}' is still in progress; retry later.",
+        ),
+        status=409,
+        headers={"Retry-After": "1"},
+    )
 
 
 def _api_key_of(request: HttpRequest) -> ApiKey | None:
@@ -161,12 +173,17 @@ class IdempotencyMiddleware:
         if api_key is None or not api_key.can_write:
             return self.get_response(request)  # the API answers 401/403 itself
         if len(key) > MAX_KEY_LENGTH:
-            return JsonResponse(error_body(
-                "validation_failed", f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters."),
-                status=422)
+            return JsonResponse(
+                error_body(
+                    "validation_failed", f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters."
+                ),
+                status=422,
+            )
         if has_control_characters(key):
-            return JsonResponse(error_body(
-                "validation_failed", "Idempotency-Key must not contain control characters."), status=422)
+            return JsonResponse(
+                error_body("validation_failed", "Idempotency-Key must not contain control characters."),
+                status=422,
+            )
         claim = idempotency_claim(api_key=api_key, key=key, fingerprint=request_fingerprint(request))
         if claim.outcome is Outcome.REPLAY:
             return _replay(claim.record)

@@ -24,8 +24,9 @@ def parse_limit(raw: str | None) -> int:
         return settings.API_PAGE_SIZE_DEFAULT
     value = ids.count(raw)
     if value is None or value < 1:
-        raise errors.Invalid("limit must be a positive integer.",
-                             errors=["limit: must be a positive integer"])
+        raise errors.Invalid(
+            "limit must be a positive integer.", errors=["limit: must be a positive integer"]
+        )
     return min(value, settings.API_PAGE_SIZE_MAX)
 
 
@@ -34,16 +35,14 @@ def parse_next_token(raw: str | None) -> int | None:
         return None
     token = ids.db_id(raw)
     if token is None:
-        raise errors.Invalid("next_token is not a token this API issued.",
-                             errors=["next_token: invalid"])
+        raise errors.Invalid("next_token is not a token this API issued.", errors=["next_token: invalid"])
     return token
 
 
 class NextTokenPagination(BasePagination):
     """Pages of `limit` rows ordered by descending id; `next_token` iff more rows exist."""
 
-    def paginate_queryset(self, queryset: QuerySet[Any], request: Request,
-                          view: Any = None) -> list[Any]:
+    def paginate_queryset(self, queryset: QuerySet[Any], request: Request, view: Any = None) -> list[Any]:
         limit = parse_limit(request.query_params.get("limit"))
         after = parse_next_token(request.query_params.get("next_token"))
         self.envelope = getattr(view, "envelope", "results")
@@ -67,7 +66,11 @@ class NextTokenPagination(BasePagination):
 
     def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
         return [
-            {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": settings.API_PAGE_SIZE_MAX}},
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": settings.API_PAGE_SIZE_MAX},
+            },
             {"name": "next_token", "in": "query", "required": False, "schema": {"type": "string"}},
         ]

@@ -85,16 +85,18 @@ def check_json_value(data: Any) -> None:
 
 
 class StrictJSONParser(JSONParser):
-    def parse(self, stream: Any, media_type: str | None = None,
-              parser_context: dict[str, Any] | None = None) -> Any:
+    def parse(
+        self, stream: Any, media_type: str | None = None, parser_context: dict[str, Any] | None = None
+    ) -> Any:
         encoding = (parser_context or {}).get("encoding") or settings.DEFAULT_CHARSET
         try:
             text = stream.read().decode(encoding)
         except (UnicodeDecodeError, LookupError) as exc:
             raise ParseError(f"JSON parse error - the body is not valid {encoding} text.") from exc
         try:
-            data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                              parse_int=_int)
+            data = json.loads(
+                text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_int
+            )
         except RecursionError as exc:
             raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.") from exc
         except ValueError as exc:

@@ -27,10 +27,13 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
 
 def list_envelope(name: str, envelope: str, item: serializers.Serializer) -> serializers.Serializer:
     """`{<envelope>: [item, ...], "next_token": str|null}`."""
-    return inline_serializer(name, {
-        envelope: serializers.ListField(child=item),
-        "next_token": serializers.CharField(allow_null=True),
-    })
+    return inline_serializer(
+        name,
+        {
+            envelope: serializers.ListField(child=item),
+            "next_token": serializers.CharField(allow_null=True),
+        },
+    )
 
 
 def object_envelope(name: str, key: str, item: serializers.Serializer) -> serializers.Serializer:
@@ -58,8 +61,9 @@ class SchemaView(_JsonErrors, OnlyItsMethods, SpectacularAPIView):
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         lang = request.query_params.get("lang")
         if lang and lang not in dict(settings.LANGUAGES):
-            raise errors.Invalid("lang must be one of the configured language codes.",
-                                 errors=["lang: invalid"])
+            raise errors.Invalid(
+                "lang must be one of the configured language codes.", errors=["lang: invalid"]
+            )
         return super().get(request, *args, **kwargs)
 
     def options(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -82,6 +86,7 @@ class DocsView(_JsonErrors, OnlyItsMethods, SpectacularSwaggerView):
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         lang = request.query_params.get("lang")
         if lang and lang not in dict(settings.LANGUAGES):  # passed on to the schema URL
-            raise errors.Invalid("lang must be one of the configured language codes.",
-                                 errors=["lang: invalid"])
+            raise errors.Invalid(
+                "lang must be one of the configured language codes.", errors=["lang: invalid"]
+            )
         return super().get(request, *args, **kwargs)

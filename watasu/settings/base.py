@@ -46,11 +46,14 @@ SECRET_KEY = _secret_key()
 # Encrypt secrets at rest (watasu/crypto.py): the first key encrypts, all decrypt.
 # WATASU_ENCRYPTION_KEY (one key) is still read; without either, embedded mode
 # derives a key from SECRET_KEY.
-ENCRYPTION_KEYS = (env.list("WATASU_ENCRYPTION_KEYS", [])
-                   or [key for key in [env.str("WATASU_ENCRYPTION_KEY", "")] if key])
+ENCRYPTION_KEYS = env.list("WATASU_ENCRYPTION_KEYS", []) or [
+    key for key in [env.str("WATASU_ENCRYPTION_KEY", "")] if key
+]
 if DEPLOYMENT == "production" and not (env.str("WATASU_SECRET_KEY", "") and ENCRYPTION_KEYS):
-    raise ImproperlyConfigured("WATASU_DEPLOYMENT=production needs WATASU_SECRET_KEY and "
-                               "WATASU_ENCRYPTION_KEYS set (no generated or derived keys in production).")
+    raise ImproperlyConfigured(
+        "WATASU_DEPLOYMENT=production needs WATASU_SECRET_KEY and "
+        "WATASU_ENCRYPTION_KEYS set (no generated or derived keys in production)."
+    )
 DEBUG = env.bool("WATASU_DEBUG", False)
 ALLOWED_HOSTS = env.list("WATASU_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 PUBLIC_URL = env.str("WATASU_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
@@ -149,12 +152,15 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "filters": {"route_tokens": {"()": "watasu.logredact.RedactRouteTokens"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
-                             "filters": ["route_tokens"]}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["route_tokens"]}
+    },
     # httpx logs every proxied data-plane request at INFO; the edge logs what matters itself.
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
-    "root": {"handlers": ["console"], "level": env.choice(
-        "WATASU_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
+    "root": {
+        "handlers": ["console"],
+        "level": env.choice("WATASU_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    },
 }
 
 # --- REST API -----------------------------------------------------------------
@@ -163,8 +169,9 @@ LOGGING = {
 API_RATE_LIMIT = env.str("WATASU_API_RATE_LIMIT", "1200/min")
 _RATE = r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)"
 if API_RATE_LIMIT and not re.fullmatch(_RATE, API_RATE_LIMIT):
-    raise ImproperlyConfigured(f"WATASU_API_RATE_LIMIT must look like 1200/min (or be empty), "
-                               f"not {API_RATE_LIMIT!r}.")
+    raise ImproperlyConfigured(
+        f"WATASU_API_RATE_LIMIT must look like 1200/min (or be empty), not {API_RATE_LIMIT!r}."
+    )
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["teams.authentication.ApiKeyAuthentication"],
@@ -251,12 +258,14 @@ RUNTIME_HOST_NAME = env.str("WATASU_HOST_NAME", socket.gethostname())
 RUNTIME_HOST_DATA_DIR = env.path("WATASU_HOST_DATA_DIR", str(DATA_DIR / "runtime"))
 # Guests rarely use all their vCPUs: placement hands out cores x this many vCPUs.
 RUNTIME_CPU_OVERCOMMIT = env.int("WATASU_CPU_OVERCOMMIT", 4, min=1, max=64)
-RUNTIME_HOST_CPU_CAPACITY = env.int("WATASU_HOST_CPU_CAPACITY",
-                                    RUNTIME_CPU_OVERCOMMIT * (os.cpu_count() or 1), min=1)
+RUNTIME_HOST_CPU_CAPACITY = env.int(
+    "WATASU_HOST_CPU_CAPACITY", RUNTIME_CPU_OVERCOMMIT * (os.cpu_count() or 1), min=1
+)
 # Memory is never overcommitted: a guest's RAM is real host RAM (an overcommitted host
 # swaps or kills QEMU processes), so the capacity may not exceed what this host holds.
-RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int("WATASU_HOST_MEMORY_CAPACITY_MB", _host_memory_mb() * 3 // 4,
-                                          min=256, max=_host_memory_mb())
+RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int(
+    "WATASU_HOST_MEMORY_CAPACITY_MB", _host_memory_mb() * 3 // 4, min=256, max=_host_memory_mb()
+)
 RUNTIME_IMAGE_CACHE_DIR = env.path("WATASU_IMAGE_CACHE_DIR", str(CACHE_DIR / "images"))
 RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's configured mirror
 # libvirt domain names are {prefix}{sandbox id}; reconciliation only touches this prefix,
@@ -265,8 +274,9 @@ RUNTIME_APT_MIRROR = env.str("WATASU_APT_MIRROR", "")  # empty: the host's confi
 # any other, so two `make run` with different data dirs never destroy each other's VMs.
 DEFAULT_DATA_DIR = Path("/var/lib/watasu")
 _INSTALLATION = hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:8]
-RUNTIME_VM_PREFIX = env.str("WATASU_VM_PREFIX", "watasu-sbx-" if DATA_DIR == DEFAULT_DATA_DIR
-                            else f"watasu-{_INSTALLATION}-sbx-")
+RUNTIME_VM_PREFIX = env.str(
+    "WATASU_VM_PREFIX", "watasu-sbx-" if DATA_DIR == DEFAULT_DATA_DIR else f"watasu-{_INSTALLATION}-sbx-"
+)
 # Each sandbox's QEMU runs as uid BASE + sandbox id (in the QEMU user's group), so one
 # escaped QEMU cannot open another sandbox's disk; 0 runs every QEMU as the QEMU user.
 RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=4_000_000_000)
@@ -289,11 +299,16 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celery-beat" / "schedule")
 # timeout. Everything else (ping) stays on the default queue, with the sweeps.
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_QUEUE_SWEEPS, CELERY_QUEUE_BUILDS = "sweeps", "builds"
-CELERY_TASK_ROUTES = {"sweeps.*": {"queue": CELERY_QUEUE_SWEEPS},
-                      "templates.*": {"queue": CELERY_QUEUE_BUILDS}}
+CELERY_TASK_ROUTES = {
+    "sweeps.*": {"queue": CELERY_QUEUE_SWEEPS},
+    "templates.*": {"queue": CELERY_QUEUE_BUILDS},
+}
 # The shared cache (rate-limit counters): Redis when configured, else per process.
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
-          if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    if REDIS_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
     CELERY_RESULT_BACKEND = REDIS_URL
@@ -339,7 +354,11 @@ BUILD_LAYER_RETENTION_SECONDS = env.int("WATASU_BUILD_LAYER_RETENTION_SECONDS", 
 ORPHAN_FILE_GRACE_SECONDS = env.int("WATASU_ORPHAN_FILE_GRACE_SECONDS", 600, min=0)
 
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
-    f"sweep-{name}": {"task": "sweeps.run", "schedule": float(seconds), "args": [name],
-                      "options": {"expires": float(seconds)}}
+    f"sweep-{name}": {
+        "task": "sweeps.run",
+        "schedule": float(seconds),
+        "args": [name],
+        "options": {"expires": float(seconds)},
+    }
     for name, seconds in SWEEP_INTERVAL_SECONDS.items()
 }

@@ -106,8 +106,11 @@ class Env:
         """DATABASES['default'] from a URL; SQLite in the data directory when unset."""
         raw = self._raw(name)
         if not raw:
-            return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(sqlite_path),
-                    "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"}}
+            return {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": str(sqlite_path),
+                "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            }
         return parse_database_url(name, raw)
 
     def redis_url(self, name: str) -> str | None:
@@ -136,12 +139,13 @@ def parse_database_url(name: str, raw: str) -> dict[str, object]:
     parts = urlsplit(raw)
     scheme = _DB_SCHEMES.get(parts.scheme)
     if scheme is None:
-        raise ImproperlyConfigured(
-            f"{name}={raw!r} is invalid: expected a postgres:// or sqlite:// URL."
-        )
+        raise ImproperlyConfigured(f"{name}={raw!r} is invalid: expected a postgres:// or sqlite:// URL.")
     if parts.scheme == "sqlite":
-        return {"ENGINE": scheme.engine, "NAME": unquote(parts.path) or ":memory:",
-                "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"}}
+        return {
+            "ENGINE": scheme.engine,
+            "NAME": unquote(parts.path) or ":memory:",
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
     database = unquote(parts.path.lstrip("/"))
     if not database:
         raise ImproperlyConfigured(f"{name}={raw!r} is invalid: the URL names no database.")

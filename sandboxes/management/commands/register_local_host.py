@@ -14,5 +14,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         host = host_register_local()
-        self.stdout.write(f"host {host.name}: {host.libvirt_uri}, {host.cpu_capacity} vCPU, "
-                          f"{host.memory_capacity_mb} MB, data in {host.data_dir}")
+        self.stdout.write(
+            f"host {host.name}: {host.libvirt_uri}, {host.cpu_capacity} vCPU, "
+            f"{host.memory_capacity_mb} MB, data in {host.data_dir}"
+        )

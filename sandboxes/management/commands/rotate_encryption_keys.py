@@ -17,16 +17,22 @@ BATCH = 500
 
 
 class Command(BaseCommand):
-    help = ("Re-encrypt sandbox env vars, agent secrets, template build env and stored idempotent "
-            "responses with the first key of WATASU_ENCRYPTION_KEYS; then the other keys may go.")
+    help = (
+        "Re-encrypt sandbox env vars, agent secrets, template build env and stored idempotent "
+        "responses with the first key of WATASU_ENCRYPTION_KEYS; then the other keys may go."
+    )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        sandboxes = _rotate(Sandbox.objects.exclude(env_vars_encrypted="", agent_secret_encrypted=""),
-                            ["env_vars_encrypted", "agent_secret_encrypted"])
+        sandboxes = _rotate(
+            Sandbox.objects.exclude(env_vars_encrypted="", agent_secret_encrypted=""),
+            ["env_vars_encrypted", "agent_secret_encrypted"],
+        )
         versions = _rotate(TemplateVersion.objects.exclude(env_encrypted=""), ["env_encrypted"])
         records = _rotate(IdempotencyRecord.objects.exclude(response_body=None), ["response_body"])
-        self.stdout.write(f"re-encrypted {sandboxes} sandboxes, {versions} template versions and "
-                          f"{records} idempotency records")
+        self.stdout.write(
+            f"re-encrypted {sandboxes} sandboxes, {versions} template versions and "
+            f"{records} idempotency records"
+        )
 
 
 def _rotate(rows: QuerySet[Any], fields: list[str]) -> int:

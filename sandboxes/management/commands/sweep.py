@@ -16,8 +16,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("names", nargs="*", help="sweeps to run (default: list them)")
         parser.add_argument("--all", action="store_true", help="run every sweep")
-        parser.add_argument("--until-done", action="store_true",
-                            help="repeat a sweep while it reports more work (full batches)")
+        parser.add_argument(
+            "--until-done",
+            action="store_true",
+            help="repeat a sweep while it reports more work (full batches)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         names = list(SWEEPS) if options["all"] else options["names"]

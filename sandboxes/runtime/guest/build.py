@@ -23,8 +23,10 @@ ROOT_MAIN = b"from agent.__main__ import main\n\nmain()\n"
 
 def _entries(package: Path) -> list[tuple[str, bytes]]:
     files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
-    return [("__main__.py", ROOT_MAIN),
-            *((f"agent/{p.relative_to(package).as_posix()}", p.read_bytes()) for p in files)]
+    return [
+        ("__main__.py", ROOT_MAIN),
+        *((f"agent/{p.relative_to(package).as_posix()}", p.read_bytes()) for p in files),
+    ]
 
 
 @functools.cache

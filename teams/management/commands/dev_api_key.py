@@ -32,8 +32,7 @@ class Command(BaseCommand):
                 self.stdout.write(raw)
                 return
         out = io.StringIO()
-        call_command("create_api_key", email=email, team=team, scope="write",
-                     name="make run", stdout=out)
+        call_command("create_api_key", email=email, team=team, scope="write", name="make run", stdout=out)
         raw = out.getvalue().strip()
         file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

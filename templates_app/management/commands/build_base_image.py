@@ -11,12 +11,16 @@ from templates_app.services import base_template_ensure
 
 
 class Command(BaseCommand):
-    help = ("Build the Debian guest image (cached under WATASU_IMAGE_CACHE_DIR) and the ready "
-            "`base` template version with its memory snapshot; a no-op when both are intact.")
+    help = (
+        "Build the Debian guest image (cached under WATASU_IMAGE_CACHE_DIR) and the ready "
+        "`base` template version with its memory snapshot; a no-op when both are intact."
+    )
 
     def handle(self, *args: Any, **options: Any) -> None:
         started = time.monotonic()
         version = base_template_ensure()
-        self.stdout.write(f"{version.template.slug}:{version.version} {version.status} "
-                          f"({version.size_bytes // 2**20} MiB) in {version.artifact_dir} "
-                          f"[{time.monotonic() - started:.1f} s]")
+        self.stdout.write(
+            f"{version.template.slug}:{version.version} {version.status} "
+            f"({version.size_bytes // 2**20} MiB) in {version.artifact_dir} "
+            f"[{time.monotonic() - started:.1f} s]"
+        )

@@ -13,8 +13,9 @@ from .server import serve
 
 
 def main() -> None:
-    serve(port=int(os.environ.get("WATASU_AGENT_PORT", AGENT_PORT)),
-          secret=os.environ.get("WATASU_AGENT_TOKEN"))
+    serve(
+        port=int(os.environ.get("WATASU_AGENT_PORT", AGENT_PORT)), secret=os.environ.get("WATASU_AGENT_TOKEN")
+    )
 
 
 if __name__ == "__main__":

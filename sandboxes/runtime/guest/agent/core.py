@@ -15,8 +15,14 @@ CHUNK = 256 * 1024  # file streaming unit
 class HttpError(Exception):
     """An error answered as ``{"error": code, "message": ...}`` (plus ``extra`` keys)."""
 
-    def __init__(self, status: int, code: str, message: str, extra: dict[str, Any] | None = None,
-                 headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        extra: dict[str, Any] | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.extra = extra or {}

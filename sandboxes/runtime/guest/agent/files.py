@@ -59,10 +59,19 @@ def entry_from_stat(path: str, st: os.stat_result, link_target: str | None = Non
     else:
         kind = "other"
     return {
-        "name": os.path.basename(path) or "/", "path": path, "type": kind,
-        "bytes": st.st_size, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-        "permissions": _perm_string(st.st_mode), "owner": _owner(st.st_uid), "group": _group(st.st_gid),
-        "uid": st.st_uid, "gid": st.st_gid, "modified_time": iso(st.st_mtime), "mtime": int(st.st_mtime),
+        "name": os.path.basename(path) or "/",
+        "path": path,
+        "type": kind,
+        "bytes": st.st_size,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "permissions": _perm_string(st.st_mode),
+        "owner": _owner(st.st_uid),
+        "group": _group(st.st_gid),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "modified_time": iso(st.st_mtime),
+        "mtime": int(st.st_mtime),
         "symlink_target": link_target,
     }
 

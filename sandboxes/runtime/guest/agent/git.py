@@ -13,8 +13,7 @@ from urllib.parse import urlsplit
 from .core import HttpError
 from .processes import user_kwargs
 
-GIT_CRED_HELPER = ("!f() { echo username=\"$WATASU_GIT_USERNAME\"; "
-                   "echo password=\"$WATASU_GIT_PASSWORD\"; }; f")
+GIT_CRED_HELPER = '!f() { echo username="$WATASU_GIT_USERNAME"; echo password="$WATASU_GIT_PASSWORD"; }; f'
 
 
 @dataclass
@@ -47,20 +46,30 @@ class GitCall:
         self.env["WATASU_GIT_PASSWORD"] = str(password or "")
         return ["-c", "credential.helper=", "-c", f"credential.helper={GIT_CRED_HELPER}"]
 
-    def run(self, argv: list[str], cwd: str | None = None, check: bool = True,
-            stdin: str | None = None) -> dict[str, Any]:
+    def run(
+        self, argv: list[str], cwd: str | None = None, check: bool = True, stdin: str | None = None
+    ) -> dict[str, Any]:
         """Run git; a non-zero exit is a 422 with a code that says why (never 401)."""
         kwargs = user_kwargs(self.user, self.env)
         try:
-            p = subprocess.run(argv, cwd=cwd or self.cwd, env=self.env, capture_output=True,
-                               timeout=self.timeout, input=stdin.encode() if stdin is not None else None,
-                               **kwargs)
+            p = subprocess.run(
+                argv,
+                cwd=cwd or self.cwd,
+                env=self.env,
+                capture_output=True,
+                timeout=self.timeout,
+                input=stdin.encode() if stdin is not None else None,
+                **kwargs,
+            )
         except subprocess.TimeoutExpired as e:
             raise HttpError(504, "gateway_timeout", f"git timed out after {self.timeout:g}s") from e
         except FileNotFoundError as e:
             raise HttpError(500, "internal_error", f"cannot run git: {e}") from e
-        out = {"stdout": p.stdout.decode(errors="replace"), "stderr": p.stderr.decode(errors="replace"),
-               "command": {"argv": _redact(argv), "exit_code": p.returncode}}
+        out = {
+            "stdout": p.stdout.decode(errors="replace"),
+            "stderr": p.stderr.decode(errors="replace"),
+            "command": {"argv": _redact(argv), "exit_code": p.returncode},
+        }
         if check and p.returncode != 0:
             raise git_failure(out)
         return out
@@ -74,24 +83,49 @@ def git_failure(out: dict[str, Any]) -> HttpError:
     """Classify a failed git run: auth, missing upstream, or generic."""
     err = out["stderr"]
     low = err.lower()
-    if any(s in low for s in ("authentication failed", "could not read username",
-                              "could not read password", "permission denied (publickey)",
-                              "invalid username or password", "terminal prompts disabled")):
+    if any(
+        s in low
+        for s in (
+            "authentication failed",
+            "could not read username",
+            "could not read password",
+            "permission denied (publickey)",
+            "invalid username or password",
+            "terminal prompts disabled",
+        )
+    ):
         code = "git_auth_failed"
-    elif any(s in low for s in ("has no upstream branch", "no tracking information",
-                                "no upstream configured", "does not appear to be a git repository")):
+    elif any(
+        s in low
+        for s in (
+            "has no upstream branch",
+            "no tracking information",
+            "no upstream configured",
+            "does not appear to be a git repository",
+        )
+    ):
         code = "git_upstream_missing"
     else:
         code = "git_command_failed"
-    return HttpError(422, code, err.strip() or f"git exited with {out['command']['exit_code']}",
-                     {"git": out})
+    return HttpError(422, code, err.strip() or f"git exited with {out['command']['exit_code']}", {"git": out})
 
 
 def git_result(path: str | None, out: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """GitResult with every key the SDK may read (unknown ones null)."""
-    base: dict[str, Any] = {"path": path, "stdout": "", "stderr": "", "url": None, "ref": None,
-                            "branch": None, "remote": None, "name": None, "value": None, "branches": [],
-                            "current_branch": None, "command": None}
+    base: dict[str, Any] = {
+        "path": path,
+        "stdout": "",
+        "stderr": "",
+        "url": None,
+        "ref": None,
+        "branch": None,
+        "remote": None,
+        "name": None,
+        "value": None,
+        "branches": [],
+        "current_branch": None,
+        "command": None,
+    }
     if out:
         base.update(out)
     base.update(extra)
@@ -133,9 +167,13 @@ def git_clone(call: GitCall) -> dict[str, Any]:
 def _store_credentials(call: GitCall, url: str) -> None:
     parts = urlsplit(url)
     call.run(["git", "config", "--global", "credential.helper", "store"])
-    call.run(["git", "credential", "approve"], stdin=(
-        f"protocol={parts.scheme or 'https'}\nhost={parts.netloc.rsplit('@', 1)[-1]}\n"
-        f"username={call.body.get('username')}\npassword={call.body.get('password') or ''}\n\n"))
+    call.run(
+        ["git", "credential", "approve"],
+        stdin=(
+            f"protocol={parts.scheme or 'https'}\nhost={parts.netloc.rsplit('@', 1)[-1]}\n"
+            f"username={call.body.get('username')}\npassword={call.body.get('password') or ''}\n\n"
+        ),
+    )
 
 
 def git_authenticate(call: GitCall) -> dict[str, Any]:
@@ -312,10 +350,23 @@ def git_get_config(call: GitCall) -> dict[str, Any]:
 
 
 GIT_OPS: dict[str, Callable[[GitCall], dict[str, Any]]] = {
-    "clone": git_clone, "dangerously_authenticate": git_authenticate, "configure_user": git_configure_user,
-    "init": git_init, "status": git_status, "branches": git_branches, "create_branch": git_create_branch,
-    "delete_branch": git_delete_branch, "add": git_add, "commit": git_commit, "reset": git_reset,
-    "restore": git_restore, "pull": git_pull, "push": git_push, "checkout": git_checkout,
-    "remote_add": git_remote_add, "remote_get": git_remote_get, "set_config": git_set_config,
+    "clone": git_clone,
+    "dangerously_authenticate": git_authenticate,
+    "configure_user": git_configure_user,
+    "init": git_init,
+    "status": git_status,
+    "branches": git_branches,
+    "create_branch": git_create_branch,
+    "delete_branch": git_delete_branch,
+    "add": git_add,
+    "commit": git_commit,
+    "reset": git_reset,
+    "restore": git_restore,
+    "pull": git_pull,
+    "push": git_push,
+    "checkout": git_checkout,
+    "remote_add": git_remote_add,
+    "remote_get": git_remote_get,
+    "set_config": git_set_config,
     "get_config": git_get_config,
 }

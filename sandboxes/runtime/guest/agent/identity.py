@@ -31,12 +31,14 @@ class AgentState:
     env: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, token: str | None, *, roles: tuple[str, ...] = (CONTROL,),
-              allow_fresh: bool = False) -> None:
+    def check(
+        self, token: str | None, *, roles: tuple[str, ...] = (CONTROL,), allow_fresh: bool = False
+    ) -> None:
         """Raise 401 unless ``token`` is the credential of one of ``roles`` (``control`` is
         the secret itself) and the agent is initialised."""
-        if token is None or not any(hmac.compare_digest(token.encode(), self.credential(role).encode())
-                                    for role in roles):
+        if token is None or not any(
+            hmac.compare_digest(token.encode(), self.credential(role).encode()) for role in roles
+        ):
             raise HttpError(401, "unauthorized", "missing or wrong bearer token")
         if self.fresh and not allow_fresh:
             raise HttpError(401, "unauthorized", "agent not initialised")

@@ -53,7 +53,7 @@ def parse_apply_patch(text: str) -> list[PatchOp]:
     while i < len(body):
         line = body[i]
         if line.startswith("*** Add File: "):
-            op = PatchOp("add", line[len("*** Add File: "):].strip())
+            op = PatchOp("add", line[len("*** Add File: ") :].strip())
             i += 1
             while i < len(body) and not body[i].startswith("*** "):
                 if not body[i].startswith("+"):
@@ -62,13 +62,13 @@ def parse_apply_patch(text: str) -> list[PatchOp]:
                 i += 1
             ops.append(op)
         elif line.startswith("*** Delete File: "):
-            ops.append(PatchOp("delete", line[len("*** Delete File: "):].strip()))
+            ops.append(PatchOp("delete", line[len("*** Delete File: ") :].strip()))
             i += 1
         elif line.startswith("*** Update File: "):
-            op = PatchOp("update", line[len("*** Update File: "):].strip())
+            op = PatchOp("update", line[len("*** Update File: ") :].strip())
             i += 1
             if i < len(body) and body[i].startswith("*** Move to: "):
-                op.kind, op.move_to = "move", body[i][len("*** Move to: "):].strip()
+                op.kind, op.move_to = "move", body[i][len("*** Move to: ") :].strip()
                 i += 1
             i = _parse_hunks(body, i, op)
             ops.append(op)
@@ -125,7 +125,7 @@ def _find(lines: list[str], seq: list[str], start: int, eof: bool) -> int:
         target = [norm(s) for s in seq]
         candidates = [len(lines) - len(seq)] if eof else range(start, len(lines) - len(seq) + 1)
         for k in candidates:
-            if k >= 0 and [norm(s) for s in lines[k:k + len(seq)]] == target:
+            if k >= 0 and [norm(s) for s in lines[k : k + len(seq)]] == target:
                 return k
     return -1
 
@@ -148,7 +148,7 @@ def apply_hunks(text: str, hunks: list[Hunk]) -> tuple[str, int, int]:
             k = _find(lines, h.old, pos, h.eof)
         if k < 0:
             raise ValueError(n, f"hunk {n} did not match", pos + 1)
-        lines[k:k + len(h.old)] = h.new
+        lines[k : k + len(h.old)] = h.new
         pos = k + len(h.new)
         added, removed = added + h.plus, removed + h.minus
     out = "\n".join(lines)
@@ -172,20 +172,39 @@ def apply_patch_document(text: str, cwd: str) -> dict[str, Any]:
             added, removed = _apply_op(op, resolve)
         except ValueError as e:
             index, msg, line = e.args if len(e.args) == 3 else (0, str(e), None)
-            failed.append({"path": op.path, "error": msg,
-                           "failed_hunk": {"index": index, "old_start": line} if line else None})
+            failed.append(
+                {
+                    "path": op.path,
+                    "error": msg,
+                    "failed_hunk": {"index": index, "old_start": line} if line else None,
+                }
+            )
             continue
         except (OSError, HttpError) as e:
             failed.append({"path": op.path, "error": getattr(e, "message", None) or str(e)})
             continue
-        files.append({"path": shown, "kind": op.kind, "added": added, "removed": removed,
-                      "source_path": op.path if op.kind == "move" else None})
+        files.append(
+            {
+                "path": shown,
+                "kind": op.kind,
+                "added": added,
+                "removed": removed,
+                "source_path": op.path if op.kind == "move" else None,
+            }
+        )
         applied.append(shown)
         touched.extend([op.path, shown] if op.kind == "move" else [shown])
     status = "applied" if not failed else "failed" if not applied else "partial"
-    return {"status": status, "parsed_diff_blocks": len(ops), "patches": len(ops), "files": files,
-            "summary": {"requested": len(ops), "applied": len(applied), "failed": len(failed)},
-            "applied": applied, "failed": failed, "touched": touched}
+    return {
+        "status": status,
+        "parsed_diff_blocks": len(ops),
+        "patches": len(ops),
+        "files": files,
+        "summary": {"requested": len(ops), "applied": len(applied), "failed": len(failed)},
+        "applied": applied,
+        "failed": failed,
+        "touched": touched,
+    }
 
 
 def _apply_op(op: PatchOp, resolve: Callable[[str], str]) -> tuple[int, int]:
@@ -215,8 +234,14 @@ def _apply_op(op: PatchOp, resolve: Callable[[str], str]) -> tuple[int, int]:
 
 def apply_unified_diff(text: str, cwd: str, env: dict[str, str]) -> dict[str, Any]:
     """git-style unified diffs are handed to ``git apply`` (optional in the spec)."""
-    stat_run = subprocess.run(["git", "apply", "--numstat", "-"], input=text.encode(), cwd=cwd,
-                              env=env, capture_output=True, timeout=60)
+    stat_run = subprocess.run(
+        ["git", "apply", "--numstat", "-"],
+        input=text.encode(),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     if stat_run.returncode != 0:
         raise HttpError(422, "patch_parse_failed", stat_run.stderr.decode(errors="replace").strip())
     files = []
@@ -224,17 +249,38 @@ def apply_unified_diff(text: str, cwd: str, env: dict[str, str]) -> dict[str, An
         parts = row.split("\t", 2)
         if len(parts) == 3:
             a, r, p = parts
-            files.append({"path": p, "kind": "update", "added": int(a) if a.isdigit() else 0,
-                          "removed": int(r) if r.isdigit() else 0, "source_path": None})
-    run = subprocess.run(["git", "apply", "--recount", "--whitespace=nowarn", "-"], input=text.encode(),
-                         cwd=cwd, env=env, capture_output=True, timeout=60)
+            files.append(
+                {
+                    "path": p,
+                    "kind": "update",
+                    "added": int(a) if a.isdigit() else 0,
+                    "removed": int(r) if r.isdigit() else 0,
+                    "source_path": None,
+                }
+            )
+    run = subprocess.run(
+        ["git", "apply", "--recount", "--whitespace=nowarn", "-"],
+        input=text.encode(),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     ok = run.returncode == 0
     paths = [f["path"] for f in files]
-    return {"status": "applied" if ok else "failed", "parsed_diff_blocks": len(files), "patches": len(files),
-            "files": files if ok else [],
-            "summary": {"requested": len(files), "applied": len(files) if ok else 0,
-                        "failed": 0 if ok else len(files)},
-            "applied": paths if ok else [],
-            "failed": [] if ok else [{"path": p, "error": run.stderr.decode(errors="replace").strip()}
-                                     for p in paths],
-            "touched": paths if ok else []}
+    return {
+        "status": "applied" if ok else "failed",
+        "parsed_diff_blocks": len(files),
+        "patches": len(files),
+        "files": files if ok else [],
+        "summary": {
+            "requested": len(files),
+            "applied": len(files) if ok else 0,
+            "failed": 0 if ok else len(files),
+        },
+        "applied": paths if ok else [],
+        "failed": []
+        if ok
+        else [{"path": p, "error": run.stderr.decode(errors="replace").strip()} for p in paths],
+        "touched": paths if ok else [],
+    }

@@ -61,8 +61,16 @@ def parse_signal(raw: Any, default: int = signal.SIGTERM) -> int:
 class ManagedProcess:
     """A process started over the data plane: its record, event log and attached sockets."""
 
-    def __init__(self, pid: str, argv: list[str], envs: dict[str, str], cwd: str, user: str | None,
-                 pty: bool, tag: str | None) -> None:
+    def __init__(
+        self,
+        pid: str,
+        argv: list[str],
+        envs: dict[str, str],
+        cwd: str,
+        user: str | None,
+        pty: bool,
+        tag: str | None,
+    ) -> None:
         self.id, self.argv, self.envs, self.cwd, self.user = pid, argv, envs, cwd, user
         self.pty, self.tag = pty, tag
         self.popen: subprocess.Popen[bytes] | None = None
@@ -95,11 +103,22 @@ class ManagedProcess:
     def record(self) -> dict[str, Any]:
         """Process record (spec §2.11): ``id`` = ``pid`` = stable id, ``os_pid`` = guest pid."""
         return {
-            "id": self.id, "pid": self.id, "os_pid": self.os_pid, "tag": self.tag,
-            "cmd": self.argv[0], "command": self.argv[0], "args": self.argv[1:], "envs": self.envs,
-            "cwd": self.cwd, "user": self.user or "root", "pty": self.pty, "status": self.status,
-            "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
-            "exit_code": self.exit_code, "error": self.error,
+            "id": self.id,
+            "pid": self.id,
+            "os_pid": self.os_pid,
+            "tag": self.tag,
+            "cmd": self.argv[0],
+            "command": self.argv[0],
+            "args": self.argv[1:],
+            "envs": self.envs,
+            "cwd": self.cwd,
+            "user": self.user or "root",
+            "pty": self.pty,
+            "status": self.status,
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "exit_code": self.exit_code,
+            "error": self.error,
             "kill_requested_at": iso(self.kill_requested_at),
         }
 
@@ -117,8 +136,7 @@ class ManagedProcess:
             self.retained += len(data)
             if kind in self.totals:
                 self.totals[kind] += len(data)
-            while len(self.events) > 1 and (self.retained > RETAIN_BYTES
-                                            or len(self.events) > RETAIN_EVENTS):
+            while len(self.events) > 1 and (self.retained > RETAIN_BYTES or len(self.events) > RETAIN_EVENTS):
                 self.retained -= len(self.events.popleft().data)
             subs = list(self.subscribers)
             self.cond.notify_all()
@@ -153,14 +171,20 @@ class ManagedProcess:
             events.append({"cursor": e.cursor, "type": e.kind, "data": base64.b64encode(e.data).decode()})
             used += len(e.data)
         return {
-            "pid": self.id, "status": self.status, "exit_code": self.exit_code,
+            "pid": self.id,
+            "status": self.status,
+            "exit_code": self.exit_code,
             "finished_at": iso(self.finished_at),
             "next_cursor": events[-1]["cursor"] + 1 if events else since,
-            "truncated_before_cursor": since < first, "truncated_by_retention": since < first,
-            "events": events, "first_retained_cursor": first if retained else None,
+            "truncated_before_cursor": since < first,
+            "truncated_by_retention": since < first,
+            "events": events,
+            "first_retained_cursor": first if retained else None,
             "last_retained_cursor": retained[-1].cursor if retained else None,
-            "retained_bytes": sum(len(e.data) for e in retained), "returned_bytes": used,
-            "total_bytes_observed": sum(self.totals.values()), "stream_totals": dict(self.totals),
+            "retained_bytes": sum(len(e.data) for e in retained),
+            "returned_bytes": used,
+            "total_bytes_observed": sum(self.totals.values()),
+            "stream_totals": dict(self.totals),
         }
 
     # -- control
@@ -175,7 +199,7 @@ class ManagedProcess:
             try:
                 while view and time.monotonic() < deadline:
                     try:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                     except BlockingIOError:  # the PTY master is non-blocking
                         select.select([], [fd], [], 1.0)
             except OSError:
@@ -305,8 +329,16 @@ class ManagedProcess:
         with self.cond:
             self.status, self.exit_code, self.error = status, code, error
             self.finished_at = time.time()
-        self.append("exit", exit={"pid": self.id, "exit_code": code, "status": status, "error": error,
-                                  "finished_at": iso(self.finished_at)})
+        self.append(
+            "exit",
+            exit={
+                "pid": self.id,
+                "exit_code": code,
+                "status": status,
+                "error": error,
+                "finished_at": iso(self.finished_at),
+            },
+        )
         with self.cond:
             subs, self.subscribers = self.subscribers, set()
         for s in subs:
@@ -329,9 +361,13 @@ class ProcessManager:
         if proc is not None:
             return proc
         if finished_at is not None:
-            raise HttpError(404, "process_not_found", f"process {pid} finished at {iso(finished_at)} and its "
-                            f"record was dropped: the sandbox keeps the {FINISHED_KEEP} most recently "
-                            "finished processes")
+            raise HttpError(
+                404,
+                "process_not_found",
+                f"process {pid} finished at {iso(finished_at)} and its "
+                f"record was dropped: the sandbox keeps the {FINISHED_KEEP} most recently "
+                "finished processes",
+            )
         raise HttpError(404, "process_not_found", f"no process {pid} was started in this sandbox")
 
     def list(self) -> list[ManagedProcess]:
@@ -353,7 +389,7 @@ class ProcessManager:
                         break
             finished = [p for p in self.procs.values() if p.finished]
             finished.sort(key=lambda p: p.finished_at or 0)
-            for old in finished[:max(0, len(finished) - FINISHED_KEEP)]:
+            for old in finished[: max(0, len(finished) - FINISHED_KEEP)]:
                 del self.procs[old.id]
                 self.dropped[old.id] = old.finished_at or 0.0
             while len(self.dropped) > DROPPED_KEEP:  # a bounded memory of what was dropped
@@ -409,8 +445,15 @@ class ProcessManager:
         return proc
 
     @staticmethod
-    def _spawn(proc: ManagedProcess, argv: list[str], env: dict[str, str], cwd: str,
-               kwargs: dict[str, Any], pty_size: Any, want_stdin: bool) -> dict[int, str]:
+    def _spawn(
+        proc: ManagedProcess,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        kwargs: dict[str, Any],
+        pty_size: Any,
+        want_stdin: bool,
+    ) -> dict[int, str]:
         """Fork/exec in a new session; returns the output fds the reader multiplexes."""
         try:
             if pty_size:
@@ -421,8 +464,16 @@ class ProcessManager:
                 env.setdefault("TERM", "xterm-256color")
                 try:
                     proc.popen = subprocess.Popen(
-                        argv, env=env, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
-                        start_new_session=True, preexec_fn=_make_controlling_tty, **kwargs)
+                        argv,
+                        env=env,
+                        cwd=cwd,
+                        stdin=slave,
+                        stdout=slave,
+                        stderr=slave,
+                        start_new_session=True,
+                        preexec_fn=_make_controlling_tty,
+                        **kwargs,
+                    )
                 finally:
                     os.close(slave)
                 proc.os_pid, proc.master_fd, proc.stdin_fd = proc.popen.pid, master, master
@@ -431,8 +482,15 @@ class ProcessManager:
             r_err, w_err = os.pipe()
             try:
                 proc.popen = subprocess.Popen(
-                    argv, env=env, cwd=cwd, stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
-                    stdout=w_out, stderr=w_err, start_new_session=True, **kwargs)
+                    argv,
+                    env=env,
+                    cwd=cwd,
+                    stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+                    stdout=w_out,
+                    stderr=w_err,
+                    start_new_session=True,
+                    **kwargs,
+                )
             except BaseException:
                 for fd in (r_out, r_err):
                     os.close(fd)

@@ -11,8 +11,17 @@ from typing import TYPE_CHECKING
 
 from .core import CHUNK, HttpError
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailer", "trailers", "transfer-encoding", "upgrade"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+}
 
 if TYPE_CHECKING:
     from .routing import Agent, Request, Result
@@ -64,8 +73,13 @@ def proxy(agent: Agent, req: Request) -> Result:
         out = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP | {"content-length"}]
         if req.method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
             cl = resp.getheader("Content-Length")
-            h.start_response(resp.status, out + ([("Content-Length", cl)] if cl else []), None,
-                             body=False, reason=resp.reason)
+            h.start_response(
+                resp.status,
+                out + ([("Content-Length", cl)] if cl else []),
+                None,
+                body=False,
+                reason=resp.reason,
+            )
             return None
         h.start_response(resp.status, out, resp.length, reason=resp.reason)
         while data := resp.read1(CHUNK):
@@ -80,16 +94,21 @@ def not_listening(port: int) -> HttpError:
     return HttpError(502, "port_not_listening", f"nothing is listening on port {port} in the sandbox")
 
 
-def proxy_tunnel(h: AgentHandler, port: int, method: str, target: str,
-                 headers: list[tuple[str, str]]) -> Result:
+def proxy_tunnel(
+    h: AgentHandler, port: int, method: str, target: str, headers: list[tuple[str, str]]
+) -> Result:
     """Upgrade requests (WebSocket dev servers): forward the head, then splice bytes both ways."""
     try:
         up = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError as e:
         raise not_listening(port) from e
     up.settimeout(None)
-    head = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers),
-            "Connection: Upgrade", f"Upgrade: {h.headers.get('Upgrade', 'websocket')}"]
+    head = [
+        f"{method} {target} HTTP/1.1",
+        *(f"{k}: {v}" for k, v in headers),
+        "Connection: Upgrade",
+        f"Upgrade: {h.headers.get('Upgrade', 'websocket')}",
+    ]
     up.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
     h.response_started = True
     h.close_connection = True

@@ -68,8 +68,10 @@ def read_file(agent: Agent, req: Request) -> Result:
             raise HttpError(422, "is_a_directory", f"{path} is a directory")
         h = req.http
         assert h is not None
-        headers = [("Content-Type", "application/octet-stream"),
-                   ("Content-Disposition", content_disposition(os.path.basename(path)))]
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Disposition", content_disposition(os.path.basename(path))),
+        ]
         if req.flag("gzip"):
             deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
             h.start_response(200, headers, None)
@@ -242,7 +244,7 @@ def start_process_ws(agent: Agent, req: Request) -> Result:
     try:
         msg = json.loads(raw)
         if not isinstance(msg, dict) or msg.get("type") != "start":
-            raise HttpError(400, "bad_request", "first frame must be {\"type\": \"start\", ...}")
+            raise HttpError(400, "bad_request", 'first frame must be {"type": "start", ...}')
         proc = agent.procs.start(msg, agent.process_env(), agent.default_cwd())
     except (ValueError, HttpError) as e:
         err = e if isinstance(e, HttpError) else HttpError(400, "bad_request", f"invalid start frame: {e}")
@@ -340,9 +342,15 @@ def client_frame(ws: WebSocket, proc: ManagedProcess, msg: dict[str, Any]) -> No
     """
     kind = msg.get("type")
     if kind == "stdin" and not proc.stdin_enabled:
-        ws.send_json({"type": "error", "code": "stdin_not_enabled", "pid": proc.id,
-                      "message": f"process {proc.id} was started without stdin (its stdin is /dev/null), "
-                                 "so input cannot reach it: start it with stdin=True to send input"})
+        ws.send_json(
+            {
+                "type": "error",
+                "code": "stdin_not_enabled",
+                "pid": proc.id,
+                "message": f"process {proc.id} was started without stdin (its stdin is /dev/null), "
+                "so input cannot reach it: start it with stdin=True to send input",
+            }
+        )
     elif kind == "stdin":
         try:
             data = base64.b64decode(msg.get("data") or "")

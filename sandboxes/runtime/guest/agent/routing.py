@@ -72,8 +72,9 @@ class Router:
     def __init__(self) -> None:
         self.routes: list[Route] = []
 
-    def add(self, method: str, path: str, auth: str = "secret",
-            websocket: bool = False) -> Callable[[Handler], Handler]:
+    def add(
+        self, method: str, path: str, auth: str = "secret", websocket: bool = False
+    ) -> Callable[[Handler], Handler]:
         """Decorator. ``auth`` is "none", "init" (custom check in handler) or "secret";
         ``{name}`` in ``path`` captures one (percent-decoded) segment."""
         regex = re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$")
@@ -81,6 +82,7 @@ class Router:
         def deco(fn: Handler) -> Handler:
             self.routes.append(Route(method, regex, fn, auth, websocket))
             return fn
+
         return deco
 
     def match(self, method: str, path: str, websocket: bool) -> tuple[Route, dict[str, str]]:
@@ -98,12 +100,20 @@ class Router:
                 upgrade_only = True
             allowed.add(r.method)
         if upgrade_only:
-            raise HttpError(426, "upgrade_required", f"{method} {path} is a WebSocket: connect with an "
-                            "Upgrade: websocket request", headers=[("Upgrade", "websocket")])
+            raise HttpError(
+                426,
+                "upgrade_required",
+                f"{method} {path} is a WebSocket: connect with an Upgrade: websocket request",
+                headers=[("Upgrade", "websocket")],
+            )
         if allowed:
             methods = ", ".join(sorted(allowed))
-            raise HttpError(405, "method_not_allowed", f"{path} answers {methods}, not {method}",
-                            headers=[("Allow", methods)])
+            raise HttpError(
+                405,
+                "method_not_allowed",
+                f"{path} answers {methods}, not {method}",
+                headers=[("Allow", methods)],
+            )
         raise HttpError(404, "not_found", f"no route {method} {path}")
 
 
@@ -132,8 +142,14 @@ class Agent:
 
     def process_env(self) -> dict[str, str]:
         """Environment for new processes: a sane base plus the sandbox env vars from init (§6.5)."""
-        base = {"PATH": DEFAULT_PATH, "HOME": "/root", "USER": "root", "LOGNAME": "root",
-                "SHELL": "/bin/bash", "LANG": "C.UTF-8"}
+        base = {
+            "PATH": DEFAULT_PATH,
+            "HOME": "/root",
+            "USER": "root",
+            "LOGNAME": "root",
+            "SHELL": "/bin/bash",
+            "LANG": "C.UTF-8",
+        }
         with self.state.lock:
             return {**base, **self.state.env}
 

@@ -18,8 +18,14 @@ from .identity import boot_token
 from .routing import Agent, Request, Result
 from .websocket import WebSocket
 
-ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 414: "uri_too_long", 431: "header_too_large",
-               501: "not_implemented", 505: "http_version_not_supported"}
+ERROR_CODES = {
+    400: "bad_request",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    431: "header_too_large",
+    501: "not_implemented",
+    505: "http_version_not_supported",
+}
 
 
 class AgentHandler(BaseHTTPRequestHandler):
@@ -70,8 +76,13 @@ class AgentHandler(BaseHTTPRequestHandler):
         """Errors the HTTP layer itself answers (bad heads, bounds), in the agent's error
         shape; the connection is closed, as what follows cannot be trusted to be a request."""
         self.close_connection = True
-        self.send_json(code, {"error": ERROR_CODES.get(code, "bad_request"),
-                              "message": explain or message or HTTPStatus(code).phrase})
+        self.send_json(
+            code,
+            {
+                "error": ERROR_CODES.get(code, "bad_request"),
+                "message": explain or message or HTTPStatus(code).phrase,
+            },
+        )
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -127,8 +138,11 @@ class AgentHandler(BaseHTTPRequestHandler):
         self.body_done = not self.chunked and self.remaining == 0
         url = urlsplit(self.path)
         try:  # a preview's query is the app's business: it is passed on as sent, never parsed here
-            fields = {} if url.path.startswith("/proxy/") else parse_qs(
-                url.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            fields = (
+                {}
+                if url.path.startswith("/proxy/")
+                else parse_qs(url.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            )
         except ValueError as e:
             raise HttpError(400, "bad_request", f"more than {MAX_QUERY_FIELDS} query fields") from e
         query = {k: v[0] for k, v in fields.items()}
@@ -139,8 +153,7 @@ class AgentHandler(BaseHTTPRequestHandler):
         return auth[7:] if auth.startswith("Bearer ") else None
 
     def is_upgrade(self) -> bool:
-        return ("upgrade" in self.headers.get("Connection", "").lower()
-                and bool(self.headers.get("Upgrade")))
+        return "upgrade" in self.headers.get("Connection", "").lower() and bool(self.headers.get("Upgrade"))
 
     # -- request body
 
@@ -207,8 +220,14 @@ class AgentHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def start_response(self, status: int, headers: list[tuple[str, str]], length: int | None,
-                       body: bool = True, reason: str | None = None) -> None:
+    def start_response(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        length: int | None,
+        body: bool = True,
+        reason: str | None = None,
+    ) -> None:
         """Send the status line and headers; ``length=None`` means chunked transfer encoding."""
         self.response_started = True
         self.send_response(status, reason)

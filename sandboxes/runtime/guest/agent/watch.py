@@ -19,8 +19,17 @@ IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
 IN_ISDIR, IN_NONBLOCK, IN_CLOEXEC = 0x40000000, 0o4000, 0o2000000
-WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
-              | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
+WATCH_MASK = (
+    IN_MODIFY
+    | IN_ATTRIB
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+)
 SCAN_MEMORY = 10.0  # seconds a scanned entry's own create event is awaited, to drop it
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "sshfs", "ceph", "glusterfs", "virtiofs"}
 
@@ -78,8 +87,11 @@ class Inotify:
         for dirpath, dirnames, filenames in os.walk(root):
             for d in dirnames:
                 self.add(os.path.join(dirpath, d))
-            found += [os.path.join(dirpath, name) for name in sorted(dirnames) + sorted(filenames)
-                      if not UPLOAD_TEMP.fullmatch(name)]
+            found += [
+                os.path.join(dirpath, name)
+                for name in sorted(dirnames) + sorted(filenames)
+                if not UPLOAD_TEMP.fullmatch(name)
+            ]
         return found
 
     def _created_inside(self, directory: str) -> list[tuple[str, int]]:
@@ -105,7 +117,7 @@ class Inotify:
         out, i = [], 0
         while i + 16 <= len(buf):
             wd, mask, cookie, n = struct.unpack_from("iIII", buf, i)
-            name = buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode(errors="surrogateescape")
+            name = buf[i + 16 : i + 16 + n].split(b"\0", 1)[0].decode(errors="surrogateescape")
             i += 16 + n
             if mask & IN_IGNORED:
                 self.paths.pop(wd, None)
@@ -121,8 +133,9 @@ class Inotify:
                         self.uploads.pop(next(iter(self.uploads)))
                 continue
             if mask & IN_MOVED_TO and (kind := self.uploads.pop(cookie, None)) is not None:
-                out += [(path, IN_CREATE), (path, IN_CLOSE_WRITE)] if kind == "new" else [
-                    (path, IN_CLOSE_WRITE)]
+                out += (
+                    [(path, IN_CREATE), (path, IN_CLOSE_WRITE)] if kind == "new" else [(path, IN_CLOSE_WRITE)]
+                )
                 continue
             if mask & IN_CREATE and self.scanned.pop(path, None) is not None:
                 continue  # already reported by the scan of its new parent

@@ -127,8 +127,12 @@ class WebSocket:
                     self.close(close_reply(payload))
                     return None
                 if (op == 0x0) == (opcode == 0):
-                    raise WsFail(1002, "continuation frame without a message" if op == 0x0
-                                 else "a new message inside a fragmented one")
+                    raise WsFail(
+                        1002,
+                        "continuation frame without a message"
+                        if op == 0x0
+                        else "a new message inside a fragmented one",
+                    )
                 opcode = opcode or op
                 parts.append(payload)
                 size += len(payload)  # fragments count together: ``_frame`` checks the rest
