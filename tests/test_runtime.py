@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from sandboxes.runtime.libvirt_driver import LibvirtDriver
 from templates_app.models import TemplateVersion, VersionStatus
 from templates_app.services import artifact_ok, base_template_ensure
 from tests.conftest import VM_TEST_PREFIX
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.django_db]
 
@@ -193,3 +196,40 @@ def test_the_celery_task_builds_or_verifies_the_base_template(base_version: Temp
     from templates_app.tasks import base_template_ensure_task
 
     assert base_template_ensure_task.apply().get(timeout=600) == base_version.pk
+
+
+def _blocked_flock_waiters() -> int:
+    """How many flock() calls on this machine wait for a lock right now ("->" in /proc/locks)."""
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "-> FLOCK" in line)
+
+
+def test_a_second_builder_waits_for_the_first_and_uses_its_image(
+    tmp_path: Path, base_version: TemplateVersion, settings
+) -> None:  # type: ignore[no-untyped-def]
+    # given an empty cache whose key a first builder holds (as `make run` beside `make test` may)
+    mirror = settings.RUNTIME_APT_MIRROR or images.configured_mirror()
+    key = images.cache_key(mirror)
+    snapshot = lifecycle.load_template_snapshot(base_version.artifact_dir)
+    built = snapshot.kernel.parent
+    assert built.name == key
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    results: list[object] = []
+    waiting_before = _blocked_flock_waiters()
+    with images._exclusive(cache / f".{key}.lock"):
+        second = threading.Thread(target=lambda: results.append(images.build_base_image(cache, mirror)))
+        second.start()
+        # when the second builder misses the cache and waits for the lock
+        wait_until(
+            _blocked_flock_waiters,
+            60,
+            "the second builder to wait on the cache lock",
+            until=lambda n: n > waiting_before,
+        )
+        # and the first one puts its whole image in place and lets go
+        shutil.copytree(built, cache / key, copy_function=os.link)
+    second.join(timeout=120)
+
+    # then the second one returns that image, and never started a build of its own
+    assert [getattr(r, "directory", r) for r in results] == [cache / key]
+    assert sorted(p.name for p in cache.iterdir()) == [f".{key}.lock", key]

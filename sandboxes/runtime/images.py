@@ -10,6 +10,8 @@ so a crashed build never leaves a half image that looks valid.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,10 +121,32 @@ def build_base_image(cache_dir: Path | str = DEFAULT_CACHE_DIR, mirror: str | No
     image = load_cached(final, key)
     if image is not None:
         return image
-    if final.exists():
-        shutil.rmtree(final)  # corrupt or partial: rebuild from scratch
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.chmod(0o755)
+    # Two processes (`make run` beside `make test`, two workers) may miss the cache at once:
+    # one builds while the other waits, then finds the image instead of building over it.
+    with _exclusive(cache_dir / f".{key}.lock"):
+        image = load_cached(final, key)
+        if image is not None:
+            return image
+        if final.exists():
+            shutil.rmtree(final)  # corrupt or partial: rebuild from scratch
+        return _build(cache_dir, final, mirror, key)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (blocking) for the block's duration."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(cache_dir: Path, final: Path, mirror: str, key: str) -> BaseImage:
+    """Build the image for `key` beside `final` and move it into place whole."""
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache_dir))
     try:
         build_into(work, mirror, key)
