@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from sandboxes.api.serializers import create_keys
+from sandboxes.api.requests import create_keys
 from sandboxes.models import SandboxState
 from sandboxes.runtime import vm
 from teams.models import ApiKey, Team

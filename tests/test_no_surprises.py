@@ -144,7 +144,7 @@ def test_a_lifecycle_that_contradicts_itself_is_refused_never_guessed(
     ],
 )
 def test_auto_pause_and_lifecycle_agree(body: dict, on_timeout: str) -> None:
-    from sandboxes.api.serializers import SandboxCreateSerializer
+    from sandboxes.api.requests import SandboxCreateSerializer
 
     serializer = SandboxCreateSerializer(data=body)
 

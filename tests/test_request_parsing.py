@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sandboxes.api.serializers import create_keys
+from sandboxes.api.requests import create_keys
 from sandboxes.models import Sandbox
 from teams.models import Team
 from templates_app.models import Template

@@ -312,7 +312,7 @@ def test_a_nested_network_policy_is_never_dropped_silently(owner: Actor, policy,
 
 
 def test_a_nested_network_policy_means_what_its_keys_mean_at_the_top_level() -> None:
-    from sandboxes.api.serializers import SandboxCreateSerializer
+    from sandboxes.api.requests import SandboxCreateSerializer
 
     nested = SandboxCreateSerializer(
         data={"network_policy": {"allow_public_traffic": False, "allow_internet_access": False}}

@@ -8,14 +8,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sandboxes import selectors, services
+from sandboxes.api.requests import FileUrlRequestSerializer, SandboxCreateSerializer, TimeoutRequestSerializer
 from sandboxes.api.serializers import (
-    FileUrlRequestSerializer,
-    SandboxCreateSerializer,
     SandboxLimitsSerializer,
     SandboxPortSerializer,
     SandboxSerializer,
     SessionSerializer,
-    TimeoutRequestSerializer,
     sandbox_representation,
     session_representation,
 )

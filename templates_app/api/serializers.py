@@ -14,7 +14,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from sandboxes.api.serializers import SHAPE_MEANT, MetadataField
+from sandboxes.api.requests import SHAPE_MEANT, MetadataField
 from sandboxes.specs import cpu_problem, memory_problem
 from templates_app.models import VersionStatus, Visibility
 from watasu import ids, suggest
