@@ -164,3 +164,20 @@ def test_the_create_keys_are_the_create_serializers_fields_and_the_schema_lists_
         "egress_profile",
         "allow_out",
     } <= set(create_keys())
+
+
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [("/v1/teams", {"slug": "labz", "name": "lab\n"}), ("/v1/api_keys", {"name": "abc\n", "scope": "read"})],
+)
+def test_a_display_name_is_kept_as_sent_so_a_trailing_newline_is_refused(
+    owner: Actor, url: str, body: dict[str, Any]
+) -> None:
+    # when a name ends in a newline
+    response = owner.client().post(url, body, format="json")
+
+    # then it is refused, not trimmed into another name
+    assert response.status_code == 422
+    assert response.json()["error"] == "validation_failed"
+    assert "control characters" in response.json()["message"]
+    assert not Team.objects.filter(slug="labz").exists()

@@ -69,6 +69,19 @@ def test_create_in_a_foreign_team_is_404(outsider: Actor) -> None:
     assert response.json()["error"] == "team_not_found"
 
 
+def test_the_query_names_the_team_of_a_create_as_on_every_route(owner: Actor, outsider: Actor) -> None:
+    # given a team named only in the query string
+    foreign = outsider.client().post("/v1/sandboxes?team=acme", {"timeout": 60}, format="json")
+    clash = owner.client().post("/v1/sandboxes?team=acme", {"team": "other"}, format="json")
+
+    # then another team's slug there is a 404, as in the body, never a create elsewhere
+    assert foreign.status_code == 404
+    assert foreign.json()["error"] == "team_not_found"
+    # and a body naming another team is refused rather than one of them guessed
+    assert clash.status_code == 422
+    assert "name one team" in clash.json()["message"]
+
+
 def test_quota_exceeded_on_create_reports_the_snapshot(owner: Actor, acme, base_version_row) -> None:
     acme.max_running_instances = 1
     acme.save()

@@ -59,6 +59,8 @@ def test_docs_page_loads_only_assets_the_platform_serves_itself() -> None:
     ]
     assert all(finders.find(asset.removeprefix("/static/")) for asset in assets)
     assert "://" not in page
+    # and Swagger UI's validator badge, which it would fetch from swagger.io, is off
+    assert '"validatorUrl": null' in page
 
 
 def test_docs_page_answers_other_methods_with_a_json_405() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -106,7 +108,13 @@ class SandboxListView(ApiView):
     def post(self, request: Request) -> Response:
         body = SandboxCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        sandbox, session = services.sandbox_create(user=self.user, spec=body.spec())
+        spec, in_query = body.spec(), request.query_params.get("team")
+        if in_query and spec.team and in_query != spec.team:
+            message = f"team is {spec.team!r} in the body and {in_query!r} in the query: name one team."
+            raise errors.Invalid(message, errors=[message])
+        if in_query and not spec.team:  # the query names the team as on every other route
+            spec = dataclasses.replace(spec, team=in_query)
+        sandbox, session = services.sandbox_create(user=self.user, spec=spec)
         return _with_session(sandbox, session, status=201)
 
 

@@ -142,6 +142,19 @@ def _inbound_headers(route: Route, headers: Headers) -> Headers:
     return headers
 
 
+UNFRAMED_BODY = (
+    "Send the request body with a Content-Length header; bodies without one "
+    "(Transfer-Encoding: chunked) are not accepted by the API."
+)
+
+
+def _unframed_body(headers: Headers) -> bool:
+    """A body sent without Content-Length (chunked). Django would spool it unbounded and
+    DRF would then read it as empty: a `{"scope": "read"}` sent so once minted a write key."""
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" not in names
+
+
 class EdgeApp:
     """Serves data-plane, preview and signed-URL traffic; hands the rest to `django_app`."""
 
@@ -153,7 +166,9 @@ class EdgeApp:
             await self._lifespan(receive, send)
             return
         route = route_of(scope) if scope["type"] in ("http", "websocket") else None
-        if route is None:
+        if route is None and scope["type"] == "http" and _unframed_body(scope["headers"]):
+            await send_error(send, EdgeError(411, "length_required", UNFRAMED_BODY))
+        elif route is None:
             await self.django_app(scope, receive, send)
         elif scope["type"] == "websocket":
             await self._websocket(route, scope, receive, send)

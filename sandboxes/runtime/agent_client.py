@@ -1,7 +1,9 @@
 """Host-side client of the guest agent (stdlib http.client, explicit timeouts everywhere).
 
 One short-lived connection per request (``Connection: close``): a restored or resumed
-guest has lost every old socket, so pooling would only hand out dead connections. The
+guest has lost every old socket, so pooling would only hand out dead connections. The guest
+is not trusted: every JSON call is cut at its timeout as a whole (not per read, so a guest
+dribbling bytes cannot hold a resume), and a reply over MAX_REPLY is refused unread. The
 host's commands run through the agent's managed-process API (``/runtime/v1/process``), the
 one registry the SDK's processes are in too.
 """
@@ -15,6 +17,8 @@ import hmac
 import http.client
 import json
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +33,44 @@ EXIT_MARGIN = 10.0  # seconds past a command's timeout its killed process has to
 # The largest process frame the host accepts from a guest: the agent sends output in
 # reads of 64 KiB (base64 in JSON), so anything near this is a hostile or broken guest.
 MAX_FRAME = 4 * 2**20
+# The largest JSON reply the host reads from an agent (/health, /init: a few hundred bytes).
+MAX_REPLY = 2**20
+
+
+class _Watchdog:
+    """Cuts `conn` off when `seconds` have passed, whatever it is waiting for."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
+        self.conn, self.fired = conn, False
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError, AttributeError):
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _bounded_body(resp: http.client.HTTPResponse) -> bytes:
+    """The reply's body, refused (AgentError 502) past MAX_REPLY bytes, declared or sent."""
+    declared = resp.getheader("Content-Length") or "0"
+    if not declared.isdigit() or int(declared) > MAX_REPLY:
+        raise AgentError(
+            502, {"error": "reply_too_large", "message": f"agent reply declared {declared[:20]} bytes"}
+        )
+    chunks, total = [], 0
+    while chunk := resp.read(64 * 1024):
+        total += len(chunk)
+        if total > MAX_REPLY:
+            raise AgentError(
+                502, {"error": "reply_too_large", "message": f"agent reply over {MAX_REPLY} bytes"}
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def role_secret(secret: str, role: str) -> str:
@@ -68,18 +110,25 @@ class AgentClient:
         timeout: float | None = None,
     ) -> Any:
         """One JSON request; raises AgentError on non-2xx, OSError on transport failure."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        limit = timeout or self.timeout
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=limit)
         headers = {"Connection": "close", "Content-Type": "application/json"}
         token = token or self.secret
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        watchdog = _Watchdog(conn, limit)
         try:
             conn.request(
                 method, path, body=json.dumps(body).encode() if body is not None else None, headers=headers
             )
             resp = conn.getresponse()
-            data = json.loads(resp.read() or b"null")
+            data = json.loads(_bounded_body(resp) or b"null")
+        except (OSError, http.client.HTTPException, ValueError):
+            if watchdog.fired:
+                raise TimeoutError(f"the agent did not answer {method} {path} within {limit:g} s") from None
+            raise
         finally:
+            watchdog.cancel()
             conn.close()
         if resp.status == 401:
             raise AgentUnauthorized(resp.status, data)

@@ -29,9 +29,11 @@ def no_control_characters(value: str) -> None:
 
 
 class NameField(serializers.CharField):
-    """A human-readable name: bounded length, no control characters."""
+    """A human-readable name: bounded length, no control characters, kept as sent (never
+    trimmed: `"lab\n"` is refused, not silently turned into `"lab"`)."""
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
         self.validators.append(no_control_characters)
 

@@ -200,6 +200,8 @@ SPECTACULAR_SETTINGS = {
     # /v1/docs takes Swagger UI from drf-spectacular-sidecar: a self-hosted install needs no CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # No validator badge: Swagger UI would load it from swagger.io, telling it the schema's URL.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
 
 # The largest request body (JSON with a template build's files included); larger is a 413.
