@@ -33,7 +33,7 @@ class HttpError(Exception):
 
 
 def os_error(e: OSError, path: str) -> HttpError:
-    """Map a filesystem error to the spec's error catalogue (§8.4)."""
+    """Map a filesystem error to the data plane's error codes (docs/dataplane.md)."""
     table = {
         errno.ENOENT: (404, "file_not_found", f"{path}: no such file or directory"),
         errno.EISDIR: (422, "is_a_directory", f"{path} is a directory"),

@@ -32,7 +32,7 @@ def utf8_split(data: bytes) -> int:
 
 @dataclass
 class Event:
-    """One entry of a process's event log; ``cursor`` is its position (spec §5.5)."""
+    """One entry of a process's event log; ``cursor`` is its position."""
 
     cursor: int
     kind: str  # stdout | stderr | pty | exit

@@ -49,7 +49,7 @@ def _group(gid: int) -> str:
 
 
 def entry_from_stat(path: str, st: os.stat_result, link_target: str | None = None) -> dict[str, Any]:
-    """A FileEntry (spec §2.10): ``mode`` is an int, ``modified_time`` ISO, ``mtime`` epoch."""
+    """A file entry: ``mode`` is an int, ``modified_time`` ISO, ``mtime`` epoch."""
     if stat.S_ISDIR(st.st_mode):
         kind = "dir"
     elif stat.S_ISREG(st.st_mode):
@@ -77,7 +77,7 @@ def entry_from_stat(path: str, st: os.stat_result, link_target: str | None = Non
 
 
 def file_entry(path: str) -> dict[str, Any]:
-    """FileEntry of ``path`` without following a final symlink (stat semantics of §4.4)."""
+    """FileEntry of ``path`` without following a final symlink (stat semantics)."""
     try:
         st = os.lstat(path)
         target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None

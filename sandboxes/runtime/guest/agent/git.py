@@ -1,4 +1,4 @@
-"""The git helpers of the data plane (spec §4.14)."""
+"""The git helpers of the data plane (docs/dataplane.md)."""
 
 from __future__ import annotations
 

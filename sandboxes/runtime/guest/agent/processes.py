@@ -101,7 +101,7 @@ class ManagedProcess:
         return self.finished_at is not None
 
     def record(self) -> dict[str, Any]:
-        """Process record (spec §2.11): ``id`` = ``pid`` = stable id, ``os_pid`` = guest pid."""
+        """Process record: ``id`` = ``pid`` = stable id, ``os_pid`` = guest pid."""
         return {
             "id": self.id,
             "pid": self.id,
@@ -158,7 +158,7 @@ class ManagedProcess:
         sub.close()
 
     def output(self, since: int, limit_bytes: int | None) -> dict[str, Any]:
-        """Non-blocking read of retained events (spec §4.12)."""
+        """Non-blocking read of retained events."""
         with self.cond:
             retained = list(self.events)
             first = retained[0].cursor if retained else self.next_cursor
@@ -414,7 +414,7 @@ class ProcessManager:
                     p.retained -= len(p.events.popleft().data)
 
     def start(self, msg: dict[str, Any], base_env: dict[str, str], default_cwd: str) -> ManagedProcess:
-        """Start a process from a ``start`` frame (spec §5.2); errors become ``error`` frames."""
+        """Start a process from a ``start`` frame; errors become ``error`` frames."""
         cmd, args = msg.get("cmd"), msg.get("args") or []
         if not isinstance(cmd, str) or not cmd:
             raise HttpError(422, "validation_failed", "start.cmd must be a non-empty string")

@@ -335,7 +335,7 @@ def client_frames(ws: WebSocket, proc: ManagedProcess, sub: Subscriber, control:
 
 
 def client_frame(ws: WebSocket, proc: ManagedProcess, msg: dict[str, Any]) -> None:
-    """One client → server frame (spec §5.3); stdin for a finished process is acked and dropped.
+    """One client → server frame; stdin for a finished process is acked and dropped.
 
     Stdin for a process started without it (``stdin: false``: its stdin is /dev/null) is
     an ``error`` frame, not an ack: the bytes could never be read, and the SDK raises it.

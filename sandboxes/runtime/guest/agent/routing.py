@@ -141,7 +141,7 @@ class Agent:
         return route.fn(self, req)
 
     def process_env(self) -> dict[str, str]:
-        """Environment for new processes: a sane base plus the sandbox env vars from init (§6.5)."""
+        """Environment for new processes: a sane base plus the sandbox env vars from init."""
         base = {
             "PATH": DEFAULT_PATH,
             "HOME": "/root",

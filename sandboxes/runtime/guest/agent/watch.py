@@ -149,7 +149,7 @@ class Inotify:
 
 
 def watch_event(path: str, mask: int, include_entry: bool, name: str) -> dict[str, Any] | None:
-    """inotify mask → spec §5.8 event (create / write / rename / remove / chmod); ``path``
+    """inotify mask → data-plane watch event (create / write / rename / remove / chmod); ``path``
     is absolute, ``name`` relative to the watched directory."""
     if mask & (IN_CREATE | IN_MOVED_TO):
         kind = "create"
