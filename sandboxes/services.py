@@ -25,6 +25,7 @@ from django.utils import timezone
 from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
 from sandboxes.placement import host_has_room, host_place
 from sandboxes.runtime import vm
+from sandboxes.runtime.volumes import Attachment
 from sandboxes.selectors import QuotaReservation, team_quota
 from sandboxes.sessions import Session, session_mint
 from sandboxes.specs import CreateSpec
@@ -32,6 +33,8 @@ from teams.models import Team, User
 from teams.selectors import team_for_write
 from templates_app.models import TemplateVersion
 from templates_app.selectors import template_version_by_id, template_version_resolve
+from volumes.models import Volume
+from volumes.services import volumes_claim, volumes_for_mounts, volumes_release, wait_for_detached_operations
 from watasu import crypto, errors
 
 logger = logging.getLogger(__name__)
@@ -175,14 +178,30 @@ def _resolve_version(team: Team, spec: CreateSpec) -> TemplateVersion:
     return template_version_resolve(team=team, selector=spec.template or "base")
 
 
-def _reserve(*, team: Team, user: User, version: TemplateVersion, spec: CreateSpec) -> Sandbox:
-    """Quota check, placement and the `creating` row, under the team and host locks."""
+def _hosts_for(version: TemplateVersion, volumes: list[Volume]) -> list[int]:
+    """Where the sandbox may run: the host of its template's snapshot and of its volumes
+    (empty: anywhere). A request whose pieces live on different hosts is a 422."""
+    hosts = {v.host_id for v in volumes} | ({version.host_id} if version.host_id else set())
+    if len(hosts) > 1:
+        raise errors.Invalid(
+            "The template and the volumes of this request are on different hosts; a sandbox "
+            "mounts volumes of its own host only.",
+            code="volume_host_mismatch",
+        )
+    return sorted(hosts)
+
+
+def _reserve(
+    *, team: Team, user: User, version: TemplateVersion, spec: CreateSpec, volumes: list[Volume]
+) -> Sandbox:
+    """Quota check, placement, the `creating` row and its volume claims, under the team
+    and host locks."""
     cpu = spec.cpu_count or version.cpu
     memory_mb = spec.memory_mb or version.memory_mb
+    among = _hosts_for(version, volumes)
     with transaction.atomic():
         _lock_team(team)
         _quota_check(team, cpu, memory_mb)
-        among = [] if version.host_id is None else [version.host_id]  # where its snapshot lives
         host = host_place(cpu=cpu, memory_mb=memory_mb, among=among)
         sandbox = Sandbox.objects.create(
             team=team,
@@ -201,7 +220,9 @@ def _reserve(*, team: Team, user: User, version: TemplateVersion, spec: CreateSp
             env_vars_encrypted=crypto.encrypt_json(spec.env_vars) if spec.env_vars else "",
             network_policy=spec.network_policy,
             network_class=settings.SANDBOX_DEFAULT_NETWORK_CLASS,
+            volume_mounts=[mount.as_dict() for mount in spec.volume_mounts],
         )
+        volumes_claim(sandbox=sandbox, mounts=spec.volume_mounts, volumes=volumes)
         SandboxEvent.objects.create(
             sandbox=sandbox, from_state="", to_state=S.CREATING, at=sandbox.created_at, reason="create"
         )
@@ -229,9 +250,15 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
     # The template's own env (build_spec.env) is the default; the request's wins.
     env_vars = {**version.build_env(), **spec.env_vars}
     spec = dataclasses.replace(spec, env_vars=env_vars)
-    sandbox = _reserve(team=team, user=user, version=version, spec=spec)
+    volumes = volumes_for_mounts(team=team, mounts=spec.volume_mounts)
+    sandbox = _reserve(team=team, user=user, version=version, spec=spec, volumes=volumes)
+    attachments = [
+        Attachment(unit=unit, image=volume.image_path, path=mount.path)
+        for unit, (mount, volume) in enumerate(zip(spec.volume_mounts, volumes, strict=True))
+    ]
     try:
-        started = vm.start(sandbox, version, env_vars=spec.env_vars)
+        wait_for_detached_operations(volumes)
+        started = vm.start(sandbox, version, env_vars=spec.env_vars, attachments=attachments)
     except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
         raise _fail_start(sandbox, exc) from exc
     now = timezone.now()
@@ -425,8 +452,10 @@ def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
 
 
 def sandbox_destroy(*, sandbox: Sandbox, reason: str = "destroy") -> Sandbox:
-    """Destroy from any state; idempotent. Revokes every session token."""
+    """Destroy from any state; idempotent. Revokes every session token. A running sandbox
+    holding volumes leaves them clean first (the next sandbox to mount them sees everything)."""
     live = [state for state in S.values if state != S.DESTROYED]
+    freeze_volumes = vm.volume_freezer(sandbox)
     if sandbox_transition(
         sandbox=sandbox,
         from_states=live,
@@ -437,6 +466,7 @@ def sandbox_destroy(*, sandbox: Sandbox, reason: str = "destroy") -> Sandbox:
         agent_port=None,
         agent_secret_encrypted="",
     ):
+        freeze_volumes()
         sandbox_purge(sandbox)
     return sandbox
 
@@ -450,6 +480,7 @@ def sandboxes_purge(sandboxes: Iterable[Sandbox]) -> int:
     """`sandbox_purge` for many: one VM removal each, one update for all that went."""
     purged = [sandbox.pk for sandbox in sandboxes if vm.destroy(sandbox)]
     Sandbox.objects.filter(pk__in=purged).update(purged_at=timezone.now())
+    volumes_release(sandbox_ids=purged)  # their VMs are gone: the volumes are free
     return len(purged)
 
 
@@ -496,8 +527,14 @@ def sandboxes_expire(*, ids: Iterable[int], now: datetime) -> list[Sandbox]:
     """Deadline passed with on_timeout kill: `expired`, sessions revoked, VM and disk removed.
 
     The deadline is checked again inside the transition: a `set_timeout` that landed
-    after the sweep selected the row keeps the sandbox alive.
+    after the sweep selected the row keeps the sandbox alive. Sandboxes holding volumes
+    leave them clean before their VMs go.
     """
+    ids = list(ids)
+    holding = Sandbox.objects.filter(
+        pk__in=ids, state=S.READY, deadline_at__lte=now, held_volumes__isnull=False
+    )
+    freezers = {sandbox.pk: vm.volume_freezer(sandbox) for sandbox in holding.distinct()}
     expired = sandboxes_transition(
         ids=ids,
         from_states=[S.READY],
@@ -509,5 +546,7 @@ def sandboxes_expire(*, ids: Iterable[int], now: datetime) -> list[Sandbox]:
         agent_port=None,
         agent_secret_encrypted="",
     )
+    for sandbox in expired:
+        freezers.get(sandbox.pk, lambda: None)()
     sandboxes_purge(expired)
     return expired

@@ -9,6 +9,7 @@ from typing import Any
 from django.conf import settings
 
 from sandboxes.models import OnTimeout
+from volumes.mounts import Mount
 from watasu import errors
 
 DEFAULT_TIMEOUT = 300
@@ -35,6 +36,7 @@ class CreateSpec:
     env_vars: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     name: str | None = None
+    volume_mounts: tuple[Mount, ...] = ()
     allow_internet_access: bool = True
     network_policy: dict[str, Any] = field(default_factory=dict)
 

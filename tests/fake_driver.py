@@ -10,7 +10,7 @@ a VM started here has no agent to talk to.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandboxes.runtime.driver import DomainNotFound, DomainStats, DriverError, MemorySnapshot, VmSpec
@@ -25,6 +25,7 @@ class FakeDomain:
     spec: VmSpec
     disk_path: Path
     status: str  # running | saved | shutoff
+    scsi: dict[int, Path] = field(default_factory=dict)
 
 
 class FakeDriver:
@@ -89,6 +90,17 @@ class FakeDriver:
         old_top, domain.disk_path = domain.disk_path, new_top
         new_top.write_bytes(b"")
         return old_top
+
+    def attach_disk(self, name: str, image: Path, unit: int, *, qemu_uid: int | None) -> None:
+        domain = self._domain(name)
+        if unit in domain.scsi:
+            raise DriverError(f"{name} already has a disk at SCSI unit {unit}")
+        if domain.status != "running" or not image.exists():
+            raise DriverError(f"could not attach {image} to {name}")
+        domain.scsi[unit] = image
+
+    def disks(self, name: str) -> dict[int, Path]:
+        return dict(self._domain(name).scsi)
 
     def stats(self, name: str) -> DomainStats:
         running = self._domain(name).status == "running"

@@ -95,7 +95,7 @@ def test_both_drivers_have_every_method_of_the_protocol() -> None:
         expected = list(inspect.signature(getattr(RuntimeDriver, name)).parameters)
         assert list(inspect.signature(getattr(FakeDriver, name)).parameters) == expected, name
         assert list(inspect.signature(getattr(LibvirtDriver, name)).parameters) == expected, name
-    assert len(methods) == 17
+    assert len(methods) == 19
 
 
 def test_a_restored_domain_runs_on_its_own_disk(runtime: Runtime) -> None:
@@ -125,6 +125,28 @@ def test_pause_saves_the_memory_and_resume_runs_again(runtime: Runtime) -> None:
     # then it was saved and stopped, and runs again
     assert (paused, paused_state) == ("saved", "shutoff")
     assert driver.domain_status(spec.name) == "running"
+
+
+def test_a_hot_plugged_disk_stays_across_pause_and_its_unit_is_taken(runtime: Runtime) -> None:
+    # given a running domain and a raw image (a volume's, where QEMU can reach it)
+    driver, spec = runtime.driver, _restored(runtime)
+    image = driver.state_dir / f"{spec.name}.volume.img"
+    image.write_bytes(b"\0" * 2**20)
+
+    # when it is attached as SCSI unit 2
+    driver.attach_disk(spec.name, image, 2, qemu_uid=None)
+
+    # then the domain has it, a second disk on that unit is refused, and a pause keeps it
+    assert driver.disks(spec.name) == {2: image}
+    with pytest.raises(DriverError):
+        driver.attach_disk(spec.name, image, 2, qemu_uid=None)
+    driver.pause(spec.name)
+    driver.resume(spec.name)
+    assert driver.disks(spec.name) == {2: image}
+    # and destroying the domain leaves the image alone (it is the volume's, not the sandbox's)
+    driver.destroy(spec.name)
+    assert image.exists()
+    image.unlink()
 
 
 def test_resuming_a_domain_without_saved_memory_is_a_driver_error(runtime: Runtime) -> None:

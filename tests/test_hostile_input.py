@@ -25,6 +25,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,7 +38,7 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from sandboxes.api.requests import create_keys
-from sandboxes.models import SandboxState
+from sandboxes.models import Host, SandboxState
 from sandboxes.runtime import vm
 from teams.models import ApiKey, Team
 from teams.services import api_key_create
@@ -45,6 +46,8 @@ from templates_app import tasks as template_tasks
 from templates_app.models import Template, TemplateTag, TemplateVersion, VersionStatus
 from tests.conftest import Actor
 from tests.factories import SandboxFactory
+from volumes import engine
+from volumes.services import volume_create
 
 pytestmark = pytest.mark.django_db
 
@@ -297,6 +300,24 @@ WRITE_ROUTES = [
     ),
     WriteRoute("template-tags", "POST", {"target": "lab:v1", "tags": ["edge"]}, _keys("target", "tags")),
     WriteRoute("template-tags", "DELETE", {"name": "lab", "tags": ["stable"]}, _keys("name", "tags")),
+    WriteRoute("volume-list", "POST", {"name": "new-vol"}, _keys("name", "team", "metadata")),
+    WriteRoute("volume-detail", "DELETE", {}),
+    WriteRoute(
+        "volume-path", "PATCH", {"path": "/f.txt", "mode": "0644"}, _keys("path", "uid", "gid", "mode")
+    ),
+    WriteRoute("volume-path", "DELETE", {}),
+    WriteRoute(
+        "volume-directories",
+        "POST",
+        {"path": "/d", "force": True},
+        _keys("path", "uid", "gid", "mode", "force"),
+    ),
+    WriteRoute(
+        "volume-files",
+        "PUT",
+        {"path": "/f.txt", "content_b64": "aGk="},
+        _keys("path", "content_b64", "content", "uid", "gid", "mode", "force"),
+    ),
     WriteRoute("team-list", "POST", {"slug": "new-team", "name": "New"}, _keys("slug", "name")),
     WriteRoute("api-key-list", "POST", {"name": "ci", "scope": "read"}, _keys("name", "scope", "expires_at")),
     WriteRoute("api-key-detail", "DELETE", {}),
@@ -413,9 +434,11 @@ def world(
     acme: Team,
     base_version_row: TemplateVersion,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> Iterator[World]:
     # given: runtime calls that succeed without a VM, and builds that are never queued
-    monkeypatch.setattr(vm, "start", lambda sandbox, version, *, env_vars: vm.Started(1, "fake"))
+    monkeypatch.setattr(vm, "start", lambda sandbox, version, **kwargs: vm.Started(1, "fake"))
     monkeypatch.setattr(vm, "pause", lambda sandbox: None)
     monkeypatch.setattr(vm, "resume", lambda sandbox: None)
     monkeypatch.setattr(vm, "destroy", lambda sandbox: True)
@@ -454,6 +477,13 @@ def world(
         state=SandboxState.READY,
     )
     other = SandboxFactory(team=theirs_team, host=host, state=SandboxState.READY)
+    # volumes: small images in this test's own directory (mutations are rolled back, files not)
+    request.getfixturevalue("settings").VOLUME_SIZE_GIB = 1
+    Host.objects.filter(pk=host.pk).update(data_dir=str(tmp_path / "runtime"))
+    host.refresh_from_db()
+    my_volume = volume_create(user=owner.user, name="vol", team="acme")
+    engine.write_file(my_volume.image_path, "/f.txt", b"hi")
+    their_volume = volume_create(user=outsider.user, name="their-vol")
     spare_key, _ = api_key_create(user=owner.user, scope="write", name="spare")
     other_key = ApiKey.objects.filter(user=outsider.user).first()
     ids = {
@@ -466,6 +496,7 @@ def world(
         "template": {"own": "lab", "other": "theirs", "missing": "no-such"},
         "slug": {"own": "acme", "other": theirs_team.slug, "missing": "no-such"},
         "key_id": {"own": str(spare_key.pk), "other": str(other_key.pk), "missing": MISSING_ID},
+        "volume_id": {"own": str(my_volume.pk), "other": str(their_volume.pk), "missing": MISSING_ID},
     }
     ApiKey.objects.update(last_used_at=timezone.now())  # no last-use write on each request
     client = owner.client()
@@ -484,7 +515,7 @@ def test_every_route_parameter_has_real_ids(world: World) -> None:
 
     # then: each parameter has an own, another team's and a missing value
     assert sorted(params - world.ids.keys()) == []
-    assert len(ROUTES) == 28
+    assert len(ROUTES) == 33
     assert {route.name for route in WRITE_ROUTES} - ROUTES.keys() == set()
 
 

@@ -56,6 +56,7 @@ def path_values(owner: Actor) -> dict[str, str]:
         "template": "base",
         "slug": owner.personal_team.slug,
         "key_id": "1",
+        "volume_id": "1",
     }
 
 

@@ -151,4 +151,12 @@ def test_a_sweep_without_an_interval_is_refused() -> None:
 
     # then it is refused by name and not registered
     assert str(refused.value) == "sweep 'nightly' has no interval in SWEEP_INTERVAL_SECONDS"
-    assert list(registry.SWEEPS) == ["deadlines", "stuck", "reconcile", "hosts", "builds", "retention"]
+    assert list(registry.SWEEPS) == [
+        "deadlines",
+        "stuck",
+        "reconcile",
+        "hosts",
+        "builds",
+        "retention",
+        "volumes",
+    ]

@@ -66,3 +66,24 @@ class Unavailable(DomainError):
 
     status = 503
     code = "service_unavailable"
+
+
+class TooLarge(DomainError):
+    """What the request moves is over a stated limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class InsufficientStorage(DomainError):
+    """The storage the request writes to is full."""
+
+    status = 507
+    code = "not_enough_space"
+
+
+class BadGateway(DomainError):
+    """A helper the platform runs (a guest, a storage tool) answered with something unusable."""
+
+    status = 502
+    code = "bad_gateway"

@@ -6,6 +6,7 @@ from django.urls import include, path
 from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
 from templates_app.api import views as template_views
+from volumes.api import views as volume_views
 from watasu.api.schema import DocsView, SchemaView
 
 api_v1 = [
@@ -81,6 +82,15 @@ api_v1 = [
     path(
         "templates/<str:template>/tags", template_views.TemplateTagsView.as_view(), name="template-tag-list"
     ),
+    path("volumes", volume_views.VolumeListView.as_view(), name="volume-list"),
+    path("volumes/<str:volume_id>", volume_views.VolumeDetailView.as_view(), name="volume-detail"),
+    path("volumes/<str:volume_id>/path", volume_views.VolumePathView.as_view(), name="volume-path"),
+    path(
+        "volumes/<str:volume_id>/directories",
+        volume_views.VolumeDirectoriesView.as_view(),
+        name="volume-directories",
+    ),
+    path("volumes/<str:volume_id>/files", volume_views.VolumeFilesView.as_view(), name="volume-files"),
     path("teams", team_views.TeamListView.as_view(), name="team-list"),
     path("teams/<str:slug>", team_views.TeamDetailView.as_view(), name="team-detail"),
     path("api_keys", team_views.ApiKeyListView.as_view(), name="api-key-list"),

@@ -13,7 +13,8 @@ from rest_framework import serializers
 
 from sandboxes.models import OnTimeout
 from sandboxes.specs import DEFAULT_TIMEOUT, CreateSpec, Lifecycle, cpu_problem, env_problem, memory_problem
-from watasu import suggest
+from volumes.mounts import Mount, parse_mounts
+from watasu import errors, suggest
 from watasu.api.fields import (
     IdField,
     JsonObjectField,
@@ -200,6 +201,31 @@ class UnavailableField(LenientField):
             raise refusal(self.message, self.code)
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"path": {"type": "string"}, "name": {"type": "string"}},
+                    "required": ["path", "name"],
+                },
+            },
+            {"type": "object", "additionalProperties": {"type": "string"}},
+        ]
+    }
+)
+class VolumeMountsField(LenientField):
+    """Every form of `volume_mounts` as validated mounts (`volumes.mounts`)."""
+
+    def to_internal_value(self, data: Any) -> tuple[Mount, ...]:
+        try:
+            return parse_mounts(data)
+        except errors.Invalid as exc:
+            raise refusal(exc.message, exc.code) from exc
+
+
 @extend_schema_field({"type": "array", "items": {"type": "string", "enum": [ALL_TRAFFIC]}})
 class AllowOutField(LenientField):
     def to_internal_value(self, data: Any) -> list[str]:
@@ -291,8 +317,9 @@ class SandboxCreateSerializer(_NetworkFields):
     name = OptionalTextField(max_length=200, help_text="A label of your own")
     team = OptionalTextField(max_length=63, help_text="Team slug (default: your personal team)")
     network_policy = NetworkPolicyField(help_text="The network keys, nested as sandboxes show them")
-    volume_mounts = UnavailableField(
-        code="volumes_unavailable", message="Volume mounts are not available on this platform yet."
+    volume_mounts = VolumeMountsField(
+        help_text="Team volumes to mount: [{path, name}], {path: name} or {path: {name}}; "
+        "an unknown name creates the volume"
     )
     mcp = UnavailableField(
         code="mcp_unavailable", message="The MCP gateway is not available on this platform yet."
@@ -337,6 +364,7 @@ class SandboxCreateSerializer(_NetworkFields):
             env_vars={**(data.get("envs") or {}), **(data.get("env_vars") or {})},
             metadata=data.get("metadata") or {},
             name=data.get("name"),
+            volume_mounts=data.get("volume_mounts") or (),
             allow_internet_access=internet,
             network_policy={
                 "allow_internet_access": internet,

@@ -127,6 +127,16 @@ class RuntimeDriver(Protocol):
         """Freeze the running disk as a layer; the domain writes to ``new_top`` from now on.
         Returns the frozen layer (the previous top)."""
 
+    def attach_disk(self, name: str, image: Path, unit: int, *, qemu_uid: int | None) -> None:
+        """Hot-plug the raw disk ``image`` into the running domain as SCSI unit ``unit`` of
+        its virtio-scsi controller (the guest sees ``/sys/bus/scsi/devices/*:0:0:<unit>``),
+        first handing the file to the domain's QEMU (``qemu_uid``, as in its ``VmSpec``).
+        The attachment is part of the domain's definition and of its saved memory, so it
+        survives pause and resume. A unit already in use is a ``DriverError``."""
+
+    def disks(self, name: str) -> dict[int, Path]:
+        """The hot-plugged disks of the domain, by unit."""
+
     def stats(self, name: str) -> DomainStats:
         """CPU time, resident memory and state."""
 

@@ -31,8 +31,8 @@ IMAGE_SCRIPT_VERSION = "4"
 # The layout of a template artifact (disk.qcow2, memory.save, snapshot.json) and of what
 # its saved memory holds. Bumped when either changes; with the agent's hash it is part of
 # every memory snapshot's key, so a snapshot of another format or agent is rebuilt, never
-# restored.
-SNAPSHOT_FORMAT = "1"
+# restored. 2: domains carry a virtio-scsi controller (volumes are hot-plugged into it).
+SNAPSHOT_FORMAT = "2"
 DEFAULT_CACHE_DIR = Path("/var/cache/watasu/images")
 SUITE = "bookworm"
 ROOTFS_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "iproute2", "git", "procps", "ca-certificates")
@@ -40,7 +40,8 @@ ROOTFS_SIZE = "4G"
 GUEST_AGENT_PATH = "/opt/watasu/agent.pyz"  # the agent package as one zipapp (guest/build.py)
 GUEST_INIT_PATH = "/sbin/watasu-init"
 # Loaded in dependency order (computed from each module's own ``depends=`` list).
-INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
+# virtio_scsi and sd_mod: volumes are hot-plugged as SCSI disks (sandboxes/runtime/volumes.py).
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_scsi", "sd_mod")
 STEP_TIMEOUT = 600.0
 HOST_EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 

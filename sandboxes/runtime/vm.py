@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from django.conf import settings
 
 from sandboxes.models import Sandbox, SandboxState
-from sandboxes.runtime import driver_for, lifecycle
+from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot
 from sandboxes.runtime.images import BaseImage
@@ -56,8 +57,15 @@ def _image_of(snapshot: MemorySnapshot) -> BaseImage:
     )
 
 
-def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str]) -> Started:
-    """Start the sandbox's VM and hand its agent a fresh identity; blocks until ready."""
+def start(
+    sandbox: Sandbox,
+    version: TemplateVersion,
+    *,
+    env_vars: dict[str, str],
+    attachments: list[volumes.Attachment] | None = None,
+) -> Started:
+    """Start the sandbox's VM, hand its agent a fresh identity and mount its volumes
+    (``attachments``); blocks until ready. On failure the caller purges the VM."""
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
     internet = bool(sandbox.network_policy.get("allow_internet_access", True))
@@ -84,6 +92,8 @@ def start(sandbox: Sandbox, version: TemplateVersion, *, env_vars: dict[str, str
             internet=internet,
             qemu_uid=uid,
         )
+    if attachments:
+        volumes.attach_and_mount(driver, started.client, sandbox.vm_name, attachments, qemu_uid=uid)
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
 
 
@@ -99,8 +109,28 @@ def agent_client(sandbox: Sandbox) -> AgentClient:
 
 
 def pause(sandbox: Sandbox) -> None:
-    """Managed save: memory and disk kept, processes survive the pause."""
+    """Managed save: memory and disk kept, processes survive the pause. A sandbox holding
+    volumes syncs them first: its memory may be destroyed without ever running again."""
+    if sandbox.held_volumes.exists():
+        volumes.flush(agent_client(sandbox))
     driver_for(sandbox.placed_host).pause(sandbox.vm_name)
+
+
+def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
+    """What leaves a running sandbox's volumes clean before its VM is destroyed: the guest
+    writes them out and freezes their filesystems. Taken while the row still holds the
+    agent's credentials, called once the sandbox is certain to go (a no-op without volumes)."""
+    if sandbox.state != SandboxState.READY or not sandbox.agent_port:
+        return lambda: None
+    paths = list(sandbox.held_volumes.values_list("mount_path", flat=True))
+    if not paths:
+        return lambda: None
+    client = agent_client(sandbox)
+
+    def freeze() -> None:
+        volumes.freeze(client, paths)
+
+    return freeze
 
 
 def resume(sandbox: Sandbox) -> None:

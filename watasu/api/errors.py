@@ -60,7 +60,7 @@ REQUEST_CODES = frozenset(
         "invalid_lifecycle",
         "invalid_resources",
         "invalid_path",
-        "volumes_unavailable",
+        "invalid_volume_mounts",
         "mcp_unavailable",
         "network_rules_unavailable",
         "unknown_field",

@@ -241,6 +241,20 @@ PRICE_CHECKPOINT_GIB_MONTH = env.decimal("WATASU_PRICE_CHECKPOINT_GIB_MONTH", No
 PRICE_TEMPLATE_GIB_MONTH = env.decimal("WATASU_PRICE_TEMPLATE_GIB_MONTH", None)
 PRICE_VOLUME_GIB_MONTH = env.decimal("WATASU_PRICE_VOLUME_GIB_MONTH", None)
 
+# --- Volumes -----------------------------------------------------------------------
+
+# Every volume is this size (the platform baseline; a sparse file: only written blocks
+# take host disk).
+VOLUME_SIZE_GIB = env.int("WATASU_VOLUME_SIZE_GIB", 10, min=1, max=1024)
+# Per team: how many volumes, and their total size.
+VOLUME_MAX_PER_TEAM = env.int("WATASU_VOLUME_MAX_PER_TEAM", 20, min=0)
+VOLUME_MAX_TOTAL_GIB = env.int("WATASU_VOLUME_MAX_TOTAL_GIB", 200, min=0)
+# Volumes one sandbox may mount (each is one SCSI disk of the VM's controller).
+VOLUME_MAX_MOUNTS = env.int("WATASU_VOLUME_MAX_MOUNTS", 8, min=1, max=16)
+# The largest file a detached read or write moves: 413 above. It travels base64 in JSON,
+# so keep it under 3/4 of WATASU_MAX_REQUEST_BODY_BYTES.
+VOLUME_MAX_FILE_BYTES = env.int("WATASU_VOLUME_MAX_FILE_BYTES", 5 * 2**20, min=1024)
+
 # --- Runtime (libvirt + QEMU) -------------------------------------------------------
 
 
@@ -344,6 +358,8 @@ SWEEP_INTERVAL_SECONDS = {
     "hosts": env.int("WATASU_SWEEP_HOSTS_INTERVAL_SECONDS", 30, min=1),
     "builds": env.int("WATASU_SWEEP_BUILDS_INTERVAL_SECONDS", 30, min=1),
     "retention": env.int("WATASU_SWEEP_RETENTION_INTERVAL_SECONDS", 600, min=1),
+    # Volumes whose sandbox is gone are released; every volume's storage is measured.
+    "volumes": env.int("WATASU_SWEEP_VOLUMES_INTERVAL_SECONDS", 300, min=1),
 }
 # A sandbox still creating/restoring/stopping/checkpointing after this is reconciled
 # against libvirt (the process doing it died).

@@ -1,0 +1,379 @@
+"""Writes for volumes: create, delete, claims by sandboxes, detached file operations.
+
+Who may touch an image, and when:
+
+- a volume is held by at most one live sandbox (``Volume.holder``): a create claims it in
+  the transaction that makes the sandbox row (``volumes_claim``), and it is released only
+  once that sandbox's VM is gone (``volumes_release``, from the purge and the sweep);
+- detached operations run under the volume's host-side lock (``_image_lock``) and re-read
+  the holder under it, and a start takes the same lock before it hot-plugs the image: an
+  operation that began before the claim finishes first, one that begins after sees the
+  holder and is a 409 ``volume_attached``;
+- the host reads and writes a detached image only through ``volumes.engine`` (e2fsprogs
+  in a sandbox as an unprivileged user): the guest wrote it, so it is hostile input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from sandboxes.models import Host, Sandbox, SandboxState
+from teams.models import Team, User
+from teams.selectors import team_for_write
+from volumes import engine
+from volumes.models import Volume, VolumeState, VolumeUsage, name_problem
+from volumes.mounts import Mount
+from watasu import errors
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+GONE_STATES = (SandboxState.EXPIRED, SandboxState.FAILED, SandboxState.LOST, SandboxState.DESTROYED)
+# How long a mount waits for a volume another request is creating right now.
+CREATING_WAIT_SECONDS = 60.0
+# An image file no row owns is removed once it is this old (a create in flight has no row
+# for an instant only).
+ORPHAN_IMAGE_AGE_SECONDS = 3600
+
+
+# --- images on the host ------------------------------------------------------------------
+
+
+def _image_lock(volume: Volume) -> contextlib.AbstractContextManager[None]:
+    """The volume's host-side lock: detached operations and attaching exclude each other."""
+    return _image_lock_at(volume.image_path)
+
+
+@contextlib.contextmanager
+def _image_lock_at(image: Path) -> Iterator[None]:
+    lock_path = image.with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _local_host() -> Host:
+    from sandboxes.services import host_register_local
+
+    return host_register_local()
+
+
+def _make_image(volume: Volume) -> Volume:
+    """Build the volume's filesystem image; the row says `ready`, or `failed` and why."""
+    try:
+        with _image_lock(volume):
+            engine.create_image(volume.image_path, volume.size_bytes, label=volume.name[:16])
+    except Exception as exc:
+        logger.exception("could not make the image of volume %s", volume.pk)
+        Volume.objects.filter(pk=volume.pk).update(
+            state=VolumeState.FAILED, last_error=str(exc)[:2000], updated_at=timezone.now()
+        )
+        volume.refresh_from_db()
+        raise errors.Unavailable(
+            f"Volume {volume.name} could not be created: {exc}", code="volume_create_failed"
+        ) from exc
+    Volume.objects.filter(pk=volume.pk).update(state=VolumeState.READY, updated_at=timezone.now())
+    volume.refresh_from_db()
+    return volume
+
+
+# --- create / delete ----------------------------------------------------------------------
+
+
+def _quota_check(team: Team, adding: int) -> None:
+    """422 `volume_quota_exceeded` when `adding` more volumes would pass the team's limits.
+    Callers hold the team row lock."""
+    size = settings.VOLUME_SIZE_GIB
+    existing = Volume.objects.filter(team=team)
+    count = existing.count()
+    total_gib = (existing.aggregate(total=Sum("size_bytes"))["total"] or 0) // 2**30
+    max_count, max_gib = settings.VOLUME_MAX_PER_TEAM, settings.VOLUME_MAX_TOTAL_GIB
+    if count + adding > max_count:
+        raise errors.Invalid(
+            f"Volume quota exceeded for team {team.slug}: at most {max_count} volumes "
+            f"(it has {count}, this adds {adding}).",
+            code="volume_quota_exceeded",
+        )
+    if total_gib + adding * size > max_gib:
+        raise errors.Invalid(
+            f"Volume quota exceeded for team {team.slug}: at most {max_gib} GiB of volumes "
+            f"(it has {total_gib} GiB, this adds {adding * size} GiB).",
+            code="volume_quota_exceeded",
+        )
+
+
+def _new_row(team: Team, name: str, metadata: dict[str, str]) -> Volume:
+    """The `creating` row, under the team lock with the quota checked; IntegrityError when
+    the name is taken (also by a concurrent request)."""
+    with transaction.atomic():
+        Team.objects.select_for_update().filter(pk=team.pk).first()
+        _quota_check(team, 1)
+        return Volume.objects.create(
+            team=team,
+            name=name,
+            metadata=metadata,
+            size_bytes=settings.VOLUME_SIZE_GIB * 2**30,
+            host=_local_host(),
+        )
+
+
+def volume_create(
+    *, user: User, name: str, team: str | None = None, metadata: dict[str, str] | None = None
+) -> Volume:
+    """A new volume of the team (409 when the name is taken), its image made before return."""
+    owner = team_for_write(user=user, slug=team)
+    problem = name_problem(name)
+    if problem:
+        raise errors.Invalid(f"name: {problem}", errors=[f"name: {problem}"])
+    try:
+        volume = _new_row(owner, name, metadata or {})
+    except IntegrityError:
+        raise errors.Conflict(
+            f"Team {owner.slug} already has a volume named {name}.", code="volume_exists"
+        ) from None
+    return _make_image(volume)
+
+
+def volume_delete(*, volume: Volume) -> None:
+    """Delete the volume and its image; 409 while a sandbox holds it."""
+    with transaction.atomic():
+        row = Volume.objects.select_for_update().filter(pk=volume.pk).first()
+        if row is None:
+            raise errors.NotFound(f"Volume {volume.name} not found.", code="volume_not_found")
+        if row.holder_id is not None:
+            raise _attached(row, "deleted")
+        row.delete()
+        # The image goes once the row is surely gone (a rolled-back delete keeps both).
+        transaction.on_commit(lambda: _remove_image(volume.image_path))
+
+
+def _remove_image(image: Path) -> None:
+    with _image_lock_at(image):  # an operation that started before waits to finish
+        image.unlink(missing_ok=True)
+    image.with_suffix(".lock").unlink(missing_ok=True)
+
+
+def _attached(volume: Volume, action: str) -> errors.Conflict:
+    return errors.Conflict(
+        f"Volume {volume.name} is attached to sandbox {volume.holder_id}; it cannot be {action} "
+        "until that sandbox is destroyed.",
+        code="volume_attached",
+        sandbox_id=str(volume.holder_id),
+    )
+
+
+# --- mounts: claim and release -------------------------------------------------------------
+
+
+def _ready(volume: Volume) -> Volume:
+    """Wait for a volume another request is creating right now."""
+    deadline = time.monotonic() + CREATING_WAIT_SECONDS
+    while volume.state == VolumeState.CREATING and time.monotonic() < deadline:
+        time.sleep(0.1)
+        volume.refresh_from_db()
+    if volume.state != VolumeState.READY:
+        raise errors.Conflict(
+            f"Volume {volume.name} is {volume.state}: {volume.last_error or 'not ready'}.",
+            code="volume_not_ready",
+        )
+    return volume
+
+
+def volumes_for_mounts(*, team: Team, mounts: Iterable[Mount]) -> list[Volume]:
+    """The team's volume for each mount, in order; an unknown name is created (two creates
+    racing for one new name make one volume: the loser reads the winner's)."""
+    found = []
+    for mount in mounts:
+        volume = Volume.objects.filter(team=team, name=mount.name).select_related("host").first()
+        if volume is None:
+            try:
+                volume = _make_image(_new_row(team, mount.name, {}))
+            except IntegrityError:
+                volume = Volume.objects.select_related("host").get(team=team, name=mount.name)
+        release_if_gone(volume)
+        found.append(_ready(volume))
+    return found
+
+
+def volumes_claim(*, sandbox: Sandbox, mounts: Iterable[Mount], volumes: Iterable[Volume]) -> None:
+    """Make `sandbox` the holder of each volume, or raise 409 `volume_in_use` naming the
+    holder. Runs inside the transaction that creates the sandbox row."""
+    for mount, volume in zip(mounts, volumes, strict=True):
+        claimed = Volume.objects.filter(pk=volume.pk, holder__isnull=True, state=VolumeState.READY).update(
+            holder=sandbox, mount_path=mount.path, updated_at=timezone.now()
+        )
+        if claimed:
+            continue
+        current = Volume.objects.filter(pk=volume.pk).first()
+        if current is None:
+            raise errors.NotFound(f"Volume {volume.name} was deleted.", code="volume_not_found")
+        if current.holder_id is not None:
+            raise errors.Conflict(
+                f"Volume {volume.name} is in use by sandbox {current.holder_id}; a volume is "
+                "mounted by one live sandbox at a time.",
+                code="volume_in_use",
+                sandbox_id=str(current.holder_id),
+            )
+        raise errors.Conflict(f"Volume {volume.name} is {current.state}.", code="volume_not_ready")
+
+
+def wait_for_detached_operations(volumes: Iterable[Volume]) -> None:
+    """Before hot-plugging: let a detached operation that began before the claim finish."""
+    for volume in volumes:
+        with _image_lock(volume):
+            pass
+
+
+def volumes_release(*, sandbox_ids: Iterable[int]) -> int:
+    """The VMs of these sandboxes are gone: their volumes are free again, their images
+    handed back to the tools user. Returns how many were released."""
+    ids = list(sandbox_ids)
+    held = list(Volume.objects.filter(holder_id__in=ids).select_related("host"))
+    for volume in held:
+        with contextlib.suppress(FileNotFoundError):
+            engine.give_to_tools(volume.image_path)
+    return Volume.objects.filter(pk__in=[v.pk for v in held], holder_id__in=ids).update(
+        holder=None, mount_path="", updated_at=timezone.now()
+    )
+
+
+def release_if_gone(volume: Volume) -> bool:
+    """Release a volume whose holder ended and whose VM is no longer on the host (a failed
+    purge or a lost sandbox leaves it held until then)."""
+    if volume.holder_id is None:
+        return False
+    holder = Sandbox.objects.select_related("host").filter(pk=volume.holder_id).first()
+    if holder is None or holder.state not in GONE_STATES:
+        return False
+    from sandboxes.runtime import vm
+
+    try:
+        status = vm.status(holder)
+    except Exception:
+        logger.warning("volume %s: could not check the VM of sandbox %s", volume.pk, holder.pk, exc_info=True)
+        return False
+    if status != "absent":
+        return False
+    released = volumes_release(sandbox_ids=[holder.pk]) > 0
+    volume.refresh_from_db()
+    return released
+
+
+def volume_force_detach(*, volume: Volume) -> bool:
+    """Operators: release a volume whose holder is gone (the admin's action)."""
+    return release_if_gone(volume)
+
+
+# --- detached file operations -------------------------------------------------------------
+
+
+def _engine_error(exc: engine.EngineError) -> errors.DomainError:
+    """The engine's error as the API's: its status picks the class, its code is kept."""
+    by_status: dict[int, type[errors.DomainError]] = {
+        404: errors.NotFound,
+        409: errors.Conflict,
+        413: errors.TooLarge,
+        422: errors.Invalid,
+        507: errors.InsufficientStorage,
+        502: errors.BadGateway,
+    }
+    kind = by_status.get(exc.status, errors.BadGateway)
+    return kind(str(exc.message), code=exc.code)
+
+
+def detached(volume: Volume, operation: Callable[[Path], T], *, write: bool = False) -> T:
+    """Run `operation(image)` on the volume's image while no sandbox holds it (409
+    `volume_attached` otherwise), under the volume's lock."""
+    with _image_lock(volume):
+        current = Volume.objects.filter(pk=volume.pk).values_list("holder_id", "state").first()
+        if current is None:
+            raise errors.NotFound(f"Volume {volume.name} not found.", code="volume_not_found")
+        holder_id, state = current
+        if holder_id is not None:
+            volume.holder_id = holder_id
+            raise _attached(volume, "changed" if write else "read while detached")
+        if state != VolumeState.READY:
+            raise errors.Conflict(f"Volume {volume.name} is {state}.", code="volume_not_ready")
+        try:
+            result = operation(volume.image_path)
+        except engine.EngineError as exc:
+            raise _engine_error(exc) from exc
+        if write:
+            Volume.objects.filter(pk=volume.pk).update(updated_at=timezone.now())
+        return result
+
+
+# --- storage accounting ---------------------------------------------------------------------
+
+
+def volume_measure(volume: Volume, *, now: datetime | None = None) -> VolumeUsage | None:
+    """Record what the volume uses: bytes inside the filesystem (read while detached; a
+    held volume keeps its last figure) and bytes its sparse image takes on the host."""
+    now = now or timezone.now()
+    try:
+        allocated = volume.image_path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return None
+    used = volume.used_bytes
+    if volume.holder_id is None:
+        with contextlib.suppress(errors.DomainError):
+            used = detached(volume, lambda image: engine.usage(image)[0])
+    Volume.objects.filter(pk=volume.pk).update(
+        used_bytes=used, allocated_bytes=allocated, usage_measured_at=now
+    )
+    return VolumeUsage.objects.create(
+        volume=volume,
+        team_id=volume.team_id,
+        volume_name=volume.name,
+        size_bytes=volume.size_bytes,
+        used_bytes=used,
+        allocated_bytes=allocated,
+        at=now,
+    )
+
+
+def volumes_sweep(*, now: datetime | None = None) -> dict[str, Any]:
+    """Release volumes whose holders are gone, and measure every ready volume of this host."""
+    now = now or timezone.now()
+    released = 0
+    stale = Volume.objects.filter(holder__state__in=GONE_STATES).select_related("host")
+    for volume in stale[:200]:
+        released += int(release_if_gone(volume))
+    measured = 0
+    host = _local_host()
+    for volume in Volume.objects.filter(Q(state=VolumeState.READY), host=host).select_related("host"):
+        measured += int(volume_measure(volume, now=now) is not None)
+    return {"released": released, "measured": measured, "orphan_images": _remove_orphan_images(host, now)}
+
+
+def _remove_orphan_images(host: Host, now: datetime) -> int:
+    """Image files of this host no volume row owns (a create whose transaction rolled back,
+    a delete that crashed before the file went), once an hour old."""
+    directory = Path(host.data_dir) / "volumes"
+    if not directory.is_dir():
+        return 0
+    owned = {f"{pk}.img" for pk in Volume.objects.filter(host=host).values_list("pk", flat=True)}
+    removed = 0
+    for image in directory.glob("*.img"):
+        with contextlib.suppress(FileNotFoundError):
+            if image.name in owned or now.timestamp() - image.stat().st_mtime < ORPHAN_IMAGE_AGE_SECONDS:
+                continue
+            _remove_image(image)
+            removed += 1
+    return removed
