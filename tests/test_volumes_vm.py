@@ -42,10 +42,10 @@ def _create(actor: Actor, mounts: object, **body: object):  # type: ignore[no-un
 
 
 @pytest.mark.django_db(transaction=True)
-def test_sdk_drives_volumes(live_server, owner: Actor, base_version, vm_cleanup, settings) -> None:
+def test_sdk_drives_volumes(edge, owner: Actor, base_version, vm_cleanup, settings) -> None:
     settings.VOLUME_SIZE_GIB = 10  # the platform baseline the scenario checks
 
-    output = run_scenario("volumes", api_url=f"{live_server.url}/v1", api_key=owner.write_key)
+    output = run_scenario("volumes", api_url=f"{edge.url}/v1", api_key=owner.write_key)
 
     assert output == "ok\n"
     assert vm_cleanup.list_domains(VM_TEST_PREFIX) == []
