@@ -442,7 +442,7 @@ def test_a_huge_directory_is_refused_cleanly_and_quickly(
 ) -> None:
     # given a directory with more entries than a listing may return (the limit lowered so
     # that mkfs -d, which fills a directory in quadratic time, stays quick)
-    monkeypatch.setattr(engine, "MAX_LIST_ENTRIES", 1000)
+    monkeypatch.setattr("volumes.engine.reads.MAX_LIST_ENTRIES", 1000)  # where list_dir reads it
 
     def build(root: Path) -> None:
         (root / "huge").mkdir()
@@ -670,7 +670,7 @@ def test_features_we_cannot_maintain_make_the_volume_read_only(tmp_path: Path) -
 
 
 def test_a_tool_that_runs_too_long_is_a_timeout(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "TOOL_TIMEOUT", 0.0001)
+    monkeypatch.setattr("volumes.engine.debugfs.TOOL_TIMEOUT", 0.0001)  # where each run reads it
 
     with pytest.raises(ToolFailed) as exc:
         engine.stat(image, "/")
