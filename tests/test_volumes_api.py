@@ -231,3 +231,15 @@ def test_every_form_of_volume_mounts_reads_the_same(value) -> None:  # type: ign
 def test_bad_mounts_are_refused(value) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(errors.Invalid):
         parse_mounts(value)
+
+
+def test_a_retried_create_with_its_idempotency_key_makes_one_volume(owner: Actor) -> None:
+    client = owner.client()
+    first = client.post("/v1/volumes", {"name": "once"}, format="json", HTTP_IDEMPOTENCY_KEY="vol-1")
+    again = client.post("/v1/volumes", {"name": "once"}, format="json", HTTP_IDEMPOTENCY_KEY="vol-1")
+    other = client.post("/v1/volumes", {"name": "twice"}, format="json", HTTP_IDEMPOTENCY_KEY="vol-1")
+
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json() == first.json()
+    assert other.status_code == 422  # the same key with another body is refused, not run
+    assert Volume.objects.count() == 1

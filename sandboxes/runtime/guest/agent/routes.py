@@ -1,4 +1,4 @@
-"""Every route the agent serves: health, init, files, directories, watch, processes, git."""
+"""Every route the agent serves: health, init, volumes, files, directories, watch, processes, git."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import zlib
 from typing import Any
 from urllib.parse import quote
 
+from . import volumes
 from .core import CHUNK, HttpError, os_error
 from .events import Event, Subscriber
 from .files import file_entry, list_dir, make_dir, move_path, norm_path, remove_path, write_stream
@@ -52,6 +53,30 @@ def init(agent: Agent, req: Request) -> Result:
     if b.get("workdir"):
         agent.workdir = str(b["workdir"])
     return 200, {"status": "ok", "time": time.time()}
+
+
+# --- volumes (the host's, not the data plane's: outside /runtime/v1) -----------------------
+
+
+@router.add("POST", "/volumes/mount")
+def volumes_mount(agent: Agent, req: Request) -> Result:
+    """Mount hot-plugged volume disks: ``{"mounts": [{"unit", "path"}], "timeout": s}``."""
+    timeout = req.body.get("timeout", 20)
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 120:
+        raise HttpError(400, "bad_request", "timeout: seconds, at most 120")
+    return 200, {"mounted": volumes.mount_volumes(req.body.get("mounts"), float(timeout))}
+
+
+@router.add("POST", "/volumes/sync")
+def volumes_sync(agent: Agent, req: Request) -> Result:
+    os.sync()
+    return 200, {"status": "ok"}
+
+
+@router.add("POST", "/volumes/freeze")
+def volumes_freeze(agent: Agent, req: Request) -> Result:
+    """Before the VM is destroyed: ``{"paths": [...]}`` written out and frozen."""
+    return 200, {"failed": volumes.freeze(req.body.get("paths"))}
 
 
 @router.add("GET", f"{RT}/files")

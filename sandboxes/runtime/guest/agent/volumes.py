@@ -1,0 +1,94 @@
+"""Volumes inside the guest: mount hot-plugged disks, sync, freeze (host-only routes).
+
+The host hot-plugs each volume as a SCSI disk (unit N of the VM's virtio-scsi
+controller) and asks for it to be mounted at a path. This runs in the agent itself,
+with mount(2) through libc and the disk found in sysfs: no shell and no child process,
+since under software emulation every fork and exec costs tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import time
+from typing import Any
+
+from .core import HttpError
+
+MS_NOSUID, MS_NODEV, MS_NOATIME = 0x2, 0x4, 0x400
+FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
+SCSI_DEVICES = "/sys/bus/scsi/devices"
+# Dirty pages of every filesystem are written back after 2 s instead of 30 s, so a VM that
+# dies with a volume mounted loses little.
+WRITEBACK = {"/proc/sys/vm/dirty_expire_centisecs": "200", "/proc/sys/vm/dirty_writeback_centisecs": "100"}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def scsi_disk(unit: int) -> str | None:
+    """``/dev/sdX`` of SCSI unit ``unit`` (any host, channel 0, target 0), once it exists."""
+    try:
+        entries = os.listdir(SCSI_DEVICES)
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.split(":")[1:] != ["0", "0", str(unit)]:
+            continue
+        try:
+            names = os.listdir(f"{SCSI_DEVICES}/{entry}/block")
+        except OSError:
+            continue
+        if names and os.path.exists(f"/dev/{names[0]}"):
+            return f"/dev/{names[0]}"
+    return None
+
+
+def _wait_for_disk(unit: int, deadline: float) -> str:
+    while True:
+        device = scsi_disk(unit)
+        if device is not None:
+            return device
+        if time.monotonic() > deadline:
+            raise HttpError(504, "volume_disk_missing", f"the volume disk (SCSI unit {unit}) did not appear")
+        time.sleep(0.003)
+
+
+def mount_volumes(mounts: Any, timeout: float) -> list[dict[str, str]]:
+    """Mount each ``{"unit", "path"}`` (ext4, noatime, nodev, nosuid); returns the devices."""
+    if not isinstance(mounts, list) or not all(
+        isinstance(m, dict) and type(m.get("unit")) is int and isinstance(m.get("path"), str) for m in mounts
+    ):
+        raise HttpError(400, "bad_request", "mounts: a list of {unit, path}")
+    for name, value in WRITEBACK.items():
+        with open(name, "w") as knob:
+            knob.write(value)
+    deadline = time.monotonic() + timeout
+    done = []
+    for m in mounts:
+        device, path = _wait_for_disk(m["unit"], deadline), m["path"]
+        os.makedirs(path, exist_ok=True)
+        flags = MS_NOATIME | MS_NODEV | MS_NOSUID
+        if _libc.mount(device.encode(), path.encode(), b"ext4", flags, None) != 0:
+            err = ctypes.get_errno()
+            raise HttpError(422, "mount_failed", f"mount {device} on {path}: {os.strerror(err)}")
+        done.append({"device": device, "path": path})
+    return done
+
+
+def freeze(paths: Any) -> list[str]:
+    """Write everything out, then freeze each filesystem (its journal checkpointed, marked
+    clean). Returns the paths that could not be frozen, with why."""
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise HttpError(400, "bad_request", "paths: a list of mount paths")
+    os.sync()
+    failed = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.ioctl(fd, FIFREEZE, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            failed.append(f"{path}: {exc.strerror}")
+    return failed
