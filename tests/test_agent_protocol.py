@@ -558,3 +558,18 @@ def test_preview_proxy_forwards_to_a_guest_port(agent: Agent) -> None:
     # the agent secret itself is not a preview credential
     assert agent.http("GET", "/proxy/8123/").status_code == 401
     agent.ok("DELETE", f"{RT}/process/{started['pid']}", params={"signal": "KILL"})
+
+
+def test_the_volume_routes_are_the_hosts_alone(agent: Agent) -> None:
+    # given the data plane's credential, as the edge would send it
+    dataplane = {"Authorization": f"Bearer {role_secret(agent.secret, 'dataplane')}"}
+
+    # then no volume route takes it: mounting and freezing are the host's
+    for path in ("/volumes/mount", "/volumes/sync", "/volumes/freeze"):
+        assert agent.http("POST", path, json={}, headers=dataplane).status_code == 401, path
+    # and with the agent secret, a bad body is a 400 and a disk that never comes a clean 504
+    assert agent.http("POST", "/volumes/mount", json={"mounts": "sda"}).status_code == 400
+    never = {"mounts": [{"unit": 9, "path": "/m"}], "timeout": 0.2}
+    missing = agent.http("POST", "/volumes/mount", json=never)
+    assert missing.status_code == 504 and missing.json()["error"] == "volume_disk_missing"
+    assert agent.ok("POST", "/volumes/freeze", json={"paths": []}) == {"failed": []}
