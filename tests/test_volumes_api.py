@@ -133,8 +133,11 @@ def test_detached_files_round_trip(owner: Actor) -> None:
     assert put.status_code == 200, put.content
     assert (put.json()["file"]["size"], put.json()["file"]["uid"]) == (4, 1000)
 
-    read = client.get(f"{base}/files", {"path": "/work/a/f.bin"}).json()["file"]
+    read = client.get(f"{base}/files", {"path": "/work/./a/f.bin"}).json()["file"]
     assert base64.b64decode(read["content_b64"]) == b"\x00\xffhi"
+    assert (read["path"], read["name"], read["type"], read["size"]) == ("/work/a/f.bin", "f.bin", "file", 4)
+    directory = client.get(f"{base}/files", {"path": "/work/a"})
+    assert directory.status_code == 422 and directory.json()["error"] == "is_a_directory"
     stat = client.get(f"{base}/path", {"path": "/work/a"}).json()["file"]
     assert (stat["type"], stat["mode"]) == ("directory", 0o750)
     paths = [
