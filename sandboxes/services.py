@@ -373,6 +373,7 @@ def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
         last_error=str(exc)[:2000],
     ):
         vm.forget(sandbox)
+        volumes_release(sandbox_ids=[sandbox.pk])  # its VM is gone, its disk kept
     return errors.Unavailable(message, code="sandbox_lost")
 
 
