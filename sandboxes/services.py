@@ -25,7 +25,7 @@ from django.utils import timezone
 from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
 from sandboxes.placement import host_has_room, host_place
 from sandboxes.runtime import vm
-from sandboxes.runtime.volumes import Attachment
+from sandboxes.runtime.volumes import Attachment, MountRefused
 from sandboxes.selectors import QuotaReservation, team_quota
 from sandboxes.sessions import Session, session_mint
 from sandboxes.specs import CreateSpec
@@ -250,7 +250,7 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
     # The template's own env (build_spec.env) is the default; the request's wins.
     env_vars = {**version.build_env(), **spec.env_vars}
     spec = dataclasses.replace(spec, env_vars=env_vars)
-    volumes = volumes_for_mounts(team=team, mounts=spec.volume_mounts)
+    volumes = volumes_for_mounts(user=user, team=team, mounts=spec.volume_mounts)
     sandbox = _reserve(team=team, user=user, version=version, spec=spec, volumes=volumes)
     attachments = [
         Attachment(unit=unit, image=volume.image_path, path=mount.path)
@@ -260,7 +260,10 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
         wait_for_detached_operations(volumes)
         started = vm.start(sandbox, version, env_vars=spec.env_vars, attachments=attachments)
     except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
-        raise _fail_start(sandbox, exc) from exc
+        failure = _fail_start(sandbox, exc)
+        if isinstance(exc, MountRefused):  # the request's fault, found only in the guest
+            raise errors.Invalid(f"volume_mounts: {exc}", code="invalid_path") from exc
+        raise failure from exc
     now = timezone.now()
     if not sandbox_transition(
         sandbox=sandbox,

@@ -353,7 +353,18 @@ def test_read_of_a_huge_sparse_file_stops_at_the_limit(tmp_path: Path) -> None:
 
 
 def test_names_with_spaces_quotes_unicode_and_inode_lookalikes(image: Path) -> None:
-    names = ["a b", 'q"uote', "uni\u00e9\u4e2d", "<12>", "-dash", "tab\tx", "#hash", "!bang"]
+    names = [
+        "a b",
+        'q"uote',
+        "uni\u00e9\u4e2d",
+        "<12>",
+        "-dash",
+        "tab\tx",
+        "#hash",
+        "!bang",
+        "Inode 12 is part of block group",  # what debugfs's imap prints, as a name
+        *[f"sep{c}x" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"],  # line breaks to str.splitlines
+    ]
 
     for name in names:
         engine.write_file(image, f"/{name}", name.encode())
@@ -582,6 +593,34 @@ def test_no_space_leaves_no_partial_file_and_a_clean_filesystem(tmp_path: Path) 
     assert fsck(image) == ""
     engine.write_file(image, "/after", b"still works")
     assert fsck(image) == ""
+
+
+def test_writes_leave_the_kernels_reserve_free(tmp_path: Path) -> None:
+    # given a 16 MiB volume, 2 % of its blocks kept for the guest kernel
+    image = tmp_path / "tiny.img"
+    engine.create_image(image, 16 * MiB)
+    stats = debugfs(image, "stats -h")
+    block, blocks, free = (
+        int(re.search(rf"{field}:\s+(\d+)", stats)[1])  # type: ignore[index]
+        for field in ("Block size", "Block count", "Free blocks")
+    )
+    reserve = min(blocks // 50, 4096)
+
+    # then a write that would leave less than the reserve is refused, one that leaves it is not
+    with pytest.raises(NoSpace):
+        engine.write_file(image, "/over", b"x" * (free - reserve) * block)
+    engine.write_file(image, "/fits", b"x" * (free - reserve - 40) * block)
+    assert fsck(image) == ""
+
+
+def test_removing_a_link_to_a_reserved_inode_is_refused(image: Path) -> None:
+    # given a guest that linked the journal (inode 8) into the tree
+    debugfs(image, "link <8> /journal_link")
+
+    # then removing it is refused as damage, and the journal is intact
+    with pytest.raises(Corrupt):
+        engine.remove(image, "/journal_link")
+    assert "Journal" in debugfs(image, "stats -h")
 
 
 def test_a_corrupted_superblock_is_volume_corrupt_quickly(image: Path) -> None:

@@ -246,3 +246,52 @@ def test_a_retried_create_with_its_idempotency_key_makes_one_volume(owner: Actor
     assert again.json() == first.json()
     assert other.status_code == 422  # the same key with another body is refused, not run
     assert Volume.objects.count() == 1
+
+
+def test_request_errors_have_their_codes(owner: Actor) -> None:
+    base = f"/v1/volumes/{_create(owner).json()['volume']['id']}"
+    client = owner.client()
+    cases = [
+        (client.patch(f"{base}/path", {"path": "/", "mode": "10000"}, format="json"), "invalid_mode"),
+        (client.patch(f"{base}/path", {"path": "/", "uid": -1}, format="json"), "invalid_argument"),
+        (client.get(f"{base}/directories", {"path": "/", "depth": 0}), "invalid_argument"),
+        (client.get(f"{base}/directories", {"path": "/", "depth": "x"}), "invalid_argument"),
+        (client.post(f"{base}/directories", {"path": "/d" * 129}, format="json"), "invalid_path"),
+    ]
+    for response, code in cases:
+        assert (response.status_code, response.json()["error"]) == (422, code), response.content
+        assert not response.json()["message"].startswith("mode: mode")
+
+
+def test_mounting_a_name_only_another_of_your_teams_has_is_refused(owner: Actor, base_version_row) -> None:
+    # given a volume of team acme (the SDK mounts a Volume object by its name)
+    assert _create(owner, "shared", team="acme").status_code == 201
+
+    # when a sandbox of the personal team mounts that name
+    response = owner.client().post("/v1/sandboxes", {"volume_mounts": {"/data": "shared"}}, format="json")
+
+    # then it is refused, naming the team, and no empty namesake is made
+    assert response.status_code == 422 and response.json()["error"] == "volume_in_other_team"
+    assert "acme" in response.json()["message"]
+    assert Volume.objects.filter(name="shared").count() == 1
+
+
+def test_the_admin_deletes_only_detached_volumes_with_their_images(
+    owner: Actor, admin_client, django_capture_on_commit_callbacks
+) -> None:
+    volume_id = _create(owner, "held").json()["volume"]["id"]
+    free_id = _create(owner, "free").json()["volume"]["id"]
+    holder = SandboxFactory(team=owner.personal_team, state=SandboxState.READY)
+    Volume.objects.filter(pk=volume_id).update(holder=holder)
+    free_image = Volume.objects.get(pk=free_id).image_path
+
+    admin_client.raise_request_exception = False
+    assert admin_client.get(f"/admin/volumes/volume/{volume_id}/delete/").status_code == 403
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(
+            "/admin/volumes/volume/",
+            {"action": "delete_detached", "_selected_action": [volume_id, free_id]},
+        )
+
+    assert list(Volume.objects.values_list("name", flat=True)) == ["held"]
+    assert not free_image.exists()

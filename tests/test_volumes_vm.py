@@ -120,6 +120,11 @@ def test_every_way_a_sandbox_ends_releases_its_volumes(owner: Actor, base_versio
     with open(Volume.objects.get(name="broken").image_path, "r+b") as image:  # wipe the superblock
         image.seek(1024)
         image.write(b"\0" * 1024)
+    # a mount path through a symlink of the image (Debian's /var/run -> /run) is refused
+    through = _create(owner, {"/var/run/v": "ends"})
+    assert through.status_code == 422 and through.json()["error"] == "invalid_path", through.content
+    assert "symbolic link" in through.json()["message"]
+    assert Volume.objects.get(name="ends").holder_id is None
     failed = _create(owner, {"/v": "broken"})
     assert failed.status_code == 503, failed.content
     assert "could not mount" in failed.json()["message"]

@@ -8,7 +8,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from volumes.models import Volume, VolumeUsage
-from volumes.services import volume_force_detach
+from volumes.services import volume_delete, volume_force_detach
+from watasu import errors
 
 
 @admin.register(Volume)
@@ -44,10 +45,27 @@ class VolumeAdmin(admin.ModelAdmin):
         "updated_at",
     ]
     fields = ["state", "metadata", *readonly_fields]
-    actions = ["force_detach"]
+    actions = ["force_detach", "delete_detached"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # a volume is made with its image, through the API
+
+    def has_delete_permission(self, request: HttpRequest, obj: Volume | None = None) -> bool:
+        return False  # Django's delete would drop the row of a held volume and keep its image
+
+    @admin.action(description="Delete (detached volumes only, with their images)")
+    def delete_detached(self, request: HttpRequest, queryset: QuerySet[Volume]) -> None:
+        done, kept = [], []
+        for volume in queryset.select_related("host"):
+            try:
+                volume_delete(volume=volume)
+                done.append(volume.name)
+            except errors.DomainError as exc:
+                kept.append(f"{volume.name} ({exc.message})")
+        if done:
+            self.message_user(request, f"Deleted: {', '.join(done)}.", messages.SUCCESS)
+        if kept:
+            self.message_user(request, f"Not deleted: {'; '.join(kept)}", messages.WARNING)
 
     @admin.action(description="Force-detach (only volumes whose sandbox is gone)")
     def force_detach(self, request: HttpRequest, queryset: QuerySet[Volume]) -> None:

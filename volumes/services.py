@@ -172,7 +172,7 @@ def _remove_image(image: Path) -> None:
 def _attached(volume: Volume, action: str) -> errors.Conflict:
     return errors.Conflict(
         f"Volume {volume.name} is attached to sandbox {volume.holder_id}; it cannot be {action} "
-        "until that sandbox is destroyed.",
+        "while that sandbox exists (destroy it first).",
         code="volume_attached",
         sandbox_id=str(volume.holder_id),
     )
@@ -195,13 +195,23 @@ def _ready(volume: Volume) -> Volume:
     return volume
 
 
-def volumes_for_mounts(*, team: Team, mounts: Iterable[Mount]) -> list[Volume]:
+def volumes_for_mounts(*, user: User, team: Team, mounts: Iterable[Mount]) -> list[Volume]:
     """The team's volume for each mount, in order; an unknown name is created (two creates
-    racing for one new name make one volume: the loser reads the winner's)."""
+    racing for one new name make one volume: the loser reads the winner's). A name only
+    another of the user's teams has is a 422, not a new empty volume: the SDK mounts a
+    `Volume` object by its name, so that is what mounting another team's volume looks like."""
     found = []
     for mount in mounts:
         volume = Volume.objects.filter(team=team, name=mount.name).select_related("host").first()
         if volume is None:
+            elsewhere = Volume.objects.filter(team__memberships__user=user, name=mount.name)
+            owner = elsewhere.exclude(team=team).values_list("team__slug", flat=True).first()
+            if owner is not None:
+                raise errors.Invalid(
+                    f"Volume {mount.name} belongs to team {owner}, not {team.slug}: a sandbox mounts "
+                    f"volumes of its own team (create it with team={owner!r}).",
+                    code="volume_in_other_team",
+                )
             try:
                 volume = _make_image(_new_row(team, mount.name, {}))
             except IntegrityError:
@@ -307,7 +317,7 @@ def detached(volume: Volume, operation: Callable[[Path], T], *, write: bool = Fa
         holder_id, state = current
         if holder_id is not None:
             volume.holder_id = holder_id
-            raise _attached(volume, "changed" if write else "read while detached")
+            raise _attached(volume, "changed" if write else "read from outside it")
         if state != VolumeState.READY:
             raise errors.Conflict(f"Volume {volume.name} is {state}.", code="volume_not_ready")
         try:

@@ -22,7 +22,7 @@ from .driver import DriverError, RuntimeDriver
 logger = logging.getLogger(__name__)
 
 MOUNT_TIMEOUT = 30.0  # for every disk of a create to appear and mount
-FLUSH_TIMEOUT = 20.0
+FLUSH_TIMEOUT = 10.0  # a guest that never answers delays its own destroy this long, no more
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class Attachment:
 
 class MountFailed(DriverError):
     """The guest could not mount a volume (its disk never appeared, or mount refused it)."""
+
+
+class MountRefused(MountFailed):
+    """The request's mount path is not one the guest can mount at (a symlink on the way)."""
 
 
 def attach_and_mount(
@@ -58,7 +62,9 @@ def attach_and_mount(
         )
     except AgentError as exc:
         detail = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
-        raise MountFailed(f"the guest could not mount its volumes: {detail}") from exc
+        code = exc.body.get("error") if isinstance(exc.body, dict) else None
+        kind = MountRefused if code == "mount_path_symlink" else MountFailed
+        raise kind(f"the guest could not mount its volumes: {detail}") from exc
 
 
 def flush(client: AgentClient) -> bool:

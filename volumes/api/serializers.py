@@ -13,11 +13,12 @@ from rest_framework import serializers
 
 from sandboxes.api.requests import MetadataField
 from volumes.models import Volume
-from watasu import errors
+from watasu import errors, ids
 from watasu.api.fields import ClosedSerializer, LenientField, OptionalTextField, StrictBooleanField, refusal
 
 MAX_ID = 2**32 - 2  # uid/gid: 32 bits, (uid_t)-1 means "unchanged" to the kernel
 MAX_DEPTH = 16
+MAX_PATH_DEPTH = 128
 
 
 class VolumeSerializer(serializers.ModelSerializer[Volume]):
@@ -64,7 +65,7 @@ class OwnerIdField(LenientField):
 
     def to_internal_value(self, data: Any) -> int:
         if isinstance(data, bool) or not isinstance(data, int) or not 0 <= data <= MAX_ID:
-            raise refusal(f"{self.field_name} must be a whole number from 0 to {MAX_ID}.")
+            raise refusal(f"{self.field_name} must be a whole number from 0 to {MAX_ID}.", "invalid_argument")
         return data
 
 
@@ -78,15 +79,35 @@ class ModeField(LenientField):
         try:
             return engine.parse_mode(data)
         except engine.EngineError as exc:
-            raise refusal(f"mode: {exc.message}", "invalid_mode") from exc
+            raise refusal(exc.message, "invalid_mode") from exc
 
 
 class PathField(serializers.CharField):
+    """A path inside a volume (checked in full by the engine), at most MAX_PATH_DEPTH deep:
+    each level of a path costs the engine work, so a request cannot ask for thousands."""
+
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("max_length", 4096)
         kwargs.setdefault("trim_whitespace", False)
         kwargs.setdefault("help_text", "Absolute path inside the volume, rooted at its root")
         super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        path = super().to_internal_value(data)
+        if path.count("/") > MAX_PATH_DEPTH:
+            raise refusal(f"path is deeper than {MAX_PATH_DEPTH} levels.", "invalid_path")
+        return path
+
+
+@extend_schema_field(OpenApiTypes.INT)
+class DepthField(LenientField):
+    def to_internal_value(self, data: Any) -> int:
+        depth = ids.count(data, maximum=MAX_DEPTH) if isinstance(data, str) else None
+        if isinstance(data, int) and not isinstance(data, bool):
+            depth = data if 0 <= data <= MAX_DEPTH else None
+        if not depth:
+            raise refusal(f"depth must be a whole number from 1 to {MAX_DEPTH}.", "invalid_argument")
+        return depth
 
 
 class PathQuerySerializer(serializers.Serializer):
@@ -95,7 +116,7 @@ class PathQuerySerializer(serializers.Serializer):
 
 class ListQuerySerializer(serializers.Serializer):
     path = PathField(required=False, default="/")
-    depth = serializers.IntegerField(required=False, default=1, min_value=1, max_value=MAX_DEPTH)
+    depth = DepthField(default=1)
 
 
 class MetadataChangeSerializer(ClosedSerializer):

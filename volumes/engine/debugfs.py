@@ -158,7 +158,7 @@ def _check_opened(output: _Output) -> None:
 
 
 def _first_error(text: bytes) -> str:
-    for line in text.decode("utf-8", "replace").splitlines():
+    for line in text.decode("utf-8", "replace").split("\n"):
         line = line.strip()
         if (
             line

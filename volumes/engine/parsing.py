@@ -12,7 +12,8 @@ from .entries import _Inode
 from .errors import Corrupt, EngineError, NoSpace, NotADirectory, NotFound, ToolFailed
 
 _HEX_LINE = re.compile(rb"^([0-7]{4,})  ((?:[0-9a-f]{4} ?){1,8})")
-_IMAP = re.compile(rb"Inode (\d+) is part of block group")
+# At a line start, so a name echoed back in the command line can never match.
+_IMAP = re.compile(rb"^Inode (\d+) is part of block group", re.MULTILINE)
 _LS_ENTRY = re.compile(rb"/(\d+)/(\d+)/(-?\d+)/(-?\d+)/([^/]*)/(\d*)/\n")  # uid/gid: %d
 
 
@@ -120,7 +121,7 @@ def _superblock(text: bytes) -> dict[str, str]:
     guest's strings: one that smuggles a newline could fake a field, so a field seen twice
     makes the superblock untrusted."""
     fields: dict[str, str] = {}
-    for line in text.decode("utf-8", "replace").splitlines():
+    for line in text.decode("utf-8", "replace").split("\n"):
         key, sep, value = line.partition(":")
         if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9 #_/()-]*", key):
             continue

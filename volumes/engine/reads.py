@@ -70,7 +70,9 @@ def _regular(walk: _Walk) -> _Inode:
     if inode.is_dir:
         raise IsADirectory(f"{_join(walk.comps)} is a directory.")
     if not st.S_ISREG(inode.mode):
-        raise NotARegularFile(f"{_join(walk.comps)} is a {inode.kind}, not a regular file.")
+        kinds = {"symlink": "a symbolic link", "directory": "a directory"}
+        what = kinds.get(inode.kind, "a device, FIFO or socket")
+        raise NotARegularFile(f"{_join(walk.comps)} is {what}, not a regular file.")
     return inode
 
 

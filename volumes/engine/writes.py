@@ -29,6 +29,7 @@ from .errors import (
     InvalidArgument,
     InvalidPath,
     IsADirectory,
+    NoSpace,
     NotFound,
     ToolFailed,
     Unsupported,
@@ -216,6 +217,7 @@ def write_file(
         if old is not None and old.is_dir:
             raise IsADirectory(f"{target} is a directory.")
         _require_writable(img)
+        _check_space(img, len(data), target)
         src = _memfd("volume-write", data)
         try:
             if old is None:
@@ -326,6 +328,21 @@ def set_metadata(
         return _read_inode(inode.ino, output.get(dump), img.inode_size, _join(comps)).entry(_join(comps))
 
 
+def _check_space(img: _Image, size: int, target: str) -> None:
+    """NoSpace unless ``size`` bytes fit while leaving the blocks the guest kernel keeps in
+    reserve (2 % of the blocks, at most 4096: ext4's reserved clusters for metadata and
+    extent conversion). debugfs would use them up; the next mount would then have none."""
+    try:
+        block = int(img.superblock["Block size"])
+        blocks, free = int(img.superblock["Block count"]), int(img.superblock["Free blocks"])
+    except (KeyError, ValueError):
+        raise Corrupt("The volume's superblock is unreadable.") from None
+    reserve = min(blocks // 50, 4096)
+    needed = -(-size // block) + 2  # the data, an extent block and a directory block at most
+    if free - needed < reserve:
+        raise NoSpace(f"Not enough space in the volume for {target}.")
+
+
 def remove(image: Path, path: str) -> None:
     """Remove the file, symlink or directory (with everything under it) at ``path``.
 
@@ -355,6 +372,9 @@ def remove(image: Path, path: str) -> None:
             for _, ino, _ in found:
                 refs[ino] = refs.get(ino, 0) + 1
             inodes.update(_inodes(img, sorted(set(refs) - {top.ino})))
+        first_ino = int(img.superblock.get("First inode", "11") or 11)
+        if any(ino < first_ino for ino in inodes):  # the journal, resize inode... linked by a guest
+            raise Corrupt(f"{target} links to one of the filesystem's own inodes; the volume is damaged.")
         xattr_blocks = _xattr_blocks(img, list(inodes.values()), refs)
         batch = _Batch(img.block_size)
         batch.add("cd", f"<{parent.ino}>")

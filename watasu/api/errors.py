@@ -61,6 +61,8 @@ REQUEST_CODES = frozenset(
         "invalid_resources",
         "invalid_path",
         "invalid_volume_mounts",
+        "invalid_mode",
+        "invalid_argument",
         "mcp_unavailable",
         "network_rules_unavailable",
         "unknown_field",

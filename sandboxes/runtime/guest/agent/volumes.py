@@ -66,6 +66,15 @@ def mount_volumes(mounts: Any, timeout: float) -> list[dict[str, str]]:
     done = []
     for m in mounts:
         device, path = _wait_for_disk(m["unit"], deadline), m["path"]
+        # The host refuses system paths by name; a symlink on the way (Debian's /var/run ->
+        # /run) would take the mount somewhere else, so the path must be the real one.
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if os.path.realpath(existing) != existing:
+            raise HttpError(
+                422, "mount_path_symlink", f"{path} goes through a symbolic link; mount at its real path"
+            )
         os.makedirs(path, exist_ok=True)
         flags = MS_NOATIME | MS_NODEV | MS_NOSUID
         if _libc.mount(device.encode(), path.encode(), b"ext4", flags, None) != 0:
