@@ -9,6 +9,7 @@ since under software emulation every fork and exec costs tens of milliseconds.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import time
@@ -76,12 +77,20 @@ def mount_volumes(mounts: Any, timeout: float) -> list[dict[str, str]]:
                 422, "mount_path_symlink", f"{path} goes through a symbolic link; mount at its real path"
             )
         os.makedirs(path, exist_ok=True)
-        flags = MS_NOATIME | MS_NODEV | MS_NOSUID
-        if _libc.mount(device.encode(), path.encode(), b"ext4", flags, None) != 0:
-            err = ctypes.get_errno()
-            raise HttpError(422, "mount_failed", f"mount {device} on {path}: {os.strerror(err)}")
+        _mount(device, path, deadline)
         done.append({"device": device, "path": path})
     return done
+
+
+def _mount(device: str, path: str, deadline: float) -> None:
+    """mount(2), retried while the new disk is still being set up: its node can exist a
+    moment before the disk answers (ENXIO), seen once in a few dozen hot-plugs under TCG."""
+    flags = MS_NOATIME | MS_NODEV | MS_NOSUID
+    while _libc.mount(device.encode(), path.encode(), b"ext4", flags, None) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.ENXIO, errno.ENODEV, errno.ENOENT) or time.monotonic() > deadline:
+            raise HttpError(422, "mount_failed", f"mount {device} on {path}: {os.strerror(err)}")
+        time.sleep(0.01)
 
 
 def freeze(paths: Any) -> list[str]:
