@@ -222,7 +222,7 @@ def _reserve(
             network_class=settings.SANDBOX_DEFAULT_NETWORK_CLASS,
             volume_mounts=[mount.as_dict() for mount in spec.volume_mounts],
         )
-        volumes_claim(sandbox=sandbox, mounts=spec.volume_mounts, volumes=volumes)
+        volumes_claim(sandbox=sandbox, volumes=volumes)
         SandboxEvent.objects.create(
             sandbox=sandbox, from_state="", to_state=S.CREATING, at=sandbox.created_at, reason="create"
         )
@@ -535,10 +535,10 @@ def sandboxes_expire(*, ids: Iterable[int], now: datetime) -> list[Sandbox]:
     leave them clean before their VMs go.
     """
     ids = list(ids)
-    holding = Sandbox.objects.filter(
-        pk__in=ids, state=S.READY, deadline_at__lte=now, held_volumes__isnull=False
+    holding = Sandbox.objects.filter(pk__in=ids, state=S.READY, deadline_at__lte=now).exclude(
+        volume_mounts=[]
     )
-    freezers = {sandbox.pk: vm.volume_freezer(sandbox) for sandbox in holding.distinct()}
+    freezers = {sandbox.pk: vm.volume_freezer(sandbox) for sandbox in holding}
     expired = sandboxes_transition(
         ids=ids,
         from_states=[S.READY],

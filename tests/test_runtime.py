@@ -216,7 +216,7 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_image(
     cache.mkdir()
     results: list[object] = []
     waiting_before = _blocked_flock_waiters()
-    with images._exclusive(cache / f".{key}.lock"):
+    with images.exclusive(cache / f".{key}.lock"):
         second = threading.Thread(target=lambda: results.append(images.build_base_image(cache, mirror)))
         second.start()
         # when the second builder misses the cache and waits for the lock

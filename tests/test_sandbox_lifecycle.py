@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from django.db import connection
 from rest_framework.test import APIClient
 
 from sandboxes.models import Sandbox, SandboxEvent, SandboxState
 from sandboxes.runtime import vm
-from tests.conftest import VM_TEST_PREFIX, Actor
+from tests.conftest import VM_TEST_PREFIX, Actor, concurrently
 from tests.sdk import run_scenario
 
 pytestmark = pytest.mark.vm
@@ -124,28 +121,6 @@ def test_sdk_drives_the_lifecycle(live_server, owner: Actor, base_version, vm_cl
 # --- concurrency on PostgreSQL ------------------------------------------------------------------
 
 
-def _concurrently(count: int, send) -> list:  # type: ignore[no-untyped-def]
-    barrier = threading.Barrier(count)
-    results: list = []
-    lock = threading.Lock()
-
-    def run() -> None:
-        try:
-            barrier.wait()
-            result = send()
-            with lock:
-                results.append(result)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    return results
-
-
 def _http_client(key: str) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
@@ -163,7 +138,7 @@ def test_concurrent_creates_with_one_key_make_one_sandbox(
         )
         return response.status_code, response.json()
 
-    results = _concurrently(20, send)
+    results = concurrently(20, send)
 
     assert Sandbox.objects.count() == 1
     created = [body for status, body in results if status == 201]
@@ -192,7 +167,7 @@ def test_concurrent_creates_never_exceed_the_quota(
         )
         return response.status_code, response.json().get("error")
 
-    results = _concurrently(30, send)
+    results = concurrently(30, send)
 
     assert sorted(results) == [(201, None)] * 5 + [(422, "sandbox_quota_exceeded")] * 25, results
     assert Sandbox.objects.filter(team=acme, state=S.READY).count() == 5

@@ -173,7 +173,7 @@ def test_files_over_the_limit_are_413(owner: Actor, settings) -> None:
 def test_a_held_volume_refuses_detached_operations_and_deletion(owner: Actor) -> None:
     volume_id = _create(owner).json()["volume"]["id"]
     holder = SandboxFactory(team=owner.personal_team, state=SandboxState.READY)
-    Volume.objects.filter(pk=volume_id).update(holder=holder, mount_path="/data")
+    Volume.objects.filter(pk=volume_id).update(holder=holder)
     client = owner.client()
 
     for response in (

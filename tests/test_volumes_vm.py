@@ -3,16 +3,13 @@ release on every way a sandbox ends, and durability across pause/resume cycles."
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from django.db import connection
 from rest_framework.test import APIClient
 
 from sandboxes import services, sweeps
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
-from tests.conftest import VM_TEST_PREFIX, Actor
+from tests.conftest import VM_TEST_PREFIX, Actor, concurrently
 from tests.sdk import run_scenario
 from volumes.models import Volume
 
@@ -57,24 +54,13 @@ def test_sdk_drives_volumes(edge, owner: Actor, base_version, vm_cleanup, settin
 def test_two_creates_mounting_one_volume_at_once_one_wins(
     require_postgres, owner: Actor, base_version, vm_cleanup
 ) -> None:
-    barrier, results, lock = threading.Barrier(2), [], threading.Lock()
+    def send():  # type: ignore[no-untyped-def]
+        response = _client(owner.write_key).post(
+            "/v1/sandboxes", {"volume_mounts": {"/data": "shared"}}, format="json"
+        )
+        return response.status_code, response.json()
 
-    def send() -> None:
-        try:
-            barrier.wait()
-            response = _client(owner.write_key).post(
-                "/v1/sandboxes", {"volume_mounts": {"/data": "shared"}}, format="json"
-            )
-            with lock:
-                results.append((response.status_code, response.json()))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=send) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    results = concurrently(2, send)
 
     statuses = sorted(status for status, _ in results)
     assert statuses == [201, 409], results

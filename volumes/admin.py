@@ -8,7 +8,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from volumes.models import Volume, VolumeUsage
-from volumes.services import volume_delete, volume_force_detach
+from volumes.services import release_if_gone, volume_delete
 from watasu import errors
 
 
@@ -71,7 +71,7 @@ class VolumeAdmin(admin.ModelAdmin):
     def force_detach(self, request: HttpRequest, queryset: QuerySet[Volume]) -> None:
         done, kept = [], []
         for volume in queryset.select_related("host"):
-            (done if volume_force_detach(volume=volume) else kept).append(volume.name)
+            (done if release_if_gone(volume) else kept).append(volume.name)
         if done:
             self.message_user(request, f"Detached: {', '.join(done)}.", messages.SUCCESS)
         if kept:

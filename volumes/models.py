@@ -45,7 +45,6 @@ class Volume(models.Model):
     holder = models.ForeignKey(
         Sandbox, null=True, blank=True, on_delete=models.PROTECT, related_name="held_volumes"
     )
-    mount_path = models.CharField(max_length=255, blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
     used_bytes = models.BigIntegerField(default=0)  # inside the filesystem, last measured
     allocated_bytes = models.BigIntegerField(default=0)  # on the host disk (sparse file blocks)
@@ -60,6 +59,13 @@ class Volume(models.Model):
 
     def __str__(self) -> str:
         return f"{self.team.slug}/{self.name}"
+
+    @property
+    def mount_path(self) -> str:
+        """Where the holder mounts it (its create's `volume_mounts`), '' when detached."""
+        if self.holder is None:
+            return ""
+        return next((m["path"] for m in self.holder.volume_mounts if m["name"] == self.name), "")
 
     @property
     def size_mb(self) -> int:

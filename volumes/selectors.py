@@ -11,7 +11,7 @@ from watasu import errors, ids
 
 
 def volumes_of_teams(*, teams: QuerySet[Team]) -> QuerySet[Volume]:
-    return Volume.objects.filter(team__in=teams).select_related("team", "host").order_by("-id")
+    return Volume.objects.filter(team__in=teams).select_related("team", "host", "holder").order_by("-id")
 
 
 def volume_get(*, user: User, id_or_name: str, team: str | None = None, write: bool = False) -> Volume:
@@ -21,7 +21,7 @@ def volume_get(*, user: User, id_or_name: str, team: str | None = None, write: b
     teams both use is a 409 naming them: the caller picks one with `team`. With `write` the
     user's role in the volume's team must allow changes (403 otherwise).
     """
-    visible = Volume.objects.select_related("team", "host").filter(team__memberships__user=user)
+    visible = Volume.objects.select_related("team", "host", "holder").filter(team__memberships__user=user)
     if team:
         visible = visible.filter(team__slug=team)
     pk = ids.db_id(id_or_name)

@@ -16,10 +16,9 @@ Who may touch an image, and when:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from sandboxes.models import Host, Sandbox, SandboxState
+from sandboxes.runtime.images import exclusive
 from teams.models import Team, User
 from teams.selectors import team_for_write
 from volumes import engine
@@ -56,19 +56,17 @@ def _image_lock(volume: Volume) -> contextlib.AbstractContextManager[None]:
     return _image_lock_at(volume.image_path)
 
 
-@contextlib.contextmanager
-def _image_lock_at(image: Path) -> Iterator[None]:
-    lock_path = image.with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _image_lock_at(image: Path) -> contextlib.AbstractContextManager[None]:
+    image.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(image.with_suffix(".lock"))
 
 
 def _local_host() -> Host:
+    """This machine's host row (registered by `make run` and the workers at start), read
+    without the registration's writes."""
+    host = Host.objects.filter(name=settings.RUNTIME_HOST_NAME).first()
+    if host is not None:
+        return host
     from sandboxes.services import host_register_local
 
     return host_register_local()
@@ -221,12 +219,12 @@ def volumes_for_mounts(*, user: User, team: Team, mounts: Iterable[Mount]) -> li
     return found
 
 
-def volumes_claim(*, sandbox: Sandbox, mounts: Iterable[Mount], volumes: Iterable[Volume]) -> None:
+def volumes_claim(*, sandbox: Sandbox, volumes: Iterable[Volume]) -> None:
     """Make `sandbox` the holder of each volume, or raise 409 `volume_in_use` naming the
     holder. Runs inside the transaction that creates the sandbox row."""
-    for mount, volume in zip(mounts, volumes, strict=True):
+    for volume in volumes:
         claimed = Volume.objects.filter(pk=volume.pk, holder__isnull=True, state=VolumeState.READY).update(
-            holder=sandbox, mount_path=mount.path, updated_at=timezone.now()
+            holder=sandbox, updated_at=timezone.now()
         )
         if claimed:
             continue
@@ -259,7 +257,7 @@ def volumes_release(*, sandbox_ids: Iterable[int]) -> int:
         with contextlib.suppress(FileNotFoundError):
             engine.give_to_tools(volume.image_path)
     return Volume.objects.filter(pk__in=[v.pk for v in held], holder_id__in=ids).update(
-        holder=None, mount_path="", updated_at=timezone.now()
+        holder=None, updated_at=timezone.now()
     )
 
 
@@ -283,11 +281,6 @@ def release_if_gone(volume: Volume) -> bool:
     released = volumes_release(sandbox_ids=[holder.pk]) > 0
     volume.refresh_from_db()
     return released
-
-
-def volume_force_detach(*, volume: Volume) -> bool:
-    """Operators: release a volume whose holder is gone (the admin's action)."""
-    return release_if_gone(volume)
 
 
 # --- detached file operations -------------------------------------------------------------
@@ -341,7 +334,8 @@ def volume_measure(volume: Volume, *, now: datetime | None = None) -> VolumeUsag
     except FileNotFoundError:
         return None
     used = volume.used_bytes
-    if volume.holder_id is None:
+    unchanged = volume.usage_measured_at is not None and volume.updated_at <= volume.usage_measured_at
+    if volume.holder_id is None and not unchanged:  # a detached change bumps updated_at
         with contextlib.suppress(errors.DomainError):
             used = detached(volume, lambda image: engine.usage(image)[0])
     Volume.objects.filter(pk=volume.pk).update(

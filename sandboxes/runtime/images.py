@@ -126,7 +126,7 @@ def build_base_image(cache_dir: Path | str = DEFAULT_CACHE_DIR, mirror: str | No
     cache_dir.chmod(0o755)
     # Two processes (`make run` beside `make test`, two workers) may miss the cache at once:
     # one builds while the other waits, then finds the image instead of building over it.
-    with _exclusive(cache_dir / f".{key}.lock"):
+    with exclusive(cache_dir / f".{key}.lock"):
         image = load_cached(final, key)
         if image is not None:
             return image
@@ -136,7 +136,7 @@ def build_base_image(cache_dir: Path | str = DEFAULT_CACHE_DIR, mirror: str | No
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def exclusive(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive lock on `lock_path` (blocking) for the block's duration."""
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -111,7 +111,7 @@ def agent_client(sandbox: Sandbox) -> AgentClient:
 def pause(sandbox: Sandbox) -> None:
     """Managed save: memory and disk kept, processes survive the pause. A sandbox holding
     volumes syncs them first: its memory may be destroyed without ever running again."""
-    if sandbox.held_volumes.exists():
+    if sandbox.volume_mounts:
         volumes.flush(agent_client(sandbox))
     driver_for(sandbox.placed_host).pause(sandbox.vm_name)
 
@@ -120,10 +120,8 @@ def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
     """What leaves a running sandbox's volumes clean before its VM is destroyed: the guest
     writes them out and freezes their filesystems. Taken while the row still holds the
     agent's credentials, called once the sandbox is certain to go (a no-op without volumes)."""
-    if sandbox.state != SandboxState.READY or not sandbox.agent_port:
-        return lambda: None
-    paths = list(sandbox.held_volumes.values_list("mount_path", flat=True))
-    if not paths:
+    paths = [mount["path"] for mount in sandbox.volume_mounts]
+    if sandbox.state != SandboxState.READY or not sandbox.agent_port or not paths:
         return lambda: None
     client = agent_client(sandbox)
 

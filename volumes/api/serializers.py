@@ -26,6 +26,7 @@ class VolumeSerializer(serializers.ModelSerializer[Volume]):
     node = serializers.CharField(source="host.name")
     size_mb = serializers.IntegerField()
     attached_sandbox_id = serializers.SerializerMethodField()
+    mount_path = serializers.CharField(help_text="Where the holder mounts it ('' when detached)")
 
     class Meta:
         model = Volume
