@@ -9,7 +9,8 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from sandboxes.models import Host, Sandbox, SandboxEvent, SandboxState, SweepRun
+from sandboxes.checkpoints import checkpoint_delete
+from sandboxes.models import Checkpoint, Host, Sandbox, SandboxEvent, SandboxState, SweepRun
 from sandboxes.runtime import driver_for
 from sandboxes.services import sandbox_destroy
 from sandboxes.sweeps import SWEEPS, sweep_run
@@ -105,10 +106,65 @@ class SandboxAdmin(admin.ModelAdmin):
         "purged_at",
         "updated_at",
         "last_error",
+        "restored_from",
     ]
     exclude = ["env_vars_encrypted", "agent_secret_encrypted"]
     inlines = [EventInline]
     actions = [force_destroy]
+
+
+@admin.action(description="Delete selected checkpoints (and free their storage)")
+def delete_checkpoints(
+    modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Checkpoint]
+) -> None:
+    count = 0
+    for checkpoint in queryset.select_related("host"):
+        checkpoint_delete(checkpoint=checkpoint)
+        count += 1
+    modeladmin.message_user(request, f"Deleted {count} checkpoint(s).", messages.SUCCESS)
+
+
+@admin.register(Checkpoint)
+class CheckpointAdmin(admin.ModelAdmin):
+    """Checkpoints with their size, source, state and expiry. Deleting goes through the
+    service (the artifact is removed with the row), never Django's own delete."""
+
+    list_display = [
+        "id",
+        "team",
+        "sandbox",
+        "name",
+        "status",
+        "size_mib",
+        "host",
+        "quiesce_mode",
+        "expires_at",
+        "created_at",
+    ]
+    list_filter = ["status", "quiesce_mode", "host"]
+    list_select_related = ["team", "sandbox", "host"]
+    search_fields = ["id", "name", "team__slug", "sandbox__id"]
+    readonly_fields = [field.name for field in Checkpoint._meta.fields] + ["local_state"]
+    actions = [delete_checkpoints]
+
+    @admin.display(description="size (MiB)")
+    def size_mib(self, checkpoint: Checkpoint) -> str:
+        return f"{checkpoint.size_bytes / 2**20:.1f}"
+
+    @admin.display(description="local state")
+    def local_state(self, checkpoint: Checkpoint) -> str:
+        return checkpoint.local_state
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
 
 
 @admin.action(description="Run the selected sweeps now")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from pathlib import Path
 
 from django.conf import settings
 from django.db import models
@@ -107,6 +108,10 @@ class Sandbox(models.Model):
     auto_resume = models.BooleanField(default=False)
     env_vars_encrypted = models.TextField(blank=True)
     volume_mounts = models.JSONField(default=list, blank=True)
+    # The checkpoint this sandbox was restored from (its disk started as a copy of it).
+    restored_from = models.ForeignKey(
+        "Checkpoint", null=True, blank=True, on_delete=models.SET_NULL, related_name="restores"
+    )
     network_class = models.CharField(max_length=32, default="standard")
     network_policy = models.JSONField(default=dict, blank=True)
     route_token = models.CharField(max_length=32, unique=True, default=new_route_token)
@@ -183,3 +188,74 @@ class SweepRun(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class QuiesceMode(models.TextChoices):
+    GUEST = "guest"  # the guest's root filesystem is frozen (flushed) around the capture
+    CRASH = "crash"  # no quiescing: what a power cut would leave
+
+
+class CheckpointStatus(models.TextChoices):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Checkpoint(models.Model):
+    """A disk checkpoint of a running sandbox (the API's "snapshot"): its root disk as it was,
+    restorable into new sandboxes.
+
+    The artifact is one qcow2 file on the host whose only backing file is the template
+    version's disk: it depends on nothing the source sandbox owns, so destroying the
+    source (or its expiry or loss) leaves it whole. The template version is protected
+    while a checkpoint of it exists, and the retention sweep keeps the version's files.
+    Volumes are separate disks and are never part of a checkpoint.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="checkpoints")
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.PROTECT, related_name="checkpoints")
+    template_version = models.ForeignKey(
+        "templates_app.TemplateVersion", on_delete=models.PROTECT, related_name="checkpoints"
+    )
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="checkpoints")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    name = models.CharField(max_length=200, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    quiesce_mode = models.CharField(max_length=8, choices=QuiesceMode.choices, default=QuiesceMode.GUEST)
+    status = models.CharField(
+        max_length=8, choices=CheckpointStatus.choices, default=CheckpointStatus.PENDING, db_index=True
+    )
+    # The source's shape when captured: what a restore starts with.
+    cpu_count = models.PositiveSmallIntegerField()
+    memory_mb = models.PositiveIntegerField()
+    size_bytes = models.BigIntegerField(default=0, help_text="Disk space the artifact takes")
+    error = models.TextField(blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["team", "-id"], name="checkpoint_team_newest"),
+            models.Index(fields=["sandbox", "-id"], name="checkpoint_sandbox_newest"),
+        ]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.pk} of sandbox {self.sandbox_id} ({self.status})"
+
+    @property
+    def path(self) -> Path:
+        """The artifact: ``<host data dir>/checkpoints/<id>.qcow2``."""
+        return Path(self.host.data_dir) / "checkpoints" / f"{self.pk}.qcow2"
+
+    @property
+    def local_state(self) -> str:
+        """Where the artifact is: `present` on its host, `capturing`, `missing` (a ready
+        checkpoint whose file is gone, e.g. its host's disk was lost) or `none` (failed)."""
+        if self.status == CheckpointStatus.PENDING:
+            return "capturing"
+        if self.status == CheckpointStatus.FAILED:
+            return "none"
+        return "present" if self.path.exists() else "missing"

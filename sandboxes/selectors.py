@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
-from sandboxes.models import RUNTIME_STATES, Sandbox, SandboxState
+from sandboxes.models import RUNTIME_STATES, Checkpoint, CheckpointStatus, Sandbox, SandboxState
 from teams.models import Team, User
 from teams.selectors import team_for_write
 from watasu import errors, ids
@@ -189,3 +190,56 @@ def sandbox_port(*, sandbox: Sandbox, port: int) -> dict[str, object]:
         "protocol": "http",
         "public": bool(sandbox.network_policy.get("allow_public_traffic", True)),
     }
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoints_live() -> QuerySet[Checkpoint]:
+    """Checkpoints that exist for their users: failed ones stay listed (with their error)
+    until the retention sweep removes them; expired ones are gone at once."""
+    now = timezone.now()
+    return Checkpoint.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now)).select_related(
+        "host", "sandbox"
+    )
+
+
+def checkpoints_of_teams(*, teams: QuerySet[Team], sandbox_id: str | None = None) -> QuerySet[Checkpoint]:
+    """Newest first; with `sandbox_id` only that sandbox's (an id that names none: none)."""
+    team_ids = list(teams.values_list("pk", flat=True))
+    found = checkpoints_live().filter(team_id__in=team_ids)
+    if sandbox_id is not None:
+        pk = ids.db_id(sandbox_id)
+        found = found.filter(sandbox_id=pk) if pk is not None else found.none()
+    return found.order_by("-id")
+
+
+def checkpoint_get(
+    *, user: User, checkpoint_id: str, sandbox: Sandbox | None = None, write: bool = False
+) -> Checkpoint:
+    """A checkpoint of one of the user's teams (and of `sandbox` when given); anything
+    else, malformed ids included, is 404."""
+    checkpoint = None
+    if (pk := ids.db_id(checkpoint_id)) is not None:
+        found = checkpoints_live().filter(pk=pk, team__memberships__user=user)
+        if sandbox is not None:
+            found = found.filter(sandbox=sandbox)
+        checkpoint = found.select_related("team", "template_version").first()
+    if checkpoint is None:
+        raise errors.NotFound(f"Checkpoint {checkpoint_id} not found.", code="checkpoint_not_found")
+    if write:
+        team_for_write(user=user, slug=checkpoint.team.slug)
+    return checkpoint
+
+
+def checkpoint_for_create(*, user: User, team_slug: str | None, selector: str) -> Checkpoint | None:
+    """The checkpoint a create's `snapshot_id` (or a template string that names no
+    template) means: an id, else the newest checkpoint of that name; in the team named, or
+    in any team of the user when none is. Failed checkpoints are never chosen."""
+    found = checkpoints_live().exclude(status=CheckpointStatus.FAILED).filter(team__memberships__user=user)
+    if team_slug:
+        found = found.filter(team__slug=team_slug)
+    found = found.select_related("team", "template_version").order_by("-id")
+    if (pk := ids.db_id(selector)) is not None and (checkpoint := found.filter(pk=pk).first()) is not None:
+        return checkpoint
+    return found.filter(name=selector).first() if selector else None

@@ -22,13 +22,22 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
-from sandboxes.models import RUNTIME_STATES, Host, HostState, Sandbox, SandboxEvent, SandboxState
+from sandboxes.models import (
+    RUNTIME_STATES,
+    Checkpoint,
+    CheckpointStatus,
+    Host,
+    HostState,
+    Sandbox,
+    SandboxEvent,
+    SandboxState,
+)
 from sandboxes.placement import host_has_room, host_place
 from sandboxes.runtime import vm
 from sandboxes.runtime.volumes import Attachment, MountRefused
-from sandboxes.selectors import QuotaReservation, team_quota
+from sandboxes.selectors import QuotaReservation, checkpoint_for_create, team_quota
 from sandboxes.sessions import Session, session_mint
-from sandboxes.specs import CreateSpec
+from sandboxes.specs import CreateSpec, Lifecycle
 from teams.models import Team, User
 from teams.selectors import team_for_write
 from templates_app.models import TemplateVersion
@@ -119,7 +128,7 @@ def sandbox_gone(sandbox_id: object) -> errors.NotFound:
     return errors.NotFound(destroyed_message(sandbox_id), code="sandbox_not_found")
 
 
-def _state_conflict(sandbox: Sandbox, action: str) -> errors.DomainError:
+def state_conflict(sandbox: Sandbox, action: str) -> errors.DomainError:
     sandbox.refresh_from_db(fields=["state"])
     state = sandbox.state
     if state == S.DESTROYED:
@@ -171,8 +180,6 @@ def _lock_team(team: Team) -> None:
 
 
 def _resolve_version(team: Team, spec: CreateSpec) -> TemplateVersion:
-    if spec.snapshot_id is not None:
-        raise errors.Invalid(f"Snapshot '{spec.snapshot_id}' not found.", code="template_not_found")
     if spec.template_version_id is not None:
         return template_version_by_id(team=team, version_id=spec.template_version_id)
     return template_version_resolve(team=team, selector=spec.template or "base")
@@ -192,13 +199,27 @@ def _hosts_for(version: TemplateVersion, volumes: list[Volume]) -> list[int]:
 
 
 def _reserve(
-    *, team: Team, user: User, version: TemplateVersion, spec: CreateSpec, volumes: list[Volume]
+    *,
+    team: Team,
+    user: User,
+    version: TemplateVersion,
+    spec: CreateSpec,
+    volumes: list[Volume],
+    checkpoint: Checkpoint | None = None,
 ) -> Sandbox:
-    """Quota check, placement, the `creating` row and its volume claims, under the team
-    and host locks."""
+    """Quota check, placement, the `creating` row (`restoring` from a checkpoint, on the
+    checkpoint's host) and its volume claims, under the team and host locks."""
     cpu = spec.cpu_count or version.cpu
     memory_mb = spec.memory_mb or version.memory_mb
     among = _hosts_for(version, volumes)
+    if checkpoint is not None:
+        if among and among != [checkpoint.host_id]:
+            raise errors.Invalid(
+                "The checkpoint and the volumes of this request are on different hosts.",
+                code="volume_host_mismatch",
+            )
+        among = [checkpoint.host_id]
+    state = S.RESTORING if checkpoint is not None else S.CREATING
     with transaction.atomic():
         _lock_team(team)
         _quota_check(team, cpu, memory_mb)
@@ -207,7 +228,8 @@ def _reserve(
             team=team,
             created_by=user,
             host=host,
-            state=S.CREATING,
+            state=state,
+            restored_from=checkpoint,
             template=version.template,
             template_version=version,
             name=spec.name,
@@ -223,8 +245,9 @@ def _reserve(
             volume_mounts=[mount.as_dict() for mount in spec.volume_mounts],
         )
         volumes_claim(sandbox=sandbox, volumes=volumes)
+        reason = "create" if checkpoint is None else f"restore of checkpoint {checkpoint.pk}"
         SandboxEvent.objects.create(
-            sandbox=sandbox, from_state="", to_state=S.CREATING, at=sandbox.created_at, reason="create"
+            sandbox=sandbox, from_state="", to_state=state, at=sandbox.created_at, reason=reason
         )
     return sandbox
 
@@ -234,7 +257,7 @@ def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
     sandbox_purge(sandbox)
     sandbox_transition(
         sandbox=sandbox,
-        from_states=[S.CREATING],
+        from_states=[S.CREATING, S.RESTORING],
         to_state=S.FAILED,
         reason="start failed",
         last_error=str(exc)[:2000],
@@ -244,21 +267,58 @@ def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
 
 
 def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
-    """Create a sandbox and block until its data plane is usable."""
+    """Create a sandbox and block until its data plane is usable.
+
+    `snapshot_id`, or a template string that names no template but a checkpoint, creates
+    from that checkpoint (`sandbox_restore`)."""
+    if spec.snapshot_id is not None:
+        checkpoint = checkpoint_for_create(user=user, team_slug=spec.team, selector=str(spec.snapshot_id))
+        if checkpoint is None:
+            raise errors.Invalid(f"Snapshot '{spec.snapshot_id}' not found.", code="template_not_found")
+        return sandbox_restore(user=user, checkpoint=checkpoint, spec=spec)
     team = team_for_write(user=user, slug=spec.team)
-    version = _resolve_version(team, spec)
+    try:
+        version = _resolve_version(team, spec)
+    except errors.Invalid as exc:
+        # Spec 6.4: a template string that names no template may name a checkpoint.
+        if exc.code != "template_not_found" or spec.template_version_id is not None or not spec.template:
+            raise
+        checkpoint = checkpoint_for_create(user=user, team_slug=spec.team, selector=spec.template)
+        if checkpoint is None:
+            raise
+        return sandbox_restore(user=user, checkpoint=checkpoint, spec=spec)
     # The template's own env (build_spec.env) is the default; the request's wins.
     env_vars = {**version.build_env(), **spec.env_vars}
-    spec = dataclasses.replace(spec, env_vars=env_vars)
+    return _launch(user=user, team=team, version=version, spec=dataclasses.replace(spec, env_vars=env_vars))
+
+
+def _launch(
+    *,
+    user: User,
+    team: Team,
+    version: TemplateVersion,
+    spec: CreateSpec,
+    checkpoint: Checkpoint | None = None,
+) -> tuple[Sandbox, Session]:
+    """Reserve, start (from the template's memory snapshot, or on a copy of the
+    checkpoint's disk), mount the volumes; `ready` with a session, or `failed` and no VM."""
     volumes = volumes_for_mounts(user=user, team=team, mounts=spec.volume_mounts)
-    sandbox = _reserve(team=team, user=user, version=version, spec=spec, volumes=volumes)
+    sandbox = _reserve(
+        team=team, user=user, version=version, spec=spec, volumes=volumes, checkpoint=checkpoint
+    )
     attachments = [
         Attachment(unit=unit, image=volume.image_path, path=mount.path)
         for unit, (mount, volume) in enumerate(zip(spec.volume_mounts, volumes, strict=True))
     ]
     try:
         wait_for_detached_operations(volumes)
-        started = vm.start(sandbox, version, env_vars=spec.env_vars, attachments=attachments)
+        started = vm.start(
+            sandbox,
+            version,
+            env_vars=spec.env_vars,
+            attachments=attachments,
+            checkpoint=checkpoint.path if checkpoint is not None else None,
+        )
     except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
         failure = _fail_start(sandbox, exc)
         if isinstance(exc, MountRefused):  # the request's fault, found only in the guest
@@ -267,9 +327,9 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
     now = timezone.now()
     if not sandbox_transition(
         sandbox=sandbox,
-        from_states=[S.CREATING],
+        from_states=[S.CREATING, S.RESTORING],
         to_state=S.READY,
-        reason="started",
+        reason="started" if checkpoint is None else "restored",
         started_at=now,
         ready_at=now,
         deadline_at=now + timedelta(seconds=sandbox.timeout),
@@ -277,8 +337,87 @@ def sandbox_create(*, user: User, spec: CreateSpec) -> tuple[Sandbox, Session]:
         agent_secret_encrypted=crypto.encrypt_text(started.agent_secret),
     ):
         vm.destroy(sandbox)  # destroyed while we were starting it
-        raise _state_conflict(sandbox, "start")
+        raise state_conflict(sandbox, "start")
     return sandbox, session_mint(sandbox=sandbox)
+
+
+# --- restore (a checkpoint into a new sandbox) ----------------------------------------------
+
+NETWORK_KEYS = frozenset(
+    {"allow_internet_access", "allow_package_registry_access", "allow_public_traffic", "network"}
+)
+
+
+def checkpoint_wait_ready(checkpoint: Checkpoint, *, wait: float | None = None) -> Checkpoint:
+    """The checkpoint once its capture has finished: 409 `checkpoint_not_ready` if it has
+    not within `wait` (default WATASU_CHECKPOINT_WAIT_SECONDS), 422 `checkpoint_failed`
+    if it failed, 409 `checkpoint_missing` if its file is gone."""
+    limit = settings.CHECKPOINT_WAIT_SECONDS if wait is None else wait
+    deadline = time.monotonic() + limit
+    while checkpoint.status == CheckpointStatus.PENDING and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if not Checkpoint.objects.filter(pk=checkpoint.pk).exists():
+            raise errors.NotFound(f"Checkpoint {checkpoint.pk} not found.", code="checkpoint_not_found")
+        checkpoint.refresh_from_db()
+    if checkpoint.status == CheckpointStatus.PENDING:
+        raise errors.Conflict(
+            f"Checkpoint {checkpoint.pk} is still being captured; try again shortly.",
+            code="checkpoint_not_ready",
+        )
+    if checkpoint.status == CheckpointStatus.FAILED:
+        raise errors.Invalid(
+            f"Checkpoint {checkpoint.pk} failed and cannot be restored: {checkpoint.error}",
+            code="checkpoint_failed",
+        )
+    if checkpoint.local_state != "present":
+        raise errors.Conflict(
+            f"The disk of checkpoint {checkpoint.pk} is missing from host {checkpoint.host.name}.",
+            code="checkpoint_missing",
+        )
+    return checkpoint
+
+
+def restore_spec(checkpoint: Checkpoint, spec: CreateSpec | None) -> CreateSpec:
+    """What a sandbox restored from `checkpoint` asks for: the source's shape (as
+    captured), lifecycle, network policy, env and metadata, then whatever the request
+    gave (`spec.given`): metadata and env merged over the source's, the rest replacing it.
+    Volumes are never inherited (the source may still hold them): only the request's."""
+    source = checkpoint.sandbox
+    given = spec.given if spec is not None else frozenset()
+    spec = spec or CreateSpec(timeout=source.timeout)
+    source_env = crypto.decrypt_json(source.env_vars_encrypted) if source.env_vars_encrypted else {}
+    lifecycle = spec.lifecycle
+    if not given & {"lifecycle", "auto_pause"}:
+        lifecycle = Lifecycle(on_timeout=source.on_timeout, auto_resume=source.auto_resume)
+    return dataclasses.replace(
+        spec,
+        team=checkpoint.team.slug,
+        cpu_count=spec.cpu_count or checkpoint.cpu_count,
+        memory_mb=spec.memory_mb or checkpoint.memory_mb,
+        timeout=spec.timeout if "timeout" in given else source.timeout,
+        lifecycle=lifecycle,
+        env_vars={**source_env, **spec.env_vars},
+        metadata={**source.metadata, **spec.metadata},
+        network_policy=spec.network_policy if given & NETWORK_KEYS else dict(source.network_policy),
+    )
+
+
+def sandbox_restore(
+    *, user: User, checkpoint: Checkpoint, spec: CreateSpec | None = None
+) -> tuple[Sandbox, Session]:
+    """A new sandbox on a copy of the checkpoint's disk, in the checkpoint's team (the
+    source is untouched); blocks until usable, as a create does. Quota and placement are a
+    create's; the sandbox runs on the checkpoint's host."""
+    team = team_for_write(user=user, slug=checkpoint.team.slug)
+    checkpoint = checkpoint_wait_ready(checkpoint)
+    version = checkpoint.template_version
+    if not version.artifact_dir:
+        raise errors.Conflict(
+            f"The template files checkpoint {checkpoint.pk} builds on are gone.", code="checkpoint_missing"
+        )
+    return _launch(
+        user=user, team=team, version=version, spec=restore_spec(checkpoint, spec), checkpoint=checkpoint
+    )
 
 
 # --- pause / resume -------------------------------------------------------------------
@@ -316,7 +455,7 @@ def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause", due_by: datetime |
     if not sandbox_transition(
         sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING, reason=reason, where=where
     ):
-        raise _state_conflict(sandbox, "pause")
+        raise state_conflict(sandbox, "pause")
     _runtime_step(sandbox, vm.pause, what="pause", during=S.STOPPING, back_to=S.READY)
     if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED, reason=reason):
         vm.destroy(sandbox)  # destroyed while pausing
@@ -395,7 +534,7 @@ def _restart(sandbox: Sandbox, timeout: int) -> None:
         deadline_at=now + timedelta(seconds=timeout),
     ):
         vm.destroy(sandbox)
-        raise _state_conflict(sandbox, "resume")
+        raise state_conflict(sandbox, "resume")
 
 
 def sandbox_resume(
@@ -421,10 +560,10 @@ def sandbox_resume(
         if not Sandbox.objects.filter(pk=sandbox.pk, state=S.READY).update(
             deadline_at=Greatest(Coalesce("deadline_at", wanted), wanted), updated_at=timezone.now()
         ):
-            raise _state_conflict(sandbox, "resume")  # paused or expired since we looked
+            raise state_conflict(sandbox, "resume")  # paused or expired since we looked
         sandbox.refresh_from_db()
     if sandbox.state != S.READY:
-        raise _state_conflict(sandbox, "resume")
+        raise state_conflict(sandbox, "resume")
     return sandbox, session_mint(sandbox=sandbox)
 
 
@@ -450,7 +589,7 @@ def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
     else:
         changed = 0
     if not changed:
-        raise _state_conflict(sandbox, "change its timeout")
+        raise state_conflict(sandbox, "change its timeout")
     sandbox.refresh_from_db()
     return sandbox
 

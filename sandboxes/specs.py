@@ -39,6 +39,8 @@ class CreateSpec:
     volume_mounts: tuple[Mount, ...] = ()
     allow_internet_access: bool = True
     network_policy: dict[str, Any] = field(default_factory=dict)
+    # The top-level keys the request had: a restore keeps the source's value of any other.
+    given: frozenset[str] = frozenset()
 
 
 # --- checks shared by the request serializers and the build specs (domain rules) ----------

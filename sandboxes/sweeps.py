@@ -121,9 +121,10 @@ def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
         )
 
     now = timezone.now()
-    if state == S.CREATING:
-        # The process that was creating it died holding the new agent secret: the VM,
-        # if any, cannot be handed out. The create failed; then its VM is removed.
+    if state == S.CREATING or (state == S.RESTORING and sandbox.started_at is None):
+        # The process that was creating it (or restoring a checkpoint into it) died holding
+        # the new agent secret: the VM, if any, cannot be handed out. The create failed;
+        # then its VM is removed.
         if not move(
             S.FAILED,
             "create interrupted",
@@ -445,6 +446,9 @@ def register() -> None:
         ("retention", retention_sweep),
     ):
         registry.register_sweep(name, sweep)
+    from sandboxes.checkpoints import checkpoints_retention  # it builds on this module
+
+    registry.register_retention(checkpoints_retention)
 
 
 def sweep_run(name: str, *, now: datetime | None = None) -> Result:

@@ -16,7 +16,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import ProtectedError
 
-from sandboxes.models import Host, HostState, Sandbox
+from sandboxes.models import Checkpoint, Host, HostState, Sandbox
 from sandboxes.sweeps import old_enough_to_purge
 from templates_app.builds import builds_sweep
 from templates_app.layers import drop_built_on, drop_missing, layers_dir
@@ -89,9 +89,10 @@ def _build_cache(host: Host, now: datetime) -> tuple[int, int]:
 
 
 def _deleted_versions(host: Host) -> int:
-    """Files of deleted template versions (and of deleted templates' versions) nothing
-    references any more; the build layers on such a version go first, as no build can
-    start from it again (unless a build runs now: its newest layer may build on it)."""
+    """Files of deleted template versions (and of deleted templates' versions) nothing (no
+    sandbox, no checkpoint) references any more; the build layers on such a version go
+    first, as no build can start from it again (unless a build runs now: its newest layer
+    may build on it)."""
     templates_root = (Path(host.data_dir) / "templates").resolve()
     removed = 0
     building = TemplateVersion.objects.filter(status=VersionStatus.BUILDING).exists()
@@ -99,6 +100,8 @@ def _deleted_versions(host: Host) -> int:
     for version in deleted:
         if Sandbox.objects.filter(template_version=version, purged_at__isnull=True).exists():
             continue  # stopped sandboxes run on its disk
+        if Checkpoint.objects.filter(template_version=version).exists():
+            continue  # checkpoints are layers on its disk
         if not building:
             drop_built_on(version)
         if version.child_layers.exists():

@@ -26,6 +26,7 @@ class FakeDomain:
     disk_path: Path
     status: str  # running | saved | shutoff
     scsi: dict[int, Path] = field(default_factory=dict)
+    chain: list[Path] = field(default_factory=list)  # the layers below disk_path, top first
 
 
 class FakeDriver:
@@ -85,11 +86,33 @@ class FakeDriver:
         self.forget(name)
         disk.unlink(missing_ok=True)
 
-    def snapshot_disk(self, name: str, new_top: Path) -> Path:
+    def snapshot_disk(self, name: str, new_top: Path, *, qemu_uid: int | None = None) -> Path:
         domain = self._domain(name)
         old_top, domain.disk_path = domain.disk_path, new_top
+        domain.chain.insert(0, old_top)
         new_top.write_bytes(b"")
         return old_top
+
+    def commit_disk(self, name: str, base: Path) -> None:
+        domain = self._domain(name)
+        if domain.disk_path == base:
+            return
+        if base not in domain.chain:
+            raise DriverError(f"{base} is not in the disk chain of {name}")
+        merged = [domain.disk_path, *domain.chain[: domain.chain.index(base)]]
+        with base.open("ab") as out:
+            for layer in reversed(merged):
+                out.write(layer.read_bytes())
+                layer.unlink(missing_ok=True)
+        domain.disk_path, domain.chain = base, domain.chain[domain.chain.index(base) + 1 :]
+
+    def export_disk(self, layer: Path, dest: Path) -> None:
+        shutil.copyfile(layer, dest)
+        dest.chmod(0o600)
+
+    def import_disk(self, source: Path, dest: Path, *, qemu_uid: int | None) -> None:
+        shutil.copyfile(source, dest)
+        dest.chmod(0o600)
 
     def attach_disk(self, name: str, image: Path, unit: int, *, qemu_uid: int | None) -> None:
         domain = self._domain(name)

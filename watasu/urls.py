@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from sandboxes.api import checkpoints as checkpoint_views
 from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
 from templates_app.api import views as template_views
@@ -49,6 +50,37 @@ api_v1 = [
         "sandboxes/<str:sandbox_id>/files/download_url",
         sandbox_views.SandboxDownloadUrlView.as_view(),
         name="sandbox-download-url",
+    ),
+    path(
+        "sandboxes/<str:sandbox_id>/snapshots",
+        checkpoint_views.SandboxSnapshotsView.as_view(),
+        name="sandbox-snapshots",
+    ),
+    path(
+        "sandboxes/<str:sandbox_id>/snapshots/<str:checkpoint_id>",
+        checkpoint_views.SandboxCheckpointDetailView.as_view(),
+        name="sandbox-snapshot-detail",
+    ),
+    path(
+        "sandboxes/<str:sandbox_id>/checkpoints",
+        checkpoint_views.SandboxCheckpointsView.as_view(),
+        name="sandbox-checkpoints",
+    ),
+    path(
+        "sandboxes/<str:sandbox_id>/checkpoints/<str:checkpoint_id>",
+        checkpoint_views.SandboxCheckpointDetailView.as_view(),
+        name="sandbox-checkpoint-detail",
+    ),
+    path(
+        "sandboxes/<str:sandbox_id>/restore",
+        checkpoint_views.SandboxRestoreView.as_view(),
+        name="sandbox-restore",
+    ),
+    path("sandbox_snapshots", checkpoint_views.SnapshotListView.as_view(), name="snapshot-list"),
+    path(
+        "sandbox_snapshots/<str:snapshot_id>",
+        checkpoint_views.SnapshotDetailView.as_view(),
+        name="snapshot-detail",
     ),
     path("sandbox_templates", template_views.SandboxTemplateListView.as_view(), name="sandbox-template-list"),
     path(

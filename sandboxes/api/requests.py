@@ -373,6 +373,7 @@ class SandboxCreateSerializer(_NetworkFields):
                 "allow_out": [],
                 "deny_out": [],
             },
+            given=frozenset(self.initial_data) if isinstance(self.initial_data, dict) else frozenset(),
         )
 
 

@@ -90,7 +90,7 @@ def sandbox_representation(sandbox: Sandbox) -> dict[str, Any]:
         "template": {"id": template.pk, "slug": template.slug, "name": template.name} if template else None,
         "template_version_id": version.pk if version else None,
         "template_version": version.version if version else None,
-        "snapshot_id": None,
+        "snapshot_id": sandbox.restored_from_id,
         "name": sandbox.name,
         "metadata": sandbox.metadata,
         "timeout": sandbox.timeout,

@@ -115,8 +115,12 @@ def _running(sandbox: Sandbox, *, resume: bool, role: str) -> Upstream:
     return _upstream(sandbox, role)
 
 
+# The guest answers in these states (a checkpoint copies the disk of a running guest).
+SERVING_STATES = frozenset({S.READY, S.CHECKPOINTING})
+
+
 def _upstream(sandbox: Sandbox, role: str) -> Upstream:
-    if sandbox.state != S.READY or not sandbox.agent_port:
+    if sandbox.state not in SERVING_STATES or not sandbox.agent_port:
         raise EdgeError(
             409, "sandbox_not_running", f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first."
         )
@@ -132,7 +136,7 @@ def resume_upstream(sandbox_id: int, role: str, wait: float) -> Upstream:
     if sandbox is None:
         raise EdgeError(404, "sandbox_not_found", f"Sandbox {sandbox_id} no longer exists.")
     _refuse_destroyed(sandbox)
-    if sandbox.state != S.READY:
+    if sandbox.state not in SERVING_STATES:
         try:
             sandbox, _ = services.sandbox_resume(sandbox=sandbox, wait=wait)
         except errors.DomainError as exc:

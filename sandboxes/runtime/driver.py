@@ -123,9 +123,22 @@ class RuntimeDriver(Protocol):
         """Stop and undefine the domain but keep its disk (template builds, failed sandboxes).
         Idempotent."""
 
-    def snapshot_disk(self, name: str, new_top: Path) -> Path:
-        """Freeze the running disk as a layer; the domain writes to ``new_top`` from now on.
-        Returns the frozen layer (the previous top)."""
+    def snapshot_disk(self, name: str, new_top: Path, *, qemu_uid: int | None = None) -> Path:
+        """Freeze the running disk as a layer; the domain writes to ``new_top`` from now on
+        (a file of ``qemu_uid``, as in its ``VmSpec``). Returns the frozen layer (the
+        previous top)."""
+
+    def commit_disk(self, name: str, base: Path) -> None:
+        """Merge the running domain's disk layers above ``base`` back into ``base``, which
+        the domain writes to again; the merged layers are deleted. A no-op when ``base`` is
+        the top; ``DriverError`` when ``base`` is not in the domain's chain."""
+
+    def export_disk(self, layer: Path, dest: Path) -> None:
+        """Copy a layer no domain writes any more to ``dest`` (for the host only), atomically."""
+
+    def import_disk(self, source: Path, dest: Path, *, qemu_uid: int | None) -> None:
+        """Copy the qcow2 ``source`` to ``dest`` as a new domain's disk (its backing file
+        kept), atomically, owned by ``qemu_uid``'s QEMU."""
 
     def attach_disk(self, name: str, image: Path, unit: int, *, qemu_uid: int | None) -> None:
         """Hot-plug the raw disk ``image`` into the running domain as SCSI unit ``unit`` of

@@ -15,7 +15,9 @@ import pwd
 import shutil
 import subprocess
 import threading
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -29,6 +31,8 @@ AGENT_GUEST_PORT = 49983
 DEFAULT_URI = "qemu:///system"
 DEFAULT_STATE_DIR = Path("/var/lib/watasu/sandboxes")
 QEMU_IMG_TIMEOUT = 60.0
+COPY_TIMEOUT = 600.0
+COMMIT_TIMEOUT = 120.0
 KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 3  # a hung libvirtd fails calls after ~20 s
 
 STATES = {
@@ -117,6 +121,35 @@ def create_overlay(backing: Path, dest: Path, user: str, uid: int | None = None)
     )
     dest.chmod(0o600)
     give_to_qemu(dest, user, uid)
+
+
+def copy_sparse(source: Path, dest: Path) -> None:
+    """Copy a file keeping its holes (a qcow2 of a 4 GiB disk is mostly holes) and sync it."""
+    subprocess.run(
+        ["cp", "--sparse=always", "--reflink=auto", "--", str(source), str(dest)],
+        check=True,
+        capture_output=True,
+        timeout=COPY_TIMEOUT,
+    )
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_atomically(source: Path, dest: Path, own: Callable[[Path], None]) -> None:
+    """``source`` to ``dest`` through a temporary name: synced, mode 0600, owned by ``own``,
+    then renamed, so ``dest`` never exists half-written."""
+    tmp = dest.with_name(f".{dest.name}.copy")
+    try:
+        copy_sparse(source, tmp)
+        tmp.chmod(0o600)
+        own(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def dac_label(uid: int, user: str) -> str:
@@ -326,7 +359,7 @@ class LibvirtDriver:
         src = root.find("./devices/disk/source")
         return Path(src.get("file", "")) if src is not None and src.get("file") else None
 
-    def snapshot_disk(self, name: str, new_top: Path) -> Path:
+    def snapshot_disk(self, name: str, new_top: Path, *, qemu_uid: int | None = None) -> Path:
         """Switch a running domain's disk to a fresh overlay ``new_top``; returns the old top.
 
         The old top stops changing the moment this returns, so it is a layer: everything
@@ -338,10 +371,14 @@ class LibvirtDriver:
         old_top = self._disk_path(name)
         if old_top is None:
             raise DomainNotFound(name)
-        create_overlay(old_top, new_top, self.qemu_user)
+        create_overlay(old_top, new_top, self.qemu_user, qemu_uid)
+        # Only the root disk: hot-plugged volumes (raw, their own filesystems) stay as they are.
+        others = "".join(
+            f"<disk name={quoteattr(dev)} snapshot='no'/>" for dev in self._disk_targets(name) if dev != "vda"
+        )
         xml = (
             "<domainsnapshot><disks><disk name='vda' snapshot='external' type='file'>"
-            f"<driver type='qcow2'/><source file={quoteattr(str(new_top))}/></disk></disks>"
+            f"<driver type='qcow2'/><source file={quoteattr(str(new_top))}/></disk>{others}</disks>"
             "</domainsnapshot>"
         )
         flags = (
@@ -356,6 +393,71 @@ class LibvirtDriver:
             new_top.unlink(missing_ok=True)
             raise
         return old_top
+
+    def commit_disk(self, name: str, base: Path, *, timeout: float = COMMIT_TIMEOUT) -> None:
+        """Merge the running domain's disk layers above ``base`` into ``base`` and make the
+        domain write to ``base`` again (an active block commit, then a pivot); the merged
+        layers are deleted. Nothing to do when ``base`` is already the top."""
+        dom = self._domain(name)
+        top = self._disk_path(name)
+        if top is None:
+            raise DomainNotFound(name)
+        if top == base:
+            return
+        merged = self._chain(name)
+        if base not in merged:
+            raise DriverError(f"{base} is not in the disk chain of {name}")
+        merged = merged[: merged.index(base)]
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        try:
+            dom.blockCommit("vda", str(base), str(top), 0, flags)
+            deadline = time.monotonic() + timeout
+            while True:
+                info = dom.blockJobInfo("vda", 0)
+                if info and info.get("end", 0) and info.get("cur") == info.get("end"):
+                    try:
+                        dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                        break
+                    except libvirt.libvirtError:  # not ready to pivot yet
+                        pass
+                if not info:
+                    raise DriverError(f"the block commit of {name} ended without a pivot")
+                if time.monotonic() > deadline:
+                    dom.blockJobAbort("vda", 0)
+                    raise DriverError(f"the block commit of {name} took over {timeout:.0f} s")
+                time.sleep(0.005)
+        except libvirt.libvirtError as exc:
+            raise DriverError(f"could not commit the disk of {name}: {exc}") from exc
+        for layer in merged:
+            layer.unlink(missing_ok=True)
+
+    def _disk_targets(self, name: str) -> list[str]:
+        root = ET.fromstring(self._domain(name).XMLDesc(0))
+        return [t.get("dev", "") for t in root.findall("./devices/disk/target")]
+
+    def _chain(self, name: str) -> list[Path]:
+        """The domain's disk files, top first, down to its immutable template disk."""
+        root = ET.fromstring(self._domain(name).XMLDesc(0))
+        chain: list[Path] = []
+        node = next(
+            (d for d in root.findall("./devices/disk") if d.find("target[@dev='vda']") is not None), None
+        )
+        while node is not None:
+            source = node.find("source")
+            if source is None or not source.get("file"):
+                break
+            chain.append(Path(source.get("file", "")))
+            node = node.find("backingStore")
+        return chain
+
+    def export_disk(self, layer: Path, dest: Path) -> None:
+        """Copy a disk layer no domain writes any more to ``dest``, for the host only (0600)."""
+        _copy_atomically(layer, dest, lambda tmp: None)
+
+    def import_disk(self, source: Path, dest: Path, *, qemu_uid: int | None) -> None:
+        """Copy the qcow2 ``source`` (its backing file kept) to ``dest`` as a new domain's
+        disk, handed to the domain's QEMU (``qemu_uid``) with mode 0600."""
+        _copy_atomically(source, dest, lambda tmp: give_to_qemu(tmp, self.qemu_user, qemu_uid))
 
     def attach_disk(self, name: str, image: Path, unit: int, *, qemu_uid: int | None) -> None:
         """Hot-plug ``image`` (raw) as SCSI unit ``unit``, live and in the definition."""

@@ -29,7 +29,7 @@ from django.conf import settings
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
-from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot
+from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot, RuntimeDriver
 from sandboxes.runtime.images import BaseImage
 from templates_app.models import TemplateVersion
 from watasu import crypto
@@ -63,14 +63,20 @@ def start(
     *,
     env_vars: dict[str, str],
     attachments: list[volumes.Attachment] | None = None,
+    checkpoint: Path | None = None,
 ) -> Started:
     """Start the sandbox's VM, hand its agent a fresh identity and mount its volumes
-    (``attachments``); blocks until ready. On failure the caller purges the VM."""
+    (``attachments``); blocks until ready. On failure the caller purges the VM.
+
+    With ``checkpoint`` (a disk checkpoint's artifact) the VM cold-boots the template
+    version's kernel on a copy of that disk: a checkpoint holds no memory."""
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
     internet = bool(sandbox.network_policy.get("allow_internet_access", True))
     uid = qemu_uid(sandbox)
-    if (snapshot.vcpus, snapshot.memory_mb) == (sandbox.cpu_count, sandbox.memory_mb):
+    if checkpoint is not None:
+        driver.import_disk(checkpoint, disk_path(sandbox), qemu_uid=uid)
+    if checkpoint is None and (snapshot.vcpus, snapshot.memory_mb) == (sandbox.cpu_count, sandbox.memory_mb):
         started = lifecycle.start_from_snapshot(
             driver,
             snapshot,
@@ -97,6 +103,60 @@ def start(
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
 
 
+def disk_path(sandbox: Sandbox) -> Path:
+    """The sandbox's root disk: an overlay on its template version's disk."""
+    return driver_for(sandbox.placed_host).state_dir / f"{sandbox.vm_name}.qcow2"
+
+
+def checkpoint(sandbox: Sandbox, dest: Path, *, quiesce: bool) -> int:
+    """Copy the running sandbox's root disk to ``dest`` (a qcow2 on the template version's
+    disk); returns the bytes it takes. The guest keeps running throughout.
+
+    The disk is switched to a fresh top layer (~30 ms; with ``quiesce`` the guest's root
+    filesystem is frozen around the switch only, so what it wrote is in), the now
+    unchanging layer below is copied, and the top is merged back into it, so the chain
+    never grows. A freeze the host fails to lift is lifted by the guest itself after
+    ``WATASU_CHECKPOINT_FREEZE_SECONDS``."""
+    driver = driver_for(sandbox.placed_host)
+    name, base = sandbox.vm_name, disk_path(sandbox)
+    driver.commit_disk(name, base)  # a capture cut short left a layer on top: merge it first
+    client = agent_client(sandbox)
+    if quiesce:
+        client.request(
+            "POST",
+            "/checkpoint/freeze",
+            {"thaw_after": settings.CHECKPOINT_FREEZE_SECONDS},
+            timeout=settings.CHECKPOINT_FREEZE_SECONDS,
+        )
+    try:
+        top = driver.sandbox_dir(name) / "checkpoint-top.qcow2"
+        layer = driver.snapshot_disk(name, top, qemu_uid=qemu_uid(sandbox))
+    finally:
+        if quiesce:
+            try:
+                client.request("POST", "/checkpoint/thaw", {}, timeout=settings.CHECKPOINT_FREEZE_SECONDS)
+            except Exception:
+                logger.warning(
+                    "sandbox %s: the thaw failed; the guest thaws itself", sandbox.pk, exc_info=True
+                )
+    try:
+        driver.export_disk(layer, dest)
+    except BaseException:
+        _merge_back(driver, sandbox, base)
+        raise
+    _merge_back(driver, sandbox, base)
+    return dest.stat().st_blocks * 512
+
+
+def _merge_back(driver: RuntimeDriver, sandbox: Sandbox, base: Path) -> None:
+    """The top layer back into the disk. A failure here costs the checkpoint nothing: the
+    next capture merges first, and destroy removes every layer."""
+    try:
+        driver.commit_disk(sandbox.vm_name, base)
+    except Exception:
+        logger.warning("sandbox %s: the disk layers were not merged back", sandbox.pk, exc_info=True)
+
+
 def qemu_uid(sandbox: Sandbox) -> int | None:
     """The uid this sandbox's QEMU runs as: its own (base + id, no other sandbox shares it),
     or None (the shared QEMU user) when `WATASU_QEMU_UID_BASE` is 0."""
@@ -121,7 +181,8 @@ def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
     writes them out and freezes their filesystems. Taken while the row still holds the
     agent's credentials, called once the sandbox is certain to go (a no-op without volumes)."""
     paths = [mount["path"] for mount in sandbox.volume_mounts]
-    if sandbox.state != SandboxState.READY or not sandbox.agent_port or not paths:
+    running = (SandboxState.READY, SandboxState.CHECKPOINTING)
+    if sandbox.state not in running or not sandbox.agent_port or not paths:
         return lambda: None
     client = agent_client(sandbox)
 
@@ -186,7 +247,7 @@ def metrics(sandbox: Sandbox) -> dict[str, Any] | None:
         return None
     busy_ns = second.cpu_time_ns - first.cpu_time_ns
     cpu_pct = 100.0 * busy_ns / (CPU_SAMPLE_SECONDS * 1e9 * sandbox.cpu_count)
-    disk = Path(driver.state_dir) / f"{sandbox.vm_name}.qcow2"
+    disk = disk_path(sandbox)
     return {
         "sandbox_id": str(sandbox.pk),
         "state": sandbox.state,

@@ -105,6 +105,18 @@ def add_entropy(data: bytes) -> None:
     random.seed(os.urandom(32))
 
 
+def refresh_machine_id(path: str = "/etc/machine-id") -> None:
+    """A clone (of a memory snapshot or of a checkpoint's disk) must not share its source's
+    machine id: a non-empty one is replaced by a fresh random id (none is made if absent)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return
+        with open(path, "w") as f:
+            f.write(os.urandom(16).hex() + "\n")
+    except OSError:
+        pass
+
+
 def set_hostname(name: str) -> None:
     """Set the kernel hostname and /etc/hostname (best effort for the file)."""
     socket.sethostname(name)

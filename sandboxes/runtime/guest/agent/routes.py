@@ -19,7 +19,7 @@ from .core import CHUNK, HttpError, os_error
 from .events import Event, Subscriber
 from .files import file_entry, list_dir, make_dir, move_path, norm_path, remove_path, write_stream
 from .git import GIT_OPS, GitCall
-from .identity import add_entropy, set_clock, set_hostname
+from .identity import add_entropy, refresh_machine_id, set_clock, set_hostname
 from .patch import apply_patch_document, apply_unified_diff
 from .processes import EXIT_LINGER, ManagedProcess, parse_signal
 from .routing import RT, Agent, Request, Result, router
@@ -46,6 +46,7 @@ def init(agent: Agent, req: Request) -> Result:
         set_clock(float(b["clock"]))
     if b.get("hostname"):
         set_hostname(str(b["hostname"]))
+        refresh_machine_id()
     if "env_vars" in b:
         env = {str(k): str(v) for k, v in (b["env_vars"] or {}).items()}
         with agent.state.lock:
@@ -77,6 +78,18 @@ def volumes_sync(agent: Agent, req: Request) -> Result:
 def volumes_freeze(agent: Agent, req: Request) -> Result:
     """Before the VM is destroyed: ``{"paths": [...]}`` written out and frozen."""
     return 200, {"failed": volumes.freeze(req.body.get("paths"))}
+
+
+@router.add("POST", "/checkpoint/freeze")
+def checkpoint_freeze(agent: Agent, req: Request) -> Result:
+    """Before a guest-mode checkpoint: ``/`` written out and frozen, thawed by
+    ``/checkpoint/thaw`` or by itself after ``{"thaw_after": s}``."""
+    return 200, volumes.freeze_root(req.body.get("thaw_after", 10))
+
+
+@router.add("POST", "/checkpoint/thaw")
+def checkpoint_thaw(agent: Agent, req: Request) -> Result:
+    return 200, volumes.thaw_root()
 
 
 @router.add("GET", f"{RT}/files")

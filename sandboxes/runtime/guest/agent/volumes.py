@@ -1,4 +1,5 @@
-"""Volumes inside the guest: mount hot-plugged disks, sync, freeze (host-only routes).
+"""Volumes inside the guest: mount hot-plugged disks, sync, freeze; and the root
+filesystem's freeze around a checkpoint (host-only routes).
 
 The host hot-plugs each volume as a SCSI disk (unit N of the VM's virtio-scsi
 controller) and asks for it to be mounted at a path. This runs in the agent itself,
@@ -12,6 +13,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import threading
 import time
 from typing import Any
 
@@ -110,3 +112,60 @@ def freeze(paths: Any) -> list[str]:
         except OSError as exc:
             failed.append(f"{path}: {exc.strerror}")
     return failed
+
+
+# --- the root filesystem, frozen around a guest-mode checkpoint -----------------------------
+
+FITHAW = 0xC0045878  # _IOWR('X', 120, int)
+_root_freeze = {"generation": 0}
+_root_lock = threading.Lock()
+
+
+def freeze_root(thaw_after: Any) -> dict[str, Any]:
+    """Write everything out and freeze ``/`` until ``thaw_root`` or ``thaw_after`` seconds,
+    whichever comes first: a host that dies mid-capture never leaves the guest frozen.
+
+    Only ioctls from code already loaded, and a timer thread started before the freeze:
+    nothing on the way to the thaw writes to the frozen filesystem or starts a process."""
+    if type(thaw_after) not in (int, float) or not 0 < thaw_after <= 60:
+        raise HttpError(400, "bad_request", "thaw_after: seconds, at most 60")
+    with _root_lock:
+        _root_freeze["generation"] += 1
+        generation = _root_freeze["generation"]
+        timer = threading.Timer(float(thaw_after), _thaw_if, args=(generation,))
+        timer.daemon = True
+        os.sync()
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as exc:
+            raise HttpError(409, "freeze_failed", f"cannot freeze /: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        timer.start()
+    return {"frozen": True, "generation": generation}
+
+
+def _thaw_if(generation: int) -> None:
+    with _root_lock:
+        if _root_freeze["generation"] == generation:
+            _thaw()
+
+
+def _thaw() -> bool:
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not frozen (the timer thawed it already)
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def thaw_root() -> dict[str, Any]:
+    with _root_lock:
+        _root_freeze["generation"] += 1  # a pending timer of this freeze does nothing now
+        return {"thawed": _thaw()}

@@ -1,0 +1,177 @@
+"""Checkpoints (the API's "snapshots"): capture a running sandbox's disk, delete, retention.
+
+A capture moves the sandbox `ready` -> `checkpointing` -> `ready` around the copy (its
+data plane keeps working), under the team lock that also counts the team's checkpoints
+against WATASU_CHECKPOINT_MAX_PER_TEAM. The checkpoint row is `pending` until the
+artifact is complete, then `ready`; a capture that fails leaves it `failed` with its
+error and no file. Restores are lifecycle operations: `services.sandbox_restore`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from sandboxes import services
+from sandboxes.models import Checkpoint, CheckpointStatus, Host, HostState, Sandbox, SandboxState
+from sandboxes.runtime import vm
+from sandboxes.sweeps import old_enough_to_purge
+from teams.models import Team, User
+from watasu import errors
+
+logger = logging.getLogger(__name__)
+S = SandboxState
+
+
+def _quota_check(team: Team) -> None:
+    """422 `checkpoint_quota_exceeded` when the team has its maximum (failed ones do not
+    count). The caller holds the team lock."""
+    limit = settings.CHECKPOINT_MAX_PER_TEAM
+    count = Checkpoint.objects.filter(team=team).exclude(status=CheckpointStatus.FAILED).count()
+    if count >= limit:
+        raise errors.Invalid(
+            f"Team {team.slug} has {count} checkpoints, its maximum (WATASU_CHECKPOINT_MAX_PER_TEAM "
+            f"is {limit}); delete some first.",
+            code="checkpoint_quota_exceeded",
+        )
+
+
+def checkpoint_create(
+    *,
+    user: User,
+    sandbox: Sandbox,
+    name: str = "",
+    metadata: dict[str, str] | None = None,
+    expires_at: datetime | None = None,
+    quiesce_mode: str = "guest",
+) -> Checkpoint:
+    """Capture the running sandbox's root disk; returns the `ready` checkpoint.
+
+    409 `sandbox_not_running`/`sandbox_busy` unless the sandbox is `ready`; 503
+    `checkpoint_failed` when the capture fails (the sandbox is `ready` again either way).
+    """
+    version_id = sandbox.template_version_id
+    if version_id is None:  # only a row made by hand has none
+        raise errors.Conflict(f"Sandbox {sandbox.pk} has no template version to checkpoint against.")
+    with transaction.atomic():
+        Team.objects.select_for_update().filter(pk=sandbox.team_id).first()
+        if sandbox.state == S.READY:
+            _quota_check(sandbox.team)
+        if not services.sandbox_transition(
+            sandbox=sandbox, from_states=[S.READY], to_state=S.CHECKPOINTING, reason="checkpoint"
+        ):
+            raise services.state_conflict(sandbox, "checkpoint")
+        checkpoint = Checkpoint.objects.create(
+            team_id=sandbox.team_id,
+            sandbox=sandbox,
+            template_version_id=version_id,
+            host=sandbox.placed_host,
+            created_by=user,
+            name=name,
+            metadata=metadata or {},
+            quiesce_mode=quiesce_mode,
+            cpu_count=sandbox.cpu_count,
+            memory_mb=sandbox.memory_mb,
+            expires_at=expires_at,
+        )
+    try:
+        checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+        size = vm.checkpoint(sandbox, checkpoint.path, quiesce=quiesce_mode == "guest")
+    except Exception as exc:
+        logger.exception("checkpoint %s of sandbox %s failed", checkpoint.pk, sandbox.pk)
+        checkpoint.path.unlink(missing_ok=True)
+        Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
+            status=CheckpointStatus.FAILED, error=str(exc)[:2000]
+        )
+        _back_to_ready(sandbox, "checkpoint failed")
+        raise errors.Unavailable(
+            f"The checkpoint of sandbox {sandbox.pk} failed: {exc}", code="checkpoint_failed"
+        ) from exc
+    _back_to_ready(sandbox, "checkpoint taken")
+    if not Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
+        status=CheckpointStatus.READY, size_bytes=size, ready_at=timezone.now()
+    ):
+        checkpoint.path.unlink(missing_ok=True)  # deleted while it was being captured
+        raise errors.NotFound(
+            f"Checkpoint {checkpoint.pk} was deleted while it was being captured.",
+            code="checkpoint_not_found",
+        )
+    checkpoint.refresh_from_db()
+    return checkpoint
+
+
+def _back_to_ready(sandbox: Sandbox, reason: str) -> None:
+    """`checkpointing` -> `ready`; a sandbox destroyed meanwhile stays destroyed."""
+    services.sandbox_transition(
+        sandbox=sandbox, from_states=[S.CHECKPOINTING], to_state=S.READY, reason=reason
+    )
+
+
+def checkpoint_delete(*, checkpoint: Checkpoint) -> None:
+    """Delete the row and, once that is committed, the artifact (its storage is freed at
+    once). A capture still running sees the row gone and removes what it wrote."""
+    path = checkpoint.path
+    with transaction.atomic():
+        deleted, _ = Checkpoint.objects.filter(pk=checkpoint.pk).delete()
+        if deleted:
+            transaction.on_commit(lambda: path.unlink(missing_ok=True))
+
+
+# --- retention (a hook of the retention sweep) ------------------------------------------------
+
+
+def checkpoints_retention(now: datetime) -> dict[str, int | bool]:
+    """Expired checkpoints, failed ones past WATASU_CHECKPOINT_FAILED_RETENTION_SECONDS,
+    captures whose process died (pending past the stuck threshold: failed, file removed)
+    and artifact files no row owns."""
+    batch = settings.SWEEP_BATCH_SIZE
+    failed_cutoff = now - timedelta(seconds=settings.CHECKPOINT_FAILED_RETENTION_SECONDS)
+    due = Checkpoint.objects.filter(
+        Q(expires_at__lte=now) | Q(status=CheckpointStatus.FAILED, created_at__lt=failed_cutoff)
+    ).select_related("host")
+    removed = 0
+    for checkpoint in due.order_by("pk")[:batch]:
+        checkpoint_delete(checkpoint=checkpoint)
+        removed += 1
+    stuck_cutoff = now - timedelta(seconds=settings.SWEEP_STUCK_AFTER_SECONDS)
+    interrupted = Checkpoint.objects.filter(
+        status=CheckpointStatus.PENDING, created_at__lt=stuck_cutoff
+    ).exclude(sandbox__state=S.CHECKPOINTING)
+    abandoned = 0
+    for checkpoint in interrupted.select_related("host")[:batch]:
+        if Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
+            status=CheckpointStatus.FAILED, error="The process capturing this checkpoint stopped."
+        ):
+            checkpoint.path.unlink(missing_ok=True)
+            abandoned += 1
+    orphans = sum(
+        _orphan_files(host, now) for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING])
+    )
+    return {
+        "checkpoints_removed": removed,
+        "checkpoints_abandoned": abandoned,
+        "checkpoint_orphan_files": orphans,
+        "more": removed == batch,
+    }
+
+
+def _orphan_files(host: Host, now: datetime) -> int:
+    """Files in the host's checkpoint directory that no row owns (a crash between a
+    delete's commit and its unlink, a capture's temporary copy)."""
+    directory = Path(host.data_dir) / "checkpoints"
+    if not directory.is_dir():
+        return 0
+    owned = {f"{pk}.qcow2" for pk in Checkpoint.objects.filter(host=host).values_list("pk", flat=True)}
+    removed = 0
+    for path in directory.iterdir():
+        if path.name in owned or not old_enough_to_purge(path, now.timestamp()):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
