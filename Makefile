@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -66,6 +66,9 @@ bench: setup
 bench-volumes: setup
 	.venv/bin/python bench/volumes.py
 	.venv/bin/python bench/volume_engine.py
+
+bench-checkpoints: setup
+	.venv/bin/python bench/checkpoints.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

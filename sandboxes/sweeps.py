@@ -121,7 +121,8 @@ def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
         )
 
     now = timezone.now()
-    if state == S.CREATING or (state == S.RESTORING and sandbox.started_at is None):
+    first_start = state == S.RESTORING and sandbox.restored_from_id is not None and sandbox.started_at is None
+    if state == S.CREATING or first_start:
         # The process that was creating it (or restoring a checkpoint into it) died holding
         # the new agent secret: the VM, if any, cannot be handed out. The create failed;
         # then its VM is removed.

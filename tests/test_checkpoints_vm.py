@@ -20,6 +20,7 @@ from sandboxes.runtime import lifecycle, vm
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from tests.conftest import VM_TEST_PREFIX, Actor
 from tests.sdk import run_scenario
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 S = SandboxState
@@ -212,9 +213,7 @@ def test_a_checkpoint_taken_while_the_sandbox_is_destroyed_leaves_nothing_behind
 
     worker = threading.Thread(target=capture)
     worker.start()
-    deadline = time.monotonic() + 30
-    while Sandbox.objects.get(pk=source).state != S.CHECKPOINTING and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: Sandbox.objects.get(pk=source).state == S.CHECKPOINTING, 30, "the capture to start")
     services.sandbox_destroy(sandbox=Sandbox.objects.get(pk=source))
     worker.join(60)
 

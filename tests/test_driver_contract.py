@@ -95,7 +95,7 @@ def test_both_drivers_have_every_method_of_the_protocol() -> None:
         expected = list(inspect.signature(getattr(RuntimeDriver, name)).parameters)
         assert list(inspect.signature(getattr(FakeDriver, name)).parameters) == expected, name
         assert list(inspect.signature(getattr(LibvirtDriver, name)).parameters) == expected, name
-    assert len(methods) == 19
+    assert len(methods) == 22
 
 
 def test_a_restored_domain_runs_on_its_own_disk(runtime: Runtime) -> None:
@@ -223,6 +223,32 @@ def test_snapshot_disk_freezes_the_old_top_and_writes_to_the_new_one(runtime: Ru
     assert not new_top.exists()
     assert layer.is_file()
     layer.unlink()
+
+
+def test_commit_disk_merges_the_top_back_and_the_copies_stand_alone(runtime: Runtime) -> None:
+    # given a running domain whose disk was switched to a new top
+    driver, spec = runtime.driver, _restored(runtime)
+    top = driver.sandbox_dir(spec.name) / "top.qcow2"
+    layer = driver.snapshot_disk(spec.name, top)
+    export = driver.state_dir / f"{spec.name}-export.qcow2"
+    imported = driver.state_dir / f"{spec.name}-imported.qcow2"
+
+    # when the frozen layer is exported, imported for another domain, and the top merged back
+    driver.export_disk(layer, export)
+    driver.import_disk(export, imported, qemu_uid=None)
+    driver.commit_disk(spec.name, spec.disk_path)
+    driver.commit_disk(spec.name, spec.disk_path)  # nothing left to merge: a no-op
+
+    # then the domain writes to its own disk again, the top is gone, the copies are private
+    assert not top.exists()
+    assert driver.domain_status(spec.name) == "running"
+    assert export.stat().st_mode & 0o777 == imported.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(DriverError):
+        driver.commit_disk(spec.name, driver.state_dir / "not-in-the-chain.qcow2")
+    driver.destroy(spec.name)
+    assert not spec.disk_path.exists()
+    export.unlink()
+    imported.unlink()
 
 
 def test_save_snapshot_writes_the_memory_and_stops_the_domain(runtime: Runtime) -> None:

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from sandboxes.api.requests import create_keys
-from sandboxes.models import Host, SandboxState
+from sandboxes.models import Checkpoint, CheckpointStatus, Host, SandboxState
 from sandboxes.runtime import vm
 from teams.models import ApiKey, Team
 from teams.services import api_key_create
@@ -318,6 +318,27 @@ WRITE_ROUTES = [
         {"path": "/f.txt", "content_b64": "aGk="},
         _keys("path", "content_b64", "content", "uid", "gid", "mode", "force"),
     ),
+    WriteRoute(
+        "sandbox-snapshots",
+        "POST",
+        {"name": "n", "quiesce_mode": "crash"},
+        _keys("name", "metadata", "expires_at", "quiesce_mode"),
+    ),
+    WriteRoute(
+        "sandbox-checkpoints",
+        "POST",
+        {"sandbox_checkpoint": {"name": "n", "quiesce_mode": "crash"}},
+        _keys(("sandbox_checkpoint", "name"), ("sandbox_checkpoint", "expires_at"), "sandbox_checkpoint"),
+    ),
+    WriteRoute("sandbox-snapshot-detail", "DELETE", {}),
+    WriteRoute("sandbox-checkpoint-detail", "DELETE", {}),
+    WriteRoute("snapshot-detail", "DELETE", {}),
+    WriteRoute(
+        "sandbox-restore",
+        "POST",
+        {"checkpoint_id": 1, "timeout_seconds": 60},
+        _keys("checkpoint_id", "snapshot_id", "timeout_seconds", "timeout"),
+    ),
     WriteRoute("team-list", "POST", {"slug": "new-team", "name": "New"}, _keys("slug", "name")),
     WriteRoute("api-key-list", "POST", {"name": "ci", "scope": "read"}, _keys("name", "scope", "expires_at")),
     WriteRoute("api-key-detail", "DELETE", {}),
@@ -444,6 +465,7 @@ def world(
     monkeypatch.setattr(vm, "destroy", lambda sandbox: True)
     monkeypatch.setattr(vm, "forget", lambda sandbox: None)
     monkeypatch.setattr(vm, "metrics", lambda sandbox: None)
+    monkeypatch.setattr(vm, "checkpoint", lambda sandbox, dest, quiesce: dest.write_bytes(b"disk"))
     monkeypatch.setattr(template_tasks, "template_build_task", SimpleNamespace(delay=lambda pk: None))
     # given: one object of each kind in the caller's team and in another team
     host = base_version_row.host
@@ -484,6 +506,18 @@ def world(
     my_volume = volume_create(user=owner.user, name="vol", team="acme")
     engine.write_file(my_volume.image_path, "/f.txt", b"hi")
     their_volume = volume_create(user=outsider.user, name="their-vol")
+    my_checkpoint, their_checkpoint = (
+        Checkpoint.objects.create(
+            team_id=sandbox.team_id,
+            sandbox=sandbox,
+            template_version=base_version_row,
+            host=host,
+            cpu_count=1,
+            memory_mb=512,
+            status=CheckpointStatus.READY,
+        )
+        for sandbox in (mine, other)
+    )
     spare_key, _ = api_key_create(user=owner.user, scope="write", name="spare")
     other_key = ApiKey.objects.filter(user=outsider.user).first()
     ids = {
@@ -497,6 +531,16 @@ def world(
         "slug": {"own": "acme", "other": theirs_team.slug, "missing": "no-such"},
         "key_id": {"own": str(spare_key.pk), "other": str(other_key.pk), "missing": MISSING_ID},
         "volume_id": {"own": str(my_volume.pk), "other": str(their_volume.pk), "missing": MISSING_ID},
+        "checkpoint_id": {
+            "own": str(my_checkpoint.pk),
+            "other": str(their_checkpoint.pk),
+            "missing": MISSING_ID,
+        },
+        "snapshot_id": {
+            "own": str(my_checkpoint.pk),
+            "other": str(their_checkpoint.pk),
+            "missing": MISSING_ID,
+        },
     }
     ApiKey.objects.update(last_used_at=timezone.now())  # no last-use write on each request
     client = owner.client()
@@ -515,7 +559,7 @@ def test_every_route_parameter_has_real_ids(world: World) -> None:
 
     # then: each parameter has an own, another team's and a missing value
     assert sorted(params - world.ids.keys()) == []
-    assert len(ROUTES) == 33
+    assert len(ROUTES) == 40
     assert {route.name for route in WRITE_ROUTES} - ROUTES.keys() == set()
 
 

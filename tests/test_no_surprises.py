@@ -57,6 +57,8 @@ def path_values(owner: Actor) -> dict[str, str]:
         "slug": owner.personal_team.slug,
         "key_id": "1",
         "volume_id": "1",
+        "checkpoint_id": "1",
+        "snapshot_id": "1",
     }
 
 

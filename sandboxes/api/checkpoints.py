@@ -6,11 +6,14 @@ list key each side reads (`snapshots` / `sandbox_checkpoints`).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from django.utils.dateparse import parse_datetime
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -28,6 +31,7 @@ from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView
 
 ENVELOPE_KEY = "sandbox_checkpoint"
+MAX_RETENTION = timedelta(days=3650)  # an expiry further away is a mistake (or year 10000)
 
 
 class CheckpointSerializer(serializers.Serializer):
@@ -74,17 +78,26 @@ def checkpoint_representation(checkpoint: Checkpoint) -> dict[str, Any]:
     }
 
 
+@extend_schema_field(OpenApiTypes.DATETIME)
 class FutureTimeField(LenientField):
     """An ISO 8601 time with a zone, later than now."""
 
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, str):
             raise refusal(f"{self.field_name} must be an ISO 8601 time such as 2026-06-02T12:00:00Z.")
-        parsed = serializers.DateTimeField().run_validation(data) if data else None
-        if parsed is None or timezone.is_naive(parsed):
+        try:
+            parsed = parse_datetime(data)
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise refusal(f"{self.field_name} must be an ISO 8601 time such as 2026-06-02T12:00:00Z.")
+        if timezone.is_naive(parsed):
             raise refusal(f"{self.field_name} must be an ISO 8601 time with a zone (Z or +01:00).")
-        if parsed <= timezone.now():
+        now = timezone.now()
+        if parsed <= now:
             raise refusal(f"{self.field_name} must be in the future.")
+        if parsed > now + MAX_RETENTION:
+            raise refusal(f"{self.field_name} must be within {MAX_RETENTION.days // 365} years.")
         return parsed
 
 
@@ -252,6 +265,7 @@ class SnapshotListView(ApiView):
 class SnapshotDetailView(ApiView):
     @extend_schema(
         summary="Get a checkpoint",
+        description="One checkpoint of your teams (404 for others' and for malformed ids).",
         responses=CHECKPOINT_ENVELOPE,
     )
     def get(self, request: Request, snapshot_id: str) -> Response:

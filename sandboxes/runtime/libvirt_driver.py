@@ -394,7 +394,7 @@ class LibvirtDriver:
             raise
         return old_top
 
-    def commit_disk(self, name: str, base: Path, *, timeout: float = COMMIT_TIMEOUT) -> None:
+    def commit_disk(self, name: str, base: Path) -> None:
         """Merge the running domain's disk layers above ``base`` into ``base`` and make the
         domain write to ``base`` again (an active block commit, then a pivot); the merged
         layers are deleted. Nothing to do when ``base`` is already the top."""
@@ -411,7 +411,7 @@ class LibvirtDriver:
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
         try:
             dom.blockCommit("vda", str(base), str(top), 0, flags)
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + COMMIT_TIMEOUT
             while True:
                 info = dom.blockJobInfo("vda", 0)
                 if info and info.get("end", 0) and info.get("cur") == info.get("end"):
@@ -424,7 +424,7 @@ class LibvirtDriver:
                     raise DriverError(f"the block commit of {name} ended without a pivot")
                 if time.monotonic() > deadline:
                     dom.blockJobAbort("vda", 0)
-                    raise DriverError(f"the block commit of {name} took over {timeout:.0f} s")
+                    raise DriverError(f"the block commit of {name} took over {COMMIT_TIMEOUT:.0f} s")
                 time.sleep(0.005)
         except libvirt.libvirtError as exc:
             raise DriverError(f"could not commit the disk of {name}: {exc}") from exc

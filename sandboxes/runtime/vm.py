@@ -120,8 +120,8 @@ def checkpoint(sandbox: Sandbox, dest: Path, *, quiesce: bool) -> int:
     driver = driver_for(sandbox.placed_host)
     name, base = sandbox.vm_name, disk_path(sandbox)
     driver.commit_disk(name, base)  # a capture cut short left a layer on top: merge it first
-    client = agent_client(sandbox)
-    if quiesce:
+    client = agent_client(sandbox) if quiesce else None
+    if client is not None:
         client.request(
             "POST",
             "/checkpoint/freeze",
@@ -132,7 +132,7 @@ def checkpoint(sandbox: Sandbox, dest: Path, *, quiesce: bool) -> int:
         top = driver.sandbox_dir(name) / "checkpoint-top.qcow2"
         layer = driver.snapshot_disk(name, top, qemu_uid=qemu_uid(sandbox))
     finally:
-        if quiesce:
+        if client is not None:
             try:
                 client.request("POST", "/checkpoint/thaw", {}, timeout=settings.CHECKPOINT_FREEZE_SECONDS)
             except Exception:
