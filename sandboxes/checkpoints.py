@@ -50,8 +50,10 @@ def checkpoint_create(
     metadata: dict[str, str] | None = None,
     expires_at: datetime | None = None,
     quiesce_mode: str = "guest",
+    include_memory: bool = False,
 ) -> Checkpoint:
-    """Capture the running sandbox's root disk; returns the `ready` checkpoint.
+    """Capture the running sandbox's root disk (and its memory with `include_memory`, our
+    extension); returns the `ready` checkpoint.
 
     409 `sandbox_not_running`/`sandbox_busy` unless the sandbox is `ready`; 503
     `checkpoint_failed` when the capture fails (the sandbox is `ready` again either way).
@@ -59,6 +61,13 @@ def checkpoint_create(
     version_id = sandbox.template_version_id
     if version_id is None:  # only a row made by hand has none
         raise errors.Conflict(f"Sandbox {sandbox.pk} has no template version to checkpoint against.")
+    if include_memory and sandbox.volume_mounts:
+        # Its memory has the volumes mounted: a copy would write to filesystems it does not hold.
+        raise errors.Invalid(
+            f"Sandbox {sandbox.pk} has volumes mounted; a checkpoint with memory cannot hold "
+            "them. Take a disk checkpoint (include_memory false).",
+            code="checkpoint_memory_with_volumes",
+        )
     with transaction.atomic():
         Team.objects.select_for_update().filter(pk=sandbox.team_id).first()
         if sandbox.state == S.READY:
@@ -76,16 +85,18 @@ def checkpoint_create(
             name=name,
             metadata=metadata or {},
             quiesce_mode=quiesce_mode,
+            include_memory=include_memory,
+            agent_secret_encrypted=sandbox.agent_secret_encrypted if include_memory else "",
             cpu_count=sandbox.cpu_count,
             memory_mb=sandbox.memory_mb,
             expires_at=expires_at,
         )
     try:
         checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
-        size = vm.checkpoint(sandbox, checkpoint.path, quiesce=quiesce_mode == "guest")
+        size = vm.checkpoint(sandbox, checkpoint)
     except Exception as exc:
         logger.exception("checkpoint %s of sandbox %s failed", checkpoint.pk, sandbox.pk)
-        checkpoint.path.unlink(missing_ok=True)
+        _unlink(checkpoint)
         Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
             status=CheckpointStatus.FAILED, error=str(exc)[:2000]
         )
@@ -97,7 +108,7 @@ def checkpoint_create(
     if not Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
         status=CheckpointStatus.READY, size_bytes=size, ready_at=timezone.now()
     ):
-        checkpoint.path.unlink(missing_ok=True)  # deleted while it was being captured
+        _unlink(checkpoint)  # deleted while it was being captured
         raise errors.NotFound(
             f"Checkpoint {checkpoint.pk} was deleted while it was being captured.",
             code="checkpoint_not_found",
@@ -113,14 +124,18 @@ def _back_to_ready(sandbox: Sandbox, reason: str) -> None:
     )
 
 
+def _unlink(checkpoint: Checkpoint) -> None:
+    for path in (checkpoint.path, checkpoint.memory_path):
+        path.unlink(missing_ok=True)
+
+
 def checkpoint_delete(*, checkpoint: Checkpoint) -> None:
     """Delete the row and, once that is committed, the artifact (its storage is freed at
     once). A capture still running sees the row gone and removes what it wrote."""
-    path = checkpoint.path
     with transaction.atomic():
         deleted, _ = Checkpoint.objects.filter(pk=checkpoint.pk).delete()
         if deleted:
-            transaction.on_commit(lambda: path.unlink(missing_ok=True))
+            transaction.on_commit(lambda: _unlink(checkpoint))
 
 
 # --- retention (a hook of the retention sweep) ------------------------------------------------
@@ -148,7 +163,7 @@ def checkpoints_retention(now: datetime) -> dict[str, int | bool]:
         if Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
             status=CheckpointStatus.FAILED, error="The process capturing this checkpoint stopped."
         ):
-            checkpoint.path.unlink(missing_ok=True)
+            _unlink(checkpoint)
             abandoned += 1
     orphans = sum(
         _orphan_files(host, now) for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING])
@@ -167,7 +182,8 @@ def _orphan_files(host: Host, now: datetime) -> int:
     directory = Path(host.data_dir) / "checkpoints"
     if not directory.is_dir():
         return 0
-    owned = {f"{pk}.qcow2" for pk in Checkpoint.objects.filter(host=host).values_list("pk", flat=True)}
+    pks = Checkpoint.objects.filter(host=host).values_list("pk", flat=True)
+    owned = {f"{pk}{suffix}" for pk in pks for suffix in (".qcow2", ".save")}
     removed = 0
     for path in directory.iterdir():
         if path.name in owned or not old_enough_to_purge(path, now.timestamp()):

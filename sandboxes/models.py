@@ -231,6 +231,10 @@ class Checkpoint(models.Model):
     cpu_count = models.PositiveSmallIntegerField()
     memory_mb = models.PositiveIntegerField()
     size_bytes = models.BigIntegerField(default=0, help_text="Disk space the artifact takes")
+    # Our extension: the guest's memory too, so a restore resumes its processes. The
+    # memory holds the source's agent secret, which the clone's first init must present.
+    include_memory = models.BooleanField(default=False)
+    agent_secret_encrypted = models.TextField(blank=True)
     error = models.TextField(blank=True)
     expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -251,6 +255,14 @@ class Checkpoint(models.Model):
         return Path(self.host.data_dir) / "checkpoints" / f"{self.pk}.qcow2"
 
     @property
+    def memory_path(self) -> Path:
+        """The memory image of an `include_memory` checkpoint: ``checkpoints/<id>.save``."""
+        return self.path.with_suffix(".save")
+
+    def files(self) -> list[Path]:
+        return [self.path, self.memory_path] if self.include_memory else [self.path]
+
+    @property
     def local_state(self) -> str:
         """Where the artifact is: `present` on its host, `capturing`, `missing` (a ready
         checkpoint whose file is gone, e.g. its host's disk was lost) or `none` (failed)."""
@@ -258,4 +270,4 @@ class Checkpoint(models.Model):
             return "capturing"
         if self.status == CheckpointStatus.FAILED:
             return "none"
-        return "present" if self.path.exists() else "missing"
+        return "present" if all(path.exists() for path in self.files()) else "missing"

@@ -317,7 +317,7 @@ def _launch(
             version,
             env_vars=spec.env_vars,
             attachments=attachments,
-            checkpoint=checkpoint.path if checkpoint is not None else None,
+            checkpoint=checkpoint,
         )
     except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
         failure = _fail_start(sandbox, exc)
@@ -386,6 +386,15 @@ def restore_spec(checkpoint: Checkpoint, spec: CreateSpec | None) -> CreateSpec:
     given = spec.given if spec is not None else frozenset()
     spec = spec or CreateSpec(timeout=source.timeout)
     source_env = crypto.decrypt_json(source.env_vars_encrypted) if source.env_vars_encrypted else {}
+    if checkpoint.include_memory and (
+        (spec.cpu_count or checkpoint.cpu_count, spec.memory_mb or checkpoint.memory_mb)
+        != (checkpoint.cpu_count, checkpoint.memory_mb)
+    ):
+        message = (
+            f"Checkpoint {checkpoint.pk} holds memory and restores at its own shape "
+            f"({checkpoint.cpu_count} vCPU, {checkpoint.memory_mb} MB)."
+        )
+        raise errors.Invalid(message, code="invalid_resources", errors=[message])
     lifecycle = spec.lifecycle
     if not given & {"lifecycle", "auto_pause"}:
         lifecycle = Lifecycle(on_timeout=source.on_timeout, auto_resume=source.auto_resume)

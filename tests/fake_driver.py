@@ -58,9 +58,17 @@ class FakeDriver:
     def boot(self, spec: VmSpec) -> None:
         self._start(spec, spec.backing_path)
 
-    def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
-        spec.disk_path.unlink(missing_ok=True)
+    def restore(self, spec: VmSpec, snapshot: MemorySnapshot, *, overlay: bool = True) -> None:
+        if overlay:
+            spec.disk_path.unlink(missing_ok=True)
+        elif not spec.disk_path.exists():
+            raise DriverError(f"{spec.disk_path} missing: a restore on its own disk needs it")
         self._start(spec, snapshot.disk_path)
+
+    def save_and_continue(self, name: str, memory_dest: Path, disk_dest: Path) -> None:
+        domain = self._domain(name)
+        memory_dest.write_bytes(b"memory")
+        self.export_disk(domain.disk_path, disk_dest)
 
     def save_snapshot(self, name: str, dest: Path) -> None:
         domain = self._domain(name)

@@ -130,7 +130,7 @@ def test_both_route_families_create_list_and_delete(
         ({"quiesce_mode": "crash", "name": "a\nb"}, "name"),
         ({"quiesce_mode": "crash", "name": "x" * 201}, "name"),
         ({"sandbox_checkpoint": "x"}, "must be an object"),
-        ({"include_memory": True}, "include_memory"),
+        ({"include_memory": "yes"}, "include_memory must be true or false"),
     ],
 )
 def test_bad_bodies_are_422_and_take_nothing(owner: Actor, running: Sandbox, body: dict, words: str) -> None:  # type: ignore[type-arg]

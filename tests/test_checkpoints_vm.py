@@ -224,3 +224,52 @@ def test_a_checkpoint_taken_while_the_sandbox_is_destroyed_leaves_nothing_behind
     for checkpoint in Checkpoint.objects.all():
         assert checkpoint.status in ("ready", "failed")
         assert checkpoint.path.exists() == (checkpoint.status == "ready")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_checkpoint_with_memory_restores_running_processes(
+    owner: Actor, base_version, vm_cleanup, settings
+) -> None:
+    # given a sandbox with a process counting and a note in memory only (tmpfs)
+    source = _create(owner)
+    _run(
+        source,
+        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/counter; sleep 0.05; done' "
+        ">/dev/null 2>&1 & echo $! > /dev/shm/pid; echo in-memory-only > /dev/shm/note",
+    )
+
+    # when it is checkpointed with its memory and restored
+    checkpoint = _checkpoint(owner, source, include_memory=True, name="warm")
+    restored = owner.client().post(
+        f"/v1/sandboxes/{source}/restore", {"checkpoint_id": checkpoint["id"]}, format="json"
+    )
+
+    # then the copy runs the same process, counting on, with the note, under a new identity
+    assert checkpoint["include_memory"] is True and checkpoint["size_bytes"] > 10 * 2**20
+    assert restored.status_code == 201, restored.content
+    copy = restored.json()["sandbox"]["id"]
+    pid = _run(copy, "cat /dev/shm/pid").strip()
+    assert _run(copy, f"kill -0 {pid} && cat /dev/shm/note") == "in-memory-only\n"
+    first = int(_run(copy, "cat /root/counter"))
+    assert int(_run(copy, "sleep 0.5; cat /root/counter")) > first
+    assert _run(copy, "hostname") != _run(source, "hostname")
+    copy_row, source_row = Sandbox.objects.get(pk=copy), Sandbox.objects.get(pk=source)
+    assert vm.agent_client(copy_row).secret != vm.agent_client(source_row).secret
+    # and the source carries on too, its process alive
+    assert _run(source, f"kill -0 {pid} && echo alive") == "alive\n"
+    # a memory checkpoint restores at its own shape only
+    bigger = owner.client().post(
+        "/v1/sandboxes",
+        {
+            "snapshot_id": checkpoint["id"],
+            "memory_mb": base_version.memory_mb + settings.SANDBOX_MEMORY_INCREMENT_MB,
+        },
+        format="json",
+    )
+    assert bigger.status_code == 422 and bigger.json()["error"] == "invalid_resources", bigger.content
+    # and a sandbox holding volumes cannot be checkpointed with its memory
+    holder = _create(owner, volume_mounts={"/data": "mem"})
+    refused = owner.client().post(
+        f"/v1/sandboxes/{holder}/checkpoints", {"include_memory": True}, format="json"
+    )
+    assert refused.status_code == 422 and refused.json()["error"] == "checkpoint_memory_with_volumes"

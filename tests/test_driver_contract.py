@@ -95,7 +95,7 @@ def test_both_drivers_have_every_method_of_the_protocol() -> None:
         expected = list(inspect.signature(getattr(RuntimeDriver, name)).parameters)
         assert list(inspect.signature(getattr(FakeDriver, name)).parameters) == expected, name
         assert list(inspect.signature(getattr(LibvirtDriver, name)).parameters) == expected, name
-    assert len(methods) == 22
+    assert len(methods) == 23
 
 
 def test_a_restored_domain_runs_on_its_own_disk(runtime: Runtime) -> None:

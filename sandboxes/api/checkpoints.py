@@ -25,7 +25,15 @@ from sandboxes.api.views import _SandboxView, _with_session
 from sandboxes.models import Checkpoint, QuiesceMode
 from sandboxes.specs import CreateSpec
 from teams.selectors import teams_for_list
-from watasu.api.fields import ClosedSerializer, IdField, LenientField, NameField, SecondsField, refusal
+from watasu.api.fields import (
+    ClosedSerializer,
+    IdField,
+    LenientField,
+    NameField,
+    SecondsField,
+    StrictBooleanField,
+    refusal,
+)
 from watasu.api.pagination import NextTokenPagination
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView
@@ -44,6 +52,7 @@ class CheckpointSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["pending", "ready", "failed"])
     local_state = serializers.ChoiceField(choices=["capturing", "present", "missing", "none"])
     quiesce_mode = serializers.ChoiceField(choices=QuiesceMode.values)
+    include_memory = serializers.BooleanField()
     size_bytes = serializers.IntegerField()
     metadata = serializers.DictField(child=serializers.CharField())
     template_version_id = serializers.IntegerField()
@@ -65,6 +74,7 @@ def checkpoint_representation(checkpoint: Checkpoint) -> dict[str, Any]:
         "status": checkpoint.status,
         "local_state": checkpoint.local_state,
         "quiesce_mode": checkpoint.quiesce_mode,
+        "include_memory": checkpoint.include_memory,
         "size_bytes": checkpoint.size_bytes,
         "metadata": checkpoint.metadata,
         "template_version_id": checkpoint.template_version_id,
@@ -112,6 +122,10 @@ class CheckpointCreateSerializer(ClosedSerializer):
         required=False,
         help_text="guest (default): the guest's filesystem is flushed and frozen around the "
         "capture; crash: no quiescing",
+    )
+    include_memory = StrictBooleanField(
+        help_text="Our extension: keep the guest's memory too, so restores resume its processes "
+        "(the sandbox stops for the capture, ~1-3 s)"
     )
 
     def to_internal_value(self, data: Any) -> Any:
@@ -176,6 +190,7 @@ class _SandboxCheckpointsView(_SandboxView):
             metadata=data.get("metadata"),
             expires_at=data.get("expires_at"),
             quiesce_mode=data.get("quiesce_mode") or QuiesceMode.GUEST,
+            include_memory=bool(data.get("include_memory")),
         )
         return Response({ENVELOPE_KEY: checkpoint_representation(checkpoint)}, status=201)
 

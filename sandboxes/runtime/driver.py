@@ -103,12 +103,18 @@ class RuntimeDriver(Protocol):
         """Define and cold-boot a domain; its disk is made on ``spec.backing_path`` if missing
         (``DriverError`` when it is missing and there is no backing image)."""
 
-    def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
+    def restore(self, spec: VmSpec, snapshot: MemorySnapshot, *, overlay: bool = True) -> None:
         """Start a domain from a template memory snapshot under ``spec``'s identity, on a
-        fresh overlay of the snapshot's disk."""
+        fresh overlay of the snapshot's disk (``overlay=False``: on ``spec.disk_path`` as it
+        is, a copy of the disk the memory was saved with)."""
 
     def save_snapshot(self, name: str, dest: Path) -> None:
         """Write the running domain's memory to ``dest`` and stop it (it stays defined)."""
+
+    def save_and_continue(self, name: str, memory_dest: Path, disk_dest: Path) -> None:
+        """Write the running domain's memory to ``memory_dest`` and its disk, as it is at
+        that instant, to ``disk_dest`` (``export_disk``), then start the domain again from
+        that memory: its processes carry on, stopped for the time of both writes."""
 
     def pause(self, name: str) -> None:
         """Stop the domain keeping its memory on disk (survives host restarts)."""

@@ -272,7 +272,7 @@ class LibvirtDriver:
         dom = self.conn.defineXML(self.domain_xml(spec))
         dom.create()
 
-    def restore(self, spec: VmSpec, snapshot: MemorySnapshot) -> None:
+    def restore(self, spec: VmSpec, snapshot: MemorySnapshot, *, overlay: bool = True) -> None:
         """Start ``spec`` from the template's memory under the clone's own identity.
 
         The overlay is created on the snapshot's disk (the memory image's page cache and
@@ -280,7 +280,10 @@ class LibvirtDriver:
         """
         # The memory image only matches a fresh overlay of the snapshot's disk: a leftover
         # file under this name would hand the guest a filesystem its page cache contradicts.
-        spec.disk_path.unlink(missing_ok=True)
+        if overlay:
+            spec.disk_path.unlink(missing_ok=True)
+        elif not spec.disk_path.exists():
+            raise DriverError(f"{spec.disk_path} missing: a restore on its own disk needs it")
         self._prepare(spec, snapshot.disk_path)
         clone = self.sandbox_dir(spec.name) / "restore.save"
         ident = CloneIdentity(
@@ -313,6 +316,18 @@ class LibvirtDriver:
     def save_snapshot(self, name: str, dest: Path) -> None:
         """Save memory to ``dest`` (the domain stops; its definition stays)."""
         self._domain(name).save(str(dest))
+
+    def save_and_continue(self, name: str, memory_dest: Path, disk_dest: Path) -> None:
+        """``save`` (the domain stops, its definition stays), copy its disk, ``restore`` it."""
+        dom = self._domain(name)
+        disk = self._disk_path(name)
+        if disk is None:
+            raise DomainNotFound(name)
+        dom.save(str(memory_dest))
+        try:
+            self.export_disk(disk, disk_dest)
+        finally:
+            self.conn.restoreFlags(str(memory_dest), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
 
     def pause(self, name: str) -> None:
         """Managed save: the memory goes to disk, the domain stops and stays defined."""

@@ -83,6 +83,7 @@ def start_from_snapshot(
     internet: bool = True,
     disk_path: Path | None = None,
     qemu_uid: int | None = None,
+    overlay: bool = True,
 ) -> RunningVm:
     """Restore a clone, then give it its own secret, clock, hostname and entropy.
 
@@ -102,7 +103,7 @@ def start_from_snapshot(
         qemu_uid=qemu_uid,
     )
     try:
-        driver.restore(spec, snapshot)
+        driver.restore(spec, snapshot, overlay=overlay)
         client = AgentClient(spec.agent_host_port)
         client.wait_ready(READY_TIMEOUT)
         client.init(auth=snapshot.agent_secret, secret=new_secret(), env_vars=env_vars, hostname=name)

@@ -16,6 +16,7 @@ in advance.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 
-from sandboxes.models import Sandbox, SandboxState
+from sandboxes.models import Checkpoint, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot, RuntimeDriver
@@ -63,34 +64,52 @@ def start(
     *,
     env_vars: dict[str, str],
     attachments: list[volumes.Attachment] | None = None,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> Started:
     """Start the sandbox's VM, hand its agent a fresh identity and mount its volumes
     (``attachments``); blocks until ready. On failure the caller purges the VM.
 
-    With ``checkpoint`` (a disk checkpoint's artifact) the VM cold-boots the template
-    version's kernel on a copy of that disk: a checkpoint holds no memory."""
+    From a ``checkpoint`` the VM runs on a copy of the checkpoint's disk: it cold-boots
+    the template version's kernel on it, or, for a checkpoint with memory, restores that
+    memory (the source's processes carry on in the copy)."""
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
     internet = bool(sandbox.network_policy.get("allow_internet_access", True))
     uid = qemu_uid(sandbox)
+    name = sandbox.vm_name
     if checkpoint is not None:
-        driver.import_disk(checkpoint, disk_path(sandbox), qemu_uid=uid)
-    if checkpoint is None and (snapshot.vcpus, snapshot.memory_mb) == (sandbox.cpu_count, sandbox.memory_mb):
+        driver.import_disk(checkpoint.path, disk_path(sandbox), qemu_uid=uid)
+    if checkpoint is not None and checkpoint.include_memory:
+        saved = dataclasses.replace(
+            snapshot,
+            save_path=checkpoint.memory_path,
+            disk_path=disk_path(sandbox),
+            agent_secret=crypto.decrypt_text(checkpoint.agent_secret_encrypted),
+            vcpus=checkpoint.cpu_count,
+            memory_mb=checkpoint.memory_mb,
+        )
         started = lifecycle.start_from_snapshot(
             driver,
-            snapshot,
-            sandbox.vm_name,
+            saved,
+            name,
             driver.state_dir,
             env_vars=env_vars,
             internet=internet,
             qemu_uid=uid,
+            overlay=False,
+        )
+    elif checkpoint is None and (snapshot.vcpus, snapshot.memory_mb) == (
+        sandbox.cpu_count,
+        sandbox.memory_mb,
+    ):
+        started = lifecycle.start_from_snapshot(
+            driver, snapshot, name, driver.state_dir, env_vars=env_vars, internet=internet, qemu_uid=uid
         )
     else:
         started = lifecycle.cold_boot(
             driver,
             _image_of(snapshot),
-            sandbox.vm_name,
+            name,
             driver.state_dir,
             vcpus=sandbox.cpu_count,
             memory_mb=sandbox.memory_mb,
@@ -99,7 +118,7 @@ def start(
             qemu_uid=uid,
         )
     if attachments:
-        volumes.attach_and_mount(driver, started.client, sandbox.vm_name, attachments, qemu_uid=uid)
+        volumes.attach_and_mount(driver, started.client, name, attachments, qemu_uid=uid)
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
 
 
@@ -108,15 +127,21 @@ def disk_path(sandbox: Sandbox) -> Path:
     return driver_for(sandbox.placed_host).state_dir / f"{sandbox.vm_name}.qcow2"
 
 
-def checkpoint(sandbox: Sandbox, dest: Path, *, quiesce: bool) -> int:
-    """Copy the running sandbox's root disk to ``dest`` (a qcow2 on the template version's
-    disk); returns the bytes it takes. The guest keeps running throughout.
+def checkpoint(sandbox: Sandbox, checkpoint: Checkpoint) -> int:
+    """Copy the running sandbox's root disk (and, for ``include_memory``, its memory) to
+    the checkpoint's files; returns the bytes they take.
 
-    The disk is switched to a fresh top layer (~30 ms; with ``quiesce`` the guest's root
-    filesystem is frozen around the switch only, so what it wrote is in), the now
-    unchanging layer below is copied, and the top is merged back into it, so the chain
-    never grows. A freeze the host fails to lift is lifted by the guest itself after
-    ``WATASU_CHECKPOINT_FREEZE_SECONDS``."""
+    Disk only: the guest keeps running throughout. The disk is switched to a fresh top
+    layer (~30 ms; in `guest` quiesce mode the guest's root filesystem is frozen around the
+    switch only, so what it wrote is in), the now unchanging layer below is copied, and the
+    top is merged back into it, so the chain never grows. A freeze the host fails to lift
+    is lifted by the guest itself after ``WATASU_CHECKPOINT_FREEZE_SECONDS``.
+
+    With memory: the VM's memory is saved (it stops), its disk copied, and it starts again
+    from that memory (its processes carry on; it was stopped meanwhile, ~1-3 s here)."""
+    if checkpoint.include_memory:
+        return _checkpoint_with_memory(sandbox, checkpoint)
+    dest, quiesce = checkpoint.path, checkpoint.quiesce_mode == "guest"
     driver = driver_for(sandbox.placed_host)
     name, base = sandbox.vm_name, disk_path(sandbox)
     driver.commit_disk(name, base)  # a capture cut short left a layer on top: merge it first
@@ -146,6 +171,16 @@ def checkpoint(sandbox: Sandbox, dest: Path, *, quiesce: bool) -> int:
         raise
     _merge_back(driver, sandbox, base)
     return dest.stat().st_blocks * 512
+
+
+def _checkpoint_with_memory(sandbox: Sandbox, checkpoint: Checkpoint) -> int:
+    driver = driver_for(sandbox.placed_host)
+    driver.commit_disk(sandbox.vm_name, disk_path(sandbox))
+    driver.save_and_continue(sandbox.vm_name, checkpoint.memory_path, checkpoint.path)
+    checkpoint.memory_path.chmod(0o600)
+    # the guest slept: its clock is behind (same secret, so sessions stay valid)
+    lifecycle.resync(agent_client(sandbox), sandbox.vm_name, timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS)
+    return sum(path.stat().st_blocks * 512 for path in checkpoint.files())
 
 
 def _merge_back(driver: RuntimeDriver, sandbox: Sandbox, base: Path) -> None:
