@@ -144,7 +144,8 @@ class CheckpointAdmin(admin.ModelAdmin):
     list_filter = ["status", "quiesce_mode", "host"]
     list_select_related = ["team", "sandbox", "host"]
     search_fields = ["id", "name", "team__slug", "sandbox__id"]
-    readonly_fields = [field.name for field in Checkpoint._meta.fields] + ["local_state"]
+    exclude = ["agent_secret_encrypted"]
+    readonly_fields = [f.name for f in Checkpoint._meta.fields if f.name not in exclude] + ["local_state"]
     actions = [delete_checkpoints]
 
     @admin.display(description="size (MiB)")

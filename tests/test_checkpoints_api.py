@@ -5,10 +5,12 @@ here are `crash` mode (the fake has no guest to freeze); the VM tests cover the 
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
 from sandboxes import services, sweeps
@@ -367,3 +369,50 @@ def test_retention_of_failed_abandoned_and_orphaned(owner: Actor, running: Sandb
     assert not Checkpoint.objects.filter(pk=old_failed.pk).exists()
     abandoned.refresh_from_db()
     assert abandoned.status == CheckpointStatus.FAILED and not abandoned.path.exists()
+
+
+def test_the_admin_lists_checkpoints_and_deletes_them_with_their_files(
+    admin_client, owner: Actor, running: Sandbox, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    taken = _take(owner, running, name="for-the-admin").json()["sandbox_checkpoint"]
+    checkpoint = Checkpoint.objects.get(pk=taken["id"])
+
+    page = admin_client.get("/admin/sandboxes/checkpoint/")
+    detail = admin_client.get(f"/admin/sandboxes/checkpoint/{checkpoint.pk}/change/")
+    with django_capture_on_commit_callbacks(execute=True):
+        deleted = admin_client.post(
+            "/admin/sandboxes/checkpoint/",
+            {"action": "delete_checkpoints", "_selected_action": [checkpoint.pk]},
+        )
+
+    assert page.status_code == 200 and b"for-the-admin" in page.content
+    assert detail.status_code == 200 and b"agent_secret" not in detail.content
+    assert deleted.status_code == 302
+    assert not Checkpoint.objects.exists() and not checkpoint.path.exists()
+    # Django's own bulk delete (rows without files) is not offered
+    assert b"delete_selected" not in page.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_connect_waits_for_a_restore_in_progress(owner: Actor, running: Sandbox, local_host) -> None:
+    taken = _take(owner, running).json()["sandbox_checkpoint"]
+    restoring = SandboxFactory(
+        team=owner.personal_team,
+        host=local_host,
+        template_version=running.template_version,
+        state=S.RESTORING,
+        restored_from_id=taken["id"],
+    )
+
+    def finish() -> None:  # the restore's own process, half a second later
+        Sandbox.objects.filter(pk=restoring.pk).update(state=S.READY, agent_port=1)
+        connections.close_all()
+
+    worker = threading.Timer(0.5, finish)
+    worker.start()
+    response = owner.client().post(f"/v1/sandboxes/{restoring.pk}/connect", {}, format="json")
+    worker.join()
+
+    assert response.status_code == 200, response.content
+    assert response.json()["sandbox"]["state"] == "ready" and response.json()["session"]["token"]
+    assert response.json()["sandbox"]["snapshot_id"] == taken["id"]
