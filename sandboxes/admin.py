@@ -145,7 +145,9 @@ class CheckpointAdmin(admin.ModelAdmin):
     list_select_related = ["team", "sandbox", "host"]
     search_fields = ["id", "name", "team__slug", "sandbox__id"]
     exclude = ["agent_secret_encrypted"]
-    readonly_fields = [f.name for f in Checkpoint._meta.fields if f.name not in exclude] + ["local_state"]
+    readonly_fields = [f.name for f in Checkpoint._meta.fields if f.name != "agent_secret_encrypted"] + [
+        "local_state"
+    ]
     actions = [delete_checkpoints]
 
     @admin.display(description="size (MiB)")
