@@ -2,9 +2,10 @@
 
 A capture moves the sandbox `ready` -> `checkpointing` -> `ready` around the copy (its
 data plane keeps working), under the team lock that also counts the team's checkpoints
-against WATASU_CHECKPOINT_MAX_PER_TEAM. The checkpoint row is `pending` until the
-artifact is complete, then `ready`; a capture that fails leaves it `failed` with its
-error and no file. Restores are lifecycle operations: `services.sandbox_restore`.
+against WATASU_CHECKPOINT_MAX_PER_TEAM and _MAX_TOTAL_GIB. The checkpoint row is `pending`
+until the artifact is complete, then `ready`; a capture that fails leaves nothing (its
+answer says why), one whose process died is `failed` for a while. Restores are lifecycle
+operations: `services.sandbox_restore`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sandboxes import services
+from sandboxes import selectors, services
 from sandboxes.models import Checkpoint, CheckpointStatus, Host, HostState, Sandbox, SandboxState
+from sandboxes.placement import host_disk_check
 from sandboxes.runtime import vm
+from sandboxes.runtime.agent_client import AgentError
 from sandboxes.sweeps import old_enough_to_purge
 from teams.models import Team, User
 from watasu import errors
@@ -29,15 +33,26 @@ logger = logging.getLogger(__name__)
 S = SandboxState
 
 
-def _quota_check(team: Team) -> None:
-    """422 `checkpoint_quota_exceeded` when the team has its maximum (failed ones do not
-    count). The caller holds the team lock."""
+def _quota_check(team: Team, adding_bytes: int) -> None:
+    """422 `checkpoint_quota_exceeded` when the team has its maximum number of checkpoints,
+    or their size would pass its maximum (expired and failed ones do not count). The caller
+    holds the team lock."""
+    held = selectors.checkpoints_live().filter(team=team).exclude(status=CheckpointStatus.FAILED)
+    count = held.count()
     limit = settings.CHECKPOINT_MAX_PER_TEAM
-    count = Checkpoint.objects.filter(team=team).exclude(status=CheckpointStatus.FAILED).count()
     if count >= limit:
         raise errors.Invalid(
             f"Team {team.slug} has {count} checkpoints, its maximum (WATASU_CHECKPOINT_MAX_PER_TEAM "
             f"is {limit}); delete some first.",
+            code="checkpoint_quota_exceeded",
+        )
+    total = held.aggregate(total=Coalesce(Sum("size_bytes"), 0))["total"]
+    limit_bytes = settings.CHECKPOINT_MAX_TOTAL_GIB * 2**30
+    if total + adding_bytes > limit_bytes:
+        raise errors.Invalid(
+            f"Team {team.slug}'s checkpoints take {total / 2**30:.1f} GiB and this one would add about "
+            f"{adding_bytes / 2**30:.1f} GiB, past its maximum (WATASU_CHECKPOINT_MAX_TOTAL_GIB is "
+            f"{settings.CHECKPOINT_MAX_TOTAL_GIB}); delete some first.",
             code="checkpoint_quota_exceeded",
         )
 
@@ -55,8 +70,10 @@ def checkpoint_create(
     """Capture the running sandbox's root disk (and its memory with `include_memory`, our
     extension); returns the `ready` checkpoint.
 
-    409 `sandbox_not_running`/`sandbox_busy` unless the sandbox is `ready`; 503
-    `checkpoint_failed` when the capture fails (the sandbox is `ready` again either way).
+    409 `sandbox_not_running`/`sandbox_busy` unless the sandbox is `ready`; 422
+    `checkpoint_quota_exceeded`; 507 when the host's disk is short; 409
+    `checkpoint_freeze_failed` when the guest refuses the freeze; 503 `checkpoint_failed`
+    when the capture fails otherwise (the sandbox is `ready` again either way).
     """
     version_id = sandbox.template_version_id
     if version_id is None:  # only a row made by hand has none
@@ -68,10 +85,13 @@ def checkpoint_create(
             "them. Take a disk checkpoint (include_memory false).",
             code="checkpoint_memory_with_volumes",
         )
+    # What the capture will write: what the sandbox wrote to its disk (and its memory).
+    expected = vm.disk_bytes(sandbox) + (sandbox.memory_mb * 2**20 if include_memory else 0)
     with transaction.atomic():
         Team.objects.select_for_update().filter(pk=sandbox.team_id).first()
         if sandbox.state == S.READY:
-            _quota_check(sandbox.team)
+            _quota_check(sandbox.team, expected)
+            host_disk_check(host=sandbox.placed_host, needed_bytes=expected, what="this checkpoint")
         if not services.sandbox_transition(
             sandbox=sandbox, from_states=[S.READY], to_state=S.CHECKPOINTING, reason="checkpoint"
         ):
@@ -95,12 +115,19 @@ def checkpoint_create(
         checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
         size = vm.checkpoint(sandbox, checkpoint)
     except Exception as exc:
-        logger.exception("checkpoint %s of sandbox %s failed", checkpoint.pk, sandbox.pk)
+        # Nothing is kept of a capture that failed: the answer says why (a failed row is left
+        # only by a capture whose process died, for the retention sweep to find).
         _unlink(checkpoint)
-        Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
-            status=CheckpointStatus.FAILED, error=str(exc)[:2000]
-        )
+        Checkpoint.objects.filter(pk=checkpoint.pk).delete()
         _back_to_ready(sandbox, "checkpoint failed")
+        if isinstance(exc, AgentError) and exc.status == 409:  # the guest refused the freeze
+            detail = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
+            raise errors.Conflict(
+                f"Sandbox {sandbox.pk}'s guest could not freeze its root filesystem ({detail}): is it "
+                "frozen already (fsfreeze -u /)? quiesce_mode crash needs no freeze.",
+                code="checkpoint_freeze_failed",
+            ) from exc
+        logger.exception("checkpoint %s of sandbox %s failed", checkpoint.pk, sandbox.pk)
         raise errors.Unavailable(
             f"The checkpoint of sandbox {sandbox.pk} failed: {exc}", code="checkpoint_failed"
         ) from exc
@@ -129,13 +156,15 @@ def _unlink(checkpoint: Checkpoint) -> None:
         path.unlink(missing_ok=True)
 
 
-def checkpoint_delete(*, checkpoint: Checkpoint) -> None:
+def checkpoint_delete(*, checkpoint: Checkpoint) -> bool:
     """Delete the row and, once that is committed, the artifact (its storage is freed at
-    once). A capture still running sees the row gone and removes what it wrote."""
+    once); False when another request deleted it first. A capture still running sees the
+    row gone and removes what it wrote."""
     with transaction.atomic():
         deleted, _ = Checkpoint.objects.filter(pk=checkpoint.pk).delete()
         if deleted:
             transaction.on_commit(lambda: _unlink(checkpoint))
+    return bool(deleted)
 
 
 # --- retention (a hook of the retention sweep) ------------------------------------------------

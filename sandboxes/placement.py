@@ -8,8 +8,10 @@ both taking the last slot.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db.models import Q, Sum
 from django.db.models.functions import Coalesce
 
@@ -59,3 +61,17 @@ def host_has_room(*, host: Host, cpu: int, memory_mb: int) -> bool:
     Host.objects.select_for_update().filter(pk=host.pk).first()
     room = next((r for r in hosts_with_room() if r.host.pk == host.pk), None)
     return room is not None and room.free_cpu >= cpu and room.free_memory_mb >= memory_mb
+
+
+def host_disk_check(*, host: Host, needed_bytes: int, what: str) -> None:
+    """507 `not_enough_space` when writing `needed_bytes` to the host's data disk would leave
+    less than WATASU_HOST_MIN_FREE_GIB free: every sandbox's disk on the host shares it."""
+    stats = os.statvfs(host.data_dir)
+    free = stats.f_bavail * stats.f_frsize
+    reserve = settings.HOST_MIN_FREE_GIB * 2**30
+    if free - needed_bytes < reserve:
+        raise errors.InsufficientStorage(
+            f"Host {host.name} has {free / 2**30:.1f} GiB free; {what} needs "
+            f"{needed_bytes / 2**30:.1f} GiB and {settings.HOST_MIN_FREE_GIB} GiB stay free for "
+            "running sandboxes. Delete checkpoints or retry later."
+        )

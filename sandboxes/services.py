@@ -32,7 +32,7 @@ from sandboxes.models import (
     SandboxEvent,
     SandboxState,
 )
-from sandboxes.placement import host_has_room, host_place
+from sandboxes.placement import host_disk_check, host_has_room, host_place
 from sandboxes.runtime import vm
 from sandboxes.runtime.volumes import Attachment, MountRefused
 from sandboxes.selectors import QuotaReservation, checkpoint_for_create, team_quota
@@ -323,6 +323,9 @@ def _launch(
         failure = _fail_start(sandbox, exc)
         if isinstance(exc, MountRefused):  # the request's fault, found only in the guest
             raise errors.Invalid(f"volume_mounts: {exc}", code="invalid_path") from exc
+        sandbox.refresh_from_db(fields=["state"])
+        if sandbox.state == S.DESTROYED:  # destroyed while starting: that, not a failure
+            raise sandbox_gone(sandbox.pk) from exc
         raise failure from exc
     now = timezone.now()
     if not sandbox_transition(
@@ -419,6 +422,7 @@ def sandbox_restore(
     create's; the sandbox runs on the checkpoint's host."""
     team = team_for_write(user=user, slug=checkpoint.team.slug)
     checkpoint = checkpoint_wait_ready(checkpoint)
+    host_disk_check(host=checkpoint.host, needed_bytes=checkpoint.size_bytes, what="a copy of its disk")
     version = checkpoint.template_version
     if not version.artifact_dir:
         raise errors.Conflict(

@@ -90,9 +90,11 @@ class FakeDriver:
 
     def destroy(self, name: str) -> None:
         domain = self.domains.get(name)
-        disk = domain.disk_path if domain else self.state_dir / f"{name}.qcow2"
+        own = self.state_dir / f"{name}.qcow2"
+        disk = domain.disk_path if domain else own
         self.forget(name)
         disk.unlink(missing_ok=True)
+        own.unlink(missing_ok=True)
 
     def snapshot_disk(self, name: str, new_top: Path, *, qemu_uid: int | None = None) -> Path:
         domain = self._domain(name)

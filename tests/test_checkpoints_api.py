@@ -16,6 +16,7 @@ from django.utils import timezone
 from sandboxes import services, sweeps
 from sandboxes.checkpoints import checkpoints_retention
 from sandboxes.models import Checkpoint, CheckpointStatus, Sandbox, SandboxEvent, SandboxState
+from sandboxes.runtime.agent_client import AgentClient, AgentError
 from sandboxes.runtime.driver import free_tcp_port
 from sandboxes.runtime.lifecycle import sandbox_spec
 from templates_app.models import Template, TemplateVersion, VersionStatus
@@ -107,6 +108,8 @@ def test_both_route_families_create_list_and_delete(
     assert [c["id"] for c in rest["snapshots"]] == [first["id"]] and rest["next_token"] is None
     assert client.get("/v1/sandbox_snapshots?sandbox_id=nope").json()["snapshots"] == []
     assert client.get(f"/v1/sandbox_snapshots/{first['id']}").json()["sandbox_checkpoint"]["name"] == "first"
+    scoped_one = client.get(f"/v1/sandboxes/{running.pk}/snapshots/{first['id']}").json()
+    assert scoped_one["sandbox_checkpoint"]["id"] == first["id"]
 
     # and deleting frees the storage, on either route, once
     path = Checkpoint.objects.get(pk=first["id"]).path
@@ -238,28 +241,41 @@ def test_a_guest_that_does_not_answer_fails_the_checkpoint_cleanly(
     # the fake VM has no agent: a guest-mode freeze cannot be asked for
     response = owner.client().post(f"/v1/sandboxes/{running.pk}/snapshots", {}, format="json")
 
+    # then the answer says why, nothing is kept, and the sandbox is ready on one disk layer
     assert response.status_code == 503, response.content
     assert response.json()["error"] == "checkpoint_failed"
-    failed = Checkpoint.objects.get()
-    assert failed.status == CheckpointStatus.FAILED and failed.error and not failed.path.exists()
+    assert not Checkpoint.objects.exists()
+    assert not list((Path(running.host.data_dir) / "checkpoints").iterdir())
     running.refresh_from_db()
     assert running.state == S.READY
     assert fake_driver.domains[running.vm_name].chain == []
-    # it stays listed with its error, does not count against the quota, and never restores
-    listed = owner.client().get("/v1/sandbox_snapshots").json()["snapshots"]
-    assert [(c["status"], c["local_state"]) for c in listed] == [("failed", "none")]
-    settings.CHECKPOINT_MAX_PER_TEAM = 1
-    assert _take(owner, running).status_code == 201
-    refused = owner.client().post(
-        f"/v1/sandboxes/{running.pk}/restore", {"checkpoint_id": failed.pk}, format="json"
-    )
-    assert refused.status_code == 422 and refused.json()["error"] == "checkpoint_failed"
+    assert owner.client().get("/v1/sandbox_snapshots").json()["snapshots"] == []
+
+
+def test_a_guest_that_refuses_the_freeze_is_a_409(owner: Actor, running: Sandbox, monkeypatch) -> None:
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AgentError(
+            409, {"error": "freeze_failed", "message": "cannot freeze /: Device or resource busy"}
+        )
+
+    monkeypatch.setattr(AgentClient, "request", refuse)
+
+    response = owner.client().post(f"/v1/sandboxes/{running.pk}/snapshots", {}, format="json")
+
+    assert response.status_code == 409, response.content
+    assert response.json()["error"] == "checkpoint_freeze_failed"
+    assert "fsfreeze -u /" in response.json()["message"] and "busy" in response.json()["message"]
+    assert not Checkpoint.objects.exists()
+    running.refresh_from_db()
+    assert running.state == S.READY
 
 
 def test_the_team_quota(owner: Actor, running: Sandbox, settings) -> None:
     settings.CHECKPOINT_MAX_PER_TEAM = 2
     assert _take(owner, running).status_code == 201
-    assert _take(owner, running).status_code == 201
+    assert (
+        _take(owner, running, expires_at=(timezone.now() + timedelta(hours=1)).isoformat()).status_code == 201
+    )
 
     third = _take(owner, running)
 
@@ -267,6 +283,45 @@ def test_the_team_quota(owner: Actor, running: Sandbox, settings) -> None:
     assert Checkpoint.objects.count() == 2
     running.refresh_from_db()
     assert running.state == S.READY
+    # an expired checkpoint (gone for its users) no longer counts, before any sweep
+    Checkpoint.objects.filter(expires_at__isnull=False).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert _take(owner, running).status_code == 201
+
+
+def test_the_team_quota_in_bytes_and_the_hosts_free_disk(owner: Actor, running: Sandbox, settings) -> None:
+    settings.CHECKPOINT_MAX_TOTAL_GIB = 1
+    taken = _take(owner, running).json()["sandbox_checkpoint"]
+    Checkpoint.objects.filter(pk=taken["id"]).update(size_bytes=2**30 - 10)  # the team holds 1 GiB
+
+    over = _take(owner, running)
+
+    assert over.status_code == 422 and over.json()["error"] == "checkpoint_quota_exceeded", over.content
+    assert "WATASU_CHECKPOINT_MAX_TOTAL_GIB" in over.json()["message"]
+    # a host whose disk would fall under the reserve refuses captures and restores' copies
+    settings.CHECKPOINT_MAX_TOTAL_GIB = 100
+    settings.HOST_MIN_FREE_GIB = 10**6
+    full = _take(owner, running)
+    assert full.status_code == 507 and full.json()["error"] == "not_enough_space", full.content
+    restore = owner.client().post(
+        f"/v1/sandboxes/{running.pk}/restore", {"checkpoint_id": taken["id"]}, format="json"
+    )
+    assert restore.status_code == 507, restore.content
+    assert Checkpoint.objects.count() == 1 and Sandbox.objects.count() == 1
+    running.refresh_from_db()
+    assert running.state == S.READY
+
+
+def test_deleting_twice_at_once_is_one_204_and_one_404(owner: Actor, running: Sandbox) -> None:
+    taken = _take(owner, running).json()["sandbox_checkpoint"]
+    checkpoint = Checkpoint.objects.get(pk=taken["id"])
+    from sandboxes.checkpoints import checkpoint_delete
+
+    assert checkpoint_delete(checkpoint=checkpoint) is True
+    assert checkpoint_delete(checkpoint=checkpoint) is False
+    scoped = owner.client().get(f"/v1/sandboxes/{running.pk}/checkpoints/{taken['id']}")
+    assert scoped.status_code == 404
 
 
 def test_an_idempotent_retry_replays_the_checkpoint(owner: Actor, running: Sandbox) -> None:
@@ -291,7 +346,12 @@ def test_restore_refusals(owner: Actor, running: Sandbox, local_host, base_versi
     # the checkpoint must be the path's sandbox's
     wrong = client.post(f"/v1/sandboxes/{other.pk}/restore", {"checkpoint_id": taken["id"]}, format="json")
     assert wrong.status_code == 404 and wrong.json()["error"] == "checkpoint_not_found"
-    for bad in ({}, {"checkpoint_id": "abc"}, {"checkpoint_id": taken["id"], "timeout_seconds": 0}):
+    for bad in (
+        {},
+        {"checkpoint_id": "abc"},
+        {"checkpoint_id": taken["id"], "timeout_seconds": 0},
+        {"checkpoint_id": taken["id"], "snapshot_id": taken["id"] + 1},
+    ):
         response = client.post(f"/v1/sandboxes/{running.pk}/restore", bad, format="json")
         assert response.status_code == 422, (bad, response.content)
     # a pending capture is waited for, then refused if still pending

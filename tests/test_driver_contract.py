@@ -69,11 +69,13 @@ def _name() -> str:
     return f"{VM_TEST_PREFIX}contract-{uuid.uuid4().hex[:6]}"
 
 
-def _restored(runtime: Runtime) -> VmSpec:
+def _restored(runtime: Runtime, disk_name: str | None = None) -> VmSpec:
     snap = runtime.snapshot
+    name = _name()
     spec = lifecycle.sandbox_spec(
-        _name(),
+        name,
         runtime.driver.state_dir,
+        disk_path=runtime.driver.state_dir / f"{name}-{disk_name}" if disk_name else None,
         vcpus=snap.vcpus,
         memory_mb=snap.memory_mb,
         kernel=snap.kernel,
@@ -208,8 +210,8 @@ def test_an_unknown_domain_is_absent_and_not_found(runtime: Runtime, tmp_path) -
 
 
 def test_snapshot_disk_freezes_the_old_top_and_writes_to_the_new_one(runtime: Runtime) -> None:
-    # given a running domain
-    driver, spec = runtime.driver, _restored(runtime)
+    # given a running domain on a disk outside its own (a build VM on a layer)
+    driver, spec = runtime.driver, _restored(runtime, disk_name="layer.qcow2")
     new_top = driver.state_dir / f"{spec.name}-top.qcow2"
 
     # when its disk is snapshotted
@@ -223,6 +225,19 @@ def test_snapshot_disk_freezes_the_old_top_and_writes_to_the_new_one(runtime: Ru
     assert not new_top.exists()
     assert layer.is_file()
     layer.unlink()
+
+
+def test_destroy_removes_the_domains_own_disk_under_a_capture_layer(runtime: Runtime) -> None:
+    # given a domain whose disk was switched to a layer in its own directory (a capture)
+    driver, spec = runtime.driver, _restored(runtime)
+    driver.snapshot_disk(spec.name, driver.sandbox_dir(spec.name) / "top.qcow2")
+
+    # when it is destroyed before the layer is merged back
+    driver.destroy(spec.name)
+
+    # then its own disk is gone too
+    assert not spec.disk_path.exists()
+    assert not driver.sandbox_dir(spec.name).exists()
 
 
 def test_commit_disk_merges_the_top_back_and_the_copies_stand_alone(runtime: Runtime) -> None:

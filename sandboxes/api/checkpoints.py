@@ -25,6 +25,7 @@ from sandboxes.api.views import _SandboxView, _with_session
 from sandboxes.models import Checkpoint, QuiesceMode
 from sandboxes.specs import CreateSpec
 from teams.selectors import teams_for_list
+from watasu import errors
 from watasu.api.fields import (
     ClosedSerializer,
     IdField,
@@ -32,6 +33,7 @@ from watasu.api.fields import (
     NameField,
     SecondsField,
     StrictBooleanField,
+    body_refusal,
     refusal,
 )
 from watasu.api.pagination import NextTokenPagination
@@ -149,7 +151,10 @@ class RestoreSerializer(ClosedSerializer):
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict) and "checkpoint_id" not in data and "snapshot_id" in data:
             data = {**data, "checkpoint_id": data["snapshot_id"]}
-        return super().to_internal_value(data)
+        values = super().to_internal_value(data)
+        if values.get("snapshot_id") is not None and values["snapshot_id"] != values["checkpoint_id"]:
+            raise body_refusal("checkpoint_id and snapshot_id name different checkpoints: send one.")
+        return values
 
 
 CHECKPOINT_ENVELOPE = object_envelope("CheckpointEnvelope", ENVELOPE_KEY, CheckpointSerializer())
@@ -241,7 +246,23 @@ class SandboxCheckpointsView(_SandboxCheckpointsView):
         return super().post(request, sandbox_id)
 
 
+def _deleted_or_404(checkpoint: Checkpoint) -> Response:
+    if not checkpoints.checkpoint_delete(checkpoint=checkpoint):  # another request was first
+        raise errors.NotFound(f"Checkpoint {checkpoint.pk} not found.", code="checkpoint_not_found")
+    return Response(status=204)
+
+
 class SandboxCheckpointDetailView(_SandboxView):
+    @extend_schema(
+        summary="Get a sandbox's checkpoint",
+        description="One checkpoint of this sandbox (404 for another sandbox's).",
+        responses=CHECKPOINT_ENVELOPE,
+    )
+    def get(self, request: Request, sandbox_id: str, checkpoint_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id)
+        checkpoint = selectors.checkpoint_get(user=self.user, checkpoint_id=checkpoint_id, sandbox=sandbox)
+        return Response({ENVELOPE_KEY: checkpoint_representation(checkpoint)})
+
     @extend_schema(
         summary="Delete a sandbox's checkpoint",
         description="Deletes the checkpoint and frees its storage; 404 for one that is not this sandbox's.",
@@ -252,8 +273,7 @@ class SandboxCheckpointDetailView(_SandboxView):
         checkpoint = selectors.checkpoint_get(
             user=self.user, checkpoint_id=checkpoint_id, sandbox=sandbox, write=True
         )
-        checkpoints.checkpoint_delete(checkpoint=checkpoint)
-        return Response(status=204)
+        return _deleted_or_404(checkpoint)
 
 
 class SnapshotListView(ApiView):
@@ -294,8 +314,7 @@ class SnapshotDetailView(ApiView):
     )
     def delete(self, request: Request, snapshot_id: str) -> Response:
         checkpoint = selectors.checkpoint_get(user=self.user, checkpoint_id=snapshot_id, write=True)
-        checkpoints.checkpoint_delete(checkpoint=checkpoint)
-        return Response(status=204)
+        return _deleted_or_404(checkpoint)
 
 
 class SandboxRestoreView(_SandboxView):

@@ -28,6 +28,7 @@ from urllib.parse import quote
 from .driver import DriverError
 
 DEFAULT_TIMEOUT = 10.0
+ALIVE_CHECK_SECONDS = 0.5
 DATAPLANE, PREVIEW = "dataplane", "preview"
 EXIT_MARGIN = 10.0  # seconds past a command's timeout its killed process has to report its exit
 # The largest process frame the host accepts from a guest: the agent sends output in
@@ -143,16 +144,24 @@ class AgentClient:
         except (OSError, http.client.HTTPException, ValueError, AgentError):
             return False
 
-    def wait_ready(self, timeout: float = 30.0, interval: float = 0.01) -> float:
+    def wait_ready(
+        self, timeout: float = 30.0, interval: float = 0.01, *, alive: Callable[[], bool] | None = None
+    ) -> float:
         """Poll /health until it answers; returns seconds waited.
 
         The user-mode port forward accepts on the host before the guest listens and then
-        drops the connection, so failures are expected and retried quickly.
+        drops the connection, so failures are expected and retried quickly. ``alive``, asked
+        every half second, ends the wait early when the VM is gone (destroyed meanwhile).
         """
-        start = time.monotonic()
+        start = last_check = time.monotonic()
         while not self.health(timeout=min(1.0, timeout)):
-            if time.monotonic() - start > timeout:
+            now = time.monotonic()
+            if now - start > timeout:
                 raise TimeoutError(f"agent on port {self.port} not ready after {timeout}s")
+            if alive is not None and now - last_check > ALIVE_CHECK_SECONDS:
+                last_check = now
+                if not alive():
+                    raise DriverError(f"the VM of the agent on port {self.port} is gone")
             time.sleep(interval)
         return time.monotonic() - start
 

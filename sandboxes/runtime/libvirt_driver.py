@@ -360,10 +360,14 @@ class LibvirtDriver:
         """Stop, undefine (incl. managed save) and delete disk + sandbox files. Idempotent."""
         # A domain already undefined (stopped and kept for inspection) has its disk at the
         # conventional place.
-        disk = self._disk_path(name) or self.state_dir / f"{name}.qcow2"
+        own = self.state_dir / f"{name}.qcow2"
+        disk = self._disk_path(name) or own
         self._undefine(name)
-        if disk.parent != self.sandbox_dir(name):
-            disk.unlink(missing_ok=True)
+        # The top (a capture's layer lives in the sandbox dir, on the disk below it) and the
+        # domain's own disk; build layers elsewhere are the caller's.
+        for path in {disk, own}:
+            if path.parent != self.sandbox_dir(name):
+                path.unlink(missing_ok=True)
         shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)
 
     def _disk_path(self, name: str) -> Path | None:

@@ -105,7 +105,7 @@ def start_from_snapshot(
     try:
         driver.restore(spec, snapshot, overlay=overlay)
         client = AgentClient(spec.agent_host_port)
-        client.wait_ready(READY_TIMEOUT)
+        client.wait_ready(READY_TIMEOUT, alive=lambda: driver.domain_status(name) != "absent")
         client.init(auth=snapshot.agent_secret, secret=new_secret(), env_vars=env_vars, hostname=name)
     except BaseException:
         driver.destroy(name)
@@ -144,7 +144,7 @@ def cold_boot(
     try:
         driver.boot(spec)
         client = AgentClient(spec.agent_host_port)
-        client.wait_ready(READY_TIMEOUT)
+        client.wait_ready(READY_TIMEOUT, alive=lambda: driver.domain_status(name) != "absent")
         client.init(auth=token, secret=new_secret(), env_vars=env_vars, hostname=name)
     except BaseException:
         driver.destroy(name)

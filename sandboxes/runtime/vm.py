@@ -127,6 +127,14 @@ def disk_path(sandbox: Sandbox) -> Path:
     return driver_for(sandbox.placed_host).state_dir / f"{sandbox.vm_name}.qcow2"
 
 
+def disk_bytes(sandbox: Sandbox) -> int:
+    """Host disk the sandbox's own disk takes (what its guest wrote): 0 without one."""
+    try:
+        return disk_path(sandbox).stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
 def checkpoint(sandbox: Sandbox, checkpoint: Checkpoint) -> int:
     """Copy the running sandbox's root disk (and, for ``include_memory``, its memory) to
     the checkpoint's files; returns the bytes they take.

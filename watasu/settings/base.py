@@ -259,13 +259,18 @@ VOLUME_MAX_FILE_BYTES = env.int("WATASU_VOLUME_MAX_FILE_BYTES", 5 * 2**20, min=1
 
 # Per team: how many checkpoints may exist (failed ones do not count).
 CHECKPOINT_MAX_PER_TEAM = env.int("WATASU_CHECKPOINT_MAX_PER_TEAM", 50, min=0)
+# ... and the host disk they may take together (each is what its sandbox wrote to its root disk).
+CHECKPOINT_MAX_TOTAL_GIB = env.int("WATASU_CHECKPOINT_MAX_TOTAL_GIB", 100, min=0)
+# A capture or a restore's disk copy is refused (507) when it would leave less than this free
+# on the host's data disk, which every sandbox's disk shares.
+HOST_MIN_FREE_GIB = env.int("WATASU_HOST_MIN_FREE_GIB", 5, min=0)
 # A guest-mode checkpoint freezes the guest's root filesystem; the guest thaws it by
 # itself after this long even if the host never asks (a host that died mid-capture).
 CHECKPOINT_FREEZE_SECONDS = env.int("WATASU_CHECKPOINT_FREEZE_SECONDS", 10, min=1, max=60)
 # How long a create or restore waits for a pending checkpoint before a 409.
 CHECKPOINT_WAIT_SECONDS = env.int("WATASU_CHECKPOINT_WAIT_SECONDS", 120, min=1)
-# Failed checkpoints stay listed this long (with their error), then the retention sweep
-# removes them.
+# Checkpoints whose capture was cut short (its process died) stay listed as failed this long,
+# then the retention sweep removes them.
 CHECKPOINT_FAILED_RETENTION_SECONDS = env.int("WATASU_CHECKPOINT_FAILED_RETENTION_SECONDS", 86400, min=0)
 
 # --- Runtime (libvirt + QEMU) -------------------------------------------------------
