@@ -221,6 +221,8 @@ def test_a_checkpoint_taken_while_the_sandbox_is_destroyed_leaves_nothing_behind
     assert status in (201, 503), outcome["response"].content  # type: ignore[attr-defined]
     assert Sandbox.objects.get(pk=source).state == S.DESTROYED
     assert vm_cleanup.list_domains(VM_TEST_PREFIX) == []
+    # its disk went with it, whether the capture had merged its layer back or not
+    assert not (vm_cleanup.state_dir / f"{VM_TEST_PREFIX}{source}.qcow2").exists()
     for checkpoint in Checkpoint.objects.all():
         assert checkpoint.status in ("ready", "failed")
         assert checkpoint.path.exists() == (checkpoint.status == "ready")
@@ -273,3 +275,34 @@ def test_a_checkpoint_with_memory_restores_running_processes(
         f"/v1/sandboxes/{holder}/checkpoints", {"include_memory": True}, format="json"
     )
     assert refused.status_code == 422 and refused.json()["error"] == "checkpoint_memory_with_volumes"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_restore_destroyed_while_it_boots_is_a_404_and_leaves_nothing(
+    owner: Actor, base_version, vm_cleanup
+) -> None:
+    source = _create(owner)
+    checkpoint = _checkpoint(owner, source, quiesce_mode="crash")
+    outcome: dict[str, object] = {}
+
+    def restore() -> None:
+        outcome["response"] = owner.client().post(
+            f"/v1/sandboxes/{source}/restore", {"checkpoint_id": checkpoint["id"]}, format="json"
+        )
+
+    worker = threading.Thread(target=restore)
+    worker.start()
+    booting = wait_until(
+        lambda: Sandbox.objects.filter(restored_from_id=checkpoint["id"], state=S.RESTORING).first(),
+        60,
+        "the restore to start",
+    )
+    services.sandbox_destroy(sandbox=booting)
+    worker.join(120)
+
+    response = outcome["response"]
+    assert response.status_code == 404, response.content  # type: ignore[attr-defined]
+    assert "destroyed" in response.json()["message"]  # type: ignore[attr-defined]
+    assert Sandbox.objects.get(pk=booting.pk).state == S.DESTROYED
+    assert vm.driver_for(booting.placed_host).domain_status(booting.vm_name) == "absent"
+    assert not (vm.driver_for(booting.placed_host).state_dir / f"{booting.vm_name}.qcow2").exists()
