@@ -120,6 +120,9 @@ def checkpoint_create(
         _unlink(checkpoint)
         Checkpoint.objects.filter(pk=checkpoint.pk).delete()
         _back_to_ready(sandbox, "checkpoint failed")
+        sandbox.refresh_from_db(fields=["state"])
+        if sandbox.state == S.DESTROYED:  # destroyed during the capture: that is the answer
+            raise services.sandbox_gone(sandbox.pk) from exc
         if isinstance(exc, AgentError) and exc.status == 409:  # the guest refused the freeze
             detail = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
             raise errors.Conflict(
@@ -128,8 +131,10 @@ def checkpoint_create(
                 code="checkpoint_freeze_failed",
             ) from exc
         logger.exception("checkpoint %s of sandbox %s failed", checkpoint.pk, sandbox.pk)
-        raise errors.Unavailable(
-            f"The checkpoint of sandbox {sandbox.pk} failed: {exc}", code="checkpoint_failed"
+        raise errors.Unavailable(  # the details (host paths) are in the log, not the answer
+            f"The checkpoint of sandbox {sandbox.pk} failed and was not kept; the sandbox runs "
+            "on. Try again, or take it in quiesce_mode crash if the guest is not answering.",
+            code="checkpoint_failed",
         ) from exc
     _back_to_ready(sandbox, "checkpoint taken")
     if not Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(

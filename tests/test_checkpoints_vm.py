@@ -306,3 +306,31 @@ def test_a_restore_destroyed_while_it_boots_is_a_404_and_leaves_nothing(
     assert Sandbox.objects.get(pk=booting.pk).state == S.DESTROYED
     assert vm.driver_for(booting.placed_host).domain_status(booting.vm_name) == "absent"
     assert not (vm.driver_for(booting.placed_host).state_dir / f"{booting.vm_name}.qcow2").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_guest_frozen_by_itself_takes_and_restores_a_memory_checkpoint(
+    owner: Actor, base_version, vm_cleanup
+) -> None:
+    # given a guest that froze its own root filesystem
+    source = _create(owner)
+    _run(source, "echo before > /root/before.txt && sync && fsfreeze -f /")
+
+    # when it is checkpointed with its memory (no freeze needed) and restored
+    checkpoint = _checkpoint(owner, source, include_memory=True)
+    restored = owner.client().post(
+        f"/v1/sandboxes/{source}/restore", {"checkpoint_id": checkpoint["id"]}, format="json"
+    )
+
+    # then both run, still frozen as the guest left them, and both thaw when asked
+    assert restored.status_code == 201, restored.content
+    copy = restored.json()["sandbox"]["id"]
+    for sandbox_id in (source, copy):
+        assert _run(sandbox_id, "fsfreeze -u / && echo after > /root/after.txt && cat /root/before.txt") == (
+            "before\n"
+        )
+    # and a disk checkpoint of a frozen guest is a clear 409
+    _run(source, "fsfreeze -f /")
+    frozen = owner.client().post(f"/v1/sandboxes/{source}/checkpoints", {}, format="json")
+    assert frozen.status_code == 409 and frozen.json()["error"] == "checkpoint_freeze_failed", frozen.content
+    _run(source, "fsfreeze -u /")

@@ -175,8 +175,10 @@ class AgentClient:
         clock: float | None = None,
         entropy: bytes | None = None,
         seal: bool = False,
+        new_machine_id: bool = False,
     ) -> dict[str, Any]:
-        """Install ``secret`` (authenticated by ``auth``), env, clock, hostname, entropy.
+        """Install ``secret`` (authenticated by ``auth``), env, clock, hostname, entropy,
+        and with ``new_machine_id`` a fresh machine id (a new clone, not a resumed VM).
 
         Clock and entropy default to now and 64 fresh bytes: clones must never keep the
         template's. On success the client switches to the new secret.
@@ -191,6 +193,8 @@ class AgentClient:
             body["env_vars"] = env_vars  # replaces the set; omitted keeps the current one
         if hostname:
             body["hostname"] = hostname
+        if new_machine_id:
+            body["new_machine_id"] = True
         result = self.request("POST", "/init", body, token=auth)
         self.secret = secret
         return dict(result)

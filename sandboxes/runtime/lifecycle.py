@@ -106,7 +106,13 @@ def start_from_snapshot(
         driver.restore(spec, snapshot, overlay=overlay)
         client = AgentClient(spec.agent_host_port)
         client.wait_ready(READY_TIMEOUT, alive=lambda: driver.domain_status(name) != "absent")
-        client.init(auth=snapshot.agent_secret, secret=new_secret(), env_vars=env_vars, hostname=name)
+        client.init(
+            auth=snapshot.agent_secret,
+            secret=new_secret(),
+            env_vars=env_vars,
+            hostname=name,
+            new_machine_id=True,
+        )
     except BaseException:
         driver.destroy(name)
         raise
@@ -145,7 +151,7 @@ def cold_boot(
         driver.boot(spec)
         client = AgentClient(spec.agent_host_port)
         client.wait_ready(READY_TIMEOUT, alive=lambda: driver.domain_status(name) != "absent")
-        client.init(auth=token, secret=new_secret(), env_vars=env_vars, hostname=name)
+        client.init(auth=token, secret=new_secret(), env_vars=env_vars, hostname=name, new_machine_id=True)
     except BaseException:
         driver.destroy(name)
         raise
@@ -159,12 +165,17 @@ def resume(driver: RuntimeDriver, name: str, client: AgentClient, timeout: float
     """
     t = time.monotonic()
     driver.resume(name)
-    resync(client, name, timeout=timeout)
+    resync(client, name, timeout=timeout, driver=driver)
     return time.monotonic() - t
 
 
-def resync(client: AgentClient, name: str, timeout: float = READY_TIMEOUT) -> None:
-    """After a restart from saved memory: wait for the agent, give it the clock (same secret)."""
-    client.wait_ready(timeout)
+def resync(
+    client: AgentClient, name: str, timeout: float = READY_TIMEOUT, *, driver: RuntimeDriver | None = None
+) -> None:
+    """After a restart from saved memory: wait for the agent (ending early if ``driver``
+    says the VM is gone), give it the clock (same secret). Nothing is written to the
+    guest's disk: its root filesystem may be frozen."""
+    alive = (lambda: driver.domain_status(name) != "absent") if driver is not None else None
+    client.wait_ready(timeout, alive=alive)
     secret = client.secret or ""
-    client.init(auth=secret, secret=secret, hostname=name)
+    client.init(auth=secret, secret=secret)

@@ -187,7 +187,9 @@ def _checkpoint_with_memory(sandbox: Sandbox, checkpoint: Checkpoint) -> int:
     driver.save_and_continue(sandbox.vm_name, checkpoint.memory_path, checkpoint.path)
     checkpoint.memory_path.chmod(0o600)
     # the guest slept: its clock is behind (same secret, so sessions stay valid)
-    lifecycle.resync(agent_client(sandbox), sandbox.vm_name, timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS)
+    lifecycle.resync(
+        agent_client(sandbox), sandbox.vm_name, timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS, driver=driver
+    )
     return sum(path.stat().st_blocks * 512 for path in checkpoint.files())
 
 

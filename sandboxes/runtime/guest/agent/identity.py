@@ -105,23 +105,30 @@ def add_entropy(data: bytes) -> None:
     random.seed(os.urandom(32))
 
 
+def _write_later(path: str, text: str, *, only_if_present: bool = False) -> None:
+    """Write ``path`` in a thread of its own: the root filesystem may be frozen (a clone of a
+    guest frozen when its memory was saved), and an init must not wait for a thaw.
+    Best effort: errors are ignored."""
+
+    def write() -> None:
+        try:
+            if only_if_present and os.path.getsize(path) == 0:
+                return
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError:
+            pass
+
+    threading.Thread(target=write, name=f"write {path}", daemon=True).start()
+
+
 def refresh_machine_id(path: str = "/etc/machine-id") -> None:
     """A clone (of a memory snapshot or of a checkpoint's disk) must not share its source's
     machine id: a non-empty one is replaced by a fresh random id (none is made if absent)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return
-        with open(path, "w") as f:
-            f.write(os.urandom(16).hex() + "\n")
-    except OSError:
-        pass
+    _write_later(path, os.urandom(16).hex() + "\n", only_if_present=True)
 
 
 def set_hostname(name: str) -> None:
-    """Set the kernel hostname and /etc/hostname (best effort for the file)."""
+    """Set the kernel hostname, and /etc/hostname in the background (best effort)."""
     socket.sethostname(name)
-    try:
-        with open("/etc/hostname", "w") as f:
-            f.write(name + "\n")
-    except OSError:
-        pass
+    _write_later("/etc/hostname", name + "\n")

@@ -46,6 +46,7 @@ def init(agent: Agent, req: Request) -> Result:
         set_clock(float(b["clock"]))
     if b.get("hostname"):
         set_hostname(str(b["hostname"]))
+    if b.get("new_machine_id") is True:
         refresh_machine_id()
     if "env_vars" in b:
         env = {str(k): str(v) for k, v in (b["env_vars"] or {}).items()}
