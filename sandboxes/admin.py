@@ -164,11 +164,6 @@ class CheckpointAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
-
 
 @admin.action(description="Run the selected sweeps now")
 def run_sweeps(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[SweepRun]) -> None:
