@@ -114,6 +114,11 @@ class Sandbox(models.Model):
     )
     network_class = models.CharField(max_length=32, default="standard")
     network_policy = models.JSONField(default=dict, blank=True)
+    # header rule values (secrets) apart from the shown policy, encrypted; never echoed
+    network_rules_encrypted = models.TextField(blank=True)
+    # bumped by every policy change; the host records the revision it enforces
+    network_revision = models.PositiveIntegerField(default=0)
+    network_applied_revision = models.IntegerField(null=True, blank=True)
     route_token = models.CharField(max_length=32, unique=True, default=new_route_token)
     vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)

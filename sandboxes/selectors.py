@@ -105,6 +105,8 @@ def sandbox_limits(*, team: Team) -> dict[str, object]:
         },
         "max_timeout_seconds": settings.SANDBOX_MAX_TIMEOUT_SECONDS,
         "default_network_class": settings.SANDBOX_DEFAULT_NETWORK_CLASS,
+        "network_classes": {name: dict(limits) for name, limits in settings.NETWORK_CLASSES.items()},
+        "egress_profiles": {name: list(hosts) for name, hosts in settings.EGRESS_PROFILES.items()},
         "prices": {
             "currency": settings.PRICE_CURRENCY,
             "vcpu_second": _price(settings.PRICE_VCPU_SECOND),

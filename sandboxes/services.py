@@ -22,6 +22,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from sandboxes import network
 from sandboxes.models import (
     RUNTIME_STATES,
     Checkpoint,
@@ -241,7 +242,8 @@ def _reserve(
             auto_resume=spec.lifecycle.auto_resume,
             env_vars_encrypted=crypto.encrypt_json(spec.env_vars) if spec.env_vars else "",
             network_policy=spec.network_policy,
-            network_class=settings.SANDBOX_DEFAULT_NETWORK_CLASS,
+            network_rules_encrypted=crypto.encrypt_json(spec.network_rules) if spec.network_rules else "",
+            network_class=spec.network_policy.get("network_class") or settings.SANDBOX_DEFAULT_NETWORK_CLASS,
             volume_mounts=[mount.as_dict() for mount in spec.volume_mounts],
         )
         volumes_claim(sandbox=sandbox, volumes=volumes)
@@ -347,7 +349,19 @@ def _launch(
 # --- restore (a checkpoint into a new sandbox) ----------------------------------------------
 
 NETWORK_KEYS = frozenset(
-    {"allow_internet_access", "allow_package_registry_access", "allow_public_traffic", "network"}
+    {
+        "allow_internet_access",
+        "allow_package_registry_access",
+        "allow_public_traffic",
+        "allow_out",
+        "deny_out",
+        "egress_profile",
+        "egress_profiles",
+        "rules",
+        "mask_request_host",
+        "network_class",
+        "network_policy",
+    }
 )
 
 
@@ -411,6 +425,7 @@ def restore_spec(checkpoint: Checkpoint, spec: CreateSpec | None) -> CreateSpec:
         env_vars={**source_env, **spec.env_vars},
         metadata={**source.metadata, **spec.metadata},
         network_policy=spec.network_policy if given & NETWORK_KEYS else dict(source.network_policy),
+        network_rules=spec.network_rules if given & NETWORK_KEYS else network.rule_headers(source),
     )
 
 
@@ -605,6 +620,53 @@ def sandbox_set_timeout(*, sandbox: Sandbox, timeout: int) -> Sandbox:
         raise state_conflict(sandbox, "change its timeout")
     sandbox.refresh_from_db()
     return sandbox
+
+
+NETWORK_LIVE_STATES = (S.CREATING, S.RESTORING, S.READY, S.CHECKPOINTING)
+
+
+def sandbox_set_network(
+    *, sandbox: Sandbox, policy: dict[str, Any], headers: dict[str, dict[str, str]]
+) -> Sandbox:
+    """Replace the sandbox's network policy (atomically) and enforce it: at once on a
+    running sandbox (without restarting it; its open connections carry on), at the next
+    resume on a paused one. If the host cannot apply it now, the new policy stays recorded,
+    shown as not yet in force, and a worker applies it (`sandboxes.tasks.network_apply`)."""
+    if sandbox.state not in (*NETWORK_LIVE_STATES, S.STOPPED, S.STOPPING):
+        raise state_conflict(sandbox, "change its network policy")
+    changed = Sandbox.objects.filter(
+        pk=sandbox.pk, state__in=(*NETWORK_LIVE_STATES, S.STOPPED, S.STOPPING)
+    ).update(
+        network_policy=policy,
+        network_rules_encrypted=crypto.encrypt_json(headers) if headers else "",
+        network_class=policy["network_class"],
+        network_revision=F("network_revision") + 1,
+        updated_at=timezone.now(),
+    )
+    if not changed:
+        raise state_conflict(sandbox, "change its network policy")
+    sandbox.refresh_from_db()
+    if sandbox.state in NETWORK_LIVE_STATES and vm.qemu_uid(sandbox) is not None:
+        try:
+            network.apply(sandbox)
+        except Exception:
+            logger.warning("sandbox %s: network policy not applied now; queued", sandbox.pk, exc_info=True)
+            from sandboxes.tasks import network_apply
+
+            network_apply.apply_async(args=[sandbox.pk], countdown=1)
+    return sandbox
+
+
+def sandbox_network_retry(sandbox_id: int) -> bool:
+    """Apply a recorded policy not yet in force (the worker's half of `sandbox_set_network`).
+    True once in force or no longer needed."""
+    sandbox = Sandbox.objects.filter(pk=sandbox_id).first()
+    if sandbox is None or sandbox.state not in NETWORK_LIVE_STATES:
+        return True
+    if sandbox.network_applied_revision == sandbox.network_revision:
+        return True
+    network.apply(sandbox)
+    return True
 
 
 def sandbox_destroy(*, sandbox: Sandbox, reason: str = "destroy") -> Sandbox:

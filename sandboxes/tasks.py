@@ -17,3 +17,19 @@ def sweep_task(self: Any, name: str) -> dict[str, Any]:
     if result.get("more"):
         self.apply_async(args=[name], expires=float(settings.SWEEP_INTERVAL_SECONDS[name]))
     return result
+
+
+@shared_task(
+    name="sandboxes.network_apply",
+    autoretry_for=(Exception,),
+    retry_backoff=1,
+    retry_backoff_max=60,
+    max_retries=None,
+    acks_late=True,
+)
+def network_apply(sandbox_id: int) -> bool:
+    """Apply a sandbox's recorded network policy the host could not take at once; retried
+    (backing off to a minute) until it is in force or the sandbox stopped running."""
+    from sandboxes.services import sandbox_network_retry
+
+    return sandbox_network_retry(sandbox_id)

@@ -191,6 +191,14 @@ def vm_cleanup(local_host):  # type: ignore[no-untyped-def]
         driver.destroy(name)
 
 
+@pytest.fixture(autouse=True)
+def _egress_enforced_on_vms_only(request, settings):  # type: ignore[no-untyped-def]
+    """The host firewall is real for VM tests; elsewhere policies are only recorded (a test
+    without VMs must not leave rules on the host)."""
+    if request.node.get_closest_marker("vm") is None:
+        settings.EGRESS_ENFORCE = False
+
+
 @pytest.fixture
 def fake_driver(settings, tmp_path, local_host):  # type: ignore[no-untyped-def]
     """The local host's runtime as `tests/fake_driver.FakeDriver`, its files under tmp_path:

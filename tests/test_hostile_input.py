@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from sandboxes.api.requests import create_keys
+from sandboxes.api.requests import POLICY_KEYS, create_keys
 from sandboxes.models import Checkpoint, CheckpointStatus, Host, SandboxState
 from sandboxes.runtime import vm
 from teams.models import ApiKey, Team
@@ -235,6 +235,12 @@ WRITE_ROUTES = [
     WriteRoute("sandbox-resume", "POST", {"timeout": 60}, _keys("timeout")),
     WriteRoute("sandbox-connect", "POST", {"timeout": 60}, _keys("timeout")),
     WriteRoute("sandbox-timeout", "POST", {"timeout": 60}, _keys("timeout")),
+    WriteRoute(
+        "sandbox-network",
+        "PUT",
+        {"allow_internet_access": False, "allow_out": ["alpha.test"]},
+        _keys(*POLICY_KEYS, ("rules", "api.example.com")),
+    ),
     WriteRoute(
         "sandbox-upload-url",
         "POST",
@@ -559,7 +565,7 @@ def test_every_route_parameter_has_real_ids(world: World) -> None:
 
     # then: each parameter has an own, another team's and a missing value
     assert sorted(params - world.ids.keys()) == []
-    assert len(ROUTES) == 40
+    assert len(ROUTES) == 41
     assert {route.name for route in WRITE_ROUTES} - ROUTES.keys() == set()
 
 
@@ -816,7 +822,7 @@ def test_unparseable_bodies_are_400(owner: Actor, body: bytes, message: str) -> 
             {"metadata": {"k" * 257: "v"}},
             "metadata keys must be 1 to 256 characters without control characters.",
         ),
-        ({"allow_out": True}, "allow_out must be a list."),
+        ({"allow_out": True}, "allow_out must be a list of strings."),
         ({"template_version_id": "²"}, "template_version_id must be an integer id."),
         ({"template_version_id": 2**63}, "template_version_id must be an integer id."),
         ({"cpu_count": 2.0}, "cpu_count must be one of 1, 2, 4, 8."),

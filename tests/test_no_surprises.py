@@ -207,10 +207,11 @@ def test_other_unknown_top_level_keys_pass_through_as_the_spec_says(owner: Actor
     assert (response.status_code, response.json()["error"]) == (422, "template_not_found")
 
 
-def test_egress_profiles_are_refused_until_they_are_enforced(owner: Actor) -> None:
+def test_an_unknown_egress_profile_is_refused_naming_the_known_ones(owner: Actor) -> None:
     response = owner.client().post("/v1/sandboxes", {"egress_profile": "strict"}, format="json")
 
-    assert (response.status_code, response.json()["error"]) == (422, "network_rules_unavailable")
+    assert (response.status_code, response.json()["error"]) == (422, "invalid_network_policy")
+    assert "package-registries" in response.json()["message"]
 
 
 # --- deadlines ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
 
 from sandboxes.models import SandboxState
 from tests.conftest import Actor
@@ -21,6 +22,8 @@ def test_shape_with_defaults(owner: Actor) -> None:
         "memory_mb": {"min": 512, "max": 16384, "increment": 512},
         "max_timeout_seconds": 86400,
         "default_network_class": "standard",
+        "network_classes": {"standard": {"max_connections": 1024}, "restricted": {"max_connections": 64}},
+        "egress_profiles": {"package-registries": settings.EGRESS_PROFILES["package-registries"]},
         "prices": {
             "currency": "EUR",
             "vcpu_second": "0.000010",

@@ -36,7 +36,7 @@ def _create(actor: Actor, **body):  # type: ignore[no-untyped-def]
         ({"volume_mounts": [{"name": "cache", "path": "cache"}]}, "invalid_path"),
         ({"volume_mounts": {"/etc/x": "cache"}}, "invalid_path"),
         ({"volume_mounts": "cache"}, "invalid_volume_mounts"),
-        ({"allow_out": ["pypi.org:443"]}, "network_rules_unavailable"),
+        ({"allow_out": ["pypi.org:5432"]}, "invalid_network_policy"),
         ({"template": "no-such-template"}, "template_not_found"),
         ({"template": "base:does-not-exist"}, "template_not_found"),
         ({"template_version_id": 999999}, "template_not_found"),
@@ -313,8 +313,8 @@ def test_admin_sandbox_page_hides_secrets(admin_client) -> None:  # type: ignore
 @pytest.mark.parametrize(
     ("policy", "error"),
     [
-        ({"deny_out": ["0.0.0.0/0"]}, "network_rules_unavailable"),
-        ({"allow_out": "x"}, "validation_failed"),
+        ({"deny_out": ["not a host"]}, "invalid_network_policy"),
+        ({"allow_out": "x"}, "invalid_network_policy"),
         ({"allow_internet": False}, "validation_failed"),
         ("closed", "validation_failed"),
     ],

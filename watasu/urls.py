@@ -17,6 +17,11 @@ api_v1 = [
     path("sandboxes", sandbox_views.SandboxListView.as_view(), name="sandbox-list"),
     path("sandboxes/<str:sandbox_id>", sandbox_views.SandboxDetailView.as_view(), name="sandbox-detail"),
     path("sandboxes/<str:sandbox_id>/pause", sandbox_views.SandboxPauseView.as_view(), name="sandbox-pause"),
+    path(
+        "sandboxes/<str:sandbox_id>/network",
+        sandbox_views.SandboxNetworkView.as_view(),
+        name="sandbox-network",
+    ),
     path("sandboxes/<str:sandbox_id>/stop", sandbox_views.SandboxPauseView.as_view(), name="sandbox-stop"),
     path(
         "sandboxes/<str:sandbox_id>/resume", sandbox_views.SandboxResumeView.as_view(), name="sandbox-resume"

@@ -12,6 +12,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from sandboxes.models import OnTimeout
+from sandboxes.runtime.egress import policy
 from sandboxes.specs import DEFAULT_TIMEOUT, CreateSpec, Lifecycle, cpu_problem, env_problem, memory_problem
 from volumes.mounts import Mount, parse_mounts
 from watasu import errors, suggest
@@ -27,22 +28,11 @@ from watasu.api.fields import (
     refusal,
 )
 
-ALL_TRAFFIC = "0.0.0.0/0"
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY_LENGTH = 256
 MAX_METADATA_VALUE_LENGTH = 4096
 MAX_PATH_LENGTH = 4096  # Linux PATH_MAX
 LIFECYCLE_KEYS = ("on_timeout", "auto_resume", "onTimeout", "autoResume")
-NETWORK_KEYS = (
-    "allow_internet_access",
-    "allow_package_registry_access",
-    "allow_public_traffic",
-    "allow_out",
-    "deny_out",
-    "rules",
-    "mask_request_host",
-    "network_class",
-)
 # Keys other APIs (or a guess) use for one of ours: sent here, they would silently change
 # nothing (`{"cpu": 2}` got one vCPU), so each is refused naming ours.
 SHAPE_MEANT = {
@@ -64,7 +54,6 @@ CREATE_MEANT = {
     "environment": "envs",
     "env": "envs",
 }
-NO_RULES = "Per-host egress rules are not available yet; use allow_internet_access."
 
 
 def metadata_value(value: Any) -> str:
@@ -226,24 +215,12 @@ class VolumeMountsField(LenientField):
             raise refusal(exc.message, exc.code) from exc
 
 
-@extend_schema_field({"type": "array", "items": {"type": "string", "enum": [ALL_TRAFFIC]}})
-class AllowOutField(LenientField):
-    def to_internal_value(self, data: Any) -> list[str]:
-        if not data:
-            return []
-        if not isinstance(data, list):
-            raise refusal("allow_out must be a list.")
-        if any(rule != ALL_TRAFFIC for rule in data):
-            raise refusal(NO_RULES, "network_rules_unavailable")
-        return []
+@extend_schema_field(OpenApiTypes.ANY)
+class RawField(LenientField):
+    """A value checked with the rest of its object (``network_policy_of``)."""
 
-
-@extend_schema_field(OpenApiTypes.STR)
-class NetworkClassField(LenientField):
-    def to_internal_value(self, data: Any) -> str:
-        if data != settings.SANDBOX_DEFAULT_NETWORK_CLASS:
-            raise refusal(f"network_class must be '{settings.SANDBOX_DEFAULT_NETWORK_CLASS}'.")
-        return str(data)
+    def to_internal_value(self, data: Any) -> Any:
+        return data
 
 
 @extend_schema_field(OpenApiTypes.ANY)
@@ -254,17 +231,149 @@ class IgnoredField(LenientField):
         return None
 
 
+@extend_schema_field({"type": "array", "items": {"type": "string"}})
+class StringsField(RawField):
+    pass
+
+
+@extend_schema_field({"type": "object"})
+class RulesField(RawField):
+    pass
+
+
 class _NetworkFields(serializers.Serializer):
-    allow_internet_access = StrictBooleanField(help_text="Outbound internet (default true)")
+    allow_internet_access = StrictBooleanField(
+        help_text="Outbound internet by default (default true); false: only what allow_out names"
+    )
     allow_package_registry_access = StrictBooleanField(
-        help_text="Package registries (default: as allow_internet_access)"
+        help_text="The package registries' hosts (profile `package-registries`; "
+        "default: as allow_internet_access)"
     )
     allow_public_traffic = StrictBooleanField(help_text="Previews reachable without a token (default true)")
-    allow_out = AllowOutField(help_text="Only ['0.0.0.0/0'] until per-host rules are enforced")
-    deny_out = UnavailableField(code="network_rules_unavailable", message=NO_RULES)
-    rules = UnavailableField(code="network_rules_unavailable", message=NO_RULES)
-    mask_request_host = UnavailableField(code="network_rules_unavailable", message=NO_RULES)
-    network_class = NetworkClassField(help_text="Only the platform's default class")
+    allow_out = StringsField(
+        help_text="Allowed: host names (`*.` wildcards, `:80`/`:443`), IPv4 addresses or CIDRs "
+        "(optionally `:port`); '0.0.0.0/0' is all traffic"
+    )
+    deny_out = StringsField(help_text="Refused (wins over allow_out); same forms")
+    egress_profile = RawField(help_text="A named egress profile (GET /v1/sandbox_limits lists them)")
+    egress_profiles = StringsField(help_text="Named egress profiles")
+    rules = RulesField(
+        help_text='{host: [{"transform": {"headers": {name: value}}}]}: headers added to the '
+        "sandbox's requests to that host (values are secrets, never shown)"
+    )
+    mask_request_host = RawField(
+        help_text="Host header previews forward with, e.g. '${PORT}-app.example.com'"
+    )
+    network_class = RawField(help_text="A network class (GET /v1/sandbox_limits lists them)")
+
+
+POLICY_KEYS = tuple(_NetworkFields().fields)
+CAMEL_KEYS = {
+    "allowInternetAccess": "allow_internet_access",
+    "allowPackageRegistryAccess": "allow_package_registry_access",
+    "allowPublicTraffic": "allow_public_traffic",
+    "allowOut": "allow_out",
+    "denyOut": "deny_out",
+    "egressProfile": "egress_profile",
+    "egressProfiles": "egress_profiles",
+    "maskRequestHost": "mask_request_host",
+    "networkClass": "network_class",
+}
+
+
+def with_snake_keys(body: dict[str, Any]) -> dict[str, Any]:
+    """camelCase network keys as their snake_case names (both, different: a 422)."""
+    out = dict(body)
+    for camel, snake in CAMEL_KEYS.items():
+        if camel in out:
+            value = out.pop(camel)
+            if snake in out and out[snake] != value:
+                raise body_refusal(f"{snake} and {camel} name the same setting with different values.")
+            out[snake] = value
+    return out
+
+
+def network_policy_of(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """The whole policy (unset keys at their defaults) as shown, and its header rules."""
+    try:
+        allow_out, _, _ = policy.parse_entries(data.get("allow_out"), "allow_out")
+        deny_out, _, _ = policy.parse_entries(data.get("deny_out"), "deny_out")
+        headers = policy.parse_rules(data.get("rules"))
+    except policy.PolicyError as exc:
+        raise refusal(str(exc), "invalid_network_policy") from exc
+    profiles = _profiles(data.get("egress_profile"), data.get("egress_profiles"))
+    network_class = data.get("network_class") or settings.SANDBOX_DEFAULT_NETWORK_CLASS
+    if not isinstance(network_class, str) or network_class not in settings.NETWORK_CLASSES:
+        known = ", ".join(sorted(settings.NETWORK_CLASSES))
+        raise refusal(
+            f"network_class {str(network_class)[:64]!r} is not one of: {known}.", "invalid_network_policy"
+        )
+    internet = data.get("allow_internet_access")
+    internet = True if internet is None else internet
+    registries = data.get("allow_package_registry_access")
+    public = data.get("allow_public_traffic")
+    shown = policy.Policy(
+        allow_internet_access=internet,
+        allow_package_registry_access=internet if registries is None else registries,
+        allow_public_traffic=True if public is None else public,
+        allow_out=tuple(allow_out),
+        deny_out=tuple(deny_out),
+        egress_profiles=tuple(profiles),
+        network_class=network_class,
+        mask_request_host=_mask(data.get("mask_request_host")),
+    ).shown(headers)
+    return shown, headers
+
+
+def _profiles(one: Any, many: Any) -> list[str]:
+    names: list[Any] = []
+    if one is not None:
+        names.append(one)
+    if many is not None:
+        if not isinstance(many, list):
+            raise refusal("egress_profiles must be a list of profile names.", "invalid_network_policy")
+        names.extend(many)
+    known = settings.EGRESS_PROFILES
+    for name in names:
+        if not isinstance(name, str) or name not in known:
+            raise refusal(
+                f"egress profile {str(name)[:64]!r} is not one of: {', '.join(sorted(known))}.",
+                "invalid_network_policy",
+            )
+    return sorted(set(names))
+
+
+def _mask(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > 253:
+        raise refusal(
+            "mask_request_host must be a host name template of at most 253 characters.",
+            "invalid_network_policy",
+        )
+    host, _, port = value.replace("${PORT}", "80").partition(":")
+    if policy.parse_hostname(host) is None or (port and not port.isdigit()) or "*" in host:
+        raise refusal(
+            f"mask_request_host {value[:100]!r} must be a host name, optionally with ${{PORT}} in it "
+            "(e.g. '${PORT}-app.example.com').",
+            "invalid_network_policy",
+        )
+    return value
+
+
+class NetworkUpdateSerializer(_NetworkFields):
+    """`PUT /v1/sandboxes/{id}/network`: a whole policy; unknown keys are ignored (the SDK
+    leaks option names into this body)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise body_refusal("The request body must be a JSON object (a network policy).")
+        body = with_snake_keys(data)
+        return super().to_internal_value({key: body[key] for key in POLICY_KEYS if key in body})
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        shown, headers = network_policy_of(attrs)
+        return {"policy": shown, "headers": headers}
 
 
 @extend_schema_field(_NetworkFields)
@@ -278,14 +387,14 @@ class NetworkPolicyField(LenientField):
 def _with_network_policy(body: dict[str, Any]) -> dict[str, Any]:
     """`network_policy: {...}` (the shape sandboxes are shown in) means the same as its keys
     at the top level (the SDK's shape); never silently dropped, never contradicting them."""
+    body = with_snake_keys(body)
     nested = body.get("network_policy")
     if nested is None:
         return body
     if not isinstance(nested, dict):
         raise body_refusal("network_policy must be an object.")
-    suggest.refuse_unknown_keys(
-        nested, sorted(NETWORK_KEYS), where="network_policy", code="validation_failed"
-    )
+    nested = with_snake_keys(nested)
+    suggest.refuse_unknown_keys(nested, sorted(POLICY_KEYS), where="network_policy", code="validation_failed")
     for key, value in nested.items():
         if key in body and body[key] != value:
             raise body_refusal(f"{key} is given twice with different values (top level and network_policy).")
@@ -324,14 +433,6 @@ class SandboxCreateSerializer(_NetworkFields):
     mcp = UnavailableField(
         code="mcp_unavailable", message="The MCP gateway is not available on this platform yet."
     )
-    egress_profile = UnavailableField(
-        code="network_rules_unavailable",
-        message=("Egress profiles are not available yet; use allow_internet_access."),
-    )
-    egress_profiles = UnavailableField(
-        code="network_rules_unavailable",
-        message=("Egress profiles are not available yet; use allow_internet_access."),
-    )
     secure = IgnoredField(help_text="Accepted; every sandbox's data plane needs its token")
     beta_create = IgnoredField(help_text="Accepted and ignored")
     exposed_ports = IgnoredField(help_text="Accepted; any port can be previewed")
@@ -339,19 +440,17 @@ class SandboxCreateSerializer(_NetworkFields):
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, dict):
             raise body_refusal("The request body must be a JSON object.")
-        suggest.refuse_near_misses(data, self.fields, meant=CREATE_MEANT)
+        suggest.refuse_near_misses(data, [*self.fields, *CAMEL_KEYS], meant=CREATE_MEANT)
         return super().to_internal_value(_with_network_policy(data))
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs["lifecycle"] = lifecycle_of(attrs.get("lifecycle"), auto_pause=bool(attrs.get("auto_pause")))
+        attrs["network"] = network_policy_of(attrs)
         return attrs
 
     def spec(self) -> CreateSpec:
         data = self.validated_data
-        internet = data.get("allow_internet_access")
-        internet = True if internet is None else internet
-        registries = data.get("allow_package_registry_access")
-        public = data.get("allow_public_traffic")
+        shown, headers = data["network"]
         return CreateSpec(
             team=data.get("team"),
             template=data.get("template") or data.get("template_id"),
@@ -365,15 +464,12 @@ class SandboxCreateSerializer(_NetworkFields):
             metadata=data.get("metadata") or {},
             name=data.get("name"),
             volume_mounts=data.get("volume_mounts") or (),
-            allow_internet_access=internet,
-            network_policy={
-                "allow_internet_access": internet,
-                "allow_package_registry_access": internet if registries is None else registries,
-                "allow_public_traffic": True if public is None else public,
-                "allow_out": [],
-                "deny_out": [],
-            },
-            given=frozenset(self.initial_data) if isinstance(self.initial_data, dict) else frozenset(),
+            allow_internet_access=shown["allow_internet_access"],
+            network_policy=shown,
+            network_rules=headers,
+            given=frozenset(with_snake_keys(self.initial_data))
+            if isinstance(self.initial_data, dict)
+            else frozenset(),
         )
 
 

@@ -63,6 +63,14 @@ class SandboxLimitsSerializer(serializers.Serializer):
     memory_mb = _MemoryRange()
     max_timeout_seconds = serializers.IntegerField()
     default_network_class = serializers.CharField()
+    network_classes = serializers.DictField(
+        child=serializers.DictField(child=serializers.IntegerField()),
+        help_text="Network classes a sandbox may ask for, with their limits (max_connections)",
+    )
+    egress_profiles = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        help_text="Named egress profiles and the hosts each grants",
+    )
     prices = _Prices()
     quota = QuotaSerializer()
 
@@ -101,6 +109,7 @@ def sandbox_representation(sandbox: Sandbox) -> dict[str, Any]:
         "memory_mb": sandbox.memory_mb,
         "network_class": sandbox.network_class,
         "network_policy": sandbox.network_policy,
+        "network_policy_in_force": sandbox.network_applied_revision == sandbox.network_revision,
         "exposed_ports": [],
         "route_token": sandbox.route_token,
         "data_plane_url": data_plane_url(sandbox),

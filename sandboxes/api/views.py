@@ -10,7 +10,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sandboxes import selectors, services
-from sandboxes.api.requests import FileUrlRequestSerializer, SandboxCreateSerializer, TimeoutRequestSerializer
+from sandboxes.api.requests import (
+    FileUrlRequestSerializer,
+    NetworkUpdateSerializer,
+    SandboxCreateSerializer,
+    TimeoutRequestSerializer,
+)
 from sandboxes.api.serializers import (
     SandboxLimitsSerializer,
     SandboxPortSerializer,
@@ -191,6 +196,25 @@ class SandboxTimeoutView(_SandboxView):
         sandbox = self.sandbox(sandbox_id, write=True)
         timeout = _timeout(request, required=True)
         return _one(services.sandbox_set_timeout(sandbox=sandbox, timeout=timeout))
+
+
+class SandboxNetworkView(_SandboxView):
+    @extend_schema(
+        summary="Replace a sandbox's network policy",
+        description="The whole policy (keys left out take their defaults; unknown keys are "
+        "ignored). Enforced on a running sandbox within a second, without restarting it; on a "
+        "paused one at its resume. `network_policy_in_force` says whether the host enforces it yet.",
+        request=NetworkUpdateSerializer,
+        responses=SANDBOX_ENVELOPE,
+    )
+    def put(self, request: Request, sandbox_id: str) -> Response:
+        sandbox = self.sandbox(sandbox_id, write=True)
+        body = NetworkUpdateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        return _one(
+            services.sandbox_set_network(sandbox=sandbox, policy=data["policy"], headers=data["headers"])
+        )
 
 
 class SandboxMetricsView(_SandboxView):

@@ -27,6 +27,7 @@ from typing import Any
 
 from django.conf import settings
 
+from sandboxes import network
 from sandboxes.models import Checkpoint, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
@@ -74,8 +75,12 @@ def start(
     memory (the source's processes carry on in the copy)."""
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
-    internet = bool(sandbox.network_policy.get("allow_internet_access", True))
     uid = qemu_uid(sandbox)
+    if uid is None:  # no uid of its own: only all-or-nothing, fixed at start
+        internet = bool(sandbox.network_policy.get("allow_internet_access", True))
+    else:  # the host firewall enforces its policy, in place before the VM runs
+        internet = True
+        network.apply(sandbox)
     name = sandbox.vm_name
     if checkpoint is not None:
         driver.import_disk(checkpoint.path, disk_path(sandbox), qemu_uid=uid)
@@ -238,6 +243,8 @@ def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
 
 
 def resume(sandbox: Sandbox) -> None:
+    if qemu_uid(sandbox) is not None:
+        network.apply(sandbox)  # a change made while it was paused
     lifecycle.resume(
         driver_for(sandbox.placed_host),
         sandbox.vm_name,
@@ -259,6 +266,7 @@ def destroy(sandbox: Sandbox) -> bool:
     except Exception:
         logger.exception("could not destroy the VM of sandbox %s; the sweeps will", sandbox.pk)
         return False
+    network.remove(sandbox)
     return True
 
 

@@ -65,6 +65,7 @@ REQUEST_CODES = frozenset(
         "invalid_argument",
         "mcp_unavailable",
         "network_rules_unavailable",
+        "invalid_network_policy",
         "unknown_field",
     }
 )

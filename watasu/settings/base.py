@@ -314,6 +314,46 @@ RUNTIME_VM_PREFIX = env.str(
 # Each sandbox's QEMU runs as uid BASE + sandbox id (in the QEMU user's group), so one
 # escaped QEMU cannot open another sandbox's disk; 0 runs every QEMU as the QEMU user.
 RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=4_000_000_000)
+# --- Network policies (sandboxes/runtime/egress, docs/network.md) ---------------------
+# Refused to every guest whatever its policy (besides every address of the host itself).
+EGRESS_DENY_NETS = env.list(
+    "WATASU_EGRESS_DENY_NETS",
+    [
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.0.0/24", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+    ],
+)  # fmt: skip
+# Off only for tests on the fake runtime: policies are then recorded, never enforced.
+EGRESS_ENFORCE = env.bool("WATASU_EGRESS_ENFORCE", True)
+EGRESS_DENY_PORTS = env.int_list("WATASU_EGRESS_DENY_PORTS", [25])
+# Where the platform resolves names for guests ("a.b.c.d" or "a.b.c.d:port"); default: the
+# host's own resolvers (/etc/resolv.conf).
+EGRESS_RESOLVERS = env.list("WATASU_EGRESS_RESOLVERS", [])
+EGRESS_PROXY_PORT = env.int("WATASU_EGRESS_PROXY_PORT", 15380, min=1024, max=65535)
+EGRESS_DNS_PORT = env.int("WATASU_EGRESS_DNS_PORT", 15353, min=1024, max=65535)
+EGRESS_RUN_DIR = env.path("WATASU_EGRESS_RUN_DIR", "/run/watasu/egress")
+EGRESS_USER = env.str("WATASU_EGRESS_USER", "watasu-egress")
+# The host's CA for header rules on HTTPS (one per host: guests of every installation trust it).
+EGRESS_CA_DIR = env.path("WATASU_EGRESS_CA_DIR", "/var/lib/watasu-egress")
+# Extra CA certificates the proxy trusts for the real hosts behind header rules.
+EGRESS_UPSTREAM_CA_FILE = env.str("WATASU_EGRESS_UPSTREAM_CA_FILE", "")
+# Named egress profiles: the hosts a profile grants. `package-registries` is what
+# allow_package_registry_access grants.
+EGRESS_PROFILES: dict[str, list[str]] = {
+    "package-registries": [
+        "pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "registry.yarnpkg.com",
+        "deb.debian.org", "security.debian.org", "*.debian.org", "crates.io", "static.crates.io",
+        "index.crates.io", "proxy.golang.org", "sum.golang.org", "rubygems.org", "repo.maven.apache.org",
+        "github.com", "codeload.github.com", "objects.githubusercontent.com",
+    ],
+}  # fmt: skip
+# Network classes a sandbox may ask for: the concurrent connections each allows (0: no
+# limit). `SANDBOX_DEFAULT_NETWORK_CLASS` is the default.
+NETWORK_CLASSES: dict[str, dict[str, int]] = {
+    "standard": {"max_connections": 1024},
+    "restricted": {"max_connections": 64},
+}
+
 # How long a resume waits for the restarted guest's agent before saving the VM again.
 RUNTIME_RESUME_TIMEOUT_SECONDS = env.int("WATASU_RESUME_TIMEOUT_SECONDS", 60, min=1)
 

@@ -1,0 +1,290 @@
+"""Sandbox network policies on this host: settings into the egress firewall's and proxy's
+configuration, a sandbox row into the rules enforced for its QEMU uid.
+
+The enforcement itself is in ``sandboxes/runtime/egress`` (nftables + the egress proxy);
+this module is what the lifecycle services call: ``apply`` before a sandbox's VM starts
+(or resumes) and after a ``PUT /network``, ``remove`` once its VM is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import pwd
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db.models import F
+
+from sandboxes.models import Sandbox
+from sandboxes.runtime.egress import firewall
+from sandboxes.runtime.egress.policy import Egress, compile_policy
+from watasu import crypto
+
+logger = logging.getLogger(__name__)
+
+PROXY_SCRIPT = Path(firewall.__file__).with_name("proxy.py")
+_lock = threading.Lock()
+_base_installed: str | None = None
+
+
+QEMU_USER = "watasu-qemu"  # as scripts/setup-host and the libvirt driver name it
+
+
+def _qemu_ids() -> tuple[int, int]:
+    user = pwd.getpwnam(QEMU_USER)
+    return user.pw_uid, user.pw_gid
+
+
+def _resolvers() -> tuple[str, ...]:
+    if settings.EGRESS_RESOLVERS:
+        return tuple(settings.EGRESS_RESOLVERS)
+    found = []
+    try:
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver" and parts[1].count(".") == 3:
+                found.append(parts[1])
+    except OSError:
+        pass
+    return tuple(found) or ("1.1.1.1",)
+
+
+def host_config() -> firewall.HostConfig:
+    shared_uid, qemu_gid = _qemu_ids()
+    return firewall.HostConfig(
+        qemu_gid=qemu_gid,
+        shared_uid=shared_uid,
+        proxy_uid=pwd.getpwnam(settings.EGRESS_USER).pw_uid,
+        proxy_port=settings.EGRESS_PROXY_PORT,
+        dns_port=settings.EGRESS_DNS_PORT,
+        deny_nets=tuple(settings.EGRESS_DENY_NETS),
+        deny_ports=tuple(settings.EGRESS_DENY_PORTS),
+        resolvers=_resolvers(),
+        run_dir=Path(settings.EGRESS_RUN_DIR),
+        uid_base=settings.RUNTIME_QEMU_UID_BASE,
+        max_connections={
+            name: int(c.get("max_connections", 0)) for name, c in settings.NETWORK_CLASSES.items()
+        },
+    )
+
+
+def _proxy_gid() -> int:
+    return pwd.getpwnam(settings.EGRESS_USER).pw_gid
+
+
+def ca_paths() -> tuple[Path, Path]:
+    directory = settings.EGRESS_CA_DIR
+    return directory / "ca.pem", directory / "ca.key"
+
+
+def ensure_ca() -> bytes:
+    """The installation's CA for header rules on HTTPS (made once; guests trust it)."""
+    cert_path, key_path = ca_paths()
+    if cert_path.exists() and key_path.exists():
+        return cert_path.read_bytes()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Watasu sandbox egress CA")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_key = key_path.with_suffix(".tmp")
+    tmp_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    os.chown(tmp_key, 0, _proxy_gid())
+    tmp_key.chmod(0o640)
+    os.replace(tmp_key, key_path)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path.write_bytes(pem)
+    cert_path.parent.chmod(0o755)
+    return pem
+
+
+def ensure_host() -> firewall.HostConfig:
+    """The table's shared part and the proxy's configuration in place (once per process
+    and whenever the configuration changed), and the proxy running."""
+    global _base_installed
+    cfg = host_config()
+    cert, key = ca_paths()
+    extra = {
+        "ca_cert": str(cert),
+        "ca_key": str(key),
+        "cert_dir": str(cfg.run_dir / "certs"),
+        "upstream_ca_file": settings.EGRESS_UPSTREAM_CA_FILE,
+    }
+    stamp = json.dumps([repr(cfg), extra], sort_keys=True)
+    with _lock:
+        if _base_installed != stamp or not _table_present():
+            ensure_ca()
+            firewall.write_config(cfg, extra, _proxy_gid())
+            firewall.nft(firewall.base_script(cfg))
+            _base_installed = stamp
+        ensure_proxy(cfg)
+    return cfg
+
+
+def _table_present() -> bool:
+    result = subprocess.run(
+        ["nft", "list", "chain", "inet", "watasu", "output"], capture_output=True, timeout=30
+    )
+    return result.returncode == 0
+
+
+def _proxy_alive(cfg: firewall.HostConfig) -> bool:
+    pid_file = cfg.run_dir / "proxy.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:  # a pid reused by another process does not count
+        return "proxy.py" in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False
+
+
+def ensure_proxy(cfg: firewall.HostConfig) -> None:
+    """Start the egress proxy as its own user when it is not running (one per host)."""
+    if _proxy_alive(cfg):
+        return
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.run_dir / "proxy.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _proxy_alive(cfg):
+            return
+        user = pwd.getpwnam(settings.EGRESS_USER)
+        log = open(cfg.run_dir / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
+        certs = cfg.run_dir / "certs"
+        certs.mkdir(exist_ok=True)
+        os.chown(certs, user.pw_uid, user.pw_gid)
+        certs.chmod(0o700)
+        process = subprocess.Popen(
+            [sys.executable, "-I", str(PROXY_SCRIPT), str(cfg.run_dir / "config.json")],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
+        log.close()
+        (cfg.run_dir / "proxy.pid").write_text(str(process.pid))
+        for _ in range(100):
+            if process.poll() is not None:
+                raise firewall.FirewallError(
+                    f"the egress proxy exited ({process.returncode}); see {log.name}"
+                )
+            if _listening(cfg.proxy_port) and _listening(cfg.dns_port):
+                return
+            time.sleep(0.05)
+        raise firewall.FirewallError("the egress proxy did not start listening")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ------------------------------------------------------------------ per sandbox
+
+
+def rule_headers(sandbox: Sandbox) -> dict[str, dict[str, str]]:
+    if not sandbox.network_rules_encrypted:
+        return {}
+    data: dict[str, dict[str, str]] = crypto.decrypt_json(sandbox.network_rules_encrypted)
+    return data
+
+
+def egress_of(sandbox: Sandbox) -> Egress:
+    return compile_policy(sandbox.network_policy, rule_headers(sandbox), settings.EGRESS_PROFILES)
+
+
+def uid_of(sandbox: Sandbox) -> int:
+    base = settings.RUNTIME_QEMU_UID_BASE
+    if not base:
+        raise firewall.FirewallError("network policies need WATASU_QEMU_UID_BASE (a uid per sandbox)")
+    return base + sandbox.pk
+
+
+def apply(sandbox: Sandbox) -> None:
+    """Enforce the sandbox's stored policy for its QEMU uid (before its VM runs, and on
+    every change) and record the revision in force. Under a per-sandbox lock, from the row
+    as it is then: two changes racing never leave the older one in force."""
+    if not settings.EGRESS_ENFORCE:  # service tests on the fake runtime
+        Sandbox.objects.filter(pk=sandbox.pk).update(network_applied_revision=F("network_revision"))
+        sandbox.refresh_from_db(fields=["network_applied_revision", "network_revision"])
+        return
+    cfg = ensure_host()
+    uid = uid_of(sandbox)
+    locks = cfg.run_dir / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / str(uid), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        row = Sandbox.objects.filter(pk=sandbox.pk).first() or sandbox
+        firewall.apply_sandbox(cfg, uid, egress_of(row), row.network_class, _proxy_gid())
+        Sandbox.objects.filter(pk=row.pk, network_revision=row.network_revision).update(
+            network_applied_revision=row.network_revision
+        )
+    sandbox.network_applied_revision = row.network_revision
+
+
+def remove(sandbox: Sandbox) -> None:
+    """The sandbox's rules gone (its VM is gone; its uid is refused everything again)."""
+    if not settings.RUNTIME_QEMU_UID_BASE or not settings.EGRESS_ENFORCE:
+        return
+    try:
+        firewall.remove_sandbox(host_config(), uid_of(sandbox))
+    except Exception:
+        logger.warning("sandbox %s: could not remove its firewall rules", sandbox.pk, exc_info=True)
+
+
+def refused(sandbox: Sandbox) -> int:
+    try:
+        return firewall.refused_count(uid_of(sandbox))
+    except Exception:
+        return 0
+
+
+def guest_setup() -> dict[str, Any]:
+    """What a guest needs to trust the installation's CA (for header rules on HTTPS)."""
+    return {"egress_ca": ensure_ca().decode()}
