@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -69,6 +69,9 @@ bench-volumes: setup
 
 bench-checkpoints: setup
 	.venv/bin/python bench/checkpoints.py
+
+bench-network: setup
+	.venv/bin/python bench/network.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

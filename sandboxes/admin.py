@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from sandboxes import network
 from sandboxes.checkpoints import checkpoint_delete
 from sandboxes.models import Checkpoint, Host, Sandbox, SandboxEvent, SandboxState, SweepRun
 from sandboxes.runtime import driver_for
@@ -107,10 +108,29 @@ class SandboxAdmin(admin.ModelAdmin):
         "updated_at",
         "last_error",
         "restored_from",
+        # a policy changes through PUT /network only (checked, then enforced on the host)
+        "network_class",
+        "network_policy",
+        "network_policy_in_force",
+        "network_refused_connections",
     ]
-    exclude = ["env_vars_encrypted", "agent_secret_encrypted"]
+    exclude = [
+        "env_vars_encrypted",
+        "agent_secret_encrypted",
+        "network_rules_encrypted",
+        "network_revision",
+        "network_applied_revision",
+    ]
     inlines = [EventInline]
     actions = [force_destroy]
+
+    @admin.display(boolean=True, description="Network policy in force")
+    def network_policy_in_force(self, sandbox: Sandbox) -> bool:
+        return sandbox.network_applied_revision == sandbox.network_revision
+
+    @admin.display(description="Connections refused by its policy")
+    def network_refused_connections(self, sandbox: Sandbox) -> int:
+        return network.refused(sandbox) if sandbox.state == SandboxState.READY else 0
 
 
 @admin.action(description="Delete selected checkpoints (and free their storage)")

@@ -19,7 +19,6 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from django.conf import settings
 from django.db.models import F
@@ -279,12 +278,52 @@ def remove(sandbox: Sandbox) -> None:
 
 
 def refused(sandbox: Sandbox) -> int:
+    """Packets its policy refused at the firewall since the policy was last applied."""
     try:
         return firewall.refused_count(uid_of(sandbox))
     except Exception:
         return 0
 
 
-def guest_setup() -> dict[str, Any]:
-    """What a guest needs to trust the installation's CA (for header rules on HTTPS)."""
-    return {"egress_ca": ensure_ca().decode()}
+# Clients that ignore the system store by default read these (the agent puts the CA in
+# the system bundle and in its own file); a sandbox's own env vars win.
+GUEST_CA_ENV = {
+    "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
+    "REQUESTS_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt",
+    "NODE_EXTRA_CA_CERTS": "/usr/local/share/ca-certificates/watasu-egress.crt",
+}
+
+
+def guest_ca() -> str | None:
+    """The CA guests trust for header rules on HTTPS (None when policies are not enforced)."""
+    if not settings.EGRESS_ENFORCE:
+        return None
+    return ensure_ca().decode()
+
+
+def reconcile() -> dict[str, int]:
+    """The firewall against the database: a recorded policy not in force on a running
+    sandbox is applied (a change the host could not take when it was made), and the rules
+    of sandboxes that are gone are removed. Rules of uids this database does not know are
+    left alone (another installation on this host may own them)."""
+    from sandboxes.models import SandboxState
+
+    if not settings.EGRESS_ENFORCE or not settings.RUNTIME_QEMU_UID_BASE:
+        return {"applied": 0, "removed": 0}
+    live = (SandboxState.CREATING, SandboxState.RESTORING, SandboxState.READY, SandboxState.CHECKPOINTING)
+    applied = 0
+    pending = Sandbox.objects.filter(state__in=live).exclude(network_applied_revision=F("network_revision"))
+    for sandbox in pending.exclude(network_applied_revision__isnull=True):
+        try:
+            apply(sandbox)
+            applied += 1
+        except Exception:
+            logger.warning("sandbox %s: its network policy is still not in force", sandbox.pk, exc_info=True)
+    base = settings.RUNTIME_QEMU_UID_BASE
+    installed = {uid - base for uid in firewall.installed_uids() if uid > base}
+    gone = Sandbox.objects.filter(pk__in=installed, state__in=(SandboxState.DESTROYED, SandboxState.FAILED))
+    removed = 0
+    for sandbox in gone.exclude(purged_at=None):
+        remove(sandbox)
+        removed += 1
+    return {"applied": applied, "removed": removed}

@@ -38,7 +38,7 @@ from django.conf import settings
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from sandboxes import services
+from sandboxes import network, services
 from sandboxes.models import Host, HostState, OnTimeout, Sandbox, SandboxState, SweepRun
 from sandboxes.runtime import driver_for, lifecycle, vm
 from sandboxes.runtime.driver import RuntimeDriver
@@ -326,7 +326,12 @@ def reconcile_sweep(*, now: datetime | None = None) -> Result:
         except Exception as exc:  # the hosts sweep marks it down; never guess from a failed listing
             logger.exception("reconciliation of host %s failed", host.name)
             results[host.name] = {"error": str(exc)[:500]}
-    return {"hosts": results, "more": False}
+    try:
+        firewall = network.reconcile()
+    except Exception as exc:
+        logger.exception("reconciliation of the network policies failed")
+        firewall = {"error": str(exc)[:500]}
+    return {"hosts": results, "network": firewall, "more": False}
 
 
 # --- host health --------------------------------------------------------------------------

@@ -197,6 +197,10 @@ def _egress_enforced_on_vms_only(request, settings):  # type: ignore[no-untyped-
     without VMs must not leave rules on the host)."""
     if request.node.get_closest_marker("vm") is None:
         settings.EGRESS_ENFORCE = False
+    else:  # VMs these tests start without the service layer get the same firewall
+        from sandboxes.network import ensure_host
+
+        ensure_host()
 
 
 @pytest.fixture

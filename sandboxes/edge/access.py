@@ -7,6 +7,7 @@ lookups on one thread pool and the slow auto-resumes on another
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Upstream:
     sandbox_id: int
     port: int
     secret: str = field(repr=False)
+    mask_request_host: str | None = None  # previews: the Host the app sees (`${PORT}` filled in)
 
 
 def _outside_requests(function: Callable[P, T]) -> Callable[P, T]:
@@ -175,4 +177,6 @@ def preview_upstream(route_token: str) -> Upstream:
     sandbox = _sandbox(route_token)
     if not sandbox.network_policy.get("allow_public_traffic", True):
         raise EdgeError(403, "forbidden", f"Sandbox {sandbox.pk} does not allow public traffic.")
-    return _running(sandbox, resume=False, role=PREVIEW)
+    upstream = _running(sandbox, resume=False, role=PREVIEW)
+    mask = sandbox.network_policy.get("mask_request_host")
+    return dataclasses.replace(upstream, mask_request_host=mask) if mask else upstream

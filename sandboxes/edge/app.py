@@ -71,6 +71,15 @@ def _forwarded_for(route: Route, scope: dict[str, Any]) -> Headers:
     return headers
 
 
+def preview_host(route: Route, target: Target, scope: dict[str, Any]) -> str:
+    """The Host a preview's app sees: the one it is served on, or the sandbox's
+    `mask_request_host` with `${PORT}` as the previewed port."""
+    mask = target.upstream.mask_request_host
+    if mask:
+        return mask.replace("${PORT}", str(route.port))
+    return _header(scope["headers"], b"host")
+
+
 async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target:
     """Check the caller's credential for this route and make sure the sandbox runs."""
     if route.kind == "invalid":
@@ -209,8 +218,8 @@ class EdgeApp:
             headers = _inbound_headers(route, scope["headers"])
             body_filter = _upload_filter(route, scope["method"], scope["headers"])
             extra = _forwarded_for(route, scope) if route.kind == "preview" else None
-            if extra is not None and (host := _header(scope["headers"], b"host")):
-                extra.append((b"host", host.encode("latin-1")))  # the app sees the host it is served on
+            if extra is not None and (host := preview_host(route, target, scope)):
+                extra.append((b"host", host.encode("latin-1")))
             await proxy_http(
                 scope,
                 receive,

@@ -39,6 +39,11 @@ def driver_for(host: Host) -> RuntimeDriver:
         if key in _drivers and not _drivers[key].connected():  # libvirtd restarted: reconnect
             _drivers.pop(key).close()
         if key not in _drivers:
+            if settings.EGRESS_ENFORCE:
+                # the host firewall filled in before any VM of this process starts (builds too)
+                from sandboxes.network import ensure_host
+
+                ensure_host()
             driver_class = import_string(settings.RUNTIME_DRIVER)
             _drivers[key] = driver_class(
                 uri=host.libvirt_uri,

@@ -176,6 +176,7 @@ class AgentClient:
         entropy: bytes | None = None,
         seal: bool = False,
         new_machine_id: bool = False,
+        trust_ca: str | None = None,
     ) -> dict[str, Any]:
         """Install ``secret`` (authenticated by ``auth``), env, clock, hostname, entropy,
         and with ``new_machine_id`` a fresh machine id (a new clone, not a resumed VM).
@@ -195,6 +196,8 @@ class AgentClient:
             body["hostname"] = hostname
         if new_machine_id:
             body["new_machine_id"] = True
+        if trust_ca:
+            body["trust_ca"] = trust_ca  # the platform's egress CA, for header rules on HTTPS
         result = self.request("POST", "/init", body, token=auth)
         self.secret = secret
         return dict(result)

@@ -84,6 +84,7 @@ def start_from_snapshot(
     disk_path: Path | None = None,
     qemu_uid: int | None = None,
     overlay: bool = True,
+    trust_ca: str | None = None,
 ) -> RunningVm:
     """Restore a clone, then give it its own secret, clock, hostname and entropy.
 
@@ -112,6 +113,7 @@ def start_from_snapshot(
             env_vars=env_vars,
             hostname=name,
             new_machine_id=True,
+            trust_ca=trust_ca,
         )
     except BaseException:
         driver.destroy(name)
@@ -131,6 +133,7 @@ def cold_boot(
     internet: bool = True,
     disk_path: Path | None = None,
     qemu_uid: int | None = None,
+    trust_ca: str | None = None,
 ) -> RunningVm:
     """Fallback start without a snapshot: boot token on the kernel command line."""
     token = new_secret()
@@ -151,7 +154,14 @@ def cold_boot(
         driver.boot(spec)
         client = AgentClient(spec.agent_host_port)
         client.wait_ready(READY_TIMEOUT, alive=lambda: driver.domain_status(name) != "absent")
-        client.init(auth=token, secret=new_secret(), env_vars=env_vars, hostname=name, new_machine_id=True)
+        client.init(
+            auth=token,
+            secret=new_secret(),
+            env_vars=env_vars,
+            hostname=name,
+            new_machine_id=True,
+            trust_ca=trust_ca,
+        )
     except BaseException:
         driver.destroy(name)
         raise

@@ -76,11 +76,14 @@ def start(
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
     uid = qemu_uid(sandbox)
+    trust_ca = None
     if uid is None:  # no uid of its own: only all-or-nothing, fixed at start
         internet = bool(sandbox.network_policy.get("allow_internet_access", True))
     else:  # the host firewall enforces its policy, in place before the VM runs
         internet = True
         network.apply(sandbox)
+        trust_ca = network.guest_ca()
+        env_vars = {**network.GUEST_CA_ENV, **env_vars}
     name = sandbox.vm_name
     if checkpoint is not None:
         driver.import_disk(checkpoint.path, disk_path(sandbox), qemu_uid=uid)
@@ -102,13 +105,21 @@ def start(
             internet=internet,
             qemu_uid=uid,
             overlay=False,
+            trust_ca=trust_ca,
         )
     elif checkpoint is None and (snapshot.vcpus, snapshot.memory_mb) == (
         sandbox.cpu_count,
         sandbox.memory_mb,
     ):
         started = lifecycle.start_from_snapshot(
-            driver, snapshot, name, driver.state_dir, env_vars=env_vars, internet=internet, qemu_uid=uid
+            driver,
+            snapshot,
+            name,
+            driver.state_dir,
+            env_vars=env_vars,
+            internet=internet,
+            qemu_uid=uid,
+            trust_ca=trust_ca,
         )
     else:
         started = lifecycle.cold_boot(
@@ -121,6 +132,7 @@ def start(
             env_vars=env_vars,
             internet=internet,
             qemu_uid=uid,
+            trust_ca=trust_ca,
         )
     if attachments:
         volumes.attach_and_mount(driver, started.client, name, attachments, qemu_uid=uid)
@@ -313,4 +325,6 @@ def metrics(sandbox: Sandbox) -> dict[str, Any] | None:
         "mem_total": sandbox.memory_mb * 2**20,
         "mem_used": second.memory_rss_kb * 1024,
         "disk_used": disk.stat().st_blocks * 512 if disk.exists() else 0,
+        # packets the host firewall refused under the sandbox's policy (how a policy is debugged)
+        "network_refused": network.refused(sandbox) if settings.EGRESS_ENFORCE else 0,
     }

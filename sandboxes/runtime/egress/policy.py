@@ -256,7 +256,8 @@ def parse_rules(value: Any) -> dict[str, dict[str, str]]:
                     )
                 if val == REDACTED:
                     raise PolicyError(
-                        f"rules.{name}.{key}: {REDACTED!r} is how a secret is shown, not a value; send the value."
+                        f"rules.{name}.{key}: {REDACTED!r} is how a secret is shown, not a value; "
+                        "send the value."
                     )
                 merged[key] = val
         if len(merged) > MAX_HEADERS:

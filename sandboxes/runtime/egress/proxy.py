@@ -62,6 +62,7 @@ class Config:
         self.reload()
 
     def reload(self) -> None:
+        """Re-read the configuration when it changed (checked on every connection)."""
         stamp = self.path.stat().st_mtime_ns
         if stamp != self._stamp:
             self.data = json.loads(self.path.read_text())
@@ -240,6 +241,7 @@ def reachable(egress: Egress, address: str) -> bool:
 
 def answer(cfg: Config, uid: int | None, query: bytes) -> bytes:
     """The response a sandbox gets to ``query``."""
+    cfg.reload()
     egress = cfg.policy(uid) if uid is not None else None
     name, qtype, _ = dns_question(query)
     if egress is None:
@@ -421,6 +423,7 @@ def decide(cfg: Config, egress: Egress, name: str | None, dst: str, port: int) -
 
 def handle_tcp(cfg: Config, tls: TlsFactory, conn: socket.socket, peer: tuple[str, int]) -> None:
     try:
+        cfg.reload()
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = struct.unpack("!H", raw[2:4])[0]
         dst = socket.inet_ntoa(raw[4:8])

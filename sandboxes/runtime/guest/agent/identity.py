@@ -128,6 +128,34 @@ def refresh_machine_id(path: str = "/etc/machine-id") -> None:
     _write_later(path, os.urandom(16).hex() + "\n", only_if_present=True)
 
 
+CA_FILE = "/usr/local/share/ca-certificates/watasu-egress.crt"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def trust_ca(pem: str) -> None:
+    """Trust the platform's egress CA (header rules on HTTPS): its own file (what
+    NODE_EXTRA_CA_CERTS names) and appended to the system bundle (what OpenSSL, curl, and
+    Python through SSL_CERT_FILE / REQUESTS_CA_BUNDLE read). In the background, like every
+    write of an init; a bundle already holding it is left alone."""
+    if "BEGIN CERTIFICATE" not in pem:
+        return
+
+    def write() -> None:
+        try:
+            os.makedirs(os.path.dirname(CA_FILE), exist_ok=True)
+            with open(CA_FILE, "w") as f:
+                f.write(pem)
+            with open(CA_BUNDLE) as f:
+                present = pem.strip() in f.read()
+            if not present:
+                with open(CA_BUNDLE, "a") as f:
+                    f.write("\n" + pem.strip() + "\n")
+        except OSError:
+            pass
+
+    threading.Thread(target=write, name="trust ca", daemon=True).start()
+
+
 def set_hostname(name: str) -> None:
     """Set the kernel hostname, and /etc/hostname in the background (best effort)."""
     socket.sethostname(name)

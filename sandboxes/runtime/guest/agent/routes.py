@@ -19,7 +19,7 @@ from .core import CHUNK, HttpError, os_error
 from .events import Event, Subscriber
 from .files import file_entry, list_dir, make_dir, move_path, norm_path, remove_path, write_stream
 from .git import GIT_OPS, GitCall
-from .identity import add_entropy, refresh_machine_id, set_clock, set_hostname
+from .identity import add_entropy, refresh_machine_id, set_clock, set_hostname, trust_ca
 from .patch import apply_patch_document, apply_unified_diff
 from .processes import EXIT_LINGER, ManagedProcess, parse_signal
 from .routing import RT, Agent, Request, Result, router
@@ -48,6 +48,8 @@ def init(agent: Agent, req: Request) -> Result:
         set_hostname(str(b["hostname"]))
     if b.get("new_machine_id") is True:
         refresh_machine_id()
+    if isinstance(b.get("trust_ca"), str):
+        trust_ca(b["trust_ca"])
     if "env_vars" in b:
         env = {str(k): str(v) for k, v in (b["env_vars"] or {}).items()}
         with agent.state.lock:
