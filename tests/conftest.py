@@ -243,7 +243,16 @@ def helper_process_env(**extra: str) -> dict[str, str]:
         url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
     else:
         url = f"sqlite:///{database['NAME']}"
-    return {**os.environ, "WATASU_VM_PREFIX": VM_TEST_PREFIX, "DATABASE_URL": url, **extra}
+    from django.conf import settings
+
+    return {
+        **os.environ,
+        "WATASU_VM_PREFIX": VM_TEST_PREFIX,
+        "DATABASE_URL": url,
+        # as in the test: the host firewall is real for VM tests only
+        "WATASU_EGRESS_ENFORCE": "true" if settings.EGRESS_ENFORCE else "false",
+        **extra,
+    }
 
 
 @contextlib.contextmanager
