@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db.models import F
+from django.db.models import F, Q
 
 from sandboxes.models import Sandbox
 from sandboxes.runtime.egress import firewall
@@ -310,10 +310,16 @@ def reconcile() -> dict[str, int]:
 
     if not settings.EGRESS_ENFORCE or not settings.RUNTIME_QEMU_UID_BASE:
         return {"applied": 0, "removed": 0}
-    live = (SandboxState.CREATING, SandboxState.RESTORING, SandboxState.READY, SandboxState.CHECKPOINTING)
+    running = Q(state__in=(SandboxState.READY, SandboxState.CHECKPOINTING))
+    # a sandbox still starting is applied by its start (never applied yet: leave it to it)
+    starting = Q(
+        state__in=(SandboxState.CREATING, SandboxState.RESTORING), network_applied_revision__isnull=False
+    )
     applied = 0
-    pending = Sandbox.objects.filter(state__in=live).exclude(network_applied_revision=F("network_revision"))
-    for sandbox in pending.exclude(network_applied_revision__isnull=True):
+    pending = Sandbox.objects.filter(running | starting).exclude(
+        network_applied_revision=F("network_revision")
+    )
+    for sandbox in pending:
         try:
             apply(sandbox)
             applied += 1

@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_network
 from pathlib import Path
@@ -193,7 +194,7 @@ def _write_private(path: Path, data: str, gid: int | None) -> None:
         raise
 
 
-def write_config(cfg: HostConfig, extra: dict[str, object], gid: int | None) -> None:
+def write_config(cfg: HostConfig, extra: Mapping[str, object], gid: int | None) -> None:
     cfg.policy_dir.mkdir(parents=True, exist_ok=True)
     for directory in (cfg.run_dir, cfg.policy_dir):
         if gid is not None:
