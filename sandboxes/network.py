@@ -9,10 +9,12 @@ this module is what the lifecycle services call: ``apply`` before a sandbox's VM
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import threading
@@ -139,11 +141,16 @@ def ensure_host() -> firewall.HostConfig:
     global _base_installed
     cfg = host_config()
     cert, key = ca_paths()
+    upstream = ""
+    if settings.EGRESS_UPSTREAM_CA_FILE:  # a copy the proxy's user may read, wherever the original is
+        upstream = str(cfg.run_dir / "upstream-ca.pem")
+        text = Path(settings.EGRESS_UPSTREAM_CA_FILE).read_text()
+        firewall.write_private(Path(upstream), text, _proxy_gid())
     extra = {
         "ca_cert": str(cert),
         "ca_key": str(key),
         "cert_dir": str(cfg.run_dir / "certs"),
-        "upstream_ca_file": settings.EGRESS_UPSTREAM_CA_FILE,
+        "upstream_ca_file": upstream,
     }
     stamp = json.dumps([repr(cfg), extra], sort_keys=True)
     with _lock:
@@ -163,17 +170,39 @@ def _table_present() -> bool:
     return result.returncode == 0
 
 
-def _proxy_alive(cfg: firewall.HostConfig) -> bool:
-    pid_file = cfg.run_dir / "proxy.pid"
+def _proxy_code() -> str:
+    """What the running proxy must be: a proxy started from other code is replaced."""
+    digest = hashlib.sha256()
+    for path in (PROXY_SCRIPT, PROXY_SCRIPT.with_name("policy.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _proxy_pid(cfg: firewall.HostConfig) -> tuple[int, str] | None:
+    """(pid, code) of the running proxy, None if there is none."""
     try:
-        pid = int(pid_file.read_text())
+        pid_text, _, code = (cfg.run_dir / "proxy.pid").read_text().partition(" ")
+        pid = int(pid_text)
         os.kill(pid, 0)
+        if "proxy.py" not in Path(f"/proc/{pid}/cmdline").read_text():
+            return None  # a pid reused by another process
     except (OSError, ValueError):
+        return None
+    return pid, code.strip()
+
+
+def _proxy_alive(cfg: firewall.HostConfig) -> bool:
+    running = _proxy_pid(cfg)
+    if running is None:
         return False
-    try:  # a pid reused by another process does not count
-        return "proxy.py" in Path(f"/proc/{pid}/cmdline").read_text()
-    except OSError:
+    if running[1] != _proxy_code():
+        os.kill(running[0], signal.SIGTERM)  # an older version: replaced (open flows drop)
+        for _ in range(50):
+            if not Path(f"/proc/{running[0]}").exists():
+                break
+            time.sleep(0.05)
         return False
+    return True
 
 
 def ensure_proxy(cfg: firewall.HostConfig) -> None:
@@ -191,20 +220,19 @@ def ensure_proxy(cfg: firewall.HostConfig) -> None:
         certs.mkdir(exist_ok=True)
         os.chown(certs, user.pw_uid, user.pw_gid)
         certs.chmod(0o700)
+        # started as root (it may not read this Python otherwise), it drops to its user
+        # once its ports are bound and its imports done
         process = subprocess.Popen(
-            [sys.executable, "-I", str(PROXY_SCRIPT), str(cfg.run_dir / "config.json")],
+            [sys.executable, "-I", str(PROXY_SCRIPT), str(cfg.run_dir / "config.json"), user.pw_name],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            user=user.pw_uid,
-            group=user.pw_gid,
-            extra_groups=[],
             start_new_session=True,
             close_fds=True,
             cwd="/",
         )
         log.close()
-        (cfg.run_dir / "proxy.pid").write_text(str(process.pid))
+        (cfg.run_dir / "proxy.pid").write_text(f"{process.pid} {_proxy_code()}")
         for _ in range(100):
             if process.poll() is not None:
                 raise firewall.FirewallError(

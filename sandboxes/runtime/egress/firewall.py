@@ -110,7 +110,7 @@ def base_script(cfg: HostConfig) -> str:
         f"flush chain {TABLE} shared",
         f"add chain {TABLE} output {{ type filter hook output priority filter; policy accept; }}",
         f"flush chain {TABLE} output",
-        f"add chain {TABLE} nat_output {{ type nat hook output priority dstnat; policy accept; }}",
+        f"add chain {TABLE} nat_output {{ type nat hook output priority -100; policy accept; }}",
         f"flush chain {TABLE} nat_output",
     ]
     if deny:
@@ -178,7 +178,7 @@ def sandbox_script(cfg: HostConfig, uid: int, egress: Egress, network_class: str
     return "\n".join(lines) + "\n"
 
 
-def _write_private(path: Path, data: str, gid: int | None) -> None:
+def write_private(path: Path, data: str, gid: int | None) -> None:
     """Atomically, 0640 root:<proxy group> (the proxy reads it, guests never can)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -210,12 +210,12 @@ def write_config(cfg: HostConfig, extra: Mapping[str, object], gid: int | None) 
         "uid_base": cfg.uid_base,
         **extra,
     }
-    _write_private(cfg.run_dir / "config.json", json.dumps(body, indent=1), gid)
+    write_private(cfg.run_dir / "config.json", json.dumps(body, indent=1), gid)
 
 
 def apply_sandbox(cfg: HostConfig, uid: int, egress: Egress, network_class: str, gid: int | None) -> None:
     """The proxy's copy first, then the firewall (which starts sending traffic to it)."""
-    _write_private(cfg.policy_dir / f"{uid}.json", json.dumps(egress.to_json()), gid)
+    write_private(cfg.policy_dir / f"{uid}.json", json.dumps(egress.to_json()), gid)
     nft(sandbox_script(cfg, uid, egress, network_class))
 
 

@@ -14,15 +14,19 @@ addresses. It runs as its own unprivileged user (``watasu-egress``), started by 
 
 The sandbox a connection comes from is the owner (uid) of its source socket, read from
 ``/proc/net``: each sandbox's QEMU has a uid of its own. Stdlib only (and ``cryptography``
-for certificates), no Django: ``python proxy.py CONFIG``.
+for certificates), no Django: ``python proxy.py CONFIG USER`` started as root binds its
+ports, imports all it needs, then drops to ``USER`` for good before it reads a byte from a
+guest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401 - TLS server names; nothing is imported after privileges drop
 import json
 import logging
 import os
+import pwd
 import random
 import socket
 import ssl
@@ -30,9 +34,15 @@ import struct
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 if __package__ in (None, ""):  # run as a file (no Django): the policy module next to it
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -400,9 +410,18 @@ def splice(a: Any, b: Any) -> None:
     other.join()
 
 
+def _is_address(name: str) -> bool:
+    try:
+        IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def decide(cfg: Config, egress: Egress, name: str | None, dst: str, port: int) -> str:
-    """The address to connect to, or Refused."""
-    if name:
+    """The address to connect to, or Refused. A Host/SNI that is an address literal names
+    nothing: the connection's own address decides."""
+    if name and not _is_address(name):
         verdict = egress.name_verdict(name, port)
         if verdict is False:
             raise Refused(f"{name}:{port} denied")
@@ -471,42 +490,51 @@ def _complete_head(conn: Any, data: bytes) -> bytes:
 
 
 class _BioSocket:
-    """A TLS server session over a socket whose first bytes were already read."""
+    """A TLS server session over a socket whose first bytes were already read. The two
+    directions run in two threads: the TLS object is used under a lock, never while a
+    thread waits on the socket."""
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, first: bytes) -> None:
         self.sock = sock
+        self.lock = threading.Lock()
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.incoming.write(first)
         self._run(self.tls.do_handshake)
 
-    def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.sock.sendall(data)
-
     def _run(self, op: Any, *args: Any) -> Any:
         while True:
-            try:
-                result = op(*args)
-                self._flush()
+            with self.lock:
+                try:
+                    result = op(*args)
+                    want_read = False
+                except ssl.SSLWantReadError:
+                    want_read = True
+                pending = self.outgoing.read()
+            if pending:
+                self.sock.sendall(pending)
+            if not want_read:
                 return result
-            except ssl.SSLWantReadError:
-                self._flush()
-                data = self.sock.recv(BUFFER)
+            data = self.sock.recv(BUFFER)
+            with self.lock:
                 if not data:
                     self.incoming.write_eof()
-                    raise ConnectionError("closed during TLS") from None
-                self.incoming.write(data)
+                else:
+                    self.incoming.write(data)
+            if not data:
+                raise ConnectionError("closed during TLS")
 
     def recv(self, size: int) -> bytes:
         try:
-            return self._run(self.tls.read, size)
-        except (ssl.SSLZeroReturnError, ConnectionError):
+            return bytes(self._run(self.tls.read, size))
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError):
             return b""
 
     def sendall(self, data: bytes) -> None:
-        self._run(self.tls.write, data)
+        view = memoryview(data)
+        while view:
+            written = self._run(self.tls.write, view)
+            view = view[written:]
 
     def shutdown(self, how: int) -> None:
         with contextlib.suppress(Exception):
@@ -548,13 +576,6 @@ class TlsFactory:
         with self._lock:
             if name in self._contexts:
                 return self._contexts[name]
-        from datetime import UTC, datetime, timedelta
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
         ca_cert = x509.load_pem_x509_certificate(Path(self.cfg.data["ca_cert"]).read_bytes())
         ca_key = serialization.load_pem_private_key(Path(self.cfg.data["ca_key"]).read_bytes(), None)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -597,6 +618,16 @@ def _accept_loop(server: socket.socket, target: Any, *args: Any) -> None:
         threading.Thread(target=target, args=(*args, conn, peer), daemon=True).start()
 
 
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (no supplementary groups), irreversibly."""
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise SystemExit("the egress proxy must not run as root")
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s egress %(levelname)s %(message)s")
     cfg = Config(Path(argv[1]))
@@ -613,6 +644,8 @@ def main(argv: list[str]) -> int:
     tcp = listen(socket.SOCK_STREAM, cfg.data["proxy_port"])
     dns_tcp = listen(socket.SOCK_STREAM, cfg.data["dns_port"])
     dns_udp = listen(socket.SOCK_DGRAM, cfg.data["dns_port"])
+    if len(argv) > 2:
+        drop_privileges(argv[2])
     threading.Thread(target=_accept_loop, args=(tcp, handle_tcp, cfg, tls), daemon=True).start()
     threading.Thread(target=_accept_loop, args=(dns_tcp, _dns_tcp_one, cfg), daemon=True).start()
     threading.Thread(target=serve_dns_udp, args=(cfg, dns_udp), daemon=True).start()
