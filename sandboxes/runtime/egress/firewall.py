@@ -170,6 +170,12 @@ def sandbox_script(cfg: HostConfig, uid: int, egress: Egress, network_class: str
         f"add rule {TABLE} {nat} meta l4proto {{ tcp, udp }} th dport 53 redirect to :{cfg.dns_port}"
     )
     if egress.by_name:
+        # what the address alone refuses stays here, to be reset at its SYN by the filter
+        lines.append(f"add rule {TABLE} {nat} fib daddr type local return")
+        lines.append(f"add rule {TABLE} {nat} ip daddr @platform_deny return")
+        for rule in egress.deny:
+            if rule.port in (None, 80, 443):
+                lines.append(f"add rule {TABLE} {nat} {_address_match(rule)} return")
         lines.append(f"add rule {TABLE} {nat} tcp dport {{ 80, 443 }} redirect to :{cfg.proxy_port}")
     lines += [
         f"add element {TABLE} sandboxes {{ {uid} : jump {chain} }}",
