@@ -1,11 +1,13 @@
 """Network policy benchmark: what enforcement costs a guest, and how fast a change applies.
 
-    make bench-network     (or: .venv/bin/python bench/network.py [--runs 200] [--mib 16])
+    make bench-network     (or: .venv/bin/python bench/network.py [--runs 200] [--mib 16] [--rounds 3])
 
 Servers in a network namespace on this machine (tests/netlab.py), one sandbox, its policy
-switched through the service `PUT /network` calls. In one run:
-  1. TCP connect latency (p50 of --runs connects from the guest) and a --mib MiB HTTP
-     download, under: the default policy (everything allowed: one nftables accept), a
+switched through the service `PUT /network` calls; each figure is the median of --rounds
+rounds taken over the policies in turn. In one run:
+  1. TCP connect latency to a raw port (p50 of --runs connects from the guest, decided by
+     address), an HTTP GET by name (p50; through the proxy under a name policy) and a
+     --mib MiB HTTP download by name, under: the default policy (everything allowed: one nftables accept), a
      CIDR policy (allowlist of 64 networks, deny rules in front: still nftables only), and
      a name policy (the allowed host matched by its Host header, so through the egress
      proxy). Targets: CIDR path >= 90 % of the default's throughput and <= 1 ms added
@@ -37,9 +39,14 @@ for _ in range(runs):
     s = socket.create_connection((host, int(port)), timeout=5)
     times.append(time.perf_counter() - t)
     s.close()
+requests = []
+for _ in range(max(runs // 4, 10)):
+    t = time.perf_counter()
+    urllib.request.urlopen("http://gamma.test/echo", timeout=10).read()
+    requests.append(time.perf_counter() - t)
 t = time.perf_counter()
 size = len(urllib.request.urlopen(f"http://gamma.test/bytes?n={mib << 20}", timeout=120).read())
-print(json.dumps({"connect": times, "seconds": time.perf_counter() - t, "bytes": size}))
+print(json.dumps({"connect": times, "request": requests, "seconds": time.perf_counter() - t, "bytes": size}))
 """
 
 
@@ -47,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--mib", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     prepare_database(ROOT)
     import django
@@ -95,6 +103,7 @@ def main() -> None:
                 assert data["bytes"] == args.mib << 20, data
                 return {
                     "connect": percentile(data["connect"], 0.5),
+                    "request": percentile(data["request"], 0.5),
                     "mibps": args.mib / data["seconds"],
                 }
 
@@ -111,17 +120,26 @@ def main() -> None:
                     "allow_out": ["gamma.test", f"{lab.addresses[2]}:7000"],
                 },
             }
-            results = {}
-            for name, policy in policies.items():
-                put(policy)
-                measure()  # warm: DNS, page cache of the server
-                results[name] = measure()
+            # rounds over the policies in turn, so that drift of the machine hits them alike
+            samples: dict[str, list[dict[str, float]]] = {name: [] for name in policies}
+            for round_ in range(args.rounds + 1):
+                for name, policy in policies.items():
+                    put(policy)
+                    sample = measure()
+                    if round_:  # the first round warms DNS and the server's page cache
+                        samples[name].append(sample)
+            results = {
+                name: {key: percentile([s[key] for s in runs], 0.5) for key in runs[0]}
+                for name, runs in samples.items()
+            }
             base = results["default (all allowed)"]
             for name, result in results.items():
                 print(
-                    f"{name:27s} connect p50 {result['connect'] * 1000:6.2f} ms "
+                    f"{name:27s} TCP connect p50 {result['connect'] * 1000:5.2f} ms "
                     f"(+{(result['connect'] - base['connect']) * 1000:5.2f})   "
-                    f"download {result['mibps']:7.1f} MiB/s ({result['mibps'] / base['mibps'] * 100:5.1f} %)"
+                    f"HTTP GET p50 {result['request'] * 1000:6.2f} ms "
+                    f"(+{(result['request'] - base['request']) * 1000:5.2f})   "
+                    f"download {result['mibps']:6.1f} MiB/s ({result['mibps'] / base['mibps'] * 100:5.1f} %)"
                 )
 
             # PUT -> enforcement: alternate allow/deny of one address; the first connect after
