@@ -476,3 +476,22 @@ def test_connect_waits_for_a_restore_in_progress(owner: Actor, running: Sandbox,
     assert response.status_code == 200, response.content
     assert response.json()["sandbox"]["state"] == "ready" and response.json()["session"]["token"]
     assert response.json()["sandbox"]["snapshot_id"] == taken["id"]
+
+
+def test_a_restore_inherits_the_network_policy_and_its_secret_rules(owner: Actor, running: Sandbox) -> None:
+    from sandboxes.api.requests import SandboxCreateSerializer
+
+    rules = {"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer s3"}}}]}
+    policy = {"allow_internet_access": False, "allow_out": ["alpha.test"], "rules": rules}
+    assert owner.client().put(f"/v1/sandboxes/{running.pk}/network", policy, format="json").status_code == 200
+    checkpoint = Checkpoint.objects.get(pk=_take(owner, running).json()["sandbox_checkpoint"]["id"])
+
+    inherited = services.restore_spec(checkpoint, None)
+    request = SandboxCreateSerializer(data={"allow_out": ["beta.test"], "allow_internet_access": False})
+    assert request.is_valid(), request.errors
+    overridden = services.restore_spec(checkpoint, request.spec())
+
+    running.refresh_from_db()
+    assert inherited.network_policy == running.network_policy
+    assert inherited.network_rules == {"api.example.com": {"Authorization": "Bearer s3"}}
+    assert overridden.network_policy["allow_out"] == ["beta.test"] and overridden.network_rules == {}

@@ -180,3 +180,32 @@ def test_create_takes_the_policy_top_level_nested_and_camel_case(owner: Actor) -
         assert spec.network_policy["allow_out"] == ["alpha.test"], data
         assert spec.network_policy["allow_internet_access"] is False
         assert spec.allow_internet_access is False
+
+
+def test_a_policy_the_host_cannot_apply_now_is_kept_and_applied_by_the_worker(
+    owner: Actor, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandboxes import network, services
+    from sandboxes.tasks import network_apply
+
+    queued: list[object] = []
+    real_apply = network.apply
+
+    def unreachable(row: Sandbox) -> None:
+        raise OSError("host unreachable")
+
+    monkeypatch.setattr(network, "apply", unreachable)
+    monkeypatch.setattr(network_apply, "apply_async", lambda **kwargs: queued.append(kwargs))
+
+    body = _put(owner, sandbox, {"allow_internet_access": False}).json()["sandbox"]
+
+    # then: recorded, shown as not in force, handed to the worker
+    assert body["network_policy"]["allow_internet_access"] is False
+    assert body["network_policy_in_force"] is False
+    assert queued == [{"args": [sandbox.pk], "countdown": 1}]
+    # when the worker runs once the host answers again
+    monkeypatch.setattr(network, "apply", real_apply)
+    assert services.sandbox_network_retry(sandbox.pk) is True
+    assert (
+        owner.client().get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]["network_policy_in_force"] is True
+    )
