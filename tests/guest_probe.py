@@ -67,6 +67,22 @@ def check(item: dict[str, object]) -> dict[str, object]:
                 udp.settimeout(float(item.get("timeout", 2)))  # type: ignore[arg-type]
                 udp.sendto(b"ping", (host, port))
                 return {"ok": udp.recvfrom(100)[0] == b"ping"}
+        if kind == "hold":  # open `count` connections and keep them: how many were accepted
+            held, refused = [], 0
+            for _ in range(int(item["count"])):  # type: ignore[call-overload]
+                try:
+                    held.append(socket.create_connection((host, port), timeout=3))
+                except OSError:
+                    refused += 1
+            for sock in held:
+                sock.close()
+            return {"ok": True, "held": len(held), "refused": refused}
+        if kind == "raw":  # send these bytes (hex), return what comes back
+            with socket.create_connection((host, port), timeout=float(item.get("timeout", TIMEOUT))) as raw:  # type: ignore[arg-type]
+                for chunk in item["chunks"]:  # type: ignore[attr-defined]
+                    raw.sendall(bytes.fromhex(chunk))
+                    time.sleep(0.05)
+                return {"ok": True, "reply": _read_response(raw)[:2000].decode("latin-1")}
         address = str(item.get("ip") or host)
         with socket.create_connection((address, port), timeout=float(item.get("timeout", TIMEOUT))) as raw:  # type: ignore[arg-type]
             if kind == "connect":

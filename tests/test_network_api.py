@@ -70,6 +70,17 @@ def test_put_replaces_the_whole_policy_and_shows_it_in_force(owner: Actor, sandb
     assert sandbox.network_revision == 2
 
 
+def test_the_shape_sandboxes_show_is_accepted_as_a_put_body(owner: Actor, sandbox: Sandbox) -> None:
+    shown = _put(owner, sandbox, {"allow_internet_access": False, "allow_out": ["alpha.test"]}).json()[
+        "sandbox"
+    ]
+
+    again = _put(owner, sandbox, {"network_policy": shown["network_policy"]}).json()["sandbox"]
+
+    assert again["network_policy"] == shown["network_policy"]
+    assert again["network_policy"]["allow_internet_access"] is False
+
+
 def test_camel_case_keys_mean_their_snake_case_names(owner: Actor, sandbox: Sandbox) -> None:
     body = {"allowInternetAccess": False, "allowOut": ["alpha.test"], "networkClass": "restricted"}
     policy = _put(owner, sandbox, body).json()["sandbox"]["network_policy"]
@@ -118,6 +129,11 @@ def test_rules_are_secrets_never_echoed_and_encrypted_at_rest(owner: Actor, sand
         ({"mask_request_host": "http://x"}, "mask_request_host"),
         ({"allow_internet_access": "no"}, "allow_internet_access"),
         (["allow_out"], "must be a JSON object"),
+        ({"alow_out": ["alpha.test"]}, "Unknown key 'alow_out': did you mean 'allow_out'?"),
+        ({"allow_internet_acess": False}, "did you mean 'allow_internet_access'?"),
+        ({"allow_out": ["198.18.0.2/0"]}, "bits set past its prefix"),
+        ({"network_policy": {"allow_internet_access": False, "allow_in": []}}, "allow_in"),
+        ({"egress_profile": ["package-registries"]}, "send a list as egress_profiles"),
     ],
 )
 def test_bad_policies_are_422_naming_the_entry_and_change_nothing(

@@ -74,6 +74,8 @@ def test_entries_parse_to_rules(entry: str, expected: object) -> None:
         ("x.com:99999", "port must be 1-65535"),
         ("0.0.0.0/0:443", "all traffic to one port"),
         ("", "non-empty strings"),
+        ("198.18.0.2/0", "bits set past its prefix; write the network (0.0.0.0/0)"),
+        ("10.0.0.1/8", "write the network (10.0.0.0/8)"),
         ("*", "neither"),
         ("*.*.com", "neither"),
     ],
@@ -93,7 +95,7 @@ def test_allow_internet_access_false_blocks_all() -> None:
     egress = _egress(allow_internet_access=False)
     assert not allowed(egress, None, "198.18.0.2", 443)
     assert not allowed(egress, "alpha.test", "198.18.0.2", 443)
-    assert egress.dns_verdict("alpha.test") is None  # answered only with allowed addresses
+    assert egress.dns_verdict("alpha.test") is False  # never asked of a resolver
 
 
 def test_an_allowed_name_only_by_host_and_sni_and_deny_wins() -> None:
@@ -181,6 +183,9 @@ def test_rules_parse_merge_and_are_shown_without_values() -> None:
         {"x.com": [{"transform": {"headers": {"X-A": "a\r\nX-B: b"}}}]},
         {"x.com": [{"transform": {"headers": {"X A": "1"}}}]},
         {"x.com": [{"transform": {"headers": {"X-A": 1}}}]},
+        {"x.com": [{"transform": {"headers": {"X-A": "\u2603"}}}]},
+        {"x.com": [{"transform": {"headers": {"X-A": "a\x7f"}}}]},
+        {"x.com": [{"transform": {"headers": {"X-A": "a\x0bb"}}}]},
     ],
 )
 def test_bad_rules_are_refused(rules: object) -> None:
@@ -220,8 +225,9 @@ def test_sandbox_script_orders_deny_before_allow_and_redirects_names_only_when_n
     script = firewall.sandbox_script(CFG, 1_000_000_007, closed, "restricted")
     rules = [line for line in script.splitlines() if line.startswith("add rule inet watasu sb_1000000007")]
     assert "ct count over 64" in rules[0]
-    assert "198.18.0.3 counter goto refuse" in rules[1]
-    assert "198.18.0.0/24 accept" in rules[2]
+    assert "ct status dnat" in rules[1] and rules[2].endswith("jump platform")  # the limit comes first
+    assert "198.18.0.3 counter goto refuse" in rules[3]
+    assert "198.18.0.0/24 accept" in rules[4]
     assert rules[-1].endswith("counter goto refuse")
     assert "redirect to :15353" in script and "redirect to :15380" not in script
     named = firewall.sandbox_script(CFG, 1_000_000_007, _egress(deny_out=["evil.test"]), "standard")
@@ -241,12 +247,26 @@ def _client_hello(name: str) -> bytes:
     return outgoing.read()
 
 
+def split_records(hello: bytes, size: int) -> bytes:
+    """The ClientHello's handshake message re-sent as TLS records of ``size`` bytes each."""
+    body = hello[5 : 5 + int.from_bytes(hello[3:5], "big")]
+    return b"".join(
+        b"\x16\x03\x01" + len(body[i : i + size]).to_bytes(2, "big") + body[i : i + size]
+        for i in range(0, len(body), size)
+    )
+
+
 def test_sni_is_read_from_a_real_client_hello_and_partial_data_asks_for_more() -> None:
     hello = _client_hello("Alpha.Test")
     assert proxy.sni_of(hello) == "alpha.test"
-    with pytest.raises(ValueError):
+    with pytest.raises(proxy.Incomplete):
         proxy.sni_of(hello[:40])
     assert proxy.sni_of(b"GET / HTTP/1.1\r\n") is None
+    # a ClientHello split over many records is read whole (a name deny is not skipped)
+    split = split_records(_client_hello("beta.test"), 40)
+    assert proxy.sni_of(split) == "beta.test"
+    with pytest.raises(proxy.Incomplete):
+        proxy.sni_of(split[:-10])
 
 
 @pytest.mark.parametrize(
@@ -258,7 +278,7 @@ def test_sni_is_read_from_a_real_client_hello_and_partial_data_asks_for_more() -
     ],
 )
 def test_hostile_client_hellos_never_crash_the_reader(data: bytes) -> None:
-    # read_first treats these errors as "no name": the address decides
+    # read_first refuses the connection on any of these errors
     with contextlib.suppress(ValueError, IndexError, struct.error, UnicodeDecodeError):
         assert proxy.sni_of(data) in (None, "")
 
@@ -272,8 +292,47 @@ def test_host_header_and_header_injection() -> None:
     out = proxy.with_headers(head, {"Authorization": "Bearer s"})
     assert b"Authorization: guest" not in out and b"Authorization: Bearer s\r\n" in out
     assert b"Connection: close" in out and out.endswith(b"\r\n\r\nBODY")
-    with pytest.raises(ValueError):
+    with pytest.raises(proxy.Incomplete):
         proxy.host_of(b"GET / HTTP/1.1\r\nHost: a")
+    assert proxy.host_of(b"GET / HTTP/1.0\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: 198.18.0.3\r\nHost: beta.test\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: beta.test\n\n",
+        b"GET / HTTP/1.1\r\nX: y\nHost: beta.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : beta.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: y\r\n Host: beta.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: beta.test extra\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: b\xc3\xa9ta.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 17000,
+    ],
+)
+def test_ambiguous_heads_are_refused_never_read_as_having_no_host(head: bytes) -> None:
+    with pytest.raises((ValueError, UnicodeDecodeError)) as raised:
+        proxy.host_of(head)
+    assert not isinstance(raised.value, proxy.Incomplete)
+
+
+def test_dns_never_forwards_a_name_the_policy_does_not_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    egress = _egress(allow_internet_access=False, allow_out=["alpha.test", "198.18.0.0/24"])
+    asked: list[bytes] = []
+    monkeypatch.setattr(proxy, "forward", lambda cfg, query: asked.append(query) or b"answer")
+
+    class Cfg:
+        def reload(self) -> None:
+            pass
+
+        def policy(self, uid: int) -> Egress:
+            return egress
+
+    tunnel = proxy.answer(Cfg(), 7, proxy.dns_query("exfil-s3cret.attacker.invalid"))  # type: ignore[arg-type]
+    allowed = proxy.answer(Cfg(), 7, proxy.dns_query("alpha.test"))  # type: ignore[arg-type]
+
+    assert tunnel[3] & 0x0F == 3 and allowed == b"answer"
+    assert [proxy.dns_question(query)[0] for query in asked] == ["alpha.test"]
 
 
 def test_dns_messages_round_trip() -> None:

@@ -10,7 +10,9 @@ set inside the guest could widen."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -137,7 +139,9 @@ def test_names_addresses_deny_wins_and_the_host_out_of_reach(
     # a raw address is refused at the SYN; the allowed address answers on any port
     assert raw_beta["error"] == "refused" and raw_beta["ms"] < 1000, raw_beta
     assert raw_gamma["ok"], raw_gamma
-    assert dns_gamma["ok"] and dns_gamma["addresses"] == [GAMMA], dns_gamma  # its address is allowed
+    # a name no rule names is not resolved, even when its address is allowed: a query is
+    # data leaving the sandbox, and it is never forwarded
+    assert dns_gamma["error"] == "nxdomain", dns_gamma
     # the forged SNI reached the allowed name's own address, never the one the guest picked
     assert forged["ok"] and forged["body"]["local_addr"] == ALPHA, forged
 
@@ -262,3 +266,41 @@ def test_sdk_creates_with_a_policy_and_updates_it(owner: Actor, base_version, ed
     output = run_scenario("network", api_url=f"{edge.url}/v1", api_key=owner.write_key)
 
     assert output == "ok\n"
+
+
+def _split_client_hello(name: str, size: int) -> str:
+    """A real ClientHello for ``name``, re-sent as TLS records of ``size`` bytes (hex)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    body = hello[5 : 5 + int.from_bytes(hello[3:5], "big")]
+    return "".join(
+        (b"\x16\x03\x01" + len(body[i : i + size]).to_bytes(2, "big") + body[i : i + size]).hex()
+        for i in range(0, len(body), size)
+    )
+
+
+def test_name_denies_hold_against_parser_tricks_and_the_proxy_is_bounded(
+    owner: Actor, base_version, vm_cleanup
+) -> None:  # type: ignore[no-untyped-def]
+    sid = _create(owner, deny_out=["beta.test"], network_class="restricted")
+    twice = b"GET /echo HTTP/1.1\r\nHost: 198.18.0.3\r\nHost: beta.test\r\n\r\n".hex()
+    bare_lf = b"GET /echo HTTP/1.1\nHost: beta.test\n\n".hex()
+
+    split, double_host, lf_only, plain, alpha = probe(
+        sid,
+        {"kind": "raw", "host": BETA, "port": 443, "chunks": [_split_client_hello("beta.test", 40)]},
+        {"kind": "raw", "host": BETA, "port": 80, "chunks": [twice]},
+        {"kind": "raw", "host": BETA, "port": 80, "chunks": [bare_lf]},
+        {"kind": "http", "host": "beta.test"},
+        {"kind": "http", "host": "alpha.test"},
+    )
+
+    assert not split["ok"] and not double_host["ok"] and not lf_only["ok"], (split, double_host, lf_only)
+    assert not plain["ok"] and alpha["ok"], (plain, alpha)
+    # the restricted class holds 64 connections at once, also those handed to the proxy
+    (held,) = probe(sid, {"kind": "hold", "host": ALPHA, "port": 80, "count": 100})
+    assert held["held"] <= 64 and held["refused"] >= 36, held
+    assert probe(sid, {"kind": "http", "host": "alpha.test"})[0]["ok"]  # released again

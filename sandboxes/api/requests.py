@@ -327,6 +327,10 @@ def network_policy_of(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, d
 
 def _profiles(one: Any, many: Any) -> list[str]:
     names: list[Any] = []
+    if isinstance(one, list):
+        raise refusal(
+            "egress_profile is one profile name; send a list as egress_profiles.", "invalid_network_policy"
+        )
     if one is not None:
         names.append(one)
     if many is not None:
@@ -368,7 +372,11 @@ class NetworkUpdateSerializer(_NetworkFields):
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, dict):
             raise body_refusal("The request body must be a JSON object (a network policy).")
-        body = with_snake_keys(data)
+        # the shape sandboxes show (`{"network_policy": {...}}`) means its keys; a near miss
+        # of a key is refused (replacing the whole policy, a typo would reset it); other
+        # keys are ignored
+        body = _with_network_policy(data)
+        suggest.refuse_near_misses(body, [*POLICY_KEYS, *CAMEL_KEYS, "network_policy"])
         return super().to_internal_value({key: body[key] for key in POLICY_KEYS if key in body})
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -410,7 +418,9 @@ class SandboxCreateSerializer(_NetworkFields):
     )
     template_id = OptionalTextField(max_length=200, help_text="The docs' spelling of `template`")
     template_version_id = IdField(help_text="A version id of the template")
-    snapshot_id = OptionalTextField(max_length=255, help_text="Not supported yet (ignored)")
+    snapshot_id = OptionalTextField(
+        max_length=255, help_text="A checkpoint's id or name: the new sandbox runs on a copy of its disk"
+    )
     timeout = SecondsField(
         code="invalid_timeout",
         maximum="SANDBOX_MAX_TIMEOUT_SECONDS",

@@ -7,11 +7,11 @@ guest's reach: root in the guest can set any proxy variable or route, its packet
 become connections of that uid. The table ``inet watasu``:
 
 * ``output`` (filter): traffic of processes outside the QEMU group (and the egress
-  proxy's) is not ours; established flows pass; what the NAT hook handed to the egress
-  proxy passes; then the platform deny set (every local address of the host, the
-  operator's ranges and ports), then the sandbox's chain ``sb_<uid>`` through the
-  ``sandboxes`` verdict map. A QEMU uid without a chain gets nothing: a sandbox is never
-  open before its policy is in place.
+  proxy's) is not ours; established flows pass; then the sandbox's chain ``sb_<uid>``
+  through the ``sandboxes`` verdict map: its class's connection limit, what the NAT hook
+  handed to the egress proxy, the platform deny set (every local address of the host, the
+  operator's ranges and ports), its deny and allow rules, its default. A QEMU uid without
+  a chain gets nothing: a sandbox is never open before its policy is in place.
 * ``nat_output``: each sandbox's DNS goes to the egress proxy's resolver, and, when its
   policy names hosts, its TCP 80/443 to the egress proxy (``sbnat_<uid>``).
 * ``proxy_out``: the egress proxy's own connections get the platform deny set too (and
@@ -128,10 +128,7 @@ def base_script(cfg: HostConfig) -> str:
         f"add rule {TABLE} output meta skuid {cfg.proxy_uid} ct state new jump proxy_out",
         f"add rule {TABLE} output meta skgid != {cfg.qemu_gid} accept",
         f"add rule {TABLE} output ct state established,related accept",
-        f"add rule {TABLE} output ct status dnat ip daddr 127.0.0.1 th dport "
-        f"{{ {cfg.proxy_port}, {cfg.dns_port} }} accept",
         f"add rule {TABLE} output meta skuid {cfg.shared_uid} goto shared",
-        f"add rule {TABLE} output jump platform",
         f"add rule {TABLE} output meta skuid vmap @sandboxes",
         f"add rule {TABLE} output goto refuse",
         f"add rule {TABLE} nat_output meta skgid != {cfg.qemu_gid} return",
@@ -156,8 +153,13 @@ def sandbox_script(cfg: HostConfig, uid: int, egress: Egress, network_class: str
         f"flush chain {TABLE} {nat}",
     ]
     limit = cfg.max_connections.get(network_class, 0)
-    if limit:
+    if limit:  # first: connections handed to the egress proxy count too
         lines.append(f"add rule {TABLE} {chain} ct state new ct count over {limit} counter goto refuse")
+    lines.append(
+        f"add rule {TABLE} {chain} ct status dnat ip daddr 127.0.0.1 th dport "
+        f"{{ {cfg.proxy_port}, {cfg.dns_port} }} accept"
+    )
+    lines.append(f"add rule {TABLE} {chain} jump platform")
     if egress.by_name:
         # QUIC would carry a name past the SNI check: refused, clients fall back to TCP
         lines.append(f"add rule {TABLE} {chain} udp dport 443 counter goto refuse")

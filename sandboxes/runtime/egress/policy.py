@@ -16,9 +16,10 @@ What a policy means (the same for every shape):
 Entries are CIDRs or addresses (optionally ``:port``), decided on every protocol and port
 by the connection's address; or host names (``*.`` wildcards, optionally ``:80``/``:443``),
 decided on TCP ports 80 and 443 by the HTTP ``Host`` header or the TLS SNI, the platform
-resolving the name itself and connecting to that address (a forged SNI reaches the name's
-address, never the one the guest picked). DNS is answered for a name the policy allows,
-and otherwise only with the addresses the policy allows.
+resolving an allowed name itself and connecting to that address (a forged SNI reaches the
+name's address, never the one the guest picked); a name no rule names leaves the decision
+to the connection's address. DNS is answered for a name the policy allows (a name rule, or
+everything by default) and NXDOMAIN otherwise, without asking any resolver.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ MAX_RULE_HOSTS = 64
 MAX_HEADERS = 32
 MAX_HEADER_VALUE = 8192
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 # headers the proxy owns: injecting them would break the request's framing or routing
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"}
@@ -104,13 +106,13 @@ class Egress:
             return True
         return None
 
-    def dns_verdict(self, host: str) -> bool | None:
-        """True: answer; False: refuse; None: answer with the allowed addresses only."""
+    def dns_verdict(self, host: str) -> bool:
+        """Whether the platform resolves ``host`` for the guest: not when a deny names it,
+        else when an allow names it or everything is allowed by default. A name refused is
+        never sent to a resolver (a query is data leaving the sandbox)."""
         if any(rule.matches_any_port(host) for rule in self.deny_names if rule.port is None):
             return False
-        if self.default_allow or any(rule.matches_any_port(host) for rule in self.allow_names):
-            return True
-        return None
+        return self.default_allow or any(rule.matches_any_port(host) for rule in self.allow_names)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,6 +172,10 @@ def parse_entry(entry: Any, where: str) -> AddressRule | NameRule | None:
         net = ipaddress.ip_network(host, strict=False)
     except ValueError:
         net = None
+    if net is not None and str(net.network_address) != host.partition("/")[0]:
+        raise PolicyError(
+            f"{where}: {text!r} has bits set past its prefix; write the network ({net}) you mean."
+        )
     if net is not None:
         if not isinstance(net, IPv4Network):
             raise PolicyError(f"{where}: {text!r} is IPv6; only IPv4 rules apply.")
@@ -245,14 +251,10 @@ def parse_rules(value: Any) -> dict[str, dict[str, str]]:
                     raise PolicyError(
                         f"rules.{name}: {str(key)[:64]!r} is not a header that can be injected."
                     )
-                if (
-                    not isinstance(val, str)
-                    or len(val) > MAX_HEADER_VALUE
-                    or any(c in val for c in "\r\n\x00")
-                ):
+                if not isinstance(val, str) or len(val) > MAX_HEADER_VALUE or not _HEADER_VALUE.match(val):
                     raise PolicyError(
-                        f"rules.{name}.{key}: values are strings of at most {MAX_HEADER_VALUE} characters "
-                        "without line breaks."
+                        f"rules.{name}.{key}: values are at most {MAX_HEADER_VALUE} printable ASCII "
+                        "characters (spaces and tabs allowed)."
                     )
                 if val == REDACTED:
                     raise PolicyError(

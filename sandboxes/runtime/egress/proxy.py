@@ -28,12 +28,14 @@ import logging
 import os
 import pwd
 import random
+import resource
 import socket
 import ssl
 import struct
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -53,9 +55,14 @@ else:
 log = logging.getLogger("watasu.egress")
 SO_ORIGINAL_DST = 80
 HEAD_LIMIT = 16384
-FIRST_BYTES_SECONDS = 10
+FIRST_BYTES_SECONDS = 10  # in all, for the ClientHello or request head
 CONNECT_SECONDS = 10
 BUFFER = 256 * 1024
+PER_SANDBOX = 256  # connections one sandbox may hold through the proxy at once
+DNS_WORKERS = 32
+DNS_BACKLOG = 512  # queries waiting beyond it are dropped (the guest's resolver retries)
+CERT_LIFETIME = timedelta(days=30)
+CERT_RENEW_AFTER = timedelta(days=1)
 
 
 class Refused(Exception):
@@ -132,16 +139,18 @@ def _hex(address: str, port: int) -> str:
     return f"{socket.inet_aton(address)[::-1].hex().upper()}:{port:04X}"
 
 
-def owner_uid(proto: str, address: str, port: int) -> int | None:
-    """The uid owning the socket bound to ``address:port`` (the sandbox's QEMU)."""
+def owner_uid(proto: str, address: str, port: int, remote: tuple[str, int] | None = None) -> int | None:
+    """The uid owning the socket bound to ``address:port`` (the sandbox's QEMU); for TCP
+    also connected to ``remote`` (the connection's original destination)."""
     exact, wildcard = _hex(address, port), f"00000000:{port:04X}"
+    far = _hex(*remote) if remote else None
     with open(f"/proc/net/{proto}") as table:
         next(table)
         for line in table:
             parts = line.split()
             if parts[1] == exact or (proto == "udp" and parts[1] == wildcard):
-                if proto == "tcp" and parts[3] == "06":  # TIME_WAIT: a previous owner
-                    continue
+                if proto == "tcp" and (parts[3] == "06" or (far and parts[2] != far)):
+                    continue  # TIME_WAIT (a previous owner), or another connection
                 return int(parts[7])
     return None
 
@@ -242,29 +251,17 @@ def _read_framed(sock: socket.socket) -> bytes:
     return _read_exact(sock, length)
 
 
-def reachable(egress: Egress, address: str) -> bool:
-    ip = IPv4Address(address)
-    if any(rule.port is None and ip in rule.net for rule in egress.deny):
-        return False
-    return egress.default_allow or any(ip in rule.net for rule in egress.allow)
-
-
 def answer(cfg: Config, uid: int | None, query: bytes) -> bytes:
     """The response a sandbox gets to ``query``."""
     cfg.reload()
     egress = cfg.policy(uid) if uid is not None else None
-    name, qtype, _ = dns_question(query)
+    name = dns_question(query)[0]
     if egress is None:
         return dns_reply(query, 5)  # REFUSED: not a sandbox we know
-    verdict = egress.dns_verdict(name)
-    if verdict is False:
+    if not egress.dns_verdict(name):
+        # never forwarded: a query is data leaving the sandbox (DNS tunnelling)
         return dns_reply(query, 3)
-    if verdict is None and qtype != 1:
-        return dns_reply(query, 0)
-    response = forward(cfg, query)
-    if verdict is None and not any(reachable(egress, a) for a in dns_addresses(response)):
-        return dns_reply(query, 3)
-    return response
+    return forward(cfg, query)
 
 
 def resolve(cfg: Config, name: str) -> list[str]:
@@ -272,9 +269,25 @@ def resolve(cfg: Config, name: str) -> list[str]:
 
 
 def serve_dns_udp(cfg: Config, sock: socket.socket) -> None:
+    """A bounded pool answers; past its backlog, queries are dropped (never a thread each)."""
+    pool = ThreadPoolExecutor(max_workers=DNS_WORKERS, thread_name_prefix="dns")
+    waiting = threading.BoundedSemaphore(DNS_BACKLOG)
     while True:
-        query, peer = sock.recvfrom(4096)
-        threading.Thread(target=_dns_udp_one, args=(cfg, sock, query, peer), daemon=True).start()
+        try:
+            query, peer = sock.recvfrom(4096)
+        except OSError:
+            time.sleep(0.01)
+            continue
+        if not waiting.acquire(blocking=False):
+            continue
+
+        def one(query: bytes = query, peer: tuple[str, int] = peer) -> None:
+            try:
+                _dns_udp_one(cfg, sock, query, peer)
+            finally:
+                waiting.release()
+
+        pool.submit(one)
 
 
 def _dns_udp_one(cfg: Config, sock: socket.socket, query: bytes, peer: tuple[str, int]) -> None:
@@ -299,24 +312,47 @@ def _dns_tcp_one(cfg: Config, conn: socket.socket, peer: tuple[str, int]) -> Non
 # ------------------------------------------------------------------ first bytes
 
 
+class Incomplete(ValueError):
+    """More bytes are needed to decide."""
+
+
+def _handshake(data: bytes) -> bytes:
+    """The first handshake message, reassembled from as many TLS records as it spans."""
+    body, offset = b"", 0
+    while True:
+        if len(data) < offset + 5:
+            raise Incomplete("short record")
+        if data[offset] != 0x16:
+            raise ValueError("not a handshake record")
+        length = struct.unpack("!H", data[offset + 3 : offset + 5])[0]
+        if len(data) < offset + 5 + length:
+            raise Incomplete("short record")
+        body += data[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        if len(body) >= 4:
+            needed = 4 + int.from_bytes(body[1:4], "big")
+            if needed > 4 * HEAD_LIMIT:
+                raise ValueError("handshake too large")
+            if len(body) >= needed:
+                return body[:needed]
+
+
 def sni_of(data: bytes) -> str | None:
-    """The server name of a TLS ClientHello (None if absent); ValueError until complete."""
+    """The server name of a TLS ClientHello (None if it has none); Incomplete until the
+    whole ClientHello is there, however many records it is split into."""
     if len(data) < 5:
-        raise ValueError("short")
+        raise Incomplete("short")
     if data[0] != 0x16:
         return None
-    length = struct.unpack("!H", data[3:5])[0]
-    if len(data) < 5 + length:
-        raise ValueError("short")
-    hello = data[5 : 5 + length]
+    hello = _handshake(data)
     if hello[0] != 1:
-        return None
+        raise ValueError("not a ClientHello")
     offset = 4 + 2 + 32
     offset += 1 + hello[offset]  # session id
     offset += 2 + struct.unpack("!H", hello[offset : offset + 2])[0]  # cipher suites
     offset += 1 + hello[offset]  # compression
     if offset + 2 > len(hello):
-        return None
+        return None  # no extensions
     end = offset + 2 + struct.unpack("!H", hello[offset : offset + 2])[0]
     offset += 2
     while offset + 4 <= end:
@@ -324,46 +360,75 @@ def sni_of(data: bytes) -> str | None:
         offset += 4
         if kind == 0:
             names = hello[offset + 2 : offset + size]
-            if names and names[0] == 0:
-                name_len = struct.unpack("!H", names[1:3])[0]
-                return names[3 : 3 + name_len].decode("ascii").lower().rstrip(".")
+            if not names or names[0] != 0:
+                raise ValueError("unreadable server_name")
+            name_len = struct.unpack("!H", names[1:3])[0]
+            return names[3 : 3 + name_len].decode("ascii").lower().rstrip(".")
         offset += size
     return None
 
 
 def host_of(head: bytes) -> str | None:
-    """The Host header of an HTTP request head (None if absent)."""
-    if b"\r\n\r\n" not in head:
+    """The Host of an HTTP request head (None if it has none); Incomplete until the head
+    is whole. Ambiguous heads (bare LF line ends, two Host headers, folded lines, a Host
+    with spaces or non-ASCII) are refused: a server may read them otherwise than we do."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
         if len(head) >= HEAD_LIMIT:
-            return None
-        raise ValueError("short")
-    for line in head.split(b"\r\n")[1:]:
+            raise ValueError("request head over 16 KiB")
+        if b"\n\n" in head or b"\n\r\n" in head:
+            raise ValueError("bare LF line ends")
+        raise Incomplete("short")
+    lines = head[:end].split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        raise ValueError("bare CR or LF in the head")
+    hosts = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise ValueError("folded header line")
         key, _, value = line.partition(b":")
-        if key.strip().lower() == b"host":
-            host = value.strip().decode("ascii", "replace").lower()
-            if host.startswith("["):
-                return None
-            return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
-    return None
+        if key.lower() == b"host":
+            hosts.append(value.strip())
+        elif key.strip().lower() == b"host":
+            raise ValueError("space in a Host header's name")
+    if len(hosts) > 1:
+        raise ValueError("more than one Host header")
+    if not hosts:
+        return None
+    host = hosts[0].decode("ascii").lower()
+    if not host or host.startswith("[") or any(c.isspace() for c in host):
+        raise ValueError("unreadable Host")
+    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
 
 
 def read_first(conn: socket.socket, port: int) -> tuple[bytes, str | None]:
+    """The first bytes and the name they carry (None: no name, the address decides).
+    Within FIRST_BYTES_SECONDS in all; what cannot be parsed for sure is Refused."""
     data = b""
-    conn.settimeout(FIRST_BYTES_SECONDS)
+    deadline = time.monotonic() + FIRST_BYTES_SECONDS
     while True:
-        chunk = conn.recv(HEAD_LIMIT)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused("no complete ClientHello or request head in time")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(HEAD_LIMIT)
+        except TimeoutError as exc:
+            raise Refused("no complete ClientHello or request head in time") from exc
         if not chunk:
             raise Refused("closed before a request")
         data += chunk
         try:
-            if data[:1] == b"\x16" or port == 443:
+            if data[:1] == b"\x16":
                 return data, sni_of(data)
+            if port == 443:
+                return data, None  # not TLS: the address decides
             return data, host_of(data)
-        except ValueError:
+        except Incomplete:
             if len(data) >= 4 * HEAD_LIMIT:
-                return data, None
-        except (IndexError, struct.error, UnicodeDecodeError):
-            return data, None
+                raise Refused("ClientHello or request head too large") from None
+        except (ValueError, IndexError, struct.error, UnicodeDecodeError) as exc:
+            raise Refused(f"unreadable first bytes: {exc}") from None
 
 
 def with_headers(head: bytes, headers: dict[str, str]) -> bytes:
@@ -418,6 +483,30 @@ def _is_address(name: str) -> bool:
     return True
 
 
+class _Slots:
+    """Connections each sandbox holds through the proxy (a guest cannot take them all)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.held: dict[int, int] = {}
+
+    def take(self, uid: int) -> bool:
+        with self.lock:
+            if self.held.get(uid, 0) >= PER_SANDBOX:
+                return False
+            self.held[uid] = self.held.get(uid, 0) + 1
+            return True
+
+    def give(self, uid: int) -> None:
+        with self.lock:
+            self.held[uid] -= 1
+            if not self.held[uid]:
+                del self.held[uid]
+
+
+SLOTS = _Slots()
+
+
 def decide(cfg: Config, egress: Egress, name: str | None, dst: str, port: int) -> str:
     """The address to connect to, or Refused. A Host/SNI that is an address literal names
     nothing: the connection's own address decides."""
@@ -425,16 +514,16 @@ def decide(cfg: Config, egress: Egress, name: str | None, dst: str, port: int) -
         verdict = egress.name_verdict(name, port)
         if verdict is False:
             raise Refused(f"{name}:{port} denied")
-        addresses = [a for a in resolve(cfg, name) if not cfg.platform_denied(a, port)]
-        if not addresses:
-            raise Refused(f"{name} resolves to no allowed address")
-        address = addresses[0]
-        ip = IPv4Address(address)
-        if any(rule.matches(ip, port) for rule in egress.deny):
-            raise Refused(f"{address}:{port} denied")
-        if verdict is None and not egress.address_allowed(ip, port):
-            raise Refused(f"{name} ({address}):{port} not allowed")
-        return address
+        if verdict is True:  # resolved here: a forged name never picks the address
+            addresses = [a for a in resolve(cfg, name) if not cfg.platform_denied(a, port)]
+            if not addresses:
+                raise Refused(f"{name} resolves to no allowed address")
+            address = addresses[0]
+            if any(rule.matches(IPv4Address(address), port) for rule in egress.deny):
+                raise Refused(f"{address}:{port} denied")
+            return address
+        # no rule names it: the connection's own address decides (nothing is resolved, so a
+        # name the policy does not allow never leaves the host)
     if cfg.platform_denied(dst, port) or not egress.address_allowed(IPv4Address(dst), port):
         raise Refused(f"{dst}:{port} not allowed")
     return dst
@@ -446,10 +535,36 @@ def handle_tcp(cfg: Config, tls: TlsFactory, conn: socket.socket, peer: tuple[st
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = struct.unpack("!H", raw[2:4])[0]
         dst = socket.inet_ntoa(raw[4:8])
-        uid = owner_uid("tcp", peer[0], peer[1])
+        uid = owner_uid("tcp", peer[0], peer[1], (dst, port))
         egress = cfg.policy(uid) if uid is not None else None
-        if egress is None:
+        if uid is None or egress is None:
             raise Refused(f"no policy for uid {uid}")
+        if not SLOTS.take(uid):
+            raise Refused(f"uid {uid} holds {PER_SANDBOX} connections through the proxy")
+    except Refused as exc:
+        log.info("refused %s: %s", peer, exc)
+        _reset(conn)
+        return
+    except Exception as exc:
+        log.info("failed %s: %s", peer, exc)
+        _reset(conn)
+        return
+    try:
+        _handle_tcp(cfg, tls, conn, peer, egress, dst, port)
+    finally:
+        SLOTS.give(uid)
+
+
+def _handle_tcp(
+    cfg: Config,
+    tls: TlsFactory,
+    conn: socket.socket,
+    peer: tuple[str, int],
+    egress: Egress,
+    dst: str,
+    port: int,
+) -> None:
+    try:
         first, name = read_first(conn, port)
         address = decide(cfg, egress, name, dst, port)
         upstream = socket.create_connection((address, port), timeout=CONNECT_SECONDS)
@@ -468,8 +583,7 @@ def handle_tcp(cfg: Config, tls: TlsFactory, conn: socket.socket, peer: tuple[st
         if headers and port == 443 and name:
             _intercept_tls(tls, conn, upstream, first, name, headers)
         else:
-            if headers:
-                first = _complete_head(conn, first)
+            if headers:  # `first` is a whole head: read_first returned its Host
                 first = with_headers(first, headers)
             upstream.sendall(first)
             splice(conn, upstream)
@@ -551,8 +665,10 @@ def _intercept_tls(
     headers: dict[str, str],
 ) -> None:
     client = _BioSocket(conn, tls.server_context(name), first)
-    server = tls.client_context().wrap_socket(upstream, server_hostname=name)
     head = _complete_head(client, b"")
+    if host_of(head) not in (name, None):  # the secret goes to the host the rule names only
+        raise Refused(f"Host {host_of(head)!r} inside TLS for {name!r}")
+    server = tls.client_context().wrap_socket(upstream, server_hostname=name)
     server.sendall(with_headers(head, headers))
     splice(client, server)
 
@@ -562,7 +678,7 @@ class TlsFactory:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: dict[str, tuple[ssl.SSLContext, datetime]] = {}
         self._lock = threading.Lock()
 
     def client_context(self) -> ssl.SSLContext:
@@ -574,8 +690,9 @@ class TlsFactory:
 
     def server_context(self, name: str) -> ssl.SSLContext:
         with self._lock:
-            if name in self._contexts:
-                return self._contexts[name]
+            cached = self._contexts.get(name)
+            if cached and datetime.now(UTC) - cached[1] < CERT_RENEW_AFTER:
+                return cached[0]
         ca_cert = x509.load_pem_x509_certificate(Path(self.cfg.data["ca_cert"]).read_bytes())
         ca_key = serialization.load_pem_private_key(Path(self.cfg.data["ca_key"]).read_bytes(), None)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -587,7 +704,7 @@ class TlsFactory:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=30))
+            .not_valid_after(now + CERT_LIFETIME)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
         )
@@ -605,7 +722,7 @@ class TlsFactory:
         context.load_cert_chain(pem)
         context.set_alpn_protocols(["http/1.1"])
         with self._lock:
-            self._contexts[name] = context
+            self._contexts[name] = (context, now)
         return context
 
 
@@ -613,9 +730,19 @@ class TlsFactory:
 
 
 def _accept_loop(server: socket.socket, target: Any, *args: Any) -> None:
+    """Never ends: out of descriptors or threads, it waits a moment and goes on."""
     while True:
-        conn, peer = server.accept()
-        threading.Thread(target=target, args=(*args, conn, peer), daemon=True).start()
+        try:
+            conn, peer = server.accept()
+        except OSError:
+            log.warning("accept failed", exc_info=True)
+            time.sleep(0.1)
+            continue
+        try:
+            threading.Thread(target=target, args=(*args, conn, peer), daemon=True).start()
+        except RuntimeError:  # no thread to be had
+            _reset(conn)
+            time.sleep(0.1)
 
 
 def drop_privileges(user: str) -> None:
@@ -641,6 +768,9 @@ def main(argv: list[str]) -> int:
             sock.listen(1024)
         return sock
 
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    threading.stack_size(512 * 1024)
     tcp = listen(socket.SOCK_STREAM, cfg.data["proxy_port"])
     dns_tcp = listen(socket.SOCK_STREAM, cfg.data["dns_port"])
     dns_udp = listen(socket.SOCK_DGRAM, cfg.data["dns_port"])
