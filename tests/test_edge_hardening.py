@@ -246,6 +246,28 @@ def test_no_cookie_or_header_crosses_from_one_team_to_another(edge, real_agent, 
 
 
 @edge_db
+def test_mask_request_host_is_the_host_a_preview_app_sees(edge, real_agent, owner) -> None:
+    # given a sandbox whose policy masks the Host previews forward with
+    with EchoApp() as app:
+        sandbox = _sandbox(owner.personal_team, real_agent)
+        response = owner.client().put(
+            f"/v1/sandboxes/{sandbox.pk}/network",
+            {"mask_request_host": "${PORT}-app.example.com"},
+            format="json",
+        )
+        assert response.status_code == 200, response.content
+        host = f"p{app.port}-{sandbox.route_token}.sandbox.localhost:{edge.port}"
+
+        status, _, body = raw_request(edge.port, "GET", "/", {"Host": host})
+
+    # then the app sees the masked host, with the port previewed in it; the original is forwarded
+    assert status == 200
+    received = json.loads(body)["headers"]
+    assert received["host"] == f"{app.port}-app.example.com"
+    assert received["x-forwarded-host"] == host
+
+
+@edge_db
 def test_path_form_previews_get_no_cookies_and_a_sandboxed_origin(edge, real_agent, owner) -> None:
     # given a preview served under the platform's own origin (the path form)
     with EchoApp() as app:
