@@ -81,7 +81,6 @@ def check(item: dict[str, object]) -> dict[str, object]:
             with socket.create_connection((host, port), timeout=float(item.get("timeout", TIMEOUT))) as raw:  # type: ignore[arg-type]
                 for chunk in item["chunks"]:  # type: ignore[attr-defined]
                     raw.sendall(bytes.fromhex(chunk))
-                    time.sleep(0.05)
                 return {"ok": True, "reply": _read_response(raw)[:2000].decode("latin-1")}
         address = str(item.get("ip") or host)
         with socket.create_connection((address, port), timeout=float(item.get("timeout", TIMEOUT))) as raw:  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """Host hygiene around a real sandbox: its disk is private to QEMU's user, the guest has
-no IPv6 to bypass the IPv4 firewall with, and the firewall chain is in place."""
+no IPv6 to bypass the IPv4 firewall with, and the host firewall (nftables) is in place."""
 
 from __future__ import annotations
 
@@ -67,11 +67,22 @@ def test_a_sandbox_disk_is_private_and_its_guest_has_no_ipv6(owner: Actor, base_
         for line in routes["stdout"].splitlines()
         if line.strip()
     )
-    # and the host's guest firewall chain refuses loopback
-    rules = subprocess.run(
-        ["iptables", "-w", "-S", "WATASU-GUEST"], capture_output=True, text=True, check=True
+    # and the host firewall refuses every guest the host's own addresses, holds this
+    # sandbox's chain, and refuses a QEMU uid without one
+    platform = subprocess.run(
+        ["nft", "list", "chain", "inet", "watasu", "platform"], capture_output=True, text=True, check=True
     ).stdout
-    assert "-A WATASU-GUEST -o lo -j REJECT" in rules
+    output = subprocess.run(
+        ["nft", "list", "chain", "inet", "watasu", "output"], capture_output=True, text=True, check=True
+    ).stdout
+    chain = subprocess.run(
+        ["nft", "list", "chain", "inet", "watasu", f"sb_{uid}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "fib daddr type local goto refuse" in platform and "@platform_deny goto refuse" in platform
+    assert [line.strip() for line in output.splitlines() if line.strip() and line.strip() != "}"][-1] == (
+        "goto refuse"
+    )
+    assert "jump platform" in chain
 
 
 def test_one_sandboxs_qemu_cannot_open_anothers_disk(
