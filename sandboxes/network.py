@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -245,8 +246,6 @@ def ensure_proxy(cfg: firewall.HostConfig) -> None:
 
 
 def _listening(port: int) -> bool:
-    import socket
-
     with socket.socket() as probe:
         probe.settimeout(0.2)
         return probe.connect_ex(("127.0.0.1", port)) == 0
@@ -267,10 +266,12 @@ def egress_of(sandbox: Sandbox) -> Egress:
 
 
 def uid_of(sandbox: Sandbox) -> int:
-    base = settings.RUNTIME_QEMU_UID_BASE
-    if not base:
+    from sandboxes.runtime.vm import qemu_uid  # vm starts VMs through this module
+
+    uid = qemu_uid(sandbox)
+    if uid is None:
         raise firewall.FirewallError("network policies need WATASU_QEMU_UID_BASE (a uid per sandbox)")
-    return base + sandbox.pk
+    return uid
 
 
 def apply(sandbox: Sandbox) -> None:

@@ -30,13 +30,13 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, ip_network
 from pathlib import Path
+from typing import Any
 
 from sandboxes.runtime.egress.policy import AddressRule, Egress
 
 TABLE = "inet watasu"
-BASE_VERSION = 1
 
 
 class FirewallError(RuntimeError):
@@ -244,15 +244,21 @@ def remove_sandbox(cfg: HostConfig, uid: int) -> None:
     (cfg.policy_dir / f"{uid}.json").unlink(missing_ok=True)
 
 
-def installed_uids() -> set[int]:
-    """The uids the firewall holds a chain for."""
+def _listed(kind: str, name: str) -> list[dict[str, Any]]:
+    """One object of the table as nft's JSON items ([] when it does not exist)."""
     result = subprocess.run(
-        ["nft", "-j", "list", "map", *TABLE.split(), "sandboxes"], capture_output=True, text=True, timeout=30
+        ["nft", "-j", "list", kind, *TABLE.split(), name], capture_output=True, text=True, timeout=30
     )
     if result.returncode != 0:
-        return set()
+        return []
+    items: list[dict[str, Any]] = json.loads(result.stdout).get("nftables", [])
+    return items
+
+
+def installed_uids() -> set[int]:
+    """The uids the firewall holds a chain for."""
     uids = set()
-    for item in json.loads(result.stdout).get("nftables", []):
+    for item in _listed("map", "sandboxes"):
         for element in item.get("map", {}).get("elem", []) or []:
             key = element[0] if isinstance(element, list) else element
             if isinstance(key, int):
@@ -262,22 +268,9 @@ def installed_uids() -> set[int]:
 
 def refused_count(uid: int) -> int:
     """Connections this sandbox was refused by the firewall (since its policy was applied)."""
-    result = subprocess.run(
-        ["nft", "-j", "list", "chain", *TABLE.split(), f"sb_{uid}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if result.returncode != 0:
-        return 0
     total = 0
-    for item in json.loads(result.stdout).get("nftables", []):
+    for item in _listed("chain", f"sb_{uid}"):
         for expr in item.get("rule", {}).get("expr", []):
             if "counter" in expr:
                 total += int(expr["counter"].get("packets", 0))
     return total
-
-
-def in_net(address: str, nets: tuple[str, ...]) -> bool:
-    ip = IPv4Address(address)
-    return any(ip in IPv4Network(net, strict=False) for net in nets)

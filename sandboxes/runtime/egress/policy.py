@@ -63,11 +63,7 @@ class NameRule:
     port: int | None = None
 
     def matches(self, host: str, port: int) -> bool:
-        if self.port is not None and self.port != port:
-            return False
-        if self.name.startswith("*."):
-            return host.endswith(self.name[1:])
-        return host == self.name
+        return (self.port is None or self.port == port) and self.matches_any_port(host)
 
     def matches_any_port(self, host: str) -> bool:
         if self.name.startswith("*."):
@@ -289,7 +285,6 @@ class Policy:
     egress_profiles: tuple[str, ...] = ()
     network_class: str = "standard"
     mask_request_host: str | None = None
-    rule_hosts: tuple[str, ...] = ()
 
     def shown(self, headers: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
         return {

@@ -529,6 +529,12 @@ def decide(cfg: Config, egress: Egress, name: str | None, dst: str, port: int) -
     return dst
 
 
+def _turn_away(conn: socket.socket, peer: tuple[str, int], exc: Exception) -> None:
+    """Log why (a refusal, or a failure on the way) and reset the guest's connection."""
+    log.info("%s %s: %s", "refused" if isinstance(exc, Refused) else "failed", peer, exc)
+    _reset(conn)
+
+
 def handle_tcp(cfg: Config, tls: TlsFactory, conn: socket.socket, peer: tuple[str, int]) -> None:
     try:
         cfg.reload()
@@ -541,13 +547,8 @@ def handle_tcp(cfg: Config, tls: TlsFactory, conn: socket.socket, peer: tuple[st
             raise Refused(f"no policy for uid {uid}")
         if not SLOTS.take(uid):
             raise Refused(f"uid {uid} holds {PER_SANDBOX} connections through the proxy")
-    except Refused as exc:
-        log.info("refused %s: %s", peer, exc)
-        _reset(conn)
-        return
     except Exception as exc:
-        log.info("failed %s: %s", peer, exc)
-        _reset(conn)
+        _turn_away(conn, peer, exc)
         return
     try:
         _handle_tcp(cfg, tls, conn, peer, egress, dst, port)
@@ -568,13 +569,8 @@ def _handle_tcp(
         first, name = read_first(conn, port)
         address = decide(cfg, egress, name, dst, port)
         upstream = socket.create_connection((address, port), timeout=CONNECT_SECONDS)
-    except Refused as exc:
-        log.info("refused %s: %s", peer, exc)
-        _reset(conn)
-        return
     except Exception as exc:
-        log.info("failed %s: %s", peer, exc)
-        _reset(conn)
+        _turn_away(conn, peer, exc)
         return
     conn.settimeout(None)
     upstream.settimeout(None)
@@ -785,10 +781,8 @@ def main(argv: list[str]) -> int:
         cfg.data["dns_port"],
         os.getpid(),
     )
-    while True:
-        time.sleep(2)
-        with contextlib.suppress(Exception):
-            cfg.reload()
+    threading.Event().wait()  # the configuration is re-read on each connection and query
+    return 0
 
 
 if __name__ == "__main__":
