@@ -20,6 +20,8 @@ from django.db.models import Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from billing import metering
+from billing.models import IntervalKind
 from sandboxes import selectors, services
 from sandboxes.models import Checkpoint, CheckpointStatus, Host, HostState, Sandbox, SandboxState
 from sandboxes.placement import host_disk_check
@@ -137,9 +139,7 @@ def checkpoint_create(
             code="checkpoint_failed",
         ) from exc
     _back_to_ready(sandbox, "checkpoint taken")
-    if not Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
-        status=CheckpointStatus.READY, size_bytes=size, ready_at=timezone.now()
-    ):
+    if not _mark_ready(checkpoint, size):
         _unlink(checkpoint)  # deleted while it was being captured
         raise errors.NotFound(
             f"Checkpoint {checkpoint.pk} was deleted while it was being captured.",
@@ -147,6 +147,24 @@ def checkpoint_create(
         )
     checkpoint.refresh_from_db()
     return checkpoint
+
+
+def _mark_ready(checkpoint: Checkpoint, size: int) -> bool:
+    """pending -> ready, and its storage billed from now on; False if deleted meanwhile."""
+    now = timezone.now()
+    with transaction.atomic():
+        if not Checkpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
+            status=CheckpointStatus.READY, size_bytes=size, ready_at=now
+        ):
+            return False
+        metering.interval_open(
+            team_id=checkpoint.team_id,
+            kind=IntervalKind.CHECKPOINT,
+            subject_id=checkpoint.pk,
+            at=now,
+            size=size,
+        )
+    return True
 
 
 def _back_to_ready(sandbox: Sandbox, reason: str) -> None:
@@ -167,6 +185,7 @@ def checkpoint_delete(*, checkpoint: Checkpoint) -> bool:
     row gone and removes what it wrote."""
     with transaction.atomic():
         deleted, _ = Checkpoint.objects.filter(pk=checkpoint.pk).delete()
+        metering.interval_close(kind=IntervalKind.CHECKPOINT, subject_id=checkpoint.pk, at=timezone.now())
         if deleted:
             transaction.on_commit(lambda: _unlink(checkpoint))
     return bool(deleted)

@@ -22,6 +22,8 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from billing import metering
+from billing.selectors import team_require_active
 from sandboxes import network
 from sandboxes.models import (
     RUNTIME_STATES,
@@ -106,6 +108,7 @@ def sandbox_transition(
     On success `sandbox` is refreshed and the transition is recorded as an event.
     """
     now = timezone.now()
+    disk = _kept_disk_bytes([sandbox], to_state)
     with transaction.atomic():
         rows = Sandbox.objects.select_for_update().filter(pk=sandbox.pk, state__in=list(from_states))
         current = rows.filter(where or Q()).values_list("state", flat=True).first()
@@ -115,8 +118,16 @@ def sandbox_transition(
         SandboxEvent.objects.create(
             sandbox_id=sandbox.pk, from_state=current, to_state=to_state, at=now, reason=reason[:200]
         )
+        metering.sandboxes_moved(moves=[(sandbox.pk, current)], to_state=to_state, at=now, disk_bytes=disk)
     sandbox.refresh_from_db()
     return True
+
+
+def _kept_disk_bytes(sandboxes: Iterable[Sandbox], to_state: str) -> dict[int, int]:
+    """The size of each disk a transition to `to_state` keeps (billed as a stopped disk)."""
+    if to_state not in metering.KEPT_DISK_STATES:
+        return {}
+    return {sandbox.pk: vm.disk_bytes(sandbox) for sandbox in sandboxes if sandbox.host_id is not None}
 
 
 def destroyed_message(sandbox_id: object) -> str:
@@ -223,6 +234,7 @@ def _reserve(
     state = S.RESTORING if checkpoint is not None else S.CREATING
     with transaction.atomic():
         _lock_team(team)
+        team_require_active(team)
         _quota_check(team, cpu, memory_mb)
         host = host_place(cpu=cpu, memory_mb=memory_mb, among=among)
         sandbox = Sandbox.objects.create(
@@ -251,6 +263,7 @@ def _reserve(
         SandboxEvent.objects.create(
             sandbox=sandbox, from_state="", to_state=state, at=sandbox.created_at, reason=reason
         )
+        metering.sandboxes_moved(moves=[(sandbox.pk, "")], to_state=state, at=sandbox.created_at)
     return sandbox
 
 
@@ -501,6 +514,7 @@ def _claim_resume(sandbox: Sandbox) -> bool:
     """STOPPED -> RESTORING after the quota and host-capacity checks, under locks."""
     with transaction.atomic():
         _lock_team(sandbox.team)
+        team_require_active(sandbox.team)
         _quota_check(sandbox.team, sandbox.cpu_count, sandbox.memory_mb)
         host = sandbox.placed_host
         if not host_has_room(host=host, cpu=sandbox.cpu_count, memory_mb=sandbox.memory_mb):
@@ -697,7 +711,10 @@ def sandbox_purge(sandbox: Sandbox) -> bool:
 def sandboxes_purge(sandboxes: Iterable[Sandbox]) -> int:
     """`sandbox_purge` for many: one VM removal each, one update for all that went."""
     purged = [sandbox.pk for sandbox in sandboxes if vm.destroy(sandbox)]
-    Sandbox.objects.filter(pk__in=purged).update(purged_at=timezone.now())
+    now = timezone.now()
+    with transaction.atomic():
+        Sandbox.objects.filter(pk__in=purged).update(purged_at=now)
+        metering.sandboxes_purged(ids=purged, at=now)
     volumes_release(sandbox_ids=purged)  # their VMs are gone: the volumes are free
     return len(purged)
 
@@ -722,9 +739,11 @@ def sandboxes_transition(
     Rows another transaction holds are skipped, not waited for. Returns the moved rows.
     """
     now = timezone.now()
+    ids = list(ids)
+    disk = _kept_disk_bytes(Sandbox.objects.filter(pk__in=ids).select_related("host"), to_state)
     with transaction.atomic():
         rows = Sandbox.objects.select_for_update(skip_locked=True).filter(
-            pk__in=list(ids), state__in=list(from_states)
+            pk__in=ids, state__in=list(from_states)
         )
         if unchanged_since is not None:
             rows = rows.filter(updated_at__lt=unchanged_since)
@@ -738,6 +757,7 @@ def sandboxes_transition(
             SandboxEvent(sandbox_id=pk, from_state=state, to_state=to_state, at=now, reason=reason[:200])
             for pk, state in moved
         )
+        metering.sandboxes_moved(moves=moved, to_state=to_state, at=now, disk_bytes=disk)
     return list(Sandbox.objects.filter(pk__in=[pk for pk, _ in moved]).select_related("host"))
 
 

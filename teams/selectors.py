@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
-from teams.models import WRITER_ROLES, ApiKey, Membership, Team, User
+from teams.models import WRITER_ROLES, ApiKey, Membership, Role, Team, User
 from watasu import errors, ids
 
 
@@ -57,3 +57,17 @@ def api_key_of_user(*, user: User, key_id: str) -> ApiKey:
     if key is None:
         raise errors.NotFound("API key not found.", code="api_key_not_found")
     return key
+
+
+def team_for_billing(*, user: User, slug: str | None) -> Team:
+    """The team whose money a mutation moves (top-ups, alerts): owners and admins only."""
+    membership = (
+        _membership(user, slug)
+        if slug
+        else Membership.objects.select_related("team").get(user=user, team__personal_for=user)
+    )
+    if membership.role not in (Role.OWNER, Role.ADMIN):
+        raise errors.Forbidden(
+            f"Only owners and admins of team '{membership.team.slug}' may do this; you are {membership.role}."
+        )
+    return membership.team

@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
+from billing.services import accounts_ensure
 from teams.models import ApiKey, IdempotencyRecord, Membership, Role, Scope, Team, User
 from watasu import errors
 
@@ -49,6 +50,7 @@ def team_create(*, owner: User, slug: str, name: str = "") -> Team:
                 )
             team = Team.objects.create(slug=slug, name=name or slug)
             Membership.objects.create(user=owner, team=team, role=Role.OWNER)
+            accounts_ensure(team_ids=[team.pk])
     except IntegrityError:
         raise errors.Conflict(f"A team with slug '{slug}' already exists.", code="already_exists") from None
     return team
@@ -70,6 +72,7 @@ def _personal_team_create(user: User) -> Team:
                     personal_for=user,
                 )
                 Membership.objects.create(user=user, team=team, role=Role.OWNER)
+                accounts_ensure(team_ids=[team.pk])
                 return team
         except IntegrityError:
             if Team.objects.filter(personal_for=user).exists():

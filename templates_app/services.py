@@ -12,6 +12,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from billing import metering
 from sandboxes.models import RUNTIME_STATES, Host, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, images, lifecycle
 from sandboxes.runtime.buildvm import make_template_snapshot
@@ -73,15 +74,18 @@ def _snapshot_into(version: TemplateVersion, image: images.BaseImage, host: Host
         make_template_snapshot(
             image, artifact, driver_for(host), vcpus=version.cpu, memory_mb=version.memory_mb
         )
-    TemplateVersion.objects.filter(pk=version.pk).update(
-        status=VersionStatus.READY,
-        host=host,
-        artifact_dir=str(artifact),
-        artifact_digest=image.key,
-        size_bytes=_dir_size(artifact),
-        built_at=timezone.now(),
-        last_error_message="",
-    )
+    size, now = _dir_size(artifact), timezone.now()
+    with transaction.atomic():
+        TemplateVersion.objects.filter(pk=version.pk).update(
+            status=VersionStatus.READY,
+            host=host,
+            artifact_dir=str(artifact),
+            artifact_digest=image.key,
+            size_bytes=size,
+            built_at=now,
+            last_error_message="",
+        )
+        metering.template_versions_ready(versions=[(version.pk, version.template.team_id, size)], at=now)
 
 
 def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
@@ -229,6 +233,9 @@ def template_delete(*, user: User, template: Template) -> None:
                 sandbox_id=str(holder.pk),
             )
         now = timezone.now()
+        metering.template_versions_retired(
+            ids=list(versions.filter(deleted_at__isnull=True).values_list("pk", flat=True)), at=now
+        )
         versions.update(deleted_at=now)
         TemplateTag.objects.filter(template=template).delete()
         Template.objects.filter(pk=template.pk).update(deleted_at=now)
@@ -245,6 +252,8 @@ def template_version_delete(*, user: User, version: TemplateVersion) -> None:
             .exclude(status=VersionStatus.BUILDING)
             .update(deleted_at=timezone.now())
         )
+        if retired:
+            metering.template_versions_retired(ids=[version.pk], at=timezone.now())
         if not retired and TemplateVersion.objects.filter(pk=version.pk, deleted_at__isnull=True).exists():
             raise errors.Conflict(
                 "This version is being built; delete it once the build ends.",

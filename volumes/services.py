@@ -28,6 +28,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from billing import metering
+from billing.models import IntervalKind
 from sandboxes.models import Host, Sandbox, SandboxState
 from sandboxes.runtime.images import exclusive
 from teams.models import Team, User
@@ -122,13 +124,21 @@ def _new_row(team: Team, name: str, metadata: dict[str, str]) -> Volume:
     with transaction.atomic():
         Team.objects.select_for_update().filter(pk=team.pk).first()
         _quota_check(team, 1)
-        return Volume.objects.create(
+        volume = Volume.objects.create(
             team=team,
             name=name,
             metadata=metadata,
             size_bytes=settings.VOLUME_SIZE_GIB * 2**30,
             host=_local_host(),
         )
+        metering.interval_open(
+            team_id=team.pk,
+            kind=IntervalKind.VOLUME,
+            subject_id=volume.pk,
+            at=volume.created_at,
+            size=volume.size_bytes,
+        )
+        return volume
 
 
 def volume_create(
@@ -157,6 +167,7 @@ def volume_delete(*, volume: Volume) -> None:
         if row.holder_id is not None:
             raise _attached(row, "deleted")
         row.delete()
+        metering.interval_close(kind=IntervalKind.VOLUME, subject_id=volume.pk, at=timezone.now())
         # The image goes once the row is surely gone (a rolled-back delete keeps both).
         transaction.on_commit(lambda: _remove_image(volume.image_path))
 

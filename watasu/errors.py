@@ -33,6 +33,13 @@ class NotFound(DomainError):
     code = "not_found"
 
 
+class BadRequest(DomainError):
+    """The request itself cannot be read (a webhook whose signature does not verify)."""
+
+    status = 400
+    code = "bad_request"
+
+
 class Invalid(DomainError):
     """The request is well-formed but asks for something not allowed."""
 

@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from billing.api import views as billing_views
 from sandboxes.api import checkpoints as checkpoint_views
 from sandboxes.api import views as sandbox_views
 from teams.api import views as team_views
@@ -132,6 +133,19 @@ api_v1 = [
     path("teams/<str:slug>", team_views.TeamDetailView.as_view(), name="team-detail"),
     path("api_keys", team_views.ApiKeyListView.as_view(), name="api-key-list"),
     path("api_keys/<str:key_id>", team_views.ApiKeyDetailView.as_view(), name="api-key-detail"),
+    path("billing/balance", billing_views.BalanceView.as_view(), name="billing-balance"),
+    path("billing/usage", billing_views.UsageView.as_view(), name="billing-usage"),
+    path("billing/ledger", billing_views.LedgerView.as_view(), name="billing-ledger"),
+    path("billing/top_ups", billing_views.TopUpListView.as_view(), name="billing-top-ups"),
+    path("billing/top_ups/<str:top_up_id>", billing_views.TopUpDetailView.as_view(), name="billing-top-up"),
+    path("billing/statements", billing_views.StatementListView.as_view(), name="billing-statements"),
+    path(
+        "billing/statements/<str:period>",
+        billing_views.StatementDetailView.as_view(),
+        name="billing-statement",
+    ),
+    path("billing/spend_alert", billing_views.SpendAlertView.as_view(), name="billing-spend-alert"),
+    path("billing/stripe/webhook", billing_views.stripe_webhook, name="billing-stripe-webhook"),
 ]
 
 urlpatterns = [

@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from django.db import close_old_connections
 
+from billing.selectors import team_require_active, team_suspended_cached
 from sandboxes import services
 from sandboxes.edge.signing import file_url_check
 from sandboxes.models import Sandbox, SandboxState
@@ -154,7 +155,18 @@ def dataplane_upstream(route_token: str, token: str | None) -> Upstream:
         raise EdgeError(401, "unauthorized", "A session token is required: Authorization: Bearer <token>.")
     if not session_verify(token=token, sandbox=sandbox):
         raise EdgeError(401, "unauthorized", "The session token is invalid, expired or for another sandbox.")
+    _refuse_suspended(sandbox)
     return _running(sandbox, resume=True, role=DATAPLANE)
+
+
+def _refuse_suspended(sandbox: Sandbox) -> None:
+    """A suspended team's commands and file calls are refused (its cached state, at most
+    BILLING_SUSPENSION_CACHE_SECONDS old)."""
+    if team_suspended_cached(sandbox.team_id):
+        try:
+            team_require_active(sandbox.team)
+        except errors.DomainError as exc:
+            raise _from_domain(exc) from exc
 
 
 @_outside_requests

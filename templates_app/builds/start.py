@@ -7,6 +7,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from billing.selectors import team_require_active
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
 from templates_app.builds.spec import parent_and_image, validate_spec
@@ -84,6 +85,8 @@ def _queue(
     tags: list[str],
     skip_cache: bool,
 ) -> TemplateVersion:
+    if template.team is not None:
+        team_require_active(template.team)  # a build runs a VM: not for a suspended team
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
     public = {key: value for key, value in spec.items() if key != "env"}
     row = TemplateVersion.objects.create(

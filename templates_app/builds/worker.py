@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from billing import metering
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.buildvm import BuildVm, make_template_snapshot
@@ -344,16 +345,21 @@ def template_build_run(*, version_id: int) -> None:
         fail(version.pk, str(exc))
         queue_next_draft(version.template_id)
         return
+    size, now = (
+        sum(f.stat().st_blocks * 512 for f in artifact.parent.rglob("*") if f.is_file()),
+        timezone.now(),
+    )
     with transaction.atomic():
         done = TemplateVersion.objects.filter(pk=version.pk, status=VersionStatus.BUILDING).update(
             status=VersionStatus.READY,
             host=host,
             artifact_dir=str(artifact),
             lease_expires_at=None,
-            size_bytes=sum(f.stat().st_blocks * 512 for f in artifact.parent.rglob("*") if f.is_file()),
-            built_at=timezone.now(),
+            size_bytes=size,
+            built_at=now,
         )
         if done:
+            metering.template_versions_ready(versions=[(version.pk, version.template.team_id, size)], at=now)
             for tag in version.build_spec.get("tags", []):
                 TemplateTag.objects.update_or_create(
                     template=version.template, tag=tag, defaults={"version": version}

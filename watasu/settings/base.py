@@ -236,10 +236,45 @@ MAX_TEAMS_PER_USER = env.int("WATASU_MAX_TEAMS_PER_USER", 10, min=0)
 PRICE_CURRENCY = env.str("WATASU_PRICE_CURRENCY", "EUR")
 PRICE_VCPU_SECOND = env.decimal("WATASU_PRICE_VCPU_SECOND", "0.000010")
 PRICE_MEMORY_GIB_SECOND = env.decimal("WATASU_PRICE_MEMORY_GIB_SECOND", "0.000002")
-PRICE_STOPPED_DISK_GIB_MONTH = env.decimal("WATASU_PRICE_STOPPED_DISK_GIB_MONTH", None)
-PRICE_CHECKPOINT_GIB_MONTH = env.decimal("WATASU_PRICE_CHECKPOINT_GIB_MONTH", None)
-PRICE_TEMPLATE_GIB_MONTH = env.decimal("WATASU_PRICE_TEMPLATE_GIB_MONTH", None)
-PRICE_VOLUME_GIB_MONTH = env.decimal("WATASU_PRICE_VOLUME_GIB_MONTH", None)
+# Storage per GiB-month (a month is 30 days); an empty value bills that line item at zero.
+PRICE_STOPPED_DISK_GIB_MONTH = env.decimal("WATASU_PRICE_STOPPED_DISK_GIB_MONTH", "0.10")
+PRICE_CHECKPOINT_GIB_MONTH = env.decimal("WATASU_PRICE_CHECKPOINT_GIB_MONTH", "0.10")
+PRICE_TEMPLATE_GIB_MONTH = env.decimal("WATASU_PRICE_TEMPLATE_GIB_MONTH", "0.10")
+PRICE_VOLUME_GIB_MONTH = env.decimal("WATASU_PRICE_VOLUME_GIB_MONTH", "0.10")
+
+# --- Billing -----------------------------------------------------------------------
+# Metering always runs; enforcement (suspension when the balance is exhausted) is the
+# operator's choice. The embedded default does not enforce, so a fresh install's key
+# creates sandboxes at once.
+BILLING_ENFORCE = env.bool("WATASU_BILLING_ENFORCE", False)
+# Credited to every new team's balance (an operator grant), in the currency above.
+BILLING_STARTING_CREDIT = env.decimal("WATASU_BILLING_STARTING_CREDIT", "0")
+# After the balance reaches zero, this long before the team is suspended.
+BILLING_GRACE_SECONDS = env.int("WATASU_BILLING_GRACE_SECONDS", 300, min=0)
+# While enforced, usage below this balance is waived (recorded, not charged): storage
+# keeps accruing after suspension only down to here. Nothing is ever deleted for money.
+BILLING_NEGATIVE_FLOOR = env.decimal("WATASU_BILLING_NEGATIVE_FLOOR", "-5.00")
+# Owners are emailed once when the balance falls below this (and the API flags it).
+BILLING_LOW_BALANCE = env.decimal("WATASU_BILLING_LOW_BALANCE", "1.00")
+# Metering windows: runtime in short ones, storage in long ones; a window is billed
+# once it ended BILLING_SETTLE_SECONDS ago (transitions committing late still count).
+BILLING_RUNTIME_WINDOW_SECONDS = env.int("WATASU_BILLING_RUNTIME_WINDOW_SECONDS", 60, min=1)
+BILLING_STORAGE_WINDOW_SECONDS = env.int("WATASU_BILLING_STORAGE_WINDOW_SECONDS", 3600, min=1)
+BILLING_SETTLE_SECONDS = env.int("WATASU_BILLING_SETTLE_SECONDS", 30, min=0)
+# The edge reads a team's suspension from the cache for at most this long.
+BILLING_SUSPENSION_CACHE_SECONDS = env.int("WATASU_BILLING_SUSPENSION_CACHE_SECONDS", 5, min=0)
+# Prices include this tax; statements and receipts show the part of it they contain.
+BILLING_TAX_NAME = env.str("WATASU_BILLING_TAX_NAME", "VAT")
+BILLING_TAX_RATE = env.decimal("WATASU_BILLING_TAX_RATE", "0")
+BILLING_TOP_UP_MIN = env.decimal("WATASU_BILLING_TOP_UP_MIN", "5.00")
+BILLING_TOP_UP_MAX = env.decimal("WATASU_BILLING_TOP_UP_MAX", "10000.00")
+# Stripe (top-ups). Without a secret key the installation runs on operator credits only.
+STRIPE_SECRET_KEY = env.str("WATASU_STRIPE_SECRET_KEY", "")
+STRIPE_PUBLISHABLE_KEY = env.str("WATASU_STRIPE_PUBLISHABLE_KEY", "")
+STRIPE_WEBHOOK_SECRET = env.str("WATASU_STRIPE_WEBHOOK_SECRET", "")
+# Another Stripe-compatible endpoint (a test stand-in such as localstripe).
+STRIPE_API_BASE = env.str("WATASU_STRIPE_API_BASE", "")
+STRIPE_TIMEOUT_SECONDS = env.int("WATASU_STRIPE_TIMEOUT_SECONDS", 20, min=1)
 
 # --- Volumes -----------------------------------------------------------------------
 
@@ -418,6 +453,8 @@ SWEEP_INTERVAL_SECONDS = {
     "retention": env.int("WATASU_SWEEP_RETENTION_INTERVAL_SECONDS", 600, min=1),
     # Volumes whose sandbox is gone are released; every volume's storage is measured.
     "volumes": env.int("WATASU_SWEEP_VOLUMES_INTERVAL_SECONDS", 300, min=1),
+    # Metering windows that ended are billed; suspension and alerts follow the balance.
+    "billing": env.int("WATASU_SWEEP_BILLING_INTERVAL_SECONDS", 15, min=1),
 }
 # A sandbox still creating/restoring/stopping/checkpointing after this is reconciled
 # against libvirt (the process doing it died).
@@ -438,3 +475,14 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     }
     for name, seconds in SWEEP_INTERVAL_SECONDS.items()
 }
+
+# --- Mail (billing alerts; later the dashboard's invitations and resets) -------------
+# The embedded default prints mail to the worker's log; set an SMTP host for real mail.
+EMAIL_BACKEND = env.str("WATASU_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = env.str("WATASU_EMAIL_HOST", "localhost")
+EMAIL_PORT = env.int("WATASU_EMAIL_PORT", 25, min=1, max=65535)
+EMAIL_HOST_USER = env.str("WATASU_EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env.str("WATASU_EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env.bool("WATASU_EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = env.int("WATASU_EMAIL_TIMEOUT_SECONDS", 10, min=1)
+DEFAULT_FROM_EMAIL = env.str("WATASU_EMAIL_FROM", "watasu@localhost")
