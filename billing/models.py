@@ -116,7 +116,9 @@ class MeterCursor(models.Model):
 class Account(models.Model):
     """A team's billing state: the cached balance, suspension, alerts, Stripe customer."""
 
-    team = models.OneToOneField(Team, on_delete=models.PROTECT, related_name="billing_account")
+    # A team without ledger entries may be deleted (its account goes with it); the ledger
+    # protects a team through which money moved.
+    team = models.OneToOneField(Team, on_delete=models.CASCADE, related_name="billing_account")
     balance_micros = models.BigIntegerField(default=0)
     stripe_customer_id = models.CharField(max_length=64, blank=True)
     # When the balance last fell to zero or below (cleared when it is positive again).

@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
+from billing.models import TopUp
 from sandboxes.api.requests import POLICY_KEYS, create_keys
 from sandboxes.models import Checkpoint, CheckpointStatus, Host, SandboxState
 from sandboxes.runtime import vm
@@ -348,6 +349,9 @@ WRITE_ROUTES = [
     WriteRoute("team-list", "POST", {"slug": "new-team", "name": "New"}, _keys("slug", "name")),
     WriteRoute("api-key-list", "POST", {"name": "ci", "scope": "read"}, _keys("name", "scope", "expires_at")),
     WriteRoute("api-key-detail", "DELETE", {}),
+    WriteRoute("billing-top-ups", "POST", {"amount": "10.00"}, _keys("amount", "team")),
+    WriteRoute("billing-spend-alert", "PUT", {"spend_alert": "5.00"}, _keys("spend_alert", "team")),
+    WriteRoute("billing-stripe-webhook", "POST", {}),
 ]
 
 
@@ -524,6 +528,16 @@ def world(
         )
         for sandbox in (mine, other)
     )
+    my_top_up, their_top_up = (
+        TopUp.objects.create(
+            team=team,
+            amount_micros=10_000_000,
+            currency="EUR",
+            payment_intent_id=f"pi_{team.pk}",
+            customer_id="c",
+        )
+        for team in (acme, theirs_team)
+    )
     spare_key, _ = api_key_create(user=owner.user, scope="write", name="spare")
     other_key = ApiKey.objects.filter(user=outsider.user).first()
     ids = {
@@ -547,6 +561,8 @@ def world(
             "other": str(their_checkpoint.pk),
             "missing": MISSING_ID,
         },
+        "top_up_id": {"own": str(my_top_up.pk), "other": str(their_top_up.pk), "missing": MISSING_ID},
+        "period": {"own": f"{timezone.now():%Y-%m}", "other": "2001-01", "missing": "1999-13"},
     }
     ApiKey.objects.update(last_used_at=timezone.now())  # no last-use write on each request
     client = owner.client()
@@ -565,7 +581,7 @@ def test_every_route_parameter_has_real_ids(world: World) -> None:
 
     # then: each parameter has an own, another team's and a missing value
     assert sorted(params - world.ids.keys()) == []
-    assert len(ROUTES) == 41
+    assert len(ROUTES) == 50
     assert {route.name for route in WRITE_ROUTES} - ROUTES.keys() == set()
 
 

@@ -59,6 +59,8 @@ def path_values(owner: Actor) -> dict[str, str]:
         "volume_id": "1",
         "checkpoint_id": "1",
         "snapshot_id": "1",
+        "top_up_id": "1",
+        "period": "2026-12",
     }
 
 

@@ -159,4 +159,5 @@ def test_a_sweep_without_an_interval_is_refused() -> None:
         "builds",
         "retention",
         "volumes",
+        "billing",
     ]

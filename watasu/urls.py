@@ -145,7 +145,7 @@ api_v1 = [
         name="billing-statement",
     ),
     path("billing/spend_alert", billing_views.SpendAlertView.as_view(), name="billing-spend-alert"),
-    path("billing/stripe/webhook", billing_views.stripe_webhook, name="billing-stripe-webhook"),
+    path("billing/stripe/webhook", billing_views.StripeWebhookView.as_view(), name="billing-stripe-webhook"),
 ]
 
 urlpatterns = [

@@ -5,15 +5,13 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
+from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from billing import selectors, services
 from billing.models import LedgerEntry, TopUp
@@ -23,7 +21,7 @@ from watasu import errors
 from watasu.api.fields import ClosedSerializer
 from watasu.api.pagination import parse_limit
 from watasu.api.schema import list_envelope, object_envelope
-from watasu.api.views import ApiView, team_param
+from watasu.api.views import ApiView, OnlyItsMethods, team_param
 
 TEAM = OpenApiParameter("team", str, description="Team slug (default: your personal team)")
 
@@ -306,18 +304,28 @@ class SpendAlertView(ApiView):
         return Response({"balance": selectors.balance_of(team)})
 
 
-@extend_schema(exclude=True)
-@csrf_exempt
-@require_POST
-def stripe_webhook(request: HttpRequest) -> JsonResponse:
-    """Stripe's deliveries: 200 once recorded (duplicates too), 400 for a bad signature."""
-    try:
+class _RawBody(BaseParser):
+    """The body as bytes: a signature is over the exact bytes Stripe sent."""
+
+    media_type = "*/*"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> bytes:
+        return stream.read() if stream is not None else b""
+
+
+class StripeWebhookView(OnlyItsMethods, APIView):
+    """Stripe's deliveries: no API key, the signature is the credential. 200 once recorded
+    (a duplicate too, so Stripe stops retrying), 400 for a bad signature."""
+
+    authentication_classes: list[Any] = []
+    permission_classes: list[Any] = []
+    throttle_classes: list[Any] = []
+    parser_classes = [_RawBody]
+
+    @extend_schema(exclude=True)
+    def post(self, request: Request) -> Response:
+        payload = request.data if isinstance(request.data, bytes) else b""
         outcome = services.stripe_webhook_handle(
-            payload=request.body, signature=request.headers.get("Stripe-Signature", "")
+            payload=payload, signature=request.headers.get("Stripe-Signature", "")
         )
-    except errors.DomainError as exc:
-        return JsonResponse({"error": exc.code, "message": exc.message}, status=exc.status)
-    return JsonResponse({"received": True, "outcome": outcome})
-
-
-__all__ = ["OpenApiTypes"]
+        return Response({"received": True, "outcome": outcome})

@@ -49,7 +49,7 @@ class Migration(migrations.Migration):
                 ('spend_alert_micros', models.BigIntegerField(blank=True, null=True)),
                 ('spend_alert_notified_for', models.DateField(blank=True, null=True)),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('team', models.OneToOneField(on_delete=django.db.models.deletion.PROTECT, related_name='billing_account', to='teams.team')),
+                ('team', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='billing_account', to='teams.team')),
             ],
         ),
         migrations.CreateModel(

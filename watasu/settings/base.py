@@ -15,6 +15,7 @@ import secrets
 import socket
 from pathlib import Path
 
+import django
 from django.core.exceptions import ImproperlyConfigured
 
 from watasu.settings.env import Env
@@ -478,11 +479,21 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
 
 # --- Mail (billing alerts; later the dashboard's invitations and resets) -------------
 # The embedded default prints mail to the worker's log; set an SMTP host for real mail.
-EMAIL_BACKEND = env.str("WATASU_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
-EMAIL_HOST = env.str("WATASU_EMAIL_HOST", "localhost")
-EMAIL_PORT = env.int("WATASU_EMAIL_PORT", 25, min=1, max=65535)
-EMAIL_HOST_USER = env.str("WATASU_EMAIL_HOST_USER", "")
-EMAIL_HOST_PASSWORD = env.str("WATASU_EMAIL_HOST_PASSWORD", "")
-EMAIL_USE_TLS = env.bool("WATASU_EMAIL_USE_TLS", False)
-EMAIL_TIMEOUT = env.int("WATASU_EMAIL_TIMEOUT_SECONDS", 10, min=1)
+_MAIL_BACKEND = env.str("WATASU_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+_MAIL_OPTIONS = {
+    "host": env.str("WATASU_EMAIL_HOST", "localhost"),
+    "port": env.int("WATASU_EMAIL_PORT", 25, min=1, max=65535),
+    "username": env.str("WATASU_EMAIL_HOST_USER", ""),
+    "password": env.str("WATASU_EMAIL_HOST_PASSWORD", ""),
+    "use_tls": env.bool("WATASU_EMAIL_USE_TLS", False),
+    "timeout": env.int("WATASU_EMAIL_TIMEOUT_SECONDS", 10, min=1),
+}
 DEFAULT_FROM_EMAIL = env.str("WATASU_EMAIL_FROM", "watasu@localhost")
+if django.VERSION >= (6, 1):
+    _smtp = _MAIL_BACKEND.endswith("smtp.EmailBackend")
+    MAILERS = {"default": {"BACKEND": _MAIL_BACKEND, "OPTIONS": _MAIL_OPTIONS if _smtp else {}}}
+else:  # Django 5.2 (an older Python) still reads the EMAIL_* settings
+    EMAIL_BACKEND = _MAIL_BACKEND
+    EMAIL_HOST, EMAIL_PORT = _MAIL_OPTIONS["host"], _MAIL_OPTIONS["port"]
+    EMAIL_HOST_USER, EMAIL_HOST_PASSWORD = _MAIL_OPTIONS["username"], _MAIL_OPTIONS["password"]
+    EMAIL_USE_TLS, EMAIL_TIMEOUT = _MAIL_OPTIONS["use_tls"], _MAIL_OPTIONS["timeout"]
