@@ -1,0 +1,292 @@
+"""Top-ups against a real, stateful Stripe stand-in (`localstripe` on 127.0.0.1), with the
+real `stripe` library on both sides: our gateway creates customers, PaymentIntents and
+refunds; the test confirms the payment as Stripe.js would; localstripe signs and delivers
+`payment_intent.succeeded` to the live server. Disputes and dashboard refunds, which
+localstripe does not emit, are events signed here with the same webhook secret."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+
+from billing import services
+from billing.models import EntryKind, LedgerEntry, StripeEvent, TopUp, TopUpStatus
+from sandboxes.runtime.driver import free_tcp_port
+from tests.conftest import Actor, concurrently
+from tests.waiting import wait_until
+
+SECRET_KEY = "sk_test_watasu"
+WEBHOOK_SECRET = "whsec_watasu_tests"
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[str]:
+    """localstripe on a free port for the whole session; its base URL."""
+    port = free_tcp_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localstripe", "--port", str(port), "--from-scratch"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/js.stripe.com/v3/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=60, what="localstripe to answer")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def stripe_on(settings, localstripe: str, live_server) -> str:  # type: ignore[no-untyped-def]
+    """Our settings pointed at localstripe, and localstripe's webhooks at the live server."""
+    settings.STRIPE_SECRET_KEY = SECRET_KEY
+    settings.STRIPE_PUBLISHABLE_KEY = "pk_test_watasu"
+    settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
+    settings.STRIPE_API_BASE = localstripe
+    hook = httpx.post(
+        f"{localstripe}/_config/webhooks/watasu",
+        data={"url": f"{live_server.url}/v1/billing/stripe/webhook", "secret": WEBHOOK_SECRET},
+        timeout=10,
+    )
+    assert hook.status_code == 200, hook.text
+    return localstripe
+
+
+def _stripe(base: str) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        SECRET_KEY,
+        base_addresses={"api": base},
+        http_client=stripe.HTTPXClient(allow_sync_methods=True),
+    )
+
+
+def _signed(event: dict[str, Any], secret: str = WEBHOOK_SECRET) -> tuple[bytes, str]:
+    payload = json.dumps(event).encode()
+    stamp = int(time.time())
+    signature = hmac.new(secret.encode(), f"{stamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    return payload, f"t={stamp},v1={signature}"
+
+
+def _deliver(client, event: dict[str, Any], secret: str = WEBHOOK_SECRET):  # type: ignore[no-untyped-def]
+    payload, header = _signed(event, secret)
+    return client.post(
+        "/v1/billing/stripe/webhook", payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=header
+    )
+
+
+def _credits(team) -> list[int]:  # type: ignore[no-untyped-def]
+    return list(
+        LedgerEntry.objects.filter(team=team, kind=EntryKind.TOP_UP).values_list("amount_micros", flat=True)
+    )
+
+
+def _paid_top_up(owner: Actor, base: str, amount: str = "10.00") -> TopUp:
+    """A top-up through the API, paid with a test card, credited by localstripe's webhook."""
+    response = owner.client().post("/v1/billing/top_ups", {"amount": amount}, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["client_secret"].startswith(body["top_up"]["payment_intent_id"])
+    assert body["publishable_key"] == "pk_test_watasu"
+    # what Stripe's Payment Element does in the browser: attach a card, confirm
+    client, intent_id = _stripe(base), body["top_up"]["payment_intent_id"]
+    client.v1.payment_intents.update(intent_id, params={"payment_method": "pm_card_visa"})
+    intent = client.v1.payment_intents.confirm(intent_id)
+    assert intent.status == "succeeded"
+    top_up = TopUp.objects.get(pk=body["top_up"]["id"])
+    wait_until(
+        lambda: TopUp.objects.get(pk=top_up.pk).status == TopUpStatus.SUCCEEDED,
+        timeout=60,
+        what="localstripe's payment_intent.succeeded webhook to credit the top-up",
+    )
+    return TopUp.objects.get(pk=top_up.pk)
+
+
+def _event_of(base: str, kind: str, intent_id: str) -> dict[str, Any]:
+    events = httpx.get(f"{base}/v1/events", auth=(SECRET_KEY, ""), params={"limit": 100}, timeout=10).json()
+    return next(e for e in events["data"] if e["type"] == kind and e["data"]["object"]["id"] == intent_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_top_up_is_credited_once_however_often_its_webhook_comes(owner: Actor, stripe_on: str) -> None:
+    team = owner.personal_team
+    # given a top-up of 10 € paid with a test card; localstripe delivers the signed event
+    top_up = _paid_top_up(owner, stripe_on)
+
+    # then the balance is credited 10 € once, with a receipt
+    assert _credits(team) == [10_000_000]
+    balance = owner.client().get("/v1/billing/balance").json()["balance"]
+    assert balance["balance"] == "10.000000" and balance["payments"]["stripe"] is True
+    receipt = owner.client().get(f"/v1/billing/top_ups/{top_up.pk}").json()["top_up"]["receipt"]
+    assert receipt["number"] == top_up.receipt_number and receipt["amount"] == "10.000000"
+    assert receipt["currency"] == "EUR" and receipt["tax_name"] == "VAT"
+
+    # when the very same event is delivered 5 more times, at once
+    event = _event_of(stripe_on, "payment_intent.succeeded", top_up.payment_intent_id)
+    client = owner.client()
+    answers = concurrently(5, lambda: _deliver(owner.client(), event))
+
+    # then each is acknowledged and nothing more is credited
+    assert [answer.status_code for answer in answers] == [200] * 5
+    assert {answer.json()["outcome"] for answer in answers} == {"duplicate"}
+    assert _credits(team) == [10_000_000]
+    # and another event id for the same payment is not credited again
+    again = _deliver(client, {**event, "id": "evt_replayed_under_another_id"})
+    assert again.json()["outcome"] == "already credited"
+    assert _credits(team) == [10_000_000]
+    assert StripeEvent.objects.filter(event_id=event["id"]).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_signature_is_a_400_and_credits_nothing(owner: Actor, stripe_on: str) -> None:
+    # given a pending top-up (created, never paid)
+    created = owner.client().post("/v1/billing/top_ups", {"amount": "20.00"}, format="json").json()
+    intent = created["top_up"]["payment_intent_id"]
+    forged = {
+        "id": "evt_forged",
+        "type": "payment_intent.succeeded",
+        "data": {"object": {"id": intent, "amount": 2000, "currency": "eur", "status": "succeeded"}},
+    }
+    client = owner.client()
+
+    # when it is "succeeded" by an event signed with another secret, or not signed at all
+    wrong = _deliver(client, forged, secret="whsec_attacker")
+    unsigned = client.post("/v1/billing/stripe/webhook", json.dumps(forged), content_type="application/json")
+
+    # then both are 400 and nothing is recorded or credited
+    assert (wrong.status_code, wrong.json()["error"]) == (400, "bad_signature")
+    assert (unsigned.status_code, unsigned.json()["error"]) == (400, "bad_signature")
+    assert not StripeEvent.objects.exists()
+    assert _credits(owner.personal_team) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_that_does_not_match_our_intent_is_refused(owner: Actor, stripe_on: str) -> None:
+    # given a pending 20 € top-up
+    created = owner.client().post("/v1/billing/top_ups", {"amount": "20.00"}, format="json").json()
+    top_up = TopUp.objects.get(pk=created["top_up"]["id"])
+    event = {
+        "id": "evt_mismatch",
+        "type": "payment_intent.succeeded",
+        "data": {
+            "object": {
+                "id": top_up.payment_intent_id,
+                "amount": 200000,  # 2000 €: not what we asked for
+                "currency": "eur",
+                "customer": "cus_someone_else",
+                "status": "succeeded",
+            }
+        },
+    }
+
+    # when a correctly signed event names our intent with another amount and customer
+    answer = _deliver(owner.client(), event)
+
+    # then it is recorded, refused, and nothing is credited
+    assert answer.status_code == 200
+    assert answer.json()["outcome"] == "refused: amount, customer do not match"
+    assert _credits(owner.personal_team) == []
+    assert TopUp.objects.get(pk=top_up.pk).status == TopUpStatus.PENDING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refunds_and_disputes_are_debits_each_once(owner: Actor, stripe_on: str) -> None:
+    team = owner.personal_team
+    top_up = _paid_top_up(owner, stripe_on, "30.00")
+
+    # when an operator refunds 4 € (a real refund at localstripe)
+    entry = services.top_up_refund(top_up=top_up, amount=Decimal("4.00"), by=None)
+
+    # then 4 € are debited, and Stripe's charge.refunded naming that refund changes nothing
+    assert entry.amount_micros == -4_000_000
+    refund_id = entry.reference.removeprefix("refund:")
+    refunds = httpx.get(
+        f"{stripe_on}/v1/refunds", auth=(SECRET_KEY, ""), params={"payment_intent": top_up.payment_intent_id}
+    ).json()["data"]
+    assert [r["id"] for r in refunds] == [refund_id]
+    charge = {"id": "ch_1", "payment_intent": top_up.payment_intent_id, "amount_refunded": 400}
+    client = owner.client()
+    charge["refunds"] = {"data": [{"id": refund_id, "amount": 400}]}
+    assert (
+        _deliver(client, {"id": "evt_r1", "type": "charge.refunded", "data": {"object": charge}}).json()[
+            "outcome"
+        ]
+        == "0 refund(s) debited"
+    )
+    # a refund made in Stripe's dashboard arrives only as an event: debited once
+    charge["refunds"] = {"data": [{"id": refund_id, "amount": 400}, {"id": "re_dash", "amount": 100}]}
+    for event_id in ("evt_r2", "evt_r3"):
+        _deliver(client, {"id": event_id, "type": "charge.refunded", "data": {"object": charge}})
+
+    # when the card holder disputes 3 € and the dispute is then won
+    dispute = {
+        "id": "dp_1",
+        "amount": 300,
+        "payment_intent": top_up.payment_intent_id,
+        "status": "needs_response",
+    }
+    _deliver(client, {"id": "evt_d1", "type": "charge.dispute.created", "data": {"object": dispute}})
+    opened = LedgerEntry.objects.get(team=team, kind=EntryKind.DISPUTE).amount_micros
+    _deliver(
+        client,
+        {"id": "evt_d2", "type": "charge.dispute.closed", "data": {"object": {**dispute, "status": "won"}}},
+    )
+
+    # then the ledger says exactly that, and the balance is its sum
+    kinds = list(LedgerEntry.objects.filter(team=team).order_by("pk").values_list("kind", "amount_micros"))
+    assert kinds == [
+        ("top_up", 30_000_000),
+        ("refund", -4_000_000),
+        ("refund", -1_000_000),
+        ("dispute", -3_000_000),
+        ("dispute_won", 3_000_000),
+    ]
+    assert opened == -3_000_000
+    assert owner.client().get("/v1/billing/balance").json()["balance"]["balance_micros"] == 25_000_000
+    assert TopUp.objects.get(pk=top_up.pk).refunded_micros == 5_000_000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_who_may_top_up(owner: Actor, member: Actor, viewer: Actor, outsider: Actor, stripe_on: str) -> None:
+    body = {"amount": "10.00", "team": "acme"}
+    # a read key, a member and a viewer may not; another team does not exist for an outsider
+    assert owner.client("read").post("/v1/billing/top_ups", body, format="json").status_code == 403
+    assert member.client().post("/v1/billing/top_ups", body, format="json").status_code == 403
+    assert viewer.client().post("/v1/billing/top_ups", body, format="json").status_code == 403
+    assert outsider.client().post("/v1/billing/top_ups", body, format="json").status_code == 404
+    # amounts out of range or with fractions of a cent are 422
+    for amount in ("0.50", "10.001", "99999999", "-5", "ten"):
+        answer = owner.client().post("/v1/billing/top_ups", {"amount": amount}, format="json")
+        assert answer.status_code == 422, (amount, answer.content)
+    assert not TopUp.objects.exists()
+    # the owner may (member reads still work)
+    assert owner.client().post("/v1/billing/top_ups", body, format="json").status_code == 201
+    assert (
+        member.client("read").get("/v1/billing/top_ups?team=acme").json()["top_ups"][0]["status"] == "pending"
+    )
+
+
+def test_without_stripe_keys_a_top_up_is_a_409_naming_the_operator(owner: Actor, settings) -> None:
+    settings.STRIPE_SECRET_KEY = ""
+    answer = owner.client().post("/v1/billing/top_ups", {"amount": "10.00"}, format="json")
+    assert answer.status_code == 409
+    assert answer.json()["error"] == "payments_not_configured"
+    assert "operator" in answer.json()["message"]
