@@ -152,7 +152,8 @@ def accounts_enforce(*, now: datetime) -> dict[str, int]:
                 result["suspended"] += 1
                 cache.delete(SUSPENDED_CACHE_KEY.format(team_id=account.team_id))
                 _mail_owners(account.team, *_suspended_mail(account))
-    result["low_balance_mails"] = _low_balance_alerts(now)
+    if settings.BILLING_ENFORCE:  # elsewhere a low balance suspends nothing: no mail
+        result["low_balance_mails"] = _low_balance_alerts(now)
     result["spend_alert_mails"] = _spend_alerts(now)
     return result
 

@@ -32,7 +32,8 @@ from billing.models import (
     UsageRecord,
 )
 from billing.selectors import statement_compute
-from sandboxes import checkpoints, services as sandbox_services, sweeps
+from sandboxes import checkpoints, sweeps
+from sandboxes import services as sandbox_services
 from sandboxes.models import Checkpoint, Sandbox, SandboxState
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from templates_app.services import template_version_delete
@@ -87,7 +88,7 @@ def test_a_512_mib_one_vcpu_sandbox_for_one_second_costs_11_micro_euros(
     # when the meter runs after the window settled
     metering.meter_run(now=DAY + timedelta(hours=2))
 
-    # then vCPU 10 µ€ + memory 0.5 GiB × 2 µ€ = 1 µ€, one debit of 11 µ€
+    # then vCPU 10 µ€ + memory 0.5 GiB x 2 µ€ = 1 µ€, one debit of 11 µ€
     records = dict(UsageRecord.objects.values_list("line_item", "amount_micros"))
     assert records == {"vcpu": 10, "memory": 1}
     assert list(LedgerEntry.objects.filter(kind=EntryKind.USAGE).values_list("amount_micros", flat=True)) == [
@@ -394,7 +395,7 @@ def test_statements_close_once_per_month_and_add_up(owner: Actor, base_version_r
     assert services.statements_close(now=end) == 1
     assert services.statements_close(now=end) == 0
 
-    # then November's statement: 3600 s × 11 µ€ against 2.5 € of credit
+    # then November's statement: 3600 s x 11 µ€ against 2.5 € of credit
     statement = Statement.objects.get(team=team)
     assert (statement.opening_micros, statement.credits_micros, statement.usage_micros) == (
         0,
@@ -451,7 +452,7 @@ def test_suspension_after_the_grace_refuses_creates_pauses_sandboxes_and_a_credi
         clock=day,
     )
 
-    # when the balance runs out (20 minutes × 11 µ€ a second > 10,000 µ€) and the sweep runs
+    # when the balance runs out (20 minutes x 11 µ€ a second > 10,000 µ€) and the sweep runs
     services.billing_sweep(now=DAY + timedelta(minutes=21))
     account = Account.objects.get(team=team)
     assert account.balance_micros < 0 and account.exhausted_at is not None and account.suspended_at is None
