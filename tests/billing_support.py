@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import subprocess
+import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
+import stripe
 from django.utils import timezone
 
+from billing.models import TopUp, TopUpStatus
 from sandboxes import services
 from sandboxes.models import Sandbox, SandboxState
+from sandboxes.runtime.driver import free_tcp_port
 from sandboxes.runtime.lifecycle import sandbox_spec
 from sandboxes.specs import CreateSpec, Lifecycle
 from teams.models import Team, User
 from templates_app.models import TemplateVersion
+from tests.conftest import Actor
 from tests.fake_driver import FakeDriver
+from tests.waiting import wait_until
 
 S = SandboxState
 DAY = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday in a closed month
@@ -96,3 +106,75 @@ def resume(sandbox: Sandbox, driver: FakeDriver, clock: Clock) -> None:
     assert services.sandbox_transition(
         sandbox=sandbox, from_states=[S.RESTORING], to_state=S.READY, reason="resumed", ready_at=clock.now
     )
+
+
+# --- Stripe: localstripe on 127.0.0.1 ---------------------------------------------------------
+
+SECRET_KEY = "sk_test_watasu"
+WEBHOOK_SECRET = "whsec_watasu_tests"
+
+
+@contextlib.contextmanager
+def localstripe_running() -> Iterator[str]:
+    """localstripe on a free port (the `localstripe` fixture); its base URL."""
+    port = free_tcp_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localstripe", "--port", str(port), "--from-scratch"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/js.stripe.com/v3/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=60, what="localstripe to answer")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def stripe_point(settings, base: str, server_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Our settings at localstripe, and localstripe's webhooks at the server under test."""
+    settings.STRIPE_SECRET_KEY = SECRET_KEY
+    settings.STRIPE_PUBLISHABLE_KEY = "pk_test_watasu"
+    settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
+    settings.STRIPE_API_BASE = base
+    hook = httpx.post(
+        f"{base}/_config/webhooks/watasu",
+        data={"url": f"{server_url}/v1/billing/stripe/webhook", "secret": WEBHOOK_SECRET},
+        timeout=10,
+    )
+    assert hook.status_code == 200, hook.text
+
+
+def stripe_client(base: str) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        SECRET_KEY, base_addresses={"api": base}, http_client=stripe.HTTPXClient(allow_sync_methods=True)
+    )
+
+
+def paid_top_up(owner: Actor, base: str, amount: str = "10.00") -> TopUp:
+    """A top-up through the API, paid with a test card, credited by localstripe's webhook."""
+    response = owner.client().post("/v1/billing/top_ups", {"amount": amount}, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["client_secret"].startswith(body["top_up"]["payment_intent_id"])
+    assert body["publishable_key"] == "pk_test_watasu"
+    # what Stripe's Payment Element does in the browser: attach a card, confirm
+    client, intent_id = stripe_client(base), body["top_up"]["payment_intent_id"]
+    client.v1.payment_intents.update(intent_id, params={"payment_method": "pm_card_visa"})
+    intent = client.v1.payment_intents.confirm(intent_id)
+    assert intent.status == "succeeded"
+    top_up = TopUp.objects.get(pk=body["top_up"]["id"])
+    wait_until(
+        lambda: TopUp.objects.get(pk=top_up.pk).status == TopUpStatus.SUCCEEDED,
+        timeout=60,
+        what="localstripe's payment_intent.succeeded webhook to credit the top-up",
+    )
+    return TopUp.objects.get(pk=top_up.pk)

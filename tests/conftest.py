@@ -301,3 +301,12 @@ def celery_worker(
         ],
         env,
     )
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[str]:
+    """The Stripe stand-in (`localstripe` from PyPI) on 127.0.0.1 for the session; its URL."""
+    from tests.billing_support import localstripe_running
+
+    with localstripe_running() as base:
+        yield base

@@ -9,74 +9,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
-import stripe
 
 from billing import services
 from billing.models import EntryKind, LedgerEntry, StripeEvent, TopUp, TopUpStatus
-from sandboxes.runtime.driver import free_tcp_port
+from tests.billing_support import (
+    SECRET_KEY,
+    WEBHOOK_SECRET,
+    paid_top_up,
+    stripe_point,
+)
 from tests.conftest import Actor, concurrently
-from tests.waiting import wait_until
-
-SECRET_KEY = "sk_test_watasu"
-WEBHOOK_SECRET = "whsec_watasu_tests"
-
-
-@pytest.fixture(scope="session")
-def localstripe() -> Iterator[str]:
-    """localstripe on a free port for the whole session; its base URL."""
-    port = free_tcp_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localstripe", "--port", str(port), "--from-scratch"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{base}/js.stripe.com/v3/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, timeout=60, what="localstripe to answer")
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture
 def stripe_on(settings, localstripe: str, live_server) -> str:  # type: ignore[no-untyped-def]
     """Our settings pointed at localstripe, and localstripe's webhooks at the live server."""
-    settings.STRIPE_SECRET_KEY = SECRET_KEY
-    settings.STRIPE_PUBLISHABLE_KEY = "pk_test_watasu"
-    settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
-    settings.STRIPE_API_BASE = localstripe
-    hook = httpx.post(
-        f"{localstripe}/_config/webhooks/watasu",
-        data={"url": f"{live_server.url}/v1/billing/stripe/webhook", "secret": WEBHOOK_SECRET},
-        timeout=10,
-    )
-    assert hook.status_code == 200, hook.text
+    stripe_point(settings, localstripe, live_server.url)
     return localstripe
-
-
-def _stripe(base: str) -> stripe.StripeClient:
-    return stripe.StripeClient(
-        SECRET_KEY,
-        base_addresses={"api": base},
-        http_client=stripe.HTTPXClient(allow_sync_methods=True),
-    )
 
 
 def _signed(event: dict[str, Any], secret: str = WEBHOOK_SECRET) -> tuple[bytes, str]:
@@ -99,27 +54,6 @@ def _credits(team) -> list[int]:  # type: ignore[no-untyped-def]
     )
 
 
-def _paid_top_up(owner: Actor, base: str, amount: str = "10.00") -> TopUp:
-    """A top-up through the API, paid with a test card, credited by localstripe's webhook."""
-    response = owner.client().post("/v1/billing/top_ups", {"amount": amount}, format="json")
-    assert response.status_code == 201, response.content
-    body = response.json()
-    assert body["client_secret"].startswith(body["top_up"]["payment_intent_id"])
-    assert body["publishable_key"] == "pk_test_watasu"
-    # what Stripe's Payment Element does in the browser: attach a card, confirm
-    client, intent_id = _stripe(base), body["top_up"]["payment_intent_id"]
-    client.v1.payment_intents.update(intent_id, params={"payment_method": "pm_card_visa"})
-    intent = client.v1.payment_intents.confirm(intent_id)
-    assert intent.status == "succeeded"
-    top_up = TopUp.objects.get(pk=body["top_up"]["id"])
-    wait_until(
-        lambda: TopUp.objects.get(pk=top_up.pk).status == TopUpStatus.SUCCEEDED,
-        timeout=60,
-        what="localstripe's payment_intent.succeeded webhook to credit the top-up",
-    )
-    return TopUp.objects.get(pk=top_up.pk)
-
-
 def _event_of(base: str, kind: str, intent_id: str) -> dict[str, Any]:
     events = httpx.get(f"{base}/v1/events", auth=(SECRET_KEY, ""), params={"limit": 100}, timeout=10).json()
     return next(e for e in events["data"] if e["type"] == kind and e["data"]["object"]["id"] == intent_id)
@@ -129,7 +63,7 @@ def _event_of(base: str, kind: str, intent_id: str) -> dict[str, Any]:
 def test_a_top_up_is_credited_once_however_often_its_webhook_comes(owner: Actor, stripe_on: str) -> None:
     team = owner.personal_team
     # given a top-up of 10 € paid with a test card; localstripe delivers the signed event
-    top_up = _paid_top_up(owner, stripe_on)
+    top_up = paid_top_up(owner, stripe_on)
 
     # then the balance is credited 10 € once, with a receipt
     assert _credits(team) == [10_000_000]
@@ -210,7 +144,7 @@ def test_an_event_that_does_not_match_our_intent_is_refused(owner: Actor, stripe
 @pytest.mark.django_db(transaction=True)
 def test_refunds_and_disputes_are_debits_each_once(owner: Actor, stripe_on: str) -> None:
     team = owner.personal_team
-    top_up = _paid_top_up(owner, stripe_on, "30.00")
+    top_up = paid_top_up(owner, stripe_on, "30.00")
 
     # when an operator refunds 4 € (a real refund at localstripe)
     entry = services.top_up_refund(top_up=top_up, amount=Decimal("4.00"), by=None)
