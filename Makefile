@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -72,6 +72,9 @@ bench-checkpoints: setup
 
 bench-network: setup
 	.venv/bin/python bench/network.py
+
+bench-billing: setup
+	.venv/bin/python bench/billing.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache
