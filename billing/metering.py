@@ -81,9 +81,9 @@ def unit_price(line_item: str) -> Fraction:
         LineItem.VOLUME: settings.PRICE_VOLUME_GIB_MONTH,
     }
     if line_item == LineItem.VCPU:
-        return Fraction(settings.PRICE_VCPU_SECOND) * MICROS
+        return Fraction(settings.PRICE_VCPU_SECOND or 0) * MICROS
     if line_item == LineItem.MEMORY:
-        return Fraction(settings.PRICE_MEMORY_GIB_SECOND) * MICROS / 1024
+        return Fraction(settings.PRICE_MEMORY_GIB_SECOND or 0) * MICROS / 1024
     price = monthly[LineItem(line_item)]
     return Fraction(price or 0) * MICROS / (2**30 * SECONDS_PER_MONTH)
 

@@ -171,22 +171,7 @@ def _grouped(
             for row in found.order_by("line_item")[:limit]
         ]
     if group_by == "day":
-        days = records.annotate(day=TruncDate("window_start", tzinfo=UTC))
-        if after is not None:
-            try:
-                days = days.filter(day__gt=date.fromisoformat(after))
-            except ValueError as exc:
-                raise errors.Invalid("next_token is not a token this API issued.") from exc
-        found = days.values("day").annotate(amount=Sum("amount_micros")).order_by("day")[:limit]
-        return [
-            {
-                "_key": row["day"].isoformat(),
-                "day": row["day"].isoformat(),
-                "amount": money(row["amount"]),
-                "amount_micros": row["amount"],
-            }
-            for row in found
-        ]
+        return _by_day(records, after, limit)
     sandboxes = records.filter(line_item__in=SANDBOX_ITEMS)
     if after is not None:
         if not after.isascii() or not after.isdigit() or len(after) > 19:
@@ -216,6 +201,25 @@ def _grouped(
             "line_items": items[row["subject_id"]],
         }
         for row in subjects
+    ]
+
+
+def _by_day(records: QuerySet[UsageRecord], after: str | None, limit: int) -> list[dict[str, Any]]:
+    days = records.annotate(day=TruncDate("window_start", tzinfo=UTC))
+    if after is not None:
+        try:
+            days = days.filter(day__gt=date.fromisoformat(after))
+        except ValueError as exc:
+            raise errors.Invalid("next_token is not a token this API issued.") from exc
+    rows = days.values("day").annotate(amount=Sum("amount_micros")).order_by("day")[:limit]
+    return [
+        {
+            "_key": row["day"].isoformat(),
+            "day": row["day"].isoformat(),
+            "amount": money(row["amount"]),
+            "amount_micros": row["amount"],
+        }
+        for row in rows
     ]
 
 

@@ -319,7 +319,7 @@ def top_up_create(*, team: Team, user: User, amount: Decimal) -> tuple[TopUp, st
         )
     if amount != amount.quantize(Decimal("0.01")):
         raise errors.Invalid("amount has at most 2 decimals (cents).", errors=["amount: at most 2 decimals"])
-    low, high = settings.BILLING_TOP_UP_MIN, settings.BILLING_TOP_UP_MAX
+    low, high = settings.BILLING_TOP_UP_MIN or Decimal("0.01"), settings.BILLING_TOP_UP_MAX or Decimal(10**6)
     if not low <= amount <= high:
         raise errors.Invalid(
             f"amount must be between {low} and {high} {settings.PRICE_CURRENCY}.",

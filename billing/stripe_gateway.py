@@ -81,7 +81,6 @@ def payment_intent_create(
                 "currency": currency.lower(),
                 "customer": customer,
                 "metadata": metadata,
-                "payment_method_types": ["card"],
             },
             options={"idempotency_key": f"top-up-{secrets.token_hex(16)}"},
         ),

@@ -254,6 +254,7 @@ def _period(raw: str) -> date:
 
 class StatementListView(ApiView):
     @extend_schema(
+        operation_id="billing_statements_list",
         summary="Statements",
         description="The current month (status open, computed now) and every closed month, newest first.",
         parameters=[TEAM],
