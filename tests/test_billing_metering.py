@@ -276,6 +276,7 @@ def test_running_the_meter_again_bills_nothing_twice(
     assert billed == 55 * 60  # 00:00:00..00:55:00: the 00:55 window ends 00:60, not yet settled
 
 
+@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_two_workers_metering_at_once_bill_each_second_once(
     owner: Actor, base_version_row, fake_driver, day, require_postgres
@@ -312,6 +313,7 @@ def test_two_workers_metering_at_once_bill_each_second_once(
     assert _ledger_total(owner.personal_team) == -(20 + 2) * 7200
 
 
+@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_killed_mid_window_leaves_nothing_and_the_next_pass_bills_it_once(
     owner: Actor, base_version_row, fake_driver, day, require_postgres, settings

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from billing import services
-from billing.models import EntryKind, LedgerEntry, StripeEvent, TopUp, TopUpStatus
+from billing.models import Account, EntryKind, LedgerEntry, StripeEvent, TopUp, TopUpStatus
 from tests.billing_support import (
     SECRET_KEY,
     WEBHOOK_SECRET,
@@ -73,20 +73,45 @@ def test_a_top_up_is_credited_once_however_often_its_webhook_comes(owner: Actor,
     assert receipt["number"] == top_up.receipt_number and receipt["amount"] == "10.000000"
     assert receipt["currency"] == "EUR" and receipt["tax_name"] == "VAT"
 
-    # when the very same event is delivered 5 more times, at once
+    # when the very same event is delivered 5 more times
     event = _event_of(stripe_on, "payment_intent.succeeded", top_up.payment_intent_id)
-    client = owner.client()
-    answers = concurrently(5, lambda: _deliver(owner.client(), event))
+    answers = [_deliver(owner.client(), event) for _ in range(5)]
 
     # then each is acknowledged and nothing more is credited
     assert [answer.status_code for answer in answers] == [200] * 5
     assert {answer.json()["outcome"] for answer in answers} == {"duplicate"}
     assert _credits(team) == [10_000_000]
     # and another event id for the same payment is not credited again
-    again = _deliver(client, {**event, "id": "evt_replayed_under_another_id"})
+    again = _deliver(owner.client(), {**event, "id": "evt_replayed_under_another_id"})
     assert again.json()["outcome"] == "already credited"
     assert _credits(team) == [10_000_000]
     assert StripeEvent.objects.filter(event_id=event["id"]).count() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_deliveries_of_new_events_for_one_payment_credit_it_once(
+    owner: Actor, stripe_on: str, require_postgres
+) -> None:
+    # given a paid top-up whose own delivery is taken back (as if it never arrived)
+    top_up = paid_top_up(owner, stripe_on)
+    event = _event_of(stripe_on, "payment_intent.succeeded", top_up.payment_intent_id)
+    LedgerEntry.objects.filter(top_up=top_up).delete()
+    StripeEvent.objects.all().delete()
+    TopUp.objects.filter(pk=top_up.pk).update(status=TopUpStatus.PENDING, succeeded_at=None)
+    Account.objects.filter(team=owner.personal_team).update(balance_micros=0)
+
+    # when 5 deliveries arrive at once, the same event and 4 redeliveries under new ids
+    ids = [event["id"], "evt_a", "evt_b", "evt_c", "evt_d"]
+    pending = iter(ids)
+    answers = concurrently(5, lambda: _deliver(owner.client(), {**event, "id": next(pending)}))
+
+    # then all are acknowledged and the payment is credited exactly once
+    assert sorted(answer.status_code for answer in answers) == [200] * 5
+    outcomes = sorted(answer.json()["outcome"] for answer in answers)
+    assert outcomes == ["already credited"] * 4 + ["credited"]
+    assert _credits(owner.personal_team) == [10_000_000]
+    assert Account.objects.get(team=owner.personal_team).balance_micros == 10_000_000
 
 
 @pytest.mark.django_db(transaction=True)
