@@ -57,9 +57,16 @@ STORAGE_KINDS = {
     IntervalKind.TEMPLATE: LineItem.TEMPLATE,
     IntervalKind.VOLUME: LineItem.VOLUME,
 }
+# Intervals of VMs, and the (vCPU, memory) line items each yields.
+COMPUTE_KINDS = {
+    IntervalKind.RUNTIME: (LineItem.VCPU, LineItem.MEMORY),
+    IntervalKind.BUILD: (LineItem.BUILD_VCPU, LineItem.BUILD_MEMORY),
+}
 UNITS = {
     LineItem.VCPU: "vcpu_second",
     LineItem.MEMORY: "mib_second",
+    LineItem.BUILD_VCPU: "vcpu_second",
+    LineItem.BUILD_MEMORY: "mib_second",
     LineItem.STOPPED_DISK: "byte_second",
     LineItem.CHECKPOINT: "byte_second",
     LineItem.TEMPLATE: "byte_second",
@@ -80,9 +87,9 @@ def unit_price(line_item: str) -> Fraction:
         LineItem.TEMPLATE: settings.PRICE_TEMPLATE_GIB_MONTH,
         LineItem.VOLUME: settings.PRICE_VOLUME_GIB_MONTH,
     }
-    if line_item == LineItem.VCPU:
+    if line_item in (LineItem.VCPU, LineItem.BUILD_VCPU):
         return Fraction(settings.PRICE_VCPU_SECOND or 0) * MICROS
-    if line_item == LineItem.MEMORY:
+    if line_item in (LineItem.MEMORY, LineItem.BUILD_MEMORY):
         return Fraction(settings.PRICE_MEMORY_GIB_SECOND or 0) * MICROS / 1024
     price = monthly[LineItem(line_item)]
     return Fraction(price or 0) * MICROS / (2**30 * SECONDS_PER_MONTH)
@@ -102,7 +109,7 @@ def second(at: datetime) -> datetime:
 
 
 def _watermark(kind: str) -> datetime | None:
-    meter = Meter.RUNTIME if kind == IntervalKind.RUNTIME else Meter.STORAGE
+    meter = Meter.RUNTIME if kind in COMPUTE_KINDS else Meter.STORAGE
     return MeterCursor.objects.filter(meter=meter).values_list("metered_until", flat=True).first()
 
 
@@ -162,7 +169,7 @@ def _align(at: datetime, seconds: int) -> datetime:
 
 
 def _kinds(meter: str) -> list[str]:
-    return [IntervalKind.RUNTIME] if meter == Meter.RUNTIME else list(STORAGE_KINDS)
+    return list(COMPUTE_KINDS) if meter == Meter.RUNTIME else list(STORAGE_KINDS)
 
 
 def _cursor(meter: str, now: datetime) -> MeterCursor:
@@ -225,8 +232,9 @@ def _quantities(window: Window) -> dict[tuple[str, int], list[int]]:
         seconds = int((end - start).total_seconds())
         if seconds <= 0:
             continue
-        if kind == IntervalKind.RUNTIME:
-            amounts = [(LineItem.VCPU, cpu * seconds), (LineItem.MEMORY, memory_mb * seconds)]
+        if kind in COMPUTE_KINDS:
+            vcpu, memory = COMPUTE_KINDS[IntervalKind(kind)]
+            amounts = [(vcpu, cpu * seconds), (memory, memory_mb * seconds)]
         else:
             amounts = [(STORAGE_KINDS[IntervalKind(kind)], size * seconds)]
         for line_item, quantity in amounts:
@@ -320,7 +328,7 @@ def _debit(window: Window, totals: dict[int, int]) -> None:
     )
     _apply_entries(Q(meter=window.meter, window_start=window.start, kind=EntryKind.USAGE), totals)
     if settings.BILLING_ENFORCE:
-        _waive_below_floor(window, list(totals))
+        _waive_below_floor(window, totals)
 
 
 def _apply_entries(entries: Q, totals: dict[int, int]) -> None:
@@ -336,8 +344,11 @@ def _apply_entries(entries: Q, totals: dict[int, int]) -> None:
     )
 
 
-def _waive_below_floor(window: Window, team_ids: list[int]) -> None:
+def _waive_below_floor(window: Window, totals: dict[int, int]) -> None:
+    """Of this window's usage, the part that took a balance below the floor is waived: never
+    more than the window's usage (debts from refunds or chargebacks stand)."""
     floor = micros(settings.BILLING_NEGATIVE_FLOOR)
+    team_ids = list(totals)
     # Locked: a top-up landing meanwhile must not be waived away.
     below = dict(
         Account.objects.select_for_update()
@@ -345,21 +356,23 @@ def _waive_below_floor(window: Window, team_ids: list[int]) -> None:
         .order_by("pk")
         .values_list("team_id", "balance_micros")
     )
-    if not below:
+    waived = {team_id: min(totals[team_id], floor - balance) for team_id, balance in below.items()}
+    waived = {team_id: amount for team_id, amount in waived.items() if amount > 0}
+    if not waived:
         return
     LedgerEntry.objects.bulk_create(
         LedgerEntry(
             team_id=team_id,
             kind=EntryKind.WAIVER,
-            amount_micros=floor - balance,
+            amount_micros=amount,
             at=window.end,
             meter=window.meter,
             window_start=window.start,
             reason=f"usage below the negative floor ({settings.BILLING_NEGATIVE_FLOOR}) is not charged",
         )
-        for team_id, balance in below.items()
+        for team_id, amount in waived.items()
     )
-    _apply_entries(Q(meter=window.meter, window_start=window.start, kind=EntryKind.WAIVER), below)
+    _apply_entries(Q(meter=window.meter, window_start=window.start, kind=EntryKind.WAIVER), waived)
 
 
 # --- the sandbox lifecycle's hooks ------------------------------------------------------------
@@ -419,3 +432,20 @@ def template_versions_ready(*, versions: list[tuple[int, int | None, int]], at: 
 
 def template_versions_retired(*, ids: list[int], at: datetime) -> None:
     intervals_close(kind=IntervalKind.TEMPLATE, subject_ids=ids, at=at)
+
+
+def build_started(*, version_id: int, team_id: int | None, cpu: int, memory_mb: int, at: datetime) -> None:
+    """A team template's build VM runs from now (provider templates' builds are the platform's)."""
+    if team_id is not None:
+        interval_open(
+            team_id=team_id,
+            kind=IntervalKind.BUILD,
+            subject_id=version_id,
+            at=at,
+            cpu=cpu,
+            memory_mb=memory_mb,
+        )
+
+
+def build_ended(*, version_id: int, at: datetime) -> None:
+    intervals_close(kind=IntervalKind.BUILD, subject_ids=[version_id], at=at)

@@ -18,6 +18,7 @@ class IntervalKind(models.TextChoices):
     """What an interval measures; its subject is named by `subject_id`."""
 
     RUNTIME = "runtime"  # a sandbox holding vCPUs and memory (subject: the sandbox)
+    BUILD = "build"  # a template build's VM (subject: the template version)
     STOPPED_DISK = "stopped_disk"  # a stopped/failed/expired/lost sandbox's kept root disk
     CHECKPOINT = "checkpoint"  # a ready checkpoint's artifact
     TEMPLATE = "template"  # a ready template version's disk
@@ -25,10 +26,12 @@ class IntervalKind(models.TextChoices):
 
 
 class LineItem(models.TextChoices):
-    """The billed line items (a runtime interval yields two: vCPU and memory)."""
+    """The billed line items (a runtime or build interval yields two: vCPU and memory)."""
 
     VCPU = "vcpu"
     MEMORY = "memory"
+    BUILD_VCPU = "build_vcpu"  # a template build's VM, at the runtime prices
+    BUILD_MEMORY = "build_memory"
     STOPPED_DISK = "stopped_disk"
     CHECKPOINT = "checkpoint"
     TEMPLATE = "template"
@@ -230,16 +233,18 @@ class StripeEvent(models.Model):
 
 
 class Statement(models.Model):
-    """A closed month of a team's ledger: opening balance, credits, usage by line item,
-    waivers, closing balance. Written once the month is fully metered; the numbers add up
-    to the ledger to the micro-euro."""
+    """A closed month of a team's ledger: opening balance, credits, adjustments, usage by line
+    item, waivers, closing balance (= opening + credits + adjustments - usage + waived, the
+    ledger's sum at `period_end`, which is the first day of the next month: exclusive).
+    Written once the month is fully metered."""
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="statements")
     period_start = models.DateField()
     period_end = models.DateField()
     currency = models.CharField(max_length=3)
     opening_micros = models.BigIntegerField()
-    credits_micros = models.BigIntegerField()
+    credits_micros = models.BigIntegerField(help_text="top-ups, operator grants, chargebacks won")
+    adjustments_micros = models.BigIntegerField(help_text="refunds and chargebacks (negative)")
     usage_micros = models.BigIntegerField()
     waived_micros = models.BigIntegerField()
     closing_micros = models.BigIntegerField()

@@ -115,16 +115,20 @@ def parse_moment(raw: str | None, name: str, default: datetime) -> datetime:
     """An ISO date (midnight UTC) or date-time with a zone; a clear 422 otherwise."""
     if raw is None or raw == "":
         return default
+    moment: datetime | None = None
     try:
         if len(raw) == 10:
             day = date.fromisoformat(raw)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            moment = datetime.fromisoformat(raw)
+            moment = moment.astimezone(UTC) if moment.tzinfo is not None else None
+    except (ValueError, OverflowError):
         moment = None
-    if moment is None or moment.tzinfo is None:
+    if moment is None or not 1970 <= moment.year <= 9998:
         raise errors.Invalid(
-            f"{name} must be a date (2026-12-01) or a date-time with a zone (2026-12-01T10:00:00Z).",
+            f"{name} must be a date (2026-12-01) or a date-time with a zone (2026-12-01T10:00:00Z; in a "
+            "URL write + as %2B), between 1970 and 9998.",
             errors=[f"{name}: invalid"],
         )
     return moment
@@ -254,7 +258,7 @@ def statement_compute(*, team: Team, period_start: date) -> dict[str, Any]:
     """A month of the team's ledger: opening, credits, usage by line item, waivers, closing.
 
     Usage belongs to the month its window starts in, other entries to the month of `at`.
-    closing = opening + credits - usage + waived, exactly the ledger's sum."""
+    closing = opening + credits + adjustments - usage + waived, exactly the ledger's sum."""
     start = datetime(period_start.year, period_start.month, 1, tzinfo=UTC)
     end = datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)
     entries = LedgerEntry.objects.filter(team=team)
@@ -270,7 +274,8 @@ def statement_compute(*, team: Team, period_start: date) -> dict[str, Any]:
     opening = total(before)
     usage = -total(within & Q(kind=EntryKind.USAGE))
     waived = total(within & Q(kind=EntryKind.WAIVER))
-    other = total(within & ~windowed)
+    adjustments = total(within & Q(kind__in=[EntryKind.REFUND, EntryKind.DISPUTE]))
+    credits = total(within & Q(kind__in=[EntryKind.TOP_UP, EntryKind.GRANT, EntryKind.DISPUTE_WON]))
     lines = [
         {
             "line_item": row["line_item"],
@@ -288,10 +293,11 @@ def statement_compute(*, team: Team, period_start: date) -> dict[str, Any]:
         "period_end": end.date(),
         "currency": settings.PRICE_CURRENCY,
         "opening_micros": opening,
-        "credits_micros": other,
+        "credits_micros": credits,
+        "adjustments_micros": adjustments,
         "usage_micros": usage,
         "waived_micros": waived,
-        "closing_micros": opening + other - usage + waived,
+        "closing_micros": opening + credits + adjustments - usage + waived,
         "lines": lines,
         "tax_name": settings.BILLING_TAX_NAME,
         "tax_rate": settings.BILLING_TAX_RATE or Decimal(0),
@@ -324,6 +330,7 @@ def statement_as_dict(statement: Statement) -> dict[str, Any]:
         "currency": statement.currency,
         "opening_micros": statement.opening_micros,
         "credits_micros": statement.credits_micros,
+        "adjustments_micros": statement.adjustments_micros,
         "usage_micros": statement.usage_micros,
         "waived_micros": statement.waived_micros,
         "closing_micros": statement.closing_micros,

@@ -42,14 +42,15 @@ SUSPENDED_CACHE_KEY = "billing:suspended:{team_id}"
 # --- accounts and the ledger ------------------------------------------------------------
 
 
-def accounts_ensure(*, team_ids: list[int]) -> None:
-    """Give these teams an account; a new one gets the starting credit (an operator grant)."""
+def accounts_ensure(*, team_ids: list[int], starting_credit: bool = False) -> None:
+    """Give these teams an account; with `starting_credit` (a new user's personal team, once
+    per user: other teams would multiply it) a new one gets the starting credit (a grant)."""
     missing = set(team_ids) - set(
         Account.objects.filter(team_id__in=team_ids).values_list("team_id", flat=True)
     )
     if not missing:
         return
-    credit = micros(settings.BILLING_STARTING_CREDIT)
+    credit = micros(settings.BILLING_STARTING_CREDIT) if starting_credit else 0
     for team_id in sorted(missing):
         try:
             with transaction.atomic():
@@ -165,9 +166,12 @@ def _top_up_hint(team: Team) -> str:
 
 
 def suspended_message(team: Team, balance_micros: int) -> str:
+    needed = -balance_micros // 10_000 * 10_000 + 10_000  # the cents that make it positive
+    lowest = micros(settings.BILLING_TOP_UP_MIN)
     return (
         f"Team '{team.slug}' is suspended: its prepaid balance is used up "
-        f"({format_micros(balance_micros)} {settings.PRICE_CURRENCY}). {_top_up_hint(team)} "
+        f"({format_micros(balance_micros)} {settings.PRICE_CURRENCY}); at least "
+        f"{format_micros(max(needed, lowest))} lifts it. {_top_up_hint(team)} "
         "Pausing, destroying and reading still work; nothing is deleted."
     )
 
@@ -310,6 +314,34 @@ def _customer_for(team: Team) -> str:
     return Account.objects.values_list("stripe_customer_id", flat=True).get(pk=account.pk)
 
 
+# Currencies Stripe counts in whole units (no cents); every other is in hundredths.
+ZERO_DECIMAL_CURRENCIES = frozenset(
+    [
+        "BIF",
+        "CLP",
+        "DJF",
+        "GNF",
+        "JPY",
+        "KMF",
+        "KRW",
+        "MGA",
+        "PYG",
+        "RWF",
+        "UGX",
+        "VND",
+        "VUV",
+        "XAF",
+        "XOF",
+        "XPF",
+    ]
+)
+
+
+def minor_unit_micros(currency: str) -> int:
+    """Micro-units of money in one of Stripe's minor units of `currency` (a cent: 10,000)."""
+    return 1_000_000 if currency.upper() in ZERO_DECIMAL_CURRENCIES else 10_000
+
+
 def top_up_create(*, team: Team, user: User, amount: Decimal) -> tuple[TopUp, str]:
     """A PaymentIntent for `amount` and its pending top-up; returns the intent's client secret."""
     if not stripe_gateway.configured():
@@ -317,65 +349,75 @@ def top_up_create(*, team: Team, user: User, amount: Decimal) -> tuple[TopUp, st
             "Payments are not configured on this installation; ask your operator for credit.",
             code="payments_not_configured",
         )
-    if amount != amount.quantize(Decimal("0.01")):
-        raise errors.Invalid("amount has at most 2 decimals (cents).", errors=["amount: at most 2 decimals"])
+    currency = settings.PRICE_CURRENCY
+    unit = minor_unit_micros(currency)
+    if (amount * 1_000_000) % unit:
+        places = "whole units" if unit == 1_000_000 else "at most 2 decimals"
+        raise errors.Invalid(f"amount has {places} in {currency}.", errors=[f"amount: {places}"])
     low, high = settings.BILLING_TOP_UP_MIN or Decimal("0.01"), settings.BILLING_TOP_UP_MAX or Decimal(10**6)
     if not low <= amount <= high:
         raise errors.Invalid(
-            f"amount must be between {low} and {high} {settings.PRICE_CURRENCY}.",
+            f"amount must be between {low} and {high} {currency}.",
             errors=[f"amount: between {low} and {high}"],
         )
     customer = _customer_for(team)
+    value = _euros_to_micros(amount)
     intent = stripe_gateway.payment_intent_create(
-        amount_cents=int(amount * 100),
-        currency=settings.PRICE_CURRENCY,
+        amount_minor=value // unit,
+        currency=currency,
         customer=customer,
         metadata={"team_id": str(team.pk), "team": team.slug},
     )
     top_up = TopUp.objects.create(
         team=team,
         created_by=user,
-        amount_micros=_euros_to_micros(amount),
-        currency=settings.PRICE_CURRENCY,
+        amount_micros=value,
+        currency=currency,
         payment_intent_id=intent.id,
         customer_id=customer,
     )
     return top_up, intent.client_secret
 
 
-def top_up_refund(*, top_up: TopUp, amount: Decimal | None, by: User | None) -> LedgerEntry:
-    """Return (part of) a succeeded top-up to the card: a refund at Stripe and its debit."""
+def top_up_refund(*, top_up: TopUp, amount: Decimal | None, by: User | None) -> LedgerEntry | None:
+    """Return (part of) a succeeded top-up to the card: a refund at Stripe, and the debit of
+    what Stripe then says is refunded in all (a webhook that got there first took it already:
+    then None)."""
     if top_up.status != TopUpStatus.SUCCEEDED:
         raise errors.Conflict("Only a succeeded top-up can be refunded.")
+    unit = minor_unit_micros(top_up.currency)
     left = top_up.amount_micros - top_up.refunded_micros
     value = left if amount is None else _euros_to_micros(amount)
-    if not 0 < value <= left or value % 10_000:
+    if not 0 < value <= left or value % unit:
         raise errors.Invalid(
-            f"A refund is whole cents, at most {format_micros(left)}.", errors=["amount: out of range"]
+            f"A refund is in whole minor units, at most {format_micros(left)}.",
+            errors=["amount: out of range"],
         )
-    refund = stripe_gateway.refund_create(
-        payment_intent=top_up.payment_intent_id, amount_cents=value // 10_000
-    )
+    refund = stripe_gateway.refund_create(payment_intent=top_up.payment_intent_id, amount_minor=value // unit)
     with transaction.atomic():
-        entry = _refund_debit(top_up=top_up, refund_id=refund.id, amount=value, by=by)
-    return entry or LedgerEntry.objects.get(reference=f"refund:{refund.id}")
+        return _refunds_sync(
+            top_up=top_up, refunded_minor=refund.charge_refunded_minor, charge=refund.charge, by=by
+        )
 
 
-def _refund_debit(
-    *, top_up: TopUp, refund_id: str, amount: int, by: User | None = None
+def _refunds_sync(
+    *, top_up: TopUp, refunded_minor: int, charge: str, by: User | None = None
 ) -> LedgerEntry | None:
-    """Debit one refund once (an admin refund and its webhook name the same refund id)."""
-    reference = f"refund:{refund_id}"
-    if LedgerEntry.objects.filter(reference=reference).exists():
+    """Debit what Stripe says is refunded of the top-up in all, less what is debited already
+    (so an admin refund and its `charge.refunded` debit it once, in either order)."""
+    locked = TopUp.objects.select_for_update().select_related("team").get(pk=top_up.pk)
+    total = min(refunded_minor * minor_unit_micros(locked.currency), locked.amount_micros)
+    delta = total - locked.refunded_micros
+    if delta <= 0:
         return None
-    TopUp.objects.filter(pk=top_up.pk).update(refunded_micros=F("refunded_micros") + amount)
+    TopUp.objects.filter(pk=locked.pk).update(refunded_micros=total)
     return _post(
-        team=top_up.team,
+        team=locked.team,
         kind=EntryKind.REFUND,
-        amount=-amount,
-        reason=f"refund {refund_id} of top-up {top_up.receipt_number}",
-        top_up=top_up,
-        reference=reference,
+        amount=-delta,
+        reason=f"refund of top-up {locked.receipt_number} ({format_micros(total)} refunded in all)",
+        top_up=locked,
+        reference=f"refund:{charge}:{refunded_minor}",
         created_by=by,
     )
 
@@ -383,16 +425,28 @@ def _refund_debit(
 def stripe_webhook_handle(*, payload: bytes, signature: str) -> str:
     """Verify, record once, act: what a webhook delivery did (for the log and the reply)."""
     event = stripe_gateway.event_verify(payload=payload, signature=signature)
-    event_id, kind = str(event.get("id", "")), str(event.get("type", ""))
-    if not event_id:
-        raise errors.Invalid("The event has no id.")
+    event_id, kind = event.get("id"), event.get("type")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if (
+        not isinstance(event_id, str)
+        or not event_id
+        or not isinstance(kind, str)
+        or not isinstance(obj, dict)
+    ):
+        raise errors.BadRequest("The event has no id, type or data object.", code="malformed_event")
     with transaction.atomic():
         try:
             with transaction.atomic():
-                record = StripeEvent.objects.create(event_id=event_id, type=kind[:100])
+                record = StripeEvent.objects.create(event_id=event_id[:128], type=kind[:100])
         except IntegrityError:
             return "duplicate"
-        outcome = _event_act(kind, event.get("data", {}).get("object", {}) or {})
+        try:
+            outcome = _event_act(kind, obj)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            # Signed by our secret but not shaped as Stripe's: refuse, record nothing.
+            transaction.set_rollback(True)
+            raise errors.BadRequest(f"The {kind} event is malformed: {exc}", code="malformed_event") from exc
         record.outcome = outcome[:300]
         record.save(update_fields=["outcome"])
     logger.info("stripe event %s (%s): %s", event_id, kind, outcome)
@@ -410,10 +464,17 @@ def _event_act(kind: str, obj: dict[str, Any]) -> str:
     if kind == "charge.refunded":
         return _charge_refunded(obj)
     if kind == "charge.dispute.created":
-        return _dispute(obj, won=False)
+        return _dispute_opened(obj)
     if kind == "charge.dispute.closed":
-        return _dispute(obj, won=True) if obj.get("status") == "won" else "dispute lost (already debited)"
+        return _dispute_closed(obj)
     return "ignored"
+
+
+def _whole(value: Any) -> int:
+    """A non-negative integer from an event field (a bool or a string is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not an amount")
+    return value
 
 
 def _intent_succeeded(intent: dict[str, Any]) -> str:
@@ -421,7 +482,7 @@ def _intent_succeeded(intent: dict[str, Any]) -> str:
     if top_up is None:
         return "not a top-up of ours"
     problems = []
-    if intent.get("amount") != top_up.amount_micros // 10_000:
+    if intent.get("amount") != top_up.amount_micros // minor_unit_micros(top_up.currency):
         problems.append("amount")
     if str(intent.get("currency", "")).upper() != top_up.currency.upper():
         problems.append("currency")
@@ -445,44 +506,77 @@ def _intent_succeeded(intent: dict[str, Any]) -> str:
     return "credited"
 
 
-def _top_up_of_charge(obj: dict[str, Any]) -> TopUp | None:
+def _paid_top_up_of(obj: dict[str, Any]) -> TopUp | None:
+    """The succeeded top-up a charge or dispute event is about (None: not one of ours)."""
     intent = obj.get("payment_intent")
     if isinstance(intent, dict):
         intent = intent.get("id")
-    return TopUp.objects.select_for_update().filter(payment_intent_id=str(intent or "")).first()
+    if not isinstance(intent, str) or not intent:
+        return None
+    return (
+        TopUp.objects.select_for_update()
+        .select_related("team")
+        .filter(payment_intent_id=intent, status=TopUpStatus.SUCCEEDED)
+        .first()
+    )
 
 
 def _charge_refunded(charge: dict[str, Any]) -> str:
-    top_up = _top_up_of_charge(charge)
+    """`amount_refunded` is what Stripe has refunded of the charge in all (its `refunds`
+    list is not in the events of current API versions)."""
+    top_up = _paid_top_up_of(charge)
     if top_up is None:
-        return "not a top-up of ours"
-    refunds = (charge.get("refunds") or {}).get("data") or []
-    debited = 0
-    for refund in refunds:
-        amount = int(refund.get("amount", 0)) * 10_000
-        if amount > 0 and _refund_debit(top_up=top_up, refund_id=str(refund.get("id")), amount=amount):
-            debited += 1
-    return f"{debited} refund(s) debited"
+        return "not a paid top-up of ours"
+    entry = _refunds_sync(
+        top_up=top_up, refunded_minor=_whole(charge.get("amount_refunded")), charge=str(charge.get("id"))
+    )
+    return "refund debited" if entry else "refund already debited"
 
 
-def _dispute(dispute: dict[str, Any], *, won: bool) -> str:
-    top_up = _top_up_of_charge(dispute)
+def _dispute_opened(dispute: dict[str, Any]) -> str:
+    """A chargeback takes the disputed money back at once: debited, at most the top-up.
+    Inquiries (`warning_*`: Stripe takes no money) change nothing."""
+    if str(dispute.get("status", "")).startswith("warning_"):
+        return "inquiry: nothing taken"
+    top_up = _paid_top_up_of(dispute)
     if top_up is None:
-        return "not a top-up of ours"
-    amount = int(dispute.get("amount", 0)) * 10_000
+        return "not a paid top-up of ours"
     dispute_id = str(dispute.get("id"))
-    reference = f"{'dispute_won' if won else 'dispute'}:{dispute_id}"
-    if amount <= 0 or LedgerEntry.objects.filter(reference=reference).exists():
+    reference = f"dispute:{dispute_id}"
+    amount = min(_whole(dispute.get("amount")) * minor_unit_micros(top_up.currency), top_up.amount_micros)
+    if amount == 0 or LedgerEntry.objects.filter(reference=reference).exists():
         return "nothing to do"
     _post(
         team=top_up.team,
-        kind=EntryKind.DISPUTE_WON if won else EntryKind.DISPUTE,
-        amount=amount if won else -amount,
-        reason=f"chargeback {dispute_id} of top-up {top_up.receipt_number} {'won' if won else 'opened'}",
+        kind=EntryKind.DISPUTE,
+        amount=-amount,
+        reason=f"chargeback {dispute_id} of top-up {top_up.receipt_number} opened",
         top_up=top_up,
         reference=reference,
     )
-    return "dispute credited back" if won else "dispute debited"
+    return "dispute debited"
+
+
+def _dispute_closed(dispute: dict[str, Any]) -> str:
+    """A won chargeback gives back exactly what its opening took (nothing if it took nothing)."""
+    if dispute.get("status") != "won":
+        return "dispute not won (its debit stands)"
+    dispute_id = str(dispute.get("id"))
+    opened = (
+        LedgerEntry.objects.filter(reference=f"dispute:{dispute_id}").select_related("team", "top_up").first()
+    )
+    reference = f"dispute_won:{dispute_id}"
+    if opened is None or LedgerEntry.objects.filter(reference=reference).exists():
+        return "nothing to do"
+    _post(
+        team=opened.team,
+        kind=EntryKind.DISPUTE_WON,
+        amount=-opened.amount_micros,
+        reason=f"chargeback {dispute_id} won",
+        top_up=opened.top_up,
+        reference=reference,
+    )
+    return "dispute credited back"
 
 
 # --- the billing sweep ----------------------------------------------------------------------

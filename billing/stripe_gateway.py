@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import time
 from typing import Any
 
 import stripe
@@ -30,7 +31,9 @@ class Intent:
 @dataclasses.dataclass(frozen=True)
 class Refund:
     id: str
-    amount_cents: int
+    charge: str
+    # what Stripe has refunded of the charge in all, this refund included
+    charge_refunded_minor: int
 
 
 def configured() -> bool:
@@ -70,14 +73,14 @@ def customer_create(*, team_id: int, name: str) -> str:
 
 
 def payment_intent_create(
-    *, amount_cents: int, currency: str, customer: str, metadata: dict[str, str]
+    *, amount_minor: int, currency: str, customer: str, metadata: dict[str, str]
 ) -> Intent:
     client = _client()
     intent = _call(
         "create the payment",
         lambda: client.v1.payment_intents.create(
             params={
-                "amount": amount_cents,
+                "amount": amount_minor,
                 "currency": currency.lower(),
                 "customer": customer,
                 "metadata": metadata,
@@ -88,13 +91,14 @@ def payment_intent_create(
     return Intent(id=str(intent.id), client_secret=str(intent.client_secret))
 
 
-def refund_create(*, payment_intent: str, amount_cents: int) -> Refund:
+def refund_create(*, payment_intent: str, amount_minor: int) -> Refund:
     client = _client()
     refund = _call(
         "refund the payment",
-        lambda: client.v1.refunds.create(params={"payment_intent": payment_intent, "amount": amount_cents}),
+        lambda: client.v1.refunds.create(params={"payment_intent": payment_intent, "amount": amount_minor}),
     )
-    return Refund(id=str(refund.id), amount_cents=int(refund.amount))
+    charge = _call("read the refunded charge", lambda: client.v1.charges.retrieve(str(refund.charge)))
+    return Refund(id=str(refund.id), charge=str(charge.id), charge_refunded_minor=int(charge.amount_refunded))
 
 
 def event_verify(*, payload: bytes, signature: str) -> dict[str, Any]:
@@ -106,9 +110,23 @@ def event_verify(*, payload: bytes, signature: str) -> dict[str, Any]:
         stripe.WebhookSignature.verify_header(
             payload.decode("utf-8"), signature, settings.STRIPE_WEBHOOK_SECRET, SIGNATURE_TOLERANCE_SECONDS
         )
-        event = json.loads(payload)
     except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
         raise errors.BadRequest("The webhook signature does not verify.", code="bad_signature") from exc
+    if _stamp(signature) > time.time() + SIGNATURE_TOLERANCE_SECONDS:  # Stripe's check is one-sided
+        raise errors.BadRequest("The webhook signature is dated in the future.", code="bad_signature")
+    try:
+        event = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise errors.BadRequest("The webhook body is not JSON.", code="malformed_event") from exc
     if not isinstance(event, dict):
-        raise errors.BadRequest("The webhook body is not an event.", code="bad_signature")
+        raise errors.BadRequest("The webhook body is not an event.", code="malformed_event")
     return event
+
+
+def _stamp(signature: str) -> int:
+    """The `t=` of a verified `Stripe-Signature` header."""
+    for part in signature.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isascii() and value.isdigit():
+            return int(value)
+    return 0

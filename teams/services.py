@@ -72,7 +72,7 @@ def _personal_team_create(user: User) -> Team:
                     personal_for=user,
                 )
                 Membership.objects.create(user=user, team=team, role=Role.OWNER)
-                accounts_ensure(team_ids=[team.pk])
+                accounts_ensure(team_ids=[team.pk], starting_credit=True)
                 return team
         except IntegrityError:
             if Team.objects.filter(personal_for=user).exists():

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from billing import metering, services
 from billing.models import Account, EntryKind, IntervalKind, LedgerEntry
 from tests.billing_support import DAY, clock_install
-from tests.conftest import Actor
+from tests.conftest import Actor, make_actor
 
 pytestmark = pytest.mark.django_db
 
@@ -187,12 +187,56 @@ def test_sandbox_limits_show_every_price(owner: Actor) -> None:
     assert prices["checkpoint_gib_month"] == "0.10" and prices["volume_gib_month"] == "0.10"
 
 
-def test_a_new_team_gets_the_starting_credit(owner: Actor, settings) -> None:
+def test_a_new_users_personal_team_gets_the_starting_credit_once(owner: Actor, settings) -> None:
+    # given a starting credit of 3 €
     settings.BILLING_STARTING_CREDIT = Decimal("3.00")
-    answer = owner.client().post("/v1/teams", {"slug": "fresh", "name": "Fresh"}, format="json")
+
+    # when a new user appears (with a personal team) and creates a team
+    newcomer = make_actor("newcomer@example.test")
+    answer = newcomer.client().post("/v1/teams", {"slug": "fresh", "name": "Fresh"}, format="json")
     assert answer.status_code == 201
-    balance = owner.client().get("/v1/billing/balance?team=fresh").json()["balance"]
-    assert balance["balance"] == "3.000000" and balance["enforced"] is False
-    assert list(LedgerEntry.objects.filter(team__slug="fresh").values_list("reason", flat=True)) == [
-        "starting credit"
+
+    # then the personal team has it, once; the other team starts at zero (or users would
+    # farm credit by creating teams)
+    personal = newcomer.client().get("/v1/billing/balance").json()["balance"]
+    assert personal["balance"] == "3.000000" and personal["enforced"] is False
+    assert newcomer.client().get("/v1/billing/balance?team=fresh").json()["balance"]["balance"] == "0.000000"
+    assert list(LedgerEntry.objects.values_list("team__slug", "reason")) == [
+        (personal["team"], "starting credit")
     ]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["to=9999-12-31T23:59:59-23:59", "from=0001-01-01T00:00:00%2B01:00", "from=1969-12-31", "to=10000-01-01"],
+)
+def test_dates_out_of_range_are_422(owner: Actor, query: str) -> None:
+    answer = owner.client().get(f"/v1/billing/usage?{query}")
+    assert answer.status_code == 422, answer.content
+    assert "between 1970 and 9998" in answer.json()["message"]
+
+
+def test_a_suspended_team_reads_its_volumes_but_creates_and_writes_none(owner: Actor, acme, settings) -> None:
+    from billing.models import Account
+    from volumes.services import volume_create
+
+    settings.VOLUME_SIZE_GIB = 1
+    volume = volume_create(user=owner.user, name="data", team="acme")
+    client = owner.client()
+    assert (
+        client.put(
+            f"/v1/volumes/{volume.pk}/files", {"path": "/a.txt", "content_b64": "aGk="}, format="json"
+        ).status_code
+        == 200
+    )
+    Account.objects.update_or_create(team=acme, defaults={"suspended_at": DAY, "balance_micros": -1})
+
+    refused = client.post("/v1/volumes", {"name": "more", "team": "acme"}, format="json")
+    assert (refused.status_code, refused.json()["error"]) == (402, "team_suspended")
+    written = client.put(
+        f"/v1/volumes/{volume.pk}/files", {"path": "/b.txt", "content_b64": "aGk="}, format="json"
+    )
+    assert written.status_code == 402
+    assert "at least 5.000000 lifts it" in written.json()["message"]
+    assert client.get(f"/v1/volumes/{volume.pk}/files?path=/a.txt").json()["file"]["content_b64"] == "aGk="
+    assert client.delete(f"/v1/volumes/{volume.pk}").status_code in (200, 204)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection, transaction
+from django.db.models import Sum
 
 from billing import metering, services
 from billing.models import (
@@ -485,3 +486,57 @@ def test_suspension_after_the_grace_refuses_creates_pauses_sandboxes_and_a_credi
     assert account.suspended_at is None and account.exhausted_at is None
     assert owner.client().get("/v1/billing/balance").json()["balance"]["suspended"] is False
     assert owner.client().delete(f"/v1/sandboxes/{sandbox.pk}").status_code in (200, 204)
+
+
+def test_the_floor_waives_usage_never_a_debt_from_refunds(
+    owner: Actor, base_version_row, fake_driver, day, settings
+) -> None:
+    # given enforcement (floor -5 €) and a team 9.995 € in debt from a correction (as a
+    # refund or a chargeback would leave it)
+    settings.BILLING_ENFORCE = True
+    team = owner.personal_team
+    services.credit_grant(team=team, amount=Decimal("-9.995"), reason="chargeback", by=None)
+    day.at("00:00:00")
+    start(
+        team=team,
+        user=owner.user,
+        version=base_version_row,
+        driver=fake_driver,
+        cpu=1,
+        memory_mb=512,
+        clock=day,
+    )
+
+    # when an hour of usage is metered below the floor
+    metering.meter_run(now=DAY + timedelta(hours=1, minutes=1), max_windows=100)
+
+    # then exactly that usage is waived, and the debt stands
+    usage = -sum(LedgerEntry.objects.filter(kind=EntryKind.USAGE).values_list("amount_micros", flat=True))
+    waived = sum(LedgerEntry.objects.filter(kind=EntryKind.WAIVER).values_list("amount_micros", flat=True))
+    assert usage == waived == 11 * 3600
+    assert Account.objects.get(team=team).balance_micros == -9_995_000 == _ledger_total(team)
+
+
+def test_a_team_template_build_is_billed_for_its_vm(owner: Actor, local_host, day) -> None:
+    from templates_app.builds import worker
+
+    # given a draft version (2 vCPU, 1 GiB) of a team template
+    template = Template.objects.create(team=owner.personal_team, slug="built", name="Built")
+    version = TemplateVersion.objects.create(
+        template=template, version="v1", status=VersionStatus.DRAFT, cpu=2, memory_mb=1024, host=local_host
+    )
+
+    # when its build runs from 00:10:00 and fails at 00:40:00
+    day.at("00:10:00")
+    assert worker.claim(version.pk) is not None
+    day.at("00:40:00")
+    assert worker.fail(version.pk, "step 3 failed") == 1
+    metering.meter_run(now=DAY + timedelta(hours=1), max_windows=100)
+
+    # then the build VM's 30 minutes are billed at the runtime prices
+    billed = dict(
+        UsageRecord.objects.values("line_item")
+        .annotate(total=Sum("amount_micros"))
+        .values_list("line_item", "total")
+    )
+    assert billed == {"build_vcpu": 2 * 10 * 1800, "build_memory": 2 * 1800}

@@ -174,40 +174,44 @@ def test_refunds_and_disputes_are_debits_each_once(owner: Actor, stripe_on: str)
     # when an operator refunds 4 € (a real refund at localstripe)
     entry = services.top_up_refund(top_up=top_up, amount=Decimal("4.00"), by=None)
 
-    # then 4 € are debited, and Stripe's charge.refunded naming that refund changes nothing
-    assert entry.amount_micros == -4_000_000
-    refund_id = entry.reference.removeprefix("refund:")
+    # then 4 € are debited, and Stripe's charge.refunded for that refund changes nothing
+    assert entry is not None and entry.amount_micros == -4_000_000
     refunds = httpx.get(
         f"{stripe_on}/v1/refunds", auth=(SECRET_KEY, ""), params={"payment_intent": top_up.payment_intent_id}
     ).json()["data"]
-    assert [r["id"] for r in refunds] == [refund_id]
-    charge = {"id": "ch_1", "payment_intent": top_up.payment_intent_id, "amount_refunded": 400}
+    assert [r["amount"] for r in refunds] == [400]
+    # (as Stripe sends it today: the charge with what is refunded in all, no list of refunds)
+    charge = {"id": refunds[0]["charge"], "payment_intent": top_up.payment_intent_id, "amount_refunded": 400}
     client = owner.client()
-    charge["refunds"] = {"data": [{"id": refund_id, "amount": 400}]}
-    assert (
-        _deliver(client, {"id": "evt_r1", "type": "charge.refunded", "data": {"object": charge}}).json()[
+    refunded = _deliver(client, {"id": "evt_r1", "type": "charge.refunded", "data": {"object": charge}})
+    assert refunded.json()["outcome"] == "refund already debited"
+    # a refund made in Stripe's dashboard arrives only as an event: debited once
+    charge["amount_refunded"] = 500
+    outcomes = [
+        _deliver(client, {"id": event_id, "type": "charge.refunded", "data": {"object": charge}}).json()[
             "outcome"
         ]
-        == "0 refund(s) debited"
-    )
-    # a refund made in Stripe's dashboard arrives only as an event: debited once
-    charge["refunds"] = {"data": [{"id": refund_id, "amount": 400}, {"id": "re_dash", "amount": 100}]}
-    for event_id in ("evt_r2", "evt_r3"):
-        _deliver(client, {"id": event_id, "type": "charge.refunded", "data": {"object": charge}})
+        for event_id in ("evt_r2", "evt_r3")
+    ]
+    assert outcomes == ["refund debited", "refund already debited"]
+    # a refund never exceeds the top-up, whatever an event says
+    charge["amount_refunded"] = 999_999
+    _deliver(client, {"id": "evt_r4", "type": "charge.refunded", "data": {"object": charge}})
+    charge["amount_refunded"] = "5"  # signed, but not Stripe's shape: refused, nothing recorded
+    malformed = _deliver(client, {"id": "evt_r5", "type": "charge.refunded", "data": {"object": charge}})
+    assert (malformed.status_code, malformed.json()["error"]) == (400, "malformed_event")
+    assert not StripeEvent.objects.filter(event_id="evt_r5").exists()
 
-    # when the card holder disputes 3 € and the dispute is then won
-    dispute = {
-        "id": "dp_1",
-        "amount": 300,
-        "payment_intent": top_up.payment_intent_id,
-        "status": "needs_response",
-    }
-    _deliver(client, {"id": "evt_d1", "type": "charge.dispute.created", "data": {"object": dispute}})
-    opened = LedgerEntry.objects.get(team=team, kind=EntryKind.DISPUTE).amount_micros
-    _deliver(
-        client,
-        {"id": "evt_d2", "type": "charge.dispute.closed", "data": {"object": {**dispute, "status": "won"}}},
-    )
+    # when the card holder disputes 3 € (an inquiry first, which takes nothing), then wins
+    dispute = {"id": "dp_1", "amount": 300, "payment_intent": top_up.payment_intent_id}
+    inquiry = {**dispute, "id": "dp_0", "status": "warning_needs_response"}
+    _deliver(client, {"id": "evt_d0", "type": "charge.dispute.created", "data": {"object": inquiry}})
+    opened = {**dispute, "status": "needs_response"}
+    _deliver(client, {"id": "evt_d1", "type": "charge.dispute.created", "data": {"object": opened}})
+    won = {**dispute, "status": "won", "amount": 500_000}  # a won event gives back what was taken
+    _deliver(client, {"id": "evt_d2", "type": "charge.dispute.closed", "data": {"object": won}})
+    stranger = {**won, "id": "dp_never_opened"}
+    _deliver(client, {"id": "evt_d3", "type": "charge.dispute.closed", "data": {"object": stranger}})
 
     # then the ledger says exactly that, and the balance is its sum
     kinds = list(LedgerEntry.objects.filter(team=team).order_by("pk").values_list("kind", "amount_micros"))
@@ -215,12 +219,50 @@ def test_refunds_and_disputes_are_debits_each_once(owner: Actor, stripe_on: str)
         ("top_up", 30_000_000),
         ("refund", -4_000_000),
         ("refund", -1_000_000),
+        ("refund", -25_000_000),
         ("dispute", -3_000_000),
         ("dispute_won", 3_000_000),
     ]
-    assert opened == -3_000_000
-    assert owner.client().get("/v1/billing/balance").json()["balance"]["balance_micros"] == 25_000_000
-    assert TopUp.objects.get(pk=top_up.pk).refunded_micros == 5_000_000
+    assert owner.client().get("/v1/billing/balance").json()["balance"]["balance_micros"] == 0
+    assert TopUp.objects.get(pk=top_up.pk).refunded_micros == 30_000_000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_signed_but_malformed_events_are_400s_and_a_future_stamp_is_refused(
+    owner: Actor, stripe_on: str
+) -> None:
+    client = owner.client()
+    for event in (
+        {"id": "evt_m1", "type": "charge.refunded", "data": []},
+        {"id": "evt_m2", "type": "charge.refunded", "data": {"object": "x"}},
+        {"id": 7, "type": "payment_intent.succeeded", "data": {"object": {}}},
+    ):
+        answer = _deliver(client, event)
+        assert (answer.status_code, answer.json()["error"]) == (400, "malformed_event"), (
+            event,
+            answer.content,
+        )
+    deep = b"[" * 100_000 + b"]" * 100_000
+    stamp = int(time.time())
+    signature = hmac.new(WEBHOOK_SECRET.encode(), f"{stamp}.".encode() + deep, hashlib.sha256).hexdigest()
+    answer = client.post(
+        "/v1/billing/stripe/webhook",
+        deep,
+        content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=f"t={stamp},v1={signature}",
+    )
+    assert answer.status_code == 400
+    future = int(time.time()) + 3600
+    body = json.dumps({"id": "evt_future", "type": "ping", "data": {"object": {}}}).encode()
+    signature = hmac.new(WEBHOOK_SECRET.encode(), f"{future}.".encode() + body, hashlib.sha256).hexdigest()
+    answer = client.post(
+        "/v1/billing/stripe/webhook",
+        body,
+        content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=f"t={future},v1={signature}",
+    )
+    assert (answer.status_code, answer.json()["error"]) == (400, "bad_signature")
+    assert not StripeEvent.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)

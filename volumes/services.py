@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from billing import metering
 from billing.models import IntervalKind
+from billing.selectors import team_require_active
 from sandboxes.models import Host, Sandbox, SandboxState
 from sandboxes.runtime.images import exclusive
 from teams.models import Team, User
@@ -146,6 +147,7 @@ def volume_create(
 ) -> Volume:
     """A new volume of the team (409 when the name is taken), its image made before return."""
     owner = team_for_write(user=user, slug=team)
+    team_require_active(owner)
     problem = name_problem(name)
     if problem:
         raise errors.Invalid(f"name: {problem}", errors=[f"name: {problem}"])
@@ -313,7 +315,9 @@ def _engine_error(exc: engine.EngineError) -> errors.DomainError:
 
 def detached(volume: Volume, operation: Callable[[Path], T], *, write: bool = False) -> T:
     """Run `operation(image)` on the volume's image while no sandbox holds it (409
-    `volume_attached` otherwise), under the volume's lock."""
+    `volume_attached` otherwise), under the volume's lock. A suspended team reads, never writes."""
+    if write:
+        team_require_active(volume.team)
     with _image_lock(volume):
         current = Volume.objects.filter(pk=volume.pk).values_list("holder_id", "state").first()
         if current is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 from django.utils import timezone
@@ -90,7 +91,7 @@ class SpendAlertSerializer(ClosedSerializer):
     spend_alert = serializers.DecimalField(
         max_digits=12,
         decimal_places=2,
-        min_value=0,
+        min_value=Decimal("0.01"),
         allow_null=True,
         help_text="Monthly usage that mails owners",
     )

@@ -176,6 +176,7 @@ def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: 
     problem = file_url_check(sandbox, path=path, op=op, expires=expires, sig=sig)
     if problem:
         raise EdgeError(403, "forbidden", problem)
+    _refuse_suspended(sandbox)
     return _running(sandbox, resume=True, role=DATAPLANE)
 
 
@@ -189,6 +190,7 @@ def preview_upstream(route_token: str) -> Upstream:
     sandbox = _sandbox(route_token)
     if not sandbox.network_policy.get("allow_public_traffic", True):
         raise EdgeError(403, "forbidden", f"Sandbox {sandbox.pk} does not allow public traffic.")
+    _refuse_suspended(sandbox)
     upstream = _running(sandbox, resume=False, role=PREVIEW)
     mask = sandbox.network_policy.get("mask_request_host")
     return dataclasses.replace(upstream, mask_request_host=mask) if mask else upstream

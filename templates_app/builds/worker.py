@@ -271,6 +271,13 @@ def claim(version_id: int) -> TemplateVersion | None:
             lease_expires_at=now + timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS),
         ):
             return None
+        metering.build_started(
+            version_id=version.pk,
+            team_id=version.template.team_id,
+            cpu=version.cpu,
+            memory_mb=version.memory_mb,
+            at=now,
+        )
     version.refresh_from_db()
     return version
 
@@ -306,9 +313,12 @@ class _Lease:
 
 def fail(version_id: int, message: str) -> int:
     """BUILDING -> FAILED with a reason; returns 1 if this call did it."""
-    return TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.BUILDING).update(
-        status=VersionStatus.FAILED, last_error_message=message[:4000], lease_expires_at=None
-    )
+    with transaction.atomic():
+        failed = TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.BUILDING).update(
+            status=VersionStatus.FAILED, last_error_message=message[:4000], lease_expires_at=None
+        )
+        metering.build_ended(version_id=version_id, at=timezone.now())
+    return failed
 
 
 def queue_next_draft(template_id: int) -> None:
@@ -358,6 +368,7 @@ def template_build_run(*, version_id: int) -> None:
             size_bytes=size,
             built_at=now,
         )
+        metering.build_ended(version_id=version.pk, at=now)
         if done:
             metering.template_versions_ready(versions=[(version.pk, version.template.team_id, size)], at=now)
             for tag in version.build_spec.get("tags", []):
