@@ -166,13 +166,14 @@ def _top_up_hint(team: Team) -> str:
 
 
 def suspended_message(team: Team, balance_micros: int) -> str:
-    needed = -balance_micros // 10_000 * 10_000 + 10_000  # the cents that make it positive
-    lowest = micros(settings.BILLING_TOP_UP_MIN)
+    cents = -balance_micros // 10_000 + 1  # the whole cents that make the balance positive
+    needed = max(cents * 10_000, micros(settings.BILLING_TOP_UP_MIN))
+    state = "has no prepaid credit" if balance_micros == 0 else "has used up its prepaid balance"
     return (
-        f"Team '{team.slug}' is suspended: its prepaid balance is used up "
-        f"({format_micros(balance_micros)} {settings.PRICE_CURRENCY}); at least "
-        f"{format_micros(max(needed, lowest))} lifts it. {_top_up_hint(team)} "
-        "Pausing, destroying and reading still work; nothing is deleted."
+        f"Team '{team.slug}' is suspended: it {state} ({format_micros(balance_micros)} "
+        f"{settings.PRICE_CURRENCY}); a balance above zero lifts it, so at least {needed / 1e6:.2f} "
+        f"(top-ups add up). {_top_up_hint(team)} Pausing, destroying and reading still work; "
+        "nothing is deleted."
     )
 
 
@@ -237,6 +238,8 @@ def _spend_alerts(now: datetime) -> int:
 
 
 def _mail_owners(team: Team, subject: str, body: str, roles: tuple[str, ...] = (Role.OWNER,)) -> None:
+    if not LedgerEntry.objects.filter(team=team).exists():
+        return  # a team that never had credit nor usage: nothing to tell (nor to nag about)
     recipients = list(
         Membership.objects.filter(team=team, role__in=roles)
         .values_list("user__email", flat=True)
@@ -407,15 +410,15 @@ def _refunds_sync(
     (so an admin refund and its `charge.refunded` debit it once, in either order)."""
     locked = TopUp.objects.select_for_update().select_related("team").get(pk=top_up.pk)
     total = min(refunded_minor * minor_unit_micros(locked.currency), locked.amount_micros)
-    delta = total - locked.refunded_micros
+    delta = min(total - locked.refunded_micros, locked.amount_micros - _taken_back(locked))
     if delta <= 0:
         return None
-    TopUp.objects.filter(pk=locked.pk).update(refunded_micros=total)
+    TopUp.objects.filter(pk=locked.pk).update(refunded_micros=locked.refunded_micros + delta)
     return _post(
         team=locked.team,
         kind=EntryKind.REFUND,
         amount=-delta,
-        reason=f"refund of top-up {locked.receipt_number} ({format_micros(total)} refunded in all)",
+        reason=f"refund of top-up {locked.receipt_number}",
         top_up=locked,
         reference=f"refund:{charge}:{refunded_minor}",
         created_by=by,
@@ -463,10 +466,10 @@ def _event_act(kind: str, obj: dict[str, Any]) -> str:
         return "marked failed"
     if kind == "charge.refunded":
         return _charge_refunded(obj)
-    if kind == "charge.dispute.created":
+    if kind in ("charge.dispute.created", "charge.dispute.updated", "charge.dispute.funds_withdrawn"):
         return _dispute_opened(obj)
-    if kind == "charge.dispute.closed":
-        return _dispute_closed(obj)
+    if kind in ("charge.dispute.closed", "charge.dispute.funds_reinstated"):
+        return _dispute_returned(obj, closed=kind == "charge.dispute.closed")
     return "ignored"
 
 
@@ -507,18 +510,34 @@ def _intent_succeeded(intent: dict[str, Any]) -> str:
 
 
 def _paid_top_up_of(obj: dict[str, Any]) -> TopUp | None:
-    """The succeeded top-up a charge or dispute event is about (None: not one of ours)."""
+    """The succeeded top-up a charge or dispute event is about (None: not one of ours). One
+    whose payment is not recorded yet (Stripe does not order its events) is a 503, so the
+    event is not recorded and Stripe delivers it again later."""
     intent = obj.get("payment_intent")
     if isinstance(intent, dict):
         intent = intent.get("id")
     if not isinstance(intent, str) or not intent:
         return None
-    return (
-        TopUp.objects.select_for_update()
-        .select_related("team")
-        .filter(payment_intent_id=intent, status=TopUpStatus.SUCCEEDED)
-        .first()
+    top_up = TopUp.objects.select_for_update().select_related("team").filter(payment_intent_id=intent).first()
+    if top_up is None or top_up.status == TopUpStatus.FAILED:
+        return None
+    if top_up.status == TopUpStatus.PENDING:
+        raise errors.Unavailable(
+            f"Top-up {top_up.pk}'s payment is not recorded yet; deliver this event again later.",
+            code="event_out_of_order",
+        )
+    return top_up
+
+
+def _taken_back(top_up: TopUp) -> int:
+    """What refunds and open chargebacks took of the top-up so far (µ€, positive)."""
+    disputes = (
+        LedgerEntry.objects.filter(
+            top_up=top_up, kind__in=[EntryKind.DISPUTE, EntryKind.DISPUTE_WON]
+        ).aggregate(total=Sum("amount_micros"))["total"]
+        or 0
     )
+    return top_up.refunded_micros - disputes
 
 
 def _charge_refunded(charge: dict[str, Any]) -> str:
@@ -534,8 +553,10 @@ def _charge_refunded(charge: dict[str, Any]) -> str:
 
 
 def _dispute_opened(dispute: dict[str, Any]) -> str:
-    """A chargeback takes the disputed money back at once: debited, at most the top-up.
-    Inquiries (`warning_*`: Stripe takes no money) change nothing."""
+    """Money taken by a chargeback is debited once per dispute, when Stripe says it is taken:
+    a dispute created (or updated) in a status that is not an inquiry's (`warning_*`: Stripe
+    takes no money), or `funds_withdrawn` (an inquiry that became a chargeback). Never more
+    than what refunds and other chargebacks left of the top-up."""
     if str(dispute.get("status", "")).startswith("warning_"):
         return "inquiry: nothing taken"
     top_up = _paid_top_up_of(dispute)
@@ -543,23 +564,27 @@ def _dispute_opened(dispute: dict[str, Any]) -> str:
         return "not a paid top-up of ours"
     dispute_id = str(dispute.get("id"))
     reference = f"dispute:{dispute_id}"
-    amount = min(_whole(dispute.get("amount")) * minor_unit_micros(top_up.currency), top_up.amount_micros)
-    if amount == 0 or LedgerEntry.objects.filter(reference=reference).exists():
-        return "nothing to do"
+    if LedgerEntry.objects.filter(reference=reference).exists():
+        return "dispute already debited"
+    left = top_up.amount_micros - _taken_back(top_up)
+    amount = min(_whole(dispute.get("amount")) * minor_unit_micros(top_up.currency), left)
+    if amount <= 0:
+        return "nothing left to take"
     _post(
         team=top_up.team,
         kind=EntryKind.DISPUTE,
         amount=-amount,
-        reason=f"chargeback {dispute_id} of top-up {top_up.receipt_number} opened",
+        reason=f"chargeback {dispute_id} of top-up {top_up.receipt_number}",
         top_up=top_up,
         reference=reference,
     )
     return "dispute debited"
 
 
-def _dispute_closed(dispute: dict[str, Any]) -> str:
-    """A won chargeback gives back exactly what its opening took (nothing if it took nothing)."""
-    if dispute.get("status") != "won":
+def _dispute_returned(dispute: dict[str, Any], *, closed: bool) -> str:
+    """A chargeback won (`closed` with `won`, or `funds_reinstated`) gives back exactly what
+    its debit took, once (nothing if it took nothing)."""
+    if closed and dispute.get("status") != "won":
         return "dispute not won (its debit stands)"
     dispute_id = str(dispute.get("id"))
     opened = (

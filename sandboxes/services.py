@@ -588,6 +588,7 @@ def sandbox_resume(
     becomes now + `timeout` (or its own timeout, the last `set_timeout`); a running
     one's becomes max(current deadline, that): resume and connect only extend.
     """
+    team_require_active(sandbox.team)  # a suspended team's sandboxes are paused, and stay so
     _wait_while_busy(sandbox, wait)
     lifetime = timeout or sandbox.timeout
     if sandbox.state == S.STOPPED:

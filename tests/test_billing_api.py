@@ -237,6 +237,6 @@ def test_a_suspended_team_reads_its_volumes_but_creates_and_writes_none(owner: A
         f"/v1/volumes/{volume.pk}/files", {"path": "/b.txt", "content_b64": "aGk="}, format="json"
     )
     assert written.status_code == 402
-    assert "at least 5.000000 lifts it" in written.json()["message"]
+    assert "a balance above zero lifts it, so at least 5.00 (top-ups add up)" in written.json()["message"]
     assert client.get(f"/v1/volumes/{volume.pk}/files?path=/a.txt").json()["file"]["content_b64"] == "aGk="
     assert client.delete(f"/v1/volumes/{volume.pk}").status_code in (200, 204)

@@ -376,9 +376,10 @@ def _wait_for_lock_waiter(worker: subprocess.Popen[bytes]) -> None:
 
 
 def test_statements_close_once_per_month_and_add_up(owner: Actor, base_version_row, fake_driver, day) -> None:
-    # given usage in November and a credit
+    # given usage on the last day of November and a credit
     team = owner.personal_team
     day.at("10:00:00")
+    day.now += timedelta(days=28)  # 2026-11-30
     sandbox = start(
         team=team,
         user=owner.user,
@@ -389,7 +390,7 @@ def test_statements_close_once_per_month_and_add_up(owner: Actor, base_version_r
         clock=day,
     )
     services.credit_grant(team=team, amount=Decimal("2.50"), reason="welcome", by=None)
-    day.at("11:00:00")
+    day.after(3599)
     sandbox_services.sandbox_destroy(sandbox=sandbox)
 
     # when December is metered and the sweep closes statements (twice)
@@ -540,3 +541,19 @@ def test_a_team_template_build_is_billed_for_its_vm(owner: Actor, local_host, da
         .values_list("line_item", "total")
     )
     assert billed == {"build_vcpu": 2 * 10 * 1800, "build_memory": 2 * 1800}
+
+
+def test_a_build_queued_before_a_suspension_does_not_run(owner: Actor, local_host) -> None:
+    from templates_app.builds import worker
+
+    template = Template.objects.create(team=owner.personal_team, slug="queued", name="Queued")
+    version = TemplateVersion.objects.create(
+        template=template, version="v1", status=VersionStatus.DRAFT, cpu=1, memory_mb=512, host=local_host
+    )
+    services.accounts_ensure(team_ids=[owner.personal_team.pk])
+    Account.objects.filter(team=owner.personal_team).update(suspended_at=DAY)
+
+    assert worker.claim(version.pk) is None
+    version.refresh_from_db()
+    assert version.status == VersionStatus.FAILED and "is suspended" in version.last_error_message
+    assert not UsageInterval.objects.exists()

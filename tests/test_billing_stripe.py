@@ -194,7 +194,32 @@ def test_refunds_and_disputes_are_debits_each_once(owner: Actor, stripe_on: str)
         for event_id in ("evt_r2", "evt_r3")
     ]
     assert outcomes == ["refund debited", "refund already debited"]
-    # a refund never exceeds the top-up, whatever an event says
+
+    # when the card holder asks (an inquiry: nothing taken), the inquiry becomes a chargeback
+    # of 2 € (funds withdrawn), and another dispute of 3 € is opened and then won
+    inquiry = {"id": "dp_0", "amount": 200, "payment_intent": top_up.payment_intent_id}
+    for event_id, kind, status in (
+        ("evt_d0", "charge.dispute.created", "warning_needs_response"),
+        ("evt_d1", "charge.dispute.updated", "warning_under_review"),
+        ("evt_d2", "charge.dispute.funds_withdrawn", "needs_response"),
+        ("evt_d3", "charge.dispute.updated", "needs_response"),
+    ):
+        _deliver(client, {"id": event_id, "type": kind, "data": {"object": {**inquiry, "status": status}}})
+    dispute = {"id": "dp_1", "amount": 300, "payment_intent": top_up.payment_intent_id}
+    _deliver(
+        client,
+        {
+            "id": "evt_d4",
+            "type": "charge.dispute.created",
+            "data": {"object": {**dispute, "status": "needs_response"}},
+        },
+    )
+    won = {**dispute, "status": "won", "amount": 500_000}  # a won event gives back what was taken
+    _deliver(client, {"id": "evt_d5", "type": "charge.dispute.closed", "data": {"object": won}})
+    _deliver(client, {"id": "evt_d6", "type": "charge.dispute.funds_reinstated", "data": {"object": won}})
+    stranger = {**won, "id": "dp_never_opened"}
+    _deliver(client, {"id": "evt_d7", "type": "charge.dispute.closed", "data": {"object": stranger}})
+    # and a refund event claims far more than the top-up
     charge["amount_refunded"] = 999_999
     _deliver(client, {"id": "evt_r4", "type": "charge.refunded", "data": {"object": charge}})
     charge["amount_refunded"] = "5"  # signed, but not Stripe's shape: refused, nothing recorded
@@ -202,29 +227,57 @@ def test_refunds_and_disputes_are_debits_each_once(owner: Actor, stripe_on: str)
     assert (malformed.status_code, malformed.json()["error"]) == (400, "malformed_event")
     assert not StripeEvent.objects.filter(event_id="evt_r5").exists()
 
-    # when the card holder disputes 3 € (an inquiry first, which takes nothing), then wins
-    dispute = {"id": "dp_1", "amount": 300, "payment_intent": top_up.payment_intent_id}
-    inquiry = {**dispute, "id": "dp_0", "status": "warning_needs_response"}
-    _deliver(client, {"id": "evt_d0", "type": "charge.dispute.created", "data": {"object": inquiry}})
-    opened = {**dispute, "status": "needs_response"}
-    _deliver(client, {"id": "evt_d1", "type": "charge.dispute.created", "data": {"object": opened}})
-    won = {**dispute, "status": "won", "amount": 500_000}  # a won event gives back what was taken
-    _deliver(client, {"id": "evt_d2", "type": "charge.dispute.closed", "data": {"object": won}})
-    stranger = {**won, "id": "dp_never_opened"}
-    _deliver(client, {"id": "evt_d3", "type": "charge.dispute.closed", "data": {"object": stranger}})
-
-    # then the ledger says exactly that, and the balance is its sum
+    # then the ledger says exactly that; refunds and chargebacks never take more than was paid
     kinds = list(LedgerEntry.objects.filter(team=team).order_by("pk").values_list("kind", "amount_micros"))
     assert kinds == [
         ("top_up", 30_000_000),
         ("refund", -4_000_000),
         ("refund", -1_000_000),
-        ("refund", -25_000_000),
+        ("dispute", -2_000_000),
         ("dispute", -3_000_000),
         ("dispute_won", 3_000_000),
+        ("refund", -23_000_000),
     ]
     assert owner.client().get("/v1/billing/balance").json()["balance"]["balance_micros"] == 0
-    assert TopUp.objects.get(pk=top_up.pk).refunded_micros == 30_000_000
+    assert TopUp.objects.get(pk=top_up.pk).refunded_micros == 28_000_000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refund_event_before_its_payment_is_retried_not_dropped(owner: Actor, stripe_on: str) -> None:
+    # given a top-up whose payment Stripe reports after a refund of it (events are unordered)
+    created = owner.client().post("/v1/billing/top_ups", {"amount": "10.00"}, format="json").json()
+    intent = created["top_up"]["payment_intent_id"]
+    charge = {"id": "ch_early", "payment_intent": intent, "amount_refunded": 100}
+    early = {"id": "evt_early", "type": "charge.refunded", "data": {"object": charge}}
+
+    # when the refund arrives first
+    answer = _deliver(owner.client(), early)
+
+    # then it is a 503 (Stripe delivers it again) and not recorded
+    assert (answer.status_code, answer.json()["error"]) == (503, "event_out_of_order")
+    assert not StripeEvent.objects.filter(event_id="evt_early").exists()
+    # and once the payment is in, the redelivery debits it
+    top_up = TopUp.objects.get(pk=created["top_up"]["id"])
+    assert _deliver(owner.client(), _succeeded_event(top_up)).json()["outcome"] == "credited"
+    assert _deliver(owner.client(), early).json()["outcome"] == "refund debited"
+    assert _credits(owner.personal_team) == [10_000_000]
+    assert LedgerEntry.objects.get(kind=EntryKind.REFUND).amount_micros == -1_000_000
+
+
+def _succeeded_event(top_up: TopUp) -> dict[str, Any]:
+    return {
+        "id": f"evt_paid_{top_up.pk}",
+        "type": "payment_intent.succeeded",
+        "data": {
+            "object": {
+                "id": top_up.payment_intent_id,
+                "amount": top_up.amount_micros // 10_000,
+                "currency": top_up.currency.lower(),
+                "customer": top_up.customer_id,
+                "status": "succeeded",
+            }
+        },
+    }
 
 
 @pytest.mark.django_db(transaction=True)

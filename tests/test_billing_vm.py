@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import httpx
 import pytest
 from django.utils import timezone
 
 from billing import services
 from billing.models import Account, IntervalKind, UsageInterval
 from sandboxes.models import Sandbox, SandboxEvent, SandboxState
+from sandboxes.sessions import session_mint
 from tests.billing_support import paid_top_up, stripe_point
 from tests.conftest import VM_TEST_PREFIX, Actor
 from tests.sdk import run_scenario
@@ -37,7 +39,17 @@ def test_a_suspended_team_is_paused_and_refused_until_a_top_up(
     services.credit_grant(team=team, amount=Decimal("-1.5"), reason="correction", by=None)
     assert services.accounts_enforce(now=timezone.now())["suspended"] == 1
 
-    # then the edge refuses its commands at once (the cache entry is dropped on suspension)
+    # then the edge refuses the data plane at once (the cache entry is dropped on
+    # suspension), for a session minted before, in front of the real agent
+    session = session_mint(sandbox=Sandbox.objects.get(pk=int(sandbox_id)))
+    answer = httpx.get(
+        f"{session.data_plane_url}/runtime/v1/files",
+        params={"path": "/root/kept.txt"},
+        headers={"Authorization": f"Bearer {session.token}"},
+        timeout=30,
+    )
+    assert (answer.status_code, answer.json()["error"]) == (402, "team_suspended")
+    # and the SDK cannot connect again
     assert sdk("suspended", sandbox_id) == "refused"
 
     # and the sweep pauses it, keeping its disk and memory

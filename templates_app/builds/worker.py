@@ -23,6 +23,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing import metering
+from billing.selectors import team_suspended
 from sandboxes.models import Host
 from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.buildvm import BuildVm, make_template_snapshot
@@ -257,6 +258,14 @@ def claim(version_id: int) -> TemplateVersion | None:
             .first()
         )
         if version is None:
+            return None
+        if version.template.team_id is not None and team_suspended(version.template.team_id):
+            # queued before the suspension: it does not run on a suspended team's account
+            TemplateVersion.objects.filter(pk=version_id, status=VersionStatus.DRAFT).update(
+                status=VersionStatus.FAILED,
+                last_error_message=f"Team '{version.template.team.slug}' is suspended (its prepaid balance "
+                "is used up); top up and start the build again.",
+            )
             return None
         Template.objects.select_for_update().filter(pk=version.template_id).first()
         if version.template.versions.filter(status=VersionStatus.BUILDING).exists():
