@@ -126,8 +126,19 @@ class LedgerEntryAdmin(admin.ModelAdmin):
         return False
 
 
+class _ReadOnly(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(TopUp)
-class TopUpAdmin(admin.ModelAdmin):
+class TopUpAdmin(_ReadOnly):
     list_display = ("created_at", "team", "amount", "status", "refunded", "payment_intent_id")
     list_filter = ("status",)
     list_select_related = ("team",)
@@ -150,26 +161,6 @@ class TopUpAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Refunded {top_up.receipt_number}.")
             except errors.DomainError as exc:
                 self.message_user(request, f"{top_up.receipt_number}: {exc.message}", messages.ERROR)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
-class _ReadOnly(admin.ModelAdmin):
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Statement)

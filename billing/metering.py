@@ -314,32 +314,36 @@ def _debit(window: Window, totals: dict[int, int]) -> None:
     from billing.services import accounts_ensure
 
     accounts_ensure(team_ids=list(totals))
-    LedgerEntry.objects.bulk_create(
-        LedgerEntry(
-            team_id=team_id,
-            kind=EntryKind.USAGE,
-            amount_micros=-amount,
-            at=window.end,
-            meter=window.meter,
-            window_start=window.start,
-            reason=f"{window.meter} usage {window.start:%Y-%m-%d %H:%M}-{window.end:%H:%M} UTC",
-        )
-        for team_id, amount in totals.items()
-    )
-    _apply_entries(Q(meter=window.meter, window_start=window.start, kind=EntryKind.USAGE), totals)
+    reason = f"{window.meter} usage {window.start:%Y-%m-%d %H:%M}-{window.end:%H:%M} UTC"
+    _post_window(window, EntryKind.USAGE, {team: -amount for team, amount in totals.items()}, reason)
     if settings.BILLING_ENFORCE:
         _waive_below_floor(window, totals)
 
 
-def _apply_entries(entries: Q, totals: dict[int, int]) -> None:
-    """Move the cached balances by the entries just written, in one statement."""
+def _post_window(window: Window, kind: str, amounts: dict[int, int], reason: str) -> None:
+    """One `kind` entry of the window per team (`amounts`: signed µ€) and the cached balances
+    moved by them, in one statement each."""
+    LedgerEntry.objects.bulk_create(
+        LedgerEntry(
+            team_id=team_id,
+            kind=kind,
+            amount_micros=amount,
+            at=window.end,
+            meter=window.meter,
+            window_start=window.start,
+            reason=reason,
+        )
+        for team_id, amount in amounts.items()
+    )
     moved = (
-        LedgerEntry.objects.filter(entries, team_id=OuterRef("team_id"))
+        LedgerEntry.objects.filter(
+            meter=window.meter, window_start=window.start, kind=kind, team_id=OuterRef("team_id")
+        )
         .values("team_id")
         .annotate(total=Sum("amount_micros"))
         .values("total")
     )
-    Account.objects.filter(team_id__in=list(totals)).update(
+    Account.objects.filter(team_id__in=list(amounts)).update(
         balance_micros=F("balance_micros") + Subquery(moved)
     )
 
@@ -348,31 +352,18 @@ def _waive_below_floor(window: Window, totals: dict[int, int]) -> None:
     """Of this window's usage, the part that took a balance below the floor is waived: never
     more than the window's usage (debts from refunds or chargebacks stand)."""
     floor = micros(settings.BILLING_NEGATIVE_FLOOR)
-    team_ids = list(totals)
     # Locked: a top-up landing meanwhile must not be waived away.
     below = dict(
         Account.objects.select_for_update()
-        .filter(team_id__in=team_ids, balance_micros__lt=floor)
+        .filter(team_id__in=list(totals), balance_micros__lt=floor)
         .order_by("pk")
         .values_list("team_id", "balance_micros")
     )
     waived = {team_id: min(totals[team_id], floor - balance) for team_id, balance in below.items()}
     waived = {team_id: amount for team_id, amount in waived.items() if amount > 0}
-    if not waived:
-        return
-    LedgerEntry.objects.bulk_create(
-        LedgerEntry(
-            team_id=team_id,
-            kind=EntryKind.WAIVER,
-            amount_micros=amount,
-            at=window.end,
-            meter=window.meter,
-            window_start=window.start,
-            reason=f"usage below the negative floor ({settings.BILLING_NEGATIVE_FLOOR}) is not charged",
-        )
-        for team_id, amount in waived.items()
-    )
-    _apply_entries(Q(meter=window.meter, window_start=window.start, kind=EntryKind.WAIVER), waived)
+    if waived:
+        reason = f"usage below the negative floor ({settings.BILLING_NEGATIVE_FLOOR}) is not charged"
+        _post_window(window, EntryKind.WAIVER, waived, reason)
 
 
 # --- the sandbox lifecycle's hooks ------------------------------------------------------------

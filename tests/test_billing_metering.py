@@ -55,6 +55,18 @@ def storage_micros(size_bytes: int, seconds: int) -> int:
     return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+def _started(owner: Actor, version, driver, clock, *, team=None, **shape):  # type: ignore[no-untyped-def]
+    """A sandbox of the owner's personal team (or `team`) started on the fake runtime."""
+    return start(
+        team=team or owner.personal_team,
+        user=owner.user,
+        version=version,
+        driver=driver,
+        clock=clock,
+        **shape,
+    )
+
+
 def _ledger_total(team) -> int:  # type: ignore[no-untyped-def]
     return sum(LedgerEntry.objects.filter(team=team).values_list("amount_micros", flat=True))
 
@@ -73,16 +85,7 @@ def test_a_512_mib_one_vcpu_sandbox_for_one_second_costs_11_micro_euros(
 ) -> None:
     # given a 1 vCPU / 512 MiB sandbox running exactly one second (created and ready at once)
     day.at("00:00:10")
-    sandbox = start(
-        team=owner.personal_team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-        ready_after=0,
-    )
+    sandbox = _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512, ready_after=0)
     day.at("00:00:11")
     sandbox_services.sandbox_destroy(sandbox=sandbox)
 
@@ -259,15 +262,7 @@ def test_running_the_meter_again_bills_nothing_twice(
     owner: Actor, base_version_row, fake_driver, day
 ) -> None:
     day.at("00:00:00")
-    start(
-        team=owner.personal_team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-    )
+    _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512)
     first = metering.meter_run(now=DAY + timedelta(hours=1))
     again = metering.meter_run(now=DAY + timedelta(hours=1))
 
@@ -284,15 +279,7 @@ def test_two_workers_metering_at_once_bill_each_second_once(
 ) -> None:
     # given a sandbox running for two hours
     day.at("00:00:00")
-    start(
-        team=owner.personal_team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=2,
-        memory_mb=1024,
-        clock=day,
-    )
+    _started(owner, base_version_row, fake_driver, day, cpu=2, memory_mb=1024)
     results: list[dict] = []
 
     def run() -> None:
@@ -321,15 +308,7 @@ def test_a_worker_killed_mid_window_leaves_nothing_and_the_next_pass_bills_it_on
 ) -> None:
     # given a running sandbox and a window whose debit will wait on a balance row we lock
     day.at("00:00:00")
-    start(
-        team=owner.personal_team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-    )
+    _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512)
     services.accounts_ensure(team_ids=[owner.personal_team.pk])
     MeterCursor.objects.create(meter="storage", metered_until=DAY + timedelta(days=1))
     env = helper_process_env(WATASU_BILLING_RUNTIME_WINDOW_SECONDS="300", WATASU_BILLING_SETTLE_SECONDS="30")
@@ -380,15 +359,7 @@ def test_statements_close_once_per_month_and_add_up(owner: Actor, base_version_r
     team = owner.personal_team
     day.at("10:00:00")
     day.now += timedelta(days=28)  # 2026-11-30
-    sandbox = start(
-        team=team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-    )
+    sandbox = _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512, team=team)
     services.credit_grant(team=team, amount=Decimal("2.50"), reason="welcome", by=None)
     day.after(3599)
     sandbox_services.sandbox_destroy(sandbox=sandbox)
@@ -417,15 +388,7 @@ def test_below_the_negative_floor_usage_is_waived_not_charged(
     settings.BILLING_NEGATIVE_FLOOR = Decimal("-0.01")
     team = owner.personal_team
     day.at("00:00:00")
-    start(
-        team=team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-    )
+    _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512, team=team)
 
     # when an hour is metered (39,600 µ€ of usage)
     metering.meter_run(now=DAY + timedelta(hours=1, minutes=1), max_windows=100)
@@ -446,15 +409,7 @@ def test_suspension_after_the_grace_refuses_creates_pauses_sandboxes_and_a_credi
     team = owner.personal_team
     services.credit_grant(team=team, amount=Decimal("0.01"), reason="trial", by=None)
     day.at("00:00:00")
-    sandbox = start(
-        team=team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-    )
+    sandbox = _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512, team=team)
 
     # when the balance runs out (20 minutes x 11 µ€ a second > 10,000 µ€) and the sweep runs
     services.billing_sweep(now=DAY + timedelta(minutes=21))
@@ -498,15 +453,7 @@ def test_the_floor_waives_usage_never_a_debt_from_refunds(
     team = owner.personal_team
     services.credit_grant(team=team, amount=Decimal("-9.995"), reason="chargeback", by=None)
     day.at("00:00:00")
-    start(
-        team=team,
-        user=owner.user,
-        version=base_version_row,
-        driver=fake_driver,
-        cpu=1,
-        memory_mb=512,
-        clock=day,
-    )
+    _started(owner, base_version_row, fake_driver, day, cpu=1, memory_mb=512, team=team)
 
     # when an hour of usage is metered below the floor
     metering.meter_run(now=DAY + timedelta(hours=1, minutes=1), max_windows=100)
