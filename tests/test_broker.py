@@ -124,3 +124,33 @@ def test_kombus_own_file_transport_hands_out_a_message_being_written(
 
     assert isinstance(during, ValueError)
     assert after is Empty  # and the message is gone
+
+
+def test_a_publisher_reading_an_exchange_table_while_it_changes_sees_a_whole_table(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # given a table with one binding, and a second binding being written
+    options = _options(tmp_path)
+    with (
+        Connection(transport="watasu.broker:Transport", transport_options=options) as binder,
+        Connection(transport="watasu.broker:Transport", transport_options=options) as reader,
+    ):
+        binder.default_channel._queue_bind("jobs", "first", "", "first")
+        seen: list[object] = []
+        encode = broker.str_to_bytes
+
+        def encode_then_read(text: str) -> bytes:
+            # when a publisher reads the table while the new one is being written
+            try:
+                seen.append(sorted(row.queue for row in reader.default_channel.get_table("jobs")))
+            except ValueError as exc:  # a torn JSON document
+                seen.append(exc)
+            return encode(text)
+
+        monkeypatch.setattr(broker, "str_to_bytes", encode_then_read)
+        binder.default_channel._queue_bind("jobs", "second", "", "second")
+        monkeypatch.setattr(broker, "str_to_bytes", encode)
+
+        # then it read the old table whole, and afterwards the new one has both
+        assert seen == [["first"]]
+        assert sorted(row.queue for row in reader.default_channel.get_table("jobs")) == ["first", "second"]
