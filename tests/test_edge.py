@@ -488,7 +488,7 @@ def test_expired_or_tampered_signed_urls_are_403(edge, agent, owner) -> None:
     for url in (
         expired,
         good.replace("path=%2Fa", "path=%2Fb"),
-        good[:-2] + "00",
+        good[:-1] + ("1" if good.endswith("0") else "0"),  # another signature (never the same one)
         good.replace("expires=", "expires=9"),
     ):
         response = requests.get(url, timeout=10)
