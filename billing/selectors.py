@@ -32,7 +32,7 @@ from billing.services import (
     suspended_message,
 )
 from teams.models import Team
-from watasu import errors
+from watasu import errors, ids
 
 SANDBOX_ITEMS = (LineItem.VCPU, LineItem.MEMORY, LineItem.STOPPED_DISK)
 GROUPS = ("line_item", "sandbox", "day")
@@ -67,10 +67,6 @@ def team_require_active(team: Team) -> None:
 # --- balance ---------------------------------------------------------------------------
 
 
-def money(value: int) -> str:
-    return format_micros(value)
-
-
 def balance_of(team: Team, *, now: datetime | None = None) -> dict[str, Any]:
     now = now or timezone.now()
     account = account_of(team)
@@ -88,7 +84,7 @@ def balance_of(team: Team, *, now: datetime | None = None) -> dict[str, Any]:
     return {
         "team": team.slug,
         "currency": settings.PRICE_CURRENCY,
-        "balance": money(account.balance_micros),
+        "balance": format_micros(account.balance_micros),
         "balance_micros": account.balance_micros,
         "enforced": settings.BILLING_ENFORCE,
         "suspended": account.suspended_at is not None,
@@ -96,10 +92,12 @@ def balance_of(team: Team, *, now: datetime | None = None) -> dict[str, Any]:
         "exhausted_at": account.exhausted_at,
         "suspends_at": grace_ends if account.suspended_at is None else None,
         "low_balance": account.balance_micros < micros(settings.BILLING_LOW_BALANCE),
-        "low_balance_threshold": money(micros(settings.BILLING_LOW_BALANCE)),
-        "negative_floor": money(micros(settings.BILLING_NEGATIVE_FLOOR)),
-        "month_to_date": money(spent),
-        "spend_alert": None if account.spend_alert_micros is None else money(account.spend_alert_micros),
+        "low_balance_threshold": format_micros(micros(settings.BILLING_LOW_BALANCE)),
+        "negative_floor": format_micros(micros(settings.BILLING_NEGATIVE_FLOOR)),
+        "month_to_date": format_micros(spent),
+        "spend_alert": None
+        if account.spend_alert_micros is None
+        else format_micros(account.spend_alert_micros),
         "metered_until": dict(MeterCursor.objects.values_list("meter", "metered_until")),
         "payments": {
             "stripe": stripe_gateway.configured(),
@@ -150,7 +148,7 @@ def usage_of(
     token = str(rows[-1]["_key"]) if more else None
     for row in rows:
         row.pop("_key")
-    summary = {"amount": money(total), "amount_micros": total, "currency": settings.PRICE_CURRENCY}
+    summary = {"amount": format_micros(total), "amount_micros": total, "currency": settings.PRICE_CURRENCY}
     return rows, token, summary
 
 
@@ -169,7 +167,7 @@ def _grouped(
                 "line_item": row["line_item"],
                 "unit": UNITS[LineItem(row["line_item"])],
                 "quantity": row["quantity"],
-                "amount": money(row["amount"]),
+                "amount": format_micros(row["amount"]),
                 "amount_micros": row["amount"],
             }
             for row in found.order_by("line_item")[:limit]
@@ -194,13 +192,13 @@ def _grouped(
         items[row["subject_id"]][row["line_item"]] = {
             "quantity": row["quantity"],
             "unit": UNITS[LineItem(row["line_item"])],
-            "amount": money(row["amount"]),
+            "amount": format_micros(row["amount"]),
         }
     return [
         {
             "_key": row["subject_id"],
             "sandbox_id": str(row["subject_id"]),
-            "amount": money(row["amount"]),
+            "amount": format_micros(row["amount"]),
             "amount_micros": row["amount"],
             "line_items": items[row["subject_id"]],
         }
@@ -220,7 +218,7 @@ def _by_day(records: QuerySet[UsageRecord], after: str | None, limit: int) -> li
         {
             "_key": row["day"].isoformat(),
             "day": row["day"].isoformat(),
-            "amount": money(row["amount"]),
+            "amount": format_micros(row["amount"]),
             "amount_micros": row["amount"],
         }
         for row in rows
@@ -239,8 +237,6 @@ def top_ups_of(team: Team) -> QuerySet[TopUp]:
 
 
 def top_up_of(team: Team, top_up_id: str) -> TopUp:
-    from watasu import ids
-
     pk = ids.db_id(top_up_id)
     top_up = TopUp.objects.filter(team=team, pk=pk).first() if pk is not None else None
     if top_up is None:
@@ -281,7 +277,7 @@ def statement_compute(*, team: Team, period_start: date) -> dict[str, Any]:
             "line_item": row["line_item"],
             "unit": UNITS[LineItem(row["line_item"])],
             "quantity": row["quantity"],
-            "amount": money(row["amount"]),
+            "amount": format_micros(row["amount"]),
             "amount_micros": row["amount"],
         }
         for row in UsageRecord.objects.filter(team=team, window_start__gte=start, window_start__lt=end)

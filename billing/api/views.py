@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
@@ -65,8 +66,6 @@ class TopUpSerializer(serializers.Serializer):
     def get_receipt(self, top_up: TopUp) -> dict[str, Any] | None:
         if top_up.succeeded_at is None:
             return None
-        from django.conf import settings
-
         return {
             "number": top_up.receipt_number,
             "team": top_up.team.slug,
@@ -219,8 +218,6 @@ class TopUpListView(ApiView):
         top_up, secret = services.top_up_create(
             team=team, user=self.user, amount=body.validated_data["amount"]
         )
-        from django.conf import settings
-
         return Response(
             {
                 "top_up": _top_up_json(top_up),
