@@ -162,3 +162,29 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.state})"
+
+
+class AuditEvent(models.Model):
+    """Who did what to a team's members, keys and sandboxes, from the API or the dashboard.
+
+    Rows are only ever added. `actor` is kept as text too (`actor_email`), so the log
+    still reads after a user is deleted.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="audit_events")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_email = models.CharField(max_length=254, blank=True)
+    action = models.CharField(max_length=64)  # e.g. "sandbox.pause", "member.role", "api_key.create"
+    target = models.CharField(max_length=200, blank=True)  # e.g. the sandbox id or the member's email
+    detail = models.JSONField(default=dict, blank=True)
+    source = models.CharField(max_length=16, default="api")  # api | dashboard | admin | system
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["team", "-id"], name="audit_team_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.actor_email or 'system'} {self.action} {self.target}"

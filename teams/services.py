@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from billing.services import accounts_ensure
-from teams.models import ApiKey, IdempotencyRecord, Membership, Role, Scope, Team, User
+from teams.models import ApiKey, AuditEvent, IdempotencyRecord, Membership, Role, Scope, Team, User
 from watasu import errors
 
 API_KEY_PREFIX = "wsk_"
@@ -159,3 +159,18 @@ def idempotency_records_expire(now: datetime) -> dict[str, int | bool]:
         pk__in=list(IdempotencyRecord.objects.filter(expires_at__lt=now).values_list("pk", flat=True)[:batch])
     ).delete()[0]
     return {"idempotency_records": expired, "more": expired == batch}
+
+
+def audit_record(
+    *, team: Team, actor: User | None, action: str, target: object = "", source: str = "api", **detail: object
+) -> AuditEvent:
+    """Add one line to the team's audit log (member, key and sandbox actions)."""
+    return AuditEvent.objects.create(
+        team=team,
+        actor=actor if actor is not None and actor.pk else None,
+        actor_email=actor.email if actor is not None else "",
+        action=action,
+        target=str(target)[:200],
+        detail=detail,
+        source=source,
+    )

@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 from billing.api import views as billing_views
 from sandboxes.api import checkpoints as checkpoint_views
@@ -151,8 +152,11 @@ api_v1 = [
 urlpatterns = [
     path("v1/", include(api_v1)),
     path("admin/", admin.site.urls),
+    path("dashboard/", include("dashboard.urls")),
+    path("", RedirectView.as_view(pattern_name="dashboard:home"), name="root"),
 ]
 
 handler400 = "watasu.api.errors.json_400"
-handler404 = "watasu.api.errors.json_404"
-handler500 = "watasu.api.errors.json_500"
+handler403 = "dashboard.views.errors.forbidden"
+handler404 = "dashboard.views.errors.not_found"
+handler500 = "dashboard.views.errors.server_error"

@@ -155,5 +155,9 @@ def json_404(request: HttpRequest, exception: Exception | None = None) -> JsonRe
     return JsonResponse(error_body("not_found", f"No route for {request.path}."), status=404)
 
 
+def json_403(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return JsonResponse(error_body("forbidden", "Forbidden."), status=403)
+
+
 def json_500(request: HttpRequest) -> JsonResponse:
     return JsonResponse(error_body("internal_error", "Internal server error."), status=500)

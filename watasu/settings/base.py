@@ -93,6 +93,7 @@ INSTALLED_APPS = [
     "sandboxes",
     "volumes",
     "billing",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -125,6 +126,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "dashboard.context.dashboard",
             ],
         },
     },
@@ -497,3 +499,29 @@ else:  # Django 5.2 (an older Python) still reads the EMAIL_* settings
     EMAIL_HOST, EMAIL_PORT = _MAIL_OPTIONS["host"], _MAIL_OPTIONS["port"]
     EMAIL_HOST_USER, EMAIL_HOST_PASSWORD = _MAIL_OPTIONS["username"], _MAIL_OPTIONS["password"]
     EMAIL_USE_TLS, EMAIL_TIMEOUT = _MAIL_OPTIONS["use_tls"], _MAIL_OPTIONS["timeout"]
+
+# --- Dashboard (the team web UI at /dashboard/) ----------------------------------------
+# Anyone may sign up (and gets a personal team) when open; otherwise only invited people
+# and accounts an operator creates. Open by default only in the embedded deployment.
+SIGNUP_OPEN = env.bool("WATASU_SIGNUP_OPEN", DEPLOYMENT == "embedded")
+# Sign-in attempts allowed per email and per client address in a window, then refused.
+SIGNIN_ATTEMPTS = env.int("WATASU_SIGNIN_ATTEMPTS", 10, min=1)
+SIGNIN_WINDOW_SECONDS = env.int("WATASU_SIGNIN_WINDOW_SECONDS", 900, min=1)
+# How long an invitation to a team may be accepted.
+INVITATION_TTL_SECONDS = env.int("WATASU_INVITATION_TTL_SECONDS", 7 * 86400, min=60)
+# The browser terminal's data-plane ticket: how long it may be used to open the socket.
+DASHBOARD_TICKET_SECONDS = env.int("WATASU_DASHBOARD_TICKET_SECONDS", 60, min=5)
+# Where the top-up page loads Stripe.js from (tests point it at localstripe's stand-in).
+STRIPE_JS_URL = env.str("WATASU_STRIPE_JS_URL", "https://js.stripe.com/v3/")
+LOGIN_URL = "dashboard:sign-in"
+LOGIN_REDIRECT_URL = "dashboard:home"
+LOGOUT_REDIRECT_URL = "dashboard:sign-in"
+# Cookies: HttpOnly session, SameSite=Lax, and Secure whenever the public URL is HTTPS.
+_https = PUBLIC_URL.startswith("https://")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _https
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = env.int("WATASU_SESSION_SECONDS", 14 * 86400, min=300)
+CSRF_TRUSTED_ORIGINS = [PUBLIC_URL]
+if _https:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
