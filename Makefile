@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -29,6 +29,7 @@ run: setup
 	PORT=$(PORT) WATASU_DATA_DIR=$(DATA_DIR) scripts/run-embedded
 
 test: setup
+	@scripts/setup-test-tools
 	DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL) WATASU_DATA_DIR=$(TEST_DATA_DIR) \
 		.venv/bin/pytest $(PYTEST_ARGS)
 
@@ -75,6 +76,9 @@ bench-network: setup
 
 bench-billing: setup
 	.venv/bin/python bench/billing.py
+
+bench-dashboard: setup
+	.venv/bin/python bench/dashboard.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -77,3 +77,25 @@ def test_dev_api_key_is_stable_across_runs(tmp_path: Path) -> None:
     assert first.getvalue() == second.getvalue()
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
     assert _client(first.getvalue().strip()).get("/v1/sandbox_limits?team=dev").status_code == 200
+
+
+def test_dev_password_signs_in_and_is_stable_until_changed(tmp_path: Path) -> None:
+    from django.test import Client
+
+    password_file = tmp_path / "dev-password"
+    first, second, after_change = io.StringIO(), io.StringIO(), io.StringIO()
+
+    call_command("dev_password", file=password_file, stdout=first)
+    call_command("dev_password", file=password_file, stdout=second)
+    password = first.getvalue().strip()
+
+    assert password and second.getvalue().strip() == password
+    assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+    assert Client().login(username="dev@localhost.localdomain", password=password)
+    # an operator who sets their own password keeps it, and nothing is printed
+    user = User.objects.get(email="dev@localhost.localdomain")
+    user.set_password("chosen by the operator 42")
+    user.save()
+    call_command("dev_password", file=password_file, stdout=after_change)
+    assert after_change.getvalue() == ""
+    assert Client().login(username="dev@localhost.localdomain", password="chosen by the operator 42")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from django.test import Client
 
+from sandboxes.models import Host
+from sandboxes.runtime.lifecycle import sandbox_spec
+from teams.models import AuditEvent, Team
+from templates_app.models import TemplateVersion
 from tests.conftest import Actor
+from tests.factories import SandboxFactory
+from tests.fake_driver import FakeDriver
 
 pytestmark = pytest.mark.django_db
 
@@ -56,3 +64,37 @@ def test_switching_team_remembers_it(owner: Actor, acme: object) -> None:
     assert client.get("/dashboard/switch?team=acme")["Location"] == "/dashboard/t/acme/sandboxes"
     assert client.get("/dashboard/")["Location"] == "/dashboard/t/acme/sandboxes"
     assert client.get("/dashboard/switch?team=someone-else").status_code == 404
+
+
+def test_api_sandbox_actions_are_in_the_team_audit_log(
+    owner: Actor, acme: Team, local_host: Host, base_version_row: TemplateVersion, fake_driver: FakeDriver
+) -> None:
+    # given a ready sandbox of acme whose (fake) VM runs
+    sandbox = SandboxFactory(
+        team=acme, host=local_host, template_version=base_version_row, template=base_version_row.template
+    )
+    fake_driver.boot(
+        sandbox_spec(
+            sandbox.vm_name,
+            fake_driver.state_dir,
+            vcpus=1,
+            memory_mb=512,
+            kernel=Path("/vmlinuz"),
+            initrd=Path("/initrd.img"),
+            cmdline="",
+            backing=Path("/base.qcow2"),
+        )
+    )
+    api, base = owner.client(), f"/v1/sandboxes/{sandbox.pk}"
+
+    # when the owner drives it through the API
+    assert api.post(f"{base}/timeout", {"timeout": 600}, format="json").status_code == 200
+    assert api.post(f"{base}/pause").status_code == 200
+    assert api.delete(base).status_code == 200
+
+    # then each change is one line in acme's audit log, by the owner, from the API
+    rows = AuditEvent.objects.filter(team=acme).order_by("id")
+    assert [(r.action, r.target, r.source, r.actor_email) for r in rows] == [
+        (action, str(sandbox.pk), "api", "owner@acme.test")
+        for action in ("sandbox.timeout", "sandbox.pause", "sandbox.destroy")
+    ]

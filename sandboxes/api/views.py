@@ -30,7 +30,9 @@ from sandboxes.filters import STATE_CHOICES, SandboxFilter
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.sessions import Session
+from teams.models import User
 from teams.selectors import team_for_read, teams_for_list
+from teams.services import audit_record
 from watasu import errors, ids
 from watasu.api.pagination import NextTokenPagination
 from watasu.api.schema import list_envelope, object_envelope
@@ -120,7 +122,12 @@ class SandboxListView(ApiView):
         if in_query and not spec.team:  # the query names the team as on every other route
             spec = dataclasses.replace(spec, team=in_query)
         sandbox, session = services.sandbox_create(user=self.user, spec=spec)
+        _audit(self.user, sandbox, "sandbox.create", template=sandbox.template_id)
         return _with_session(sandbox, session, status=201)
+
+
+def _audit(user: User, sandbox: Sandbox, action: str, **detail: object) -> None:
+    audit_record(team=sandbox.team, actor=user, action=action, target=sandbox.pk, source="api", **detail)
 
 
 def _timeout(request: Request, *, required: bool) -> int | None:
@@ -153,7 +160,9 @@ class SandboxDetailView(_SandboxView):
     )
     def delete(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
-        return _one(services.sandbox_destroy(sandbox=sandbox))
+        destroyed = services.sandbox_destroy(sandbox=sandbox)
+        _audit(self.user, sandbox, "sandbox.destroy")
+        return _one(destroyed)
 
 
 class SandboxPauseView(_SandboxView):
@@ -166,7 +175,9 @@ class SandboxPauseView(_SandboxView):
     )
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
-        return _one(services.sandbox_pause(sandbox=sandbox))
+        paused = services.sandbox_pause(sandbox=sandbox)
+        _audit(self.user, sandbox, "sandbox.pause")
+        return _one(paused)
 
 
 class SandboxResumeView(_SandboxView):
@@ -181,7 +192,11 @@ class SandboxResumeView(_SandboxView):
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         timeout = _timeout(request, required=False)
-        return _with_session(*services.sandbox_resume(sandbox=sandbox, timeout=timeout))
+        was = sandbox.state
+        resumed, session = services.sandbox_resume(sandbox=sandbox, timeout=timeout)
+        if was != resumed.state:  # connecting to a running sandbox changes nothing worth a line
+            _audit(self.user, sandbox, "sandbox.resume")
+        return _with_session(resumed, session)
 
 
 class SandboxTimeoutView(_SandboxView):
@@ -195,7 +210,9 @@ class SandboxTimeoutView(_SandboxView):
     def post(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         timeout = _timeout(request, required=True)
-        return _one(services.sandbox_set_timeout(sandbox=sandbox, timeout=timeout))
+        changed = services.sandbox_set_timeout(sandbox=sandbox, timeout=timeout)
+        _audit(self.user, sandbox, "sandbox.timeout", timeout=timeout)
+        return _one(changed)
 
 
 class SandboxNetworkView(_SandboxView):

@@ -149,6 +149,9 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+# Serve the apps' static files straight from their directories too, so the dashboard works
+# before (or without) `collectstatic`, as in tests; `make run` still collects them.
+WHITENOISE_USE_FINDERS = True
 
 LOGGING = {
     "version": 1,
