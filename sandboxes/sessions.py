@@ -1,9 +1,15 @@
-"""Data-plane session tokens.
+"""Data-plane session tokens, and the dashboard's short-lived terminal tickets.
 
 A token is signed (Django signing, salted) and names one sandbox, the
 sandbox's session epoch and an expiry. It stays valid across a pause so an
 auto-resume can serve it; destroying the sandbox bumps the epoch, which
 revokes every token minted before.
+
+A dashboard ticket is what a browser's terminal presents instead: a WebSocket
+cannot carry an Authorization header, so the ticket travels in the query of a
+process socket (and only there, from the platform's own origin: the edge checks).
+It names the user too, and lives `DASHBOARD_TICKET_SECONDS`; its check asks again
+whether that user may still write to the sandbox's team.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from django.core import signing
 from django.utils import timezone
 
 from sandboxes.models import Sandbox, SandboxState
+from teams.models import WRITER_ROLES, Membership, User
 
 TOKEN_PREFIX = "wsess_"
 _SALT = "watasu.sandbox-session.v1"
+TICKET_PREFIX = "wdt_"
+_TICKET_SALT = "watasu.dashboard-terminal-ticket.v1"
 MIN_LIFETIME = timedelta(hours=1)
 
 
@@ -75,3 +84,39 @@ def session_verify(*, token: str, sandbox: Sandbox) -> bool:
         and payload["x"] > timezone.now().timestamp()
         and sandbox.state != SandboxState.DESTROYED
     )
+
+
+def dashboard_ticket_mint(*, sandbox: Sandbox, user: User) -> str:
+    """A ticket for `user`'s browser to open process sockets of `sandbox` for a short while."""
+    payload = {
+        "s": sandbox.pk,
+        "e": sandbox.session_epoch,
+        "u": user.pk,
+        "x": int(timezone.now().timestamp()) + settings.DASHBOARD_TICKET_SECONDS,
+        "n": secrets.token_hex(4),
+    }
+    return TICKET_PREFIX + signing.dumps(payload, salt=_TICKET_SALT)
+
+
+def dashboard_ticket_verify(*, ticket: str, sandbox: Sandbox) -> bool:
+    """True if `ticket` was minted for this sandbox, is unexpired and not revoked, and its
+    user is still an active member of the sandbox's team with a role that may write."""
+    if not ticket.startswith(TICKET_PREFIX):
+        return False
+    try:
+        payload = signing.loads(ticket.removeprefix(TICKET_PREFIX), salt=_TICKET_SALT)
+    except signing.BadSignature:
+        return False
+    if not (
+        isinstance(payload, dict)
+        and payload.get("s") == sandbox.pk
+        and payload.get("e") == sandbox.session_epoch
+        and isinstance(payload.get("x"), int)
+        and payload["x"] > timezone.now().timestamp()
+        and isinstance(payload.get("u"), int)
+        and sandbox.state != SandboxState.DESTROYED
+    ):
+        return False
+    return Membership.objects.filter(
+        user_id=payload["u"], user__is_active=True, team_id=sandbox.team_id, role__in=WRITER_ROLES
+    ).exists()

@@ -188,3 +188,62 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor_email or 'system'} {self.action} {self.target}"
+
+
+class Invitation(models.Model):
+    """An emailed offer to join a team with a role, accepted by the person with that email.
+
+    Only a SHA-256 of the link's token is stored. At most one invitation per (team, email)
+    is pending (neither accepted nor revoked); inviting again revokes the earlier one.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "email"],
+                condition=models.Q(accepted_at__isnull=True, revoked_at__isnull=True),
+                name="invitation_pending_unique",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.team_id} ({self.role})"
+
+
+class TotpDevice(models.Model):
+    """A user's authenticator app (RFC 6238 TOTP), the second factor at sign-in.
+
+    The base32 secret is encrypted at rest (watasu.crypto). Until `confirmed_at` is set
+    (the user typed a code from the app) it is not asked for at sign-in. `last_used_step`
+    is the time step of the last code accepted: a code is good once, never replayed.
+    """
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="totp_device"
+    )
+    secret_encrypted = models.TextField()
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    last_used_step = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "TOTP device"
+
+    def __str__(self) -> str:
+        return f"TOTP of {self.user_id}{'' if self.confirmed_at else ' (unconfirmed)'}"

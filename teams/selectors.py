@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from django.db.models import QuerySet
 
-from teams.models import WRITER_ROLES, ApiKey, Membership, Role, Team, User
+from teams.models import WRITER_ROLES, ApiKey, AuditEvent, Invitation, Membership, Role, Team, User
 from watasu import errors, ids
 
 
@@ -71,3 +73,25 @@ def team_for_billing(*, user: User, slug: str | None) -> Team:
             f"Only owners and admins of team '{membership.team.slug}' may do this; you are {membership.role}."
         )
     return membership.team
+
+
+def members_of(*, team: Team) -> QuerySet[Membership]:
+    return Membership.objects.select_related("user").filter(team=team).order_by("user__email")
+
+
+def invitations_pending(*, team: Team) -> QuerySet[Invitation]:
+    """Invitations not accepted or withdrawn (expired ones included, marked by the page)."""
+    return (
+        Invitation.objects.select_related("invited_by")
+        .filter(team=team, accepted_at=None, revoked_at=None)
+        .order_by("-id")
+    )
+
+
+def invitation_by_token(*, raw_token: str) -> Invitation | None:
+    digest = hashlib.sha256(raw_token.encode()).hexdigest()
+    return Invitation.objects.select_related("team", "invited_by").filter(token_hash=digest).first()
+
+
+def audit_events_of(*, team: Team) -> QuerySet[AuditEvent]:
+    return AuditEvent.objects.filter(team=team).order_by("-id")

@@ -21,7 +21,7 @@ from sandboxes.edge.signing import file_url_check
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.runtime.agent_client import DATAPLANE, PREVIEW, role_secret
-from sandboxes.sessions import session_verify
+from sandboxes.sessions import dashboard_ticket_verify, session_verify
 from watasu import errors
 
 S = SandboxState
@@ -155,6 +155,22 @@ def dataplane_upstream(route_token: str, token: str | None) -> Upstream:
         raise EdgeError(401, "unauthorized", "A session token is required: Authorization: Bearer <token>.")
     if not session_verify(token=token, sandbox=sandbox):
         raise EdgeError(401, "unauthorized", "The session token is invalid, expired or for another sandbox.")
+    _refuse_suspended(sandbox)
+    return _running(sandbox, resume=True, role=DATAPLANE)
+
+
+@_outside_requests
+def ticket_upstream(route_token: str, ticket: str) -> Upstream:
+    """The agent for a dashboard terminal's process socket carrying `?ticket=` (the edge
+    has checked the route and the Origin already)."""
+    sandbox = _sandbox(route_token)
+    if not dashboard_ticket_verify(ticket=ticket, sandbox=sandbox):
+        raise EdgeError(
+            401,
+            "unauthorized",
+            "The dashboard ticket is invalid, expired, for another sandbox, or its user may "
+            "no longer use this sandbox; reopen the terminal.",
+        )
     _refuse_suspended(sandbox)
     return _running(sandbox, resume=True, role=DATAPLANE)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
+
+from django.conf import settings
 
 from sandboxes.edge import access, multipart, resumes
 from sandboxes.edge.access import EdgeError, Upstream
@@ -26,6 +29,9 @@ logger = logging.getLogger(__name__)
 FILES_PATH = "/runtime/v1/files"
 # Signed URL method -> (operation it needs, method on the agent's /runtime/v1/files).
 SIGNED_METHODS = {"GET": ("read", "GET"), "POST": ("write", "PUT"), "PUT": ("write", "PUT")}
+# The sockets a dashboard terminal opens with `?ticket=`: start a process, attach to one.
+TICKET_ROUTES = re.compile(r"/runtime/v1/process(/[^/]+/connect)?")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,60 @@ async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target
         return Target(upstream, method, route.upstream, query)
     if route.upstream == SIGNED_PATH:
         return await _authorise_signed(route, query, method)
-    upstream = await resumes.upstream(access.dataplane_upstream, route.route_token, _bearer(scope["headers"]))
+    bearer = _bearer(scope["headers"])
+    if bearer is None and (ticket := _ticket_of(query)) is not None:
+        return await _authorise_ticket(route, scope, query, ticket)
+    upstream = await resumes.upstream(access.dataplane_upstream, route.route_token, bearer)
     return Target(upstream, method, route.upstream, query)
+
+
+def _ticket_of(query: bytes) -> str | None:
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("ticket")
+    return values[0] if values else None
+
+
+def _without_ticket(query: bytes) -> bytes:
+    """The query minus its `ticket` parameters, every other byte as it came."""
+    kept = [
+        part
+        for part in query.split(b"&")
+        if unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != "ticket"
+    ]
+    return b"&".join(kept)
+
+
+def _origin(url: str) -> str | None:
+    """`scheme://host[:port]` as a browser sends it in `Origin` (no default port); None
+    for anything that is not an http(s) origin."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + (f":{port}" if port and port != DEFAULT_PORTS[scheme] else "")
+
+
+async def _authorise_ticket(route: Route, scope: dict[str, Any], query: bytes, ticket: str) -> Target:
+    """A dashboard terminal: no header, the ticket in the query (a browser cannot set one on a
+    WebSocket). Only process sockets, only opened by a page of the platform's own origin (a
+    ticket leaked to another site is useless there); the agent never sees the ticket."""
+    if scope["type"] != "websocket" or not TICKET_ROUTES.fullmatch(route.upstream):
+        raise EdgeError(
+            401,
+            "unauthorized",
+            "A dashboard ticket opens process WebSockets only; send Authorization: Bearer.",
+        )
+    origin = _origin(_header(scope["headers"], b"origin"))
+    if origin is None or origin != _origin(settings.PUBLIC_URL):
+        raise EdgeError(
+            403, "forbidden", "A dashboard ticket is accepted only from the dashboard's own origin."
+        )
+    upstream = await resumes.upstream(access.ticket_upstream, route.route_token, ticket)
+    return Target(upstream, "GET", route.upstream, _without_ticket(query))
 
 
 async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:

@@ -15,6 +15,7 @@ from teams.api.serializers import (
     TeamSerializer,
 )
 from teams.filters import ApiKeyFilter, TeamFilter
+from teams.models import ApiKey, User
 from watasu.api.schema import list_envelope, object_envelope
 from watasu.api.views import ApiView
 from watasu.filtering import filter_or_refuse, openapi_parameters
@@ -93,6 +94,7 @@ class ApiKeyListView(ApiView):
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         key, raw = services.api_key_create(user=self.user, **body.validated_data)
+        _audit_key(self.user, "api_key.create", key)
         return Response({"api_key": ApiKeySerializer(key).data, "key": raw}, status=201)
 
 
@@ -113,4 +115,20 @@ class ApiKeyDetailView(ApiView):
     )
     def delete(self, request: Request, key_id: str) -> Response:
         key = selectors.api_key_of_user(user=self.user, key_id=key_id)
-        return Response({"api_key": ApiKeySerializer(services.api_key_revoke(api_key=key)).data})
+        already = key.revoked_at is not None
+        services.api_key_revoke(api_key=key)
+        if not already:
+            _audit_key(self.user, "api_key.revoke", key)
+        return Response({"api_key": ApiKeySerializer(key).data})
+
+
+def _audit_key(user: User, action: str, key: ApiKey) -> None:
+    """Keys are the user's, not a team's: their events go to the user's personal team log."""
+    services.audit_record(
+        team=services.personal_team_ensure(user=user),
+        actor=user,
+        action=action,
+        target=f"{key.prefix}… {key.name}".strip(),
+        source="api",
+        scope=key.scope,
+    )

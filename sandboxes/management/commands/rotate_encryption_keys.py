@@ -9,7 +9,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 
 from sandboxes.models import Sandbox
-from teams.models import IdempotencyRecord
+from teams.models import IdempotencyRecord, TotpDevice
 from templates_app.models import TemplateVersion
 from watasu import crypto
 
@@ -18,8 +18,9 @@ BATCH = 500
 
 class Command(BaseCommand):
     help = (
-        "Re-encrypt sandbox env vars, agent secrets, template build env and stored idempotent "
-        "responses with the first key of WATASU_ENCRYPTION_KEYS; then the other keys may go."
+        "Re-encrypt sandbox env vars, agent secrets, template build env, stored idempotent "
+        "responses and two-factor secrets with the first key of WATASU_ENCRYPTION_KEYS; then "
+        "the other keys may go."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -29,9 +30,10 @@ class Command(BaseCommand):
         )
         versions = _rotate(TemplateVersion.objects.exclude(env_encrypted=""), ["env_encrypted"])
         records = _rotate(IdempotencyRecord.objects.exclude(response_body=None), ["response_body"])
+        devices = _rotate(TotpDevice.objects.all(), ["secret_encrypted"])
         self.stdout.write(
-            f"re-encrypted {sandboxes} sandboxes, {versions} template versions and "
-            f"{records} idempotency records"
+            f"re-encrypted {sandboxes} sandboxes, {versions} template versions, "
+            f"{records} idempotency records and {devices} two-factor secrets"
         )
 
 
