@@ -14,12 +14,14 @@ whether that user may still write to the sandbox's team.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core import signing
+from django.core.cache import cache
 from django.utils import timezone
 
 from sandboxes.models import Sandbox, SandboxState
@@ -120,3 +122,11 @@ def dashboard_ticket_verify(*, ticket: str, sandbox: Sandbox) -> bool:
     return Membership.objects.filter(
         user_id=payload["u"], user__is_active=True, team_id=sandbox.team_id, role__in=WRITER_ROLES
     ).exists()
+
+
+def dashboard_ticket_use(*, ticket: str) -> bool:
+    """Mark a verified ticket used: True the first time only, so a ticket that leaks after
+    its socket opened (a log, a proxy) opens nothing more. Through the shared cache, with
+    the ticket's own lifetime (a process without a shared cache checks its own uses)."""
+    key = "watasu:dashboard-ticket:" + hashlib.sha256(ticket.encode()).hexdigest()
+    return bool(cache.add(key, True, timeout=settings.DASHBOARD_TICKET_SECONDS + 1))

@@ -105,6 +105,24 @@ def test_a_ticket_opens_a_pty_from_the_platforms_origin(
 
 
 @edge_db
+def test_a_ticket_opens_one_socket_only(edge: ServerThread, real_agent: RealAgent, owner: Actor) -> None:
+    # given a ticket that opened its socket
+    sandbox = _sandbox(owner.personal_team, real_agent.port)
+    ticket = dashboard_ticket_mint(sandbox=sandbox, user=owner.user)
+    url, origin = _ws(sandbox, PROCESS, ticket), {"Origin": edge.url}
+    with ws_connect(url, additional_headers=origin, open_timeout=10) as ws:
+        _run(ws, "true")
+
+    # when it is presented again, within its lifetime
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, additional_headers=origin, open_timeout=10)
+
+    # then the handshake is refused: a leaked ticket opens nothing more
+    assert refused.value.response.status_code == 401
+    assert b"used already" in refused.value.response.body
+
+
+@edge_db
 def test_a_ticket_attaches_to_a_running_process(
     edge: ServerThread, real_agent: RealAgent, owner: Actor
 ) -> None:

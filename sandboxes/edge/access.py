@@ -21,7 +21,7 @@ from sandboxes.edge.signing import file_url_check
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.runtime.agent_client import DATAPLANE, PREVIEW, role_secret
-from sandboxes.sessions import dashboard_ticket_verify, session_verify
+from sandboxes.sessions import dashboard_ticket_use, dashboard_ticket_verify, session_verify
 from watasu import errors
 
 S = SandboxState
@@ -171,6 +171,8 @@ def ticket_upstream(route_token: str, ticket: str) -> Upstream:
             "The dashboard ticket is invalid, expired, for another sandbox, or its user may "
             "no longer use this sandbox; reopen the terminal.",
         )
+    if not dashboard_ticket_use(ticket=ticket):
+        raise EdgeError(401, "unauthorized", "This dashboard ticket was used already; reopen the terminal.")
     _refuse_suspended(sandbox)
     return _running(sandbox, resume=True, role=DATAPLANE)
 

@@ -13,7 +13,9 @@ The names other apps use are importable from here.
 from templates_app.builds.log import BuildLog
 from templates_app.builds.spec import Step, build_steps
 from templates_app.builds.start import (
+    build_cancel,
     build_log_entries,
+    build_retry,
     template_build_get,
     template_build_start,
     template_version_create,
@@ -24,7 +26,9 @@ from templates_app.builds.worker import build_vm_names, planned_steps, template_
 __all__ = [
     "BuildLog",
     "Step",
+    "build_cancel",
     "build_log_entries",
+    "build_retry",
     "build_steps",
     "build_vm_names",
     "builds_sweep",

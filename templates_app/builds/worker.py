@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +40,13 @@ from templates_app.selectors import template_version_resolve
 logger = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 1800.0
+# How often a running build renews its lease, at most: also how soon its worker notices a
+# cancellation (or the sweep failing it) while a long step runs.
+STOP_CHECK_SECONDS = 5.0
+
+
+class BuildStopped(Exception):
+    """The version stopped being `building` under the worker: cancelled, or failed by the sweep."""
 
 
 class BuildStepFailed(Exception):
@@ -118,7 +126,12 @@ def _plan(version: TemplateVersion) -> _Plan:
 
 
 def _run_uncached_steps(
-    version: TemplateVersion, host: Host, plan: _Plan, cached: list[BuildLayer], log: BuildLog
+    version: TemplateVersion,
+    host: Host,
+    plan: _Plan,
+    cached: list[BuildLayer],
+    log: BuildLog,
+    check: Callable[[], None],
 ) -> list[Path]:
     """Boot on the last cached layer (or restore the parent), run the remaining steps,
     turning each into a layer. Returns the layer files made, the last step's last."""
@@ -141,6 +154,7 @@ def _run_uncached_steps(
     registrable, produced = True, [top]
     try:
         for index in range(start, len(plan.steps)):
+            check()
             step = plan.steps[index]
             _run_step(log, vm, step, {} if step.env_free else plan.env)
             finished = top
@@ -173,7 +187,7 @@ def _drop_unregistered(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _build(version: TemplateVersion, host: Host, log: BuildLog) -> Path:
+def _build(version: TemplateVersion, host: Host, log: BuildLog, check: Callable[[], None]) -> Path:
     """Build into a fresh version directory and return its snapshot directory.
 
     The directory holds ``base.qcow2`` (the flattened disk) and ``snapshot/`` (the
@@ -185,13 +199,15 @@ def _build(version: TemplateVersion, host: Host, log: BuildLog) -> Path:
     home = root / f"{version.version}-{uuid.uuid4().hex[:8]}"
     home.mkdir(parents=True)
     try:
-        return _build_into(version, host, log, plan, home)
+        return _build_into(version, host, log, plan, home, check)
     except BaseException:
         shutil.rmtree(home, ignore_errors=True)
         raise
 
 
-def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan, home: Path) -> Path:
+def _build_into(
+    version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan, home: Path, check: Callable[[], None]
+) -> Path:
     spec = version.build_spec
     last_key = plan.keys[-1] if plan.keys else layers.base_key(plan.parent, version.template.team_id)
     key = layers.artifact_key(last_key, spec, plan.env, version.cpu, version.memory_mb)
@@ -212,19 +228,27 @@ def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan
         log.add("skip_cache: every step runs")
     produced: list[Path] = []
     if len(cached) < len(plan.steps):
-        produced = _run_uncached_steps(version, host, plan, cached, log)
+        produced = _run_uncached_steps(version, host, plan, cached, log, check)
         last = produced[-1]
     else:
         last = Path(cached[-1].path) if cached else plan.snapshot.disk_path
     disk = home / layers.BASE_DISK
     try:
+        check()
         log.add("flattening the image")
         log.flush()
         _flatten(last, disk)
     finally:
         _drop_unregistered(produced)
+    check()
     log.add("starting the template and taking its memory snapshot")
     log.flush()
+    prepare = start_and_wait_ready(spec, plan.env, log)
+
+    def checked_prepare(vm: BuildVm) -> None:
+        check()
+        prepare(vm)
+
     image = BaseImage(
         key="",
         directory=home,
@@ -240,7 +264,7 @@ def _build_into(version: TemplateVersion, host: Host, log: BuildLog, plan: _Plan
         vcpus=version.cpu,
         memory_mb=version.memory_mb,
         name=build_vm_names(version.pk)[1],
-        before_save=start_and_wait_ready(spec, plan.env, log),
+        before_save=checked_prepare,
     )
     return home / layers.SNAPSHOT_DIR
 
@@ -293,10 +317,16 @@ def claim(version_id: int) -> TemplateVersion | None:
 
 class _Lease:
     """Renews a building version's lease from a thread while the build runs; a worker
-    that dies stops renewing, and the builds sweep fails the version."""
+    that dies stops renewing, and the builds sweep fails the version.
 
-    def __init__(self, version_id: int) -> None:
-        self.version_id, self.stop = version_id, threading.Event()
+    A renewal that finds the version no longer `building` (cancelled, or failed by the
+    sweep) marks the lease lost and destroys the build VMs, so a long step ends at once;
+    the build's own failure path then cleans up. ``check`` raises BuildStopped between steps.
+    """
+
+    def __init__(self, version_id: int, host: Host) -> None:
+        self.version_id, self.host = version_id, host
+        self.stop, self.lost = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"lease-{version_id}", daemon=True)
 
     def _run(self) -> None:
@@ -304,12 +334,28 @@ class _Lease:
 
         lease = timedelta(seconds=settings.TEMPLATE_BUILD_LEASE_SECONDS)
         try:
-            while not self.stop.wait(lease.total_seconds() / 4):
-                TemplateVersion.objects.filter(pk=self.version_id, status=VersionStatus.BUILDING).update(
-                    lease_expires_at=timezone.now() + lease
-                )
+            while not self.stop.wait(min(lease.total_seconds() / 4, STOP_CHECK_SECONDS)):
+                renewed = TemplateVersion.objects.filter(
+                    pk=self.version_id, status=VersionStatus.BUILDING
+                ).update(lease_expires_at=timezone.now() + lease)
+                if not renewed:
+                    self.lost.set()
+                    try:
+                        destroy_build_vms(self.host, self.version_id)
+                    except Exception:  # the build's failure path destroys them too
+                        logger.warning("build %s: could not destroy its VMs", self.version_id, exc_info=True)
+                    return
         finally:
             connection.close()
+
+    def check(self) -> None:
+        """Raise BuildStopped once the version is no longer this worker's to build."""
+        still_building = TemplateVersion.objects.filter(
+            pk=self.version_id, status=VersionStatus.BUILDING
+        ).exists()
+        if self.lost.is_set() or not still_building:
+            self.lost.set()
+            raise BuildStopped(stop_reason(self.version_id))
 
     def __enter__(self) -> _Lease:
         self.thread.start()
@@ -318,6 +364,19 @@ class _Lease:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def stop_reason(version_id: int) -> str:
+    """Why a build stopped under its worker, for its log."""
+    reasons = TemplateVersion.objects.filter(pk=version_id).values_list("last_error_message", flat=True)
+    reason = reasons.first()
+    return f"build stopped: {reason or 'the version is no longer building'}"
+
+
+def destroy_build_vms(host: Host, version_id: int) -> None:
+    driver = driver_for(host)
+    for name in build_vm_names(version_id):
+        driver.destroy(name)  # idempotent: a VM that is not there is nothing to do
 
 
 def fail(version_id: int, message: str) -> int:
@@ -354,12 +413,17 @@ def template_build_run(*, version_id: int) -> None:
     host = host_register_local()
     log = BuildLog(version)
     log.add(f"building {version.template.slug}:{version.version}")
+    lease = _Lease(version.pk, host)
     try:
-        with _Lease(version.pk):
-            artifact = _build(version, host, log)
+        with lease:
+            artifact = _build(version, host, log, lease.check)
     except Exception as exc:
-        logger.exception("build of version %s failed", version_id)
-        log.add(str(exc), "error")
+        if lease.lost.is_set():  # cancelled or failed meanwhile: what broke is the VM we destroyed
+            logger.info("build of version %s stopped: %s", version_id, exc)
+            log.add(exc.args[0] if isinstance(exc, BuildStopped) else stop_reason(version.pk), "error")
+        else:
+            logger.exception("build of version %s failed", version_id)
+            log.add(str(exc), "error")
         log.flush()
         fail(version.pk, str(exc))
         queue_next_draft(version.template_id)
