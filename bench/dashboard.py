@@ -35,8 +35,8 @@ def build(slug: str, sandboxes: int, usage_records: int) -> tuple[object, int]:
     from templates_app.models import Template, TemplateVersion, VersionStatus
 
     team = Team.objects.filter(slug=slug).first()
-    user = User.objects.filter(email=f"{slug}@bench.test").first() or User.objects.create_user(
-        email=f"{slug}@bench.test"
+    user = User.objects.filter(email=f"owner.{slug}@bench.test").first() or User.objects.create_user(
+        email=f"owner.{slug}@bench.test"
     )
     if team is not None and Sandbox.objects.filter(team=team).count() == sandboxes:
         first = Sandbox.objects.filter(team=team).order_by("-id").first()
@@ -51,7 +51,7 @@ def build(slug: str, sandboxes: int, usage_records: int) -> tuple[object, int]:
     Membership.objects.create(user=user, team=team, role=Role.OWNER)
     accounts_ensure(team_ids=[team.pk])
     now = timezone.now()
-    states = [SandboxState.RUNNING, SandboxState.STOPPED, SandboxState.DESTROYED, SandboxState.FAILED]
+    states = [SandboxState.READY, SandboxState.STOPPED, SandboxState.DESTROYED, SandboxState.FAILED]
     rows = [
         Sandbox(
             team=team,
@@ -70,7 +70,7 @@ def build(slug: str, sandboxes: int, usage_records: int) -> tuple[object, int]:
         [
             SandboxEvent(sandbox=sandbox, from_state=a, to_state=b, at=now, reason="bench")
             for sandbox in made
-            for a, b in (("", "creating"), ("creating", "running"), ("running", sandbox.state))
+            for a, b in (("", "creating"), ("creating", "ready"), ("ready", sandbox.state))
         ],
         batch_size=5000,
     )
@@ -109,7 +109,6 @@ def build(slug: str, sandboxes: int, usage_records: int) -> tuple[object, int]:
 def measure(user: object, slug: str, sandbox_id: int, requests: int) -> dict[str, tuple[list[float], int]]:
     from django.db import connection
     from django.test import Client
-    from django.test.utils import CaptureQueriesContext
 
     client = Client()
     client.force_login(user)  # type: ignore[arg-type]
@@ -121,7 +120,8 @@ def measure(user: object, slug: str, sandbox_id: int, requests: int) -> dict[str
     }
     results: dict[str, tuple[list[float], int]] = {}
     for page, url in urls.items():
-        with CaptureQueriesContext(connection) as queries:
+        queries: list[str] = []
+        with connection.execute_wrapper(lambda execute, sql, *rest: queries.append(sql) or execute(sql, *rest)):
             response = client.get(url)
         assert response.status_code == 200, (url, response.status_code, response.content[:300])
         times = []

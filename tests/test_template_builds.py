@@ -283,3 +283,42 @@ def test_a_ready_check_that_takes_longer_than_a_report_still_passes(acme, ready_
         "ready check: not ready after 1 s (limit 3 s); start command output: starting"
     ), messages
     assert messages[-1].startswith("ready check passed after"), messages
+
+
+@pytest.mark.vm
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_cancelled_running_build_stops_and_leaves_no_vm(
+    owner: Actor, base_version, vm_cleanup, build_worker
+) -> None:  # type: ignore[no-untyped-def]
+    """Cancelled mid-step (from the dashboard): the worker notices at its next lease renewal,
+    removes the build VM, and the template is free for the next build."""
+    from templates_app.builds import build_cancel, template_build_start
+    from templates_app.models import VersionStatus
+
+    version = template_build_start(
+        user=owner.user,
+        name="cancel-me",
+        build_spec={"setup": ["sleep 600"]},
+        cpu=1,
+        memory_mb=512,
+        tags=[],
+        team_slug=None,
+    )
+    vm_name = f"{VM_TEST_PREFIX}build-{version.pk}"
+    wait_until(
+        lambda: version.log_entries.filter(message__startswith="setup[0]").exists(),
+        180,
+        "the build to reach its step",
+    )
+
+    cancelled = build_cancel(user=owner.user, version=version)
+
+    assert cancelled.status == VersionStatus.FAILED and "Cancelled by owner@acme.test" in cancelled.last_error_message
+    wait_until(lambda: vm_cleanup.list_domains(vm_name) == [], 60, "the build VM to be removed")
+    wait_until(
+        lambda: version.log_entries.filter(message__contains="build stopped").exists(),
+        60,
+        "the worker to log that it stopped",
+    )
+    assert build_worker.poll() is None  # the worker itself lives on
