@@ -121,7 +121,9 @@ def measure(user: object, slug: str, sandbox_id: int, requests: int) -> dict[str
     results: dict[str, tuple[list[float], int]] = {}
     for page, url in urls.items():
         queries: list[str] = []
-        with connection.execute_wrapper(lambda execute, sql, *rest: queries.append(sql) or execute(sql, *rest)):
+        with connection.execute_wrapper(
+            lambda execute, sql, *rest: queries.append(sql) or execute(sql, *rest)
+        ):
             response = client.get(url)
         assert response.status_code == 200, (url, response.status_code, response.content[:300])
         times = []

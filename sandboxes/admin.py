@@ -6,12 +6,24 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 
 from sandboxes import network
 from sandboxes.checkpoints import checkpoint_delete
-from sandboxes.models import Checkpoint, Host, Sandbox, SandboxEvent, SandboxState, SweepRun
+from sandboxes.models import (
+    RUNTIME_STATES,
+    Checkpoint,
+    Host,
+    HostState,
+    Sandbox,
+    SandboxEvent,
+    SandboxState,
+    SweepRun,
+)
 from sandboxes.runtime import driver_for
 from sandboxes.services import sandbox_destroy
 from sandboxes.sweeps import SWEEPS, sweep_run
@@ -41,33 +53,83 @@ class HostForm(forms.ModelForm):
         return data
 
 
+@admin.action(description="Drain selected hosts (keep their sandboxes, place no new ones)")
+def drain_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+    # only an up host is drained: a down one is the sweep's to bring back (as up)
+    drained = Host.objects.filter(pk__in=queryset.values("pk"), state=HostState.UP).update(
+        state=HostState.DRAINING
+    )
+    message = f"Drained {drained} host(s); new sandboxes go elsewhere."
+    modeladmin.message_user(request, message, messages.SUCCESS)
+
+
+@admin.action(description="Undrain selected hosts (place sandboxes on them again)")
+def undrain_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+    undrained = Host.objects.filter(pk__in=queryset.values("pk"), state=HostState.DRAINING).update(
+        state=HostState.UP
+    )
+    modeladmin.message_user(request, f"Undrained {undrained} host(s).", messages.SUCCESS)
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    """A down host gets no placements; its sandboxes stay listed (`ready`/`stopped` counts)."""
+    """Hosts with their capacity and what runtime sandboxes hold of it (one query for the
+    list: the same sums placement uses). A draining or down host gets no placements; its
+    sandboxes stay listed (follow `sandboxes`)."""
 
     form = HostForm
 
     list_display = [
         "name",
         "state",
-        "libvirt_uri",
-        "cpu_capacity",
-        "memory_capacity_mb",
-        "last_seen_at",
+        "cpu",
+        "memory",
         "running_sandboxes",
         "stopped_sandboxes",
+        "last_seen_at",
+        "libvirt_uri",
+        "sandboxes_link",
     ]
     list_filter = ["state"]
     search_fields = ["name", "libvirt_uri"]
-    readonly_fields = ["created_at", "last_seen_at"]
+    readonly_fields = ["created_at", "last_seen_at", "sandboxes_link"]
+    actions = [drain_hosts, undrain_hosts]
 
-    @admin.display(description="ready")
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
+        in_runtime = Q(sandboxes__state__in=RUNTIME_STATES)
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                used_cpu=Coalesce(Sum("sandboxes__cpu_count", filter=in_runtime), 0),
+                used_memory_mb=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime), 0),
+                running_count=Count("sandboxes", filter=in_runtime),
+                stopped_count=Count("sandboxes", filter=Q(sandboxes__state=SandboxState.STOPPED)),
+            )
+        )
+
+    @admin.display(description="vCPU used / capacity", ordering="used_cpu")
+    def cpu(self, host: Host) -> str:
+        return f"{host.used_cpu} / {host.cpu_capacity}"  # type: ignore[attr-defined]
+
+    @admin.display(description="memory MB used / capacity", ordering="used_memory_mb")
+    def memory(self, host: Host) -> str:
+        return f"{host.used_memory_mb} / {host.memory_capacity_mb}"  # type: ignore[attr-defined]
+
+    @admin.display(description="running", ordering="running_count")
     def running_sandboxes(self, host: Host) -> int:
-        return host.sandboxes.filter(state=SandboxState.READY).count()
+        return host.running_count  # type: ignore[attr-defined]
 
-    @admin.display(description="stopped")
+    @admin.display(description="stopped", ordering="stopped_count")
     def stopped_sandboxes(self, host: Host) -> int:
-        return host.sandboxes.filter(state=SandboxState.STOPPED).count()
+        return host.stopped_count  # type: ignore[attr-defined]
+
+    @admin.display(description="sandboxes")
+    def sandboxes_link(self, host: Host) -> str:
+        if host.pk is None:
+            return "-"
+        url = reverse("admin:sandboxes_sandbox_changelist")
+        return format_html('<a href="{}?host__id__exact={}">Sandboxes on {}</a>', url, host.pk, host.name)
 
 
 class EventInline(admin.TabularInline):

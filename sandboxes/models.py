@@ -138,6 +138,7 @@ class Sandbox(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name_plural = "sandboxes"
         indexes = [
             models.Index(fields=["team", "state"], name="sandbox_team_state"),
             # Newest-first pages of one team walk this index backwards and stop at `limit`.

@@ -351,7 +351,9 @@ def host_health_sweep(*, now: datetime | None = None) -> Result:
             Host.objects.filter(pk=host.pk, state=HostState.DOWN).update(state=HostState.UP)
             report[host.name] = "up" if host.state != HostState.DRAINING else "draining"
             continue
-        Host.objects.filter(pk=host.pk).exclude(state=HostState.DOWN).update(state=HostState.DOWN)
+        # A draining host stays draining (it takes no placements either way), so the
+        # operator's drain outlives an outage instead of ending as `up` when it returns.
+        Host.objects.filter(pk=host.pk, state=HostState.UP).update(state=HostState.DOWN)
         stranded = {
             row["state"]: row["n"]
             for row in Sandbox.objects.filter(

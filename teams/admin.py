@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.db.models import QuerySet
+from django.db.models import Count, F, QuerySet
 from django.http import HttpRequest
 
+from billing.services import format_micros
 from teams.models import ApiKey, IdempotencyRecord, Membership, Team, User
 from teams.services import api_key_revoke, personal_team_ensure
 
@@ -36,15 +38,22 @@ class UserAdmin(DjangoUserAdmin):
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
+    """Teams with their quotas (editable in the list), members, balance and suspension: the
+    list is one query (annotated), whatever the number of teams."""
+
     list_display = [
         "slug",
         "name",
         "personal_for",
+        "members",
+        "balance",
+        "suspended",
         "max_running_instances",
         "max_vcpu_count",
         "max_memory_mb",
         "created_at",
     ]
+    list_editable = ["max_running_instances", "max_vcpu_count", "max_memory_mb"]
     list_select_related = ["personal_for"]
     search_fields = ["slug", "name"]
     readonly_fields = ["created_at"]
@@ -56,6 +65,30 @@ class TeamAdmin(admin.ModelAdmin):
             {"fields": ["max_running_instances", "max_vcpu_count", "max_memory_mb"]},
         ),
     ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Team]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                member_count=Count("memberships", distinct=True),
+                account_balance_micros=F("billing_account__balance_micros"),
+                account_suspended_at=F("billing_account__suspended_at"),
+            )
+        )
+
+    @admin.display(description="members", ordering="member_count")
+    def members(self, team: Team) -> int:
+        return team.member_count  # type: ignore[attr-defined]
+
+    @admin.display(description=f"balance ({settings.PRICE_CURRENCY})", ordering="account_balance_micros")
+    def balance(self, team: Team) -> str:
+        value = team.account_balance_micros  # type: ignore[attr-defined]
+        return "-" if value is None else format_micros(value)
+
+    @admin.display(boolean=True, description="suspended", ordering="account_suspended_at")
+    def suspended(self, team: Team) -> bool:
+        return team.account_suspended_at is not None  # type: ignore[attr-defined]
 
 
 @admin.action(description="Revoke selected API keys")

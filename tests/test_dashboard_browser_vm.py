@@ -115,7 +115,11 @@ def test_first_day_in_the_dashboard(edge, base_version, vm_cleanup, build_worker
         actions = set(
             AuditEvent.objects.filter(team__slug=slug, target=sandbox_id).values_list("action", "source")
         )
-        assert {("sandbox.create", "api"), ("sandbox.pause", "dashboard"), ("sandbox.resume", "dashboard")} <= actions
+        assert {
+            ("sandbox.create", "api"),
+            ("sandbox.pause", "dashboard"),
+            ("sandbox.resume", "dashboard"),
+        } <= actions
 
         # watches a template build's log lines arrive while the page is open
         user = User.objects.get(email=EMAIL)

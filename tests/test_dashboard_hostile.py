@@ -65,7 +65,9 @@ def test_anonymous_callers_are_sent_to_sign_in(name: str, route: str, acme: obje
 
 
 @pytest.mark.parametrize(("name", "route"), TEAM_ROUTES)
-def test_another_teams_routes_are_404_for_every_id(name: str, route: str, outsider: Actor, acme: object) -> None:
+def test_another_teams_routes_are_404_for_every_id(
+    name: str, route: str, outsider: Actor, acme: object
+) -> None:
     client = signed_in(outsider)
     for value in ["1", *HOSTILE]:
         for method in ("get", "post"):
@@ -74,7 +76,9 @@ def test_another_teams_routes_are_404_for_every_id(name: str, route: str, outsid
 
 
 @pytest.mark.parametrize(("name", "route"), TEAM_ROUTES)
-def test_hostile_ids_in_the_own_team_are_never_a_crash(name: str, route: str, owner: Actor, acme: object) -> None:
+def test_hostile_ids_in_the_own_team_are_never_a_crash(
+    name: str, route: str, owner: Actor, acme: object
+) -> None:
     client = signed_in(owner)
     for value in HOSTILE:
         for method in ("get", "post"):

@@ -352,3 +352,22 @@ def test_a_deleted_templates_files_and_the_layers_on_it_are_swept(owner: Actor, 
     assert result["template_versions"] == 1
     assert not home.exists() and not any(path.exists() for path in files)
     assert not BuildLayer.objects.filter(base_version=version).exists()
+
+
+def test_a_drained_host_that_goes_down_is_still_drained_when_it_returns(local_host) -> None:  # type: ignore[no-untyped-def]
+    # given a host the operator drained, whose libvirt then stops answering
+    flaky = Host.objects.create(
+        name="flaky",
+        libvirt_uri="qemu+tcp://127.0.0.1:1/system",
+        data_dir="/tmp/nowhere",
+        cpu_capacity=64,
+        memory_capacity_mb=65536,
+        state=HostState.DRAINING,
+    )
+
+    # when the health sweep finds it silent
+    result = sweeps.host_health_sweep()
+
+    # then it is reported down but keeps the drain (it takes no placements either way)
+    assert result["hosts"]["flaky"]["state"] == "down"
+    assert Host.objects.get(pk=flaky.pk).state == HostState.DRAINING

@@ -314,7 +314,10 @@ def test_a_cancelled_running_build_stops_and_leaves_no_vm(
 
     cancelled = build_cancel(user=owner.user, version=version)
 
-    assert cancelled.status == VersionStatus.FAILED and "Cancelled by owner@acme.test" in cancelled.last_error_message
+    assert (
+        cancelled.status == VersionStatus.FAILED
+        and "Cancelled by owner@acme.test" in cancelled.last_error_message
+    )
     wait_until(lambda: vm_cleanup.list_domains(vm_name) == [], 60, "the build VM to be removed")
     wait_until(
         lambda: version.log_entries.filter(message__contains="build stopped").exists(),

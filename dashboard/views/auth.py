@@ -27,10 +27,9 @@ from django.urls import path, reverse, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from teams import totp
 from dashboard.actions import perform
 from dashboard.forms import CodeForm, SignInForm, SignUpForm, TeamCreateForm
-from teams import selectors, services
+from teams import selectors, services, totp
 from teams.models import Membership, TotpDevice, User
 
 PENDING = "dashboard_signin_pending"  # the half-signed-in state: password right, code to come
