@@ -121,9 +121,12 @@ def measure(user: object, slug: str, sandbox_id: int, requests: int) -> dict[str
     results: dict[str, tuple[list[float], int]] = {}
     for page, url in urls.items():
         queries: list[str] = []
-        with connection.execute_wrapper(
-            lambda execute, sql, *rest: queries.append(sql) or execute(sql, *rest)
-        ):
+
+        def count(execute, sql, *rest, queries=queries):  # type: ignore[no-untyped-def]
+            queries.append(sql)
+            return execute(sql, *rest)
+
+        with connection.execute_wrapper(count):
             response = client.get(url)
         assert response.status_code == 200, (url, response.status_code, response.content[:300])
         times = []
