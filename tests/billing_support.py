@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,29 @@ class Clock:
 def clock_install(monkeypatch) -> Clock:  # type: ignore[no-untyped-def]
     clock = Clock(DAY)
     monkeypatch.setattr(timezone, "now", lambda: clock.now)
+    return clock
+
+
+def a_metered_day(team: Team, clock: Clock) -> Clock:
+    """`team`'s usage on DAY (2026-11-02), metered the next morning (the clock is left at
+    2026-11-03 01:00), after 1 € of credit: sandbox 7 (2 vCPU, 1 GiB) 00:00-02:00, sandbox 8
+    (1 vCPU, 512 MiB) 01:00-01:30 and a 1 GiB volume all day. Its day costs 0.181533:
+    vCPU 0.162000, memory 0.016200, volume 0.003333 (runtime windows of 600 s)."""
+    from billing import metering
+    from billing import services as billing_services
+    from billing.models import IntervalKind
+
+    billing_services.credit_grant(team=team, amount=Decimal("1"), reason="trial", by=None)
+    rows = [
+        (IntervalKind.RUNTIME, 7, {"cpu": 2, "memory_mb": 1024}, "00:00:00", timedelta(hours=2)),
+        (IntervalKind.RUNTIME, 8, {"cpu": 1, "memory_mb": 512}, "01:00:00", timedelta(hours=1, minutes=30)),
+        (IntervalKind.VOLUME, 9, {"size": 2**30}, "00:00:00", timedelta(days=1)),
+    ]
+    for kind, subject, shape, begin, end in rows:
+        metering.interval_open(team_id=team.pk, kind=kind, subject_id=subject, at=clock.at(begin), **shape)
+        metering.intervals_close(kind=kind, subject_ids=[subject], at=DAY + end)
+    clock.now = DAY + timedelta(days=1, hours=1)
+    metering.meter_run(now=clock.now, max_windows=1000)
     return clock
 
 

@@ -17,7 +17,6 @@ from billing import metering, services
 from billing.models import (
     Account,
     EntryKind,
-    IntervalKind,
     LedgerEntry,
     LineItem,
     Statement,
@@ -26,7 +25,7 @@ from billing.models import (
     UsageRecord,
 )
 from teams.models import AuditEvent, Team
-from tests.billing_support import DAY, Clock, clock_install, stripe_client, stripe_point
+from tests.billing_support import DAY, Clock, a_metered_day, clock_install, stripe_client, stripe_point
 from tests.conftest import Actor
 from tests.waiting import wait_until
 
@@ -85,19 +84,7 @@ def metered(acme: Team, monkeypatch, settings) -> Clock:  # type: ignore[no-unty
     (1 vCPU, 512 MiB) 01:00-01:30, a 1 GiB volume all day; metered the next morning, 1 € of
     credit granted before. The clock stays at 2026-11-03 01:00."""
     settings.BILLING_RUNTIME_WINDOW_SECONDS = 600
-    clock = clock_install(monkeypatch)
-    services.credit_grant(team=acme, amount=Decimal("1"), reason="trial", by=None)
-    rows = [
-        (IntervalKind.RUNTIME, 7, {"cpu": 2, "memory_mb": 1024}, "00:00:00", timedelta(hours=2)),
-        (IntervalKind.RUNTIME, 8, {"cpu": 1, "memory_mb": 512}, "01:00:00", timedelta(hours=1, minutes=30)),
-        (IntervalKind.VOLUME, 9, {"size": 2**30}, "00:00:00", timedelta(days=1)),
-    ]
-    for kind, subject, shape, begin, end in rows:
-        metering.interval_open(team_id=acme.pk, kind=kind, subject_id=subject, at=clock.at(begin), **shape)
-        metering.intervals_close(kind=kind, subject_ids=[subject], at=DAY + end)
-    clock.now = DAY + timedelta(days=1, hours=1)
-    metering.meter_run(now=clock.now, max_windows=1000)
-    return clock
+    return a_metered_day(acme, clock_install(monkeypatch))
 
 
 # --- usage on a fixed clock --------------------------------------------------------------------
