@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from django import forms
+from django.contrib.auth import forms as auth_forms
 from django.contrib.auth import password_validation
 from django.core.validators import RegexValidator
 
@@ -83,3 +85,13 @@ class ApiKeyForm(forms.Form):
 
     def clean_scope(self) -> str:
         return str(self.cleaned_data.get("scope") or Scope.WRITE)
+
+
+class PasswordResetForm(auth_forms.PasswordResetForm):
+    """Django's reset form, also for active users who never had a password: accounts that
+    operators or `create_api_key` made for an email set their first password this way
+    (owning the mailbox is what the reset proves either way)."""
+
+    def get_users(self, email: str) -> Iterator[User]:
+        matching = User.objects.filter(email__iexact=email.strip(), is_active=True)
+        return (user for user in matching if user.email.lower() == email.strip().lower())

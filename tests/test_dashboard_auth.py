@@ -248,6 +248,28 @@ def test_password_reset_mails_a_link_that_sets_a_new_password(alice: User) -> No
     assert sign_in(Client(), alice.email, PASSWORD).status_code == 400
 
 
+def test_a_user_made_without_a_password_sets_a_first_one_by_reset(db: None) -> None:
+    # given an account an operator made for an email (`create_api_key`): no password yet
+    from teams.services import user_get_or_create
+
+    made = user_get_or_create(email="made-by-ops@example.test")
+    assert not made.has_usable_password()
+
+    # when its owner asks for a reset and follows the mailed link
+    client = Client()
+    client.post("/dashboard/password-reset", {"email": "Made-By-Ops@example.test"})
+    assert [m.to for m in mail.outbox] == [["made-by-ops@example.test"]]
+    link = re.search(r"http://testserver(/dashboard/password-reset/confirm/\S+)", mail.outbox[0].body)
+    assert link is not None
+    form_url = client.get(link.group(1))["Location"]
+    first = "my very first passphrase 42"
+    client.post(form_url, {"new_password1": first, "new_password2": first})
+
+    # then they can sign in with it, and the link is spent
+    assert sign_in(Client(), "made-by-ops@example.test", first).status_code == 302
+    assert b"This link does not work" in Client().get(link.group(1), follow=True).content
+
+
 def test_password_reset_of_an_unknown_email_sends_nothing_and_says_the_same(db: None) -> None:
     response = Client().post("/dashboard/password-reset", {"email": "nobody@example.test"})
     assert response["Location"] == "/dashboard/password-reset/done"

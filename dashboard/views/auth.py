@@ -28,7 +28,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from dashboard.actions import perform
-from dashboard.forms import CodeForm, SignInForm, SignUpForm, TeamCreateForm
+from dashboard.forms import CodeForm, PasswordResetForm, SignInForm, SignUpForm, TeamCreateForm
 from teams import selectors, services, totp
 from teams.models import Membership, TotpDevice, User
 
@@ -319,6 +319,7 @@ urls = [
         "password-reset",
         auth_views.PasswordResetView.as_view(
             template_name="dashboard/auth/password_reset.html",
+            form_class=PasswordResetForm,
             email_template_name="dashboard/auth/password_reset_email.txt",
             subject_template_name="dashboard/auth/password_reset_subject.txt",
             success_url=reverse_lazy("dashboard:password-reset-done"),

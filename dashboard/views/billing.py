@@ -126,7 +126,7 @@ def _usage(access: TeamAccess, first: date, last: date) -> dict[str, Any]:
             }
             for item in items
         ],
-        "items": [{"label": row["label"], "amount": row["amount_micros"] / 1e6} for row in by_item],
+        "items": [{"label": _label(item), "amount": item_amounts[item] / 1e6} for item in items],
     }
     return {
         "by_day": by_day,

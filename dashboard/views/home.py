@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.urls import path
 
 from dashboard.access import team_access
-from teams.models import Team
+from teams.models import Team, User
 
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
     """The last team the user looked at (kept in the session), else the personal team."""
+    user = cast(User, request.user)  # login_required
     slug = request.session.get("dashboard_team")
-    if not slug or not request.user.memberships.filter(team__slug=slug).exists():  # type: ignore[union-attr]
+    if not slug or not user.memberships.filter(team__slug=slug).exists():
         team = (
-            Team.objects.filter(personal_for=request.user).first()
-            or Team.objects.filter(memberships__user=request.user).first()
+            Team.objects.filter(personal_for=user).first()
+            or Team.objects.filter(memberships__user=user).first()
         )
         if team is None:
             return redirect("dashboard:account")
