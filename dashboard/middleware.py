@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.utils.cache import patch_cache_control
 
 
 def _origin(url: str) -> str:
@@ -53,6 +54,9 @@ class ContentSecurityPolicyMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         response = self.get_response(request)
-        if request.path.startswith("/dashboard/") and "Content-Security-Policy" not in response:
-            response["Content-Security-Policy"] = policy()
+        if request.path.startswith("/dashboard/"):
+            if "Content-Security-Policy" not in response:
+                response["Content-Security-Policy"] = policy()
+            if "Cache-Control" not in response:  # a team's pages are never kept by a shared cache
+                patch_cache_control(response, private=True, no_cache=True)
         return response

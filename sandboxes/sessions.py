@@ -18,6 +18,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core import signing
@@ -100,21 +101,25 @@ def dashboard_ticket_mint(*, sandbox: Sandbox, user: User) -> str:
     return TICKET_PREFIX + signing.dumps(payload, salt=_TICKET_SALT)
 
 
-def dashboard_ticket_verify(*, ticket: str, sandbox: Sandbox) -> bool:
-    """True if `ticket` was minted for this sandbox, is unexpired and not revoked, and its
-    user is still an active member of the sandbox's team with a role that may write."""
+def _ticket_payload(ticket: str) -> dict[str, Any] | None:
     if not ticket.startswith(TICKET_PREFIX):
-        return False
+        return None
     try:
         payload = signing.loads(ticket.removeprefix(TICKET_PREFIX), salt=_TICKET_SALT)
     except signing.BadSignature:
-        return False
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def dashboard_ticket_user_allowed(*, ticket: str, sandbox: Sandbox) -> bool:
+    """True while the ticket's user is an active member of the sandbox's team with a role that
+    may write, the sandbox is the ticket's and not destroyed, and its sessions were not
+    revoked (expiry aside: an open terminal asks this again while it lives)."""
+    payload = _ticket_payload(ticket)
     if not (
-        isinstance(payload, dict)
+        payload is not None
         and payload.get("s") == sandbox.pk
         and payload.get("e") == sandbox.session_epoch
-        and isinstance(payload.get("x"), int)
-        and payload["x"] > timezone.now().timestamp()
         and isinstance(payload.get("u"), int)
         and sandbox.state != SandboxState.DESTROYED
     ):
@@ -122,6 +127,18 @@ def dashboard_ticket_verify(*, ticket: str, sandbox: Sandbox) -> bool:
     return Membership.objects.filter(
         user_id=payload["u"], user__is_active=True, team_id=sandbox.team_id, role__in=WRITER_ROLES
     ).exists()
+
+
+def dashboard_ticket_verify(*, ticket: str, sandbox: Sandbox) -> bool:
+    """True if `ticket` was minted for this sandbox, is unexpired and not revoked, and its
+    user is still an active member of the sandbox's team with a role that may write."""
+    payload = _ticket_payload(ticket)
+    return (
+        payload is not None
+        and isinstance(payload.get("x"), int)
+        and payload["x"] > timezone.now().timestamp()
+        and dashboard_ticket_user_allowed(ticket=ticket, sandbox=sandbox)
+    )
 
 
 def dashboard_ticket_use(*, ticket: str) -> bool:

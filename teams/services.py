@@ -53,6 +53,8 @@ def team_create(*, owner: User, slug: str, name: str = "") -> Team:
     brings a full sandbox quota, so the cap bounds what one user can hold on the
     hosts); counted under the user's row lock, so concurrent creates cannot pass it.
     """
+    if not (name or slug).isprintable():
+        raise errors.Invalid("A team's name may not contain line breaks or other control characters.")
     try:
         with transaction.atomic():
             User.objects.select_for_update().filter(pk=owner.pk).first()
@@ -427,7 +429,8 @@ def _invitation_mail(invitation: Invitation, raw_token: str) -> None:
         f"on Watasu, as {invitation.role}.\n\nAccept it here (until {expires}):\n"
         f"{invitation_url(raw_token)}\n\nIf you did not expect this, ignore this mail.\n"
     )
-    send_mail(f"Join {invitation.team.name} on Watasu", body, settings.DEFAULT_FROM_EMAIL, [invitation.email])
+    one_line = " ".join(invitation.team.name.split())  # a header never takes a line break
+    send_mail(f"Join {one_line} on Watasu", body, settings.DEFAULT_FROM_EMAIL, [invitation.email])
 
 
 def invitation_problem(invitation: Invitation, *, now: datetime | None = None) -> str | None:

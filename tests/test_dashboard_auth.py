@@ -238,7 +238,7 @@ def test_password_reset_mails_a_link_that_sets_a_new_password(alice: User) -> No
     assert response["Location"] == "/dashboard/password-reset/done"
     assert len(mail.outbox) == 1
     assert mail.outbox[0].to == [alice.email]
-    link = re.search(r"http://testserver(/dashboard/password-reset/confirm/\S+)", mail.outbox[0].body)
+    link = re.search(r"https?://[^/\s]+(/dashboard/password-reset/confirm/\S+)", mail.outbox[0].body)
     assert link is not None
     form_url = client.get(link.group(1))["Location"]  # Django swaps the token for a session
     new = "a brand new passphrase 42"
@@ -259,7 +259,7 @@ def test_a_user_made_without_a_password_sets_a_first_one_by_reset(db: None) -> N
     client = Client()
     client.post("/dashboard/password-reset", {"email": "Made-By-Ops@example.test"})
     assert [m.to for m in mail.outbox] == [["made-by-ops@example.test"]]
-    link = re.search(r"http://testserver(/dashboard/password-reset/confirm/\S+)", mail.outbox[0].body)
+    link = re.search(r"https?://[^/\s]+(/dashboard/password-reset/confirm/\S+)", mail.outbox[0].body)
     assert link is not None
     form_url = client.get(link.group(1))["Location"]
     first = "my very first passphrase 42"
@@ -268,6 +268,17 @@ def test_a_user_made_without_a_password_sets_a_first_one_by_reset(db: None) -> N
     # then they can sign in with it, and the link is spent
     assert sign_in(Client(), "made-by-ops@example.test", first).status_code == 302
     assert b"This link does not work" in Client().get(link.group(1), follow=True).content
+
+
+def test_reset_links_use_the_public_url_and_reset_mails_are_limited(alice: User, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.PUBLIC_URL, settings.SIGNIN_ATTEMPTS = "https://watasu.example", 3
+    client = Client(HTTP_HOST="localhost")
+    answers = [client.post("/dashboard/password-reset", {"email": alice.email})["Location"] for _ in range(5)]
+    # the same answer every time, three mails, each linking to the public URL (not the Host)
+    assert set(answers) == {"/dashboard/password-reset/done"}
+    assert len(mail.outbox) == 3
+    assert all("https://watasu.example/dashboard/password-reset/confirm/" in m.body for m in mail.outbox)
+    assert not any("localhost" in m.body for m in mail.outbox)
 
 
 def test_password_reset_of_an_unknown_email_sends_nothing_and_says_the_same(db: None) -> None:

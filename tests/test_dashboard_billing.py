@@ -494,3 +494,19 @@ def test_a_team_without_any_billing_history_sees_empty_pages(owner: Actor) -> No
     assert b"No entries" in client.get("/dashboard/t/acme/usage/ledger").content
     assert b"No top-ups yet." in client.get("/dashboard/t/acme/usage/top-ups").content
     assert page(client, "/dashboard/t/acme/statements").find("tr", data_status="open")
+
+
+@pytest.mark.parametrize(
+    ("day", "message"),
+    [
+        ("9999-12-31", b"Pick a day between"),
+        ("0001-01-01", b"Pick a day between"),
+        ("2026-13-40", b"valid date"),
+    ],
+)
+def test_a_range_outside_the_calendar_is_a_message_not_a_crash(
+    owner: Actor, acme: Team, day: str, message: bytes
+) -> None:
+    response = signed_in(owner).get(USAGE, {"start": day, "end": day})
+    assert response.status_code == 200
+    assert message in response.content

@@ -497,6 +497,27 @@ def test_the_file_browser_lists_a_directory_through_the_real_agent(
     assert default.status_code == 200 and b"data-files-error" not in default.content
 
 
+def test_names_a_guest_can_make_are_listed_and_never_break_the_page(
+    member: Actor, acme: Team, real_agent: RealAgent, tmp_path: Path
+) -> None:
+    # given names that are not UTF-8, hold control characters or markup
+    raw = bytes(tmp_path)
+    for name in (b"\xff\xfelatin", b"bad\x01ctl", b"<img src=x onerror=alert(1)>", b"fine.txt"):
+        (Path(raw.decode()) / name.decode("utf-8", "surrogateescape")).write_bytes(b"x")
+    sandbox = _agent_sandbox(acme, real_agent)
+
+    # when the member lists the directory
+    listing = signed_in(member).get(page(member, sandbox, "/files"), {"path": str(tmp_path)})
+
+    # then the page renders; odd names are shown without a link, markup is escaped
+    html = listing.content.decode()
+    assert listing.status_code == 200
+    assert "\ufffd\ufffdlatin" in html and "latin</a>" not in html
+    assert "bad\x01ctl</a>" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "<img src=x" not in html
+    assert f"/files/download?path={tmp_path}/fine.txt" in html
+
+
 @pytest.mark.parametrize(
     ("path", "message"),
     [

@@ -414,3 +414,22 @@ def test_members_and_audit_pages_take_constant_queries(owner: Actor, acme: Team)
     grow(30)
     many = (count_queries(client, "/dashboard/t/acme/team"), count_queries(client, "/dashboard/t/acme/audit"))
     assert few == many
+
+
+def test_a_team_name_with_a_line_break_is_refused_and_old_ones_still_get_invitations(
+    owner: Actor, acme: Team
+) -> None:
+    from django.core import mail
+
+    client = Client()
+    client.force_login(owner.user)
+    # a new team's name may not carry a header injection
+    refused = client.post(
+        "/dashboard/teams/new", {"slug": "nl-team", "name": "Evil\r\nBcc: victim@example.com"}, follow=True
+    )
+    assert not Team.objects.filter(slug="nl-team").exists()
+    assert b"may not contain line breaks or other control characters" in refused.content
+    # and a team named so before still mails its invitations, on one subject line
+    Team.objects.filter(pk=acme.pk).update(name="Old\nname")
+    client.post("/dashboard/t/acme/team/invitations", {"email": "new@example.test", "role": "member"})
+    assert [m.subject for m in mail.outbox] == ["Join Old name on Watasu"]

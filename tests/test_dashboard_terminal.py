@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 from django.core import signing
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -120,6 +120,34 @@ def test_a_ticket_opens_one_socket_only(edge: ServerThread, real_agent: RealAgen
     # then the handshake is refused: a leaked ticket opens nothing more
     assert refused.value.response.status_code == 401
     assert b"used already" in refused.value.response.body
+
+
+@edge_db
+def test_an_open_terminal_is_closed_when_its_user_is_demoted(
+    edge: ServerThread, real_agent: RealAgent, member: Actor, acme: Team, settings
+) -> None:
+    # given a member's terminal, open on a long-running shell
+    settings.EDGE_ACCESS_RECHECK_SECONDS = 1
+    sandbox = _sandbox(acme, real_agent.port)
+    ticket = dashboard_ticket_mint(sandbox=sandbox, user=member.user)
+    with ws_connect(
+        _ws(sandbox, PROCESS, ticket), additional_headers={"Origin": edge.url}, open_timeout=10
+    ) as ws:
+        ws.send(
+            json.dumps({"type": "start", "cmd": "sleep", "args": ["60"], "pty": {"cols": 80, "rows": 24}})
+        )
+        started = json.loads(ws.recv(timeout=30))
+        assert started["type"] == "started"
+
+        # when an owner makes the member a viewer
+        Membership.objects.filter(user=member.user, team=acme).update(role=Role.VIEWER)
+
+        # then the socket is closed within the re-check interval, saying why
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    AgentClient(real_agent.port, secret=SECRET).request("DELETE", f"{PROCESS}/{started['pid']}?signal=KILL")
 
 
 @edge_db

@@ -41,6 +41,7 @@ LINE_ITEM_LABELS: dict[str, str] = {
     LineItem.VOLUME: "Volumes",
 }
 MAX_RANGE_DAYS = 366
+EARLIEST, LATEST = date(2000, 1, 1), date(2999, 12, 31)  # usage exists in between; a day past it overflows
 LEDGER_PAGE = 50
 TOP_UPS_SHOWN = 100
 # How often and how long a payment page asks whether the webhook credited the top-up.
@@ -60,6 +61,14 @@ class RangeForm(forms.Form):
 
     start = forms.DateField(required=False, label="From")
     end = forms.DateField(required=False, label="To (included)")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        for field in ("start", "end"):
+            day = data.get(field)
+            if day is not None and not (EARLIEST <= day <= LATEST):
+                self.add_error(field, f"Pick a day between {EARLIEST} and {LATEST}.")
+        return data
 
     def days(self, today: date) -> tuple[date, date]:
         first, last = month_start(datetime(today.year, today.month, today.day, tzinfo=UTC)).date(), today

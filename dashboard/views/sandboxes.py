@@ -359,10 +359,38 @@ def _listing(sandbox: Sandbox, directory: str) -> list[dict[str, Any]]:
     entries = found.get("entries") if isinstance(found, dict) else None
     if not isinstance(entries, list):
         raise AgentError(502, {"message": "the agent's listing was not understood"})
-    return sorted(
-        (entry for entry in entries if isinstance(entry, dict)),
-        key=lambda entry: (entry.get("type") != "dir", str(entry.get("name", ""))),
-    )
+    rows = [_entry_row(entry) for entry in entries if isinstance(entry, dict)]
+    return sorted(rows, key=lambda row: (row["type"] != "dir", row["name"]))
+
+
+def _readable(value: object) -> str:
+    """Text as a page can show it: a name that is not UTF-8 (lone surrogates from the guest's
+    bytes) gets U+FFFD where its bad bytes were, instead of breaking the page."""
+    return str(value or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _entry_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One listed entry, with `query` (`path=...`) only when its path can travel in a URL
+    and be asked for again: UTF-8, no control characters (names the guest made can be
+    anything; those are listed without a link)."""
+    path = entry.get("path")
+    try:
+        query = (
+            urlencode({"path": guest_path(path)}, safe="/")
+            if isinstance(path, str) and path.isprintable()
+            else None
+        )
+        if query is not None:
+            query.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        query = None
+    return {
+        **entry,
+        "name": _readable(entry.get("name")),
+        "type": str(entry.get("type", "")),
+        "symlink_target": _readable(entry.get("symlink_target")),
+        "query": query,
+    }
 
 
 def _parent(directory: str) -> str | None:

@@ -21,7 +21,12 @@ from sandboxes.edge.signing import file_url_check
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.runtime.agent_client import DATAPLANE, PREVIEW, role_secret
-from sandboxes.sessions import dashboard_ticket_use, dashboard_ticket_verify, session_verify
+from sandboxes.sessions import (
+    dashboard_ticket_use,
+    dashboard_ticket_user_allowed,
+    dashboard_ticket_verify,
+    session_verify,
+)
 from watasu import errors
 
 S = SandboxState
@@ -175,6 +180,14 @@ def ticket_upstream(route_token: str, ticket: str) -> Upstream:
         raise EdgeError(401, "unauthorized", "This dashboard ticket was used already; reopen the terminal.")
     _refuse_suspended(sandbox)
     return _running(sandbox, resume=True, role=DATAPLANE)
+
+
+@_outside_requests
+def ticket_still_allowed(route_token: str, ticket: str) -> bool:
+    """Whether an open terminal's user may still use its sandbox (as the ticket's check at
+    the handshake, but past the ticket's own lifetime: the socket outlives it)."""
+    sandbox = Sandbox.objects.select_related("team").filter(route_token=route_token).first()
+    return sandbox is not None and dashboard_ticket_user_allowed(ticket=ticket, sandbox=sandbox)
 
 
 def _refuse_suspended(sandbox: Sandbox) -> None:

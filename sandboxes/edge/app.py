@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
@@ -42,6 +43,10 @@ class Target:
     method: str
     path: str
     query: bytes
+    # For a socket opened with a dashboard ticket: asked every few seconds while it is open
+    # whether the ticket's user may still use the sandbox (a removed or demoted user's
+    # terminal is closed, not only refused at its next handshake).
+    still_allowed: Callable[[], Awaitable[bool]] | None = None
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -156,7 +161,11 @@ async def _authorise_ticket(route: Route, scope: dict[str, Any], query: bytes, t
             403, "forbidden", "A dashboard ticket is accepted only from the dashboard's own origin."
         )
     upstream = await resumes.upstream(access.ticket_upstream, route.route_token, ticket)
-    return Target(upstream, "GET", route.upstream, _without_ticket(query))
+
+    async def still_allowed() -> bool:
+        return await resumes.lookup(access.ticket_still_allowed, route.route_token, ticket)
+
+    return Target(upstream, "GET", route.upstream, _without_ticket(query), still_allowed)
 
 
 async def _authorise_signed(route: Route, query: bytes, method: str) -> Target:
@@ -316,4 +325,5 @@ class EdgeApp:
             query=target.query,
             extra_headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in extra],
             kind="preview" if route.kind == "preview" else "dataplane",
+            still_allowed=target.still_allowed,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
@@ -141,6 +142,21 @@ async def _agent_to_client(send: Any, agent: ClientConnection) -> bool:
     return True
 
 
+async def _revoked(still_allowed: Callable[[], Awaitable[bool]], agent: ClientConnection) -> None:
+    """Ends when access is gone: the agent's side is closed with 1008, which the relay passes
+    on to the client (a lookup that fails is not a revocation; it is asked again)."""
+    while True:
+        await asyncio.sleep(settings.EDGE_ACCESS_RECHECK_SECONDS)
+        try:
+            allowed = await still_allowed()
+        except Exception:
+            logger.warning("re-checking a dashboard terminal's access failed", exc_info=True)
+            continue
+        if not allowed:
+            await agent.close(code=1008, reason="access to this sandbox was withdrawn")
+            return
+
+
 def open_sockets(sandbox_id: int, kind: str = "dataplane") -> int:
     return _open.get((sandbox_id, kind), 0)
 
@@ -155,8 +171,10 @@ async def proxy_websocket(
     query: bytes,
     extra_headers: list[tuple[str, str]] | None = None,
     kind: str = "dataplane",
+    still_allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
-    """Connect to the agent, accept the client, pump frames until one side closes."""
+    """Connect to the agent, accept the client, pump frames until one side closes (or, with
+    `still_allowed`, until it answers False: checked every ACCESS_RECHECK_SECONDS)."""
     limit, key = settings.EDGE_MAX_SOCKETS_PER_SANDBOX, (upstream.sandbox_id, kind)
     if _open.get(key, 0) >= limit:
         await deny(
@@ -172,7 +190,15 @@ async def proxy_websocket(
     _open[key] = _open.get(key, 0) + 1
     try:
         await _proxy(
-            scope, receive, send, upstream, path, query, extra_headers or [], preview=kind == "preview"
+            scope,
+            receive,
+            send,
+            upstream,
+            path,
+            query,
+            extra_headers or [],
+            preview=kind == "preview",
+            still_allowed=still_allowed,
         )
     finally:
         _open[key] -= 1
@@ -189,6 +215,7 @@ async def _proxy(
     query: bytes,
     extra_headers: list[tuple[str, str]],
     preview: bool,
+    still_allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     try:
         agent = await _open_agent(scope, upstream, path, query, extra_headers, preview)
@@ -199,12 +226,18 @@ async def _proxy(
         await send({"type": "websocket.accept", "subprotocol": agent.subprotocol})
         inbound = asyncio.ensure_future(_client_to_agent(receive, agent))
         outbound = asyncio.ensure_future(_agent_to_client(send, agent))
-        await asyncio.wait([inbound, outbound], return_when=asyncio.FIRST_COMPLETED)
-        if outbound.done() and not outbound.exception() and not outbound.result():
+        tasks = [inbound, outbound]
+        if still_allowed is not None:
+            tasks.append(asyncio.ensure_future(_revoked(still_allowed, agent)))
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if len(tasks) > 2 and tasks[2].done():
+            # access withdrawn: the agent's side is closing; let the relay pass the close on
+            await asyncio.wait([outbound], timeout=CLIENT_CLOSE_GRACE)
+        elif outbound.done() and not outbound.exception() and not outbound.result():
             # The client left while output was flowing: let its close (code, and any frames
             # it sent before) reach the agent before tearing down.
             await asyncio.wait([inbound], timeout=CLIENT_CLOSE_GRACE)
-        for task in (inbound, outbound):
+        for task in tasks:
             if not task.done():
                 task.cancel()
             elif (exc := task.exception()) and not isinstance(exc, (ConnectionClosed, OSError)):

@@ -71,6 +71,9 @@ EDGE_RESUME_WAIT_SECONDS = env.int("WATASU_EDGE_RESUME_WAIT_SECONDS", 60, min=1)
 EDGE_RESUME_THREADS = env.int("WATASU_EDGE_RESUME_THREADS", 4, min=1)
 EDGE_LOOKUP_THREADS = env.int("WATASU_EDGE_LOOKUP_THREADS", 16, min=1)
 EDGE_MAX_SOCKETS_PER_SANDBOX = env.int("WATASU_EDGE_MAX_SOCKETS_PER_SANDBOX", 64, min=1)
+# How often an open dashboard terminal's socket re-checks that its user may still use the
+# sandbox (removed or demoted: the socket is closed).
+EDGE_ACCESS_RECHECK_SECONDS = env.int("WATASU_EDGE_ACCESS_RECHECK_SECONDS", 5, min=1)
 # A build worker renews its build's lease every quarter of this; a build whose lease ran
 # out (the worker died) is failed by the builds sweep.
 TEMPLATE_BUILD_LEASE_SECONDS = env.int("WATASU_TEMPLATE_BUILD_LEASE_SECONDS", 120, min=4)
