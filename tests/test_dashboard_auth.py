@@ -97,15 +97,6 @@ def test_sign_in_page_links_to_reset_and_to_sign_up_when_open(settings) -> None:
     assert 'href="/dashboard/sign-up"' not in Client().get("/dashboard/sign-in").content.decode()
 
 
-def test_sign_out_is_a_post(alice: User) -> None:
-    client = Client()
-    client.force_login(alice)
-    assert client.get("/dashboard/sign-out").status_code == 405
-    assert signed_in_user(client) == str(alice.pk)
-    assert client.post("/dashboard/sign-out").status_code == 302
-    assert signed_in_user(client) is None
-
-
 def test_too_many_failures_for_an_email_refuse_even_the_right_password(alice: User) -> None:
     # Given three failures for alice, from three different addresses
     for n in range(3):
@@ -377,3 +368,13 @@ def test_two_factor_secrets_survive_an_encryption_key_rotation(alice: User, cloc
     client = Client()
     sign_in(client, alice.email, PASSWORD)
     assert client.post("/dashboard/sign-in/code", {"code": clock.code(alice)}).status_code == 302
+
+
+def test_sign_out_is_a_post_and_a_typed_url_shows_the_button(alice: User) -> None:
+    client = Client()
+    client.force_login(alice)
+    shown = client.get("/dashboard/sign-out")
+    assert shown.status_code == 200 and b'action="/dashboard/sign-out"' in shown.content
+    assert signed_in_user(client) == str(alice.pk)  # a GET signs nobody out
+    assert client.post("/dashboard/sign-out").status_code == 302
+    assert signed_in_user(client) is None

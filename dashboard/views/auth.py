@@ -72,6 +72,16 @@ def _count_failure(request: HttpRequest, email: str, kind: str = "signin") -> No
             cache.set(f"{key}:n", 1, window)
 
 
+class SignOut(auth_views.LogoutView):
+    """Sign-out is a POST (a link on another site cannot sign anyone out); a GET, from a
+    typed or bookmarked URL, shows the button instead of a bare 405."""
+
+    http_method_names = ["get", "post", "options"]
+
+    def get(self, request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+        return render(request, "dashboard/auth/sign_out.html", {})
+
+
 class PasswordReset(auth_views.PasswordResetView):
     """Django's reset, with its link on the public URL (never the request's Host) and the
     sign-in limits on the mails it sends per email and per client address: past them the
@@ -327,7 +337,7 @@ def team_create(request: HttpRequest) -> HttpResponse:
 urls = [
     path("sign-in", sign_in, name="sign-in"),
     path("sign-in/code", sign_in_code, name="sign-in-code"),
-    path("sign-out", auth_views.LogoutView.as_view(), name="sign-out"),
+    path("sign-out", SignOut.as_view(), name="sign-out"),
     path("sign-up", sign_up, name="sign-up"),
     path("invitations/<str:token>", invitation, name="invitation"),
     path("account", account, name="account"),
