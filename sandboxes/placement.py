@@ -26,10 +26,11 @@ class HostRoom:
     free_memory_mb: int
 
 
-def hosts_with_room() -> list[HostRoom]:
-    """Every up host with its free vCPU and memory (one query)."""
+def hosts_with_room(states: tuple[str, ...] = (HostState.UP,)) -> list[HostRoom]:
+    """Every host in `states` (up: those taking new sandboxes) with its free vCPU and memory
+    (one query)."""
     in_runtime = Q(sandboxes__state__in=RUNTIME_STATES)
-    hosts = Host.objects.filter(state=HostState.UP).annotate(
+    hosts = Host.objects.filter(state__in=states).annotate(
         used_cpu=Coalesce(Sum("sandboxes__cpu_count", filter=in_runtime), 0),
         used_memory=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime), 0),
     )
@@ -51,15 +52,29 @@ def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> H
         if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb and (among is None or r.host.pk in among)
     ]
     if not fitting:
-        message = f"No host has room for {cpu} vCPU and {memory_mb} MB right now; retry later."
+        message = _no_host_message(cpu, memory_mb)
         raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
     return max(fitting, key=lambda r: (r.free_memory_mb, r.free_cpu, -r.host.pk)).host
 
 
+def _no_host_message(cpu: int, memory_mb: int) -> str:
+    """Why nothing was placed: full hosts clear soon; drained or down ones wait for an operator."""
+    if Host.objects.filter(state=HostState.UP).exists():
+        return f"No host has room for {cpu} vCPU and {memory_mb} MiB right now; retry later."
+    return (
+        "No host takes new sandboxes: every host is drained or down (an operator's drain lasts "
+        "until they undrain it)."
+    )
+
+
 def host_has_room(*, host: Host, cpu: int, memory_mb: int) -> bool:
-    """Whether `host` (locked here) can take the shape; used to resume on the same host."""
+    """Whether `host` (locked here) can take the shape back; used to resume on the same host.
+
+    A draining host still resumes its own sandboxes: a drain stops new placements, and the
+    sandboxes it kept are not new. A down host takes nothing."""
     Host.objects.select_for_update().filter(pk=host.pk).first()
-    room = next((r for r in hosts_with_room() if r.host.pk == host.pk), None)
+    rooms = hosts_with_room(states=(HostState.UP, HostState.DRAINING))
+    room = next((r for r in rooms if r.host.pk == host.pk), None)
     return room is not None and room.free_cpu >= cpu and room.free_memory_mb >= memory_mb
 
 

@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from billing import services as billing
 from billing.models import Account
 from sandboxes.models import Host, HostState, SandboxState
-from sandboxes.placement import host_place
+from sandboxes.placement import host_has_room, host_place
 from teams.models import Role, Team
 from tests.factories import HostFactory, MembershipFactory, SandboxFactory, TeamFactory
 from watasu import errors
@@ -107,8 +107,11 @@ def test_a_drained_host_gets_no_new_sandboxes_until_undrained(operator: Client) 
         assert host_place(cpu=1, memory_mb=512) == small
     # and with both drained, nothing is placed at all
     _act(operator, "drain_hosts", small)
-    with transaction.atomic(), pytest.raises(errors.Unavailable):
+    with transaction.atomic(), pytest.raises(errors.Unavailable) as refused:
         host_place(cpu=1, memory_mb=512)
+    assert "every host is drained or down" in refused.value.message  # not "retry later"
+    # but a sandbox kept on a drained host may come back there (it is not a new placement)
+    assert host_has_room(host=roomy, cpu=1, memory_mb=512)
 
     # when the roomy one is undrained, placement uses it again
     assert "Undrained 1 host(s)" in _act(operator, "undrain_hosts", roomy)

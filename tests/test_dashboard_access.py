@@ -96,5 +96,31 @@ def test_api_sandbox_actions_are_in_the_team_audit_log(
     rows = AuditEvent.objects.filter(team=acme).order_by("id")
     assert [(r.action, r.target, r.source, r.actor_email) for r in rows] == [
         (action, str(sandbox.pk), "api", "owner@acme.test")
-        for action in ("sandbox.timeout", "sandbox.pause", "sandbox.destroy")
+        for action in ("sandbox.timeout", "sandbox.pause", "sandbox.kill")
     ]
+
+
+def test_api_checkpoints_volumes_and_teams_are_in_the_audit_log(
+    owner: Actor, acme: Team, local_host: Host, base_version_row: TemplateVersion, fake_driver: FakeDriver
+) -> None:
+    from sandboxes.models import Checkpoint
+
+    api = owner.client()
+    # a team made through the API is audited in its own log
+    assert api.post("/v1/teams", {"slug": "made-by-api"}, format="json").status_code == 201
+    assert AuditEvent.objects.filter(team__slug="made-by-api", action="team.create", source="api").exists()
+    # deleting a checkpoint through the API is audited in its team's log
+    sandbox = SandboxFactory(team=acme, host=local_host, template_version=base_version_row)
+    checkpoint = Checkpoint.objects.create(
+        team=acme,
+        sandbox=sandbox,
+        template_version=base_version_row,
+        host=local_host,
+        status="ready",
+        cpu_count=1,
+        memory_mb=512,
+    )
+    assert api.delete(f"/v1/sandbox_snapshots/{checkpoint.pk}?team=acme").status_code == 204
+    assert AuditEvent.objects.filter(
+        team=acme, action="checkpoint.delete", target=str(checkpoint.pk), source="api"
+    ).exists()

@@ -79,10 +79,19 @@ def test_every_main_page_loads_cleanly(
     w.goto(f"{edge.url}/dashboard/account")
     w.shot("account")
     w.assert_clean()
-    # the list refreshes itself without a reload, and stays clean while it does
+    # the list refreshes itself without a reload, stays clean while it does, and keeps the
+    # keyboard's focus on the link it was on
     w.page.goto(f"{edge.url}/dashboard/t/acme/sandboxes")
-    with w.page.expect_response(lambda r: "partial=1" in r.url, timeout=10 * SECONDS):
-        pass
+    w.page.focus("#sandbox-rows tr a")
+    focused = w.page.evaluate("document.activeElement.textContent.trim()")
+    w.page.evaluate("document.querySelector('#sandbox-rows').dataset.before = 'refresh'")
+    # the rows are replaced by a refresh (the marked element is gone) and focus is back in them
+    w.page.wait_for_function(
+        """() => !document.querySelector('#sandbox-rows').dataset.before
+                 && document.activeElement.closest('#sandbox-rows') !== null""",
+        timeout=10 * SECONDS,
+    )
+    assert w.page.evaluate("document.activeElement.textContent.trim()") == focused
     w.assert_clean()
 
 

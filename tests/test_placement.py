@@ -52,7 +52,7 @@ def test_no_room_is_a_clear_overloaded_error() -> None:
         host_place(cpu=1, memory_mb=512)
 
     assert raised.value.code == "sandbox_overloaded"
-    assert raised.value.message == ("No host has room for 1 vCPU and 512 MB right now; retry later.")
+    assert raised.value.message == ("No host has room for 1 vCPU and 512 MiB right now; retry later.")
     assert raised.value.extra == {"reason": {"message": raised.value.message}}
 
 

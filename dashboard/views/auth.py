@@ -329,6 +329,7 @@ def team_create(request: HttpRequest) -> HttpResponse:
     team = perform(request, lambda: services.team_create(owner=user, slug=data["slug"], name=data["name"]))
     if team is None:
         return redirect("dashboard:account")
+    services.audit_record(team=team, actor=user, action="team.create", target=team.slug, source="dashboard")
     messages.success(request, f"Team {team.name} created; you are its owner.")
     request.session["dashboard_team"] = team.slug
     return redirect("dashboard:sandboxes", team.slug)

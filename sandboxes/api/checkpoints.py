@@ -24,7 +24,9 @@ from sandboxes.api.serializers import SandboxSerializer, SessionSerializer, iso
 from sandboxes.api.views import _SandboxView, _with_session
 from sandboxes.models import Checkpoint, QuiesceMode
 from sandboxes.specs import CreateSpec
+from teams.models import User
 from teams.selectors import teams_for_list
+from teams.services import audit_record
 from watasu import errors
 from watasu.api.fields import (
     ClosedSerializer,
@@ -197,6 +199,14 @@ class _SandboxCheckpointsView(_SandboxView):
             quiesce_mode=data.get("quiesce_mode") or QuiesceMode.GUEST,
             include_memory=bool(data.get("include_memory")),
         )
+        audit_record(
+            team=sandbox.team,
+            actor=self.user,
+            action="sandbox.checkpoint",
+            target=sandbox.pk,
+            source="api",
+            checkpoint=checkpoint.pk,
+        )
         return Response({ENVELOPE_KEY: checkpoint_representation(checkpoint)}, status=201)
 
 
@@ -246,9 +256,12 @@ class SandboxCheckpointsView(_SandboxCheckpointsView):
         return super().post(request, sandbox_id)
 
 
-def _deleted_or_404(checkpoint: Checkpoint) -> Response:
+def _deleted_or_404(checkpoint: Checkpoint, user: User) -> Response:
     if not checkpoints.checkpoint_delete(checkpoint=checkpoint):  # another request was first
         raise errors.NotFound(f"Checkpoint {checkpoint.pk} not found.", code="checkpoint_not_found")
+    audit_record(
+        team=checkpoint.team, actor=user, action="checkpoint.delete", target=checkpoint.pk, source="api"
+    )
     return Response(status=204)
 
 
@@ -273,7 +286,7 @@ class SandboxCheckpointDetailView(_SandboxView):
         checkpoint = selectors.checkpoint_get(
             user=self.user, checkpoint_id=checkpoint_id, sandbox=sandbox, write=True
         )
-        return _deleted_or_404(checkpoint)
+        return _deleted_or_404(checkpoint, self.user)
 
 
 class SnapshotListView(ApiView):
@@ -314,7 +327,7 @@ class SnapshotDetailView(ApiView):
     )
     def delete(self, request: Request, snapshot_id: str) -> Response:
         checkpoint = selectors.checkpoint_get(user=self.user, checkpoint_id=snapshot_id, write=True)
-        return _deleted_or_404(checkpoint)
+        return _deleted_or_404(checkpoint, self.user)
 
 
 class SandboxRestoreView(_SandboxView):
@@ -345,4 +358,12 @@ class SandboxRestoreView(_SandboxView):
         if lifetime:
             spec = CreateSpec(timeout=lifetime, given=frozenset({"timeout"}))
         sandbox, session = services.sandbox_restore(user=self.user, checkpoint=checkpoint, spec=spec)
+        audit_record(
+            team=sandbox.team,
+            actor=self.user,
+            action="sandbox.restore",
+            target=sandbox.pk,
+            source="api",
+            checkpoint=checkpoint.pk,
+        )
         return _with_session(sandbox, session, status=201)

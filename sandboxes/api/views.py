@@ -161,7 +161,7 @@ class SandboxDetailView(_SandboxView):
     def delete(self, request: Request, sandbox_id: str) -> Response:
         sandbox = self.sandbox(sandbox_id, write=True)
         destroyed = services.sandbox_destroy(sandbox=sandbox)
-        _audit(self.user, sandbox, "sandbox.destroy")
+        _audit(self.user, sandbox, "sandbox.kill")
         return _one(destroyed)
 
 

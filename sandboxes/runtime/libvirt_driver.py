@@ -510,10 +510,11 @@ class LibvirtDriver:
 
     def stats(self, name: str) -> DomainStats:
         dom = self._domain(name)
-        state, _, _, _, cpu_time = dom.info()
-        rss = 0
-        if dom.isActive():
-            rss = int(dom.memoryStats().get("rss", 0))
+        try:
+            state, _, _, _, cpu_time = dom.info()
+            rss = int(dom.memoryStats().get("rss", 0)) if dom.isActive() else 0
+        except libvirt.libvirtError as exc:  # stopped or removed between the calls
+            raise DomainNotFound(f"domain {name} stopped while it was sampled: {exc}") from exc
         return DomainStats(cpu_time_ns=int(cpu_time), memory_rss_kb=rss, state=STATES.get(state, str(state)))
 
     def list_domains(self, prefix: str) -> list[str]:

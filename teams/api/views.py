@@ -47,6 +47,9 @@ class TeamListView(ApiView):
         body = TeamCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         team = services.team_create(owner=self.user, **body.validated_data)
+        services.audit_record(
+            team=team, actor=self.user, action="team.create", target=team.slug, source="api"
+        )
         return Response({"team": TeamSerializer(team).data}, status=201)
 
 

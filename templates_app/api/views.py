@@ -12,6 +12,7 @@ from rest_framework.response import Response
 
 from sandboxes.api.serializers import iso
 from teams.selectors import teams_for_list, teams_of_user
+from teams.services import audit_record
 from templates_app import selectors, services
 from templates_app.api.serializers import (
     MAX_LOG_PAGE,
@@ -338,6 +339,14 @@ class TemplateBuildView(ApiView):
             tags=body.get("tags") or [],
             team_slug=team_param(request, body),
             skip_cache=body.get("skip_cache") is True,
+        )
+        audit_record(
+            team=version.template.team,  # type: ignore[arg-type]  # a build is always a team's
+            actor=self.user,
+            action="template.build",
+            target=f"{version.template.slug}:{version.version}",
+            source="api",
+            version=version.pk,
         )
         return Response({"template_build": _build_info(version)}, status=201)
 

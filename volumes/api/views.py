@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from teams.selectors import teams_for_list
+from teams.services import audit_record
 from volumes import engine, selectors, services
 from volumes.api.serializers import (
     MAX_DEPTH,
@@ -96,6 +97,9 @@ class VolumeListView(ApiView):
         volume = services.volume_create(
             user=self.user, name=body["name"], team=team, metadata=body.get("metadata")
         )
+        audit_record(
+            team=volume.team, actor=self.user, action="volume.create", target=volume.name, source="api"
+        )
         return Response({"volume": VolumeSerializer(volume).data}, status=201)
 
 
@@ -125,7 +129,11 @@ class VolumeDetailView(_VolumeView):
         responses={204: None},
     )
     def delete(self, request: Request, volume_id: str) -> Response:
-        services.volume_delete(volume=self.volume(request, volume_id, write=True))
+        volume = self.volume(request, volume_id, write=True)
+        services.volume_delete(volume=volume)
+        audit_record(
+            team=volume.team, actor=self.user, action="volume.delete", target=volume.name, source="api"
+        )
         return Response(status=204)
 
 

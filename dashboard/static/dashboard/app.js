@@ -32,3 +32,34 @@
   document.addEventListener("DOMContentLoaded", function () { localise(document); });
   document.addEventListener("htmx:afterSwap", function (event) { localise(event.target); });
 })();
+
+// Live regions that htmx replaces (the sandbox list, a sandbox's state) keep the keyboard
+// focus: the focused link or button is found again in the new content by its row and text.
+(function () {
+  "use strict";
+  var kept = null;
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var focused = document.activeElement;
+    var target = event.detail.target;
+    kept = null;
+    if (!focused || focused === document.body || !target || !target.contains(focused)) return;
+    var row = focused.closest("[data-sandbox-id]");
+    kept = {
+      row: row ? row.getAttribute("data-sandbox-id") : null,
+      tag: focused.tagName,
+      text: (focused.textContent || "").trim()
+    };
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!kept) return;
+    var scope = kept.row ? document.querySelector('[data-sandbox-id="' + kept.row + '"]') : document;
+    var candidates = scope ? scope.querySelectorAll(kept.tag.toLowerCase()) : [];
+    for (var i = 0; i < candidates.length; i++) {
+      if ((candidates[i].textContent || "").trim() === kept.text) {
+        candidates[i].focus();
+        break;
+      }
+    }
+    kept = null;
+  });
+})();
