@@ -9,7 +9,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponseRedirect
 
 from billing import services
 from billing.models import Account, LedgerEntry, Statement, TopUp, TopUpStatus, UsageRecord
@@ -117,7 +117,13 @@ class LedgerEntryAdmin(admin.ModelAdmin):
         except errors.DomainError as exc:
             self.message_user(request, exc.message, messages.ERROR)
             return
-        obj.pk = entry.pk
+        for field in LedgerEntry._meta.concrete_fields:  # the admin's messages name the entry made
+            setattr(obj, field.attname, getattr(entry, field.attname))
+
+    def response_add(self, request: HttpRequest, obj: Any, post_url_continue: str | None = None) -> Any:
+        if obj.pk is None:  # the grant was refused; its message is already shown
+            return HttpResponseRedirect(request.path)
+        return super().response_add(request, obj, post_url_continue)
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

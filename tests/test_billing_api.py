@@ -161,10 +161,13 @@ def test_an_operator_grants_credit_in_the_admin_with_a_reason(acme, admin_client
     assert refused.status_code == 200 and not LedgerEntry.objects.exists()
 
     # a grant with one is a ledger entry by the operator, in the admin log, on the balance
-    admin_client.post(
-        "/admin/billing/ledgerentry/add/", {"team": acme.pk, "amount": "12.5", "reason": "support"}
+    granted = admin_client.post(
+        "/admin/billing/ledgerentry/add/",
+        {"team": acme.pk, "amount": "12.5", "reason": "support"},
+        follow=True,
     )
     entry = LedgerEntry.objects.get(team=acme)
+    assert f"grant 12500000 µ€ for {acme.pk}" in granted.content.decode()  # the message names it
     assert (entry.kind, entry.amount_micros, entry.reason, entry.created_by) == (
         EntryKind.GRANT,
         12_500_000,

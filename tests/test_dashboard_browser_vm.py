@@ -109,8 +109,10 @@ def test_first_day_in_the_dashboard(edge, base_version, vm_cleanup, build_worker
         # pauses and resumes it from the page
         page.click("button[data-action=pause]")
         state_is(w, "stopped")
+        assert page.is_disabled("button[data-action=pause]")  # the buttons follow the state
         page.click("button[data-action=resume]")
         state_is(w, "ready")
+        assert page.is_disabled("button[data-action=resume]") and page.is_enabled("button[data-action=pause]")
         w.assert_clean()
         actions = set(
             AuditEvent.objects.filter(team__slug=slug, target=sandbox_id).values_list("action", "source")

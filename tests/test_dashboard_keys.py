@@ -158,3 +158,19 @@ def test_the_keys_page_takes_constant_queries(member: Actor) -> None:
     for _ in range(30):
         api_key_create(user=member.user, scope="write")
     assert count() == few
+
+
+def test_resubmitting_the_create_form_makes_no_second_key(owner: Actor, acme: Team) -> None:
+    client = Client()
+    client.force_login(owner.user)
+    page = client.get("/dashboard/t/acme/keys").content.decode()
+    token = page.split('name="form_token" value="', 1)[1].split('"', 1)[0]
+    form = {"name": "laptop", "scope": "read", "form_token": token}
+    before = ApiKey.objects.filter(user=owner.user).count()
+
+    first = client.post("/dashboard/t/acme/keys/new", form)
+    again = client.post("/dashboard/t/acme/keys/new", form, follow=True)  # the browser's "resubmit?"
+
+    assert first.status_code == 200 and b'id="new-key-secret"' in first.content
+    assert ApiKey.objects.filter(user=owner.user).count() == before + 1
+    assert b"created already" in again.content and b'id="new-key-secret"' not in again.content

@@ -222,7 +222,7 @@ def test_the_sandbox_page_shows_state_policy_events_checkpoints_and_volumes(
     assert "before-upgrade" in html
     assert "/mnt/data" in html
     assert f'hx-get="/dashboard/t/acme/sandboxes/{sandbox.pk}?partial=state"' in html
-    assert re.search(r'data-action="pause"\s*>', html)
+    assert re.search(r'data-action="pause" data-when="ready"\s*>', html)  # the role allows it
     assert "data-terminal-form" in html and 'id="file-browser"' in html
 
 
@@ -244,7 +244,10 @@ def test_a_viewer_sees_disabled_controls_and_no_terminal_or_files(viewer: Actor,
     html = signed_in(viewer).get(page(viewer, sandbox)).content.decode()
 
     for action in ("pause", "resume", "kill", "timeout", "checkpoint"):
-        assert re.search(rf'data-action="{action}" disabled title="Your role \(viewer\)', html), action
+        pattern = (
+            rf'data-action="{action}" data-[a-z]+="[a-z]+" disabled data-role-off title="Your role \(viewer\)'
+        )
+        assert re.search(pattern, html), action
     assert "data-terminal-form" not in html
     assert 'id="file-browser"' not in html
     assert "xterm.js" not in html
@@ -365,7 +368,7 @@ def test_a_member_pauses_and_kills_a_sandbox_and_both_are_audited(
     sandbox.refresh_from_db()
     assert sandbox.state == S.STOPPED
     assert fake_driver.domain_status(sandbox.vm_name) == "saved"
-    assert f"Sandbox {sandbox.pk} paused.".encode() in paused.content
+    assert f"Sandbox {sandbox.pk} paused: its state is stopped".encode() in paused.content
 
     # and when the member kills it, it is destroyed
     client.post(page(member, sandbox, "/kill"))

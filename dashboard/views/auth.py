@@ -26,7 +26,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import path, reverse, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard.actions import perform
 from dashboard.forms import CodeForm, PasswordResetForm, SignInForm, SignUpForm, TeamCreateForm
@@ -319,8 +319,10 @@ def totp_disable(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def team_create(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":  # a reload after a refused form: the form is on the account page
+        return redirect("dashboard:account")
     form = TeamCreateForm(request.POST)
     if not form.is_valid():
         return _account_page(request, status=400, team_form=form)

@@ -9,6 +9,7 @@ write key.
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 
 from django.contrib import messages
@@ -40,6 +41,9 @@ def _page(
         "now": timezone.now(),
         "new_key": created[0] if created else None,
         "new_secret": created[1] if created else "",
+        # one per form shown: a resubmitted form (a reload of the page that showed a new
+        # secret) is recognised instead of making a second key
+        "form_token": secrets.token_urlsafe(16),
     }
     return render(
         request, "dashboard/keys/keys.html", context, status=400 if form is not None and form.errors else 200
@@ -72,6 +76,12 @@ def key_create(request: HttpRequest, access: TeamAccess) -> HttpResponse:
     form = ApiKeyForm(request.POST)
     if not form.is_valid():
         return _page(request, access, form=form)
+    token, used = request.POST.get("form_token", ""), request.session.get("key_form_tokens", [])
+    if token and token in used:
+        messages.info(request, "That key was created already; its secret was shown once, when it was made.")
+        return redirect("dashboard:keys", access.team.slug)
+    if token:
+        request.session["key_form_tokens"] = [*used[-19:], token]
     data = form.cleaned_data
     if data["scope"] == Scope.WRITE and not access.can_write:
         raise PermissionDenied(f"Your role in this team ({access.role}) is read-only: create a read key.")

@@ -253,7 +253,8 @@ def _not_destroyed(sandbox: Sandbox) -> None:
 def sandbox_pause(request: HttpRequest, access: TeamAccess, sandbox_id: str) -> HttpResponseRedirect:
     sandbox = _sandbox(access, sandbox_id)
     run = lambda: services.sandbox_pause(sandbox=sandbox)  # noqa: E731
-    return _act(request, access, sandbox, "sandbox.pause", run, f"Sandbox {sandbox.pk} paused.")
+    done = f"Sandbox {sandbox.pk} paused: its state is stopped, its memory and disk are kept."
+    return _act(request, access, sandbox, "sandbox.pause", run, done)
 
 
 @team_page(write=True)
@@ -261,7 +262,8 @@ def sandbox_pause(request: HttpRequest, access: TeamAccess, sandbox_id: str) -> 
 def sandbox_resume(request: HttpRequest, access: TeamAccess, sandbox_id: str) -> HttpResponseRedirect:
     sandbox = _sandbox(access, sandbox_id)
     run = lambda: services.sandbox_resume(sandbox=sandbox)  # noqa: E731
-    return _act(request, access, sandbox, "sandbox.resume", run, f"Sandbox {sandbox.pk} is running.")
+    done = f"Sandbox {sandbox.pk} is running again (state ready)."
+    return _act(request, access, sandbox, "sandbox.resume", run, done)
 
 
 @team_page(write=True)

@@ -107,3 +107,24 @@
 
   document.addEventListener("DOMContentLoaded", startMetrics);
 })();
+
+// Detail: the lifecycle buttons follow the live state (`data-when`: the state it applies
+// in; `data-unless`: the state it does not). A button the role disables stays disabled.
+(function () {
+  "use strict";
+  function apply() {
+    var live = document.getElementById("sandbox-live");
+    if (!live) return;
+    var state = live.getAttribute("data-state");
+    document.querySelectorAll("button[data-when], button[data-unless]").forEach(function (button) {
+      if (button.hasAttribute("data-role-off")) return;
+      var when = button.getAttribute("data-when");
+      var unless = button.getAttribute("data-unless");
+      var off = (when && when !== state) || (unless && unless === state);
+      button.disabled = !!off;
+      button.title = off ? "Not while the sandbox is " + state + "." : "";
+    });
+  }
+  document.addEventListener("DOMContentLoaded", apply);
+  document.addEventListener("htmx:afterSettle", apply);
+})();
