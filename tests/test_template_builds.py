@@ -138,6 +138,27 @@ def test_sdk_builds_a_template_and_starts_sandboxes_from_it(
     print(output)
 
 
+def _build_in_a_long_step(owner: Actor, name: str):  # type: ignore[no-untyped-def]
+    """A build queued for the worker, once it runs its 10-minute step; (version, its VM's name)."""
+    from templates_app.builds import template_build_start
+
+    version = template_build_start(
+        user=owner.user,
+        name=name,
+        build_spec={"setup": ["sleep 600"]},
+        cpu=1,
+        memory_mb=512,
+        tags=[],
+        team_slug=None,
+    )
+    wait_until(
+        lambda: version.log_entries.filter(message__startswith="setup[0]").exists(),
+        180,
+        "the build to reach its step",
+    )
+    return version, f"{VM_TEST_PREFIX}build-{version.pk}"
+
+
 @pytest.mark.vm
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
@@ -146,24 +167,10 @@ def test_a_build_whose_worker_dies_is_failed_and_leaves_no_vm(
 ) -> None:  # type: ignore[no-untyped-def]
     """The worker is SIGKILLed mid-step: the lease runs out, the sweep fails the build and
     removes its VM; the template is free for the next build."""
-    from templates_app.builds import builds_sweep, template_build_start
+    from templates_app.builds import builds_sweep
     from templates_app.models import TemplateVersion, VersionStatus
 
-    version = template_build_start(
-        user=owner.user,
-        name="slow",
-        build_spec={"setup": ["sleep 600"]},
-        cpu=1,
-        memory_mb=512,
-        tags=[],
-        team_slug=None,
-    )
-    vm_name = f"{VM_TEST_PREFIX}build-{version.pk}"
-    wait_until(
-        lambda: version.log_entries.filter(message__startswith="setup[0]").exists(),
-        180,
-        "the build to reach its step",
-    )
+    version, vm_name = _build_in_a_long_step(owner, "slow")
     assert vm_name in vm_cleanup.list_domains(vm_name)
 
     build_worker.kill()
@@ -293,24 +300,10 @@ def test_a_cancelled_running_build_stops_and_leaves_no_vm(
 ) -> None:  # type: ignore[no-untyped-def]
     """Cancelled mid-step (from the dashboard): the worker notices at its next lease renewal,
     removes the build VM, and the template is free for the next build."""
-    from templates_app.builds import build_cancel, template_build_start
+    from templates_app.builds import build_cancel
     from templates_app.models import VersionStatus
 
-    version = template_build_start(
-        user=owner.user,
-        name="cancel-me",
-        build_spec={"setup": ["sleep 600"]},
-        cpu=1,
-        memory_mb=512,
-        tags=[],
-        team_slug=None,
-    )
-    vm_name = f"{VM_TEST_PREFIX}build-{version.pk}"
-    wait_until(
-        lambda: version.log_entries.filter(message__startswith="setup[0]").exists(),
-        180,
-        "the build to reach its step",
-    )
+    version, vm_name = _build_in_a_long_step(owner, "cancel-me")
 
     cancelled = build_cancel(user=owner.user, version=version)
 
