@@ -43,6 +43,7 @@ from sandboxes.sessions import Session, session_mint
 from sandboxes.specs import CreateSpec, Lifecycle
 from teams.models import Team, User
 from teams.selectors import team_for_write
+from templates_app import provider
 from templates_app.models import TemplateVersion
 from templates_app.selectors import template_version_by_id, template_version_resolve
 from volumes.models import Volume
@@ -194,7 +195,15 @@ def _lock_team(team: Team) -> None:
 def _resolve_version(team: Team, spec: CreateSpec) -> TemplateVersion:
     if spec.template_version_id is not None:
         return template_version_by_id(team=team, version_id=spec.template_version_id)
-    return template_version_resolve(team=team, selector=spec.template or "base")
+    selector = spec.template or "base"
+    try:
+        return template_version_resolve(team=team, selector=selector)
+    except errors.Invalid as exc:
+        if exc.code in ("template_not_found", "template_not_ready") and provider.is_provider_selector(
+            team, selector
+        ):
+            raise provider.provider_not_ready(selector) from exc
+        raise
 
 
 def _hosts_for(version: TemplateVersion, volumes: list[Volume]) -> list[int]:

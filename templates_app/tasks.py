@@ -19,3 +19,11 @@ def template_build_task(version_id: int) -> None:
     from templates_app.builds import template_build_run
 
     template_build_run(version_id=version_id)
+
+
+@shared_task(name="templates.provider_template_ensure", acks_late=True, time_limit=3600)
+def provider_template_ensure_task(slug: str) -> int:
+    """Queue (or find) the build of one provider template; returns its version id."""
+    from templates_app.provider import provider_template_ensure
+
+    return provider_template_ensure(slug, wait=False).pk

@@ -87,7 +87,11 @@ def _queue(
     memory_mb: int,
     tags: list[str],
     skip_cache: bool,
+    *,
+    enqueue: bool = True,
 ) -> TemplateVersion:
+    """A draft version row; unless `enqueue` is false (the caller builds it in process),
+    a build task for it is sent once the transaction commits."""
     if template.team is not None:
         team_require_active(template.team)  # a build runs a VM: not for a suspended team
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
@@ -102,9 +106,10 @@ def _queue(
         build_spec={**public, "env_keys": sorted(env), "tags": tags},
         env_encrypted=crypto.encrypt_json(env) if env else "",
     )
-    from templates_app.tasks import template_build_task
+    if enqueue:
+        from templates_app.tasks import template_build_task
 
-    transaction.on_commit(lambda: template_build_task.delay(row.pk))
+        transaction.on_commit(lambda: template_build_task.delay(row.pk))
     return row
 
 
