@@ -105,6 +105,16 @@ def _refused_at_once(result: dict[str, Any]) -> bool:
     return not result["ok"] and result["ms"] < 1000
 
 
+def _proxy_log_tail(lines: int = 30) -> str:
+    """The egress proxy's last log lines: why it refused or failed a connection."""
+    from sandboxes.network import host_config
+
+    try:
+        return "\n".join((host_config().run_dir / "proxy.log").read_text().splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no proxy log: {exc})"
+
+
 def test_names_addresses_deny_wins_and_the_host_out_of_reach(
     owner: Actor, base_version, edge, vm_cleanup
 ) -> None:  # type: ignore[no-untyped-def]
@@ -132,7 +142,7 @@ def test_names_addresses_deny_wins_and_the_host_out_of_reach(
     assert dns_alpha == {"ok": True, "addresses": [ALPHA], "ms": dns_alpha["ms"]}
     assert http_alpha["ok"] and http_alpha["body"]["host"] == "alpha.test", http_alpha
     assert https_alpha["ok"] and https_alpha["body"]["sni"] == "alpha.test", https_alpha
-    assert wild["ok"] and wild["body"]["local_addr"] == WILD, wild
+    assert wild["ok"] and wild["body"]["local_addr"] == WILD, (wild, _proxy_log_tail())
     # other names get no DNS answer and are reset right after their ClientHello / request
     assert dns_beta["error"] == "nxdomain", dns_beta
     assert _refused_at_once(https_beta) and _refused_at_once(host_beta), (https_beta, host_beta)
