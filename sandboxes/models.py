@@ -119,6 +119,9 @@ class Sandbox(models.Model):
     # bumped by every policy change; the host records the revision it enforces
     network_revision = models.PositiveIntegerField(default=0)
     network_applied_revision = models.IntegerField(null=True, blank=True)
+    # Created with `mcp`: the in-guest gateway serves port 50005, which the edge opens to
+    # callers with the gateway's token even when allow_public_traffic is false.
+    mcp_enabled = models.BooleanField(default=False)
     route_token = models.CharField(max_length=32, unique=True, default=new_route_token)
     vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)

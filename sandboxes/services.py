@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from billing import metering
 from billing.selectors import team_require_active
-from sandboxes import network
+from sandboxes import mcp, network
 from sandboxes.models import (
     RUNTIME_STATES,
     Checkpoint,
@@ -37,6 +37,7 @@ from sandboxes.models import (
 )
 from sandboxes.placement import host_disk_check, host_has_room, host_place
 from sandboxes.runtime import vm
+from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.volumes import Attachment, MountRefused
 from sandboxes.selectors import QuotaReservation, checkpoint_for_create, team_quota
 from sandboxes.sessions import Session, session_mint
@@ -195,7 +196,7 @@ def _lock_team(team: Team) -> None:
 def _resolve_version(team: Team, spec: CreateSpec) -> TemplateVersion:
     if spec.template_version_id is not None:
         return template_version_by_id(team=team, version_id=spec.template_version_id)
-    selector = spec.template or "base"
+    selector = spec.template or (mcp.GATEWAY_TEMPLATE if spec.mcp is not None else "base")
     try:
         return template_version_resolve(team=team, selector=selector)
     except errors.Invalid as exc:
@@ -327,6 +328,8 @@ def _launch(
     """Reserve, start (from the template's memory snapshot, or on a copy of the
     checkpoint's disk), mount the volumes; `ready` with a session, or `failed` and no VM."""
     volumes = volumes_for_mounts(user=user, team=team, mounts=spec.volume_mounts)
+    if spec.mcp is not None:
+        mcp.mcp_template_check(version)
     sandbox = _reserve(
         team=team, user=user, version=version, spec=spec, volumes=volumes, checkpoint=checkpoint
     )
@@ -343,10 +346,14 @@ def _launch(
             attachments=attachments,
             checkpoint=checkpoint,
         )
+        client = AgentClient(started.agent_port, secret=started.agent_secret)
+        mcp.mcp_after_start(sandbox, client, mcp=spec.mcp, checkpoint=checkpoint)
     except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
         failure = _fail_start(sandbox, exc)
         if isinstance(exc, MountRefused):  # the request's fault, found only in the guest
             raise errors.Invalid(f"volume_mounts: {exc}", code="invalid_path") from exc
+        if isinstance(exc, mcp.McpFailed):  # a server of the request's `mcp` did not start
+            raise exc
         sandbox.refresh_from_db(fields=["state"])
         if sandbox.state == S.DESTROYED:  # destroyed while starting: that, not a failure
             raise sandbox_gone(sandbox.pk) from exc

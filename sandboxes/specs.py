@@ -40,6 +40,7 @@ class CreateSpec:
     allow_internet_access: bool = True
     network_policy: dict[str, Any] = field(default_factory=dict)
     network_rules: dict[str, dict[str, str]] = field(default_factory=dict)  # header rule secrets
+    mcp: dict[str, Any] | None = None  # MCP servers for the in-guest gateway (`sandboxes.mcp`)
     # The top-level keys the request had: a restore keeps the source's value of any other.
     given: frozenset[str] = frozenset()
 

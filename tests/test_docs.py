@@ -60,7 +60,9 @@ def _read_name(node: ast.AST) -> str | None:
 def python_reads(directory: Path) -> set[str]:
     names: set[str] = set()
     for path in directory.rglob("*.py"):
-        if "migrations" in path.parts:
+        # the provider templates' programs run inside sandboxes: they read the guest's
+        # environment, not the platform's settings (their pages document them)
+        if "migrations" in path.parts or path.is_relative_to(ROOT / "templates_app/provider/guest"):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             name = _read_name(node)

@@ -11,6 +11,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from sandboxes.mcp import mcp_problem
 from sandboxes.models import OnTimeout
 from sandboxes.runtime.egress import policy
 from sandboxes.specs import DEFAULT_TIMEOUT, CreateSpec, Lifecycle, cpu_problem, env_problem, memory_problem
@@ -175,19 +176,27 @@ def lifecycle_of(raw: dict[str, Any] | None, *, auto_pause: bool) -> Lifecycle:
     return Lifecycle(on_timeout=on_timeout, auto_resume=raw["auto_resume"])
 
 
-@extend_schema_field(OpenApiTypes.ANY)
-class UnavailableField(LenientField):
-    """An option this platform cannot honour yet: any value that asks for it fails loudly
-    instead of being dropped."""
+@extend_schema_field(
+    {
+        "type": "object",
+        "additionalProperties": {
+            "type": "object",
+            "properties": {
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "command": {"type": "string"},
+                "args": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    }
+)
+class McpField(LenientField):
+    """`mcp` on create: server name -> {env?, command?, args?} (`sandboxes.mcp`)."""
 
-    def __init__(self, *, code: str, message: str, **kwargs: Any) -> None:
-        self.code, self.message = code, message
-        kwargs.setdefault("help_text", f"Not available yet: a value is a 422 `{code}`")
-        super().__init__(**kwargs)
-
-    def to_internal_value(self, data: Any) -> None:
-        if data:
-            raise refusal(self.message, self.code)
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        problem = mcp_problem(data)
+        if problem:
+            raise refusal(problem, "invalid_mcp")
+        return dict(data)
 
 
 @extend_schema_field(
@@ -440,8 +449,9 @@ class SandboxCreateSerializer(_NetworkFields):
         help_text="Team volumes to mount: [{path, name}], {path: name} or {path: {name}}; "
         "an unknown name creates the volume"
     )
-    mcp = UnavailableField(
-        code="mcp_unavailable", message="The MCP gateway is not available on this platform yet."
+    mcp = McpField(
+        help_text="MCP servers to run behind the in-sandbox gateway (port 50005, /mcp): "
+        "{name: {env?, command?, args?}}; without template, the `mcp-gateway` template"
     )
     secure = IgnoredField(help_text="Accepted; every sandbox's data plane needs its token")
     beta_create = IgnoredField(help_text="Accepted and ignored")
@@ -477,6 +487,7 @@ class SandboxCreateSerializer(_NetworkFields):
             allow_internet_access=shown["allow_internet_access"],
             network_policy=shown,
             network_rules=headers,
+            mcp=data.get("mcp"),
             given=frozenset(with_snake_keys(self.initial_data))
             if isinstance(self.initial_data, dict)
             else frozenset(),

@@ -18,6 +18,7 @@ from django.db import close_old_connections
 from billing.selectors import team_require_active, team_suspended_cached
 from sandboxes import services
 from sandboxes.edge.signing import file_url_check
+from sandboxes.mcp import GATEWAY_PORT
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.runtime.agent_client import DATAPLANE, PREVIEW, role_secret
@@ -211,15 +212,25 @@ def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: 
     return _running(sandbox, resume=True, role=DATAPLANE)
 
 
+def _public(sandbox: Sandbox, port: int | None) -> bool:
+    """Whether preview traffic to `port` may pass. The MCP gateway's port of a sandbox
+    created with `mcp` always may: the gateway itself refuses a request without its token
+    (the client's Authorization reaches it on the host form), so a private sandbox's MCP
+    URL works as the SDK hands it out."""
+    if sandbox.mcp_enabled and port == GATEWAY_PORT:
+        return True
+    return bool(sandbox.network_policy.get("allow_public_traffic", True))
+
+
 @_outside_requests
-def preview_upstream(route_token: str) -> Upstream:
-    """The agent for preview traffic: the route token is the capability (spec 6.13).
+def preview_upstream(route_token: str, port: int | None = None) -> Upstream:
+    """The agent for preview traffic to `port`: the route token is the capability (spec 6.13).
 
     Previews never auto-resume: anonymous traffic must not restart (and bill) a
     paused sandbox.
     """
     sandbox = _sandbox(route_token)
-    if not sandbox.network_policy.get("allow_public_traffic", True):
+    if not _public(sandbox, port):
         raise EdgeError(403, "forbidden", f"Sandbox {sandbox.pk} does not allow public traffic.")
     _refuse_suspended(sandbox)
     upstream = _running(sandbox, resume=False, role=PREVIEW)

@@ -64,6 +64,7 @@ REQUEST_CODES = frozenset(
         "invalid_mode",
         "invalid_argument",
         "mcp_unavailable",
+        "invalid_mcp",
         "network_rules_unavailable",
         "invalid_network_policy",
         "unknown_field",
