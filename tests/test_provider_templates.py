@@ -21,7 +21,7 @@ def test_every_provider_spec_is_a_valid_build_spec(slug: str) -> None:
 
     spec = validate_spec(module.build_spec())
 
-    assert module.SLUG == slug
+    assert slug == module.SLUG
     assert spec.get("from_template", "base") == "base"
     if slug == "code-interpreter":  # started and warmed before the memory snapshot
         assert spec["start_cmd"] and spec["ready_cmd"]

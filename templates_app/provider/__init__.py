@@ -197,9 +197,10 @@ def provider_templates_ensure(
 
 def is_provider_selector(team: Any, selector: str) -> bool:
     """Whether `selector` names a provider template for this team (no own template shadows it)."""
-    return selector in MODULES and not Template.objects.filter(
-        team=team, slug=selector, deleted_at__isnull=True
-    ).exists()
+    return (
+        selector in MODULES
+        and not Template.objects.filter(team=team, slug=selector, deleted_at__isnull=True).exists()
+    )
 
 
 def provider_not_ready(slug: str) -> errors.Invalid:
