@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -79,6 +79,9 @@ bench-billing: setup
 
 bench-dashboard: setup
 	.venv/bin/python bench/dashboard.py
+
+bench-code: setup
+	.venv/bin/python bench/code.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

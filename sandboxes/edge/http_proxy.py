@@ -53,7 +53,7 @@ _PREVIEW_SERVER_OWN = frozenset({b"date"})
 # Location, Clear-Site-Data, CORS, service-worker scope...) would act on the platform's
 # origin, so the edge sets the security headers itself and the guest cannot add others.
 _DATA_PLANE_PASSED = frozenset({b"content-type", b"content-length", b"allow", b"retry-after"})
-_DATA_PLANE_TYPES = (b"application/json", b"application/octet-stream")
+_DATA_PLANE_TYPES = (b"application/json", b"application/octet-stream", b"application/x-ndjson")
 DATA_PLANE_CSP = b"default-src 'none'; sandbox; frame-ancestors 'none'"
 DATA_PLANE_SECURITY = [(b"content-security-policy", DATA_PLANE_CSP), (b"x-content-type-options", b"nosniff")]
 _transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (

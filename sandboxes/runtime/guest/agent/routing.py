@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from .code import forward_code, is_code_path
 from .core import HttpError
 from .identity import CONTROL, DATAPLANE, PREVIEW, AgentState
 from .processes import DEFAULT_PATH, ProcessManager
@@ -118,6 +119,19 @@ class Router:
 
 
 RT = "/runtime/v1"
+
+
+def _tcg_cpu() -> bool:
+    """QEMU's emulated CPU (TCG): OpenBLAS takes it for an Opteron and its first matrix
+    product dies of an illegal instruction unless told the core type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return "QEMU Virtual CPU" in f.read(4096)
+    except OSError:
+        return False
+
+
+TCG_CPU = _tcg_cpu()
 router = Router()
 
 
@@ -134,6 +148,8 @@ class Agent:
         if req.path.startswith("/proxy/"):
             self.state.check(req.token, roles=(PREVIEW,))
             return proxy(self, req)
+        if is_code_path(req.path):  # the code interpreter's routes (code.py checks the credential)
+            return forward_code(self, req)
         route, req.params = router.match(req.method, req.path, websocket)
         if route.auth == "secret":
             data_plane = req.path.startswith(RT + "/")
@@ -150,6 +166,8 @@ class Agent:
             "SHELL": "/bin/bash",
             "LANG": "C.UTF-8",
         }
+        if TCG_CPU:
+            base["OPENBLAS_CORETYPE"] = "Nehalem"
         with self.state.lock:
             return {**base, **self.state.env}
 
