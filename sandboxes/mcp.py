@@ -21,6 +21,8 @@ the files but no process, so the gateway is started again from them with a new t
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 GATEWAY_PORT = 50005
 GATEWAY_TEMPLATE = "mcp-gateway"
 # As `mcp-gateway pull` names servers: tools come back as `<server>__<tool>`.
-SERVER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+SERVER_NAME = re.compile(r"(?=.{1,32}$)[a-z0-9]+(?:-[a-z0-9]+)*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SERVER_KEYS = frozenset({"env", "command", "args"})
 MAX_SERVERS = 16
@@ -53,10 +55,11 @@ class McpFailed(errors.Invalid):
 
 
 def _server_problem(name: Any, spec: Any) -> str | None:
-    where = f"mcp.{name}"
+    where = f"mcp.{str(name)[:40]}"
     if not isinstance(name, str) or not SERVER_NAME.fullmatch(name):
+        shown = name if len(str(name)) <= 40 else f"{str(name)[:40]}..."
         return (
-            f"mcp: '{name}' is not a server name: lowercase letters, digits and single hyphens, "
+            f"mcp: '{shown}' is not a server name: lowercase letters, digits and single hyphens, "
             "at most 32 characters (as `mcp-gateway pull` names servers)."
         )
     if spec is None:
@@ -159,12 +162,17 @@ exec /usr/local/bin/mcp-gateway health --wait {wait}
 """
 
 
-def mcp_gateway_start(client: AgentClient, *, slug: str, config: dict[str, Any] | None) -> float:
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def mcp_gateway_start(client: AgentClient, *, slug: str, config: dict[str, Any] | None) -> tuple[float, str]:
     """Write the config (None: keep the one on disk) and a fresh token, start the gateway
     and wait until every server is ready; returns the seconds the guest took.
 
     McpFailed names the first server that failed and its error (and stderr tail)."""
-    env = {"WATASU_MCP_TOKEN": secrets.token_urlsafe(32)}
+    token = secrets.token_urlsafe(32)
+    env = {"WATASU_MCP_TOKEN": token}
     if config is not None:
         env["WATASU_MCP_CONFIG"] = base64.b64encode(json.dumps(config).encode()).decode()
     done = client.exec(
@@ -174,7 +182,7 @@ def mcp_gateway_start(client: AgentClient, *, slug: str, config: dict[str, Any] 
         raise _unavailable(slug)
     if done["exit_code"] != 0:
         raise _failure(done)
-    return float(done["duration_ms"]) / 1000
+    return float(done["duration_ms"]) / 1000, token
 
 
 def _failure(done: dict[str, Any]) -> McpFailed:
@@ -207,7 +215,20 @@ def mcp_after_start(
         return
     if mcp is not None or not (checkpoint is not None and checkpoint.include_memory):
         slug = sandbox.template.slug if sandbox.template is not None else GATEWAY_TEMPLATE
-        took = mcp_gateway_start(client, slug=slug, config=mcp_config(mcp) if mcp is not None else None)
+        took, token = mcp_gateway_start(
+            client, slug=slug, config=mcp_config(mcp) if mcp is not None else None
+        )
+        digest = token_digest(token)
         logger.info("sandbox %s: MCP gateway ready in %.1f s", sandbox.pk, took)
-    Sandbox.objects.filter(pk=sandbox.pk).update(mcp_enabled=True)
-    sandbox.mcp_enabled = True
+    else:  # the gateway came along in memory, with its token
+        assert checkpoint is not None
+        digest = checkpoint.sandbox.mcp_token_sha256
+    Sandbox.objects.filter(pk=sandbox.pk).update(mcp_enabled=True, mcp_token_sha256=digest)
+    sandbox.mcp_enabled, sandbox.mcp_token_sha256 = True, digest
+
+
+def mcp_bearer_ok(sandbox: Sandbox, bearer: str | None) -> bool:
+    """Whether `bearer` is the token of this sandbox's gateway (constant time)."""
+    if not (sandbox.mcp_token_sha256 and bearer):
+        return False
+    return hmac.compare_digest(token_digest(bearer), sandbox.mcp_token_sha256)

@@ -122,6 +122,9 @@ class Sandbox(models.Model):
     # Created with `mcp`: the in-guest gateway serves port 50005, which the edge opens to
     # callers with the gateway's token even when allow_public_traffic is false.
     mcp_enabled = models.BooleanField(default=False)
+    # sha256 of the gateway's token: the edge checks it for port 50005 of a private sandbox
+    # (the token itself lives only in the guest)
+    mcp_token_sha256 = models.CharField(max_length=64, blank=True, default="")
     route_token = models.CharField(max_length=32, unique=True, default=new_route_token)
     vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)

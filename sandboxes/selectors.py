@@ -10,7 +10,6 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sandboxes.mcp import GATEWAY_PORT
 from sandboxes.models import RUNTIME_STATES, Checkpoint, CheckpointStatus, Sandbox, SandboxState
 from teams.models import Team, User
 from teams.selectors import team_for_write
@@ -191,9 +190,7 @@ def sandbox_port(*, sandbox: Sandbox, port: int) -> dict[str, object]:
         "url": url,
         "path_url": path_url,
         "protocol": "http",
-        # the MCP gateway's port is served to anyone holding its token (docs/mcp.md)
-        "public": bool(sandbox.network_policy.get("allow_public_traffic", True))
-        or (sandbox.mcp_enabled and port == GATEWAY_PORT),
+        "public": bool(sandbox.network_policy.get("allow_public_traffic", True)),
     }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandboxes.mcp import GATEWAY_PORT
+from sandboxes.mcp import GATEWAY_PORT, token_digest
 from sandboxes.models import Sandbox, SandboxState
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from tests.conftest import Actor
@@ -34,6 +34,8 @@ def create(actor: Actor, body: dict[str, Any]) -> Any:
         ({}, "mcp names no server"),
         ({"Time": {}}, "'Time' is not a server name"),
         ({"a__b": {}}, "'a__b' is not a server name"),
+        ({"a--b": {}}, "'a--b' is not a server name"),
+        ({"x" * 100: {}}, "'" + "x" * 40 + "...' is not a server name"),
         ({"time": "yes"}, "mcp.time must be an object"),
         ({"time": {"apiKey": "x"}}, "mcp.time: unknown key(s) apiKey"),
         ({"time": {"env": {"1X": "v"}}}, "mcp.time.env: '1X' is not a valid variable name"),
@@ -134,6 +136,7 @@ def _private(team: Any, agent: RealAgent, *, mcp_enabled: bool) -> Sandbox:
         agent_secret_encrypted=crypto.encrypt_text(SECRET),
         network_policy={"allow_public_traffic": False},
         mcp_enabled=mcp_enabled,
+        mcp_token_sha256=token_digest(TOKEN) if mcp_enabled else "",
     )
 
 
@@ -150,12 +153,17 @@ def test_a_private_mcp_sandbox_serves_its_gateway_to_the_token_only(
     names, result = asyncio.run(_session(f"{edge.url}/mcp", TOKEN, host=host))
     # and others try without it, or another port of the sandbox
     no_token = httpx.post(f"{edge.url}/mcp", json=init, headers={"Host": host})
+    wrong_token = httpx.post(
+        f"{edge.url}/mcp", json=init, headers={"Host": host, "Authorization": "Bearer not-it"}
+    )
     other_port = httpx.get(f"{edge.url}/", headers={"Host": host.replace(f"p{GATEWAY_PORT}-", "p8000-")})
 
     # then the client's Authorization reached the gateway (through the edge and the agent)
     assert names == ["echo__echo"] and [c.text for c in result.content] == ["there"]
-    # the gateway itself refuses the anonymous caller; the rest of the sandbox stays private
-    assert (no_token.status_code, no_token.headers["www-authenticate"]) == (401, 'Bearer realm="mcp-gateway"')
+    # the edge refuses a caller without the token before the guest sees it (whatever listens
+    # on the port there); the rest of the sandbox stays private
+    for refused in (no_token, wrong_token):
+        assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized"), refused.text
     assert (other_port.status_code, other_port.json()["error"]) == (403, "forbidden")
 
 

@@ -18,7 +18,7 @@ from django.db import close_old_connections
 from billing.selectors import team_require_active, team_suspended_cached
 from sandboxes import services
 from sandboxes.edge.signing import file_url_check
-from sandboxes.mcp import GATEWAY_PORT
+from sandboxes.mcp import GATEWAY_PORT, mcp_bearer_ok
 from sandboxes.models import Sandbox, SandboxState
 from sandboxes.runtime import vm
 from sandboxes.runtime.agent_client import DATAPLANE, PREVIEW, role_secret
@@ -212,25 +212,31 @@ def signed_upstream(route_token: str, *, path: str, op: str, expires: str, sig: 
     return _running(sandbox, resume=True, role=DATAPLANE)
 
 
-def _public(sandbox: Sandbox, port: int | None) -> bool:
-    """Whether preview traffic to `port` may pass. The MCP gateway's port of a sandbox
-    created with `mcp` always may: the gateway itself refuses a request without its token
-    (the client's Authorization reaches it on the host form), so a private sandbox's MCP
-    URL works as the SDK hands it out."""
-    if sandbox.mcp_enabled and port == GATEWAY_PORT:
+def _public(sandbox: Sandbox, port: int | None, bearer: str | None) -> bool:
+    """Whether preview traffic to `port` may pass. The MCP gateway's port of a private sandbox
+    created with `mcp` may, with the gateway's own token (checked here against its hash, so
+    whatever listens on that port in the guest never sees a caller without it)."""
+    if bool(sandbox.network_policy.get("allow_public_traffic", True)):
         return True
-    return bool(sandbox.network_policy.get("allow_public_traffic", True))
+    return sandbox.mcp_enabled and port == GATEWAY_PORT and mcp_bearer_ok(sandbox, bearer)
 
 
 @_outside_requests
-def preview_upstream(route_token: str, port: int | None = None) -> Upstream:
+def preview_upstream(route_token: str, port: int | None = None, bearer: str | None = None) -> Upstream:
     """The agent for preview traffic to `port`: the route token is the capability (spec 6.13).
 
     Previews never auto-resume: anonymous traffic must not restart (and bill) a
     paused sandbox.
     """
     sandbox = _sandbox(route_token)
-    if not _public(sandbox, port):
+    if not _public(sandbox, port, bearer):
+        if sandbox.mcp_enabled and port == GATEWAY_PORT:
+            raise EdgeError(
+                401,
+                "unauthorized",
+                f"Sandbox {sandbox.pk}'s MCP gateway needs its token: Authorization: Bearer "
+                "<the sandbox's get_mcp_token()>.",
+            )
         raise EdgeError(403, "forbidden", f"Sandbox {sandbox.pk} does not allow public traffic.")
     _refuse_suspended(sandbox)
     upstream = _running(sandbox, resume=False, role=PREVIEW)

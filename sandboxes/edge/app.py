@@ -104,7 +104,9 @@ async def _authorise(route: Route, scope: dict[str, Any], method: str) -> Target
         )
     query: bytes = scope.get("query_string", b"")
     if route.kind == "preview":
-        upstream = await resumes.upstream(access.preview_upstream, route.route_token, route.port)
+        upstream = await resumes.upstream(
+            access.preview_upstream, route.route_token, route.port, _bearer(scope["headers"])
+        )
         return Target(upstream, method, route.upstream, query)
     if route.upstream == SIGNED_PATH:
         return await _authorise_signed(route, query, method)

@@ -39,6 +39,8 @@ HOP_BY_HOP = frozenset(
         b"host",
         b"authorization",
         b"proxy-connection",
+        # only the edge itself says what the client's credential was (app._forwarded_for)
+        b"x-watasu-forwarded-authorization",
     }
 )
 # Preview responses in the path form share the platform's origin: they may not set

@@ -14,4 +14,9 @@ class Migration(migrations.Migration):
             name="mcp_enabled",
             field=models.BooleanField(default=False),
         ),
+        migrations.AddField(
+            model_name="sandbox",
+            name="mcp_token_sha256",
+            field=models.CharField(blank=True, default="", max_length=64),
+        ),
     ]

@@ -62,6 +62,8 @@ def build_spec() -> dict[str, Any]:
             # matplotlib's font list is built once here (a layer), not in every kernel's first import.
             "python3 -c 'import matplotlib.pyplot' && python3 -m py_compile " + SERVER_PATH,
         ],
-        "start_cmd": f"cd /root && exec python3 {SERVER_PATH}",
+        # started again if it dies (killed by code, or by the OOM killer): a restarted server
+        # warms a new default kernel, and the agent says it is starting meanwhile
+        "start_cmd": f"cd /root && while :; do python3 {SERVER_PATH}; sleep 1; done",
         "ready_cmd": READY_CMD,
     }

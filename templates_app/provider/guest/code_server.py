@@ -29,8 +29,10 @@ raises as ``TimeoutException``. Stdlib plus jupyter_client only: it runs on Debi
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import json
+import math
 import os
 import queue
 import re
@@ -62,6 +64,9 @@ INTERRUPT_GRACE = 15.0  # after SIGINT, how long a kernel may take to stop befor
 KERNEL_START_TIMEOUT = 120.0  # TCG is slow
 CHART_MIME = "application/vnd.watasu.chart+json"
 SANDBOX_ENV_HEADER = "X-Watasu-Sandbox-Env"
+# The agent's secret, hashed: a new value means this interpreter was restored from a memory
+# snapshot into another sandbox, whose random generators must not repeat the snapshot's.
+GENERATION_HEADER = "X-Watasu-Sandbox-Generation"
 STATE_DIR = os.environ.get("WATASU_CODE_STATE_DIR", "/var/lib/watasu-code")
 # Runs in every Python kernel at start (an IPython startup file): plain tracebacks, chart data
 # for matplotlib figures; shipped beside this file.
@@ -234,6 +239,7 @@ class Context:
         self.default = default
         self.lock = threading.Lock()
         self.base_env: dict[str, str] = {}  # the sandbox's env vars, as last applied here
+        self.generation: str | None = None  # the sandbox it last ran in (GENERATION_HEADER)
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd, "default": self.default}
@@ -262,6 +268,17 @@ class Context:
 
     def set_env(self, env: dict[str, str], removed: list[str]) -> None:
         raise NotImplementedError
+
+    def sync_generation(self, generation: str) -> None:
+        """Reseed user-space random generators the first time this interpreter runs in a
+        sandbox: a kernel warmed in the template's memory snapshot would otherwise give every
+        sandbox the same `random` and `numpy.random` sequences."""
+        if generation and generation != self.generation:
+            self.reseed()
+            self.generation = generation
+
+    def reseed(self) -> None:
+        pass
 
     def run(
         self, code: str, envs: dict[str, str], out: RunOutput, deadline: float, gone: Callable[[], bool]
@@ -295,6 +312,8 @@ class PythonContext(Context):
         with open(os.path.join(STATE_DIR, "kernels.log"), "ab") as kernel_log:
             km.start_kernel(cwd=self.cwd, env=kernel_env(), stdout=kernel_log, stderr=kernel_log)
         log(f"python kernel {self.id[:8]} launched (pid {km.provisioner.pid if km.provisioner else '?'})")
+        if km.provisioner is not None:
+            oom_first(km.provisioner.pid)
         kc = km.client()
         kc.start_channels()
         try:
@@ -327,6 +346,13 @@ class PythonContext(Context):
         self.silent(
             f"import os as _w\n_w.environ.update({env!r})\n"
             f"for _k in {removed!r}: _w.environ.pop(_k, None)\ndel _w"
+        )
+
+    def reseed(self) -> None:
+        self.silent(
+            "import random as _wr, sys as _ws\n_wr.seed()\n"
+            "if 'numpy' in _ws.modules: _ws.modules['numpy'].random.seed()\n"
+            "del _wr, _ws"
         )
 
     def silent(self, code: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -430,6 +456,14 @@ class PythonContext(Context):
         return False
 
 
+def oom_first(pid: Any) -> None:
+    """Out of memory, the kernel's OOM killer takes an interpreter (the run that killed it
+    gets KernelDied or BashExited) before this server, which every context depends on."""
+    path = f"/proc/{pid}/oom_score_adj"
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write("500")
+
+
 def kernel_env() -> dict[str, str]:
     """The server's environment plus what makes kernels quiet and load our startup file."""
     return {
@@ -463,6 +497,7 @@ class BashContext(Context):
             env=dict(os.environ),
             start_new_session=True,
         )
+        oom_first(self.proc.pid)
         for name, pipe in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             threading.Thread(target=self._pump, args=(name, pipe, self.events), daemon=True).start()
 
@@ -511,6 +546,8 @@ class BashContext(Context):
 
     def _collect(self, mark: str, out: RunOutput, deadline: float, gone: Callable[[], bool]) -> None:
         pending = {"stdout": "", "stderr": ""}
+        # one decoder per stream: a character split across two reads is decoded whole
+        decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in pending}
         done: dict[str, str | None] = {"stdout": None, "stderr": None}
         interrupted_at: float | None = None
         while done["stdout"] is None or done["stderr"] is None:
@@ -531,7 +568,7 @@ class BashContext(Context):
                 self.restart()
                 out.fail("BashExited", "bash exited while running this code; the context was restarted", "")
                 return
-            text = pending[name] + data.decode("utf-8", "replace")
+            text = pending[name] + decoders[name].decode(data)
             at = text.find(mark)
             if at < 0:
                 ready, pending[name] = held_back(text, mark)
@@ -709,11 +746,23 @@ def body_envs(value: Any) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in value.items()}
 
 
+MAX_TIMEOUT = 24 * 3600.0
+
+
 def body_timeout(value: Any) -> float:
-    if value is None or value == 0:
+    """Seconds a run may take: absent means the default; anything but a finite number in
+    (0, one day] is refused (NaN, infinities and 0 included)."""
+    if value is None:
         return DEFAULT_TIMEOUT
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ApiError(400, "bad_request", "timeout_seconds must be a positive number")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_TIMEOUT
+    ):
+        raise ApiError(
+            400, "bad_request", f"timeout_seconds must be seconds above 0, at most {MAX_TIMEOUT:g}"
+        )
     return float(value)
 
 
@@ -810,6 +859,7 @@ class Handler(BaseHTTPRequestHandler):
             if reg.contexts.get(ctx.id) is not ctx:
                 raise ApiError(404, "context_not_found", f"code context {ctx.id!r} was removed")
             ctx.sync_env(sandbox_env)
+            ctx.sync_generation(self.headers.get(GENERATION_HEADER, ""))
             ctx.run(code, envs, out, time.monotonic() + timeout, self.client_gone)
         finally:
             ctx.lock.release()

@@ -354,7 +354,10 @@ class Child:
                 self.stderr.append(f"[stdout, not JSON] {line[:200].decode(errors='replace').rstrip()}")
                 continue
             if isinstance(message, dict):
-                self._dispatch(message)
+                try:
+                    self._dispatch(message)
+                except Exception as e:  # one bad message never stops this reader
+                    self.stderr.append(f"[stdout, not understood] {e!r}"[:500])
         self.proc.wait()
         if self.state == "ready":
             self.state, self.error = "exited", f"exited with status {self.proc.returncode}"
@@ -367,7 +370,11 @@ class Child:
             if "id" in message:
                 self._send_quiet(message["id"], f"the gateway does not support {message['method']}")
             return
-        slot = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+        rid = message.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):  # ours are ints; anything else is noise
+            self.stderr.append(f"[stdout, an answer to no request of ours] id {str(rid)[:80]}")
+            return
+        slot = self._pending.pop(rid, None)
         if slot is not None:
             slot[1] = message
             slot[0].set()
@@ -518,11 +525,17 @@ class Gateway:
         }
 
 
+def rpc_body(code: int, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
 def _answer(rid: Any, fn: Any, *args: Any) -> dict[str, Any]:
     try:
         return {"jsonrpc": "2.0", "id": rid, "result": fn(*args)}
     except RpcError as e:
         return {"jsonrpc": "2.0", "id": rid, "error": e.body()}
+    except Exception as e:  # a server's malformed answer: an error for this request, not a hang-up
+        return {"jsonrpc": "2.0", "id": rid, "error": rpc_body(-32603, f"gateway error: {e!r}"[:500])}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -614,7 +627,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             self._reply(400, rpc_error(None, -32700, "parse error: the body is not JSON"))
             return
         self._handle(payload)

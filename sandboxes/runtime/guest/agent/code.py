@@ -15,6 +15,7 @@ connection, which the code server takes as a reason to interrupt the run.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import os
@@ -35,7 +36,11 @@ CODE_PREFIX = "/runtime/v1/code"
 CODE_PORT = int(os.environ.get("WATASU_CODE_PORT", "49999"))
 MAX_CODE_BODY = 16 * 1024 * 1024  # the code server's own bound on a request
 SANDBOX_ENV_HEADER = "X-Watasu-Sandbox-Env"
+# Changes with the agent's secret, i.e. with every sandbox made from a memory snapshot: the
+# code server reseeds the kernels' random generators when it sees a new one.
+GENERATION_HEADER = "X-Watasu-Sandbox-Generation"
 DROPPED = HOP_BY_HOP | {
+    GENERATION_HEADER.lower(),
     "authorization",
     "content-length",
     "host",
@@ -52,8 +57,9 @@ def unavailable() -> HttpError:
     return HttpError(
         404,
         "code_interpreter_unavailable",
-        "this sandbox's template has no code interpreter; start it from `code-interpreter` "
-        "or a template built on it",
+        "no code interpreter answers in this sandbox: its template has none (start it from "
+        "`code-interpreter` or a template built on it), or it stopped and is starting again "
+        "(a few seconds; its contexts' state is lost)",
     )
 
 
@@ -98,6 +104,8 @@ def _send(agent: Agent, req: Request, h: AgentHandler, conn: http.client.HTTPCon
             conn.putheader(k, v)
     with agent.state.lock:
         env = dict(agent.state.env)
+        generation = hashlib.sha256(agent.state.secret.encode()).hexdigest()[:32]
+    conn.putheader(GENERATION_HEADER, generation)
     if env:
         conn.putheader(SANDBOX_ENV_HEADER, base64.b64encode(json.dumps(env).encode()).decode())
     body = b"".join(h.body_chunks(MAX_CODE_BODY))  # bounded, and whole: the server reads a length
