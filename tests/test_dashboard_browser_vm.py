@@ -41,12 +41,18 @@ def build_worker(require_postgres: None) -> Iterator[subprocess.Popen[bytes]]:
 def terminal_has_line(w: Watched, text: str) -> None:
     """Wait until a row of the xterm.js screen reads exactly `text` (an output line, not
     the typed command echoed back)."""
-    w.page.wait_for_function(
-        """(text) => Array.from(document.querySelectorAll('#terminal .xterm-rows > div'))
-              .some((row) => row.textContent.trim() === text)""",
-        arg=text,
-        timeout=60 * SECONDS,
-    )
+    try:
+        w.page.wait_for_function(
+            """(text) => Array.from(document.querySelectorAll('#terminal .xterm-rows > div'))
+                  .some((row) => row.textContent.trim() === text)""",
+            arg=text,
+            timeout=60 * SECONDS,
+        )
+    except Exception as exc:
+        rows = w.page.eval_on_selector_all("#terminal .xterm-rows > div", "rs => rs.map(r => r.textContent)")
+        status = w.page.text_content("#terminal-status") if w.page.query_selector("#terminal-status") else ""
+        screen = [row for row in rows if row.strip()]
+        raise AssertionError(f"no row reads {text!r}; the screen: {screen}, {status}") from exc
 
 
 def state_is(w: Watched, state: str) -> None:

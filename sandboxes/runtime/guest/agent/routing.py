@@ -120,18 +120,6 @@ class Router:
 
 RT = "/runtime/v1"
 
-
-def _tcg_cpu() -> bool:
-    """QEMU's emulated CPU (TCG): OpenBLAS takes it for an Opteron and its first matrix
-    product dies of an illegal instruction unless told the core type."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return "QEMU Virtual CPU" in f.read(4096)
-    except OSError:
-        return False
-
-
-TCG_CPU = _tcg_cpu()
 router = Router()
 
 
@@ -166,8 +154,6 @@ class Agent:
             "SHELL": "/bin/bash",
             "LANG": "C.UTF-8",
         }
-        if TCG_CPU:
-            base["OPENBLAS_CORETYPE"] = "Nehalem"
         with self.state.lock:
             return {**base, **self.state.env}
 
