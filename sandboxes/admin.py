@@ -19,6 +19,7 @@ from sandboxes.models import (
     Checkpoint,
     Host,
     HostState,
+    PooledVm,
     Sandbox,
     SandboxEvent,
     SandboxState,
@@ -170,6 +171,9 @@ class SandboxAdmin(admin.ModelAdmin):
         "updated_at",
         "last_error",
         "restored_from",
+        "domain_name",
+        "runtime_uid",
+        "paused_in_memory",
         # a policy changes through PUT /network only (checked, then enforced on the host)
         "network_class",
         "network_policy",
@@ -193,6 +197,39 @@ class SandboxAdmin(admin.ModelAdmin):
     @admin.display(description="Connections refused by its policy")
     def network_refused_connections(self, sandbox: Sandbox) -> int:
         return network.refused(sandbox) if sandbox.state == SandboxState.READY else 0
+
+
+@admin.action(description="Release selected warm pool VMs (the pool sweep refills what is still wanted)")
+def release_pooled(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[PooledVm]) -> None:
+    released = 0
+    for pooled in queryset.select_related("host"):
+        name = pooled.domain_name
+        if PooledVm.objects.filter(pk=pooled.pk).delete()[0]:  # the row first: no create takes it
+            driver_for(pooled.host).destroy(name)
+            released += 1
+    modeladmin.message_user(request, f"Released {released} warm pool VM(s).", messages.SUCCESS)
+
+
+@admin.register(PooledVm)
+class PooledVmAdmin(admin.ModelAdmin):
+    """The warm pools: what each host holds suspended for fast creates (see sandboxes/pool.py)."""
+
+    list_display = ["id", "host", "template_version", "cpu_count", "memory_mb", "state", "ready_at"]
+    list_filter = ["host", "state", "template_version__template"]
+    list_select_related = ["host", "template_version__template"]
+    readonly_fields = [f.name for f in PooledVm._meta.fields] + ["domain", "uid"]
+    actions = [release_pooled]
+
+    @admin.display(description="libvirt domain")
+    def domain(self, pooled: PooledVm) -> str:
+        return pooled.domain_name
+
+    @admin.display(description="QEMU uid")
+    def uid(self, pooled: PooledVm) -> int | None:
+        return pooled.qemu_uid
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # the pool sweep fills the pools
 
 
 @admin.action(description="Delete selected checkpoints (and free their storage)")

@@ -126,6 +126,13 @@ class Sandbox(models.Model):
     # (the token itself lives only in the guest)
     mcp_token_sha256 = models.CharField(max_length=64, blank=True, default="")
     route_token = models.CharField(max_length=32, unique=True, default=new_route_token)
+    # A sandbox started from the warm pool runs the pooled domain: its libvirt name and QEMU
+    # uid are the pool's (empty/None: derived from the id, see `vm_name` and vm.qemu_uid).
+    domain_name = models.CharField(max_length=100, blank=True, default="")
+    runtime_uid = models.PositiveBigIntegerField(null=True, blank=True)
+    # A `stopped` sandbox whose VM is suspended in host memory (the first tier of a pause:
+    # resumes in milliseconds); False once its memory is on disk (managed save).
+    paused_in_memory = models.BooleanField(default=False)
     vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)
     agent_secret_encrypted = models.TextField(blank=True)
@@ -158,7 +165,7 @@ class Sandbox(models.Model):
 
     @property
     def vm_name(self) -> str:
-        return f"{settings.RUNTIME_VM_PREFIX}{self.pk}"
+        return self.domain_name or f"{settings.RUNTIME_VM_PREFIX}{self.pk}"
 
     @property
     def placed_host(self) -> Host:
@@ -167,6 +174,55 @@ class Sandbox(models.Model):
         if self.host is None:
             raise ValueError(f"{self} was never placed on a host")
         return self.host
+
+
+class PooledVmState(models.TextChoices):
+    FILLING = "filling"  # being restored; removed by the pool sweep if its filler died
+    READY = "ready"  # suspended with a fresh (sealed) agent, waiting for a create
+
+
+class PooledVm(models.Model):
+    """A warm pool VM: a clone of a template version's memory snapshot restored ahead of
+    time and held suspended on its host, for one shape. A create takes it (the row goes in
+    the create's transaction) and gives it its identity; until then it belongs to no team,
+    counts against its host's capacity, and is never metered."""
+
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="pooled_vms")
+    template_version = models.ForeignKey(
+        "templates_app.TemplateVersion", on_delete=models.PROTECT, related_name="pooled_vms"
+    )
+    cpu_count = models.PositiveSmallIntegerField()
+    memory_mb = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=PooledVmState.choices, default=PooledVmState.FILLING)
+    agent_port = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "warm pool VM"
+        indexes = [
+            models.Index(
+                fields=["template_version", "cpu_count", "memory_mb", "host", "state"], name="pooled_vm_key"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"pooled VM {self.pk} ({self.state})"
+
+    @property
+    def domain_name(self) -> str:
+        return f"{settings.RUNTIME_VM_PREFIX}pool-{self.pk}"
+
+    @property
+    def qemu_uid(self) -> int | None:
+        """Its own QEMU uid, above every sandbox's (base + POOL_UID_OFFSET + id); the sandbox
+        that takes it keeps it. None when QEMUs share one user."""
+        base = settings.RUNTIME_QEMU_UID_BASE
+        return base + POOL_UID_OFFSET + self.pk if base else None
+
+
+# Pooled VMs' QEMU uids start this far above the sandboxes' (sandbox ids stay below it).
+POOL_UID_OFFSET = 1_000_000_000
 
 
 class SandboxEvent(models.Model):

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Q, Sum
+from django.db.models import OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 
-from sandboxes.models import RUNTIME_STATES, Host, HostState
+from sandboxes.models import RUNTIME_STATES, Host, HostState, PooledVm, SandboxState
 from watasu import errors
 
 
@@ -26,15 +26,43 @@ class HostRoom:
     free_memory_mb: int
 
 
+def memory_limit_mb(host: Host) -> int:
+    """Guest memory placement may hand out on ``host``: its capacity times the overcommit."""
+    return host.memory_capacity_mb * settings.RUNTIME_MEMORY_OVERCOMMIT_PERCENT // 100
+
+
 def hosts_with_room(states: tuple[str, ...] = (HostState.UP,)) -> list[HostRoom]:
     """Every host in `states` (up: those taking new sandboxes) with its free vCPU and memory
-    (one query)."""
+    (one query). Memory is also held by pauses kept in memory and by warm pool VMs; neither
+    runs, so neither holds vCPUs."""
     in_runtime = Q(sandboxes__state__in=RUNTIME_STATES)
+    in_memory = Q(sandboxes__state=SandboxState.STOPPED, sandboxes__paused_in_memory=True)
+    pooled = (
+        PooledVm.objects.filter(host=OuterRef("pk"))
+        .values("host")
+        .annotate(total=Sum("memory_mb"))
+        .values("total")
+    )
     hosts = Host.objects.filter(state__in=states).annotate(
         used_cpu=Coalesce(Sum("sandboxes__cpu_count", filter=in_runtime), 0),
-        used_memory=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime), 0),
+        used_memory=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime | in_memory), 0),
+        pooled_memory=Coalesce(Subquery(pooled), 0),
     )
-    return [HostRoom(h, h.cpu_capacity - h.used_cpu, h.memory_capacity_mb - h.used_memory) for h in hosts]
+    return [
+        HostRoom(h, h.cpu_capacity - h.used_cpu, memory_limit_mb(h) - h.used_memory - h.pooled_memory)
+        for h in hosts
+    ]
+
+
+def _short_of_memory(host: Host) -> bool:
+    """The host's measured free memory is below the floor placement keeps (what guests
+    really use, after page sharing: the check behind memory overcommit)."""
+    from sandboxes.runtime import driver_for  # the runtime imports models; placement must not at import
+
+    try:
+        return driver_for(host).memory_available_mb() < settings.HOST_MIN_AVAILABLE_MB
+    except Exception:  # libvirt trouble: the hosts sweep marks it down; do not place there now
+        return True
 
 
 def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> Host:
@@ -51,10 +79,11 @@ def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> H
         for r in hosts_with_room()
         if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb and (among is None or r.host.pk in among)
     ]
-    if not fitting:
-        message = _no_host_message(cpu, memory_mb)
-        raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
-    return max(fitting, key=lambda r: (r.free_memory_mb, r.free_cpu, -r.host.pk)).host
+    for room in sorted(fitting, key=lambda r: (r.free_memory_mb, r.free_cpu, -r.host.pk), reverse=True):
+        if not _short_of_memory(room.host):
+            return room.host
+    message = _no_host_message(cpu, memory_mb)
+    raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
 
 
 def _no_host_message(cpu: int, memory_mb: int) -> str:
@@ -75,7 +104,12 @@ def host_has_room(*, host: Host, cpu: int, memory_mb: int) -> bool:
     Host.objects.select_for_update().filter(pk=host.pk).first()
     rooms = hosts_with_room(states=(HostState.UP, HostState.DRAINING))
     room = next((r for r in rooms if r.host.pk == host.pk), None)
-    return room is not None and room.free_cpu >= cpu and room.free_memory_mb >= memory_mb
+    return (
+        room is not None
+        and room.free_cpu >= cpu
+        and room.free_memory_mb >= memory_mb
+        and not (memory_mb and _short_of_memory(host))
+    )
 
 
 def host_disk_check(*, host: Host, needed_bytes: int, what: str) -> None:

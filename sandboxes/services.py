@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from billing import metering
 from billing.selectors import team_require_active
-from sandboxes import mcp, network
+from sandboxes import mcp, network, pool
 from sandboxes.models import (
     RUNTIME_STATES,
     Checkpoint,
@@ -246,11 +246,19 @@ def _reserve(
         _lock_team(team)
         team_require_active(team)
         _quota_check(team, cpu, memory_mb)
-        host = host_place(cpu=cpu, memory_mb=memory_mb, among=among)
+        pooled = (
+            pool.pool_claim(version=version, cpu=cpu, memory_mb=memory_mb, among=among or None)
+            if checkpoint is None
+            else None
+        )
+        host = pooled.host if pooled else host_place(cpu=cpu, memory_mb=memory_mb, among=among)
         sandbox = Sandbox.objects.create(
             team=team,
             created_by=user,
             host=host,
+            domain_name=pooled.domain_name if pooled else "",
+            runtime_uid=pooled.qemu_uid if pooled else None,
+            agent_port=pooled.agent_port if pooled else None,
             state=state,
             restored_from=checkpoint,
             template=version.template,
@@ -513,8 +521,19 @@ def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause", due_by: datetime |
         sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING, reason=reason, where=where
     ):
         raise state_conflict(sandbox, "pause")
-    _runtime_step(sandbox, vm.pause, what="pause", during=S.STOPPING, back_to=S.READY)
-    if not sandbox_transition(sandbox=sandbox, from_states=[S.STOPPING], to_state=S.STOPPED, reason=reason):
+    in_memory = pool.pause_in_memory_allowed(sandbox)
+
+    def step(sandbox: Sandbox) -> None:
+        vm.pause(sandbox, in_memory=in_memory)
+
+    _runtime_step(sandbox, step, what="pause", during=S.STOPPING, back_to=S.READY)
+    if not sandbox_transition(
+        sandbox=sandbox,
+        from_states=[S.STOPPING],
+        to_state=S.STOPPED,
+        reason=f"{reason} (in memory)" if in_memory else reason,
+        paused_in_memory=in_memory,
+    ):
         vm.destroy(sandbox)  # destroyed while pausing
     return sandbox
 
@@ -533,7 +552,9 @@ def _claim_resume(sandbox: Sandbox) -> bool:
         team_require_active(sandbox.team)
         _quota_check(sandbox.team, sandbox.cpu_count, sandbox.memory_mb)
         host = sandbox.placed_host
-        if not host_has_room(host=host, cpu=sandbox.cpu_count, memory_mb=sandbox.memory_mb):
+        sandbox.refresh_from_db(fields=["paused_in_memory"])
+        held = sandbox.paused_in_memory  # its memory is counted already
+        if not host_has_room(host=host, cpu=sandbox.cpu_count, memory_mb=0 if held else sandbox.memory_mb):
             message = f"Host {host.name} has no room to resume sandbox {sandbox.pk} now."
             raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
         return sandbox_transition(
@@ -554,6 +575,16 @@ def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
     except Exception:
         logger.exception("sandbox %s: could not save the VM again after a failed resume", sandbox.pk)
     message = f"Sandbox {sandbox.pk} could not resume: {exc}"
+    if status == "suspended":
+        sandbox_transition(
+            sandbox=sandbox,
+            from_states=[S.RESTORING],
+            to_state=S.STOPPED,
+            reason="resume failed; memory still held",
+            last_error=str(exc)[:2000],
+            paused_in_memory=True,
+        )
+        return errors.Unavailable(message)
     if status == "saved":
         sandbox_transition(
             sandbox=sandbox,
@@ -579,17 +610,25 @@ def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
 
 def _restart(sandbox: Sandbox, timeout: int) -> None:
     try:
-        vm.resume(sandbox)
+        rebooted = vm.resume(sandbox)
     except Exception as exc:
         raise _resume_failed(sandbox, exc) from exc
     now = timezone.now()
+    agent: dict[str, Any] = {}  # booted on its disk: a new agent, at a new port
+    if rebooted is not None:
+        agent = {
+            "agent_port": rebooted.agent_port,
+            "agent_secret_encrypted": crypto.encrypt_text(rebooted.agent_secret),
+        }
     if not sandbox_transition(
         sandbox=sandbox,
         from_states=[S.RESTORING],
         to_state=S.READY,
-        reason="resumed",
+        reason="resumed" if rebooted is None else "resumed on its disk (its memory was lost with its host)",
         ready_at=now,
         deadline_at=now + timedelta(seconds=timeout),
+        paused_in_memory=False,
+        **agent,
     ):
         vm.destroy(sandbox)
         raise state_conflict(sandbox, "resume")

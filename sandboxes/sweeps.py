@@ -136,7 +136,15 @@ def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
         services.sandbox_purge(sandbox)
         return S.FAILED
     if state in (S.STOPPING, S.RESTORING) and status == "saved":
-        return S.STOPPED if move(S.STOPPED, f"{state} interrupted; memory is saved") else "unchanged"
+        return (
+            S.STOPPED
+            if move(S.STOPPED, f"{state} interrupted; memory is saved", paused_in_memory=False)
+            else "unchanged"
+        )
+    if state in (S.STOPPING, S.RESTORING) and status == "suspended":
+        # a pause that suspended the VM, or a resume that never continued it
+        moved = move(S.STOPPED, f"{state} interrupted; memory is held", paused_in_memory=True)
+        return S.STOPPED if moved else "unchanged"
     if status == "running" and state == S.RESTORING:
         return _recover_restoring(sandbox, since, move, now)
     if status == "running":
@@ -199,24 +207,30 @@ def _sandbox_pk(name: str) -> int | None:
     return int(suffix) if suffix.isdigit() else None
 
 
+def _rows_of(names: list[str]) -> dict[str, Sandbox]:
+    """The rows owning these domain names: by id, or by the pooled domain a sandbox took."""
+    pks = [pk for pk in map(_sandbox_pk, names) if pk is not None]
+    others = [name for name in names if _sandbox_pk(name) is None]
+    rows = Sandbox.objects.filter(Q(pk__in=pks) | Q(domain_name__in=others))
+    return {row.vm_name: row for row in rows if row.vm_name in names}
+
+
 def _reconcile_host(host: Host) -> Result:
     driver = driver_for(host)
     listed_at = timezone.now()
     domains = driver.domain_statuses(settings.RUNTIME_VM_PREFIX)
     # libvirt -> database: domains no live row owns.
-    pks = {name: _sandbox_pk(name) for name in domains}
-    rows = {row.pk: row for row in Sandbox.objects.filter(pk__in=[pk for pk in pks.values() if pk])}
-    needed = registry.owned_domains([name for name, pk in pks.items() if pk is None])  # e.g. build VMs
+    rows = _rows_of(list(domains))
+    needed = registry.owned_domains([name for name in domains if name not in rows])  # build/pool VMs
     removed = kept_disks = 0
     for name in domains:
-        pk = pks[name]
-        row = rows.get(pk) if pk is not None else None
-        if pk is None:
+        row = rows.get(name)
+        if row is None:
             if name in needed:
                 continue
             driver.destroy(name)  # a VM no app needs, or a name we never give
             removed += 1
-        elif row is None or row.host_id != host.pk or row.state in (S.DESTROYED, S.EXPIRED):
+        elif row.host_id != host.pk or row.state in (S.DESTROYED, S.EXPIRED):
             driver.destroy(name)
             removed += 1
         elif row.state in (S.FAILED, S.LOST):
@@ -225,14 +239,17 @@ def _reconcile_host(host: Host) -> Result:
     # database -> libvirt: ready/stopped rows whose VM is not what they claim. Only rows
     # unchanged since the listing count: a row that moved meanwhile is judged next time.
     lost = saved = 0
-    ready = Sandbox.objects.filter(host=host, state=S.READY, updated_at__lt=listed_at).values_list(
-        "pk", flat=True
-    )
-    was_saved = [
-        pk
-        for pk in ready.iterator(chunk_size=2000)
-        if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "saved"
-    ]
+
+    def listed(state: str) -> list[tuple[int, str, bool]]:
+        """(id, domain status, paused in memory) of the host's rows in ``state``."""
+        candidates = Sandbox.objects.filter(host=host, state=state, updated_at__lt=listed_at)
+        rows = candidates.values_list("pk", "domain_name", "paused_in_memory")
+        return [
+            (pk, domains.get(domain or f"{settings.RUNTIME_VM_PREFIX}{pk}", "absent"), in_memory)
+            for pk, domain, in_memory in rows.iterator(chunk_size=2000)
+        ]
+
+    was_saved = [pk for pk, status, _ in listed(S.READY) if status == "saved"]
     for start in range(0, len(was_saved), _batch()):  # paused outside the platform: memory is kept
         saved += len(
             services.sandboxes_transition(
@@ -243,19 +260,16 @@ def _reconcile_host(host: Host) -> Result:
                 unchanged_since=listed_at,
             )
         )
-    stopped = Sandbox.objects.filter(host=host, state=S.STOPPED, updated_at__lt=listed_at)
-    stopped_running = [
-        pk
-        for pk in stopped.values_list("pk", flat=True).iterator(chunk_size=2000)
-        if domains.get(f"{settings.RUNTIME_VM_PREFIX}{pk}") == "running"
-    ]
+    stopped_running = [pk for pk, status, _ in listed(S.STOPPED) if status == "running"]
     resaved = sum(_save_again(driver, pk, listed_at) for pk in stopped_running[: _batch()])
-    for state, good in ((S.READY, {"running", "saved"}), (S.STOPPED, {"saved", "running"})):
-        candidates = Sandbox.objects.filter(host=host, state=state, updated_at__lt=listed_at).only("pk")
+    # A pause held in memory whose host restarted lost its memory, not its disk (synced at
+    # the pause): it stays stopped and its resume boots on that disk.
+    kept = {"running", "saved", "suspended"}
+    for state in (S.READY, S.STOPPED):
         vanished = [
-            s.pk
-            for s in candidates.iterator(chunk_size=2000)
-            if domains.get(f"{settings.RUNTIME_VM_PREFIX}{s.pk}", "absent") not in good
+            pk
+            for pk, status, in_memory in listed(state)
+            if status not in kept and not (state == S.STOPPED and in_memory)
         ]
         for start in range(0, len(vanished), _batch()):
             moved = services.sandboxes_transition(
@@ -313,6 +327,7 @@ def _save_again(driver: RuntimeDriver, pk: int, listed_at: datetime) -> bool:
         from_states=[S.STOPPING],
         to_state=S.STOPPED,
         reason="running while stopped; memory saved again",
+        paused_in_memory=False,
     )
     return True
 
@@ -454,9 +469,12 @@ def register() -> None:
         ("retention", retention_sweep),
     ):
         registry.register_sweep(name, sweep)
-    from sandboxes.checkpoints import checkpoints_retention  # it builds on this module
+    from sandboxes.checkpoints import checkpoints_retention  # they build on this module
+    from sandboxes.pool import pool_sweep, pooled_domains
 
     registry.register_retention(checkpoints_retention)
+    registry.register_sweep("pool", pool_sweep)
+    registry.register_domain_owner(pooled_domains)
 
 
 def sweep_run(name: str, *, now: datetime | None = None) -> Result:

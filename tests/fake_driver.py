@@ -24,7 +24,7 @@ class FakeDomain:
 
     spec: VmSpec
     disk_path: Path
-    status: str  # running | saved | shutoff
+    status: str  # running | suspended | saved | shutoff
     scsi: dict[int, Path] = field(default_factory=dict)
     chain: list[Path] = field(default_factory=list)  # the layers below disk_path, top first
 
@@ -38,6 +38,7 @@ class FakeDriver:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.domains: dict[str, FakeDomain] = {}
         self.up = True  # False: the hypervisor stops answering
+        self.available_mb = FAKE_MEMORY_MB  # what `memory_available_mb` reports (tests lower it)
 
     def sandbox_dir(self, name: str) -> Path:
         return self.state_dir / name
@@ -82,6 +83,18 @@ class FakeDriver:
         domain = self._domain(name)
         if domain.status != "saved":
             raise DriverError(f"{name} has no managed save image to resume from")
+        domain.status = "running"
+
+    def suspend(self, name: str) -> None:
+        domain = self._domain(name)
+        if domain.status not in ("running", "suspended"):
+            raise DriverError(f"could not suspend {name}: it does not run")
+        domain.status = "suspended"
+
+    def unsuspend(self, name: str) -> None:
+        domain = self._domain(name)
+        if domain.status != "suspended":
+            raise DriverError(f"{name} is not suspended")
         domain.status = "running"
 
     def forget(self, name: str) -> None:
@@ -136,8 +149,9 @@ class FakeDriver:
         return dict(self._domain(name).scsi)
 
     def stats(self, name: str) -> DomainStats:
-        running = self._domain(name).status == "running"
-        return DomainStats(cpu_time_ns=0, memory_rss_kb=0, state="running" if running else "shutoff")
+        status = self._domain(name).status
+        state = {"running": "running", "suspended": "paused"}.get(status, "shutoff")
+        return DomainStats(cpu_time_ns=0, memory_rss_kb=0, state=state)
 
     def list_domains(self, prefix: str) -> list[str]:
         return sorted(name for name in self.domains if name.startswith(prefix))
@@ -154,6 +168,9 @@ class FakeDriver:
 
     def memory_mb(self) -> int:
         return FAKE_MEMORY_MB
+
+    def memory_available_mb(self) -> int:
+        return self.available_mb
 
     def connected(self) -> bool:
         return True

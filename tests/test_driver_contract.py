@@ -97,7 +97,7 @@ def test_both_drivers_have_every_method_of_the_protocol() -> None:
         expected = list(inspect.signature(getattr(RuntimeDriver, name)).parameters)
         assert list(inspect.signature(getattr(FakeDriver, name)).parameters) == expected, name
         assert list(inspect.signature(getattr(LibvirtDriver, name)).parameters) == expected, name
-    assert len(methods) == 23
+    assert len(methods) == 26
 
 
 def test_a_restored_domain_runs_on_its_own_disk(runtime: Runtime) -> None:
@@ -126,6 +126,37 @@ def test_pause_saves_the_memory_and_resume_runs_again(runtime: Runtime) -> None:
 
     # then it was saved and stopped, and runs again
     assert (paused, paused_state) == ("saved", "shutoff")
+    assert driver.domain_status(spec.name) == "running"
+
+
+def test_suspend_keeps_the_domain_in_memory_and_unsuspend_continues_it(runtime: Runtime) -> None:
+    # given a running domain
+    driver, spec = runtime.driver, _restored(runtime)
+
+    # when it is suspended, then continued
+    driver.suspend(spec.name)
+    suspended, suspended_state = driver.domain_status(spec.name), driver.stats(spec.name).state
+    driver.unsuspend(spec.name)
+
+    # then it was suspended (vCPUs stopped, still active) and runs again
+    assert (suspended, suspended_state) == ("suspended", "paused")
+    assert driver.domain_status(spec.name) == "running"
+    with pytest.raises(DriverError):
+        driver.unsuspend(spec.name)  # a running domain is not suspended
+
+
+def test_a_suspended_domain_saved_to_disk_resumes_running(runtime: Runtime) -> None:
+    # given a suspended domain
+    driver, spec = runtime.driver, _restored(runtime)
+    driver.suspend(spec.name)
+
+    # when its memory goes to disk (the second tier of a pause), then it resumes
+    driver.pause(spec.name)
+    saved = driver.domain_status(spec.name)
+    driver.resume(spec.name)
+
+    # then it was saved, and runs (not suspended) after the resume
+    assert saved == "saved"
     assert driver.domain_status(spec.name) == "running"
 
 
@@ -329,3 +360,4 @@ def test_the_host_answers_and_reports_its_memory(runtime: Runtime) -> None:
     assert runtime.driver.alive() is True
     assert runtime.driver.connected() is True
     assert runtime.driver.memory_mb() == runtime.memory_mb
+    assert 0 < runtime.driver.memory_available_mb() <= runtime.memory_mb

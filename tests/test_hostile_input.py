@@ -470,7 +470,7 @@ def world(
 ) -> Iterator[World]:
     # given: runtime calls that succeed without a VM, and builds that are never queued
     monkeypatch.setattr(vm, "start", lambda sandbox, version, **kwargs: vm.Started(1, "fake"))
-    monkeypatch.setattr(vm, "pause", lambda sandbox: None)
+    monkeypatch.setattr(vm, "pause", lambda sandbox, **kwargs: None)
     monkeypatch.setattr(vm, "resume", lambda sandbox: None)
     monkeypatch.setattr(vm, "destroy", lambda sandbox: True)
     monkeypatch.setattr(vm, "forget", lambda sandbox: None)

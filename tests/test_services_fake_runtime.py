@@ -160,4 +160,5 @@ def test_a_sweep_without_an_interval_is_refused() -> None:
         "retention",
         "volumes",
         "billing",
+        "pool",
     ]

@@ -122,6 +122,14 @@ class RuntimeDriver(Protocol):
     def resume(self, name: str) -> None:
         """Start a paused domain from its saved memory (``DriverError`` when it has none)."""
 
+    def suspend(self, name: str) -> None:
+        """Stop the running domain's vCPUs, keeping its memory resident (in host RAM, not on
+        disk: a host restart loses it). Status ``suspended``; ``unsuspend`` continues it."""
+
+    def unsuspend(self, name: str) -> None:
+        """Continue a suspended domain (tens of milliseconds); ``DriverError`` when it is not
+        suspended."""
+
     def destroy(self, name: str) -> None:
         """Stop and forget the domain and delete its disk and files. Idempotent."""
 
@@ -163,7 +171,8 @@ class RuntimeDriver(Protocol):
         """Names of all domains (running or not) starting with ``prefix``, sorted."""
 
     def domain_status(self, name: str) -> str:
-        """running | saved (stopped with saved memory) | shutoff | absent."""
+        """running | suspended (vCPUs stopped, memory resident) | saved (stopped with saved
+        memory) | shutoff | absent."""
 
     def domain_statuses(self, prefix: str) -> dict[str, str]:
         """``domain_status`` of every domain whose name starts with ``prefix``."""
@@ -173,6 +182,10 @@ class RuntimeDriver(Protocol):
 
     def memory_mb(self) -> int:
         """The host's physical memory."""
+
+    def memory_available_mb(self) -> int:
+        """Host memory free for new guests right now (free + page cache), as measured: what
+        page sharing saves shows up here."""
 
     def connected(self) -> bool:
         """Whether this driver's connection still stands (``driver_for`` reconnects if not)."""

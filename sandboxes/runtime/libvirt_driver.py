@@ -330,8 +330,9 @@ class LibvirtDriver:
             self.conn.restoreFlags(str(memory_dest), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
 
     def pause(self, name: str) -> None:
-        """Managed save: the memory goes to disk, the domain stops and stays defined."""
-        self._domain(name).managedSave(0)
+        """Managed save: the memory goes to disk, the domain stops and stays defined. A
+        suspended domain is saved too, and starts running again on resume."""
+        self._domain(name).managedSave(libvirt.VIR_DOMAIN_SAVE_RUNNING)
 
     def resume(self, name: str) -> None:
         """Start from the managed save; a domain without one is a ``DriverError``."""
@@ -339,6 +340,23 @@ class LibvirtDriver:
         if not dom.hasManagedSaveImage(0):
             raise DriverError(f"{name} has no managed save image to resume from")
         dom.create()
+
+    def suspend(self, name: str) -> None:
+        """Stop the vCPUs; QEMU keeps the memory (libvirt's ``paused`` state)."""
+        try:
+            self._domain(name).suspend()
+        except libvirt.libvirtError as exc:
+            raise DriverError(f"could not suspend {name}: {exc}") from exc
+
+    def unsuspend(self, name: str) -> None:
+        """Continue a suspended domain."""
+        dom = self._domain(name)
+        if not dom.isActive() or dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            raise DriverError(f"{name} is not suspended")
+        try:
+            dom.resume()
+        except libvirt.libvirtError as exc:
+            raise DriverError(f"could not continue {name}: {exc}") from exc
 
     def forget(self, name: str) -> None:
         """Stop and undefine the domain and drop its sandbox dir, keeping its disk."""
@@ -523,13 +541,17 @@ class LibvirtDriver:
     @staticmethod
     def _status(dom: libvirt.virDomain) -> str:
         if dom.isActive():
-            state = dom.info()[0]
-            live = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED)
+            state, reason = dom.state()
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                # paused by a request (suspend); QEMU also pauses a domain for the time of a
+                # save or a snapshot, which is still a running domain
+                return "suspended" if reason == libvirt.VIR_DOMAIN_PAUSED_USER else "running"
+            live = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
             return "running" if state in live else "shutoff"
         return "saved" if dom.hasManagedSaveImage(0) else "shutoff"
 
     def domain_status(self, name: str) -> str:
-        """running | saved (stopped with a managed save) | shutoff | absent."""
+        """running | suspended | saved (stopped with a managed save) | shutoff | absent."""
         try:
             return self._status(self._domain(name))
         except DomainNotFound:
@@ -552,6 +574,11 @@ class LibvirtDriver:
         memory hot-plugged outside them (a third of it, on a cloud VM seen here)."""
         stats = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
         return int(stats["total"]) // 1024
+
+    def memory_available_mb(self) -> int:
+        """free + buffers + page cache of the host, from libvirt (so a remote host answers too)."""
+        stats = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+        return sum(int(stats.get(key, 0)) for key in ("free", "buffers", "cached")) // 1024
 
     def alive(self) -> bool:
         """Whether libvirt answers on this connection (a cheap round trip)."""

@@ -121,6 +121,78 @@ def start_from_snapshot(
     return RunningVm(spec, client)
 
 
+def park_clone(
+    driver: RuntimeDriver,
+    snapshot: MemorySnapshot,
+    name: str,
+    disk_dir: Path,
+    *,
+    qemu_uid: int | None = None,
+) -> int:
+    """Restore a clone for a warm pool and suspend it once its agent answers; returns its
+    agent port. Its agent is still sealed with the template secret (it answers nothing but
+    an init with that secret), so the clone has no identity until ``claim_parked``."""
+    spec = sandbox_spec(
+        name,
+        disk_dir,
+        vcpus=snapshot.vcpus,
+        memory_mb=snapshot.memory_mb,
+        kernel=snapshot.kernel,
+        initrd=snapshot.initrd,
+        cmdline=snapshot.cmdline,
+        qemu_uid=qemu_uid,
+    )
+    try:
+        driver.restore(spec, snapshot)
+        AgentClient(spec.agent_host_port).wait_ready(
+            READY_TIMEOUT, alive=lambda: driver.domain_status(name) != "absent"
+        )
+        driver.suspend(name)
+    except BaseException:
+        driver.destroy(name)
+        raise
+    return spec.agent_host_port
+
+
+def claim_parked(
+    driver: RuntimeDriver,
+    snapshot: MemorySnapshot,
+    name: str,
+    port: int,
+    *,
+    hostname: str,
+    env_vars: dict[str, str] | None = None,
+    trust_ca: str | None = None,
+) -> AgentClient:
+    """Continue a parked clone and give it its own secret, clock, hostname, machine id and
+    entropy (the init reseeds the kernel CRNG: parked clones share the snapshot's). The init
+    is authenticated by the template secret, so a clone someone else initialised is a 401.
+    A failure destroys the clone."""
+    try:
+        driver.unsuspend(name)
+        client = AgentClient(port)
+        client.init(
+            auth=snapshot.agent_secret,
+            secret=new_secret(),
+            env_vars=env_vars,
+            hostname=hostname,
+            new_machine_id=True,
+            trust_ca=trust_ca,
+        )
+    except BaseException:
+        driver.destroy(name)
+        raise
+    return client
+
+
+def unsuspend(driver: RuntimeDriver, name: str, client: AgentClient, timeout: float = READY_TIMEOUT) -> float:
+    """Continue a suspended sandbox and resync its clock (same secret). Returns seconds taken."""
+    t = time.monotonic()
+    driver.unsuspend(name)
+    resync(client, name, timeout=timeout, driver=driver)
+    return time.monotonic() - t
+
+
 def cold_boot(
     driver: RuntimeDriver,
     base_image: BaseImage,

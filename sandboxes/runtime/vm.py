@@ -59,6 +59,51 @@ def _image_of(snapshot: MemorySnapshot) -> BaseImage:
     )
 
 
+def snapshot_for(version: TemplateVersion, cpu: int, memory_mb: int) -> MemorySnapshot | None:
+    """The memory snapshot that starts this shape of the version (None: it cold-boots)."""
+    snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+    return snapshot if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb) else None
+
+
+def _network(sandbox: Sandbox, env_vars: dict[str, str]) -> tuple[bool, str | None, dict[str, str]]:
+    """(internet at the VM level, the CA the guest trusts, env vars) for a VM about to run;
+    with a uid of its own, its policy is put in force first (the host firewall enforces it)."""
+    if qemu_uid(sandbox) is None:  # no uid of its own: only all-or-nothing, fixed at start
+        return bool(sandbox.network_policy.get("allow_internet_access", True)), None, env_vars
+    network.apply(sandbox)
+    return True, network.guest_ca(), {**network.GUEST_CA_ENV, **env_vars}
+
+
+def _from_pool(
+    driver: RuntimeDriver, sandbox: Sandbox, snapshot: MemorySnapshot | None, env_vars: dict[str, str]
+) -> Started | None:
+    """Continue the pooled VM the create took and give it the sandbox's identity; None (the
+    pooled VM removed, the row back to its own name and uid) when that fails, so the
+    caller restores a clone instead."""
+    try:
+        if snapshot is None:
+            raise RuntimeError("the version's snapshot for this shape is gone")
+        _, trust_ca, env = _network(sandbox, env_vars)
+        client = lifecycle.claim_parked(
+            driver,
+            snapshot,
+            sandbox.vm_name,
+            sandbox.agent_port or 0,
+            hostname=f"{settings.RUNTIME_VM_PREFIX}{sandbox.pk}",
+            env_vars=env,
+            trust_ca=trust_ca,
+        )
+        return Started(agent_port=client.port, agent_secret=client.secret or "")
+    except Exception:
+        logger.warning("sandbox %s: its pooled VM failed; restoring a clone", sandbox.pk, exc_info=True)
+    driver.destroy(sandbox.vm_name)
+    if qemu_uid(sandbox) is not None:
+        network.remove(sandbox)
+    Sandbox.objects.filter(pk=sandbox.pk).update(domain_name="", runtime_uid=None, agent_port=None)
+    sandbox.domain_name, sandbox.runtime_uid, sandbox.agent_port = "", None, None
+    return None
+
+
 def start(
     sandbox: Sandbox,
     version: TemplateVersion,
@@ -70,20 +115,23 @@ def start(
     """Start the sandbox's VM, hand its agent a fresh identity and mount its volumes
     (``attachments``); blocks until ready. On failure the caller purges the VM.
 
-    From a ``checkpoint`` the VM runs on a copy of the checkpoint's disk: it cold-boots
-    the template version's kernel on it, or, for a checkpoint with memory, restores that
-    memory (the source's processes carry on in the copy)."""
+    A create that took a warm pool VM (``sandbox.domain_name``) continues it; otherwise the
+    version's snapshot for the shape is restored, or, without one, the version's disk
+    cold-boots. From a ``checkpoint`` the VM runs on a copy of the checkpoint's disk: it
+    cold-boots the template version's kernel on it, or, for a checkpoint with memory,
+    restores that memory (the source's processes carry on in the copy)."""
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+    shaped = snapshot_for(version, sandbox.cpu_count, sandbox.memory_mb) if checkpoint is None else None
+    pooled = _from_pool(driver, sandbox, shaped, env_vars) if sandbox.domain_name else None
+    if pooled is not None:
+        if attachments:
+            volumes.attach_and_mount(
+                driver, agent_client_of(pooled), sandbox.vm_name, attachments, qemu_uid=qemu_uid(sandbox)
+            )
+        return pooled
     uid = qemu_uid(sandbox)
-    trust_ca = None
-    if uid is None:  # no uid of its own: only all-or-nothing, fixed at start
-        internet = bool(sandbox.network_policy.get("allow_internet_access", True))
-    else:  # the host firewall enforces its policy, in place before the VM runs
-        internet = True
-        network.apply(sandbox)
-        trust_ca = network.guest_ca()
-        env_vars = {**network.GUEST_CA_ENV, **env_vars}
+    internet, trust_ca, env_vars = _network(sandbox, env_vars)
     name = sandbox.vm_name
     if checkpoint is not None:
         driver.import_disk(checkpoint.path, disk_path(sandbox), qemu_uid=uid)
@@ -107,13 +155,10 @@ def start(
             overlay=False,
             trust_ca=trust_ca,
         )
-    elif checkpoint is None and (snapshot.vcpus, snapshot.memory_mb) == (
-        sandbox.cpu_count,
-        sandbox.memory_mb,
-    ):
+    elif shaped is not None:
         started = lifecycle.start_from_snapshot(
             driver,
-            snapshot,
+            shaped,
             name,
             driver.state_dir,
             env_vars=env_vars,
@@ -137,6 +182,10 @@ def start(
     if attachments:
         volumes.attach_and_mount(driver, started.client, name, attachments, qemu_uid=uid)
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
+
+
+def agent_client_of(started: Started) -> AgentClient:
+    return AgentClient(started.agent_port, secret=started.agent_secret)
 
 
 def disk_path(sandbox: Sandbox) -> Path:
@@ -220,8 +269,11 @@ def _merge_back(driver: RuntimeDriver, sandbox: Sandbox, base: Path) -> None:
 
 
 def qemu_uid(sandbox: Sandbox) -> int | None:
-    """The uid this sandbox's QEMU runs as: its own (base + id, no other sandbox shares it),
-    or None (the shared QEMU user) when `WATASU_QEMU_UID_BASE` is 0."""
+    """The uid this sandbox's QEMU runs as: its own (base + id, or the warm pool VM's it took;
+    no other sandbox shares it), or None (the shared QEMU user) when `WATASU_QEMU_UID_BASE`
+    is 0."""
+    if sandbox.runtime_uid is not None:
+        return sandbox.runtime_uid
     base = settings.RUNTIME_QEMU_UID_BASE
     return base + sandbox.pk if base else None
 
@@ -230,12 +282,30 @@ def agent_client(sandbox: Sandbox) -> AgentClient:
     return AgentClient(sandbox.agent_port or 0, secret=crypto.decrypt_text(sandbox.agent_secret_encrypted))
 
 
-def pause(sandbox: Sandbox) -> None:
-    """Managed save: memory and disk kept, processes survive the pause. A sandbox holding
-    volumes syncs them first: its memory may be destroyed without ever running again."""
+def pause(sandbox: Sandbox, *, in_memory: bool = False) -> None:
+    """Processes survive the pause: ``in_memory``, the VM is suspended and its memory stays
+    in host RAM (a resume takes milliseconds; the pool sweep saves it to disk later); else
+    a managed save writes the memory to disk.
+
+    The guest first writes everything to its disks: a memory held in RAM is lost if the
+    host restarts, and its resume then boots on the disk, which holds every write made
+    before the pause. A sandbox holding volumes needs the same (its memory may be
+    destroyed without ever running again). A guest that does not answer is paused anyway
+    on a managed save, not in memory."""
+    synced = True
     if sandbox.volume_mounts:
-        volumes.flush(agent_client(sandbox))
-    driver_for(sandbox.placed_host).pause(sandbox.vm_name)
+        synced = volumes.flush(agent_client(sandbox))
+    elif in_memory:
+        try:
+            synced = volumes.flush(agent_client(sandbox))
+        except Exception:  # no answer: the memory goes to disk, which needs nothing of the guest
+            logger.warning("sandbox %s: the guest did not sync; pausing to disk", sandbox.pk, exc_info=True)
+            synced = False
+    driver = driver_for(sandbox.placed_host)
+    if in_memory and synced:
+        driver.suspend(sandbox.vm_name)
+    else:
+        driver.pause(sandbox.vm_name)
 
 
 def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
@@ -254,15 +324,60 @@ def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
     return freeze
 
 
-def resume(sandbox: Sandbox) -> None:
+def resume(sandbox: Sandbox) -> Started | None:
+    """Run a paused sandbox again, from wherever its memory is: in host RAM (continue it),
+    on disk (managed save), or nowhere (a pause held in memory on a host that restarted:
+    it boots on its own disk, files kept, processes not; returns the new agent's port and
+    secret)."""
     if qemu_uid(sandbox) is not None:
         network.apply(sandbox)  # a change made while it was paused
-    lifecycle.resume(
-        driver_for(sandbox.placed_host),
+    driver = driver_for(sandbox.placed_host)
+    status = driver.domain_status(sandbox.vm_name)
+    timeout = settings.RUNTIME_RESUME_TIMEOUT_SECONDS
+    if status == "suspended":
+        lifecycle.unsuspend(driver, sandbox.vm_name, agent_client(sandbox), timeout=timeout)
+        return None
+    if status in ("shutoff", "absent") and sandbox.paused_in_memory and disk_path(sandbox).exists():
+        return _boot_on_own_disk(driver, sandbox)
+    lifecycle.resume(driver, sandbox.vm_name, agent_client(sandbox), timeout=timeout)
+    return None
+
+
+def _boot_on_own_disk(driver: RuntimeDriver, sandbox: Sandbox) -> Started:
+    """Cold boot the template version's kernel on the sandbox's own disk, its volumes
+    attached again."""
+    version = sandbox.template_version
+    if version is None:
+        raise RuntimeError(f"sandbox {sandbox.pk} has no template version to boot")
+    snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+    driver.forget(sandbox.vm_name)  # the old definition (its disk stays)
+    env_vars = {**version.build_env(), **(crypto.decrypt_json(sandbox.env_vars_encrypted) or {})}
+    internet, trust_ca, env_vars = _network(sandbox, env_vars)
+    started = lifecycle.cold_boot(
+        driver,
+        _image_of(snapshot),
         sandbox.vm_name,
-        agent_client(sandbox),
-        timeout=settings.RUNTIME_RESUME_TIMEOUT_SECONDS,
+        driver.state_dir,
+        vcpus=sandbox.cpu_count,
+        memory_mb=sandbox.memory_mb,
+        env_vars=env_vars,
+        internet=internet,
+        disk_path=disk_path(sandbox),
+        qemu_uid=qemu_uid(sandbox),
+        trust_ca=trust_ca,
     )
+    from volumes.models import Volume  # the volumes app builds on the sandboxes app
+
+    held = {volume.name: volume for volume in Volume.objects.filter(holder=sandbox)}
+    attachments = [
+        volumes.Attachment(unit=unit, image=held[mount["name"]].image_path, path=mount["path"])
+        for unit, mount in enumerate(sandbox.volume_mounts)
+        if mount["name"] in held
+    ]
+    if attachments:
+        uid = qemu_uid(sandbox)
+        volumes.attach_and_mount(driver, started.client, sandbox.vm_name, attachments, qemu_uid=uid)
+    return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
 
 
 def destroy(sandbox: Sandbox) -> bool:

@@ -340,8 +340,9 @@ RUNTIME_CPU_OVERCOMMIT = env.int("WATASU_CPU_OVERCOMMIT", 4, min=1, max=64)
 RUNTIME_HOST_CPU_CAPACITY = env.int(
     "WATASU_HOST_CPU_CAPACITY", RUNTIME_CPU_OVERCOMMIT * (os.cpu_count() or 1), min=1
 )
-# Memory is never overcommitted: a guest's RAM is real host RAM (an overcommitted host
-# swaps or kills QEMU processes), so the capacity may not exceed what this host holds.
+# The guest memory this host may hold, at most its RAM (a guest's RAM is real host RAM: an
+# overcommitted host swaps or kills QEMU processes). WATASU_MEMORY_OVERCOMMIT_PERCENT lets
+# placement go past it, guarded by the host's measured free memory.
 RUNTIME_HOST_MEMORY_CAPACITY_MB = env.int(
     "WATASU_HOST_MEMORY_CAPACITY_MB", _host_memory_mb() * 3 // 4, min=256, max=_host_memory_mb()
 )
@@ -358,7 +359,36 @@ RUNTIME_VM_PREFIX = env.str(
 )
 # Each sandbox's QEMU runs as uid BASE + sandbox id (in the QEMU user's group), so one
 # escaped QEMU cannot open another sandbox's disk; 0 runs every QEMU as the QEMU user.
-RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=4_000_000_000)
+# Warm pool VMs run as BASE + 1e9 + their id (sandboxes.models.POOL_UID_OFFSET), hence the max.
+RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=3_000_000_000)
+# --- Warm pool and tiered pause (sandboxes/pool.py, docs/fast-starts.md) -----------------
+# Clones of template snapshots restored ahead of time and held suspended, per (template
+# version, shape, host). Off when QEMUs share one uid (a pooled VM's network policy is its
+# uid's firewall rules, applied when a create takes it).
+POOL_ENABLED = env.bool("WATASU_POOL_ENABLED", True)
+# Kept warm for the `base` template's current version at its default shape on each up host.
+POOL_BASE_SIZE = env.int("WATASU_POOL_BASE_SIZE", 2, min=0, max=1000)
+# A (version, shape) created from within the window is kept warm: as many VMs as it had
+# creates in the window, at most POOL_MAX_PER_SHAPE.
+POOL_DEMAND_WINDOW_SECONDS = env.int("WATASU_POOL_DEMAND_WINDOW_SECONDS", 600, min=1)
+POOL_MAX_PER_SHAPE = env.int("WATASU_POOL_MAX_PER_SHAPE", 8, min=0, max=1000)
+# Guest memory all pooled VMs of one host may hold (they count against its capacity).
+POOL_MAX_MEMORY_MB = env.int("WATASU_POOL_MAX_MEMORY_MB", 4096, min=0)
+# Below this much measured free host memory the pool stops filling and releases VMs.
+POOL_MIN_AVAILABLE_MB = env.int("WATASU_POOL_MIN_AVAILABLE_MB", 2048, min=0)
+# VMs restored per pool sweep run (each ~0.5 s under TCG); the sweep requeues itself for more.
+POOL_FILL_BATCH = env.int("WATASU_POOL_FILL_BATCH", 4, min=1, max=100)
+# A pause suspends the VM in memory first (resume in milliseconds) and saves its memory to
+# disk after this long, or at once under memory pressure (0: every pause goes to disk).
+PAUSE_IN_MEMORY_SECONDS = env.int("WATASU_PAUSE_IN_MEMORY_SECONDS", 300, min=0)
+# At most this many sandboxes of one team paused in memory; further pauses go to disk.
+PAUSE_IN_MEMORY_PER_TEAM = env.int("WATASU_PAUSE_IN_MEMORY_PER_TEAM", 10, min=0)
+# Memory overcommit: placement may hand out this percentage of a host's memory capacity
+# (idle guests touch a fraction of their RAM, and page sharing merges what clones have in
+# common), but never places while the host's measured free memory is below
+# WATASU_HOST_MIN_AVAILABLE_MB.
+RUNTIME_MEMORY_OVERCOMMIT_PERCENT = env.int("WATASU_MEMORY_OVERCOMMIT_PERCENT", 100, min=100, max=800)
+HOST_MIN_AVAILABLE_MB = env.int("WATASU_HOST_MIN_AVAILABLE_MB", 1024, min=0)
 # --- Network policies (sandboxes/runtime/egress, docs/network.md) ---------------------
 # Refused to every guest whatever its policy (besides every address of the host itself).
 EGRESS_DENY_NETS = env.list(
@@ -465,6 +495,8 @@ SWEEP_INTERVAL_SECONDS = {
     "volumes": env.int("WATASU_SWEEP_VOLUMES_INTERVAL_SECONDS", 300, min=1),
     # Metering windows that ended are billed; suspension and alerts follow the balance.
     "billing": env.int("WATASU_SWEEP_BILLING_INTERVAL_SECONDS", 15, min=1),
+    # Warm pools refilled and drained; pauses held in memory moved to disk when due.
+    "pool": env.int("WATASU_SWEEP_POOL_INTERVAL_SECONDS", 10, min=1),
 }
 # A sandbox still creating/restoring/stopping/checkpointing after this is reconciled
 # against libvirt (the process doing it died).
