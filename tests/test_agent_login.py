@@ -233,3 +233,19 @@ def test_a_profile_setting_bash_env_keeps_the_real_login_shell(real_agent, home)
 
     assert results == [login_shell(real_agent, "echo done", envs=envs)] * 2
     assert results[0] == (0, "from-bash-env\ndone\n")
+
+
+def test_a_capture_that_times_out_falls_back_and_is_tried_again(real_agent, home) -> None:
+    # given a profile that is slower than the capture's limit the first time it is read only
+    slow_once = '[ -e "$HOME/slow-once" ] || { touch "$HOME/slow-once"; sleep 30; }\n'
+    (home / ".profile").write_text(COUNT + slow_once + "export GREETING=hi\n")
+    envs = {"HOME": str(home)}
+
+    # when commands run: the capture is killed at its limit, the real login shell runs
+    assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
+    assert readings(home) == 2  # the timed-out capture and the real login shell
+
+    # then the next command captures again (a timeout is not remembered), and the one after hits
+    assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
+    assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
+    assert readings(home) == 3

@@ -138,17 +138,26 @@ class LoginCache:
     ) -> LoginEnv | None:
         """The cached login environment for this user, input env and profile files, captured if new."""
         key = (user or "root", frozenset(env.items()), files_key(env.get("HOME") or "/"))
-        with self.capture_lock:
-            with self.lock:
-                hit, login = key in self.entries, self.entries.get(key)
-                if hit:
-                    self.entries.move_to_end(key)
-            if hit and (login is None or not login.state_file or os.path.exists(login.state_file)):
+        found, login = self._cached(key)
+        if found:
+            return login
+        with self.capture_lock:  # a hit never waits for another key's capture
+            found, login = self._cached(key)  # captured by the thread that held the lock?
+            if found:
                 return login
             login, lasting = self._capture(shell, env, kwargs, env.get("HOME") or "/")
             if lasting:
                 self._store(key, login)
         return login
+
+    def _cached(self, key: tuple[Any, ...]) -> tuple[bool, LoginEnv | None]:
+        """(usable record found, the record); a record whose BASH_ENV file vanished is not usable."""
+        with self.lock:
+            if key not in self.entries:
+                return False, None
+            self.entries.move_to_end(key)
+            login = self.entries[key]
+        return login is None or not login.state_file or os.path.exists(login.state_file), login
 
     def _store(self, key: tuple[Any, ...], login: LoginEnv | None) -> None:
         with self.lock:
