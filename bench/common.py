@@ -12,12 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def use_bench_environment(**extra: str) -> Path:
     """Point Django at the benchmark database and data dir (call before importing Django
-    code); VMs get their own prefix, the broker is the embedded one. Returns the repo root."""
+    code); VMs get their own prefix, the broker is the embedded one. Returns the repo root.
+
+    BENCH_DATABASE_URL, BENCH_DATA_DIR and BENCH_VM_PREFIX change them, so that two people
+    benchmarking on one machine do not share a database, an image or VM names."""
     database = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/watasu_bench")
     os.environ.update(
         DATABASE_URL=database,
-        WATASU_DATA_DIR="/tmp/watasu-bench",
-        WATASU_VM_PREFIX="wbench-sbx-",
+        WATASU_DATA_DIR=os.environ.get("BENCH_DATA_DIR", "/tmp/watasu-bench"),
+        WATASU_VM_PREFIX=os.environ.get("BENCH_VM_PREFIX", "wbench-sbx-"),
         DJANGO_SETTINGS_MODULE="watasu.settings",
         WATASU_API_RATE_LIMIT="",
         **extra,

@@ -4,7 +4,9 @@
 
 In one run, on one machine, against one real sandbox:
   1. `commands.run("true")` round trips through the real SDK (a WebSocket each), via the
-     edge and straight at the agent's forwarded port: p50/p95 and the edge's overhead;
+     edge and straight at the agent's forwarded port: p50/p95 and the edge's overhead; and,
+     straight at the agent, `bash -lc true` (a real login shell, what `commands.run` cost
+     before the agent's login fast path) and a fork/exec of /bin/true for reference;
   2. a <mib> MiB `files.write` and `files.read` both ways: throughput and the share the
      edge keeps;
   3. <stream-gib> GiB uploaded (to /dev/null) and downloaded (from /dev/zero) through the
@@ -154,6 +156,15 @@ def main() -> None:
         print(f"commands.run('true') direct:      {ms(direct['round_trips'])}")
         overhead = percentile(edge["round_trips"], 0.5) / percentile(direct["round_trips"], 0.5) - 1
         print(f"edge overhead at p50:             {overhead * 100:5.1f} % (target <= 25 %)")
+        login = direct["login"]
+        print(f"interleaved, direct: commands.run('true') {ms(login['sdk'])}")
+        print(f"  a real login shell (bash -lc true)    {ms(login['login_shell'])}")
+        print(f"  fork/exec of /bin/true                {ms(login['bin_true'])}")
+        fast = percentile(login["sdk"], 0.5)
+        print(
+            f"  commands.run('true') at p50: {fast / percentile(login['login_shell'], 0.5):4.2f}x a real "
+            f"login shell, {fast / percentile(login['bin_true'], 0.5):4.2f}x /bin/true (target <= 100 ms)"
+        )
         for op in ("write", "read"):
             via, raw = args.mib / edge[f"{op}_s"], args.mib / direct[f"{op}_s"]
             print(

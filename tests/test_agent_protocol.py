@@ -306,6 +306,40 @@ def test_process_frames_env_exit_codes(agent: Agent) -> None:
     assert output(frames) == b"/tmp\n"
 
 
+LOGIN_REPORT = "env -0 | sort -z | tr '\\0' '\\n'; umask; shopt -q login_shell && echo login; declare -F"
+
+
+def test_commands_run_sees_what_a_real_login_shell_sees(agent: Agent) -> None:
+    """In the guest, the SDK's ``bash -l -c`` reads the profiles once (the agent's capture) and
+    its environment equals a real login shell's (``bash -lc``), for root and for another user."""
+
+    def report(args: list[str], user: str | None) -> bytes:
+        _, frames = agent.run("", args=args, user=user, environment={"WHO": "ada"}, envs={"WHO": "ada"})
+        assert frames[-1]["exit_code"] == 0, output(frames, "stderr")
+        return output(frames)
+
+    # given a script in /etc/profile.d (which counts its readings) and a `user` account
+    profile_d = 'export FROM_PROFILE_D="yes $WHO"; echo "$WHO" >> /tmp/read-by.$UID'
+    _, frames = agent.run(f"useradd -m -s /bin/bash user && echo '{profile_d}' > /etc/profile.d/x.sh")
+    assert frames[-1]["exit_code"] == 0, output(frames, "stderr")
+
+    for user in (None, "user"):
+        # when the SDK's form runs twice (capture, then cache) and a real login shell once
+        fast = [report(["-l", "-c", LOGIN_REPORT], user) for _ in range(2)]
+        real = report(["-lc", LOGIN_REPORT], user)
+
+        # then they are the same, and the profile.d script and the request's env are in them
+        assert fast == [real, real], user
+        assert b"FROM_PROFILE_D=yes ada\n" in real and b"\nlogin\n" in real
+    # (counting the readings for this test's env: the agent's own capture after init may read x.sh too)
+    _, frames = agent.run("grep -c ada /tmp/read-by.0; grep -c ada /tmp/read-by.$(id -u user)")
+    assert output(frames) == b"2\n2\n"  # each: the capture and the real login shell
+
+    # when the user's ~/.profile changes, the next command sees it
+    agent.run("echo 'export EDITED=yes' >> /home/user/.profile")
+    assert b"EDITED=yes\n" in report(["-l", "-c", "env"], "user")
+
+
 def test_stdin_close_stdin_and_two_sockets(agent: Agent) -> None:
     sock, started = agent.start("cat", stdin=True)
     pid = started["pid"]

@@ -20,6 +20,7 @@ from typing import Any
 
 from .core import HttpError, iso
 from .events import Event, Subscriber, utf8_split
+from .login import LoginCache, is_login_command
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RETAIN_BYTES = 16 * 1024 * 1024  # per-process output kept for replay
@@ -353,6 +354,7 @@ class ProcessManager:
         self.dropped: dict[str, float] = {}  # id -> finished_at of records purged to keep FINISHED_KEEP
         self.lock = threading.Lock()
         self.counter = 0
+        self.login = LoginCache()
 
     def get(self, pid: str) -> ManagedProcess:
         """The process, or a 404 that says which of the two things happened."""
@@ -433,7 +435,8 @@ class ProcessManager:
         pid = self._reserve(msg.get("id"))
         proc = ManagedProcess(pid, argv, envs, cwd, user, bool(pty_size), msg.get("tag"))
         proc.stdin_enabled = bool(pty_size) or bool(msg.get("stdin"))
-        fds = self._spawn(proc, argv, env, cwd, kwargs, pty_size, proc.stdin_enabled)
+        run_argv, env = self._login_fast_path(argv, env, kwargs, user, pty_size)
+        fds = self._spawn(proc, run_argv, env, cwd, kwargs, pty_size, proc.stdin_enabled)
         with self.lock:
             self.procs[pid] = proc
         threading.Thread(target=proc.pump, args=(fds,), daemon=True, name=f"pump-{pid}").start()
@@ -443,6 +446,17 @@ class ProcessManager:
             proc.timer.daemon = True
             proc.timer.start()
         return proc
+
+    def _login_fast_path(
+        self, argv: list[str], env: dict[str, str], kwargs: dict[str, Any], user: str | None, pty_size: Any
+    ) -> tuple[list[str], dict[str, str]]:
+        """``bash -l -c <cmd>`` without re-reading the profiles (see login.py); else as asked.
+
+        A PTY keeps the real login shell: a terminal expects one, and pays its cost once.
+        """
+        if pty_size or not is_login_command(argv):
+            return argv, env
+        return self.login.fast_argv(argv, env, kwargs, user) or (argv, env)
 
     @staticmethod
     def _spawn(

@@ -56,6 +56,8 @@ def init(agent: Agent, req: Request) -> Result:
             agent.state.env = env
     if b.get("workdir"):
         agent.workdir = str(b["workdir"])
+    # the first commands.run() then finds root's login environment captured (login.py)
+    threading.Thread(target=agent.procs.login.warm, args=(agent.process_env(),), daemon=True).start()
     return 200, {"status": "ok", "time": time.time()}
 
 
