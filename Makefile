@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code clean
+.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code bench-starts clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -82,6 +82,9 @@ bench-dashboard: setup
 
 bench-code: setup
 	.venv/bin/python bench/code.py
+
+bench-starts: setup
+	.venv/bin/python bench/api.py --fast-starts
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

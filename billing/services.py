@@ -622,7 +622,8 @@ def suspended_sandboxes_pause(*, limit: int = PAUSES_PER_PASS) -> tuple[int, boo
     paused = 0
     for sandbox in running.order_by("pk")[: limit + 1][:limit]:
         try:
-            sandbox_pause(sandbox=sandbox, reason="team suspended")
+            # to disk: a suspended team holds no host memory
+            sandbox_pause(sandbox=sandbox, reason="team suspended", to_disk=True)
             paused += 1
         except errors.DomainError:
             logger.warning(

@@ -221,7 +221,11 @@ def _release_for_memory(host: Host, driver: RuntimeDriver) -> int:
 
 
 def _fill_one(host: Host, driver: RuntimeDriver, version: TemplateVersion, cpu: int, memory_mb: int) -> bool:
-    snapshot = vm.snapshot_for(version, cpu, memory_mb)
+    try:
+        snapshot = vm.snapshot_for(version, cpu, memory_mb)
+    except OSError:  # its files are gone (deleted meanwhile): nothing to fill from
+        logger.warning("the snapshot of %s is unreadable; no warm VMs for it", version, exc_info=True)
+        return False
     if snapshot is None:
         return False
     pooled = PooledVm.objects.create(host=host, template_version=version, cpu_count=cpu, memory_mb=memory_mb)
@@ -329,13 +333,16 @@ def pool_sweep(*, now: datetime | None = None) -> registry.Result:
     results: dict[str, registry.Result] = {}
     more = False
     for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
-        try:
-            results[host.name] = _pool_host(host, now)
-            results[host.name]["paused_to_disk"] = _tier_down(host, now)
-            more = more or bool(results[host.name].get("more"))
-        except Exception as exc:
-            logger.exception("the pool sweep failed on host %s", host.name)
-            results[host.name] = {"error": str(exc)[:500]}
+        result: registry.Result = {}
+        for part, work in (("pool", _pool_host), ("paused_to_disk", _tier_down)):
+            try:
+                done = work(host, now)
+                result.update(done if isinstance(done, dict) else {part: done})
+            except Exception as exc:  # libvirt trouble: the hosts sweep deals with it
+                logger.exception("the pool sweep's %s failed on host %s", part, host.name)
+                result[f"{part}_error"] = str(exc)[:500]
+        results[host.name] = result
+        more = more or bool(result.get("more"))
     return {"hosts": results, "more": more}
 
 

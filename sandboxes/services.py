@@ -510,8 +510,13 @@ def _runtime_step(
         raise errors.Unavailable(f"Sandbox {sandbox.pk} could not {what}: {exc}") from exc
 
 
-def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause", due_by: datetime | None = None) -> Sandbox:
-    """Release the runtime, keeping memory and disk (libvirt managed save).
+def sandbox_pause(
+    *, sandbox: Sandbox, reason: str = "pause", due_by: datetime | None = None, to_disk: bool = False
+) -> Sandbox:
+    """Release the runtime, keeping memory and disk: suspended in host memory first (a
+    resume takes milliseconds; `sandboxes.pool` saves it to disk later), or straight to disk
+    (libvirt managed save) with ``to_disk``, past the team's cap of in-memory pauses, or on a
+    host short of memory.
 
     With `due_by` (the deadline sweep) the pause happens only if the deadline is still
     at or before it when the row is claimed: a timeout extended meanwhile wins.
@@ -521,7 +526,7 @@ def sandbox_pause(*, sandbox: Sandbox, reason: str = "pause", due_by: datetime |
         sandbox=sandbox, from_states=[S.READY], to_state=S.STOPPING, reason=reason, where=where
     ):
         raise state_conflict(sandbox, "pause")
-    in_memory = pool.pause_in_memory_allowed(sandbox)
+    in_memory = not to_disk and pool.pause_in_memory_allowed(sandbox)
 
     def step(sandbox: Sandbox) -> None:
         vm.pause(sandbox, in_memory=in_memory)

@@ -41,6 +41,7 @@ def test_a_resume_whose_agent_never_answers_saves_the_vm_again(
 ) -> None:  # type: ignore[no-untyped-def]
     # given a sandbox whose guest agent freezes itself (SIGSTOP from a child it started), then paused
     settings.RUNTIME_RESUME_TIMEOUT_SECONDS = 5
+    settings.PAUSE_IN_MEMORY_SECONDS = 0  # the memory on disk (a pause held in memory: tests/test_pool_vm.py)
     sandbox = _create(owner)
     agent = vm.agent_client(sandbox)
     agent.exec(["/bin/sh", "-c", "sleep 1; kill -STOP $PPID"], background=True)
@@ -61,9 +62,10 @@ def test_a_resume_whose_agent_never_answers_saves_the_vm_again(
 
 
 def test_a_stopped_sandbox_whose_vm_runs_is_saved_again_by_reconcile(
-    owner: Actor, base_version, vm_cleanup
+    owner: Actor, base_version, vm_cleanup, settings
 ) -> None:  # type: ignore[no-untyped-def]
     # given a paused sandbox whose VM someone started from its saved memory outside the platform
+    settings.PAUSE_IN_MEMORY_SECONDS = 0
     sandbox = _create(owner)
     services.sandbox_pause(sandbox=sandbox)
     vm_cleanup.resume(sandbox.vm_name)

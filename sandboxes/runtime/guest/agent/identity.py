@@ -105,15 +105,13 @@ def add_entropy(data: bytes) -> None:
     random.seed(os.urandom(32))
 
 
-def _write_later(path: str, text: str, *, only_if_present: bool = False) -> None:
+def _write_later(path: str, text: str) -> None:
     """Write ``path`` in a thread of its own: the root filesystem may be frozen (a clone of a
     guest frozen when its memory was saved), and an init must not wait for a thaw.
     Best effort: errors are ignored."""
 
     def write() -> None:
         try:
-            if only_if_present and os.path.getsize(path) == 0:
-                return
             with open(path, "w") as f:
                 f.write(text)
         except OSError:
@@ -124,8 +122,9 @@ def _write_later(path: str, text: str, *, only_if_present: bool = False) -> None
 
 def refresh_machine_id(path: str = "/etc/machine-id") -> None:
     """A clone (of a memory snapshot or of a checkpoint's disk) must not share its source's
-    machine id: a non-empty one is replaced by a fresh random id (none is made if absent)."""
-    _write_later(path, os.urandom(16).hex() + "\n", only_if_present=True)
+    machine id: it gets a fresh random one, made if the image has none (Debian's bootstrap
+    leaves it out, and no init system makes one here), so every sandbox has its own."""
+    _write_later(path, os.urandom(16).hex() + "\n")
 
 
 CA_FILE = "/usr/local/share/ca-certificates/watasu-egress.crt"
