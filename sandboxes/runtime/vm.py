@@ -1,17 +1,13 @@
 """Sandbox rows onto VMs: the only runtime calls the lifecycle services make.
 
-A sandbox starts by restoring its template version's memory snapshot under
-its own identity when its shape is the snapshot's shape, and cold-boots on
-the version's disk otherwise (a memory image cannot change vCPUs or RAM).
+A sandbox starts, fastest first: from a warm pool VM its create took (`sandboxes.pool`: a
+clone restored ahead of time and suspended, continued in ~20 ms and given its identity by
+the agent's init); from its template version's memory snapshot for its shape (a clone of
+the save image restored under its own identity, ~0.5 s under TCG); or, for a shape without
+a snapshot, by a cold boot on the version's disk (a memory image cannot change vCPUs or
+RAM). A pause is held in memory first (the VM suspended) and saved to disk later.
 
-Why per-clone restore and not a warm pool of managed-saved domains, measured
-on these 2-core TCG machines (bench/runtime.py): restoring a clone of the
-template's save image (XML rewritten, streamed through a pipe) reaches the
-agent in ~0.56 s against a raw-QEMU floor of ~0.30 s, while starting a pooled
-domain from its managed save took 0.6-0.8 s, needs a pre-built domain per
-future sandbox (disk, ~120 MB memory image, background work) and would still
-need the same identity refresh. The clone path is as fast with nothing kept
-in advance.
+Measured on these 2-core TCG machines (bench/api.py --fast-starts, docs/fast-starts.md).
 """
 
 from __future__ import annotations
