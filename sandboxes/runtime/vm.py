@@ -1,8 +1,9 @@
 """Sandbox rows onto VMs: the only runtime calls the lifecycle services make.
 
-A sandbox starts by restoring its template version's memory snapshot under
-its own identity when its shape is the snapshot's shape, and cold-boots on
-the version's disk otherwise (a memory image cannot change vCPUs or RAM).
+A sandbox starts by restoring a memory snapshot of its template version under
+its own identity: the version's own for its baseline shape, or one made for its
+shape (``snapshot_for``); until that exists it cold-boots on the version's disk
+(a memory image cannot change vCPUs or RAM).
 
 Why per-clone restore and not a warm pool of managed-saved domains, measured
 on these 2-core TCG machines (bench/runtime.py): restoring a clone of the
@@ -33,6 +34,7 @@ from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot, RuntimeDriver
 from sandboxes.runtime.images import BaseImage
+from templates_app import shapes
 from templates_app.models import TemplateVersion
 from watasu import crypto
 
@@ -60,9 +62,16 @@ def _image_of(snapshot: MemorySnapshot) -> BaseImage:
 
 
 def snapshot_for(version: TemplateVersion, cpu: int, memory_mb: int) -> MemorySnapshot | None:
-    """The memory snapshot that starts this shape of the version (None: it cold-boots)."""
+    """The memory snapshot a sandbox of this shape starts from: the version's own for its
+    baseline, the shape's once made (templates_app/shapes.py), else None, having queued its
+    make (the sandbox cold-boots meanwhile)."""
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
-    return snapshot if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb) else None
+    if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb):
+        return snapshot
+    shaped = shapes.made(version, cpu, memory_mb)
+    if shaped is None:
+        shapes.request(version, cpu, memory_mb)
+    return shaped
 
 
 def _network(sandbox: Sandbox, env_vars: dict[str, str]) -> tuple[bool, str | None, dict[str, str]]:
