@@ -95,10 +95,11 @@ def request(
     lately (backing off) or too often, or the version already has WATASU_SNAPSHOT_SHAPES_MAX
     shapes (``declared`` shapes, the operator's, are not counted against it). Never raises:
     a shape without a snapshot only means a cold boot. Returns whether it queued one."""
+    when = time.time() if now is None else now
     try:
-        return _request(version, cpu, memory_mb, declared=declared, now=time.time() if now is None else now)
+        return _request(version, cpu, memory_mb, declared=declared, now=when)
     except Exception:
-        logger.exception("version %s: could not queue the %s snapshot", version.pk, shape_name(cpu, memory_mb))
+        logger.exception("version %s: the %s snapshot was not queued", version.pk, shape_name(cpu, memory_mb))
         return False
 
 

@@ -19,7 +19,9 @@ from templates_app import shapes
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from templates_app.tasks import shape_snapshot_task
 from tests.conftest import concurrently
+from tests.waiting import wait_until
 from watasu.settings.base import _shapes
+from watasu.settings.env import Env
 
 pytestmark = pytest.mark.django_db
 
@@ -132,17 +134,13 @@ def test_a_failing_make_leaves_nothing_backs_off_and_gives_up(version, sent, no_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_running_make_is_neither_queued_again_nor_reaped(
-    version, sent, fake_driver, monkeypatch
-) -> None:
+def test_a_running_make_is_neither_queued_again_nor_reaped(version, sent, fake_driver, monkeypatch) -> None:
     monkeypatch.setattr(lifecycle, "READY_TIMEOUT", 3.0)
     outcome: list[str] = []
     maker = threading.Thread(target=lambda: outcome.append(shapes.make(version.pk, 2, 1024)))
     maker.start()
     name = shapes.vm_name(version.pk, 2, 1024)
-    deadline = time.monotonic() + 2
-    while fake_driver.domain_status(name) == "absent" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: fake_driver.domain_status(name) != "absent", 2, "the make's VM")
 
     # while it runs: no second make, and reconciliation keeps its VM
     assert shapes.making(version, 2, 1024)
@@ -222,15 +220,11 @@ def test_retention_removes_a_deleted_versions_shape_snapshots(version, sent) -> 
     ("raw", "expected"),
     [("", []), ("2x1024, 4X2048,2x1024", [(2, 1024), (4, 2048)])],
 )
-def test_declared_shapes_setting_is_parsed(monkeypatch, raw: str, expected: list[tuple[int, int]]) -> None:
-    monkeypatch.setenv("WATASU_SNAPSHOT_SHAPES", raw)
-
-    assert _shapes("WATASU_SNAPSHOT_SHAPES") == expected
+def test_declared_shapes_setting_is_parsed(raw: str, expected: list[tuple[int, int]]) -> None:
+    assert _shapes(Env({"WATASU_SNAPSHOT_SHAPES": raw}).list("WATASU_SNAPSHOT_SHAPES", [])) == expected
 
 
 @pytest.mark.parametrize("raw", ["2", "2x", "3x1024", "2x1000", "2x999999", "twoxfour"])
-def test_declared_shapes_setting_refuses_what_no_sandbox_may_have(monkeypatch, raw: str) -> None:
-    monkeypatch.setenv("WATASU_SNAPSHOT_SHAPES", raw)
-
+def test_declared_shapes_setting_refuses_what_no_sandbox_may_have(raw: str) -> None:
     with pytest.raises(ImproperlyConfigured, match="WATASU_SNAPSHOT_SHAPES"):
-        _shapes("WATASU_SNAPSHOT_SHAPES")
+        _shapes(Env({"WATASU_SNAPSHOT_SHAPES": raw}).list("WATASU_SNAPSHOT_SHAPES", []))
