@@ -228,3 +228,15 @@ def test_declared_shapes_setting_is_parsed(raw: str, expected: list[tuple[int, i
 def test_declared_shapes_setting_refuses_what_no_sandbox_may_have(raw: str) -> None:
     with pytest.raises(ImproperlyConfigured, match="WATASU_SNAPSHOT_SHAPES"):
         _shapes(Env({"WATASU_SNAPSHOT_SHAPES": raw}).list("WATASU_SNAPSHOT_SHAPES", []))
+
+
+def test_the_admin_page_of_a_version_lists_its_shapes(version, sent, admin_client, no_agent_wait) -> None:
+    _snapshot_files(shapes.shapes_dir(version) / "2x1024", 2, 1024)
+    shapes.request(version, 4, 2048)
+    shapes.make(version.pk, 4, 2048)
+
+    page = admin_client.get(f"/admin/templates_app/templateversion/{version.pk}/change/")
+
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "2x1024: ready (0 MiB)" in text and "4x2048: failed 1x: agent on port" in text
