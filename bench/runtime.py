@@ -1,4 +1,5 @@
-"""Runtime benchmark: raw QEMU restore floor vs our driver, cold boot, pause/resume, RSS.
+"""Runtime benchmark: raw QEMU restore floor vs our driver, a shape snapshot's start vs the
+baseline's, cold boot, pause/resume, RSS.
 
 Run as root on a host prepared by scripts/setup-host (`make bench` does both):
     .venv/bin/python bench/runtime.py [--runs 3]
@@ -30,7 +31,7 @@ from sandboxes.runtime import lifecycle
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.buildvm import make_template_snapshot
 from sandboxes.runtime.driver import MemorySnapshot, free_tcp_port
-from sandboxes.runtime.images import DEFAULT_CACHE_DIR, build_base_image
+from sandboxes.runtime.images import DEFAULT_CACHE_DIR, BaseImage, build_base_image
 from sandboxes.runtime.libvirt_driver import LibvirtDriver, create_overlay
 from sandboxes.runtime.saveimage import CloneIdentity, read_xml, rewrite_domain_xml
 
@@ -177,6 +178,36 @@ def bench_driver_start(
     return ready, inited
 
 
+def bench_shape_start(
+    d: LibvirtDriver, snap: MemorySnapshot, shape: MemorySnapshot, disks: Path, runs: int
+) -> tuple[Timings, Timings]:
+    """Sandbox starts (restore + init, as `vm.start` does) from the baseline snapshot and
+    from a snapshot of another shape made on its disk, alternating so both see one load."""
+    baseline, shaped = [], []
+    for i in range(runs):
+        for source, times in ((snap, baseline), (shape, shaped)):
+            t = time.monotonic()
+            vm = lifecycle.start_from_snapshot(d, source, f"{PREFIX}shape-{i}", disks)
+            times.append(time.monotonic() - t)
+            d.destroy(vm.name)
+    return baseline, shaped
+
+
+def shape_snapshot(d: LibvirtDriver, snap: MemorySnapshot, dest: Path) -> MemorySnapshot:
+    """A 2 vCPU / 1 GiB snapshot booted on the baseline snapshot's disk (templates_app/shapes.py)."""
+    image = BaseImage(
+        key="",
+        directory=dest.parent,
+        kernel=snap.kernel,
+        initrd=snap.initrd,
+        disk=snap.disk_path,
+        kernel_version="",
+    )
+    return make_template_snapshot(
+        image, dest, d, vcpus=2, memory_mb=1024, name=f"{PREFIX}shape-{secrets.token_hex(3)}"
+    )
+
+
 def bench_cold_boot(d: LibvirtDriver, img, disks: Path, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
     times = []
     for i in range(runs):
@@ -254,6 +285,14 @@ def main() -> None:
         print(f"driver snapshot start -> init done:     {median_ms(inited)}")
         ratio = statistics.median(ready) / statistics.median(floor)
         print(f"ratio driver/raw (agent ready):         {ratio:.2f}x (target <= 2x)")
+        t = time.monotonic()
+        shape = shape_snapshot(d, snap, work / "shape-2x1024")
+        print(f"shape snapshot 2x1024 (cold boot + save):  {time.monotonic() - t:.2f} s")
+        base_starts, shape_starts = bench_shape_start(d, snap, shape, disks, args.runs)
+        print(f"start, baseline 1x512 (restore + init): {median_ms(base_starts)}")
+        print(f"start, shape 2x1024 (restore + init):   {median_ms(shape_starts)}")
+        ratio = statistics.median(shape_starts) / statistics.median(base_starts)
+        print(f"ratio shape/baseline (p50):             {ratio:.2f}x (target <= 1.2x)")
         cold = bench_cold_boot(d, img, disks, max(1, args.runs - 1))
         print(f"cold boot -> agent ready:               {median_ms(cold)}")
         pauses, resumes = bench_pause_resume(d, snap, disks, args.runs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from templates_app import shapes
 from templates_app.models import BuildLayer, Template, TemplateVersion
 
 
@@ -39,7 +40,13 @@ class TemplateVersionAdmin(admin.ModelAdmin):
         "cache_key",
         "lease_expires_at",
         "deleted_at",
+        "shape_snapshots",
     ]
+
+    @admin.display(description="shape snapshots")
+    def shape_snapshots(self, obj: TemplateVersion) -> str:
+        """The memory snapshots made in shapes other than the baseline (templates_app/shapes.py)."""
+        return shapes.summary(obj) or "none"
 
 
 @admin.register(BuildLayer)

@@ -19,6 +19,7 @@ from sandboxes.runtime.buildvm import make_template_snapshot
 from sandboxes.services import host_register_local
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
+from templates_app import shapes
 from templates_app.models import Template, TemplateTag, TemplateVersion, VersionStatus
 from templates_app.selectors import template_by_id_or_alias, template_version_for_target
 from watasu import errors
@@ -95,6 +96,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
     corrupt); the memory snapshot is taken on `host`, or adopted when a valid
     one for this version is already there. A ready version whose artifact
     went missing or is damaged is snapshotted again, into a new directory.
+    The makes of WATASU_SNAPSHOT_SHAPES it lacks are queued.
     """
     host = host or host_register_local()
     image = images.build_base_image(settings.RUNTIME_IMAGE_CACHE_DIR, settings.RUNTIME_APT_MIRROR or None)
@@ -118,6 +120,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
         and version.host_id == host.pk
         and artifact_ok(version.artifact_dir)
     ):
+        shapes.request_declared(version)  # shapes declared since it was built
         return version
     if not _claim_build(version):
         raise errors.Conflict(
@@ -132,6 +135,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
         raise
     version.refresh_from_db()
     logger.info("template %s ready in %s", version, version.artifact_dir)
+    shapes.request_declared(version)
     return version
 
 

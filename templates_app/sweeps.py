@@ -2,8 +2,9 @@
 
 - the `builds` sweep: builds whose worker died (lease expired) are failed and their VMs
   removed; drafts nobody picked up are queued (``builds.sweep``);
-- reconciliation keeps the VMs of builds that are still running;
-- retention removes unused build layers and the files of deleted template versions.
+- reconciliation keeps the VMs of builds and of shape snapshot makes that are still running;
+- retention removes unused build layers and the files of deleted template versions (their
+  shape snapshots too: they live in the version's artifact directory).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.db.models import ProtectedError
 
 from sandboxes.models import Checkpoint, Host, HostState, Sandbox
 from sandboxes.sweeps import old_enough_to_purge
+from templates_app import shapes
 from templates_app.builds import builds_sweep
 from templates_app.layers import drop_built_on, drop_missing, layers_dir
 from templates_app.models import BuildLayer, TemplateVersion, VersionStatus
@@ -27,6 +29,7 @@ from watasu import sweeps as registry
 def register() -> None:
     registry.register_sweep("builds", builds)
     registry.register_domain_owner(running_build_vms)
+    registry.register_domain_owner(shapes.making_vms)
     registry.register_retention(retention)
 
 

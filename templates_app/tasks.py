@@ -27,3 +27,12 @@ def provider_template_ensure_task(slug: str) -> int:
     from templates_app.provider import provider_template_ensure
 
     return provider_template_ensure(slug, wait=False).pk
+
+
+# Not retried by Celery: a failed make backs off and is asked for again by the next create.
+@shared_task(name="templates.shape_snapshot", acks_late=True, time_limit=3600)
+def shape_snapshot_task(version_id: int, cpu: int, memory_mb: int) -> str:
+    """Make a template version's memory snapshot in another shape; returns what happened."""
+    from templates_app.shapes import make
+
+    return make(version_id, cpu, memory_mb)

@@ -166,9 +166,11 @@ def test_no_internet_sandbox_cannot_reach_out_but_its_agent_works(
     assert offline.client.exec("true")["exit_code"] == 0
 
 
-def test_sandbox_shape_other_than_the_snapshot_cold_boots(
+def test_a_sandbox_in_another_shape_than_the_snapshot_has_its_own_vcpus_and_memory(
     vm_cleanup: LibvirtDriver, base_version: TemplateVersion
 ) -> None:
+    """Cold-booted, or restored from the shape's snapshot when an earlier run made it
+    (tests/test_shapes_vm.py tells the two apart)."""
     from sandboxes.runtime import vm
     from tests.factories import SandboxFactory
 

@@ -1,11 +1,12 @@
 """Sandbox rows onto VMs: the only runtime calls the lifecycle services make.
 
-A sandbox starts, fastest first: from a warm pool VM its create took (`sandboxes.pool`: a
-clone restored ahead of time and suspended, continued in ~20 ms and given its identity by
-the agent's init); from its template version's memory snapshot for its shape (a clone of
-the save image restored under its own identity, ~0.5 s under TCG); or, for a shape without
-a snapshot, by a cold boot on the version's disk (a memory image cannot change vCPUs or
-RAM). A pause is held in memory first (the VM suspended) and saved to disk later.
+A sandbox starts, fastest first: from a warm pool VM its create took (`sandboxes.pool`:
+a clone restored ahead of time and suspended, continued in ~20 ms and given its identity
+by the agent's init); from its template version's memory snapshot for its shape (the
+version's own for its baseline shape, or one made for the shape, ``snapshot_for``: a clone
+of the save image restored under its own identity, ~0.5 s under TCG); or, until that
+exists, by a cold boot on the version's disk (a memory image cannot change vCPUs or RAM).
+A pause is held in memory first (the VM suspended) and saved to disk later.
 
 Measured on these 2-core TCG machines (bench/api.py --fast-starts, docs/fast-starts.md).
 """
@@ -29,6 +30,7 @@ from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot, RuntimeDriver
 from sandboxes.runtime.images import BaseImage
+from templates_app import shapes
 from templates_app.models import TemplateVersion
 from watasu import crypto
 
@@ -56,9 +58,16 @@ def _image_of(snapshot: MemorySnapshot) -> BaseImage:
 
 
 def snapshot_for(version: TemplateVersion, cpu: int, memory_mb: int) -> MemorySnapshot | None:
-    """The memory snapshot that starts this shape of the version (None: it cold-boots)."""
+    """The memory snapshot a sandbox of this shape starts from: the version's own for its
+    baseline, the shape's once made (templates_app/shapes.py), else None, having queued its
+    make (the sandbox cold-boots meanwhile)."""
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
-    return snapshot if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb) else None
+    if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb):
+        return snapshot
+    shaped = shapes.made(version, cpu, memory_mb)
+    if shaped is None:
+        shapes.request(version, cpu, memory_mb)
+    return shaped
 
 
 def _network(sandbox: Sandbox, env_vars: dict[str, str]) -> tuple[bool, str | None, dict[str, str]]:

@@ -6,13 +6,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 
 from sandboxes.runtime.agent_client import AgentError
 from sandboxes.runtime.buildvm import BuildVm
-from templates_app.builds.log import BuildLog
 
 # While a ready check waits, the build log gets a progress line at least this often.
 READY_REPORT_SECONDS = 10.0
@@ -21,8 +20,16 @@ READY_REPORT_SECONDS = 10.0
 START_LOG = "/var/log/watasu-start.log"
 
 
+class ReadyLog(Protocol):
+    """Where the ready check reports: a build's log, or a shape snapshot's (templates_app.shapes)."""
+
+    def add(self, message: str, level: str = "info") -> None: ...
+
+    def flush(self) -> None: ...
+
+
 def start_and_wait_ready(
-    spec: dict[str, Any], env: dict[str, str], log: BuildLog
+    spec: dict[str, Any], env: dict[str, str], log: ReadyLog
 ) -> Callable[[BuildVm], None]:
     """What runs in the template's VM before its memory is saved: the start command, in
     the background, then the ready check until it passes."""
@@ -40,7 +47,7 @@ def start_and_wait_ready(
     return prepare
 
 
-def wait_ready(vm: BuildVm, ready_cmd: str, env: dict[str, str], log: BuildLog) -> None:
+def wait_ready(vm: BuildVm, ready_cmd: str, env: dict[str, str], log: ReadyLog) -> None:
     """Run the ready check until it exits 0, within WATASU_TEMPLATE_READY_TIMEOUT_SECONDS.
 
     A check may itself take long (`sleep 20`), so each attempt runs in a thread while this

@@ -237,6 +237,29 @@ SANDBOX_MEMORY_INCREMENT_MB = env.int("WATASU_MEMORY_INCREMENT_MB", 512, min=1)
 SANDBOX_MAX_TIMEOUT_SECONDS = env.int("WATASU_MAX_TIMEOUT_SECONDS", 86400, min=1)
 SANDBOX_DEFAULT_NETWORK_CLASS = env.str("WATASU_DEFAULT_NETWORK_CLASS", "standard")
 
+
+def _shapes(parts: list[str]) -> list[tuple[int, int]]:
+    """WATASU_SNAPSHOT_SHAPES (`2x1024,4x2048`) as (vCPUs, MiB) pairs, each one a create may ask for."""
+    shapes = []
+    for part in parts:
+        cpu, _, memory = part.lower().partition("x")
+        if not (cpu.isdigit() and memory.isdigit()):
+            raise ImproperlyConfigured(f"WATASU_SNAPSHOT_SHAPES: '{part}' is not <vcpus>x<MiB> (2x1024).")
+        shape = (int(cpu), int(memory))
+        fits = SANDBOX_MEMORY_MIN_MB <= shape[1] <= SANDBOX_MEMORY_MAX_MB
+        if shape[0] not in SANDBOX_ALLOWED_CPU or not fits or shape[1] % SANDBOX_MEMORY_INCREMENT_MB:
+            raise ImproperlyConfigured(f"WATASU_SNAPSHOT_SHAPES: {part} is not a shape a sandbox may have.")
+        shapes.append(shape)
+    return sorted(set(shapes))
+
+
+# Shapes whose memory snapshot every provider template version (`base` too) gets as soon as
+# it is ready; any other shape gets one when a sandbox first asks for it (docs/runtime.md).
+SNAPSHOT_SHAPES = _shapes(env.list("WATASU_SNAPSHOT_SHAPES", []))
+# At most this many shape snapshots made on demand per template version (each takes about
+# its guest's used memory on disk); 0 makes none, so other shapes always cold-boot.
+SNAPSHOT_SHAPES_MAX = env.int("WATASU_SNAPSHOT_SHAPES_MAX", 8, min=0)
+
 QUOTA_DEFAULT_MAX_RUNNING_INSTANCES = env.int("WATASU_QUOTA_MAX_RUNNING_INSTANCES", 100, min=0)
 QUOTA_DEFAULT_MAX_VCPU_COUNT = env.int("WATASU_QUOTA_MAX_VCPU_COUNT", 256, min=0)
 QUOTA_DEFAULT_MAX_MEMORY_MB = env.int("WATASU_QUOTA_MAX_MEMORY_MB", 524288, min=0)
