@@ -1,8 +1,9 @@
 """Run by bench/api.py in its own process (the SDK package is also named `watasu`).
 
-    sdk_starts.py create <runs>        Sandbox.create to usable, one at a time (JSON seconds)
-    sdk_starts.py concurrent <count>   <count> creates at once: each one's seconds, then the wall time
-    sdk_starts.py pause <runs>         pause, then resume (Sandbox.connect), of one sandbox
+    sdk_starts.py create <runs>        Sandbox.create (returned with a session), then a first
+                                       commands.run, one sandbox at a time
+    sdk_starts.py concurrent <count>   <count> of those at once, and the wall time
+    sdk_starts.py pause <runs>         pause, resume (Sandbox.connect), a first command
     sdk_starts.py run <runs>           commands.run("true") round trips on one sandbox
 
 Before each create (`create`) it reads a line from stdin, and prints `done` after it:
@@ -20,43 +21,50 @@ from watasu import Sandbox
 action, count = sys.argv[1], int(sys.argv[2])
 
 
-def timed_create() -> tuple[float, Sandbox]:
+def timed_create() -> tuple[float, float, Sandbox]:
+    """Seconds until Sandbox.create returned (a session ready), then for a first command."""
     started = time.perf_counter()
     sandbox = Sandbox.create(timeout=300)
+    created = time.perf_counter()
     assert sandbox.commands.run("true").exit_code == 0
-    return time.perf_counter() - started, sandbox
+    return created - started, time.perf_counter() - created, sandbox
 
 
 if action == "create":
-    times = []
+    creates, firsts = [], []
     for _ in range(count):
         sys.stdin.readline()  # the pool was refilled
-        seconds, sandbox = timed_create()
-        times.append(seconds)
+        seconds, first, sandbox = timed_create()
+        creates.append(seconds)
+        firsts.append(first)
         sandbox.kill()
         print("done", flush=True)
-    print(json.dumps(times))
+    print(json.dumps({"create": creates, "first_command": firsts}))
 elif action == "concurrent":
     started = time.perf_counter()
     with ThreadPoolExecutor(count) as workers:
         results = list(workers.map(lambda _: timed_create(), range(count)))
     wall = time.perf_counter() - started
-    for _, sandbox in results:
+    for _, _, sandbox in results:
         sandbox.kill()
-    print(json.dumps({"each": [seconds for seconds, _ in results], "wall": wall}))
+    each = [create for create, _, _ in results]
+    usable = [create + first for create, first, _ in results]
+    print(json.dumps({"create": each, "with_first_command": usable, "wall": wall}))
 elif action == "pause":
     sandbox = Sandbox.create(timeout=600)
-    pauses, resumes = [], []
+    pauses, resumes, firsts = [], [], []
     for _ in range(count):
         started = time.perf_counter()
         sandbox.pause()
         pauses.append(time.perf_counter() - started)
         started = time.perf_counter()
         sandbox = Sandbox.connect(sandbox.sandbox_id, timeout=600)
+        resumed = time.perf_counter()
         assert sandbox.commands.run("true").exit_code == 0
-        resumes.append(time.perf_counter() - started)
+        resumes.append(resumed - started)
+        firsts.append(time.perf_counter() - resumed)
     sandbox.kill()
-    print(json.dumps({"pause": pauses, "resume": resumes}))
+    print(json.dumps({"pause": pauses, "resume": resumes, "first_command": firsts}))
 elif action == "run":
     sandbox = Sandbox.create(timeout=300)
     sandbox.commands.run("true")  # the first one captures the login environment

@@ -195,6 +195,8 @@ class PooledVm(models.Model):
     memory_mb = models.PositiveIntegerField()
     state = models.CharField(max_length=16, choices=PooledVmState.choices, default=PooledVmState.FILLING)
     agent_port = models.PositiveIntegerField(null=True, blank=True)
+    # the secret its agent holds until a create gives it the sandbox's (encrypted)
+    agent_secret_encrypted = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     ready_at = models.DateTimeField(null=True, blank=True)
 

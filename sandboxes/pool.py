@@ -1,8 +1,9 @@
 """Warm pools and the second tier of pauses: what keeps starts fast and host memory in check.
 
 A warm pool holds, per (template version, shape, host), clones of the version's memory
-snapshot restored ahead of time and suspended as soon as their agent answered: still sealed
-with the template secret, on their own disk, under their own QEMU uid (whose firewall rules
+snapshot restored ahead of time, warmed up (their agent given a secret of the pool's, a login shell
+run, so QEMU has translated the code a create's first command runs) and suspended: on
+their own disk, under their own QEMU uid (whose firewall rules
 refuse everything until a create applies its sandbox's policy). A create takes one in its
 placement transaction (`pool_claim`); `vm.start` then continues it (~20 ms) and gives it the
 sandbox's identity through the agent: a new secret, clock, hostname, machine id, entropy
@@ -46,6 +47,7 @@ from sandboxes.placement import hosts_with_room
 from sandboxes.runtime import driver_for, lifecycle, vm
 from sandboxes.runtime.driver import RuntimeDriver
 from templates_app.models import Template, TemplateVersion, VersionStatus
+from watasu import crypto
 from watasu import sweeps as registry
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Claimed:
     domain_name: str
     qemu_uid: int | None
     agent_port: int
+    agent_secret_encrypted: str
 
 
 def pool_claim(
@@ -92,7 +95,9 @@ def pool_claim(
         host_room = room.get(pooled.host_id)
         if host_room is None or host_room.free_cpu < cpu or pooled.agent_port is None:
             continue
-        claimed = Claimed(pooled.host, pooled.domain_name, pooled.qemu_uid, pooled.agent_port)
+        claimed = Claimed(
+            pooled.host, pooled.domain_name, pooled.qemu_uid, pooled.agent_port, pooled.agent_secret_encrypted
+        )
         pooled.delete()
         transaction.on_commit(_refill_soon)
         return claimed
@@ -230,15 +235,24 @@ def _fill_one(host: Host, driver: RuntimeDriver, version: TemplateVersion, cpu: 
         return False
     pooled = PooledVm.objects.create(host=host, template_version=version, cpu_count=cpu, memory_mb=memory_mb)
     try:
-        port = lifecycle.park_clone(
-            driver, snapshot, pooled.domain_name, driver.state_dir, qemu_uid=pooled.qemu_uid
+        parked = lifecycle.park_clone(
+            driver,
+            snapshot,
+            pooled.domain_name,
+            driver.state_dir,
+            qemu_uid=pooled.qemu_uid,
+            hostname=pooled.domain_name,
+            env_vars=vm.guest_env(version, pooled.qemu_uid),
         )
     except Exception:
         logger.warning("could not fill the warm pool of %s on %s", version, host.name, exc_info=True)
         PooledVm.objects.filter(pk=pooled.pk).delete()
         return False
     if not PooledVm.objects.filter(pk=pooled.pk, state=PooledVmState.FILLING).update(
-        state=PooledVmState.READY, agent_port=port, ready_at=timezone.now()
+        state=PooledVmState.READY,
+        agent_port=parked.port,
+        agent_secret_encrypted=crypto.encrypt_text(parked.secret),
+        ready_at=timezone.now(),
     ):
         driver.destroy(pooled.domain_name)  # discarded while it was restored
         return False

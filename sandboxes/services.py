@@ -259,6 +259,7 @@ def _reserve(
             domain_name=pooled.domain_name if pooled else "",
             runtime_uid=pooled.qemu_uid if pooled else None,
             agent_port=pooled.agent_port if pooled else None,
+            agent_secret_encrypted=pooled.agent_secret_encrypted if pooled else "",
             state=state,
             restored_from=checkpoint,
             template=version.template,

@@ -35,6 +35,7 @@ class Migration(migrations.Migration):
                 ('memory_mb', models.PositiveIntegerField()),
                 ('state', models.CharField(choices=[('filling', 'Filling'), ('ready', 'Ready')], default='filling', max_length=16)),
                 ('agent_port', models.PositiveIntegerField(blank=True, null=True)),
+                ('agent_secret_encrypted', models.TextField(blank=True)),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
                 ('ready_at', models.DateTimeField(blank=True, null=True)),
                 ('host', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='pooled_vms', to='sandboxes.host')),

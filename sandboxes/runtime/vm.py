@@ -70,6 +70,15 @@ def snapshot_for(version: TemplateVersion, cpu: int, memory_mb: int) -> MemorySn
     return shaped
 
 
+def guest_env(
+    version: TemplateVersion, uid: int | None, env_vars: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The env vars a sandbox's agent gets: the egress CA's (with a uid of its own, where
+    header rules may intercept HTTPS), the version's build env, the request's."""
+    ca = network.GUEST_CA_ENV if uid is not None else {}
+    return {**ca, **version.build_env(), **(env_vars or {})}
+
+
 def _network(sandbox: Sandbox, env_vars: dict[str, str]) -> tuple[bool, str | None, dict[str, str]]:
     """(internet at the VM level, the CA the guest trusts, env vars) for a VM about to run;
     with a uid of its own, its policy is put in force first (the host firewall enforces it)."""
@@ -79,22 +88,20 @@ def _network(sandbox: Sandbox, env_vars: dict[str, str]) -> tuple[bool, str | No
     return True, network.guest_ca(), {**network.GUEST_CA_ENV, **env_vars}
 
 
-def _from_pool(
-    driver: RuntimeDriver, sandbox: Sandbox, snapshot: MemorySnapshot | None, env_vars: dict[str, str]
-) -> Started | None:
+def _from_pool(driver: RuntimeDriver, sandbox: Sandbox, env_vars: dict[str, str]) -> Started | None:
     """Continue the pooled VM the create took and give it the sandbox's identity; None (the
     pooled VM removed, the row back to its own name and uid) when that fails, so the
     caller restores a clone instead."""
     try:
-        if snapshot is None:
-            raise RuntimeError("the version's snapshot for this shape is gone")
         _, trust_ca, env = _network(sandbox, env_vars)
+        parked = lifecycle.Parked(
+            sandbox.agent_port or 0, crypto.decrypt_text(sandbox.agent_secret_encrypted)
+        )
         client = lifecycle.claim_parked(
             driver,
-            snapshot,
+            parked,
             sandbox.vm_name,
-            sandbox.agent_port or 0,
-            hostname=f"{settings.RUNTIME_VM_PREFIX}{sandbox.pk}",
+            hostname=sandbox.vm_name,  # the pooled domain's, as every sandbox's is its domain's
             env_vars=env,
             trust_ca=trust_ca,
         )
@@ -104,8 +111,11 @@ def _from_pool(
     driver.destroy(sandbox.vm_name)
     if qemu_uid(sandbox) is not None:
         network.remove(sandbox)
-    Sandbox.objects.filter(pk=sandbox.pk).update(domain_name="", runtime_uid=None, agent_port=None)
+    Sandbox.objects.filter(pk=sandbox.pk).update(
+        domain_name="", runtime_uid=None, agent_port=None, agent_secret_encrypted=""
+    )
     sandbox.domain_name, sandbox.runtime_uid, sandbox.agent_port = "", None, None
+    sandbox.agent_secret_encrypted = ""
     return None
 
 
@@ -127,14 +137,14 @@ def start(
     restores that memory (the source's processes carry on in the copy)."""
     driver = driver_for(sandbox.placed_host)
     snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
-    shaped = snapshot_for(version, sandbox.cpu_count, sandbox.memory_mb) if checkpoint is None else None
-    pooled = _from_pool(driver, sandbox, shaped, env_vars) if sandbox.domain_name else None
+    pooled = _from_pool(driver, sandbox, env_vars) if sandbox.domain_name else None
     if pooled is not None:
         if attachments:
             volumes.attach_and_mount(
                 driver, agent_client_of(pooled), sandbox.vm_name, attachments, qemu_uid=qemu_uid(sandbox)
             )
         return pooled
+    shaped = snapshot_for(version, sandbox.cpu_count, sandbox.memory_mb) if checkpoint is None else None
     uid = qemu_uid(sandbox)
     internet, trust_ca, env_vars = _network(sandbox, env_vars)
     name = sandbox.vm_name

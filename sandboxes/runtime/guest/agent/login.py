@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -137,7 +138,9 @@ class LoginCache:
         self, shell: str, env: dict[str, str], kwargs: dict[str, Any], user: str | None
     ) -> LoginEnv | None:
         """The cached login environment for this user, input env and profile files, captured if new."""
-        key = (user or "root", frozenset(env.items()), files_key(env.get("HOME") or "/"))
+        # the host name too: a profile may read it, and a warm pool VM gets its own at claim
+        home = env.get("HOME") or "/"
+        key = (user or "root", socket.gethostname(), frozenset(env.items()), files_key(home))
         found, login = self._cached(key)
         if found:
             return login
