@@ -344,10 +344,13 @@ def resume(sandbox: Sandbox) -> Started | None:
     on disk (managed save), or nowhere (a pause held in memory on a host that restarted:
     it boots on its own disk, files kept, processes not; returns the new agent's port and
     secret)."""
-    if qemu_uid(sandbox) is not None:
-        network.apply(sandbox)  # a change made while it was paused
     driver = driver_for(sandbox.placed_host)
     status = driver.domain_status(sandbox.vm_name)
+    # a change made while it was paused; a VM held in memory has kept its host (and the
+    # host its rules) since its policy was last put in force
+    in_force = status == "suspended" and sandbox.network_applied_revision == sandbox.network_revision
+    if qemu_uid(sandbox) is not None and not in_force:
+        network.apply(sandbox)
     timeout = settings.RUNTIME_RESUME_TIMEOUT_SECONDS
     if status == "suspended":
         lifecycle.unsuspend(driver, sandbox.vm_name, agent_client(sandbox), timeout=timeout)
