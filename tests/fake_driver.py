@@ -177,3 +177,23 @@ class FakeDriver:
 
     def close(self) -> None:
         return None
+
+
+def fake_vm(driver: FakeDriver, name: str, status: str = "running") -> Path:
+    """A domain named ``name`` on its own (empty) disk, running or suspended; returns the disk."""
+    from sandboxes.runtime.lifecycle import sandbox_spec
+
+    spec = sandbox_spec(
+        name,
+        driver.state_dir,
+        vcpus=1,
+        memory_mb=512,
+        kernel=Path("/vmlinuz"),
+        initrd=Path("/initrd.img"),
+        cmdline="",
+        backing=Path("/base.qcow2"),
+    )
+    driver.boot(spec)
+    if status == "suspended":
+        driver.suspend(name)
+    return spec.disk_path

@@ -6,7 +6,6 @@ and taking a VM from it on real VMs: tests/test_pool_vm.py."""
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.db import transaction
@@ -15,30 +14,13 @@ from django.utils import timezone
 from sandboxes import pool, sweeps
 from sandboxes.models import PooledVm, PooledVmState, Sandbox, SandboxState
 from sandboxes.placement import hosts_with_room
-from sandboxes.runtime.lifecycle import sandbox_spec
 from templates_app.models import TemplateVersion, VersionStatus
 from tests.conftest import Actor
 from tests.factories import SandboxFactory
-from tests.fake_driver import FakeDriver
+from tests.fake_driver import FakeDriver, fake_vm
 
 pytestmark = pytest.mark.django_db
 S = SandboxState
-
-
-def _domain(driver: FakeDriver, name: str, status: str = "running") -> None:
-    spec = sandbox_spec(
-        name,
-        driver.state_dir,
-        vcpus=1,
-        memory_mb=512,
-        kernel=Path("/vmlinuz"),
-        initrd=Path("/initrd.img"),
-        cmdline="",
-        backing=Path("/base.qcow2"),
-    )
-    driver.boot(spec)
-    if status == "suspended":
-        driver.suspend(name)
 
 
 def _pooled(driver: FakeDriver, host, version, *, cpu=1, memory_mb=512, state=PooledVmState.READY, **kw):  # type: ignore[no-untyped-def]
@@ -52,7 +34,7 @@ def _pooled(driver: FakeDriver, host, version, *, cpu=1, memory_mb=512, state=Po
         ready_at=timezone.now(),
         **kw,
     )
-    _domain(driver, pooled.domain_name, "suspended" if state == PooledVmState.READY else "running")
+    fake_vm(driver, pooled.domain_name, "suspended" if state == PooledVmState.READY else "running")
     return pooled
 
 
@@ -255,7 +237,7 @@ def test_in_memory_pauses_go_to_disk_when_due_or_when_memory_is_short(
         for _ in range(2)
     )
     for sandbox in (due, recent):
-        _domain(fake_driver, sandbox.vm_name, "suspended")
+        fake_vm(fake_driver, sandbox.vm_name, "suspended")
     Sandbox.objects.filter(pk=due.pk).update(updated_at=timezone.now() - timedelta(minutes=10))
 
     # when the pool sweep runs, then again with the host short of memory
@@ -284,9 +266,9 @@ def test_reconcile_knows_pooled_domains_and_sandboxes_running_them(
         state=S.READY,
         domain_name=f"{pooled.domain_name[:-1]}999999",
     )
-    _domain(fake_driver, taken.vm_name)
+    fake_vm(fake_driver, taken.vm_name)
     stray = pooled.domain_name.replace("pool-", "pool-12345")
-    _domain(fake_driver, stray, "suspended")
+    fake_vm(fake_driver, stray, "suspended")
     crashed = SandboxFactory(
         team=owner.personal_team, host=local_host, state=S.STOPPED, paused_in_memory=True
     )
@@ -315,7 +297,7 @@ def test_the_stuck_sweep_turns_a_suspended_stop_into_an_in_memory_pause(
     # given a sandbox left `stopping` by a process that died after suspending its VM
     settings.SWEEP_STUCK_AFTER_SECONDS = 60
     sandbox = SandboxFactory(team=owner.personal_team, host=local_host, state=S.STOPPING)
-    _domain(fake_driver, sandbox.vm_name, "suspended")
+    fake_vm(fake_driver, sandbox.vm_name, "suspended")
     Sandbox.objects.filter(pk=sandbox.pk).update(updated_at=timezone.now() - timedelta(minutes=5))
 
     # when the stuck sweep runs

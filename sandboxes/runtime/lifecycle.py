@@ -12,6 +12,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .agent_client import AgentClient
 from .driver import MemorySnapshot, RuntimeDriver, VmSpec, free_tcp_port
@@ -73,6 +74,20 @@ def sandbox_spec(
     )
 
 
+def clone_spec(snapshot: MemorySnapshot, name: str, disk_dir: Path, **kwargs: Any) -> VmSpec:
+    """A spec for a clone of ``snapshot``: its shape and boot inputs, a fresh identity."""
+    return sandbox_spec(
+        name,
+        disk_dir,
+        vcpus=snapshot.vcpus,
+        memory_mb=snapshot.memory_mb,
+        kernel=snapshot.kernel,
+        initrd=snapshot.initrd,
+        cmdline=snapshot.cmdline,
+        **kwargs,
+    )
+
+
 def start_from_snapshot(
     driver: RuntimeDriver,
     snapshot: MemorySnapshot,
@@ -91,18 +106,7 @@ def start_from_snapshot(
     The init is authenticated by the template secret; a 401 means the clone was
     initialised by someone else first, so it is destroyed rather than handed out.
     """
-    spec = sandbox_spec(
-        name,
-        disk_dir,
-        vcpus=snapshot.vcpus,
-        memory_mb=snapshot.memory_mb,
-        kernel=snapshot.kernel,
-        initrd=snapshot.initrd,
-        cmdline=snapshot.cmdline,
-        internet=internet,
-        disk_path=disk_path,
-        qemu_uid=qemu_uid,
-    )
+    spec = clone_spec(snapshot, name, disk_dir, internet=internet, disk_path=disk_path, qemu_uid=qemu_uid)
     try:
         driver.restore(spec, snapshot, overlay=overlay)
         client = AgentClient(spec.agent_host_port)
@@ -153,16 +157,7 @@ def park_clone(
     likely give it (so the login environment captured now is the one its first command
     needs), and runs ``WARM_UP``. Its secret, clock, machine id and entropy come only with
     ``claim_parked``. A failure destroys the clone."""
-    spec = sandbox_spec(
-        name,
-        disk_dir,
-        vcpus=snapshot.vcpus,
-        memory_mb=snapshot.memory_mb,
-        kernel=snapshot.kernel,
-        initrd=snapshot.initrd,
-        cmdline=snapshot.cmdline,
-        qemu_uid=qemu_uid,
-    )
+    spec = clone_spec(snapshot, name, disk_dir, qemu_uid=qemu_uid)
     try:
         driver.restore(spec, snapshot)
         client = AgentClient(spec.agent_host_port)
