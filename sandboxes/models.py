@@ -133,6 +133,11 @@ class Sandbox(models.Model):
     # A `stopped` sandbox whose VM is suspended in host memory (the first tier of a pause:
     # resumes in milliseconds); False once its memory is on disk (managed save).
     paused_in_memory = models.BooleanField(default=False)
+    # when that pause began (the pool sweep saves it to disk WATASU_PAUSE_IN_MEMORY_SECONDS later)
+    paused_at = models.DateTimeField(null=True, blank=True)
+    # A `stopped` sandbox whose memory was lost with its host while the pause was held in
+    # memory: it no longer holds host memory, and its resume boots on its own disk.
+    memory_lost = models.BooleanField(default=False)
     vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)
     agent_secret_encrypted = models.TextField(blank=True)

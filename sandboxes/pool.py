@@ -39,7 +39,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from sandboxes.models import Host, HostState, PooledVm, PooledVmState, Sandbox, SandboxState
@@ -276,13 +276,10 @@ def _fill(host: Host, driver: RuntimeDriver, targets: dict[Key, int]) -> tuple[i
             if filled >= settings.POOL_FILL_BATCH:
                 return filled, True
             room = next((r for r in hosts_with_room() if r.host.pk == host.pk), None)
-            if (
-                held + memory_mb > settings.POOL_MAX_MEMORY_MB
-                or room is None
-                or room.free_memory_mb < memory_mb
-                or driver.memory_available_mb() < settings.POOL_MIN_AVAILABLE_MB
-            ):
+            if driver.memory_available_mb() < settings.POOL_MIN_AVAILABLE_MB or room is None:
                 return filled, False
+            if held + memory_mb > settings.POOL_MAX_MEMORY_MB or room.free_memory_mb < memory_mb:
+                break  # this shape does not fit; a smaller one may
             if not _fill_one(host, driver, versions[version_id], cpu, memory_mb):
                 break
             have[key] += 1
@@ -326,19 +323,47 @@ def _to_disk(sandbox_pk: int, driver: RuntimeDriver) -> bool:
     return True
 
 
-def _tier_down(host: Host, now: datetime) -> int:
-    """In-memory pauses past their time, or all of them on a host short of memory."""
+def _memory_lost(host: Host, driver: RuntimeDriver) -> int:
+    """In-memory pauses whose VM stopped (the host restarted, QEMU died): they hold no host
+    memory any more, and their resume boots on their disk. Claimed by a conditional update,
+    so a resume or a pause that moved the row meanwhile wins."""
+    held = Sandbox.objects.filter(host=host, state=SandboxState.STOPPED, paused_in_memory=True)
+    if not held.exists():
+        return 0
+    statuses = driver.domain_statuses(settings.RUNTIME_VM_PREFIX)
+    lost = 0
+    for sandbox in held.only("pk", "domain_name", "paused_at", "updated_at"):
+        if statuses.get(sandbox.vm_name, "absent") in ("shutoff", "absent"):
+            lost += Sandbox.objects.filter(
+                pk=sandbox.pk,
+                state=SandboxState.STOPPED,
+                paused_in_memory=True,
+                updated_at=sandbox.updated_at,
+            ).update(
+                paused_in_memory=False,
+                memory_lost=True,
+                last_error="Its memory was lost with its host while paused; it resumes on its disk.",
+                updated_at=timezone.now(),
+            )
+    return lost
+
+
+def _tier_down(host: Host, now: datetime) -> registry.Result:
+    """In-memory pauses past their time (since the pause, whatever changed on the row
+    since), or all of them on a host short of memory; and those whose memory was lost."""
     driver = driver_for(host)
+    lost = _memory_lost(host, driver)
     due = Sandbox.objects.filter(host=host, state=SandboxState.STOPPED, paused_in_memory=True)
     if driver.memory_available_mb() >= settings.POOL_MIN_AVAILABLE_MB:
-        due = due.filter(updated_at__lt=now - timedelta(seconds=settings.PAUSE_IN_MEMORY_SECONDS))
+        since = now - timedelta(seconds=settings.PAUSE_IN_MEMORY_SECONDS)
+        due = due.filter(Q(paused_at__lt=since) | Q(paused_at__isnull=True))
     saved = 0
-    for pk in due.order_by("updated_at").values_list("pk", flat=True)[: settings.SWEEP_BATCH_SIZE]:
+    for pk in due.order_by("paused_at").values_list("pk", flat=True)[: settings.SWEEP_BATCH_SIZE]:
         try:
             saved += _to_disk(pk, driver)
         except Exception:
             logger.exception("sandbox %s: could not move its pause to disk", pk)
-    return saved
+    return {"paused_to_disk": saved, "memory_lost": lost}
 
 
 def pool_sweep(*, now: datetime | None = None) -> registry.Result:

@@ -539,6 +539,8 @@ def sandbox_pause(
         to_state=S.STOPPED,
         reason=f"{reason} (in memory)" if in_memory else reason,
         paused_in_memory=in_memory,
+        paused_at=timezone.now(),
+        memory_lost=False,
     ):
         vm.destroy(sandbox)  # destroyed while pausing
     return sandbox
@@ -634,6 +636,7 @@ def _restart(sandbox: Sandbox, timeout: int) -> None:
         ready_at=now,
         deadline_at=now + timedelta(seconds=timeout),
         paused_in_memory=False,
+        memory_lost=False,
         **agent,
     ):
         vm.destroy(sandbox)

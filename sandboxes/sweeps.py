@@ -143,7 +143,7 @@ def _recover(sandbox: Sandbox, status: str, since: datetime) -> str:
         )
     if state in (S.STOPPING, S.RESTORING) and status == "suspended":
         # a pause that suspended the VM, or a resume that never continued it
-        moved = move(S.STOPPED, f"{state} interrupted; memory is held", paused_in_memory=True)
+        moved = move(S.STOPPED, f"{state} interrupted; memory is held", paused_in_memory=True, paused_at=now)
         return S.STOPPED if moved else "unchanged"
     if status == "running" and state == S.RESTORING:
         return _recover_restoring(sandbox, since, move, now)
@@ -243,10 +243,10 @@ def _reconcile_host(host: Host) -> Result:
     def listed(state: str) -> list[tuple[int, str, bool]]:
         """(id, domain status, paused in memory) of the host's rows in ``state``."""
         candidates = Sandbox.objects.filter(host=host, state=state, updated_at__lt=listed_at)
-        rows = candidates.values_list("pk", "domain_name", "paused_in_memory")
+        rows = candidates.values_list("pk", "domain_name", "paused_in_memory", "memory_lost")
         return [
-            (pk, domains.get(domain or f"{settings.RUNTIME_VM_PREFIX}{pk}", "absent"), in_memory)
-            for pk, domain, in_memory in rows.iterator(chunk_size=2000)
+            (pk, domains.get(domain or f"{settings.RUNTIME_VM_PREFIX}{pk}", "absent"), in_memory or lost)
+            for pk, domain, in_memory, lost in rows.iterator(chunk_size=2000)
         ]
 
     was_saved = [pk for pk, status, _ in listed(S.READY) if status == "saved"]

@@ -235,17 +235,40 @@ def test_a_profile_setting_bash_env_keeps_the_real_login_shell(real_agent, home)
     assert results[0] == (0, "from-bash-env\ndone\n")
 
 
-def test_a_capture_that_times_out_falls_back_and_is_tried_again(real_agent, home) -> None:
+def test_a_capture_that_times_out_keeps_the_real_login_shell_until_a_profile_changes(
+    real_agent, home
+) -> None:
     # given a profile that is slower than the capture's limit the first time it is read only
     slow_once = '[ -e "$HOME/slow-once" ] || { touch "$HOME/slow-once"; sleep 30; }\n'
-    (home / ".profile").write_text(COUNT + slow_once + "export GREETING=hi\n")
+    profile = COUNT + slow_once + "export GREETING=hi\n"
+    (home / ".profile").write_text(profile)
     envs = {"HOME": str(home)}
 
     # when commands run: the capture is killed at its limit, the real login shell runs
     assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
     assert readings(home) == 2  # the timed-out capture and the real login shell
 
-    # then the next command captures again (a timeout is not remembered), and the one after hits
-    assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
+    # then the next command runs the real login shell at once (the timeout is remembered)
     assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
     assert readings(home) == 3
+
+    # and once the profile changes, it is captured again and the fast path is back
+    (home / ".profile").write_text(profile + "export OTHER=1\n")
+    assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
+    assert sdk(real_agent, "echo $GREETING", envs=envs) == (0, "hi\n")
+    assert readings(home) == 4
+
+
+def test_full_login_in_the_env_keeps_the_real_login_shell(real_agent, home) -> None:
+    # given a profile setting a variable it does not export (the fast path cannot carry it)
+    (home / ".profile").write_text(COUNT + "MYVAR=fromprofile\n")
+    envs = {"HOME": str(home)}
+    sdk(real_agent, "true", envs=envs)  # captured
+
+    # when a command asks for the full login shell, and another does not
+    full = sdk(real_agent, "echo $MYVAR", envs={**envs, "WATASU_FULL_LOGIN": "1"})
+    fast = sdk(real_agent, "echo $MYVAR", envs=envs)
+
+    # then the first read the profile and sees it, the second did not (as documented)
+    assert full == (0, "fromprofile\n")
+    assert fast == (0, "\n")

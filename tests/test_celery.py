@@ -40,7 +40,10 @@ def test_sweeps_run_while_the_build_queue_is_blocked(require_postgres: None) -> 
     from tests.waiting import wait_until
 
     # given a worker that serves only the sweeps (as `make run` starts one), and a build
-    # queued with no build worker to take it
+    # queued with no build worker to take it, alone on its queue (earlier tests may have
+    # queued shape snapshot makes there with no worker running)
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_purge("builds")
     build = template_build_task.delay(10**9)
     with celery_worker(helper_process_env(), queues="sweeps,celery"):
         # when a sweep is queued behind it

@@ -238,7 +238,8 @@ def test_in_memory_pauses_go_to_disk_when_due_or_when_memory_is_short(
     )
     for sandbox in (due, recent):
         fake_vm(fake_driver, sandbox.vm_name, "suspended")
-    Sandbox.objects.filter(pk=due.pk).update(updated_at=timezone.now() - timedelta(minutes=10))
+    Sandbox.objects.filter(pk=due.pk).update(paused_at=timezone.now() - timedelta(minutes=10))
+    Sandbox.objects.filter(pk=recent.pk).update(paused_at=timezone.now())
 
     # when the pool sweep runs, then again with the host short of memory
     first = pool.pool_sweep()["hosts"][local_host.name]["paused_to_disk"]
@@ -324,3 +325,68 @@ def test_a_team_at_its_cap_of_in_memory_pauses_pauses_to_disk(
     assert pool.pause_in_memory_allowed(other) is True
     settings.PAUSE_IN_MEMORY_SECONDS = 0
     assert pool.pause_in_memory_allowed(other) is False
+
+
+def test_a_row_touched_while_paused_in_memory_still_goes_to_disk_in_time(
+    owner: Actor, local_host, fake_driver: FakeDriver, settings
+) -> None:
+    # given a pause held in memory for 10 minutes whose row a client keeps touching
+    # (a set_timeout every minute)
+    settings.PAUSE_IN_MEMORY_SECONDS = 300
+    sandbox = SandboxFactory(
+        team=owner.personal_team, host=local_host, state=S.STOPPED, paused_in_memory=True
+    )
+    fake_vm(fake_driver, sandbox.vm_name, "suspended")
+    Sandbox.objects.filter(pk=sandbox.pk).update(
+        paused_at=timezone.now() - timedelta(minutes=10), updated_at=timezone.now()
+    )
+
+    # when the pool sweep runs, then its memory goes to disk (the pause's age counts)
+    assert pool.pool_sweep()["hosts"][local_host.name]["paused_to_disk"] == 1
+    assert fake_driver.domain_status(sandbox.vm_name) == "saved"
+
+
+def test_an_in_memory_pause_whose_vm_died_stops_holding_memory_and_resumes_on_disk(
+    owner: Actor, local_host, fake_driver: FakeDriver
+) -> None:
+    # given a pause held in memory whose VM is gone (its host restarted)
+    sandbox = SandboxFactory(
+        team=owner.personal_team, host=local_host, state=S.STOPPED, paused_in_memory=True, memory_mb=1024
+    )
+    held = next(r for r in hosts_with_room() if r.host.pk == local_host.pk).free_memory_mb
+
+    # when the pool sweep runs
+    result = pool.pool_sweep()["hosts"][local_host.name]
+
+    # then it holds no host memory and no in-memory slot of its team, and is marked to
+    # resume on its disk; reconciliation keeps it stopped
+    sandbox.refresh_from_db()
+    assert result["memory_lost"] == 1
+    assert (sandbox.state, sandbox.paused_in_memory, sandbox.memory_lost) == (S.STOPPED, False, True)
+    assert next(r for r in hosts_with_room() if r.host.pk == local_host.pk).free_memory_mb == held + 1024
+    Sandbox.objects.update(updated_at=timezone.now() - timedelta(seconds=5))
+    assert sweeps.reconcile_sweep()["hosts"][local_host.name]["lost"] == 0
+
+
+def test_a_shape_that_does_not_fit_the_pool_does_not_stop_the_others_filling(
+    local_host, base_version_row, fake_driver: FakeDriver, settings, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # given targets of a big shape that no longer fits the pool's memory, and of base
+    settings.POOL_MAX_MEMORY_MB, settings.POOL_FILL_BATCH = 1024, 10
+    filled: list[tuple[int, int]] = []
+
+    def fill_one(host, driver, version, cpu, memory_mb) -> bool:  # type: ignore[no-untyped-def]
+        filled.append((cpu, memory_mb))
+        PooledVm.objects.create(
+            host=host, template_version=version, cpu_count=cpu, memory_mb=memory_mb, state=PooledVmState.READY
+        )
+        return True
+
+    monkeypatch.setattr(pool, "_fill_one", fill_one)
+    targets = {(base_version_row.pk, 4, 2048): 3, (base_version_row.pk, 1, 512): 2}
+
+    # when the pool fills
+    pool._fill(local_host, fake_driver, targets)
+
+    # then the big shape was skipped and base filled
+    assert filled == [(1, 512), (1, 512)]

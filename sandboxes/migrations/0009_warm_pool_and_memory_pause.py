@@ -19,6 +19,16 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='sandbox',
+            name='paused_at',
+            field=models.DateTimeField(blank=True, null=True),
+        ),
+        migrations.AddField(
+            model_name='sandbox',
+            name='memory_lost',
+            field=models.BooleanField(default=False),
+        ),
+        migrations.AddField(
+            model_name='sandbox',
             name='paused_in_memory',
             field=models.BooleanField(default=False),
         ),

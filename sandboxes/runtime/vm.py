@@ -355,7 +355,8 @@ def resume(sandbox: Sandbox) -> Started | None:
     if status == "suspended":
         lifecycle.unsuspend(driver, sandbox.vm_name, agent_client(sandbox), timeout=timeout)
         return None
-    if status in ("shutoff", "absent") and sandbox.paused_in_memory and disk_path(sandbox).exists():
+    lost = sandbox.paused_in_memory or sandbox.memory_lost
+    if status in ("shutoff", "absent") and lost and disk_path(sandbox).exists():
         return _boot_on_own_disk(driver, sandbox)
     lifecycle.resume(driver, sandbox.vm_name, agent_client(sandbox), timeout=timeout)
     return None

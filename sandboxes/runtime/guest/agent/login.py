@@ -10,8 +10,15 @@ shell (``shopt login_shell``, ``~/.bash_logout`` on exit) without reading the pr
 
 The cache key holds the user, the whole input environment and (path, mtime_ns, size, inode)
 of every file a login shell reads, so an edit to a profile is picked up by the next command.
-Anything unusual (a profile that writes output, sets ``BASH_ENV``, fails or hangs) makes the
-command run the real login shell, as before: the optimisation never changes an outcome.
+A profile that writes output, sets ``BASH_ENV``, fails or hangs makes the command run the
+real login shell, as before (a hung one is remembered like the others, until a watched file
+changes: each command would otherwise wait for the capture's timeout first).
+
+What the fast path does not carry over, because a login shell's profiles leave it in that
+shell only: variables a profile sets without exporting, shell options (``set -o pipefail``,
+``shopt``), aliases, a profile's ``cd``, values a profile computes afresh for each shell (a
+timestamp), and files a profile sources from outside the watched list. A command that needs
+them gets the real login shell with ``WATASU_FULL_LOGIN=1`` in its (or the sandbox's) env.
 """
 
 from __future__ import annotations
@@ -121,6 +128,8 @@ class LoginCache:
         self, argv: list[str], env: dict[str, str], kwargs: dict[str, Any], user: str | None
     ) -> tuple[list[str], dict[str, str]] | None:
         """The argv and env that replace a real login shell for ``argv``, or None to keep it."""
+        if env.get("WATASU_FULL_LOGIN") == "1":
+            return None
         login = self.lookup(argv[0], env, kwargs, user)
         if login is None:
             return None
@@ -179,13 +188,15 @@ class LoginCache:
     ) -> tuple[LoginEnv | None, bool]:
         """Run the real login shell once: (its result or None if it cannot stand in, cacheable).
 
-        A failure that the same files would repeat (a failing or talking profile) is cached as
-        None; a timeout or a spawn error may be passing (a restore, memory pressure) and is not.
+        A failure that the same files would repeat (a failing, talking or hanging profile) is
+        cached as None; a spawn error may be passing (memory pressure) and is not.
         """
         with tempfile.TemporaryFile() as out:
             try:
                 script = CAPTURE_SCRIPT.format(fd=out.fileno())
                 rc, talked = _run_capture(shell, script, env, home, out, kwargs)
+            except subprocess.TimeoutExpired:
+                return None, True  # the real shell each time, not a timeout and then the real shell
             except (OSError, subprocess.SubprocessError):
                 return None, False
             if rc != 0 or talked:
