@@ -156,7 +156,7 @@ def test_a_pause_held_in_memory_then_on_disk_then_lost_with_its_host(
     # when it is paused again and the pool sweep finds the pause due: its memory goes to disk
     services.sandbox_pause(sandbox=row)
     settings.PAUSE_IN_MEMORY_SECONDS = 1
-    Sandbox.objects.filter(pk=sandbox.pk).update(updated_at=timezone.now() - timedelta(seconds=5))
+    Sandbox.objects.filter(pk=sandbox.pk).update(paused_at=timezone.now() - timedelta(seconds=5))
     assert pool.pool_sweep()["hosts"][base_version.host.name]["paused_to_disk"] == 1
     row = Sandbox.objects.get(pk=sandbox.pk)
     assert (row.state, row.paused_in_memory, vm_cleanup.domain_status(row.vm_name)) == (
@@ -176,11 +176,14 @@ def test_a_pause_held_in_memory_then_on_disk_then_lost_with_its_host(
     vm_cleanup.conn.lookupByName(row.vm_name).destroy()
     Sandbox.objects.filter(pk=sandbox.pk).update(updated_at=timezone.now() - timedelta(seconds=5))
     reconciled = sweeps.reconcile_sweep()["hosts"][base_version.host.name]
+    swept = pool.pool_sweep()["hosts"][base_version.host.name]
 
     # then reconciliation keeps it stopped, and its resume boots on its disk: the files are
     # there (synced at the pause), the processes are not
     assert reconciled["lost"] == 0, reconciled
-    assert Sandbox.objects.get(pk=sandbox.pk).state == S.STOPPED
+    assert swept["memory_lost"] == 1, swept  # it holds no host memory any more
+    row = Sandbox.objects.get(pk=sandbox.pk)
+    assert (row.state, row.paused_in_memory, row.memory_lost) == (S.STOPPED, False, True)
     row = resume()
     agent = vm.agent_client(row)
     assert agent.exec("cat /root/kept.txt /root/late.txt")["stdout"] == "kept\nwritten-before-the-pause\n"
