@@ -45,11 +45,11 @@ def test_whole_lifecycle_through_the_api(owner: Actor, base_version, vm_cleanup)
     assert agent.exec("echo $GREETING")["stdout"] == "hi\n"
     pid = agent.exec("sleep 1000", background=True)["pid"]
 
-    # pause keeps memory; a second pause is 409
+    # pause keeps memory (held in host memory first: the VM suspended); a second pause is 409
     paused = client.post(f"/v1/sandboxes/{sandbox_id}/pause")
     assert paused.json()["sandbox"]["state"] == "stopped"
     assert client.post(f"/v1/sandboxes/{sandbox_id}/pause").status_code == 409
-    assert vm_cleanup.stats(f"{VM_TEST_PREFIX}{sandbox_id}").state == "shutoff"
+    assert vm_cleanup.stats(f"{VM_TEST_PREFIX}{sandbox_id}").state == "paused"
 
     # resume restarts the same VM with the process still there and a fresh session
     resumed = client.post(f"/v1/sandboxes/{sandbox_id}/resume", {"timeout": 120}, format="json")
