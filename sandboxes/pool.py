@@ -30,7 +30,6 @@ domain no row (pooled VM or sandbox) owns.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from sandboxes.runtime.driver import RuntimeDriver
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from watasu import crypto
 from watasu import sweeps as registry
+from watasu.locks import try_flock
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +176,8 @@ def _host_lock(host: Host) -> Iterator[bool]:
     """One pool run per host at a time (beat and a refill may overlap); False: another holds it."""
     path = Path(settings.DATA_DIR) / f"pool-{host.pk}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+    with try_flock(path) as held:
+        yield held
 
 
 def _discard(driver: RuntimeDriver, pooled: PooledVm) -> bool:

@@ -38,6 +38,7 @@ from sandboxes.runtime.buildvm import make_template_snapshot
 from sandboxes.runtime.driver import MemorySnapshot
 from templates_app.builds.ready import start_and_wait_ready
 from templates_app.models import TemplateVersion, VersionStatus
+from watasu.locks import try_flock
 
 logger = logging.getLogger(__name__)
 
@@ -338,13 +339,8 @@ def _state_lock(directory: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _make_lock(directory: Path, name: str) -> Iterator[bool]:
     """Hold the shape's make lock if no one else does; yields whether this holds it."""
-    with (directory / f"{name}.lock").open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+    with try_flock(directory / f"{name}.lock") as held:
+        yield held
 
 
 def _making(directory: Path, name: str) -> bool:

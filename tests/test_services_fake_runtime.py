@@ -13,12 +13,11 @@ from django.utils import timezone
 
 from sandboxes import services, sweeps
 from sandboxes.models import Sandbox, SandboxEvent, SandboxState
-from sandboxes.runtime.lifecycle import sandbox_spec
 from templates_app.builds import build_vm_names
 from templates_app.models import TemplateVersion, VersionStatus
 from tests.conftest import VM_TEST_PREFIX, Actor
 from tests.factories import SandboxFactory
-from tests.fake_driver import FakeDriver
+from tests.fake_driver import FakeDriver, fake_vm
 from watasu import errors
 from watasu import sweeps as registry
 
@@ -28,18 +27,7 @@ S = SandboxState
 
 def _vm(driver: FakeDriver, name: str) -> Path:
     """A running VM named ``name`` on its own disk; returns the disk."""
-    spec = sandbox_spec(
-        name,
-        driver.state_dir,
-        vcpus=1,
-        memory_mb=512,
-        kernel=Path("/vmlinuz"),
-        initrd=Path("/initrd.img"),
-        cmdline="",
-        backing=Path("/base.qcow2"),
-    )
-    driver.boot(spec)
-    return spec.disk_path
+    return fake_vm(driver, name)
 
 
 def _sandbox(owner: Actor, host, version, **fields) -> Sandbox:  # type: ignore[no-untyped-def]
