@@ -81,7 +81,6 @@ def pool_claim(
     if not pool_enabled():
         return None
     list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
-    room = {r.host.pk: r for r in hosts_with_room()}
     candidates = PooledVm.objects.select_for_update(skip_locked=True, of=("self",)).filter(
         template_version=version,
         cpu_count=cpu,
@@ -91,7 +90,9 @@ def pool_claim(
     )
     if among:
         candidates = candidates.filter(host_id__in=among)
-    for pooled in candidates.select_related("host").order_by("ready_at", "pk")[:8]:
+    ready = list(candidates.select_related("host").order_by("ready_at", "pk")[:8])
+    room = {r.host.pk: r for r in hosts_with_room()} if ready else {}  # a create without one: no sums
+    for pooled in ready:
         host_room = room.get(pooled.host_id)
         if host_room is None or host_room.free_cpu < cpu or pooled.agent_port is None:
             continue
