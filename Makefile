@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code bench-starts clean
+.PHONY: help setup run host test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code bench-starts clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -27,6 +27,10 @@ setup:
 
 run: setup
 	PORT=$(PORT) WATASU_DATA_DIR=$(DATA_DIR) scripts/run-embedded
+
+# A VM host's own worker, for a deployment on many machines (docs/hosts.md).
+host: setup
+	WATASU_DATA_DIR=$(DATA_DIR) scripts/run-host
 
 test: setup
 	@scripts/setup-test-tools

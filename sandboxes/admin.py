@@ -12,7 +12,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from sandboxes import network
+from sandboxes import hosts, network, pool
 from sandboxes.checkpoints import checkpoint_delete
 from sandboxes.models import (
     RUNTIME_STATES,
@@ -25,7 +25,6 @@ from sandboxes.models import (
     SandboxState,
     SweepRun,
 )
-from sandboxes.runtime import driver_for
 from sandboxes.services import sandbox_destroy
 from sandboxes.sweeps import SWEEPS, sweep_run
 
@@ -42,7 +41,7 @@ class HostForm(forms.ModelForm):
         wanted = data.get("memory_capacity_mb")
         if wanted and self.instance.pk:
             try:
-                physical = driver_for(self.instance).memory_mb()
+                physical = hosts.physical_memory_mb(self.instance)
             except Exception as exc:  # libvirt does not answer: cannot check, so refuse
                 raise forms.ValidationError(f"Cannot read the host's memory from libvirt: {exc}") from exc
             if wanted > physical:
@@ -88,12 +87,23 @@ class HostAdmin(admin.ModelAdmin):
         "running_sandboxes",
         "stopped_sandboxes",
         "last_seen_at",
-        "libvirt_uri",
+        "address",
+        "queue",
+        "memory_available_mb",
         "sandboxes_link",
     ]
     list_filter = ["state"]
-    search_fields = ["name", "libvirt_uri"]
-    readonly_fields = ["created_at", "last_seen_at", "sandboxes_link"]
+    search_fields = ["name", "libvirt_uri", "address"]
+    readonly_fields = [
+        "created_at",
+        "last_seen_at",
+        "address",
+        "queue",
+        "memory_available_mb",
+        "disk_free_bytes",
+        "last_placed_at",
+        "sandboxes_link",
+    ]
     actions = [drain_hosts, undrain_hosts]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
@@ -205,7 +215,7 @@ def release_pooled(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset:
     for pooled in queryset.select_related("host"):
         name = pooled.domain_name
         if PooledVm.objects.filter(pk=pooled.pk).delete()[0]:  # the row first: no create takes it
-            driver_for(pooled.host).destroy(name)
+            pool.pooled_domain_destroy(pooled.host, name)
             released += 1
     modeladmin.message_user(request, f"Released {released} warm pool VM(s).", messages.SUCCESS)
 

@@ -53,7 +53,20 @@ class Host(models.Model):
     cpu_capacity = models.PositiveIntegerField(help_text="vCPUs placement may hand out.")
     memory_capacity_mb = models.PositiveIntegerField(help_text="Guest memory placement may hand out.")
     state = models.CharField(max_length=16, choices=HostState.choices, default=HostState.UP)
+    # Where the edge and the web processes reach this host's agents (each forwarded agent
+    # port listens on it): a private address in a multi-host deployment, loopback alone.
+    address = models.GenericIPAddressField(default="127.0.0.1", protocol="IPv4")
+    # The Celery queue of the host's own worker, which runs every step touching its VMs and
+    # files ("" for a host driven in-process: the embedded single-machine mode).
+    queue = models.CharField(max_length=120, blank=True, default="")
+    # The last heartbeat of the host's worker (or, in-process, the last libvirt answer),
+    # with what it measured then: placement reads these for hosts with a worker.
     last_seen_at = models.DateTimeField(null=True, blank=True)
+    memory_available_mb = models.PositiveIntegerField(null=True, blank=True)
+    disk_free_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    # When placement last chose it: ties between equally free hosts go to the one chosen
+    # longest ago, so idle hosts take turns.
+    last_placed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -138,6 +151,9 @@ class Sandbox(models.Model):
     # A `stopped` sandbox whose memory was lost with its host while the pause was held in
     # memory: it no longer holds host memory, and its resume boots on its own disk.
     memory_lost = models.BooleanField(default=False)
+    # False while its host is down (its worker silent): the sandbox keeps its state and
+    # is never destroyed for it; its data plane answers 503 until the host is back.
+    reachable = models.BooleanField(default=True)
     vm_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
     agent_port = models.PositiveIntegerField(null=True, blank=True)
     agent_secret_encrypted = models.TextField(blank=True)

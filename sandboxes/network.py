@@ -26,7 +26,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import F, Q
 
-from sandboxes.models import Sandbox
+from sandboxes.hostcalls import host_step
+from sandboxes.models import Host, Sandbox
 from sandboxes.runtime.egress import firewall
 from sandboxes.runtime.egress.policy import Egress, compile_policy
 from watasu import crypto
@@ -274,6 +275,7 @@ def uid_of(sandbox: Sandbox) -> int:
     return uid
 
 
+@host_step
 def apply(sandbox: Sandbox) -> None:
     """Enforce the sandbox's stored policy for its QEMU uid (before its VM runs, and on
     every change) and record the revision in force. Under a per-sandbox lock, from the row
@@ -296,6 +298,7 @@ def apply(sandbox: Sandbox) -> None:
     sandbox.network_applied_revision = row.network_revision
 
 
+@host_step
 def remove(sandbox: Sandbox) -> None:
     """The sandbox's rules gone (its VM is gone; its uid is refused everything again)."""
     if not settings.RUNTIME_QEMU_UID_BASE or not settings.EGRESS_ENFORCE:
@@ -306,6 +309,7 @@ def remove(sandbox: Sandbox) -> None:
         logger.warning("sandbox %s: could not remove its firewall rules", sandbox.pk, exc_info=True)
 
 
+@host_step
 def refused(sandbox: Sandbox) -> int:
     """Packets its policy refused at the firewall since the policy was last applied."""
     try:
@@ -330,11 +334,12 @@ def guest_ca() -> str | None:
     return ensure_ca().decode()
 
 
-def reconcile() -> dict[str, int]:
-    """The firewall against the database: a recorded policy not in force on a running
-    sandbox is applied (a change the host could not take when it was made), and the rules
-    of sandboxes that are gone are removed. Rules of uids this database does not know are
-    left alone (another installation on this host may own them)."""
+@host_step
+def reconcile(host: Host) -> dict[str, int]:
+    """The host's firewall against the database: a recorded policy not in force on a
+    running sandbox of the host is applied (a change the host could not take when it was
+    made), and the rules of its sandboxes that are gone are removed. Rules of uids this
+    database does not know are left alone (another installation on this host may own them)."""
     from sandboxes.models import SandboxState
 
     if not settings.EGRESS_ENFORCE or not settings.RUNTIME_QEMU_UID_BASE:
@@ -345,7 +350,7 @@ def reconcile() -> dict[str, int]:
         state__in=(SandboxState.CREATING, SandboxState.RESTORING), network_applied_revision__isnull=False
     )
     applied = 0
-    pending = Sandbox.objects.filter(running | starting).exclude(
+    pending = Sandbox.objects.filter(running | starting, host=host).exclude(
         network_applied_revision=F("network_revision")
     )
     for sandbox in pending:
@@ -356,7 +361,9 @@ def reconcile() -> dict[str, int]:
             logger.warning("sandbox %s: its network policy is still not in force", sandbox.pk, exc_info=True)
     base = settings.RUNTIME_QEMU_UID_BASE
     installed = {uid - base for uid in firewall.installed_uids() if uid > base}
-    gone = Sandbox.objects.filter(pk__in=installed, state__in=(SandboxState.DESTROYED, SandboxState.FAILED))
+    gone = Sandbox.objects.filter(
+        pk__in=installed, host=host, state__in=(SandboxState.DESTROYED, SandboxState.FAILED)
+    )
     removed = 0
     for sandbox in gone.exclude(purged_at=None):
         remove(sandbox)

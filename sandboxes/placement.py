@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db.models import OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from sandboxes.models import RUNTIME_STATES, Host, HostState, PooledVm, SandboxState
 from watasu import errors
@@ -54,24 +56,42 @@ def hosts_with_room(states: tuple[str, ...] = (HostState.UP,)) -> list[HostRoom]
     ]
 
 
-def _short_of_memory(host: Host) -> bool:
-    """The host's measured free memory is below the floor placement keeps (what guests
-    really use, after page sharing: the check behind memory overcommit)."""
+def measured_available_mb(host: Host) -> int:
+    """The host's free memory as libvirt measures it (what guests really use, after page
+    sharing): its worker's last heartbeat, or, driven in-process, asked now (0 when libvirt
+    does not answer: the hosts sweep marks it down)."""
     from sandboxes.runtime import driver_for  # the runtime imports models; placement must not at import
 
+    if host.queue:
+        return host.memory_available_mb or 0
     try:
-        return driver_for(host).memory_available_mb() < settings.HOST_MIN_AVAILABLE_MB
-    except Exception:  # libvirt trouble: the hosts sweep marks it down; do not place there now
-        return True
+        return driver_for(host).memory_available_mb()
+    except Exception:
+        return 0
 
 
-def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> Host:
+def _short_of_memory(host: Host) -> bool:
+    """The host's measured free memory is below the floor placement keeps (the check behind
+    memory overcommit)."""
+    return measured_available_mb(host) < settings.HOST_MIN_AVAILABLE_MB
+
+
+def host_place(
+    *,
+    cpu: int,
+    memory_mb: int,
+    among: list[int] | None = None,
+    having: set[int] | frozenset[int] = frozenset(),
+) -> Host:
     """The up host with the most free memory that fits the shape; locks the hosts.
 
     Must run inside a transaction; raises `Unavailable('sandbox_overloaded')`
     (HTTP 503, which the SDK raises as SandboxOverloadedException) when no
-    host has room. `among` limits the choice to those host ids (where a
-    template's memory snapshot lives).
+    host has room. `among` limits the choice to those host ids (where a volume or a
+    checkpoint lives, or a template version not in the artifact store); the hosts in
+    `having` already hold the template version's files and count as
+    WATASU_PLACEMENT_LOCAL_BONUS_MB freer (elsewhere the start pulls them first). Between
+    equals, the host placed on longest ago wins, so idle hosts take turns.
     """
     list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
     fitting = [
@@ -79,8 +99,16 @@ def host_place(*, cpu: int, memory_mb: int, among: list[int] | None = None) -> H
         for r in hosts_with_room()
         if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb and (among is None or r.host.pk in among)
     ]
-    for room in sorted(fitting, key=lambda r: (r.free_memory_mb, r.free_cpu, -r.host.pk), reverse=True):
+    never = datetime.min.replace(tzinfo=UTC)
+
+    def score(room: HostRoom) -> tuple[int, int, float]:
+        bonus = settings.PLACEMENT_LOCAL_BONUS_MB if room.host.pk in having else 0
+        placed = room.host.last_placed_at or never
+        return (room.free_memory_mb + bonus, room.free_cpu, -placed.timestamp())
+
+    for room in sorted(fitting, key=score, reverse=True):
         if not _short_of_memory(room.host):
+            Host.objects.filter(pk=room.host.pk).update(last_placed_at=timezone.now())
             return room.host
     message = _no_host_message(cpu, memory_mb)
     raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
@@ -115,8 +143,11 @@ def host_has_room(*, host: Host, cpu: int, memory_mb: int) -> bool:
 def host_disk_check(*, host: Host, needed_bytes: int, what: str) -> None:
     """507 `not_enough_space` when writing `needed_bytes` to the host's data disk would leave
     less than WATASU_HOST_MIN_FREE_GIB free: every sandbox's disk on the host shares it."""
-    stats = os.statvfs(host.data_dir)
-    free = stats.f_bavail * stats.f_frsize
+    if host.queue:  # measured by its worker, with each heartbeat
+        free = host.disk_free_bytes or 0
+    else:
+        stats = os.statvfs(host.data_dir)
+        free = stats.f_bavail * stats.f_frsize
     reserve = settings.HOST_MIN_FREE_GIB * 2**30
     if free - needed_bytes < reserve:
         raise errors.InsufficientStorage(

@@ -41,10 +41,13 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from sandboxes import placement
+from sandboxes.hostcalls import host_step
 from sandboxes.models import Host, HostState, PooledVm, PooledVmState, Sandbox, SandboxState
 from sandboxes.placement import hosts_with_room
 from sandboxes.runtime import driver_for, lifecycle, vm
 from sandboxes.runtime.driver import RuntimeDriver
+from templates_app import artifacts
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from watasu import crypto
 from watasu import sweeps as registry
@@ -139,7 +142,7 @@ def _latest_ready(template_ids: set[int]) -> dict[int, int]:
 def pool_targets(host: Host, now: datetime) -> dict[Key, int]:
     """How many pooled VMs each (version, shape) should have on ``host``: the base size for
     `base`, the recent creates for the rest; only current versions whose snapshot lives on
-    this host (or anywhere)."""
+    this host or travel through the artifact store."""
     wanted: dict[Key, int] = {}
     base = Template.objects.filter(team__isnull=True, slug="base", deleted_at__isnull=True).first()
     since = now - timedelta(seconds=settings.POOL_DEMAND_WINDOW_SECONDS)
@@ -165,7 +168,7 @@ def pool_targets(host: Host, now: datetime) -> dict[Key, int]:
         if n > 0
         and key[0] in versions
         and latest.get(versions[key[0]].template_id) == key[0]
-        and versions[key[0]].host_id in (None, host.pk)
+        and (versions[key[0]].host_id in (None, host.pk) or artifacts.portable(versions[key[0]]))
     }
 
 
@@ -223,7 +226,7 @@ def _release_for_memory(host: Host, driver: RuntimeDriver) -> int:
 
 def _fill_one(host: Host, driver: RuntimeDriver, version: TemplateVersion, cpu: int, memory_mb: int) -> bool:
     try:
-        snapshot = vm.snapshot_for(version, cpu, memory_mb)
+        snapshot = vm.snapshot_for(version, cpu, memory_mb, host)
     except OSError:  # its files are gone (deleted meanwhile): nothing to fill from
         logger.warning("the snapshot of %s is unreadable; no warm VMs for it", version, exc_info=True)
         return False
@@ -368,17 +371,24 @@ def pool_sweep(*, now: datetime | None = None) -> registry.Result:
     results: dict[str, registry.Result] = {}
     more = False
     for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
-        result: registry.Result = {}
-        for part, work in (("pool", _pool_host), ("paused_to_disk", _tier_down)):
-            try:
-                done = work(host, now)
-                result.update(done if isinstance(done, dict) else {part: done})
-            except Exception as exc:  # libvirt trouble: the hosts sweep deals with it
-                logger.exception("the pool sweep's %s failed on host %s", part, host.name)
-                result[f"{part}_error"] = str(exc)[:500]
+        result = pool_host_run(host, now) or {"queued": True}  # None: queued to the host's worker
         results[host.name] = result
         more = more or bool(result.get("more"))
     return {"hosts": results, "more": more}
+
+
+@host_step(wait=False, expires=int(settings.SWEEP_INTERVAL_SECONDS["pool"]))
+def pool_host_run(host: Host, now: datetime) -> registry.Result:
+    """One host's part of the pool sweep (on the host)."""
+    result: registry.Result = {}
+    for part, work in (("pool", _pool_host), ("paused_to_disk", _tier_down)):
+        try:
+            done = work(host, now)
+            result.update(done if isinstance(done, dict) else {part: done})
+        except Exception as exc:  # libvirt trouble: the hosts sweep deals with it
+            logger.exception("the pool sweep's %s failed on host %s", part, host.name)
+            result[f"{part}_error"] = str(exc)[:500]
+    return result
 
 
 def pooled_domains(names: list[str]) -> set[str]:
@@ -397,4 +407,10 @@ def pause_in_memory_allowed(sandbox: Sandbox) -> bool:
     held = Sandbox.objects.filter(team_id=sandbox.team_id, state=SandboxState.STOPPED, paused_in_memory=True)
     if held.count() >= settings.PAUSE_IN_MEMORY_PER_TEAM:
         return False
-    return driver_for(sandbox.host).memory_available_mb() >= settings.POOL_MIN_AVAILABLE_MB
+    return placement.measured_available_mb(sandbox.host) >= settings.POOL_MIN_AVAILABLE_MB
+
+
+@host_step
+def pooled_domain_destroy(host: Host, name: str) -> None:
+    """Remove a released pooled VM's domain and files (on its host)."""
+    driver_for(host).destroy(name)

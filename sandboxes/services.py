@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from billing import metering
 from billing.selectors import team_require_active
-from sandboxes import mcp, network, pool
+from sandboxes import hostcalls, mcp, network, pool
 from sandboxes.models import (
     RUNTIME_STATES,
     Checkpoint,
@@ -37,14 +37,13 @@ from sandboxes.models import (
 )
 from sandboxes.placement import host_disk_check, host_has_room, host_place
 from sandboxes.runtime import vm
-from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.volumes import Attachment, MountRefused
 from sandboxes.selectors import QuotaReservation, checkpoint_for_create, team_quota
 from sandboxes.sessions import Session, session_mint
 from sandboxes.specs import CreateSpec, Lifecycle
 from teams.models import Team, User
 from teams.selectors import team_for_write
-from templates_app import provider
+from templates_app import artifacts, provider
 from templates_app.models import TemplateVersion
 from templates_app.selectors import template_version_by_id, template_version_resolve
 from volumes.models import Volume
@@ -68,8 +67,13 @@ def host_register_local() -> Host:
 
     Embedded mode calls this on every start. Capacity is taken from the
     settings at first registration only, so operators' edits in the admin last,
-    and a draining host stays draining.
+    and a draining host stays draining. In a host worker (`make host`), the host is
+    registered as driven by that worker (sandboxes/hosts.py).
     """
+    if settings.HOST_WORKER:
+        from sandboxes.hosts import host_register_worker
+
+        return host_register_worker()
     host, created = Host.objects.get_or_create(
         name=settings.RUNTIME_HOST_NAME,
         defaults={
@@ -81,7 +85,10 @@ def host_register_local() -> Host:
     )
     if not created:
         Host.objects.filter(pk=host.pk).update(
-            libvirt_uri=settings.RUNTIME_LIBVIRT_URI, data_dir=str(settings.RUNTIME_HOST_DATA_DIR)
+            libvirt_uri=settings.RUNTIME_LIBVIRT_URI,
+            data_dir=str(settings.RUNTIME_HOST_DATA_DIR),
+            address=settings.RUNTIME_HOST_ADDRESS,
+            queue="",
         )
         # A host found down comes back up (this process just reached its libvirt); an
         # operator's `draining` stays: builds and restarts call this and must not undo it.
@@ -208,15 +215,25 @@ def _resolve_version(team: Team, spec: CreateSpec) -> TemplateVersion:
 
 
 def _hosts_for(version: TemplateVersion, volumes: list[Volume]) -> list[int]:
-    """Where the sandbox may run: the host of its template's snapshot and of its volumes
-    (empty: anywhere). A request whose pieces live on different hosts is a 422."""
-    hosts = {v.host_id for v in volumes} | ({version.host_id} if version.host_id else set())
+    """Where the sandbox may run (empty: anywhere). A volume stays on its host, so the
+    sandbox goes there; a template version in the artifact store goes to any host (pulled
+    on first use), one not yet in it only to the host that built it. A request whose pieces
+    must live on different hosts is a 422."""
+    hosts = {v.host_id for v in volumes}
     if len(hosts) > 1:
         raise errors.Invalid(
-            "The template and the volumes of this request are on different hosts; a sandbox "
-            "mounts volumes of its own host only.",
+            "The volumes of this request are on different hosts; a sandbox mounts volumes of its "
+            "own host only.",
             code="volume_host_mismatch",
         )
+    if version.host_id and not artifacts.portable(version):
+        if hosts and hosts != {version.host_id}:
+            raise errors.Invalid(
+                "The template and the volumes of this request are on different hosts; a sandbox "
+                "mounts volumes of its own host only.",
+                code="volume_host_mismatch",
+            )
+        hosts = {version.host_id}
     return sorted(hosts)
 
 
@@ -251,7 +268,13 @@ def _reserve(
             if checkpoint is None
             else None
         )
-        host = pooled.host if pooled else host_place(cpu=cpu, memory_mb=memory_mb, among=among)
+        host = (
+            pooled.host
+            if pooled
+            else host_place(
+                cpu=cpu, memory_mb=memory_mb, among=among or None, having=artifacts.hosts_with(version)
+            )
+        )
         sandbox = Sandbox.objects.create(
             team=team,
             created_by=user,
@@ -355,7 +378,7 @@ def _launch(
             attachments=attachments,
             checkpoint=checkpoint,
         )
-        client = AgentClient(started.agent_port, secret=started.agent_secret)
+        client = vm.agent_client_of(started, sandbox)
         mcp.mcp_after_start(sandbox, client, mcp=spec.mcp, checkpoint=checkpoint)
     except Exception as exc:  # any runtime failure: no VM left behind, row marked failed
         failure = _fail_start(sandbox, exc)
@@ -560,6 +583,8 @@ def _claim_resume(sandbox: Sandbox) -> bool:
         team_require_active(sandbox.team)
         _quota_check(sandbox.team, sandbox.cpu_count, sandbox.memory_mb)
         host = sandbox.placed_host
+        if host.state == HostState.DOWN:
+            raise hostcalls.unavailable(host, f"is down; sandbox {sandbox.pk} is kept there")
         sandbox.refresh_from_db(fields=["paused_in_memory"])
         held = sandbox.paused_in_memory  # its memory is counted already
         if not host_has_room(host=host, cpu=sandbox.cpu_count, memory_mb=0 if held else sandbox.memory_mb):
@@ -574,6 +599,15 @@ def _resume_failed(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
     """After a failed resume the row must say what the VM is: its memory saved again
     (`stopped`, resumable), or nothing usable left (`lost`, VM removed, disk kept)."""
     logger.exception("sandbox %s failed to resume", sandbox.pk)
+    if hostcalls.host_unavailable(exc):  # nothing known of its VM: kept as it was, never lost
+        sandbox_transition(
+            sandbox=sandbox,
+            from_states=[S.RESTORING],
+            to_state=S.STOPPED,
+            reason="resume failed; its host did not answer",
+            last_error=str(exc)[:2000],
+        )
+        return exc if isinstance(exc, errors.DomainError) else errors.Unavailable(str(exc))
     status = "unknown"
     try:
         status = vm.status(sandbox)

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, F, Q
+from django.db.models import F, Q
 from django.utils import timezone
 
-from sandboxes import network, services
+from sandboxes import hosts, network, services
+from sandboxes.hostcalls import host_step
 from sandboxes.models import Host, HostState, OnTimeout, Sandbox, SandboxState, SweepRun
 from sandboxes.runtime import driver_for, lifecycle, vm
 from sandboxes.runtime.driver import RuntimeDriver
@@ -332,57 +333,45 @@ def _save_again(driver: RuntimeDriver, pk: int, listed_at: datetime) -> bool:
     return True
 
 
+QUEUED = "queued to its worker"
+
+
+def _interval(name: str) -> int:
+    """A sweep's part queued for a host's worker is dropped if still queued after this long
+    (the next run queues another)."""
+    return int(settings.SWEEP_INTERVAL_SECONDS[name])
+
+
+@host_step(wait=False, expires=_interval("reconcile"))
+def reconcile_host(host: Host) -> Result:
+    """One host's libvirt domains and firewall against the database (on the host)."""
+    try:
+        result = _reconcile_host(host)
+    except Exception as exc:  # the hosts sweep marks it down; never guess from a failed listing
+        logger.exception("reconciliation of host %s failed", host.name)
+        return {"error": str(exc)[:500]}
+    try:
+        result["network"] = network.reconcile(host)
+    except Exception as exc:
+        logger.exception("reconciliation of the network policies of host %s failed", host.name)
+        result["network"] = {"error": str(exc)[:500]}
+    return result
+
+
 def reconcile_sweep(*, now: datetime | None = None) -> Result:
-    """Every up host's libvirt domains against the database, both ways."""
+    """Every up host's libvirt domains against the database, both ways (each host's own
+    worker does its part)."""
     results = {}
     for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
         try:
-            results[host.name] = _reconcile_host(host)
-        except Exception as exc:  # the hosts sweep marks it down; never guess from a failed listing
+            results[host.name] = reconcile_host(host) or QUEUED
+        except Exception as exc:
             logger.exception("reconciliation of host %s failed", host.name)
             results[host.name] = {"error": str(exc)[:500]}
-    try:
-        firewall = network.reconcile()
-    except Exception as exc:
-        logger.exception("reconciliation of the network policies failed")
-        firewall = {"error": str(exc)[:500]}
-    return {"hosts": results, "network": firewall, "more": False}
+    return {"hosts": results, "more": False}
 
 
-# --- host health --------------------------------------------------------------------------
-
-
-def host_health_sweep(*, now: datetime | None = None) -> Result:
-    """Mark hosts whose libvirt does not answer down (no placements), and back up."""
-    now = now or timezone.now()
-    report = {}
-    for host in Host.objects.all():
-        try:
-            alive = driver_for(host).alive()
-        except Exception:  # cannot even connect
-            alive = False
-        if alive:
-            Host.objects.filter(pk=host.pk).update(last_seen_at=now)
-            Host.objects.filter(pk=host.pk, state=HostState.DOWN).update(state=HostState.UP)
-            report[host.name] = "up" if host.state != HostState.DRAINING else "draining"
-            continue
-        # A draining host stays draining (it takes no placements either way), so the
-        # operator's drain outlives an outage instead of ending as `up` when it returns.
-        Host.objects.filter(pk=host.pk, state=HostState.UP).update(state=HostState.DOWN)
-        stranded = {
-            row["state"]: row["n"]
-            for row in Sandbox.objects.filter(
-                host=host, state__in=[S.READY, S.STOPPED, *services.BUSY_STATES]
-            )
-            .values("state")
-            .annotate(n=Count("pk"))
-            .order_by("state")
-        }
-        report[host.name] = {"state": "down", "sandboxes": stranded}
-        logger.error(
-            "host %s: libvirt does not answer; marked down; sandboxes on it: %s", host.name, stranded
-        )
-    return {"hosts": report, "more": False}
+# --- host health: sandboxes/hosts.py ------------------------------------------------------
 
 
 # --- retention ---------------------------------------------------------------------------
@@ -409,6 +398,7 @@ def _purge_retained(now: datetime) -> int:
     return services.sandboxes_purge(due)
 
 
+@host_step(wait=False, expires=_interval("retention"))
 def _orphan_sandbox_files(host: Host, now: float) -> int:
     """Disks and directories in the host's sandbox dir that no unpurged row owns."""
     state_dir = Path(host.data_dir) / "sandboxes"
@@ -446,7 +436,7 @@ def retention_sweep(*, now: datetime | None = None) -> Result:
     now = now or timezone.now()
     purged = _purge_retained(now)
     files = sum(
-        _orphan_sandbox_files(host, now.timestamp())
+        _orphan_sandbox_files(host, now.timestamp()) or 0  # None: queued to the host's worker
         for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING])
     )
     result: Result = {"sandboxes_purged": purged, "orphan_files": files, "more": purged == _batch()}
@@ -465,7 +455,7 @@ def register() -> None:
         ("deadlines", deadline_sweep),
         ("stuck", stuck_sweep),
         ("reconcile", reconcile_sweep),
-        ("hosts", host_health_sweep),
+        ("hosts", hosts.host_health_sweep),
         ("retention", retention_sweep),
     ):
         registry.register_sweep(name, sweep)

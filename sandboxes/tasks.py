@@ -33,3 +33,25 @@ def network_apply(sandbox_id: int) -> bool:
     from sandboxes.services import sandbox_network_retry
 
     return sandbox_network_retry(sandbox_id)
+
+
+# --- the host worker (`make host`, sandboxes/hosts.py) -----------------------------------------
+
+from celery.signals import worker_ready  # noqa: E402
+
+from sandboxes import hostcalls  # noqa: E402,F401  (registers the host step task)
+
+
+@worker_ready.connect
+def _host_worker_ready(**_: Any) -> None:
+    """A host worker registers its host and starts its heartbeat once it consumes its queue."""
+    if not settings.HOST_WORKER:
+        return
+    import sandboxes.network
+    import sandboxes.pool
+    import sandboxes.runtime.vm
+    import sandboxes.sweeps  # noqa: F401
+    from sandboxes.hosts import host_register_worker, start_heartbeat
+
+    host = host_register_worker()
+    start_heartbeat(host)

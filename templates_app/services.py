@@ -13,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing import metering
+from sandboxes.hostcalls import host_step
 from sandboxes.models import RUNTIME_STATES, Host, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, images, lifecycle
 from sandboxes.runtime.buildvm import make_template_snapshot
@@ -87,6 +88,12 @@ def _snapshot_into(version: TemplateVersion, image: images.BaseImage, host: Host
             last_error_message="",
         )
         metering.template_versions_ready(versions=[(version.pk, version.template.team_id, size)], at=now)
+
+
+@host_step(timeout=1800)
+def base_template_ensure_on(host: Host) -> TemplateVersion:
+    """`base_template_ensure` run where ``host``'s files are: by its own worker, or here."""
+    return base_template_ensure(host=host)
 
 
 def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:

@@ -61,6 +61,7 @@ class Upstream:
     sandbox_id: int
     port: int
     secret: str = field(repr=False)
+    address: str = "127.0.0.1"  # the sandbox's host (Host.address)
     mask_request_host: str | None = None  # previews: the Host the app sees (`${PORT}` filled in)
 
 
@@ -133,8 +134,19 @@ def _upstream(sandbox: Sandbox, role: str) -> Upstream:
         raise EdgeError(
             409, "sandbox_not_running", f"Sandbox {sandbox.pk} is {sandbox.state}; resume it first."
         )
-    secret = vm.agent_client(sandbox).secret or ""
-    return Upstream(sandbox_id=sandbox.pk, port=sandbox.agent_port, secret=role_secret(secret, role))
+    if not sandbox.reachable:
+        raise EdgeError(
+            503,
+            "host_unavailable",
+            f"Sandbox {sandbox.pk} is on a host that is not answering; it is kept, retry later.",
+        )
+    client = vm.agent_client(sandbox)
+    return Upstream(
+        sandbox_id=sandbox.pk,
+        port=sandbox.agent_port,
+        secret=role_secret(client.secret or "", role),
+        address=client.host,
+    )
 
 
 @_outside_requests

@@ -105,7 +105,13 @@ def _timeouts() -> dict[str, float]:
 
 
 def agent_request(
-    method: str, port: int, path: str, query: bytes, headers: Headers, content: AsyncIterator[bytes] | None
+    method: str,
+    port: int,
+    path: str,
+    query: bytes,
+    headers: Headers,
+    content: AsyncIterator[bytes] | None,
+    address: str = "127.0.0.1",
 ) -> httpx.Request:
     """The request to the agent, carrying exactly `path` and `query` as checked.
 
@@ -114,7 +120,7 @@ def agent_request(
     still differ from what was checked.
     """
     raw = path.encode("latin-1") + (b"?" + query if query else b"")
-    url = httpx.URL(scheme="http", host="127.0.0.1", port=port, raw_path=raw)
+    url = httpx.URL(scheme="http", host=address, port=port, raw_path=raw)
     if url.raw_path != raw:
         raise UnsafeUpstreamPath(raw)
     return httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": _timeouts()})
@@ -242,7 +248,7 @@ async def proxy_http(
     try:
         if body_filter is not None:
             body = await body_filter(body or _no_body())
-        request = agent_request(method, upstream.port, path, query, headers, body)
+        request = agent_request(method, upstream.port, path, query, headers, body, upstream.address)
     except ClientGone:
         return
     except UnsafeUpstreamPath as exc:

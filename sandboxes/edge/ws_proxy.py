@@ -71,7 +71,7 @@ async def _open_agent(
     extra_headers: list[tuple[str, str]],
     preview: bool = False,
 ) -> ClientConnection:
-    url = f"ws://127.0.0.1:{upstream.port}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+    url = f"ws://{upstream.address}:{upstream.port}{path}" + (f"?{query.decode('latin-1')}" if query else "")
     headers = [("Authorization", f"Bearer {upstream.secret}"), *extra_headers]
     try:
         return await connect(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from sandboxes.runtime.driver import RuntimeDriver
+from sandboxes.runtime.driver import RuntimeDriver, set_agent_address
 
 if TYPE_CHECKING:
     from sandboxes.models import Host
@@ -34,7 +34,12 @@ def driver_for(host: Host) -> RuntimeDriver:
     The class is `settings.RUNTIME_DRIVER`: the libvirt driver, or the fake one service
     tests use (tests/fake_driver.py).
     """
+    from sandboxes import hostcalls
+
+    if not hostcalls.runs_here(host):  # a bug: host steps reach this process only for its own hosts
+        raise RuntimeError(f"host {host.name} is driven by its own worker, not by this process")
     key = (os.getpid(), settings.RUNTIME_DRIVER, host.libvirt_uri, host.data_dir)
+    set_agent_address(settings.RUNTIME_HOST_ADDRESS)
     with _lock:
         if key in _drivers and not _drivers[key].connected():  # libvirtd restarted: reconnect
             _drivers.pop(key).close()

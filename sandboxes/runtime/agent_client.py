@@ -21,10 +21,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from . import driver
 from .driver import DriverError
 
 DEFAULT_TIMEOUT = 10.0
@@ -99,7 +100,7 @@ class AgentClient:
 
     port: int
     secret: str | None = None
-    host: str = "127.0.0.1"
+    host: str = field(default_factory=lambda: driver.agent_address)  # where this process's VMs listen
     timeout: float = DEFAULT_TIMEOUT
 
     def request(

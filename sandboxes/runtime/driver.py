@@ -194,8 +194,19 @@ class RuntimeDriver(Protocol):
         """Release the connection. Never raises."""
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
+# The address every agent port this process forwards listens on: its host's
+# (``Host.address``; loopback unless the host serves web processes on other machines).
+# ``driver_for`` sets it from WATASU_HOST_ADDRESS.
+agent_address = "127.0.0.1"
+
+
+def set_agent_address(address: str) -> None:
+    global agent_address
+    agent_address = address
+
+
+def free_tcp_port(host: str | None = None) -> int:
     """A port the kernel considers free right now (racy by nature; QEMU fails loudly)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        s.bind((host or agent_address, 0))
         return int(s.getsockname()[1])

@@ -24,6 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
+from . import driver as driver_module
 from .driver import DomainNotFound, DomainStats, DriverError, MemorySnapshot, VmSpec
 from .saveimage import CloneIdentity, CloneStream, write_clone
 
@@ -196,7 +197,10 @@ class LibvirtDriver:
         cpu = "<cpu mode='host-passthrough'/>" if kvm else ""
         tcg = "" if kvm else f"<tcg><tb-cache unit='MiB'>{self.tb_cache_mb}</tb-cache></tcg>"
         # No IPv6 for guests: the host firewall and the network policy speak IPv4.
-        netdev = f"user,id=wnet0,ipv6=off,hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_GUEST_PORT}"
+        netdev = (
+            f"user,id=wnet0,ipv6=off,hostfwd=tcp:{driver_module.agent_address}:{spec.agent_host_port}"
+            f"-:{AGENT_GUEST_PORT}"
+        )
         if not spec.internet:
             netdev += ",restrict=on"
         nic = "virtio-net-pci,netdev=wnet0,bus=pcie.0,addr=0x10,romfile="

@@ -24,13 +24,14 @@ from typing import Any
 
 from django.conf import settings
 
-from sandboxes import network
-from sandboxes.models import Checkpoint, Sandbox, SandboxState
+from sandboxes import hostcalls, network
+from sandboxes.hostcalls import host_step, value_type
+from sandboxes.models import Checkpoint, Host, HostState, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot, RuntimeDriver
 from sandboxes.runtime.images import BaseImage
-from templates_app import shapes
+from templates_app import artifacts, shapes
 from templates_app.models import TemplateVersion
 from watasu import crypto
 
@@ -38,7 +39,14 @@ logger = logging.getLogger(__name__)
 
 CPU_SAMPLE_SECONDS = 0.2
 
+# what host steps take and raise besides rows and domain errors
+value_type(volumes.Attachment)
+hostcalls.error_type(volumes.MountRefused)
+hostcalls.error_type(volumes.MountFailed)
+hostcalls.error_type(DomainNotFound)
 
+
+@value_type
 @dataclass(frozen=True)
 class Started:
     agent_port: int
@@ -57,13 +65,25 @@ def _image_of(snapshot: MemorySnapshot) -> BaseImage:
     )
 
 
-def snapshot_for(version: TemplateVersion, cpu: int, memory_mb: int) -> MemorySnapshot | None:
-    """The memory snapshot a sandbox of this shape starts from: the version's own for its
-    baseline, the shape's once made (templates_app/shapes.py), else None, having queued its
-    make (the sandbox cold-boots meanwhile)."""
-    snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+def template_snapshot(version: TemplateVersion, host: Host) -> MemorySnapshot:
+    """The version's memory snapshot as ``host`` (this process's) holds it: the build's own
+    files on the host that built it; elsewhere a copy pulled from the artifact store on
+    first use (templates_app/artifacts.py)."""
+    return lifecycle.load_template_snapshot(artifacts.local_dir(version, host))
+
+
+def snapshot_for(
+    version: TemplateVersion, cpu: int, memory_mb: int, host: Host | None = None
+) -> MemorySnapshot | None:
+    """The memory snapshot a sandbox of this shape starts from on ``host`` (default: the
+    version's own): the version's own for its baseline, the shape's once made
+    (templates_app/shapes.py; on the version's own host), else None, having queued its make
+    there (the sandbox cold-boots meanwhile)."""
+    snapshot = template_snapshot(version, host or version.host)
     if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb):
         return snapshot
+    if host is not None and host.pk != version.host_id:
+        return None  # shapes are made where the version was built; elsewhere a cold boot
     shaped = shapes.made(version, cpu, memory_mb)
     if shaped is None:
         shapes.request(version, cpu, memory_mb)
@@ -119,6 +139,7 @@ def _from_pool(driver: RuntimeDriver, sandbox: Sandbox, env_vars: dict[str, str]
     return None
 
 
+@host_step
 def start(
     sandbox: Sandbox,
     version: TemplateVersion,
@@ -136,7 +157,7 @@ def start(
     cold-boots the template version's kernel on it, or, for a checkpoint with memory,
     restores that memory (the source's processes carry on in the copy)."""
     driver = driver_for(sandbox.placed_host)
-    snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+    snapshot = template_snapshot(version, sandbox.placed_host)
     pooled = _from_pool(driver, sandbox, env_vars) if sandbox.domain_name else None
     if pooled is not None:
         if attachments:
@@ -144,7 +165,11 @@ def start(
                 driver, agent_client_of(pooled), sandbox.vm_name, attachments, qemu_uid=qemu_uid(sandbox)
             )
         return pooled
-    shaped = snapshot_for(version, sandbox.cpu_count, sandbox.memory_mb) if checkpoint is None else None
+    shaped = (
+        snapshot_for(version, sandbox.cpu_count, sandbox.memory_mb, sandbox.placed_host)
+        if checkpoint is None
+        else None
+    )
     uid = qemu_uid(sandbox)
     internet, trust_ca, env_vars = _network(sandbox, env_vars)
     name = sandbox.vm_name
@@ -199,8 +224,11 @@ def start(
     return Started(agent_port=started.spec.agent_host_port, agent_secret=started.client.secret or "")
 
 
-def agent_client_of(started: Started) -> AgentClient:
-    return AgentClient(started.agent_port, secret=started.agent_secret)
+def agent_client_of(started: Started, sandbox: Sandbox | None = None) -> AgentClient:
+    """The agent of a VM just started (for ``sandbox``: on its host's address)."""
+    if sandbox is None or sandbox.host is None:
+        return AgentClient(started.agent_port, secret=started.agent_secret)
+    return AgentClient(started.agent_port, secret=started.agent_secret, host=sandbox.host.address)
 
 
 def disk_path(sandbox: Sandbox) -> Path:
@@ -208,6 +236,7 @@ def disk_path(sandbox: Sandbox) -> Path:
     return driver_for(sandbox.placed_host).state_dir / f"{sandbox.vm_name}.qcow2"
 
 
+@host_step
 def disk_bytes(sandbox: Sandbox) -> int:
     """Host disk the sandbox's own disk takes (what its guest wrote): 0 without one."""
     try:
@@ -216,6 +245,7 @@ def disk_bytes(sandbox: Sandbox) -> int:
         return 0
 
 
+@host_step
 def checkpoint(sandbox: Sandbox, checkpoint: Checkpoint) -> int:
     """Copy the running sandbox's root disk (and, for ``include_memory``, its memory) to
     the checkpoint's files; returns the bytes they take.
@@ -294,9 +324,14 @@ def qemu_uid(sandbox: Sandbox) -> int | None:
 
 
 def agent_client(sandbox: Sandbox) -> AgentClient:
-    return AgentClient(sandbox.agent_port or 0, secret=crypto.decrypt_text(sandbox.agent_secret_encrypted))
+    """The sandbox's agent, reached on its host's address (with the agent's own secret)."""
+    secret = crypto.decrypt_text(sandbox.agent_secret_encrypted)
+    if sandbox.host is None:
+        return AgentClient(sandbox.agent_port or 0, secret=secret)
+    return AgentClient(sandbox.agent_port or 0, secret=secret, host=sandbox.host.address)
 
 
+@host_step
 def pause(sandbox: Sandbox, *, in_memory: bool = False) -> None:
     """Processes survive the pause: ``in_memory``, the VM is suspended and its memory stays
     in host RAM (a resume takes milliseconds; the pool sweep saves it to disk later); else
@@ -339,6 +374,7 @@ def volume_freezer(sandbox: Sandbox) -> Callable[[], None]:
     return freeze
 
 
+@host_step
 def resume(sandbox: Sandbox) -> Started | None:
     """Run a paused sandbox again, from wherever its memory is: in host RAM (continue it),
     on disk (managed save), or nowhere (a pause held in memory on a host that restarted:
@@ -368,7 +404,7 @@ def _boot_on_own_disk(driver: RuntimeDriver, sandbox: Sandbox) -> Started:
     version = sandbox.template_version
     if version is None:
         raise RuntimeError(f"sandbox {sandbox.pk} has no template version to boot")
-    snapshot = lifecycle.load_template_snapshot(version.artifact_dir)
+    snapshot = template_snapshot(version, sandbox.placed_host)
     driver.forget(sandbox.vm_name)  # the old definition (its disk stays)
     env_vars = {**version.build_env(), **(crypto.decrypt_json(sandbox.env_vars_encrypted) or {})}
     internet, trust_ca, env_vars = _network(sandbox, env_vars)
@@ -402,26 +438,39 @@ def _boot_on_own_disk(driver: RuntimeDriver, sandbox: Sandbox) -> Started:
 def destroy(sandbox: Sandbox) -> bool:
     """Remove the domain, its memory image and disk. Idempotent; never raises.
 
-    Returns False when the runtime refused (the row stays unpurged, so the retention
-    sweep tries again; reconciliation removes domains the database calls gone).
+    Returns False when the runtime refused or its host did not answer (the row stays
+    unpurged, so the retention sweep tries again; reconciliation removes domains the
+    database calls gone). On a host that is down the destroy is queued for its worker's
+    return, without waiting.
     """
-    if sandbox.host is None:
+    host = sandbox.host
+    if host is None:
         return True
     try:
-        driver_for(sandbox.host).destroy(sandbox.vm_name)
+        if host.queue and host.state == HostState.DOWN and not hostcalls.runs_here(host):
+            _destroy_here.queue(sandbox)
+            return False
+        return bool(_destroy_here(sandbox))
     except Exception:
         logger.exception("could not destroy the VM of sandbox %s; the sweeps will", sandbox.pk)
         return False
+
+
+@host_step(timeout=60)
+def _destroy_here(sandbox: Sandbox) -> bool:
+    driver_for(sandbox.placed_host).destroy(sandbox.vm_name)
     network.remove(sandbox)
     return True
 
 
+@host_step
 def forget(sandbox: Sandbox) -> None:
     """Stop and undefine the domain, keeping its disk (failed/lost sandboxes, for inspection)."""
     if sandbox.host is not None:
         driver_for(sandbox.host).forget(sandbox.vm_name)
 
 
+@host_step
 def status(sandbox: Sandbox) -> str:
     """The domain as libvirt sees it: running | saved | shutoff | absent."""
     if sandbox.host is None:
@@ -433,6 +482,7 @@ def _iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@host_step
 def metrics(sandbox: Sandbox) -> dict[str, Any] | None:
     """One sample: CPU use over a short window, resident memory, disk use. None when not running."""
     if sandbox.state != SandboxState.READY or sandbox.host is None:

@@ -358,6 +358,28 @@ RUNTIME_DRIVER = "sandboxes.runtime.libvirt_driver.LibvirtDriver"
 RUNTIME_ACCEL = env.choice("WATASU_ACCEL", "auto", ("auto", "kvm", "tcg"))
 RUNTIME_HOST_NAME = env.str("WATASU_HOST_NAME", socket.gethostname())
 RUNTIME_HOST_DATA_DIR = env.path("WATASU_HOST_DATA_DIR", str(DATA_DIR / "runtime"))
+# --- Many hosts (sandboxes/hosts.py, docs/hosts.md) ------------------------------------
+# The address the host's agent ports listen on and the edge connects to: loopback on one
+# machine; a private address (never a public one: the agents' only check is their secret)
+# when web processes on other machines reach this host.
+RUNTIME_HOST_ADDRESS = env.str("WATASU_HOST_ADDRESS", "127.0.0.1")
+# Set by `manage.py host_worker` (`make host`): this process is the worker of
+# WATASU_HOST_NAME, and runs the steps of that host queued for it.
+HOST_WORKER = env.bool("WATASU_HOST_WORKER", False)
+# False for processes that must never drive a VM or touch a host's files themselves (web and
+# sweep workers of a multi-host deployment): every host step then goes to the host's worker,
+# and a host without one is refused.
+RUNTIME_IN_PROCESS = env.bool("WATASU_RUNTIME_IN_PROCESS", True)
+# How long a blocking call (create, resume, pause, a file operation) waits for a host's
+# worker before answering 503 `host_unavailable`; a step still queued then is dropped.
+HOST_CALL_TIMEOUT_SECONDS = env.int("WATASU_HOST_CALL_TIMEOUT_SECONDS", 120, min=1)
+# A host worker writes its heartbeat this often; the hosts sweep marks a host whose last
+# heartbeat is older than WATASU_HOST_DOWN_AFTER_SECONDS down (its sandboxes unreachable).
+HOST_HEARTBEAT_SECONDS = env.int("WATASU_HOST_HEARTBEAT_SECONDS", 5, min=1)
+HOST_DOWN_AFTER_SECONDS = env.int("WATASU_HOST_DOWN_AFTER_SECONDS", 20, min=2)
+# Placement counts a host that already has the template version's files as this much
+# freer (a start elsewhere first pulls them from the artifact store).
+PLACEMENT_LOCAL_BONUS_MB = env.int("WATASU_PLACEMENT_LOCAL_BONUS_MB", 1024, min=0)
 # Guests rarely use all their vCPUs: placement hands out cores x this many vCPUs.
 RUNTIME_CPU_OVERCOMMIT = env.int("WATASU_CPU_OVERCOMMIT", 4, min=1, max=64)
 RUNTIME_HOST_CPU_CAPACITY = env.int(
@@ -511,7 +533,7 @@ SWEEP_INTERVAL_SECONDS = {
     "deadlines": SWEEP_DEADLINE_INTERVAL_SECONDS,  # timeouts: expired / stopped within seconds
     "stuck": env.int("WATASU_SWEEP_STUCK_INTERVAL_SECONDS", 30, min=1),
     "reconcile": env.int("WATASU_SWEEP_RECONCILE_INTERVAL_SECONDS", 60, min=1),
-    "hosts": env.int("WATASU_SWEEP_HOSTS_INTERVAL_SECONDS", 30, min=1),
+    "hosts": env.int("WATASU_SWEEP_HOSTS_INTERVAL_SECONDS", 10, min=1),
     "builds": env.int("WATASU_SWEEP_BUILDS_INTERVAL_SECONDS", 30, min=1),
     "retention": env.int("WATASU_SWEEP_RETENTION_INTERVAL_SECONDS", 600, min=1),
     # Volumes whose sandbox is gone are released; every volume's storage is measured.
