@@ -87,6 +87,9 @@ class TemplateVersion(models.Model):
     )
     artifact_dir = models.CharField(max_length=500, blank=True)
     artifact_digest = models.CharField(max_length=64, blank=True)
+    # The artifact's digest in the artifact store (templates_app/artifacts.py): how other
+    # hosts fetch it. Empty until the owner host published it (or when that failed).
+    store_digest = models.CharField(max_length=64, blank=True)
     size_bytes = models.BigIntegerField(default=0)
     last_error_message = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -175,3 +178,20 @@ class BuildLayer(models.Model):
 
     def __str__(self) -> str:
         return f"{self.step} {self.key[:12]}"
+
+
+class HostArtifact(models.Model):
+    """A host that holds a version's artifact: its owner, or one that pulled it from the
+    artifact store. Placement prefers these hosts (no transfer before the start)."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="artifacts")
+    version = models.ForeignKey(TemplateVersion, on_delete=models.CASCADE, related_name="host_artifacts")
+    path = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField(default=0)
+    pulled_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["host", "version"], name="host_artifact_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.version_id} on {self.host_id}"

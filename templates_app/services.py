@@ -20,7 +20,7 @@ from sandboxes.runtime.buildvm import make_template_snapshot
 from sandboxes.services import host_register_local
 from teams.models import User
 from teams.selectors import team_for_write, teams_of_user
-from templates_app import shapes
+from templates_app import artifacts, shapes
 from templates_app.models import Template, TemplateTag, TemplateVersion, VersionStatus
 from templates_app.selectors import template_by_id_or_alias, template_version_for_target
 from watasu import errors
@@ -127,6 +127,8 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
         and version.host_id == host.pk
         and artifact_ok(version.artifact_dir)
     ):
+        if not version.store_digest:  # built before the artifact store, or its publish failed
+            artifacts.publish_or_log(version)
         shapes.request_declared(version)  # shapes declared since it was built
         return version
     if not _claim_build(version):
@@ -142,6 +144,7 @@ def base_template_ensure(*, host: Host | None = None) -> TemplateVersion:
         raise
     version.refresh_from_db()
     logger.info("template %s ready in %s", version, version.artifact_dir)
+    artifacts.publish_or_log(version)
     shapes.request_declared(version)
     return version
 

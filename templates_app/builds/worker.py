@@ -30,7 +30,7 @@ from sandboxes.runtime import driver_for, lifecycle
 from sandboxes.runtime.buildvm import BuildVm, make_template_snapshot
 from sandboxes.runtime.driver import MemorySnapshot
 from sandboxes.runtime.images import BaseImage
-from templates_app import layers, shapes
+from templates_app import artifacts, layers, shapes
 from templates_app.builds.log import BuildLog
 from templates_app.builds.ready import start_and_wait_ready
 from templates_app.builds.spec import Step, build_steps, internet, parent_and_image
@@ -457,6 +457,7 @@ def template_build_run(*, version_id: int) -> None:
         shutil.rmtree(artifact, ignore_errors=True)
     else:
         version.refresh_from_db()
+        artifacts.publish_or_log(version)
         shapes.request_declared(version)
     queue_next_draft(version.template_id)
 

@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from billing import metering
 from sandboxes.models import Host
+from templates_app import artifacts
 from templates_app.builds.spec import validate_spec
 from templates_app.models import Template, TemplateVersion, VersionStatus
 from watasu import errors
@@ -107,6 +108,7 @@ def _adopt(template: Template, name: str, host: Host, spec: dict[str, Any], modu
     except IntegrityError:  # another process adopted or queued it first
         return None
     logger.info("provider template %s:%s adopted from %s", template.slug, name, artifact)
+    artifacts.publish_or_log(version)
     return version
 
 

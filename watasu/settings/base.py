@@ -406,6 +406,19 @@ RUNTIME_VM_PREFIX = env.str(
 # escaped QEMU cannot open another sandbox's disk; 0 runs every QEMU as the QEMU user.
 # Warm pool VMs run as BASE + 1e9 + their id (sandboxes.models.POOL_UID_OFFSET), hence the max.
 RUNTIME_QEMU_UID_BASE = env.int("WATASU_QEMU_UID_BASE", 1_000_000_000, min=0, max=3_000_000_000)
+# --- Artifact store (templates_app/artifacts.py, docs/artifacts.md) -------------------
+# Where template artifacts are shipped between hosts: `file:///path` (a directory, shared
+# or local) or `s3://bucket/prefix` on any S3-compatible service (MinIO, Ceph, AWS).
+ARTIFACT_STORE = env.str("WATASU_ARTIFACT_STORE", (DATA_DIR / "artifact-store").as_uri())
+if not re.fullmatch(r"file:///\S*|s3://[^/\s]+(/\S*)?", ARTIFACT_STORE):
+    raise ImproperlyConfigured(
+        f"WATASU_ARTIFACT_STORE={ARTIFACT_STORE!r} is invalid: expected file:///path or s3://bucket/prefix."
+    )
+ARTIFACT_S3_ENDPOINT = env.str("WATASU_ARTIFACT_S3_ENDPOINT", "")  # empty: AWS's own endpoint
+ARTIFACT_S3_REGION = env.str("WATASU_ARTIFACT_S3_REGION", "")
+# The usual AWS names, so the same credentials work for the aws CLI and mc.
+ARTIFACT_S3_ACCESS_KEY = env.str("AWS_ACCESS_KEY_ID", "")
+ARTIFACT_S3_SECRET_KEY = env.str("AWS_SECRET_ACCESS_KEY", "")
 # --- Warm pool and tiered pause (sandboxes/pool.py, docs/fast-starts.md) -----------------
 # Clones of template snapshots restored ahead of time and held suspended, per (template
 # version, shape, host). Off when QEMUs share one uid (a pooled VM's network policy is its
