@@ -143,6 +143,11 @@ def publish_missing(host: Host) -> int:
     return sum(1 for version in versions if publish_or_log(version))
 
 
+def portable(version: TemplateVersion) -> bool:
+    """Whether any host can start the version (its artifact is in the store)."""
+    return bool(version.store_digest)
+
+
 def hosts_with(version: TemplateVersion) -> set[int]:
     """Ids of the hosts holding the version's artifact (no transfer before a start there)."""
     held = set(HostArtifact.objects.filter(version=version).values_list("host_id", flat=True))

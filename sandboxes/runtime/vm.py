@@ -79,7 +79,10 @@ def snapshot_for(
     version's own): the version's own for its baseline, the shape's once made
     (templates_app/shapes.py; on the version's own host), else None, having queued its make
     there (the sandbox cold-boots meanwhile)."""
-    snapshot = template_snapshot(version, host or version.host)
+    home = host or version.host
+    if home is None:
+        raise ValueError(f"template version {version.pk} was never built on a host")
+    snapshot = template_snapshot(version, home)
     if (snapshot.vcpus, snapshot.memory_mb) == (cpu, memory_mb):
         return snapshot
     if host is not None and host.pk != version.host_id:
