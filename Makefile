@@ -12,7 +12,7 @@ TEST_DATA_DIR ?= /tmp/watasu-test-data
 STRESS_RUNS ?= 3
 STRESS_ARGS ?= -m vm
 
-.PHONY: help setup run host test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code bench-starts clean
+.PHONY: help setup run host test test-stress lint fmt check schema image bench bench-volumes bench-checkpoints bench-network bench-billing bench-dashboard bench-code bench-starts bench-hosts clean
 
 help:
 	@echo "make run     start web + worker + beat on the embedded defaults (PORT=$(PORT) DATA_DIR=$(DATA_DIR))"
@@ -89,6 +89,9 @@ bench-code: setup
 
 bench-starts: setup
 	.venv/bin/python bench/api.py --fast-starts
+
+bench-hosts: setup
+	.venv/bin/python bench/hosts.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

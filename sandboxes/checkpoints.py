@@ -23,6 +23,7 @@ from django.utils import timezone
 from billing import metering
 from billing.models import IntervalKind
 from sandboxes import selectors, services
+from sandboxes.hostcalls import host_step
 from sandboxes.models import Checkpoint, CheckpointStatus, Host, HostState, Sandbox, SandboxState
 from sandboxes.placement import host_disk_check
 from sandboxes.runtime import vm
@@ -114,7 +115,6 @@ def checkpoint_create(
             expires_at=expires_at,
         )
     try:
-        checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
         size = vm.checkpoint(sandbox, checkpoint)
     except Exception as exc:
         # Nothing is kept of a capture that failed: the answer says why (a failed row is left
@@ -175,7 +175,19 @@ def _back_to_ready(sandbox: Sandbox, reason: str) -> None:
 
 
 def _unlink(checkpoint: Checkpoint) -> None:
-    for path in (checkpoint.path, checkpoint.memory_path):
+    """Remove the checkpoint's files on its host (the row may be gone: they go by path). A
+    host that does not answer keeps them until its retention sweep finds them unowned."""
+    try:
+        _remove_files(checkpoint.host, [checkpoint.path, checkpoint.memory_path])
+    except errors.Unavailable:
+        logger.warning(
+            "checkpoint %s: its host did not answer; its retention removes the files", checkpoint.pk
+        )
+
+
+@host_step
+def _remove_files(host: Host, paths: list[Path]) -> None:
+    for path in paths:
         path.unlink(missing_ok=True)
 
 
@@ -218,8 +230,9 @@ def checkpoints_retention(now: datetime) -> dict[str, int | bool]:
         ):
             _unlink(checkpoint)
             abandoned += 1
-    orphans = sum(
-        _orphan_files(host, now) for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING])
+    orphans = sum(  # None: queued to the host's worker
+        _orphan_files(host, now) or 0
+        for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING])
     )
     return {
         "checkpoints_removed": removed,
@@ -229,6 +242,7 @@ def checkpoints_retention(now: datetime) -> dict[str, int | bool]:
     }
 
 
+@host_step(wait=False, expires=int(settings.SWEEP_INTERVAL_SECONDS["retention"]))
 def _orphan_files(host: Host, now: datetime) -> int:
     """Files in the host's checkpoint directory that no row owns (a crash between a
     delete's commit and its unlink, a capture's temporary copy)."""

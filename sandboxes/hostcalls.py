@@ -21,6 +21,8 @@ as `HostStepFailed` with its message.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -149,7 +151,8 @@ def remote(
     except CeleryTimeout:
         raise unavailable(host, f"did not answer within {seconds} s") from None
     finally:
-        result.forget()  # the answer was read once; nothing else wants it
+        with contextlib.suppress(OSError):  # the file backend has nothing to forget yet
+            result.forget()  # the answer was read once; nothing else wants it
     _refresh(args)
     if "error" in answer:
         raise decode_error(answer["error"])
@@ -201,6 +204,8 @@ def encode(value: Any) -> Any:
         return {"$path": str(value)}
     if isinstance(value, datetime):
         return {"$time": value.isoformat()}
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         kind = type(value).__name__
         if _value_types.get(kind) is not type(value):
@@ -227,6 +232,8 @@ def decode(value: Any) -> Any:
         return Path(value["$path"])
     if "$time" in value:
         return datetime.fromisoformat(value["$time"])
+    if "$bytes" in value:
+        return base64.b64decode(value["$bytes"])
     if "$value" in value:
         return _value_types[value["$value"]](**{k: decode(v) for k, v in value["fields"].items()})
     return {k: decode(v) for k, v in value.items()}

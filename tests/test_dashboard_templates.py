@@ -607,14 +607,10 @@ def filled(member: Actor, acme: Team, local_host, small_volumes) -> Volume:
     """A volume holding /work/notes.txt and /work/deep/bin.dat."""
     volume = volume_services.volume_create(user=member.user, name="data", team="acme")
     volume_services.detached(
-        volume,
-        lambda image: engine.write_file(image, "/work/notes.txt", b"hello <world>", force=True),
-        write=True,
+        volume, engine.write_file, "/work/notes.txt", b"hello <world>", write=True, force=True
     )
     volume_services.detached(
-        volume,
-        lambda image: engine.write_file(image, "/work/deep/bin.dat", b"\x00\xff", force=True),
-        write=True,
+        volume, engine.write_file, "/work/deep/bin.dat", b"\x00\xff", write=True, force=True
     )
     return volume
 

@@ -16,7 +16,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from sandboxes import sweeps
+from sandboxes import hosts, sweeps
 from sandboxes.models import Host, HostState, Sandbox, SandboxEvent, SandboxState, SweepRun
 from teams.models import IdempotencyRecord
 from tests.conftest import VM_TEST_PREFIX, Actor
@@ -116,7 +116,7 @@ def test_a_host_whose_libvirt_is_gone_is_down_and_gets_no_placements(
     _rows(2, dead, base_version_row, team=owner.personal_team, state=S.READY)
     Host.objects.filter(pk=local_host.pk).update(state=HostState.DOWN)  # as if it had failed earlier
 
-    result = sweeps.host_health_sweep()
+    result = hosts.host_health_sweep()
 
     assert result["hosts"]["dead"] == {"state": "down", "sandboxes": {"ready": 2}}  # reported
     assert result["hosts"][local_host.name] == "up"  # answers again: back up
@@ -366,7 +366,7 @@ def test_a_drained_host_that_goes_down_is_still_drained_when_it_returns(local_ho
     )
 
     # when the health sweep finds it silent
-    result = sweeps.host_health_sweep()
+    result = hosts.host_health_sweep()
 
     # then it is reported down but keeps the drain (it takes no placements either way)
     assert result["hosts"]["flaky"]["state"] == "down"

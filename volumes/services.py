@@ -25,13 +25,14 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q, Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from billing import metering
 from billing.models import IntervalKind
 from billing.selectors import team_require_active
-from sandboxes.models import Host, Sandbox, SandboxState
+from sandboxes.hostcalls import host_step, value_type
+from sandboxes.models import Host, HostState, Sandbox, SandboxState
 from sandboxes.runtime.images import exclusive
 from teams.models import Team, User
 from teams.selectors import team_for_write
@@ -41,6 +42,8 @@ from volumes.mounts import Mount
 from watasu import errors
 
 logger = logging.getLogger(__name__)
+
+value_type(engine.Entry)  # what detached operations answer, back from a volume's host
 
 T = TypeVar("T")
 GONE_STATES = (SandboxState.EXPIRED, SandboxState.FAILED, SandboxState.LOST, SandboxState.DESTROYED)
@@ -75,7 +78,30 @@ def _local_host() -> Host:
     return host_register_local()
 
 
+def _home_host() -> Host:
+    """Where a new volume's image lives: this machine when it drives its VMs itself (one
+    host), else the up host with the most free disk (its worker's last heartbeat). A volume
+    stays on its host; sandboxes mounting it are placed there."""
+    if settings.RUNTIME_IN_PROCESS and not settings.HOST_WORKER:
+        local = Host.objects.filter(name=settings.RUNTIME_HOST_NAME).first()
+        if local is not None and not local.queue:
+            return local
+    candidates = Host.objects.filter(state=HostState.UP).exclude(queue="")
+    host = candidates.order_by(F("disk_free_bytes").desc(nulls_last=True), "pk").first()
+    if host is None and not settings.RUNTIME_IN_PROCESS:
+        raise errors.Unavailable("No host is up to hold a new volume; retry later.", code="host_unavailable")
+    return host or _local_host()
+
+
 def _make_image(volume: Volume) -> Volume:
+    """Build the volume's filesystem image (on its host); the row says `ready`, or `failed` and why."""
+    made = _make_image_on(volume)
+    volume.refresh_from_db()
+    return made
+
+
+@host_step
+def _make_image_on(volume: Volume) -> Volume:
     """Build the volume's filesystem image; the row says `ready`, or `failed` and why."""
     try:
         with _image_lock(volume):
@@ -130,7 +156,7 @@ def _new_row(team: Team, name: str, metadata: dict[str, str]) -> Volume:
             name=name,
             metadata=metadata,
             size_bytes=settings.VOLUME_SIZE_GIB * 2**30,
-            host=_local_host(),
+            host=_home_host(),
         )
         metering.interval_open(
             team_id=team.pk,
@@ -160,6 +186,12 @@ def volume_create(
     return _make_image(volume)
 
 
+@host_step
+def _remove_image_of(host: Host, image: Path) -> None:
+    """Remove a deleted volume's image (on its host)."""
+    _remove_image(image)
+
+
 def volume_delete(*, volume: Volume) -> None:
     """Delete the volume and its image; 409 while a sandbox holds it."""
     with transaction.atomic():
@@ -171,7 +203,7 @@ def volume_delete(*, volume: Volume) -> None:
         row.delete()
         metering.interval_close(kind=IntervalKind.VOLUME, subject_id=volume.pk, at=timezone.now())
         # The image goes once the row is surely gone (a rolled-back delete keeps both).
-        transaction.on_commit(lambda: _remove_image(volume.image_path))
+        transaction.on_commit(lambda: _remove_image_of(volume.host, volume.image_path))
 
 
 def _remove_image(image: Path) -> None:
@@ -257,8 +289,20 @@ def volumes_claim(*, sandbox: Sandbox, volumes: Iterable[Volume]) -> None:
 def wait_for_detached_operations(volumes: Iterable[Volume]) -> None:
     """Before hot-plugging: let a detached operation that began before the claim finish."""
     for volume in volumes:
-        with _image_lock(volume):
-            pass
+        _wait_detached(volume)
+
+
+@host_step
+def _wait_detached(volume: Volume) -> None:
+    with _image_lock(volume):
+        pass
+
+
+@host_step
+def _give_back(volume: Volume) -> None:
+    """The image back to the tools user (on its host) once no VM has it."""
+    with contextlib.suppress(FileNotFoundError):
+        engine.give_to_tools(volume.image_path)
 
 
 def volumes_release(*, sandbox_ids: Iterable[int]) -> int:
@@ -267,8 +311,10 @@ def volumes_release(*, sandbox_ids: Iterable[int]) -> int:
     ids = list(sandbox_ids)
     held = list(Volume.objects.filter(holder_id__in=ids).select_related("host"))
     for volume in held:
-        with contextlib.suppress(FileNotFoundError):
-            engine.give_to_tools(volume.image_path)
+        try:
+            _give_back(volume)
+        except errors.Unavailable:  # its host is away: the next mount there hands it over again
+            logger.warning("volume %s: its host did not take the image back now", volume.pk)
     return Volume.objects.filter(pk__in=[v.pk for v in held], holder_id__in=ids).update(
         holder=None, updated_at=timezone.now()
     )
@@ -313,11 +359,40 @@ def _engine_error(exc: engine.EngineError) -> errors.DomainError:
     return kind(str(exc.message), code=exc.code)
 
 
-def detached(volume: Volume, operation: Callable[[Path], T], *, write: bool = False) -> T:
-    """Run `operation(image)` on the volume's image while no sandbox holds it (409
-    `volume_attached` otherwise), under the volume's lock. A suspended team reads, never writes."""
+# What a detached operation may run on an image (by name: the operation travels to the
+# volume's host as its name and arguments).
+OPERATIONS: dict[str, Callable[..., Any]] = {
+    op.__name__: op
+    for op in (
+        engine.stat,
+        engine.set_metadata,
+        engine.remove,
+        engine.list_dir,
+        engine.make_dir,
+        engine.read_file,
+        engine.write_file,
+        engine.usage,
+    )
+}
+
+
+def detached(
+    volume: Volume, operation: Callable[..., T], *args: Any, write: bool = False, **kwargs: Any
+) -> T:
+    """Run `operation(image, *args, **kwargs)` (one of the engine's OPERATIONS) on the
+    volume's image, on its host, while no sandbox holds it (409 `volume_attached`
+    otherwise), under the volume's lock. A suspended team reads, never writes."""
     if write:
         team_require_active(volume.team)
+    name = operation.__name__
+    if OPERATIONS.get(name) is not operation:
+        raise ValueError(f"{name} is not a detached operation")
+    return _detached_on(volume, name, list(args), kwargs, write)
+
+
+@host_step
+def _detached_on(volume: Volume, name: str, args: list[Any], kwargs: dict[str, Any], write: bool) -> Any:
+    operation = OPERATIONS[name]
     with _image_lock(volume):
         current = Volume.objects.filter(pk=volume.pk).values_list("holder_id", "state").first()
         if current is None:
@@ -329,7 +404,7 @@ def detached(volume: Volume, operation: Callable[[Path], T], *, write: bool = Fa
         if state != VolumeState.READY:
             raise errors.Conflict(f"Volume {volume.name} is {state}.", code="volume_not_ready")
         try:
-            result = operation(volume.image_path)
+            result = operation(volume.image_path, *args, **kwargs)
         except engine.EngineError as exc:
             raise _engine_error(exc) from exc
         if write:
@@ -342,7 +417,8 @@ def detached(volume: Volume, operation: Callable[[Path], T], *, write: bool = Fa
 
 def volume_measure(volume: Volume, *, now: datetime | None = None) -> VolumeUsage | None:
     """Record what the volume uses: bytes inside the filesystem (read while detached; a
-    held volume keeps its last figure) and bytes its sparse image takes on the host."""
+    held volume keeps its last figure) and bytes its sparse image takes on the host (runs
+    on the volume's host: the volumes sweep measures each host's volumes there)."""
     now = now or timezone.now()
     try:
         allocated = volume.image_path.stat().st_blocks * 512
@@ -352,7 +428,7 @@ def volume_measure(volume: Volume, *, now: datetime | None = None) -> VolumeUsag
     unchanged = volume.usage_measured_at is not None and volume.updated_at <= volume.usage_measured_at
     if volume.holder_id is None and not unchanged:  # a detached change bumps updated_at
         with contextlib.suppress(errors.DomainError):
-            used = detached(volume, lambda image: engine.usage(image)[0])
+            used = detached(volume, engine.usage)[0]
     Volume.objects.filter(pk=volume.pk).update(
         used_bytes=used, allocated_bytes=allocated, usage_measured_at=now
     )
@@ -374,11 +450,20 @@ def volumes_sweep(*, now: datetime | None = None) -> dict[str, Any]:
     stale = Volume.objects.filter(holder__state__in=GONE_STATES).select_related("host")
     for volume in stale[:200]:
         released += int(release_if_gone(volume))
+    hosts: dict[str, Any] = {}
+    for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
+        hosts[host.name] = volumes_host_sweep(host, now) or "queued to its worker"
+    measured = sum(part.get("measured", 0) for part in hosts.values() if isinstance(part, dict))
+    return {"released": released, "measured": measured, "hosts": hosts}
+
+
+@host_step(wait=False, expires=int(settings.SWEEP_INTERVAL_SECONDS["volumes"]))
+def volumes_host_sweep(host: Host, now: datetime) -> dict[str, int]:
+    """One host's part: measure its ready volumes, remove image files no row owns."""
     measured = 0
-    host = _local_host()
     for volume in Volume.objects.filter(Q(state=VolumeState.READY), host=host).select_related("host"):
         measured += int(volume_measure(volume, now=now) is not None)
-    return {"released": released, "measured": measured, "orphan_images": _remove_orphan_images(host, now)}
+    return {"measured": measured, "orphan_images": _remove_orphan_images(host, now)}
 
 
 def _remove_orphan_images(host: Host, now: datetime) -> int:

@@ -471,7 +471,7 @@ def volume(request: HttpRequest, access: TeamAccess, volume_id: str) -> HttpResp
     if problem is None:
         crumbs = _crumbs(raw)
         try:
-            entries = volume_services.detached(found, lambda image: engine.list_dir(image, raw, depth=1))
+            entries = volume_services.detached(found, engine.list_dir, raw, depth=1)
             rows = [_entry_row(e) for e in entries]
         except errors.DomainError as exc:
             problem = exc.message
@@ -496,9 +496,7 @@ def volume_download(request: HttpRequest, access: TeamAccess, volume_id: str) ->
     if problem is None:
         limit = settings.VOLUME_MAX_FILE_BYTES
         try:
-            data = volume_services.detached(
-                found, lambda image: engine.read_file(image, raw, max_bytes=limit)
-            )
+            data = volume_services.detached(found, engine.read_file, raw, max_bytes=limit)
         except errors.DomainError as exc:
             problem = exc.message
     if problem is not None:

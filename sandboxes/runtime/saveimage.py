@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from . import driver
+
 MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"  # written while a save is in progress
 HEADER_FMT = "<16s5I14I"
@@ -132,7 +134,9 @@ def rewrite_domain_xml(xml: str, ident: CloneIdentity) -> str:
         disks[0].remove(bs)  # libvirt re-detects the chain from the overlay itself
     for arg in root.iter(f"{{{QEMU_NS}}}arg"):
         value = arg.get("value", "")
-        value = re.sub(r"hostfwd=tcp:([\d.]*):\d+-", rf"hostfwd=tcp:\g<1>:{ident.agent_host_port}-", value)
+        # this host's address, whichever host the snapshot was taken on
+        forward = f"hostfwd=tcp:{driver.agent_address}:{ident.agent_host_port}-"
+        value = re.sub(r"hostfwd=tcp:[\d.]*:\d+-", forward, value)
         if value.startswith("user,"):
             value = value.replace(",restrict=on", "") + ("" if ident.internet else ",restrict=on")
         arg.set("value", value)

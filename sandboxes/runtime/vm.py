@@ -261,6 +261,7 @@ def checkpoint(sandbox: Sandbox, checkpoint: Checkpoint) -> int:
 
     With memory: the VM's memory is saved (it stops), its disk copied, and it starts again
     from that memory (its processes carry on; it was stopped meanwhile, ~1-3 s here)."""
+    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
     if checkpoint.include_memory:
         return _checkpoint_with_memory(sandbox, checkpoint)
     dest, quiesce = checkpoint.path, checkpoint.quiesce_mode == "guest"

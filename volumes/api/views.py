@@ -146,7 +146,7 @@ class VolumePathView(_VolumeView):
     )
     def get(self, request: Request, volume_id: str) -> Response:
         volume, query = self.volume(request, volume_id), _query(PathQuerySerializer, request)
-        return _entry(services.detached(volume, lambda image: engine.stat(image, query["path"])))
+        return _entry(services.detached(volume, engine.stat, query["path"]))
 
     @extend_schema(
         summary="Change owner or mode of a path in a volume",
@@ -157,9 +157,7 @@ class VolumePathView(_VolumeView):
     def patch(self, request: Request, volume_id: str) -> Response:
         volume, body = self.volume(request, volume_id, write=True), _body(MetadataChangeSerializer, request)
         path = body.pop("path")
-        return _entry(
-            services.detached(volume, lambda image: engine.set_metadata(image, path, **body), write=True)
-        )
+        return _entry(services.detached(volume, engine.set_metadata, path, write=True, **body))
 
     @extend_schema(
         summary="Remove a path from a volume",
@@ -169,7 +167,7 @@ class VolumePathView(_VolumeView):
     )
     def delete(self, request: Request, volume_id: str) -> Response:
         volume, query = self.volume(request, volume_id, write=True), _query(PathQuerySerializer, request)
-        services.detached(volume, lambda image: engine.remove(image, query["path"]), write=True)
+        services.detached(volume, engine.remove, query["path"], write=True)
         return Response(status=204)
 
 
@@ -188,9 +186,7 @@ class VolumeDirectoriesView(_VolumeView):
     )
     def get(self, request: Request, volume_id: str) -> Response:
         volume, query = self.volume(request, volume_id), _query(ListQuerySerializer, request)
-        entries = services.detached(
-            volume, lambda image: engine.list_dir(image, query["path"], depth=query["depth"])
-        )
+        entries = services.detached(volume, engine.list_dir, query["path"], depth=query["depth"])
         return Response({"entries": [entry_dict(entry) for entry in entries]})
 
     @extend_schema(
@@ -202,9 +198,7 @@ class VolumeDirectoriesView(_VolumeView):
     def post(self, request: Request, volume_id: str) -> Response:
         volume, body = self.volume(request, volume_id, write=True), _body(MakeDirSerializer, request)
         path, force = body.pop("path"), bool(body.pop("force", False))
-        entry = services.detached(
-            volume, lambda image: engine.make_dir(image, path, force=force, **body), write=True
-        )
+        entry = services.detached(volume, engine.make_dir, path, write=True, force=force, **body)
         return Response({"file": entry_dict(entry)}, status=201)
 
 
@@ -233,7 +227,7 @@ class VolumeFilesView(_VolumeView):
         volume, query = self.volume(request, volume_id), _query(PathQuerySerializer, request)
         limit, path = settings.VOLUME_MAX_FILE_BYTES, query["path"]
         # One tool run: read_file refuses anything but a regular file, so its bytes say the rest.
-        data = services.detached(volume, lambda image: engine.read_file(image, path, max_bytes=limit))
+        data = services.detached(volume, engine.read_file, path, max_bytes=limit)
         parts = [part.decode(errors="backslashreplace") for part in engine.split_path(path)]
         file = {"path": "/" + "/".join(parts), "name": parts[-1], "type": "file", "size": len(data)}
         return Response({"file": {**file, "content_b64": base64.b64encode(data).decode()}})
@@ -250,7 +244,5 @@ class VolumeFilesView(_VolumeView):
         volume, body = self.volume(request, volume_id, write=True), _body(WriteFileSerializer, request)
         path, data, force = body.pop("path"), body.pop("data"), bool(body.pop("force", False))
         return _entry(
-            services.detached(
-                volume, lambda image: engine.write_file(image, path, data, force=force, **body), write=True
-            )
+            services.detached(volume, engine.write_file, path, data, write=True, force=force, **body)
         )

@@ -1,0 +1,264 @@
+"""Many hosts: what a host worker costs a create, how fast template files travel, and how
+evenly placement spreads creates over two hosts.
+
+    make bench-hosts          (or: .venv/bin/python bench/hosts.py [--runs 20] [--creates 100])
+
+In one run, on one machine (PostgreSQL database `watasu_bench`, Redis db 11):
+  1. SDK create p50 from a warm pool, in-process (the web process drives the VMs, today's
+     single-machine mode) and through a host worker (`scripts/run-host`, its own data
+     directory, queue and address 127.0.0.2; the web process with
+     WATASU_RUNTIME_IN_PROCESS=false): the difference is the host worker's cost (target
+     <= +30 ms). The pool is refilled between creates, untimed, as the pool sweep does.
+  2. The transfer of the `base` template version: its push to the artifact store (a
+     directory here; bench/artifacts.py measures S3) and a pull into an empty directory,
+     in MiB/s.
+  3. `--creates` creates through the API over two hosts (the in-process one and the
+     worker's), no pool, at most 8 sandboxes alive at once (the oldest destroyed first),
+     and the skew |a - b| / total (target <= 10 %), both hosts of equal capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from common import ms, percentile, prepare_database, start_uvicorn, use_bench_environment
+
+ROOT = use_bench_environment()
+REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
+os.environ["REDIS_URL"] = REDIS
+WORKER_ADDRESS = "127.0.0.2"
+
+
+def sdk_creates(port: int, key: str, runs: int, refill) -> list[float]:  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_", "REDIS_"))}
+    env.update(WATASU_API_URL=f"http://127.0.0.1:{port}/v1", WATASU_API_KEY=key)
+    process = subprocess.Popen(
+        [sys.executable, "-P", str(ROOT / "bench" / "sdk_starts.py"), "create", str(runs)],
+        cwd="/",
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    for _ in range(runs):
+        refill()
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "done"
+    process.stdin.close()
+    out = process.stdout.read()
+    if process.wait(timeout=1800):
+        raise RuntimeError("sdk_starts.py failed")
+    return list(json.loads(out.strip().splitlines()[-1])["create"])
+
+
+def server(port: int, **env: str) -> subprocess.Popen[bytes]:
+    saved = dict(os.environ)
+    os.environ.update(env, WATASU_PUBLIC_URL=f"http://127.0.0.1:{port}")
+    try:
+        return start_uvicorn(ROOT, port, "--ws", "websockets-sansio")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "WATASU_HOST_NAME": name,
+        "WATASU_HOST_ADDRESS": WORKER_ADDRESS,
+        "WATASU_DATA_DIR": str(data_dir),
+        "WATASU_VM_PREFIX": f"{os.environ['WATASU_VM_PREFIX']}{name}-",
+        "WATASU_HOST_HEARTBEAT_SECONDS": "1",
+        "HOST_CONCURRENCY": "8",
+    }
+    log = open(data_dir.parent / f"{name}.log", "ab")  # noqa: SIM115 (the worker's, closed with it)
+    return subprocess.Popen([str(ROOT / "scripts" / "run-host")], cwd=ROOT, env=env, stdout=log, stderr=log)
+
+
+def api(port: int, key: str, method: str, path: str, body: dict | None = None) -> dict:  # type: ignore[type-arg]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else {}
+
+
+def spread(port: int, key: str, creates: int) -> dict[str, int]:
+    from sandboxes.models import Sandbox
+
+    placed: dict[str, int] = {}
+    alive: list[str] = []
+    for _ in range(creates):
+        sandbox_id = api(port, key, "POST", "/sandboxes", {"template": "base", "timeout": 600})["sandbox"][
+            "id"
+        ]
+        name = Sandbox.objects.select_related("host").get(pk=int(sandbox_id)).host.name
+        placed[name] = placed.get(name, 0) + 1
+        alive.append(sandbox_id)
+        if len(alive) > 8:
+            api(port, key, "DELETE", f"/sandboxes/{alive.pop(0)}")
+    for sandbox_id in alive:
+        api(port, key, "DELETE", f"/sandboxes/{sandbox_id}")
+    return placed
+
+
+def transfer(version) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
+    """Push the version's artifact to a fresh directory store and pull it back: MiB/s each."""
+    from sandboxes.runtime import artifact_store
+    from templates_app import artifacts
+
+    with tempfile.TemporaryDirectory(prefix="watasu-bench-store-") as tmp:
+        store = artifact_store.FileStore(Path(tmp) / "store")
+        started = time.perf_counter()
+        digest = artifacts.push(Path(version.artifact_dir), store)
+        pushed = time.perf_counter() - started
+        dest = Path(tmp) / "pulled"
+        started = time.perf_counter()
+        artifact_store.pull_tree(store, digest, dest, prepare=artifacts._localise)
+        pulled = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    return pushed, pulled, size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--creates", type=int, default=100)
+    args = parser.parse_args()
+    prepare_database(ROOT)
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from sandboxes import hostcalls, pool
+    from sandboxes.models import Host, HostState, PooledVm, Sandbox
+    from sandboxes.runtime import driver_for
+    from sandboxes.services import host_register_local
+    from teams.models import Team
+    from templates_app.services import base_template_ensure
+
+    Sandbox.objects.all().delete()
+    PooledVm.objects.all().delete()
+    Host.objects.exclude(queue="").delete()
+    local = host_register_local()
+    version = base_template_ensure(host=local)
+    team = f"bench-{secrets.token_hex(3)}"
+    out = io.StringIO()
+    call_command("create_api_key", email=f"{team}@example.com", team=team, scope="write", stdout=out)
+    key = out.getvalue().strip()
+    Team.objects.filter(slug=team).update(max_running_instances=100, max_vcpu_count=100, max_memory_mb=10**6)
+    settings.POOL_BASE_SIZE = 1
+
+    pushed, pulled, size = transfer(version)
+    mib = size / 2**20
+    print(
+        f"base artifact: {mib:.0f} MiB; push {mib / pushed:6.0f} MiB/s, "
+        f"pull {mib / pulled:6.0f} MiB/s (a directory store)"
+    )
+
+    work = Path(settings.DATA_DIR) / "bench-hosts"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "w").mkdir(parents=True)
+    port = 18000 + secrets.randbelow(1000)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        # 1a. in-process: this machine's host driven by the web process
+        web = server(port)
+        processes.append(web)
+
+        def refill_local() -> None:
+            while pool.pool_sweep()["more"]:
+                pass
+
+        inproc = sdk_creates(port, key, args.runs, refill_local)
+        print(f"SDK create from a warm pool, in-process:         {ms(inproc)}")
+        # 1b. through a host worker: the web process drives nothing itself
+        worker = host_worker("bench-w", work / "w")
+        processes.append(worker)
+        deadline = time.monotonic() + 120
+        while not Host.objects.filter(name="bench-w", last_seen_at__isnull=False).exists():
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"the host worker did not register; see {work / 'bench-w.log'}")
+            time.sleep(0.2)
+        remote = Host.objects.get(name="bench-w")
+        Host.objects.filter(pk=local.pk).update(state=HostState.DRAINING)
+        settings.POOL_ENABLED = False
+        refill_local()  # the local pool drained
+        settings.POOL_ENABLED = True
+        web.terminate()
+        web.wait(timeout=30)
+        web = server(port, WATASU_RUNTIME_IN_PROCESS="false")
+        processes.append(web)
+
+        def refill_remote() -> None:
+            from django.utils import timezone
+
+            while (
+                hostcalls.remote(remote, "sandboxes.pool.pool_host_run", (remote, timezone.now()), {}) or {}
+            ).get("more"):
+                pass
+
+        through = sdk_creates(port, key, args.runs, refill_remote)
+        print(f"SDK create from a warm pool, via a host worker:  {ms(through)}")
+        extra = (percentile(through, 0.5) - percentile(inproc, 0.5)) * 1000
+        print(
+            f"  host worker cost at p50: {extra:+.1f} ms (target <= +30 ms; Redis broker and result backend)"
+        )
+        # 3. placement over two hosts of equal capacity, no pool
+        Host.objects.filter(pk=local.pk).update(state=HostState.UP)
+        Host.objects.filter(pk=remote.pk).update(
+            cpu_capacity=local.cpu_capacity, memory_capacity_mb=local.memory_capacity_mb
+        )
+        settings.POOL_ENABLED = False
+        refill_local()
+        for pooled in PooledVm.objects.filter(host=remote):  # its worker refills only when asked
+            PooledVm.objects.filter(pk=pooled.pk).delete()
+            pool.pooled_domain_destroy(remote, pooled.domain_name)
+        web.terminate()
+        web.wait(timeout=30)
+        web = server(port, WATASU_POOL_ENABLED="false")
+        processes.append(web)
+        placed = spread(port, key, args.creates)
+        counts = [placed.get(local.name, 0), placed.get("bench-w", 0)]
+        skew = abs(counts[0] - counts[1]) / max(1, sum(counts))
+        print(
+            f"{args.creates} creates over 2 hosts: {counts[0]} / {counts[1]}, "
+            f"skew {skew * 100:.1f} % (target <= 10 %)"
+        )
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        driver = driver_for(local)
+        for name in driver.list_domains(settings.RUNTIME_VM_PREFIX):
+            driver.destroy(name)
+        Sandbox.objects.all().delete()
+        PooledVm.objects.all().delete()
+        Host.objects.filter(pk=local.pk).update(state=HostState.UP)
+
+
+if __name__ == "__main__":
+    main()
