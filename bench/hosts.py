@@ -85,7 +85,14 @@ def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
         "HOST_CONCURRENCY": "8",
     }
     log = open(data_dir.parent / f"{name}.log", "ab")  # noqa: SIM115 (the worker's, closed with it)
-    return subprocess.Popen([str(ROOT / "scripts" / "run-host")], cwd=ROOT, env=env, stdout=log, stderr=log)
+    return subprocess.Popen(
+        [str(ROOT / "scripts" / "run-host")],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def api(port: int, key: str, method: str, path: str, body: dict | None = None) -> dict:  # type: ignore[type-arg]

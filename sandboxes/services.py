@@ -84,11 +84,12 @@ def host_register_local() -> Host:
         },
     )
     if not created:
+        # a host its own worker registered keeps its queue: this process (a management
+        # command run on that machine) is not its driver
         Host.objects.filter(pk=host.pk).update(
             libvirt_uri=settings.RUNTIME_LIBVIRT_URI,
             data_dir=str(settings.RUNTIME_HOST_DATA_DIR),
             address=settings.RUNTIME_HOST_ADDRESS,
-            queue="",
         )
         # A host found down comes back up (this process just reached its libvirt); an
         # operator's `draining` stays: builds and restarts call this and must not undo it.

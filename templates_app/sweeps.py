@@ -17,12 +17,13 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import ProtectedError
 
-from sandboxes.models import Checkpoint, Host, HostState, Sandbox
+from sandboxes.hostcalls import host_step
+from sandboxes.models import Checkpoint, Host, HostState, PooledVm, Sandbox
 from sandboxes.sweeps import old_enough_to_purge
 from templates_app import shapes
 from templates_app.builds import builds_sweep
 from templates_app.layers import drop_built_on, drop_missing, layers_dir
-from templates_app.models import BuildLayer, TemplateVersion, VersionStatus
+from templates_app.models import BuildLayer, HostArtifact, TemplateVersion, VersionStatus
 from watasu import sweeps as registry
 
 
@@ -56,14 +57,45 @@ def running_build_vms(names: list[str]) -> set[str]:
 
 
 def retention(now: datetime) -> registry.Result:
-    """Unused build layers and files of deleted template versions, on every host that answers."""
-    layers = evicted = versions = 0
+    """Unused build layers and files of deleted template versions, on every host that answers
+    (each host's part on that host)."""
+    totals = {"orphan_layers": 0, "evicted_layers": 0, "template_versions": 0, "pulled_copies": 0}
     for host in Host.objects.filter(state__in=[HostState.UP, HostState.DRAINING]):
-        orphan_layers, evicted_layers = _build_cache(host, now)
-        layers += orphan_layers
-        evicted += evicted_layers
-        versions += _deleted_versions(host)
-    return {"orphan_layers": layers, "evicted_layers": evicted, "template_versions": versions}
+        for key, count in (retention_on(host, now) or {}).items():  # None: queued to its worker
+            totals[key] += count
+    return dict(totals)
+
+
+@host_step(wait=False, expires=int(settings.SWEEP_INTERVAL_SECONDS["retention"]))
+def retention_on(host: Host, now: datetime) -> dict[str, int]:
+    """One host's part of the templates' retention (on the host)."""
+    orphan_layers, evicted_layers = _build_cache(host, now)
+    return {
+        "orphan_layers": orphan_layers,
+        "evicted_layers": evicted_layers,
+        "template_versions": _deleted_versions(host),
+        "pulled_copies": _pulled_copies(host),
+    }
+
+
+def _pulled_copies(host: Host) -> int:
+    """Copies this host pulled of deleted template versions nothing here uses any more."""
+    removed = 0
+    gone = HostArtifact.objects.filter(host=host, version__deleted_at__isnull=False).select_related("version")
+    for copy in gone:
+        in_use = (
+            Sandbox.objects.filter(host=host, template_version=copy.version, purged_at__isnull=True).exists()
+            or Checkpoint.objects.filter(host=host, template_version=copy.version).exists()
+            or PooledVm.objects.filter(host=host, template_version=copy.version).exists()
+        )
+        if copy.path == copy.version.artifact_dir or in_use:
+            continue  # the build's own files (_deleted_versions), or disks overlaid on it here
+        shared = HostArtifact.objects.filter(host=host, path=copy.path, version__deleted_at__isnull=True)
+        if not shared.exists() and Path(copy.path).parent == Path(host.data_dir) / "artifacts":
+            shutil.rmtree(copy.path, ignore_errors=True)
+        copy.delete()
+        removed += 1
+    return removed
 
 
 def _build_cache(host: Host, now: datetime) -> tuple[int, int]:

@@ -15,6 +15,7 @@ the host workers, and the real SDK is the client.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -64,16 +65,18 @@ def host_worker(name: str) -> Iterator[subprocess.Popen[bytes]]:
         WATASU_EGRESS_ENFORCE="false",  # one machine's firewall, two hosts: see docs/hosts.md
         HOST_CONCURRENCY="4",
     )
-    process = subprocess.Popen([str(ROOT / "scripts" / "run-host")], cwd=ROOT, env=env)
+    process = subprocess.Popen(
+        [str(ROOT / "scripts" / "run-host")], cwd=ROOT, env=env, start_new_session=True
+    )
     try:
         yield process
     finally:
         if process.poll() is None:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _registered(name: str) -> Host:
@@ -107,10 +110,26 @@ def _sandbox_files(name: str) -> list[Path]:
     )
 
 
-def test_two_hosts_spread_transfer_fail_over_and_drain(edge, owner: Actor, settings) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def domains_cleared() -> Iterator[None]:
+    """Whatever the test leaves (it failed midway), no domain of either host outlives it."""
+    yield
+    driver = LibvirtDriver(
+        uri=django_settings.RUNTIME_LIBVIRT_URI, accel="tcg", state_dir=Path("/nonexistent")
+    )
+    try:
+        for name in _domains():
+            driver.destroy(name)
+    finally:
+        driver.close()
+
+
+def test_two_hosts_spread_transfer_fail_over_and_drain(edge, owner: Actor, settings, domains_cleared) -> None:  # type: ignore[no-untyped-def]
     settings.RUNTIME_IN_PROCESS = False  # this web process drives no VM and touches no host file
     settings.HOST_DOWN_AFTER_SECONDS = 4
     api = {"api_url": f"{edge.url}/v1", "api_key": owner.write_key}
+    for name in HOSTS:  # an earlier run's sandbox files (its template files are kept, and adopted)
+        shutil.rmtree(_data_dir(name) / "runtime" / "sandboxes", ignore_errors=True)
     for stale in _domains():  # an earlier run's, killed midway
         LibvirtDriver(uri=settings.RUNTIME_LIBVIRT_URI, accel="tcg", state_dir=Path("/nonexistent")).destroy(
             stale
@@ -138,7 +157,7 @@ def test_two_hosts_spread_transfer_fail_over_and_drain(edge, owner: Actor, setti
         on_a = ids[placed.index("test-a")]
 
         # when host B's worker dies
-        worker_b.send_signal(signal.SIGKILL)
+        os.killpg(worker_b.pid, signal.SIGKILL)  # the script and its Celery worker
         worker_b.wait(timeout=30)
         killed = time.monotonic()
 

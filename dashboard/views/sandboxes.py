@@ -351,8 +351,9 @@ def guest_path(raw: str) -> str:
 
 def _agent(sandbox: Sandbox) -> AgentClient:
     """The sandbox's agent with the data-plane credential, as the edge reaches it."""
-    secret = vm.agent_client(sandbox).secret or ""
-    return AgentClient(sandbox.agent_port or 0, secret=role_secret(secret, DATAPLANE), timeout=FILES_TIMEOUT)
+    client = vm.agent_client(sandbox)  # on its host's address
+    secret = role_secret(client.secret or "", DATAPLANE)
+    return AgentClient(client.port, secret=secret, host=client.host, timeout=FILES_TIMEOUT)
 
 
 def _listing(sandbox: Sandbox, directory: str) -> list[dict[str, Any]]:
