@@ -75,6 +75,8 @@ def server(port: int, **env: str) -> subprocess.Popen[bytes]:
 
 
 def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    from django.conf import settings
+
     env = {
         **os.environ,
         "WATASU_HOST_NAME": name,
@@ -83,6 +85,7 @@ def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
         "WATASU_VM_PREFIX": f"{os.environ['WATASU_VM_PREFIX']}{name}-",
         "WATASU_HOST_HEARTBEAT_SECONDS": "1",
         "HOST_CONCURRENCY": "8",
+        "WATASU_ARTIFACT_STORE": settings.ARTIFACT_STORE,  # the one store every host uses
     }
     log = open(data_dir.parent / f"{name}.log", "ab")  # noqa: SIM115 (the worker's, closed with it)
     return subprocess.Popen(

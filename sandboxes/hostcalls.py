@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 STEP_TASK = "watasu.host_step"
+# Bumped whenever what travels changes meaning: a worker of another release refuses the step
+# with a clear error instead of guessing (web and host workers upgrade together, docs/hosts.md).
+PROTOCOL = 1
 _steps: dict[str, Callable[..., Any]] = {}
 _value_types: dict[str, type] = {}
 _error_types: dict[str, type[BaseException]] = {}
@@ -136,7 +139,7 @@ def remote(
     seconds = timeout or settings.HOST_CALL_TIMEOUT_SECONDS
     if wait and host.state == HostState.DOWN:  # its worker is silent: do not wait for it
         raise unavailable(host, "is down (its worker stopped answering)")
-    payload = {"args": encode(list(args)), "kwargs": encode(kwargs)}
+    payload = {"v": PROTOCOL, "args": encode(list(args)), "kwargs": encode(kwargs)}
     result = app.send_task(
         STEP_TASK,
         args=[host.pk, name, payload],
@@ -182,6 +185,11 @@ def run_step(host_id: int, name: str, payload: dict[str, Any]) -> dict[str, Any]
         host = Host.objects.get(pk=host_id)
         if not (settings.HOST_WORKER and host.name == settings.RUNTIME_HOST_NAME):
             raise HostStepFailed(f"step {name} for host {host.name} reached the worker of another host")
+        if payload.get("v") != PROTOCOL or name not in _steps:
+            raise HostStepFailed(
+                f"the worker of host {host.name} cannot run step {name} (protocol {payload.get('v')}, "
+                f"its own {PROTOCOL}): the host worker and its caller run different releases"
+            )
         func = _steps[name]
         value = func(*decode(payload["args"]), **decode(payload["kwargs"]))
         return {"value": encode(value)}

@@ -83,6 +83,12 @@ def host_register_worker() -> Host:
     )
     if not created:
         Host.objects.filter(pk=host.pk).update(**fields)
+    if (Path(settings.DATA_DIR) / "artifact-store").as_uri() == settings.ARTIFACT_STORE:
+        logger.warning(
+            "host %s: WATASU_ARTIFACT_STORE is this host's own directory (the default): other hosts "
+            "cannot pull the templates it builds; set it to the deployment's shared store",
+            name,
+        )
     Path(host.data_dir if created else fields["data_dir"]).mkdir(parents=True, exist_ok=True)
     host_heartbeat(host)
     host.refresh_from_db()

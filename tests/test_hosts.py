@@ -128,12 +128,16 @@ def test_a_host_marked_down_is_refused_without_waiting(settings) -> None:
 
 def test_the_worker_runs_its_own_hosts_steps_and_refuses_others(settings, fake_driver, local_host) -> None:  # type: ignore[no-untyped-def]
     sandbox = SandboxFactory(host=local_host)
-    payload = {"args": encode([sandbox]), "kwargs": {}}
+    payload = {"v": hostcalls.PROTOCOL, "args": encode([sandbox]), "kwargs": {}}
     settings.HOST_WORKER, settings.RUNTIME_HOST_NAME = True, local_host.name
     assert run_step(local_host.pk, "sandboxes.runtime.vm.status", payload) == {"value": "absent"}
     other = HostFactory()
     refused = run_step(other.pk, "sandboxes.runtime.vm.status", payload)
     assert "another host" in refused["error"]["message"]
+    skewed = run_step(local_host.pk, "sandboxes.runtime.vm.status", {**payload, "v": 0})
+    assert "different releases" in skewed["error"]["message"]
+    unknown = run_step(local_host.pk, "sandboxes.runtime.vm.no_such_step", payload)
+    assert "different releases" in unknown["error"]["message"]
 
 
 # --- registration and health ----------------------------------------------------------------------
@@ -263,3 +267,13 @@ def test_destroy_on_a_down_host_ends_the_row_and_leaves_the_purge_to_its_return(
     services.sandbox_destroy(sandbox=sandbox)
     sandbox.refresh_from_db()
     assert sandbox.state == S.DESTROYED and sandbox.purged_at is None  # the retention sweep retries
+
+
+def test_the_api_shows_a_sandbox_on_a_silent_host_as_unreachable_in_its_state(owner, settings) -> None:  # type: ignore[no-untyped-def]
+    host = _worker_host(last_seen_at=timezone.now() - timedelta(minutes=5))
+    sandbox = SandboxFactory(host=host, team=owner.personal_team, state=S.READY)
+    assert owner.client().get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]["reachable"] is True
+    hosts.host_health_sweep()
+    body = owner.client().get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]
+    assert (body["state"], body["reachable"]) == ("ready", False)
+    assert "address" not in str(body) and host.data_dir not in str(body)  # host internals stay inside

@@ -94,6 +94,8 @@ def sandbox_representation(sandbox: Sandbox) -> dict[str, Any]:
         "id": sandbox.pk,
         "team": sandbox.team.slug,
         "state": sandbox.state,
+        # False while its host does not answer (beside the state, which is kept: nothing is lost)
+        "reachable": sandbox.reachable,
         "template_id": template.slug if template else None,
         "template": {"id": template.pk, "slug": template.slug, "name": template.name} if template else None,
         "template_version_id": version.pk if version else None,
@@ -151,6 +153,10 @@ class SandboxSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     team = serializers.CharField()
     state = serializers.ChoiceField(choices=SandboxState.choices)
+    reachable = serializers.BooleanField(
+        help_text="False while the sandbox's host does not answer: its state is kept and its data plane "
+        "answers 503 `host_unavailable` until the host is back."
+    )
     template_id = serializers.CharField(allow_null=True)
     template_version_id = serializers.IntegerField(allow_null=True)
     name = serializers.CharField(allow_null=True)
