@@ -72,6 +72,7 @@ def host_register_worker() -> Host:
         "data_dir": str(settings.RUNTIME_HOST_DATA_DIR),
         "address": _check_address(settings.RUNTIME_HOST_ADDRESS),
         "queue": queue_name(name),
+        "vm_prefix": settings.RUNTIME_VM_PREFIX,
     }
     host, created = Host.objects.get_or_create(
         name=name,

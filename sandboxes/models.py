@@ -59,6 +59,8 @@ class Host(models.Model):
     # The Celery queue of the host's own worker, which runs every step touching its VMs and
     # files ("" for a host driven in-process: the embedded single-machine mode).
     queue = models.CharField(max_length=120, blank=True, default="")
+    # Its worker's WATASU_VM_PREFIX: names of its warm pool VMs are known outside the host.
+    vm_prefix = models.CharField(max_length=100, blank=True, default="")
     # The last heartbeat of the host's worker (or, in-process, the last libvirt answer),
     # with what it measured then: placement reads these for hosts with a worker.
     last_seen_at = models.DateTimeField(null=True, blank=True)
@@ -234,7 +236,11 @@ class PooledVm(models.Model):
 
     @property
     def domain_name(self) -> str:
-        return f"{settings.RUNTIME_VM_PREFIX}pool-{self.pk}"
+        """Its libvirt name, as its host's worker named it (a create in a web process takes it)."""
+        prefix = (
+            self.host.vm_prefix if self.host.queue and self.host.vm_prefix else settings.RUNTIME_VM_PREFIX
+        )
+        return f"{prefix}pool-{self.pk}"
 
     @property
     def qemu_uid(self) -> int | None:

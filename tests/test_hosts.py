@@ -277,3 +277,14 @@ def test_the_api_shows_a_sandbox_on_a_silent_host_as_unreachable_in_its_state(ow
     body = owner.client().get(f"/v1/sandboxes/{sandbox.pk}").json()["sandbox"]
     assert (body["state"], body["reachable"]) == ("ready", False)
     assert "address" not in str(body) and host.data_dir not in str(body)  # host internals stay inside
+
+
+def test_a_pooled_vm_is_named_as_its_hosts_worker_named_it(settings, base_version_row) -> None:  # type: ignore[no-untyped-def]
+    from sandboxes.models import PooledVm
+
+    host = _worker_host(vm_prefix="other-")
+    pooled = PooledVm.objects.create(host=host, template_version=base_version_row, cpu_count=1, memory_mb=512)
+    assert pooled.domain_name == f"other-pool-{pooled.pk}"  # not this process's prefix
+    settings.HOST_WORKER, settings.RUNTIME_HOST_NAME = True, "node-c"
+    settings.RUNTIME_VM_PREFIX = "mine-"
+    assert hosts.host_register_worker().vm_prefix == "mine-"
