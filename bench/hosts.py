@@ -115,17 +115,21 @@ def spread(port: int, key: str, creates: int) -> dict[str, int]:
 
     placed: dict[str, int] = {}
     alive: list[str] = []
+    order: list[str] = []
     for _ in range(creates):
         sandbox_id = api(port, key, "POST", "/sandboxes", {"template": "base", "timeout": 600})["sandbox"][
             "id"
         ]
         name = Sandbox.objects.select_related("host").get(pk=int(sandbox_id)).host.name
         placed[name] = placed.get(name, 0) + 1
+        order.append(name)
         alive.append(sandbox_id)
         if len(alive) > 8:
             api(port, key, "DELETE", f"/sandboxes/{alive.pop(0)}")
     for sandbox_id in alive:
         api(port, key, "DELETE", f"/sandboxes/{sandbox_id}")
+    names = sorted(placed)
+    print("placements in order:", "".join(str(names.index(name)) for name in order), "of", names)
     return placed
 
 
@@ -170,6 +174,7 @@ def main() -> None:
     PooledVm.objects.all().delete()
     Host.objects.exclude(queue="").delete()
     local = host_register_local()
+    Host.objects.filter(pk=local.pk).update(state=HostState.UP)  # an earlier run stopped midway
     version = base_template_ensure(host=local)
     team = f"bench-{secrets.token_hex(3)}"
     out = io.StringIO()
