@@ -38,14 +38,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from common import (  # bench/ is on sys.path
     ms,
     percentile,
     prepare_database,
+    sdk,
     start_uvicorn,
     use_bench_environment,
 )
@@ -136,32 +135,6 @@ def list_latency(port: int, key: str, runs: int) -> list[float]:
         times.append(time.perf_counter() - started)
     assert len(body["sandboxes"]) == 50 and body["next_token"]
     return times
-
-
-def sdk(port: int, key: str, action: str, count: int, between: Callable[[], None] | None = None) -> Any:
-    """Run bench/sdk_starts.py; with ``between``, call it before each of its creates."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_"))}
-    env.update(WATASU_API_URL=f"http://127.0.0.1:{port}/v1", WATASU_API_KEY=key)
-    process = subprocess.Popen(
-        [sys.executable, "-P", str(ROOT / "bench" / "sdk_starts.py"), action, str(count)],
-        cwd="/",
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdin is not None and process.stdout is not None
-    for _ in range(count if action == "create" else 0):
-        if between is not None:
-            between()
-        process.stdin.write("\n")
-        process.stdin.flush()
-        assert process.stdout.readline().strip() == "done"
-    process.stdin.close()
-    out = process.stdout.read()  # through the buffer readline() filled (communicate() reads the pipe)
-    if process.wait(timeout=1800):
-        raise RuntimeError(f"sdk_starts.py {action} failed")
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def server(port: int, **env: str) -> subprocess.Popen[bytes]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +78,29 @@ def start_uvicorn(root: Path, port: int, *extra: str) -> subprocess.Popen[bytes]
             time.sleep(0.1)
     server.kill()
     raise RuntimeError("uvicorn did not start")
+
+
+def sdk(port: int, key: str, action: str, count: int, between: Callable[[], None] | None = None) -> Any:
+    """Run bench/sdk_starts.py; with ``between``, call it before each of its creates."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_"))}
+    env.update(WATASU_API_URL=f"http://127.0.0.1:{port}/v1", WATASU_API_KEY=key)
+    process = subprocess.Popen(
+        [sys.executable, "-P", str(ROOT / "bench" / "sdk_starts.py"), action, str(count)],
+        cwd="/",
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    for _ in range(count if action == "create" else 0):
+        if between is not None:
+            between()
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "done"
+    process.stdin.close()
+    out = process.stdout.read()  # through the buffer readline() filled (communicate() reads the pipe)
+    if process.wait(timeout=1800):
+        raise RuntimeError(f"sdk_starts.py {action} failed")
+    return json.loads(out.strip().splitlines()[-1])

@@ -26,13 +26,12 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from common import ms, percentile, prepare_database, start_uvicorn, use_bench_environment
+from common import ms, percentile, prepare_database, sdk, start_uvicorn, use_bench_environment
 
 ROOT = use_bench_environment()
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -41,27 +40,8 @@ WORKER_ADDRESS = "127.0.0.2"
 
 
 def sdk_creates(port: int, key: str, runs: int, refill) -> list[float]:  # type: ignore[no-untyped-def]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATASU_", "DJANGO_", "REDIS_"))}
-    env.update(WATASU_API_URL=f"http://127.0.0.1:{port}/v1", WATASU_API_KEY=key)
-    process = subprocess.Popen(
-        [sys.executable, "-P", str(ROOT / "bench" / "sdk_starts.py"), "create", str(runs)],
-        cwd="/",
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdin is not None and process.stdout is not None
-    for _ in range(runs):
-        refill()
-        process.stdin.write("\n")
-        process.stdin.flush()
-        assert process.stdout.readline().strip() == "done"
-    process.stdin.close()
-    out = process.stdout.read()
-    if process.wait(timeout=1800):
-        raise RuntimeError("sdk_starts.py failed")
-    return list(json.loads(out.strip().splitlines()[-1])["create"])
+    """SDK creates (each with a first command), the warm pool refilled before each, untimed."""
+    return list(sdk(port, key, "create", runs, between=refill)["create"])
 
 
 def server(port: int, **env: str) -> subprocess.Popen[bytes]:
