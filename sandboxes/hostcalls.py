@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +50,10 @@ STEP_TASK = "watasu.host_step"
 # with a clear error instead of guessing (web and host workers upgrade together, docs/hosts.md).
 PROTOCOL = 1
 _steps: dict[str, Callable[..., Any]] = {}
+# Hosts whose worker let a call time out in this process, and when: further blocking calls
+# within WATASU_HOST_DOWN_AFTER_SECONDS fail at once instead of each waiting out the
+# deadline again (a failed create's clean-up, a sweep's next sandbox). An answer clears it.
+_silent: dict[int, float] = {}
 _value_types: dict[str, type] = {}
 _error_types: dict[str, type[BaseException]] = {}
 
@@ -139,6 +144,9 @@ def remote(
     seconds = timeout or settings.HOST_CALL_TIMEOUT_SECONDS
     if wait and host.state == HostState.DOWN:  # its worker is silent: do not wait for it
         raise unavailable(host, "is down (its worker stopped answering)")
+    since = _silent.get(host.pk)
+    if wait and since is not None and time.monotonic() - since < settings.HOST_DOWN_AFTER_SECONDS:
+        raise unavailable(host, "did not answer a moment ago")
     payload = {"v": PROTOCOL, "args": encode(list(args)), "kwargs": encode(kwargs)}
     result = app.send_task(
         STEP_TASK,
@@ -152,10 +160,12 @@ def remote(
     try:
         answer = result.get(timeout=seconds, disable_sync_subtasks=False)
     except CeleryTimeout:
+        _silent[host.pk] = time.monotonic()
         raise unavailable(host, f"did not answer within {seconds} s") from None
     finally:
         with contextlib.suppress(OSError):  # the file backend has nothing to forget yet
             result.forget()  # the answer was read once; nothing else wants it
+    _silent.pop(host.pk, None)
     _refresh(args)
     if "error" in answer:
         raise decode_error(answer["error"])

@@ -137,7 +137,17 @@ def _kept_disk_bytes(sandboxes: Iterable[Sandbox], to_state: str) -> dict[int, i
     """The size of each disk a transition to `to_state` keeps (billed as a stopped disk)."""
     if to_state not in metering.KEPT_DISK_STATES:
         return {}
-    return {sandbox.pk: vm.disk_bytes(sandbox) for sandbox in sandboxes if sandbox.host_id is not None}
+    return {sandbox.pk: _disk_bytes_or_zero(sandbox) for sandbox in sandboxes if sandbox.host_id is not None}
+
+
+def _disk_bytes_or_zero(sandbox: Sandbox) -> int:
+    """The disk's size, or 0 when its host does not answer: a transition never waits on a
+    silent host, and the disk is measured again at its next one."""
+    try:
+        return vm.disk_bytes(sandbox)
+    except errors.Unavailable as exc:
+        logger.warning("sandbox %s: its disk was not measured: %s", sandbox.pk, exc.message)
+        return 0
 
 
 def destroyed_message(sandbox_id: object) -> str:
@@ -312,7 +322,10 @@ def _reserve(
 
 def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
     logger.exception("sandbox %s failed to start", sandbox.pk)
-    sandbox_purge(sandbox)
+    if hostcalls.host_unavailable(exc):  # waiting on it again helps nobody: its worker removes the VM
+        vm.destroy_later(sandbox)  # when it can; reconciliation there stops a VM of a failed row
+    else:
+        sandbox_purge(sandbox)
     sandbox_transition(
         sandbox=sandbox,
         from_states=[S.CREATING, S.RESTORING],
@@ -321,6 +334,8 @@ def _fail_start(sandbox: Sandbox, exc: Exception) -> errors.DomainError:
         last_error=str(exc)[:2000],
         ended_at=timezone.now(),
     )
+    if hostcalls.host_unavailable(exc):
+        return errors.Unavailable(f"Sandbox {sandbox.pk} failed to start: {exc}", code="host_unavailable")
     return errors.Unavailable(f"Sandbox {sandbox.pk} failed to start: {exc}", code="sandbox_start_failed")
 
 

@@ -117,13 +117,27 @@ def test_a_host_whose_worker_does_not_answer_is_a_503_within_the_deadline(settin
     assert raised.value.message == "Host silent did not answer within 1 s; retry later."
 
 
-def test_a_host_marked_down_is_refused_without_waiting(settings) -> None:
-    settings.HOST_CALL_TIMEOUT_SECONDS = 60
+def _sent_steps(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The names of the host steps this process sends from now on."""
+    from watasu.celery import app
+
+    sent: list[str] = []
+    send = app.send_task
+
+    def spy(name, args=None, **options):  # type: ignore[no-untyped-def]
+        sent.append(args[1])
+        return send(name, args=args, **options)
+
+    monkeypatch.setattr(app, "send_task", spy)
+    return sent
+
+
+def test_a_host_marked_down_is_refused_without_waiting(settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    sent = _sent_steps(monkeypatch)
     sandbox = SandboxFactory(host=_worker_host(name="gone", state=HostState.DOWN))
-    started = timezone.now()
     with pytest.raises(errors.Unavailable, match="is down"):
         vm.status(sandbox)
-    assert timezone.now() - started < timedelta(seconds=5)
+    assert sent == []  # nothing queued, nothing waited for
 
 
 def test_the_worker_runs_its_own_hosts_steps_and_refuses_others(settings, fake_driver, local_host) -> None:  # type: ignore[no-untyped-def]
@@ -288,3 +302,24 @@ def test_a_pooled_vm_is_named_as_its_hosts_worker_named_it(settings, base_versio
     settings.HOST_WORKER, settings.RUNTIME_HOST_NAME = True, "node-c"
     settings.RUNTIME_VM_PREFIX = "mine-"
     assert hosts.host_register_worker().vm_prefix == "mine-"
+
+
+def test_a_create_on_a_host_whose_worker_is_silent_fails_after_one_deadline(
+    owner, settings, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from templates_app.models import Template, TemplateVersion, VersionStatus
+
+    settings.HOST_CALL_TIMEOUT_SECONDS, settings.POOL_ENABLED = 1, False
+    hostcalls._silent.clear()
+    host = _worker_host(name="mute")
+    sent = _sent_steps(monkeypatch)
+    template = Template.objects.create(slug="base", name="Base")
+    TemplateVersion.objects.create(
+        template=template, version="v1", status=VersionStatus.READY, cpu=1, memory_mb=512, host=host
+    )
+    response = owner.client().post("/v1/sandboxes", {"template": "base"}, format="json")
+    assert response.status_code == 503 and response.json()["error"] == "host_unavailable"
+    # one step waited for (the start); the clean-up is queued, and the disk is not asked for
+    assert sent == ["sandboxes.runtime.vm.start", "sandboxes.runtime.vm._destroy_here"]
+    sandbox = owner.personal_team.sandboxes.get()
+    assert sandbox.state == S.FAILED and sandbox.purged_at is None  # purged once the host confirms

@@ -460,6 +460,16 @@ def destroy(sandbox: Sandbox) -> bool:
         return False
 
 
+def destroy_later(sandbox: Sandbox) -> None:
+    """Queue the removal of the sandbox's VM for its host's worker, without waiting (a host
+    that did not answer); the retention sweep purges the row later. Never raises."""
+    try:
+        if sandbox.host is not None:
+            _destroy_here.queue(sandbox)
+    except Exception:
+        logger.exception("could not queue the removal of sandbox %s's VM; the sweeps will", sandbox.pk)
+
+
 @host_step(timeout=60)
 def _destroy_here(sandbox: Sandbox) -> bool:
     driver_for(sandbox.placed_host).destroy(sandbox.vm_name)
