@@ -161,6 +161,14 @@ def _vm_prefix(settings) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(autouse=True)
+def _hosts_answer_afresh() -> None:
+    """No test inherits another's memory of a host that let a call time out."""
+    from sandboxes import hostcalls
+
+    hostcalls._silent.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_rate_limit(settings) -> None:  # type: ignore[no-untyped-def]
     """Tests drive the API far faster than any client; tests/test_rate_limits.py turns it on."""
     settings.API_RATE_LIMIT = ""
