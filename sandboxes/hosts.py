@@ -176,12 +176,13 @@ def host_health_sweep(*, now: datetime | None = None) -> Result:
             continue
         # A draining host stays draining (it takes no placements either way), so the
         # operator's drain outlives an outage instead of ending as `up` when it returns.
-        Host.objects.filter(pk=host.pk, state=HostState.UP).update(state=HostState.DOWN)
-        on_host.filter(reachable=True).update(reachable=False)
+        went_down = Host.objects.filter(pk=host.pk, state=HostState.UP).update(state=HostState.DOWN)
+        newly = on_host.filter(reachable=True).update(reachable=False)
         stranded = {
             row["state"]: row["n"]
             for row in on_host.values("state").annotate(n=Count("pk")).order_by("state")
         }
         report[host.name] = {"state": "down", "sandboxes": stranded}
-        logger.error("host %s does not answer; marked down; sandboxes on it: %s", host.name, stranded)
+        log = logger.error if went_down or newly else logger.info  # said once, not on every run while away
+        log("host %s does not answer; marked down; sandboxes on it: %s", host.name, stranded)
     return {"hosts": report, "more": False}
