@@ -187,6 +187,11 @@ def _unlink(checkpoint: Checkpoint) -> None:
 
 @host_step
 def _remove_files(host: Host, paths: list[Path]) -> None:
+    """Remove checkpoint files of ``host``: only inside its checkpoints directory."""
+    home = (Path(host.data_dir) / "checkpoints").resolve()
+    outside = [path for path in paths if path.resolve().parent != home]
+    if outside:
+        raise ValueError(f"refusing to remove {outside}: outside {home}")
     for path in paths:
         path.unlink(missing_ok=True)
 

@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -37,9 +37,10 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from django.apps import apps
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from sandboxes.models import Host, HostState
-from watasu import errors
+from watasu import crypto, errors
 
 logger = logging.getLogger(__name__)
 
@@ -142,26 +143,20 @@ def remote(
     from watasu.celery import app
 
     seconds = timeout or settings.HOST_CALL_TIMEOUT_SECONDS
-    if wait and host.state == HostState.DOWN:  # its worker is silent: do not wait for it
-        raise unavailable(host, "is down (its worker stopped answering)")
-    since = _silent.get(host.pk)
-    if wait and since is not None and time.monotonic() - since < settings.HOST_DOWN_AFTER_SECONDS:
-        raise unavailable(host, "did not answer a moment ago")
-    payload = {"v": PROTOCOL, "args": encode(list(args)), "kwargs": encode(kwargs)}
+    if wait:
+        _refuse_if_away(host)
+    lifetime = seconds if wait else expires
     result = app.send_task(
         STEP_TASK,
-        args=[host.pk, name, payload],
+        args=[host.pk, name, seal(host, name, args, kwargs, lifetime)],
         queue=host.queue,
-        expires=seconds if wait else expires,
+        expires=lifetime,
         ignore_result=not wait,
     )
     if not wait:
         return None
     try:
-        answer = result.get(timeout=seconds, disable_sync_subtasks=False)
-    except CeleryTimeout:
-        _silent[host.pk] = time.monotonic()
-        raise unavailable(host, f"did not answer within {seconds} s") from None
+        answer = _wait(result, host, seconds)
     finally:
         with contextlib.suppress(OSError):  # the file backend has nothing to forget yet
             result.forget()  # the answer was read once; nothing else wants it
@@ -170,6 +165,72 @@ def remote(
     if "error" in answer:
         raise decode_error(answer["error"])
     return decode(answer["value"])
+
+
+# How often a blocking call looks again at whether the host still heartbeats while it waits.
+WAIT_SLICE_SECONDS = 2.0
+
+
+def _alive(host: Host) -> bool:
+    """The host as the database says now (not as the caller's row was read): up, and its
+    worker's heartbeat fresh."""
+    state, seen = Host.objects.filter(pk=host.pk).values_list("state", "last_seen_at").first() or ("", None)
+    fresh = timezone.now() - timedelta(seconds=settings.HOST_DOWN_AFTER_SECONDS)
+    return state != HostState.DOWN and seen is not None and seen >= fresh
+
+
+def _refuse_if_away(host: Host) -> None:
+    """Fail at once for a host that is down, silent, or let this process's last call time out."""
+    since = _silent.get(host.pk)
+    if since is not None and time.monotonic() - since < settings.HOST_DOWN_AFTER_SECONDS:
+        raise unavailable(host, "did not answer a moment ago")
+    if not _alive(host):
+        raise unavailable(host, "is down (its worker stopped answering)")
+
+
+def _wait(result: Any, host: Host, seconds: float) -> dict[str, Any]:
+    """The step's answer, waiting at most ``seconds``, and less once the host stops
+    heartbeating (a worker that died does not make its callers wait out the deadline)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return unseal(
+                result.get(timeout=max(0.01, min(WAIT_SLICE_SECONDS, left)), disable_sync_subtasks=False)
+            )
+        except CeleryTimeout:
+            if left <= WAIT_SLICE_SECONDS:
+                _silent[host.pk] = time.monotonic()
+                raise unavailable(host, f"did not answer within {seconds:.0f} s") from None
+            if not _alive(host):
+                _silent[host.pk] = time.monotonic()
+                raise unavailable(host, "stopped answering while this call waited") from None
+
+
+# --- sealing: what travels through the broker is encrypted and authenticated ------------------
+# Anyone who can write the broker could otherwise make a host's worker (root) run any step,
+# and anyone who can read it would see agent secrets in the answers: steps and answers are
+# sealed with the deployment's encryption key (watasu/crypto.py), and a step names its host,
+# its own name and the time after which it is refused (a replay is bounded by that).
+
+
+def seal(
+    host: Host, name: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], lifetime: float | None
+) -> str:
+    until = time.time() + lifetime + 60 if lifetime else None  # 60 s of clock skew between machines
+    body = {"v": PROTOCOL, "host": host.pk, "step": name, "until": until}
+    return crypto.encrypt_json({**body, "args": encode(list(args)), "kwargs": encode(kwargs)})
+
+
+def unseal(answer: Any) -> dict[str, Any]:
+    try:
+        return cast(dict[str, Any], crypto.decrypt_json(answer["sealed"]))
+    except (KeyError, TypeError, ValueError):
+        return {
+            "error": encode_error(
+                HostStepFailed("the host's answer is not sealed with this deployment's key")
+            )
+        }
 
 
 def unavailable(host: Host, why: str) -> errors.Unavailable:
@@ -189,9 +250,21 @@ def _refresh(args: tuple[Any, ...]) -> None:
 
 
 @shared_task(name=STEP_TASK, acks_late=False, ignore_result=False)
-def run_step(host_id: int, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """The host worker's side: run step ``name`` for its own host and report how it went."""
+def run_step(host_id: int, name: str, sealed: str) -> dict[str, str]:
+    """The host worker's side: run step ``name`` for its own host and report how it went
+    (sealed, as the step came)."""
+    return {"sealed": crypto.encrypt_json(_run(host_id, name, sealed))}
+
+
+def _run(host_id: int, name: str, sealed: str) -> dict[str, Any]:
     try:
+        try:
+            payload = crypto.decrypt_json(sealed)
+            if not isinstance(payload, dict):
+                raise ValueError("not a step")
+        except Exception:  # forged, damaged, or sealed with another key
+            logger.error("host step %s refused: not sealed with this deployment's key", name)
+            raise HostStepFailed(f"step {name} is not sealed with this deployment's key") from None
         host = Host.objects.get(pk=host_id)
         if not (settings.HOST_WORKER and host.name == settings.RUNTIME_HOST_NAME):
             raise HostStepFailed(f"step {name} for host {host.name} reached the worker of another host")
@@ -200,8 +273,11 @@ def run_step(host_id: int, name: str, payload: dict[str, Any]) -> dict[str, Any]
                 f"the worker of host {host.name} cannot run step {name} (protocol {payload.get('v')}, "
                 f"its own {PROTOCOL}): the host worker and its caller run different releases"
             )
-        func = _steps[name]
-        value = func(*decode(payload["args"]), **decode(payload["kwargs"]))
+        if payload.get("host") != host_id or payload.get("step") != name:
+            raise HostStepFailed(f"step {name} was sealed for another host or step")
+        if payload.get("until") is not None and time.time() > payload["until"]:
+            raise HostStepFailed(f"step {name} came after its deadline; not run")
+        value = _steps[name](*decode(payload["args"]), **decode(payload["kwargs"]))
         return {"value": encode(value)}
     except BaseException as exc:
         if not isinstance(exc, Exception):

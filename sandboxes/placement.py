@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db.models import OuterRef, Q, Subquery, Sum
@@ -28,12 +28,19 @@ class HostRoom:
     free_memory_mb: int
 
 
+def heartbeating(prefix: str = "") -> Q:
+    """Hosts a placement may use now: driven in-process, or their worker's heartbeat fresh (a
+    worker that died is skipped at once, before the hosts sweep marks its host down)."""
+    fresh = timezone.now() - timedelta(seconds=settings.HOST_DOWN_AFTER_SECONDS)
+    return Q(**{f"{prefix}queue": ""}) | Q(**{f"{prefix}last_seen_at__gte": fresh})
+
+
 def memory_limit_mb(host: Host) -> int:
     """Guest memory placement may hand out on ``host``: its capacity times the overcommit."""
     return host.memory_capacity_mb * settings.RUNTIME_MEMORY_OVERCOMMIT_PERCENT // 100
 
 
-def hosts_with_room(states: tuple[str, ...] = (HostState.UP,)) -> list[HostRoom]:
+def hosts_with_room(states: tuple[str, ...] = (HostState.UP,), *, live_only: bool = False) -> list[HostRoom]:
     """Every host in `states` (up: those taking new sandboxes) with its free vCPU and memory
     (one query). Memory is also held by pauses kept in memory and by warm pool VMs; neither
     runs, so neither holds vCPUs."""
@@ -45,7 +52,7 @@ def hosts_with_room(states: tuple[str, ...] = (HostState.UP,)) -> list[HostRoom]
         .annotate(total=Sum("memory_mb"))
         .values("total")
     )
-    hosts = Host.objects.filter(state__in=states).annotate(
+    hosts = Host.objects.filter(heartbeating() if live_only else Q(), state__in=states).annotate(
         used_cpu=Coalesce(Sum("sandboxes__cpu_count", filter=in_runtime), 0),
         used_memory=Coalesce(Sum("sandboxes__memory_mb", filter=in_runtime | in_memory), 0),
         pooled_memory=Coalesce(Subquery(pooled), 0),
@@ -96,7 +103,7 @@ def host_place(
     list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
     fitting = [
         r
-        for r in hosts_with_room()
+        for r in hosts_with_room(live_only=True)
         if r.free_cpu >= cpu and r.free_memory_mb >= memory_mb and (among is None or r.host.pk in among)
     ]
     never = datetime.min.replace(tzinfo=UTC)
@@ -110,8 +117,28 @@ def host_place(
         if not _short_of_memory(room.host):
             Host.objects.filter(pk=room.host.pk).update(last_placed_at=timezone.now())
             return room.host
+    pinned = _pinned_host_away(among)
+    if pinned is not None:
+        raise errors.Unavailable(pinned, code="host_unavailable")
     message = _no_host_message(cpu, memory_mb)
     raise errors.Unavailable(message, code="sandbox_overloaded", reason={"message": message})
+
+
+def _pinned_host_away(among: list[int] | None) -> str | None:
+    """When the request must run on given hosts (its volumes' or checkpoint's, which never
+    move) and none of them takes sandboxes now: which, and why."""
+    if not among:
+        return None
+    pinned = list(Host.objects.filter(pk__in=among))
+    if not pinned or any(
+        h.state == HostState.UP and Host.objects.filter(heartbeating(), pk=h.pk).exists() for h in pinned
+    ):
+        return None
+    names = ", ".join(f"{h.name} ({'draining' if h.state == HostState.DRAINING else 'down'})" for h in pinned)
+    return (
+        f"This sandbox must run on host {names}, where its volumes, checkpoint or template live "
+        "(they do not move between hosts), and that host takes no new sandboxes now."
+    )
 
 
 def _no_host_message(cpu: int, memory_mb: int) -> str:

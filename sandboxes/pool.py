@@ -84,12 +84,16 @@ def pool_claim(
     if not pool_enabled():
         return None
     list(Host.objects.select_for_update().filter(state=HostState.UP).order_by("pk"))
-    candidates = PooledVm.objects.select_for_update(skip_locked=True, of=("self",)).filter(
-        template_version=version,
-        cpu_count=cpu,
-        memory_mb=memory_mb,
-        state=PooledVmState.READY,
-        host__state=HostState.UP,
+    candidates = (
+        PooledVm.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(
+            template_version=version,
+            cpu_count=cpu,
+            memory_mb=memory_mb,
+            state=PooledVmState.READY,
+            host__state=HostState.UP,
+        )
+        .filter(placement.heartbeating("host__"))
     )
     if among:
         candidates = candidates.filter(host_id__in=among)

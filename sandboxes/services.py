@@ -539,15 +539,17 @@ def _runtime_step(
     try:
         step(sandbox)
     except Exception as exc:
+        away = hostcalls.host_unavailable(exc)  # its host did not answer: the sandbox is not at fault
         logger.exception("sandbox %s failed to %s", sandbox.pk, what)
         sandbox_transition(
             sandbox=sandbox,
             from_states=[during],
             to_state=back_to,
-            reason=f"{what} failed",
-            last_error=str(exc)[:2000],
+            reason=f"{what} failed" + ("; its host did not answer" if away else ""),
+            last_error=sandbox.last_error if away else str(exc)[:2000],
         )
-        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not {what}: {exc}") from exc
+        code = "host_unavailable" if away else "service_unavailable"
+        raise errors.Unavailable(f"Sandbox {sandbox.pk} could not {what}: {exc}", code=code) from exc
 
 
 def sandbox_pause(

@@ -332,6 +332,22 @@ def test_route_tokens_are_redacted_from_log_lines(caplog) -> None:
     assert redact("/sandboxes-dp/zz9/runtime/v1/files") == "/sandboxes-dp/<route>/runtime/v1/files"
 
 
+def test_an_access_log_line_keeps_its_arguments_for_uvicorns_formatter() -> None:
+    from uvicorn.logging import AccessFormatter
+
+    args = ("127.0.0.1:5000", "GET", "/sandboxes-dp/abc123def/runtime/v1/files?path=/", "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None
+    )
+
+    RedactRouteTokens().filter(record)
+    line = AccessFormatter("%(client_addr)s %(request_line)s %(status_code)s", use_colors=False).format(
+        record
+    )
+
+    assert line == "127.0.0.1:5000 GET /sandboxes-dp/<route>/runtime/v1/files?path=/ HTTP/1.1 200 OK"
+
+
 def test_route_tokens_are_redacted_from_tracebacks_too() -> None:
     import sys
 

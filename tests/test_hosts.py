@@ -5,6 +5,7 @@ workers: tests/test_hosts_vm.py."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -141,17 +142,59 @@ def test_a_host_marked_down_is_refused_without_waiting(settings, monkeypatch) ->
 
 
 def test_the_worker_runs_its_own_hosts_steps_and_refuses_others(settings, fake_driver, local_host) -> None:  # type: ignore[no-untyped-def]
+    from sandboxes.hostcalls import seal, unseal
+
     sandbox = SandboxFactory(host=local_host)
-    payload = {"v": hostcalls.PROTOCOL, "args": encode([sandbox]), "kwargs": {}}
+    status = "sandboxes.runtime.vm.status"
     settings.HOST_WORKER, settings.RUNTIME_HOST_NAME = True, local_host.name
-    assert run_step(local_host.pk, "sandboxes.runtime.vm.status", payload) == {"value": "absent"}
+
+    def run(host_id: int, name: str, sealed: str) -> dict[str, object]:
+        return unseal(run_step(host_id, name, sealed))
+
+    assert run(local_host.pk, status, seal(local_host, status, [sandbox], {}, 60)) == {"value": "absent"}
     other = HostFactory()
-    refused = run_step(other.pk, "sandboxes.runtime.vm.status", payload)
-    assert "another host" in refused["error"]["message"]
-    skewed = run_step(local_host.pk, "sandboxes.runtime.vm.status", {**payload, "v": 0})
-    assert "different releases" in skewed["error"]["message"]
-    unknown = run_step(local_host.pk, "sandboxes.runtime.vm.no_such_step", payload)
-    assert "different releases" in unknown["error"]["message"]
+    assert "another host" in str(run(other.pk, status, seal(other, status, [sandbox], {}, 60)))
+    assert "another host or step" in str(run(local_host.pk, status, seal(other, status, [sandbox], {}, 60)))
+    forget = "sandboxes.runtime.vm.forget"
+    assert "another host or step" in str(
+        run(local_host.pk, forget, seal(local_host, status, [sandbox], {}, 60))
+    )
+    unknown = "sandboxes.runtime.vm.no_such_step"
+    assert "different releases" in str(run(local_host.pk, unknown, seal(local_host, unknown, [], {}, 60)))
+    stale = seal(local_host, status, [sandbox], {}, -120)  # its deadline (plus skew) a minute ago
+    assert "after its deadline" in str(run(local_host.pk, status, stale))
+
+
+def test_a_step_not_sealed_with_the_deployments_key_is_refused(
+    settings, fake_driver, local_host, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # given someone who can write the broker but has not the deployment's key
+    settings.HOST_WORKER, settings.RUNTIME_HOST_NAME = True, local_host.name
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    forged = {"v": hostcalls.PROTOCOL, "args": encode([local_host, [victim]]), "kwargs": {}}
+    for payload in (forged, json.dumps(forged), crypto.encrypt_text("not json"), "garbage"):
+        answer = run_step(local_host.pk, "sandboxes.checkpoints._remove_files", payload)  # type: ignore[arg-type]
+        assert "not sealed" in str(hostcalls.unseal(answer)) or "not sealed" in str(answer)
+    assert victim.exists()
+
+
+def test_answers_carry_no_secret_in_the_clear(settings, fake_driver, local_host) -> None:  # type: ignore[no-untyped-def]
+    settings.HOST_WORKER, settings.RUNTIME_HOST_NAME = True, local_host.name
+    name = "sandboxes.hosts.physical_memory_mb"
+    answer = run_step(local_host.pk, name, hostcalls.seal(local_host, name, [local_host], {}, 60))
+    assert set(answer) == {"sealed"} and str(fake_driver.memory_mb()) not in answer["sealed"]
+    assert hostcalls.unseal(answer) == {"value": fake_driver.memory_mb()}
+
+
+def test_a_checkpoint_file_removal_stays_inside_the_hosts_checkpoints(local_host, tmp_path, settings) -> None:  # type: ignore[no-untyped-def]
+    from sandboxes.checkpoints import _remove_files
+
+    outside = tmp_path / "outside"
+    outside.write_text("x")
+    with pytest.raises(ValueError, match="outside"):
+        _remove_files(local_host, [outside])
+    assert outside.exists()
 
 
 # --- registration and health ----------------------------------------------------------------------
@@ -323,3 +366,29 @@ def test_a_create_on_a_host_whose_worker_is_silent_fails_after_one_deadline(
     assert sent == ["sandboxes.runtime.vm.start", "sandboxes.runtime.vm._destroy_here"]
     sandbox = owner.personal_team.sandboxes.get()
     assert sandbox.state == S.FAILED and sandbox.purged_at is None  # purged once the host confirms
+
+
+def test_a_host_whose_heartbeat_stopped_takes_no_create_before_the_sweep_marks_it(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.HOST_DOWN_AFTER_SECONDS = 20
+    silent = _worker_host(last_seen_at=timezone.now() - timedelta(seconds=30), memory_capacity_mb=64_000)
+    alive = _worker_host()
+    assert Host.objects.get(pk=silent.pk).state == HostState.UP  # the sweep has not run yet
+    assert _place() == alive
+
+
+def test_a_request_pinned_to_a_host_that_takes_nothing_says_which_and_why() -> None:
+    drained = _worker_host(name="vols", state=HostState.DRAINING)
+    _worker_host()
+    with pytest.raises(errors.Unavailable) as raised:
+        _place(among=[drained.pk])
+    assert raised.value.code == "host_unavailable"
+    assert "host vols (draining)" in raised.value.message and "do not move" in raised.value.message
+
+
+def test_pause_on_a_down_host_says_so_and_blames_nothing_on_the_sandbox(acme) -> None:  # type: ignore[no-untyped-def]
+    sandbox = SandboxFactory(host=_worker_host(state=HostState.DOWN), team=acme, state=S.READY)
+    with pytest.raises(errors.Unavailable) as raised:
+        services.sandbox_pause(sandbox=sandbox)
+    sandbox.refresh_from_db()
+    assert raised.value.code == "host_unavailable"
+    assert (sandbox.state, sandbox.last_error) == (S.READY, "")

@@ -203,7 +203,9 @@ def volume_delete(*, volume: Volume) -> None:
         row.delete()
         metering.interval_close(kind=IntervalKind.VOLUME, subject_id=volume.pk, at=timezone.now())
         # The image goes once the row is surely gone (a rolled-back delete keeps both).
-        transaction.on_commit(lambda: _remove_image_of(volume.host, volume.image_path))
+        transaction.on_commit(
+            lambda: _remove_image_of.queue(volume.host, volume.image_path)
+        )  # not waited for
 
 
 def _remove_image(image: Path) -> None:

@@ -34,6 +34,14 @@ class RedactRouteTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
+        if cleaned != message and isinstance(record.args, tuple):
+            # each argument on its own first: formatters that read the arguments (uvicorn's
+            # access log unpacks its five) keep working
+            record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+            if isinstance(record.msg, str):
+                record.msg = redact(record.msg)
+            message = record.getMessage()
+            cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         if record.exc_info and not record.exc_text:
