@@ -66,6 +66,8 @@ def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
         "WATASU_HOST_HEARTBEAT_SECONDS": "1",
         "HOST_CONCURRENCY": "8",
         "WATASU_ARTIFACT_STORE": settings.ARTIFACT_STORE,  # the one store every host uses
+        "WATASU_SECRET_KEY": settings.SECRET_KEY,  # and one key (steps are sealed with it)
+        "WATASU_ENCRYPTION_KEYS": ",".join(settings.ENCRYPTION_KEYS),
     }
     log = open(data_dir.parent / f"{name}.log", "ab")  # noqa: SIM115 (the worker's, closed with it)
     return subprocess.Popen(

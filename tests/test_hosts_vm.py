@@ -60,6 +60,9 @@ def host_worker(name: str) -> Iterator[subprocess.Popen[bytes]]:
         WATASU_DATA_DIR=str(_data_dir(name)),
         WATASU_VM_PREFIX=_prefix(name),
         WATASU_ARTIFACT_STORE=f"file://{_data_dir('store')}",
+        # one deployment, one key (each data directory would otherwise make its own)
+        WATASU_SECRET_KEY=django_settings.SECRET_KEY,
+        WATASU_ENCRYPTION_KEYS=",".join(django_settings.ENCRYPTION_KEYS),
         WATASU_HOST_HEARTBEAT_SECONDS="1",
         WATASU_POOL_ENABLED="false",
         WATASU_EGRESS_ENFORCE="false",  # one machine's firewall, two hosts: see docs/hosts.md
