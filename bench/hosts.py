@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -54,7 +55,7 @@ def server(port: int, **env: str) -> subprocess.Popen[bytes]:
         os.environ.update(saved)
 
 
-def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
+def host_worker(name: str, data_dir: Path, **extra: str) -> subprocess.Popen[bytes]:
     from django.conf import settings
 
     env = {
@@ -68,6 +69,7 @@ def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
         "WATASU_ARTIFACT_STORE": settings.ARTIFACT_STORE,  # the one store every host uses
         "WATASU_SECRET_KEY": settings.SECRET_KEY,  # and one key (steps are sealed with it)
         "WATASU_ENCRYPTION_KEYS": ",".join(settings.ENCRYPTION_KEYS),
+        **extra,
     }
     log = open(data_dir.parent / f"{name}.log", "ab")  # noqa: SIM115 (the worker's, closed with it)
     return subprocess.Popen(
@@ -78,6 +80,19 @@ def host_worker(name: str, data_dir: Path) -> subprocess.Popen[bytes]:
         stderr=log,
         start_new_session=True,
     )
+
+
+def wait_registered(worker: subprocess.Popen[bytes], work: Path) -> None:
+    from django.utils import timezone
+
+    from sandboxes.models import Host
+
+    deadline = time.monotonic() + 120
+    started = timezone.now()
+    while not Host.objects.filter(name="bench-w", last_seen_at__gt=started).exists():
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError(f"the host worker did not register; see {work / 'bench-w.log'}")
+        time.sleep(0.2)
 
 
 def api(port: int, key: str, method: str, path: str, body: dict | None = None) -> dict:  # type: ignore[type-arg]
@@ -92,13 +107,26 @@ def api(port: int, key: str, method: str, path: str, body: dict | None = None) -
     return json.loads(raw) if raw else {}
 
 
+def _room_line(room) -> str:  # type: ignore[no-untyped-def]
+    from django.utils import timezone
+
+    host = room.host
+    seen = (timezone.now() - host.last_seen_at).total_seconds() if host.last_seen_at else -1
+    placed = host.last_placed_at.strftime("%S.%f") if host.last_placed_at else "-"
+    return f"{host.name}:mem={room.free_memory_mb},cpu={room.free_cpu},seen={seen:.1f}s,placed={placed}"
+
+
 def spread(port: int, key: str, creates: int) -> dict[str, int]:
     from sandboxes.models import Sandbox
+    from sandboxes.placement import hosts_with_room
 
     placed: dict[str, int] = {}
     alive: list[str] = []
     order: list[str] = []
+    trace = os.environ.get("BENCH_TRACE") == "1"
     for _ in range(creates):
+        if trace:  # what placement sees before each create
+            print(" ".join(_room_line(room) for room in hosts_with_room()), flush=True)
         sandbox_id = api(port, key, "POST", "/sandboxes", {"template": "base", "timeout": 600})["sandbox"][
             "id"
         ]
@@ -182,8 +210,10 @@ def main() -> None:
         web = server(port)
         processes.append(web)
 
-        def refill_local() -> None:
-            while pool.pool_sweep()["more"]:
+        def refill_local() -> None:  # this host's pool only (a pool sweep would also queue the worker's)
+            from django.utils import timezone
+
+            while (pool.pool_host_run(local, timezone.now()) or {}).get("more"):
                 pass
 
         inproc = sdk_creates(port, key, args.runs, refill_local)
@@ -191,11 +221,7 @@ def main() -> None:
         # 1b. through a host worker: the web process drives nothing itself
         worker = host_worker("bench-w", work / "w")
         processes.append(worker)
-        deadline = time.monotonic() + 120
-        while not Host.objects.filter(name="bench-w", last_seen_at__isnull=False).exists():
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"the host worker did not register; see {work / 'bench-w.log'}")
-            time.sleep(0.2)
+        wait_registered(worker, work)
         remote = Host.objects.get(name="bench-w")
         Host.objects.filter(pk=local.pk).update(state=HostState.DRAINING)
         settings.POOL_ENABLED = False
@@ -226,10 +252,14 @@ def main() -> None:
             cpu_capacity=local.cpu_capacity, memory_capacity_mb=local.memory_capacity_mb
         )
         settings.POOL_ENABLED = False
-        refill_local()
-        for pooled in PooledVm.objects.filter(host=remote):  # its worker refills only when asked
-            PooledVm.objects.filter(pk=pooled.pk).delete()
-            pool.pooled_domain_destroy(remote, pooled.domain_name)
+        refill_local()  # drained: no pool VM holds memory on either host (placement counts them)
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        worker = host_worker("bench-w", work / "w", WATASU_POOL_ENABLED="false")
+        processes.append(worker)
+        wait_registered(worker, work)
+        refill_remote()  # its pool off: the run drains it
+        assert not PooledVm.objects.exists(), "a warm pool VM would skew the placement figure"
         web.terminate()
         web.wait(timeout=30)
         web = server(port, WATASU_POOL_ENABLED="false")
@@ -244,7 +274,10 @@ def main() -> None:
     finally:
         for process in reversed(processes):
             if process.poll() is None:
-                process.terminate()
+                if process.args == [str(ROOT / "scripts" / "run-host")]:  # the script and its workers
+                    os.killpg(process.pid, signal.SIGTERM)
+                else:
+                    process.terminate()
                 try:
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
