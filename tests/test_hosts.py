@@ -392,3 +392,13 @@ def test_pause_on_a_down_host_says_so_and_blames_nothing_on_the_sandbox(acme) ->
     sandbox.refresh_from_db()
     assert raised.value.code == "host_unavailable"
     assert (sandbox.state, sandbox.last_error) == (S.READY, "")
+
+
+def test_a_resume_whose_host_does_not_answer_leaves_the_sandbox_paused(acme, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.HOST_CALL_TIMEOUT_SECONDS = 1
+    sandbox = SandboxFactory(host=_worker_host(name="quiet"), team=acme, state=S.STOPPED)  # no worker consumes
+    with pytest.raises(errors.Unavailable) as raised:
+        services.sandbox_resume(sandbox=sandbox, wait=0)
+    sandbox.refresh_from_db()
+    assert raised.value.code == "host_unavailable"
+    assert sandbox.state == S.STOPPED  # resumable when the host answers again, never lost
