@@ -396,7 +396,9 @@ def test_pause_on_a_down_host_says_so_and_blames_nothing_on_the_sandbox(acme) ->
 
 def test_a_resume_whose_host_does_not_answer_leaves_the_sandbox_paused(acme, settings) -> None:  # type: ignore[no-untyped-def]
     settings.HOST_CALL_TIMEOUT_SECONDS = 1
-    sandbox = SandboxFactory(host=_worker_host(name="quiet"), team=acme, state=S.STOPPED)  # no worker consumes
+    sandbox = SandboxFactory(
+        host=_worker_host(name="quiet"), team=acme, state=S.STOPPED
+    )  # no worker consumes
     with pytest.raises(errors.Unavailable) as raised:
         services.sandbox_resume(sandbox=sandbox, wait=0)
     sandbox.refresh_from_db()
