@@ -12,6 +12,10 @@ started by then is dropped by the worker (the message expires), so a late worker
 starts a VM its caller gave up on; one already running finishes, and the sweeps on that
 host remove what the database does not know.
 
+Steps and their answers are sealed (encrypted and authenticated with the deployment's
+key; see ``seal``), so the broker can neither make a host's worker run a step nor read an
+agent secret in an answer. A caller stops waiting early when the host's heartbeat stops.
+
 Steps are at most once: the worker acknowledges a step when it takes it, so a worker that
 dies mid-step does not run it again on restart (its caller has timed out; the stuck and
 reconcile sweeps finish the job from the database's state). Errors come back as the same
