@@ -475,7 +475,12 @@ def world(
     monkeypatch.setattr(vm, "destroy", lambda sandbox: True)
     monkeypatch.setattr(vm, "forget", lambda sandbox: None)
     monkeypatch.setattr(vm, "metrics", lambda sandbox: None)
-    monkeypatch.setattr(vm, "checkpoint", lambda sandbox, checkpoint: checkpoint.path.write_bytes(b"disk"))
+
+    def fake_checkpoint(sandbox, checkpoint):  # type: ignore[no-untyped-def]
+        checkpoint.path.parent.mkdir(parents=True, exist_ok=True)  # as vm.checkpoint does on its host
+        return checkpoint.path.write_bytes(b"disk")
+
+    monkeypatch.setattr(vm, "checkpoint", fake_checkpoint)
     monkeypatch.setattr(template_tasks, "template_build_task", SimpleNamespace(delay=lambda pk: None))
     # given: one object of each kind in the caller's team and in another team
     host = base_version_row.host
