@@ -83,10 +83,9 @@ def host_of(target: Any) -> Host | None:
     """The host a step's first argument lives on."""
     if isinstance(target, Host):
         return target
-    if hasattr(target, "host_id"):
+    if hasattr(target, "host_id"):  # a sandbox, a volume, a checkpoint, a pooled VM
         return cast(Host | None, target.host) if target.host_id else None
-    sandbox = getattr(target, "sandbox", None)  # a checkpoint: its sandbox's host
-    return host_of(sandbox) if sandbox is not None else None
+    return None
 
 
 def runs_here(host: Host) -> bool:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_ready
 from django.conf import settings
+
+from sandboxes import hostcalls  # noqa: F401  (registers the host step task)
 
 
 @shared_task(name="sweeps.run", bind=True, acks_late=False, time_limit=900)
@@ -36,10 +39,6 @@ def network_apply(sandbox_id: int) -> bool:
 
 
 # --- the host worker (`make host`, sandboxes/hosts.py) -----------------------------------------
-
-from celery.signals import worker_ready  # noqa: E402
-
-from sandboxes import hostcalls  # noqa: E402,F401  (registers the host step task)
 
 
 @worker_ready.connect

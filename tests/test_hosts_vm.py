@@ -204,4 +204,3 @@ def test_two_hosts_spread_transfer_fail_over_and_drain(edge, owner: Actor, setti
             assert _domains() == set()
             assert _sandbox_files("a") == [] and _sandbox_files("b") == []
     print(f"host B marked down {down_after:.1f} s after its worker died ({timezone.now():%H:%M:%S})")
-    assert os.environ.get("WATASU_RUNTIME_IN_PROCESS") is None

@@ -26,14 +26,14 @@ from django.conf import settings
 
 from sandboxes import hostcalls, network
 from sandboxes.hostcalls import host_step, value_type
-from sandboxes.models import Checkpoint, Host, HostState, Sandbox, SandboxState
+from sandboxes.models import Checkpoint, Host, Sandbox, SandboxState
 from sandboxes.runtime import driver_for, lifecycle, volumes
 from sandboxes.runtime.agent_client import AgentClient
 from sandboxes.runtime.driver import DomainNotFound, MemorySnapshot, RuntimeDriver
 from sandboxes.runtime.images import BaseImage
 from templates_app import artifacts, shapes
 from templates_app.models import TemplateVersion
-from watasu import crypto
+from watasu import crypto, errors
 
 logger = logging.getLogger(__name__)
 
@@ -447,14 +447,13 @@ def destroy(sandbox: Sandbox) -> bool:
     database calls gone). On a host that is down the destroy is queued for its worker's
     return, without waiting.
     """
-    host = sandbox.host
-    if host is None:
+    if sandbox.host is None:
         return True
     try:
-        if host.queue and host.state == HostState.DOWN and not hostcalls.runs_here(host):
-            _destroy_here.queue(sandbox)
-            return False
         return bool(_destroy_here(sandbox))
+    except errors.Unavailable:  # its host is away (refused at once when down): its worker does it later
+        destroy_later(sandbox)
+        return False
     except Exception:
         logger.exception("could not destroy the VM of sandbox %s; the sweeps will", sandbox.pk)
         return False
